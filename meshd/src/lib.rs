@@ -1,0 +1,8 @@
+//! meshd: the daemon. `run(config)` is shared by `main` and the tests.
+//!
+//! Sans-IO cores (`wire`, `flow`, `http`, `enforce`, `peers`) take bytes, state and
+//! `now`, and return what the shell must do. The I/O shell (`datapath`, `device`,
+//! `transport`, `control`) is thin.
+
+pub mod flow;
+pub mod http;
