@@ -4,5 +4,6 @@
 //! `now`, and return what the shell must do. The I/O shell (`datapath`, `device`,
 //! `transport`, `control`) is thin.
 
+pub mod conntrack;
 pub mod flow;
 pub mod http;

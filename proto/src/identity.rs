@@ -26,7 +26,9 @@ pub enum IdError {
     WrongScheme,
     #[error("SPIFFE ID has an empty trust domain")]
     EmptyTrustDomain,
-    #[error("trust domain may contain only lowercase letters, digits, '.', '-' and '_' (found {0:?})")]
+    #[error(
+        "trust domain may contain only lowercase letters, digits, '.', '-' and '_' (found {0:?})"
+    )]
     BadTrustDomainChar(char),
     #[error("trust domain is longer than 255 bytes")]
     TrustDomainTooLong,
