@@ -5,5 +5,6 @@
 //! `transport`, `control`) is thin.
 
 pub mod conntrack;
+pub mod decisions;
 pub mod flow;
 pub mod http;
