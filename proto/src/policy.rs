@@ -46,8 +46,8 @@ pub use compile::CompiledPolicy;
 pub use eval::{evaluate, AllowReason, Decision, DenyReason, RuleRef, Verdict};
 pub use explain::{explain, explain_request, DecisionSummary, Explanation, PolicyTrace, RuleTrace};
 pub use model::{
-    Action, Condition, DefaultAction, HostPattern, Operation, Pattern, Policy, PolicySet,
-    Protocol, Rule, Selector, Source,
+    Action, Condition, DefaultAction, HostPattern, Operation, Pattern, Policy, PolicySet, Protocol,
+    Rule, Selector, Source,
 };
 pub use parse::{parse, Parsed, PolicyError};
 pub use request::{parse_header, Header, HttpRequest, HttpSpec, Request, RequestSpec, SpecError};
@@ -55,11 +55,7 @@ pub use validate::PolicyWarning;
 
 /// Parses, checks and compiles a policy file and runs its `[[test]]` cases: what
 /// `meshctl policy apply` and the daemon do before swapping a policy in.
-pub fn load(
-    file: &str,
-    source: &str,
-    default: DefaultAction,
-) -> Result<Loaded, PolicyError> {
+pub fn load(file: &str, source: &str, default: DefaultAction) -> Result<Loaded, PolicyError> {
     let parsed = parse(file, source)?;
     let compiled = CompiledPolicy::compile(parsed.set, default);
     let results = run_tests(&compiled);

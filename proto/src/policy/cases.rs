@@ -68,7 +68,9 @@ fn run_case(policy: &CompiledPolicy, t: &TestCase) -> CaseResult {
         if got.policy.as_ref() != Some(p) {
             diffs.push(format!(
                 "expected policy {p:?}, got {}",
-                got.policy.as_deref().map_or("none".to_string(), |g| format!("{g:?}"))
+                got.policy
+                    .as_deref()
+                    .map_or("none".to_string(), |g| format!("{g:?}"))
             ));
         }
     }
@@ -76,7 +78,9 @@ fn run_case(policy: &CompiledPolicy, t: &TestCase) -> CaseResult {
         if got.rule.as_ref() != Some(r) {
             diffs.push(format!(
                 "expected rule {r:?}, got {}",
-                got.rule.as_deref().map_or("none".to_string(), |g| format!("{g:?}"))
+                got.rule
+                    .as_deref()
+                    .map_or("none".to_string(), |g| format!("{g:?}"))
             ));
         }
     }

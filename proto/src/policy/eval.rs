@@ -187,9 +187,8 @@ impl Decision {
     /// The rule that decided, if a rule did.
     pub fn rule(&self) -> Option<RuleRef> {
         match self.verdict {
-            Verdict::Allow(AllowReason::Matched(r)) | Verdict::Deny(DenyReason::ExplicitDeny(r)) => {
-                Some(r)
-            }
+            Verdict::Allow(AllowReason::Matched(r))
+            | Verdict::Deny(DenyReason::ExplicitDeny(r)) => Some(r),
             _ => None,
         }
     }
@@ -293,7 +292,10 @@ pub(crate) fn source_mismatch(s: &Source, req: &Request<'_>) -> Option<&'static 
         }
     }
     if let Some(nets) = &s.addresses {
-        if !req.src_addr.is_some_and(|a| nets.iter().any(|n| n.contains(&a))) {
+        if !req
+            .src_addr
+            .is_some_and(|a| nets.iter().any(|n| n.contains(&a)))
+        {
             return Some("addresses");
         }
     }
@@ -358,7 +360,10 @@ pub(crate) fn operation_mismatch(
         return Some("not_paths");
     }
     if let Some(hosts) = &op.hosts {
-        if !h.host.is_some_and(|host| hosts.iter().any(|p| p.matches(host))) {
+        if !h
+            .host
+            .is_some_and(|host| hosts.iter().any(|p| p.matches(host)))
+        {
             return Some("hosts");
         }
     }

@@ -5,9 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::compile::CompiledPolicy;
-use super::eval::{
-    evaluate, rule_mismatch, selector_mismatch, Decision, RuleMiss, RuleRef,
-};
+use super::eval::{evaluate, rule_mismatch, selector_mismatch, Decision, RuleMiss, RuleRef};
 use super::ident::trust_domain_of;
 use super::model::{Action, Rule};
 use super::request::{Request, RequestSpec};
@@ -145,6 +143,14 @@ pub fn explain_request(policy: &CompiledPolicy, req: &Request<'_>) -> Explanatio
     }
 }
 
+/// Is the request's protocol allowed by the entry's `protocols` (absent = all)?
+fn proto_listed(o: &super::model::Operation, req: &Request<'_>) -> bool {
+    match &o.protocols {
+        None => true,
+        Some(p) => p.contains(&req.protocol),
+    }
+}
+
 fn list<T: std::fmt::Display>(v: &[T]) -> String {
     let items: Vec<String> = v.iter().map(|x| x.to_string()).collect();
     format!("[{}]", items.join(", "))
@@ -176,11 +182,9 @@ fn describe_miss(rule: &Rule, miss: &RuleMiss, req: &Request<'_>) -> String {
                         "not_identities" => format!("{id} is in {}", list(&s.not_identities)),
                         "groups" => format!("{groups} not in {}", opt(&s.groups)),
                         "not_groups" => format!("{groups} meets {}", list(&s.not_groups)),
-                        "trust_domains" => format!(
-                            "{} not in {}",
-                            trust_domain_of(id),
-                            opt(&s.trust_domains)
-                        ),
+                        "trust_domains" => {
+                            format!("{} not in {}", trust_domain_of(id), opt(&s.trust_domains))
+                        }
                         "not_trust_domains" => format!(
                             "{} is in {}",
                             trust_domain_of(id),
@@ -202,13 +206,15 @@ fn describe_miss(rule: &Rule, miss: &RuleMiss, req: &Request<'_>) -> String {
                 .map(|(i, &f)| {
                     let o = &rule.to[i];
                     let detail = match f {
-                        "protocols" if o.is_l7() && o.protocols.as_ref().map_or(true, |p| p.contains(&req.protocol)) => {
+                        "protocols" if o.is_l7() && proto_listed(o, req) => {
                             format!("HTTP fields need tcp, request is {}", req.protocol)
                         }
                         "protocols" => format!("{} not in {}", req.protocol, opt(&o.protocols)),
                         "ports" => format!("{} not in {}", req.dst_port, opt(&o.ports)),
                         "not_ports" => format!("{} is in {}", req.dst_port, list(&o.not_ports)),
-                        "http" => "the request has no HTTP attributes (give --method/--path)".to_string(),
+                        "http" => {
+                            "the request has no HTTP attributes (give --method/--path)".to_string()
+                        }
                         "methods" => format!("{method} not in {}", opt(&o.methods)),
                         "not_methods" => format!("{method} is in {}", list(&o.not_methods)),
                         "paths" => format!("{path} not in {}", opt(&o.paths)),
@@ -271,17 +277,27 @@ impl std::fmt::Display for Explanation {
         for a in &d.audit {
             writeln!(f, "audit: {a}")?;
         }
-        writeln!(f, "layer: {}", if self.l7 { "7 (port inspected)" } else { "4" })?;
+        writeln!(
+            f,
+            "layer: {}",
+            if self.l7 { "7 (port inspected)" } else { "4" }
+        )?;
         for p in &self.policies {
             let decided = |r: &RuleTrace| {
-                d.policy.as_deref() == Some(p.name.as_str()) && d.rule.as_deref() == Some(r.rule.as_str())
+                d.policy.as_deref() == Some(p.name.as_str())
+                    && d.rule.as_deref() == Some(r.rule.as_str())
             };
             if let Some(ns) = &p.not_selected {
                 writeln!(f, "  {} ({}): not applied: {ns}", p.name, p.action.as_str())?;
                 continue;
             }
             if p.rules.is_empty() {
-                writeln!(f, "  {} ({}): no rules, matches nothing", p.name, p.action.as_str())?;
+                writeln!(
+                    f,
+                    "  {} ({}): no rules, matches nothing",
+                    p.name,
+                    p.action.as_str()
+                )?;
                 continue;
             }
             for r in &p.rules {
@@ -295,10 +311,16 @@ impl std::fmt::Display for Explanation {
                 } else {
                     format!("no match: {}", r.why_not.as_deref().unwrap_or(""))
                 };
-                writeln!(f, "  {}/{} ({}, line {}): {state}", p.name, r.rule, p.action.as_str(), r.line)?;
+                writeln!(
+                    f,
+                    "  {}/{} ({}, line {}): {state}",
+                    p.name,
+                    r.rule,
+                    p.action.as_str(),
+                    r.line
+                )?;
             }
         }
         Ok(())
     }
 }
-

@@ -36,9 +36,10 @@ pub(crate) fn check_trust_domain(td: &str) -> Result<(), String> {
     if td.len() > 255 {
         return Err("trust domain is longer than 255 bytes".into());
     }
-    if let Some(c) = td.chars().find(|c| {
-        !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'))
-    }) {
+    if let Some(c) = td
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
+    {
         return Err(match c {
             ':' | '@' | '?' | '#' => {
                 format!("SPIFFE ID may not contain a port, userinfo, query or fragment ({c:?})")
@@ -57,9 +58,10 @@ fn check_path(path: &str, partial: bool) -> Result<(), String> {
     if path.is_empty() {
         return Ok(());
     }
-    if let Some(c) = path.chars().find(|c| {
-        !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
-    }) {
+    if let Some(c) = path
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/')))
+    {
         return Err(match c {
             '?' | '#' => {
                 format!("SPIFFE ID may not contain a port, userinfo, query or fragment ({c:?})")
@@ -163,7 +165,14 @@ mod tests {
 
     #[test]
     fn patterns() {
-        for ok in ["*", "spiffe://t/web-*", "spiffe://t/*", "*/web", "*-canary", "spiffe://t/a"] {
+        for ok in [
+            "*",
+            "spiffe://t/web-*",
+            "spiffe://t/*",
+            "*/web",
+            "*-canary",
+            "spiffe://t/a",
+        ] {
             assert!(check_id_pattern(ok).is_ok(), "{ok}");
         }
         for bad in ["spiffe://t/*/x", "web-*", "**", "spiffe://T/*", ""] {

@@ -279,11 +279,6 @@ impl Operation {
             || !self.not_paths.is_empty()
             || !self.not_hosts.is_empty()
     }
-
-    /// True if this entry can match the given port (ignoring protocol).
-    pub fn port_matches(&self, port: u16) -> bool {
-        self.ports.as_ref().map_or(true, |p| p.contains(&port)) && !self.not_ports.contains(&port)
-    }
 }
 
 /// One `when` condition on an HTTP request header. Holds when some value of the

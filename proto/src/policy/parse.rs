@@ -247,10 +247,14 @@ impl Cx<'_> {
             Some(s) => {
                 let s = s.into_inner();
                 Some(Selector {
-                    identities: self.list(&s.identities, &format!("{at}.selector.identities"), |v| {
-                        ident::check_id_pattern(v)?;
-                        Ok(Pattern::parse(v))
-                    })?,
+                    identities: self.list(
+                        &s.identities,
+                        &format!("{at}.selector.identities"),
+                        |v| {
+                            ident::check_id_pattern(v)?;
+                            Ok(Pattern::parse(v))
+                        },
+                    )?,
                     groups: self.list(&s.groups, &format!("{at}.selector.groups"), group)?,
                 })
             }
@@ -397,11 +401,7 @@ impl Cx<'_> {
                 )
             })?;
         if c.values.is_none() && c.not_values.is_none() {
-            return Err(self.err_line(
-                line,
-                at,
-                "a condition needs `values` or `not_values`",
-            ));
+            return Err(self.err_line(line, at, "a condition needs `values` or `not_values`"));
         }
         let val = |v: &str| Ok(Pattern::parse(v));
         Ok(Condition {
@@ -462,18 +462,19 @@ impl Cx<'_> {
                 }
             }
         };
-        let addr = |v: &Option<Spanned<String>>, name: &str| -> Result<Option<IpAddr>, PolicyError> {
-            match v {
-                None => Ok(None),
-                Some(s) => s.get_ref().parse().map(Some).map_err(|_| {
-                    self.err(
-                        s.span().start,
-                        &f(name),
-                        &format!("{:?} is not an IP address", s.get_ref()),
-                    )
-                }),
-            }
-        };
+        let addr =
+            |v: &Option<Spanned<String>>, name: &str| -> Result<Option<IpAddr>, PolicyError> {
+                match v {
+                    None => Ok(None),
+                    Some(s) => s.get_ref().parse().map(Some).map_err(|_| {
+                        self.err(
+                            s.span().start,
+                            &f(name),
+                            &format!("{:?} is not an IP address", s.get_ref()),
+                        )
+                    }),
+                }
+            };
         let proto = rt.proto.unwrap_or(Protocol::Tcp);
         let to_port = match &rt.to_port {
             Some(p) => u16::try_from(*p.get_ref())
@@ -489,16 +490,15 @@ impl Cx<'_> {
             None if proto == Protocol::Icmp => 0,
             None => return Err(self.err_line(line, &f("to_port"), "missing field `to_port`")),
         };
-        let has_http = rt.method.is_some()
-            || rt.path.is_some()
-            || rt.host.is_some()
-            || !rt.headers.is_empty();
+        let has_http =
+            rt.method.is_some() || rt.path.is_some() || rt.host.is_some() || !rt.headers.is_empty();
         let http = if has_http {
             let mut headers = Vec::new();
             for h in &rt.headers {
-                headers.push(parse_header(h.get_ref()).map_err(|e| {
-                    self.err(h.span().start, &f("headers"), &e.to_string())
-                })?);
+                headers.push(
+                    parse_header(h.get_ref())
+                        .map_err(|e| self.err(h.span().start, &f("headers"), &e.to_string()))?,
+                );
             }
             let path = match &rt.path {
                 Some(p) if !p.get_ref().starts_with('/') => {
@@ -566,7 +566,11 @@ impl Cx<'_> {
                 return Err(self.err(
                     r.span().start,
                     &f("expect_reason"),
-                    &format!("unknown reason {:?}; one of {}", r.get_ref(), REASONS.join(", ")),
+                    &format!(
+                        "unknown reason {:?}; one of {}",
+                        r.get_ref(),
+                        REASONS.join(", ")
+                    ),
                 ));
             }
         }
@@ -604,9 +608,9 @@ fn cidr(v: &str) -> Result<IpNet, String> {
         }
         return Ok(n);
     }
-    v.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| "not an address block (CIDR such as \"100.64.0.0/10\") or an IP address".into())
+    v.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+        "not an address block (CIDR such as \"100.64.0.0/10\") or an IP address".into()
+    })
 }
 
 fn method(v: &str) -> Result<String, String> {

@@ -37,14 +37,30 @@ pub(crate) fn lint(set: &PolicySet) -> Vec<PolicyWarning> {
         let at = format!("policy[{pi}]");
         if p.rules.is_empty() {
             let what = match p.action {
-                Action::Allow => "it matches nothing, so every request to the workloads it selects is denied",
+                Action::Allow => {
+                    "it matches nothing, so every request to the workloads it selects is denied"
+                }
                 Action::Deny | Action::Audit => "it never matches",
             };
-            warn(p.line, at.clone(), format!("policy {:?} has no rules: {what}", p.name));
+            warn(
+                p.line,
+                at.clone(),
+                format!("policy {:?} has no rules: {what}", p.name),
+            );
         }
         if let Some(sel) = &p.selector {
-            empty(&mut warn, p.line, &format!("{at}.selector.identities"), &sel.identities);
-            empty(&mut warn, p.line, &format!("{at}.selector.groups"), &sel.groups);
+            empty(
+                &mut warn,
+                p.line,
+                &format!("{at}.selector.identities"),
+                &sel.identities,
+            );
+            empty(
+                &mut warn,
+                p.line,
+                &format!("{at}.selector.groups"),
+                &sel.groups,
+            );
         }
         for (ri, rule) in p.rules.iter().enumerate() {
             lint_rule(&mut warn, &format!("{at}.rule[{ri}]"), rule);
@@ -53,7 +69,12 @@ pub(crate) fn lint(set: &PolicySet) -> Vec<PolicyWarning> {
     out
 }
 
-fn empty<T>(warn: &mut impl FnMut(usize, String, String), line: usize, field: &str, v: &Option<Vec<T>>) {
+fn empty<T>(
+    warn: &mut impl FnMut(usize, String, String),
+    line: usize,
+    field: &str,
+    v: &Option<Vec<T>>,
+) {
     if v.as_ref().is_some_and(Vec::is_empty) {
         warn(
             line,
@@ -74,12 +95,22 @@ fn lint_rule(warn: &mut impl FnMut(usize, String, String), at: &str, rule: &Rule
         empty(warn, line, &format!("{a}.addresses"), &s.addresses);
         if let Some(g) = &s.groups {
             if g.iter().any(|g| s.not_groups.contains(g)) {
-                warn(line, format!("{a}.groups"), "a group is in both groups and not_groups".into());
+                warn(
+                    line,
+                    format!("{a}.groups"),
+                    "a group is in both groups and not_groups".into(),
+                );
             }
         }
     }
     for (i, op) in rule.to.iter().enumerate() {
-        lint_operation(warn, line, &format!("{at}.to[{i}]"), op, !rule.when.is_empty());
+        lint_operation(
+            warn,
+            line,
+            &format!("{at}.to[{i}]"),
+            op,
+            !rule.when.is_empty(),
+        );
     }
     for (i, c) in rule.when.iter().enumerate() {
         let a = format!("{at}.when[{i}]");
@@ -124,12 +155,20 @@ fn lint_operation(
     }
     if let Some(ports) = &op.ports {
         if ports.iter().any(|p| op.not_ports.contains(p)) {
-            warn(line, format!("{a}.ports"), "a port is in both ports and not_ports".into());
+            warn(
+                line,
+                format!("{a}.ports"),
+                "a port is in both ports and not_ports".into(),
+            );
         }
     }
     if let Some(m) = &op.methods {
         if m.iter().any(|m| op.not_methods.contains(m)) {
-            warn(line, format!("{a}.methods"), "a method is in both methods and not_methods".into());
+            warn(
+                line,
+                format!("{a}.methods"),
+                "a method is in both methods and not_methods".into(),
+            );
         }
     }
     for m in op.methods.iter().flatten().chain(&op.not_methods) {
@@ -137,14 +176,24 @@ fn lint_operation(
             warn(
                 line,
                 format!("{a}.methods"),
-                format!("methods are case-sensitive: {m:?} never matches {:?}", m.to_ascii_uppercase()),
+                format!(
+                    "methods are case-sensitive: {m:?} never matches {:?}",
+                    m.to_ascii_uppercase()
+                ),
             );
         }
     }
-    for (field, paths) in [("paths", op.paths.as_deref().unwrap_or(&[])), ("not_paths", &op.not_paths[..])] {
+    for (field, paths) in [
+        ("paths", op.paths.as_deref().unwrap_or(&[])),
+        ("not_paths", &op.not_paths[..]),
+    ] {
         for p in paths {
             if let Some(m) = path_problem(p) {
-                warn(line, format!("{a}.{field}"), format!("{:?}: {m}", p.to_string()));
+                warn(
+                    line,
+                    format!("{a}.{field}"),
+                    format!("{:?}: {m}", p.to_string()),
+                );
             }
         }
     }
@@ -163,7 +212,13 @@ fn path_problem(p: &Pattern) -> Option<&'static str> {
         Pattern::Exact(s) | Pattern::Prefix(s) if !s.starts_with('/') => {
             Some("a normalised path starts with '/': this can never match")
         }
-        Pattern::Exact(s) | Pattern::Prefix(s) if s.contains("//") || s.contains("/./") || s.contains("/../") || s.ends_with("/.") || s.ends_with("/..") => {
+        Pattern::Exact(s) | Pattern::Prefix(s)
+            if s.contains("//")
+                || s.contains("/./")
+                || s.contains("/../")
+                || s.ends_with("/.")
+                || s.ends_with("/..") =>
+        {
             Some("a normalised path has no empty, '.' or '..' segments: this can never match")
         }
         _ => None,
