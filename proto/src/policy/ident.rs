@@ -3,58 +3,27 @@
 //! string into its trust domain.
 //!
 //! Requests carry identities as their canonical string (`SpiffeId`'s Display), so
-//! evaluation compares bytes and never allocates.
-//!
-//! ADAPTER: `proto::identity::SpiffeId::parse` is being written on another branch.
-//! Until it lands, [`check_id`] and [`check_trust_domain`] apply the same SPIFFE rules
-//! (SPIFFE-ID.md §2.1–2.3) themselves; switch them to `SpiffeId::parse` /
-//! `TrustDomain::parse` once it does (the tests here then still hold).
+//! evaluation compares bytes and never allocates. Full IDs and trust domains are
+//! checked by [`SpiffeId::parse`] and [`TrustDomain::parse`]; wildcard patterns are
+//! checked here with the same character rules.
+
+use crate::identity::{SpiffeId, TrustDomain};
 
 const SCHEME: &str = "spiffe://";
 
 /// Checks a full SPIFFE ID, `spiffe://<trust-domain>[/<path>]`.
 pub(crate) fn check_id(s: &str) -> Result<(), String> {
-    let rest = s
-        .strip_prefix(SCHEME)
-        .ok_or_else(|| "SPIFFE ID must start with the scheme \"spiffe://\"".to_string())?;
-    if s.len() > 2048 {
-        return Err("SPIFFE ID is longer than 2048 bytes".into());
-    }
-    let (td, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    check_trust_domain(td)?;
-    check_path(path, false)
+    SpiffeId::parse(s).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Checks a trust domain name (lowercase letters, digits, `.`, `-`, `_`).
 pub(crate) fn check_trust_domain(td: &str) -> Result<(), String> {
-    if td.is_empty() {
-        return Err("empty trust domain".into());
-    }
-    if td.len() > 255 {
-        return Err("trust domain is longer than 255 bytes".into());
-    }
-    if let Some(c) = td
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
-    {
-        return Err(match c {
-            ':' | '@' | '?' | '#' => {
-                format!("SPIFFE ID may not contain a port, userinfo, query or fragment ({c:?})")
-            }
-            _ => format!(
-                "trust domain may contain only lowercase letters, digits, '.', '-' and '_' (found {c:?})"
-            ),
-        });
-    }
-    Ok(())
+    TrustDomain::parse(td).map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// Checks a path (`""` or `/seg/seg`). With `partial`, the path is a fragment of a
-/// wildcard pattern, so empty segments at its ends are allowed.
-fn check_path(path: &str, partial: bool) -> Result<(), String> {
+/// Checks the literal part of a wildcard pattern's path: SPIFFE path characters,
+/// no empty segment.
+fn check_path(path: &str) -> Result<(), String> {
     if path.is_empty() {
         return Ok(());
     }
@@ -71,20 +40,7 @@ fn check_path(path: &str, partial: bool) -> Result<(), String> {
             ),
         });
     }
-    if !partial {
-        if path.ends_with('/') {
-            return Err("path may not end with \"/\"".into());
-        }
-        let segs = path[1..].split('/');
-        for seg in segs {
-            if seg.is_empty() {
-                return Err("path may not contain an empty segment (\"//\")".into());
-            }
-            if seg == "." || seg == ".." {
-                return Err("path may not contain a \".\" or \"..\" segment".into());
-            }
-        }
-    } else if path.contains("//") {
+    if path.contains("//") {
         return Err("path may not contain an empty segment (\"//\")".into());
     }
     Ok(())
@@ -110,7 +66,7 @@ pub(crate) fn check_id_pattern(s: &str) -> Result<(), String> {
         return match rest.find('/') {
             Some(i) => {
                 check_trust_domain(&rest[..i])?;
-                check_path(&rest[i..], true)
+                check_path(&rest[i..])
             }
             // `spiffe://exa*`: a partial trust domain.
             None if rest.is_empty() => Ok(()),
@@ -121,7 +77,7 @@ pub(crate) fn check_id_pattern(s: &str) -> Result<(), String> {
         if suffix.contains('*') {
             return Err("`*` may appear only at the start or the end of an identity".into());
         }
-        return check_path(suffix, true);
+        return check_path(suffix);
     }
     if s.contains('*') {
         return Err("`*` may appear only at the start or the end of an identity".into());
