@@ -11,6 +11,7 @@ pub mod cert;
 pub mod config;
 pub mod control;
 pub mod files;
+pub mod http_path;
 pub mod identity;
 pub mod key;
 pub mod policy;

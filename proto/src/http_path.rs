@@ -1,0 +1,310 @@
+//! HTTP request-target → normalised path: the form that layer-7 policy matches.
+//!
+//! This is a security boundary. A policy rule such as `deny paths = ["/admin/*"]` is only
+//! as strong as the agreement between this function and the server behind it about what
+//! path a request names. Where servers could disagree, the request is **rejected** (the
+//! enforcer answers 400) rather than guessed at. The same function is used by the data
+//! path, by policy tests and by `meshctl policy explain`, so what explain shows is what is
+//! enforced.
+//!
+//! # The rule
+//!
+//! Input is the raw request-target of the request line (RFC 9112 §3.2).
+//!
+//! 1. **Forms.** origin-form (`/p?q`) is the normal case. absolute-form
+//!    (`http://host/p?q`, scheme `http` or `https`, any case) is reduced to its path (an
+//!    empty path becomes `/`). asterisk-form (`*`) yields `*`. Anything else
+//!    (authority-form, relative paths) is rejected: [`PathError::NotOriginForm`].
+//! 2. **Query and fragment** are not part of the path: the path ends at the first `?`.
+//!    A `#` is not allowed in a request-target at all (RFC 9112 §3.2; servers differ on
+//!    whether it ends the path), so it is rejected: [`PathError::Fragment`].
+//! 3. **Percent-decoding** (RFC 3986 §2.3, §6.2.2.2): `%XX` of an *unreserved* character
+//!    (`A-Z a-z 0-9 - . _ ~`) is decoded. Any other `%XX` stays encoded, with its hex
+//!    digits upper-cased (`%2a` → `%2A`), so one character has one spelling. Decoding is
+//!    done once: `%252e` is `%252e`, not `.`.
+//! 4. **Encoded separators are rejected.** `%2F` (`/`) and `%5C` (`\`) in any case:
+//!    [`PathError::EncodedSeparator`]. Some servers decode them before routing and some
+//!    do not, so no policy answer would be right for both. A literal `\` is rejected for
+//!    the same reason ([`PathError::Backslash`]: some servers treat it as `/`). Encoded
+//!    control characters (`%00`–`%1F`, `%7F`) are rejected: [`PathError::EncodedControl`]
+//!    (C servers may end the path at `%00`).
+//! 5. **Dot segments** (RFC 3986 §5.2.4), after decoding, so `%2e%2e` is `..`: `.` is
+//!    removed, `..` removes the previous segment and never climbs above the root
+//!    (`/../a` → `/a`). A segment that is `.` or `..` followed by `;` (path parameters,
+//!    `/..;/admin`, which some servers treat as `..`) is rejected:
+//!    [`PathError::DotSegmentParameter`].
+//! 6. **Repeated slashes** are merged: `//admin` → `/admin`. A trailing slash is kept
+//!    (`/api/` and `/api` differ), including the one left by a final dot segment
+//!    (`/a/.` → `/a/`, `/a/b/..` → `/a/`).
+//!
+//! The result always starts with `/` (or is `*`), contains no `?`, `#`, `\`, empty
+//! segments or dot segments, and is a fixed point: normalising it again gives itself.
+
+use thiserror::Error;
+
+/// Why a request-target has no normalised path. Each makes the enforcer answer 400.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+pub enum PathError {
+    #[error("request target is not origin-form, absolute-form or `*`")]
+    NotOriginForm,
+    #[error("request target contains `#` (fragments are not sent in requests)")]
+    Fragment,
+    #[error("request target contains an encoded `/` or `\\` (%2F or %5C)")]
+    EncodedSeparator,
+    #[error("request target contains a `\\`")]
+    Backslash,
+    #[error("request target contains an encoded control character")]
+    EncodedControl,
+    #[error("request target contains `%` not followed by two hex digits")]
+    BadPercent,
+    #[error("request target has a dot segment with parameters (`..;`)")]
+    DotSegmentParameter,
+}
+
+/// Normalises `target` by the rule in the module docs.
+pub fn normalize(target: &str) -> Result<String, PathError> {
+    let mut out = String::with_capacity(target.len());
+    normalize_into(target, &mut out)?;
+    Ok(out)
+}
+
+/// As [`normalize`], writing into `out` (cleared first) so that a caller on the data path
+/// can reuse one buffer and allocate nothing per request. On error `out` is unspecified.
+pub fn normalize_into(target: &str, out: &mut String) -> Result<(), PathError> {
+    out.clear();
+    if target == "*" {
+        out.push('*');
+        return Ok(());
+    }
+    let path = origin_path(target)?;
+    if path.contains('#') {
+        return Err(PathError::Fragment);
+    }
+    let path = match path.find('?') {
+        Some(q) => &path[..q],
+        None => path,
+    };
+    if path.contains('\\') {
+        return Err(PathError::Backslash);
+    }
+
+    // `path` starts with '/'. Each segment is decoded straight into `out` after a '/',
+    // then kept, or removed and resolved as a dot segment.
+    let mut trailing_slash = false;
+    for raw in path[1..].split('/') {
+        let start = out.len();
+        out.push('/');
+        decode_segment_into(raw, out)?;
+        match &out[start + 1..] {
+            // Repeated slash, or the final empty segment of a path ending in '/'.
+            "" | "." => {
+                out.truncate(start);
+                trailing_slash = true;
+            }
+            ".." => {
+                out.truncate(start);
+                let parent = out.rfind('/').unwrap_or(0);
+                out.truncate(parent);
+                trailing_slash = true;
+            }
+            s => {
+                if s.starts_with(".;") || s.starts_with("..;") {
+                    return Err(PathError::DotSegmentParameter);
+                }
+                trailing_slash = false;
+            }
+        }
+    }
+    if trailing_slash || out.is_empty() {
+        out.push('/');
+    }
+    Ok(())
+}
+
+/// The path part of an origin-form or absolute-form target (query still attached).
+fn origin_path(target: &str) -> Result<&str, PathError> {
+    if target.starts_with('/') {
+        return Ok(target);
+    }
+    let rest = strip_prefix_ignore_case(target, "http://")
+        .or_else(|| strip_prefix_ignore_case(target, "https://"))
+        .ok_or(PathError::NotOriginForm)?;
+    // authority = up to the first '/', '?' or '#'.
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    if end == 0 {
+        return Err(PathError::NotOriginForm);
+    }
+    let path = &rest[end..];
+    if path.starts_with('/') {
+        Ok(path)
+    } else if path.starts_with('#') {
+        Err(PathError::Fragment)
+    } else {
+        // Empty path, possibly with a query: the path is "/".
+        Ok("/")
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    if s.len() >= prefix.len()
+        && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    {
+        Some(&s[prefix.len()..])
+    } else {
+        None
+    }
+}
+
+/// Decodes one path segment, appending it to `seg`, by rules 3 and 4.
+fn decode_segment_into(raw: &str, seg: &mut String) -> Result<(), PathError> {
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            // Copy the run up to the next '%' unchanged (it may hold UTF-8).
+            let end = raw[i..].find('%').map_or(bytes.len(), |p| i + p);
+            seg.push_str(&raw[i..end]);
+            i = end;
+            continue;
+        }
+        let hi = bytes.get(i + 1).copied().and_then(hex_value);
+        let lo = bytes.get(i + 2).copied().and_then(hex_value);
+        let (Some(hi), Some(lo)) = (hi, lo) else {
+            return Err(PathError::BadPercent);
+        };
+        let b = hi << 4 | lo;
+        match b {
+            b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+            0x00..=0x1f | 0x7f => return Err(PathError::EncodedControl),
+            b if is_unreserved(b) => seg.push(char::from(b)),
+            b => {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                seg.push('%');
+                seg.push(char::from(HEX[usize::from(b >> 4)]));
+                seg.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+        }
+        i += 3;
+    }
+    Ok(())
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// RFC 3986 §2.3.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        use PathError::*;
+        let cases: &[(&str, Result<&str, PathError>)] = &[
+            ("/", Ok("/")),
+            ("/api/items", Ok("/api/items")),
+            ("/api/items/", Ok("/api/items/")),
+            // Dot segments.
+            ("/public/../admin", Ok("/admin")),
+            ("/a/./b", Ok("/a/b")),
+            ("/a/b/..", Ok("/a/")),
+            ("/a/.", Ok("/a/")),
+            ("/..", Ok("/")),
+            ("/../../admin", Ok("/admin")),
+            ("/a/b/../../../c", Ok("/c")),
+            ("/%2e%2e/admin", Ok("/admin")),
+            ("/public/%2e%2e/admin", Ok("/admin")),
+            ("/public/%2E%2e/admin", Ok("/admin")),
+            ("/public/.%2e/admin", Ok("/admin")),
+            ("/a/%2e/b", Ok("/a/b")),
+            ("/...", Ok("/...")),
+            ("/..a", Ok("/..a")),
+            ("/public/..;/admin", Err(DotSegmentParameter)),
+            ("/public/.;x/admin", Err(DotSegmentParameter)),
+            ("/files;v=1", Ok("/files;v=1")),
+            // Repeated slashes.
+            ("//admin", Ok("/admin")),
+            ("/a//b///c", Ok("/a/b/c")),
+            ("///", Ok("/")),
+            ("//admin//", Ok("/admin/")),
+            // Encoded separators and backslash.
+            ("/admin%2F", Err(EncodedSeparator)),
+            ("/admin%2f", Err(EncodedSeparator)),
+            ("/public%2F..%2Fadmin", Err(EncodedSeparator)),
+            ("/a%5Cb", Err(EncodedSeparator)),
+            ("/a%5cb", Err(EncodedSeparator)),
+            ("/a\\..\\admin", Err(Backslash)),
+            // Percent-decoding of unreserved characters only, once.
+            ("/%61dmin", Ok("/admin")),
+            ("/%7Euser", Ok("/~user")),
+            ("/a%20b", Ok("/a%20b")),
+            ("/a%2ab", Ok("/a%2Ab")),
+            ("/%252e%252e/admin", Ok("/%252e%252e/admin")),
+            ("/a%", Err(BadPercent)),
+            ("/a%4", Err(BadPercent)),
+            ("/a%zz", Err(BadPercent)),
+            ("/admin%00.png", Err(EncodedControl)),
+            ("/a%0d%0a", Err(EncodedControl)),
+            ("/a%7f", Err(EncodedControl)),
+            ("/caf\u{e9}", Ok("/caf\u{e9}")),
+            // Query and fragment.
+            ("/admin?x=/../public", Ok("/admin")),
+            ("/public?/../admin", Ok("/public")),
+            ("/a/b/../c?q=1&r=%2F", Ok("/a/c")),
+            ("/public#/../admin", Err(Fragment)),
+            ("/public?q#x", Err(Fragment)),
+            // Forms.
+            ("*", Ok("*")),
+            ("http://example.com/a/../b", Ok("/b")),
+            ("HTTPS://example.com:8443//x", Ok("/x")),
+            ("http://example.com", Ok("/")),
+            ("http://example.com?q=1", Ok("/")),
+            ("http://example.com#x", Err(Fragment)),
+            ("http:///x", Err(NotOriginForm)),
+            ("example.com:443", Err(NotOriginForm)),
+            ("ftp://example.com/x", Err(NotOriginForm)),
+            ("admin", Err(NotOriginForm)),
+            ("", Err(NotOriginForm)),
+        ];
+        for (input, want) in cases {
+            let got = normalize(input);
+            assert_eq!(got.as_deref(), want.as_deref(), "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn normalised_paths_are_fixed_points() {
+        for input in [
+            "/public/../admin",
+            "//a/./b/../c/",
+            "/%61%2e%2e/x",
+            "/a%20b/%7e",
+            "/a/b/..",
+            "*",
+        ] {
+            let once = normalize(input).unwrap();
+            assert_eq!(normalize(&once).unwrap(), once, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn normalize_into_reuses_the_buffer() {
+        let mut out = String::with_capacity(64);
+        let ptr = out.as_ptr();
+        normalize_into("/a/../b", &mut out).unwrap();
+        assert_eq!(out, "/b");
+        normalize_into("//c", &mut out).unwrap();
+        assert_eq!(out, "/c");
+        assert_eq!(out.as_ptr(), ptr);
+    }
+}

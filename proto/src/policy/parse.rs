@@ -1,0 +1,662 @@
+//! Policy files: TOML → raw serde structs (unknown fields are errors) → the checked
+//! model. Every error names the file, the line and the field.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::cases::{Expect, TestCase};
+use super::ident;
+use super::model::{
+    Action, Condition, HostPattern, Operation, Pattern, Policy, PolicySet, Protocol, Rule,
+    Selector, Source,
+};
+use super::request::{is_tchar, parse_header, HttpSpec, RequestSpec};
+use super::validate::{lint, PolicyWarning};
+
+/// A policy file that cannot be used. Display: `file:line: field: message`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {field}{}{message}", if field.is_empty() { "" } else { ": " })]
+pub struct PolicyError {
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// Field path, e.g. `policy[0].rule[1].from[0].addresses`; empty for the file.
+    pub field: String,
+    pub message: String,
+}
+
+/// A parsed, checked policy file and its warnings.
+#[derive(Clone, Debug)]
+pub struct Parsed {
+    pub set: PolicySet,
+    pub warnings: Vec<PolicyWarning>,
+}
+
+// ---- raw file format ----------------------------------------------------------
+
+type Strings = Option<Vec<Spanned<String>>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    policy: Option<Vec<Spanned<RawPolicy>>>,
+    #[serde(default)]
+    test: Vec<Spanned<RawTest>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Spanned<String>,
+    action: Action,
+    selector: Option<Spanned<RawSelector>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSelector {
+    identities: Strings,
+    groups: Strings,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    from: Vec<Spanned<RawSource>>,
+    #[serde(default)]
+    to: Vec<Spanned<RawOperation>>,
+    #[serde(default)]
+    when: Vec<Spanned<RawCondition>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    identities: Strings,
+    not_identities: Strings,
+    groups: Strings,
+    not_groups: Strings,
+    trust_domains: Strings,
+    not_trust_domains: Strings,
+    addresses: Strings,
+    not_addresses: Strings,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperation {
+    ports: Option<Vec<Spanned<i64>>>,
+    not_ports: Option<Vec<Spanned<i64>>>,
+    protocols: Option<Vec<Protocol>>,
+    methods: Strings,
+    not_methods: Strings,
+    paths: Strings,
+    not_paths: Strings,
+    hosts: Strings,
+    not_hosts: Strings,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCondition {
+    key: Spanned<String>,
+    values: Strings,
+    not_values: Strings,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RuleLabel {
+    Index(i64),
+    Name(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTest {
+    name: Option<String>,
+    from: Option<Spanned<String>>,
+    #[serde(default)]
+    from_groups: Vec<String>,
+    from_address: Option<Spanned<String>>,
+    workload: Option<Spanned<String>>,
+    #[serde(default)]
+    workload_groups: Vec<String>,
+    to_address: Option<Spanned<String>>,
+    to_port: Option<Spanned<i64>>,
+    proto: Option<Protocol>,
+    method: Option<String>,
+    path: Option<Spanned<String>>,
+    host: Option<String>,
+    #[serde(default)]
+    headers: Vec<Spanned<String>>,
+    expect: Spanned<String>,
+    expect_policy: Option<String>,
+    expect_rule: Option<RuleLabel>,
+    expect_reason: Option<Spanned<String>>,
+}
+
+// ---- conversion ---------------------------------------------------------------
+
+/// Parses and checks a policy file. `file` names it in messages.
+pub fn parse(file: &str, source: &str) -> Result<Parsed, PolicyError> {
+    let cx = Cx { file, source };
+    let raw: RawFile = toml::from_str(source).map_err(|e| cx.toml_error(&e))?;
+    let Some(raw_policies) = raw.policy else {
+        return Err(cx.err(
+            0,
+            "",
+            "no [[policy]] in the file (to apply no policies at all, write `policy = []`)",
+        ));
+    };
+    let mut set = PolicySet {
+        source: file.to_string(),
+        ..PolicySet::default()
+    };
+    for (pi, rp) in raw_policies.into_iter().enumerate() {
+        let line = cx.line(rp.span().start);
+        let p = cx.policy(pi, rp.into_inner(), line)?;
+        if let Some(prev) = set.policies.iter().find(|q| q.name == p.name) {
+            return Err(cx.err_line(
+                line,
+                &format!("policy[{pi}].name"),
+                &format!(
+                    "duplicate policy name {:?} (first at line {})",
+                    p.name, prev.line
+                ),
+            ));
+        }
+        set.policies.push(p);
+    }
+    for (ti, rt) in raw.test.into_iter().enumerate() {
+        let line = cx.line(rt.span().start);
+        let t = cx.test(ti, rt.into_inner(), line, &set)?;
+        set.tests.push(t);
+    }
+    let warnings = lint(&set);
+    Ok(Parsed { set, warnings })
+}
+
+struct Cx<'a> {
+    file: &'a str,
+    source: &'a str,
+}
+
+impl Cx<'_> {
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.source.len());
+        self.source.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err(&self, offset: usize, field: &str, message: &str) -> PolicyError {
+        self.err_line(self.line(offset), field, message)
+    }
+
+    fn err_line(&self, line: usize, field: &str, message: &str) -> PolicyError {
+        PolicyError {
+            file: self.file.to_string(),
+            line,
+            field: field.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A TOML or serde error: the line from its span, the field from the key
+    /// written on that line when there is one.
+    fn toml_error(&self, e: &toml::de::Error) -> PolicyError {
+        let offset = e.span().map_or(0, |s| s.start);
+        let line = self.line(offset);
+        let text = self.source.lines().nth(line - 1).unwrap_or("");
+        let field = text
+            .split_once('=')
+            .map(|(k, _)| k.trim())
+            .filter(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            .unwrap_or("");
+        let message = e.message().trim().replace('\n', " ");
+        let message = if message.is_empty() {
+            "invalid TOML".to_string()
+        } else {
+            message
+        };
+        self.err_line(line, field, &message)
+    }
+
+    fn policy(&self, pi: usize, rp: RawPolicy, line: usize) -> Result<Policy, PolicyError> {
+        let at = format!("policy[{pi}]");
+        let name = rp.name.get_ref().trim().to_string();
+        if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
+            return Err(self.err(
+                rp.name.span().start,
+                &format!("{at}.name"),
+                "policy name must be non-empty, without spaces or '/'",
+            ));
+        }
+        let selector = match rp.selector {
+            None => None,
+            Some(s) => {
+                let s = s.into_inner();
+                Some(Selector {
+                    identities: self.list(
+                        &s.identities,
+                        &format!("{at}.selector.identities"),
+                        |v| {
+                            ident::check_id_pattern(v)?;
+                            Ok(Pattern::parse(v))
+                        },
+                    )?,
+                    groups: self.list(&s.groups, &format!("{at}.selector.groups"), group)?,
+                })
+            }
+        };
+        let mut rules = Vec::new();
+        for (ri, rr) in rp.rule.into_iter().enumerate() {
+            let rline = self.line(rr.span().start);
+            let rule = self.rule(&format!("{at}.rule[{ri}]"), rr.into_inner(), rline)?;
+            if let Some(n) = &rule.name {
+                if rules.iter().any(|r: &Rule| r.name.as_ref() == Some(n)) {
+                    return Err(self.err_line(
+                        rline,
+                        &format!("{at}.rule[{ri}].name"),
+                        &format!("duplicate rule name {n:?} in policy {name:?}"),
+                    ));
+                }
+            }
+            rules.push(rule);
+        }
+        Ok(Policy {
+            name,
+            action: rp.action,
+            selector,
+            rules,
+            line,
+        })
+    }
+
+    fn rule(&self, at: &str, rr: RawRule, line: usize) -> Result<Rule, PolicyError> {
+        let name = match rr.name {
+            None => None,
+            Some(n) => {
+                let s = n.get_ref().trim();
+                if s.is_empty() || s.contains('/') || s.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(self.err(
+                        n.span().start,
+                        &format!("{at}.name"),
+                        "rule name must be non-empty, without '/', and not a number",
+                    ));
+                }
+                Some(s.to_string())
+            }
+        };
+        let mut from = Vec::new();
+        for (i, s) in rr.from.into_iter().enumerate() {
+            from.push(self.source_entry(&format!("{at}.from[{i}]"), s.into_inner())?);
+        }
+        let mut to = Vec::new();
+        for (i, o) in rr.to.into_iter().enumerate() {
+            to.push(self.operation(&format!("{at}.to[{i}]"), o.into_inner())?);
+        }
+        let mut when = Vec::new();
+        for (i, c) in rr.when.into_iter().enumerate() {
+            let cline = self.line(c.span().start);
+            when.push(self.condition(&format!("{at}.when[{i}]"), c.into_inner(), cline)?);
+        }
+        Ok(Rule {
+            name,
+            from,
+            to,
+            when,
+            line,
+        })
+    }
+
+    fn source_entry(&self, at: &str, s: RawSource) -> Result<Source, PolicyError> {
+        let id = |v: &str| {
+            ident::check_id_pattern(v)?;
+            Ok(Pattern::parse(v))
+        };
+        let td = |v: &str| {
+            ident::check_trust_domain(v)?;
+            Ok(v.to_string())
+        };
+        Ok(Source {
+            identities: self.list(&s.identities, &format!("{at}.identities"), id)?,
+            not_identities: self.nlist(&s.not_identities, &format!("{at}.not_identities"), id)?,
+            groups: self.list(&s.groups, &format!("{at}.groups"), group)?,
+            not_groups: self.nlist(&s.not_groups, &format!("{at}.not_groups"), group)?,
+            trust_domains: self.list(&s.trust_domains, &format!("{at}.trust_domains"), td)?,
+            not_trust_domains: self.nlist(
+                &s.not_trust_domains,
+                &format!("{at}.not_trust_domains"),
+                td,
+            )?,
+            addresses: self.list(&s.addresses, &format!("{at}.addresses"), cidr)?,
+            not_addresses: self.nlist(&s.not_addresses, &format!("{at}.not_addresses"), cidr)?,
+        })
+    }
+
+    fn operation(&self, at: &str, o: RawOperation) -> Result<Operation, PolicyError> {
+        let ports = |v: &Option<Vec<Spanned<i64>>>, field: &str| -> Result<_, PolicyError> {
+            v.as_ref()
+                .map(|v| {
+                    v.iter()
+                        .map(|p| {
+                            u16::try_from(*p.get_ref())
+                                .ok()
+                                .filter(|&p| p != 0)
+                                .ok_or_else(|| {
+                                    self.err(
+                                        p.span().start,
+                                        &format!("{at}.{field}"),
+                                        &format!("port {} is not in 1-65535", p.get_ref()),
+                                    )
+                                })
+                        })
+                        .collect::<Result<Vec<u16>, _>>()
+                })
+                .transpose()
+        };
+        let path = |v: &str| {
+            if v.is_empty() {
+                return Err("empty path".to_string());
+            }
+            Ok(Pattern::parse(v))
+        };
+        Ok(Operation {
+            ports: ports(&o.ports, "ports")?,
+            not_ports: ports(&o.not_ports, "not_ports")?.unwrap_or_default(),
+            protocols: o.protocols,
+            methods: self.list(&o.methods, &format!("{at}.methods"), method)?,
+            not_methods: self.nlist(&o.not_methods, &format!("{at}.not_methods"), method)?,
+            paths: self.list(&o.paths, &format!("{at}.paths"), path)?,
+            not_paths: self.nlist(&o.not_paths, &format!("{at}.not_paths"), path)?,
+            hosts: self.list(&o.hosts, &format!("{at}.hosts"), host)?,
+            not_hosts: self.nlist(&o.not_hosts, &format!("{at}.not_hosts"), host)?,
+        })
+    }
+
+    fn condition(&self, at: &str, c: RawCondition, line: usize) -> Result<Condition, PolicyError> {
+        let key = c.key.get_ref().trim();
+        let header = key
+            .strip_prefix("request.headers[")
+            .and_then(|k| k.strip_suffix(']'))
+            .filter(|h| !h.is_empty() && h.bytes().all(is_tchar))
+            .ok_or_else(|| {
+                self.err(
+                    c.key.span().start,
+                    &format!("{at}.key"),
+                    &format!(
+                        "unsupported condition key {key:?}: the supported form is \"request.headers[<name>]\""
+                    ),
+                )
+            })?;
+        if c.values.is_none() && c.not_values.is_none() {
+            return Err(self.err_line(line, at, "a condition needs `values` or `not_values`"));
+        }
+        let val = |v: &str| Ok(Pattern::parse(v));
+        Ok(Condition {
+            key: key.to_string(),
+            header: header.to_ascii_lowercase(),
+            values: self.list(&c.values, &format!("{at}.values"), val)?,
+            not_values: self.nlist(&c.not_values, &format!("{at}.not_values"), val)?,
+        })
+    }
+
+    /// Converts a positive list field, keeping `None` (absent) apart from `[]`.
+    fn list<T>(
+        &self,
+        v: &Strings,
+        field: &str,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<Vec<T>>, PolicyError> {
+        v.as_ref()
+            .map(|v| {
+                v.iter()
+                    .map(|s| {
+                        f(s.get_ref()).map_err(|m| {
+                            self.err(s.span().start, field, &format!("{:?}: {m}", s.get_ref()))
+                        })
+                    })
+                    .collect()
+            })
+            .transpose()
+    }
+
+    /// Converts a `not_*` list field (absent = empty).
+    fn nlist<T>(
+        &self,
+        v: &Strings,
+        field: &str,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Vec<T>, PolicyError> {
+        Ok(self.list(v, field, f)?.unwrap_or_default())
+    }
+
+    fn test(
+        &self,
+        ti: usize,
+        rt: RawTest,
+        line: usize,
+        set: &PolicySet,
+    ) -> Result<TestCase, PolicyError> {
+        let at = format!("test[{ti}]");
+        let f = |name: &str| format!("{at}.{name}");
+        let id = |v: &Option<Spanned<String>>, name: &str| -> Result<Option<String>, PolicyError> {
+            match v {
+                None => Ok(None),
+                Some(s) => {
+                    ident::check_id(s.get_ref()).map_err(|m| {
+                        self.err(s.span().start, &f(name), &format!("{:?}: {m}", s.get_ref()))
+                    })?;
+                    Ok(Some(s.get_ref().clone()))
+                }
+            }
+        };
+        let addr =
+            |v: &Option<Spanned<String>>, name: &str| -> Result<Option<IpAddr>, PolicyError> {
+                match v {
+                    None => Ok(None),
+                    Some(s) => s.get_ref().parse().map(Some).map_err(|_| {
+                        self.err(
+                            s.span().start,
+                            &f(name),
+                            &format!("{:?} is not an IP address", s.get_ref()),
+                        )
+                    }),
+                }
+            };
+        let proto = rt.proto.unwrap_or(Protocol::Tcp);
+        let to_port = match &rt.to_port {
+            Some(p) => u16::try_from(*p.get_ref())
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| {
+                    self.err(
+                        p.span().start,
+                        &f("to_port"),
+                        &format!("port {} is not in 1-65535", p.get_ref()),
+                    )
+                })?,
+            None if proto == Protocol::Icmp => 0,
+            None => return Err(self.err_line(line, &f("to_port"), "missing field `to_port`")),
+        };
+        let has_http =
+            rt.method.is_some() || rt.path.is_some() || rt.host.is_some() || !rt.headers.is_empty();
+        let http = if has_http {
+            let mut headers = Vec::new();
+            for h in &rt.headers {
+                headers.push(
+                    parse_header(h.get_ref())
+                        .map_err(|e| self.err(h.span().start, &f("headers"), &e.to_string()))?,
+                );
+            }
+            let path = match &rt.path {
+                Some(p) if !p.get_ref().starts_with('/') => {
+                    return Err(self.err(
+                        p.span().start,
+                        &f("path"),
+                        &format!("path must start with \"/\" (got {:?})", p.get_ref()),
+                    ))
+                }
+                Some(p) => p.get_ref().clone(),
+                None => "/".to_string(),
+            };
+            Some(HttpSpec {
+                method: rt.method.clone().unwrap_or_else(|| "GET".to_string()),
+                path,
+                host: rt.host.clone(),
+                headers,
+            })
+        } else {
+            None
+        };
+        let request = RequestSpec {
+            from: id(&rt.from, "from")?,
+            from_groups: rt.from_groups,
+            from_address: addr(&rt.from_address, "from_address")?,
+            workload: id(&rt.workload, "workload")?,
+            workload_groups: rt.workload_groups,
+            to_address: addr(&rt.to_address, "to_address")?,
+            to_port,
+            proto,
+            http,
+        };
+        request
+            .check()
+            .map_err(|e| self.err_line(line, &at, &e.to_string()))?;
+        let allow = match rt.expect.get_ref().as_str() {
+            "allow" => true,
+            "deny" => false,
+            other => {
+                return Err(self.err(
+                    rt.expect.span().start,
+                    &f("expect"),
+                    &format!("expected \"allow\" or \"deny\", got {other:?}"),
+                ))
+            }
+        };
+        if let Some(p) = &rt.expect_policy {
+            if !set.policies.iter().any(|q| &q.name == p) {
+                return Err(self.err_line(
+                    line,
+                    &f("expect_policy"),
+                    &format!("no policy named {p:?} in this file"),
+                ));
+            }
+        }
+        const REASONS: [&str; 5] = [
+            "explicit_deny",
+            "no_allow_matched",
+            "default_deny",
+            "allow_matched",
+            "default_allow",
+        ];
+        if let Some(r) = &rt.expect_reason {
+            if !REASONS.contains(&r.get_ref().as_str()) {
+                return Err(self.err(
+                    r.span().start,
+                    &f("expect_reason"),
+                    &format!(
+                        "unknown reason {:?}; one of {}",
+                        r.get_ref(),
+                        REASONS.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(TestCase {
+            name: rt.name.unwrap_or_else(|| format!("test[{ti}]")),
+            line,
+            request,
+            expect: Expect {
+                allow,
+                policy: rt.expect_policy,
+                rule: rt.expect_rule.map(|r| match r {
+                    RuleLabel::Index(i) => i.to_string(),
+                    RuleLabel::Name(n) => n,
+                }),
+                reason: rt.expect_reason.map(Spanned::into_inner),
+            },
+        })
+    }
+}
+
+fn group(v: &str) -> Result<String, String> {
+    if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("a group is a non-empty name without spaces".into());
+    }
+    Ok(v.to_string())
+}
+
+fn cidr(v: &str) -> Result<IpNet, String> {
+    if let Ok(n) = v.parse::<IpNet>() {
+        if n.trunc() != n {
+            return Err(format!(
+                "address block has host bits set (did you mean {}?)",
+                n.trunc()
+            ));
+        }
+        return Ok(n);
+    }
+    v.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+        "not an address block (CIDR such as \"100.64.0.0/10\") or an IP address".into()
+    })
+}
+
+fn method(v: &str) -> Result<String, String> {
+    if v.is_empty() || !v.bytes().all(is_tchar) {
+        return Err("an HTTP method is a token such as GET or POST".into());
+    }
+    Ok(v.to_string())
+}
+
+fn host(v: &str) -> Result<HostPattern, String> {
+    if v.is_empty() {
+        return Err("empty host".into());
+    }
+    let lower = v.to_ascii_lowercase();
+    let (name, port) = if lower.starts_with('[') {
+        match lower.find(']') {
+            Some(i) => match lower[i + 1..].strip_prefix(':') {
+                Some(p) => (&lower[..=i], Some(p)),
+                None if i + 1 == lower.len() => (&lower[..], None),
+                None => return Err("expected [ipv6] or [ipv6]:port".into()),
+            },
+            None => return Err("unterminated [ipv6] literal".into()),
+        }
+    } else {
+        match lower.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (&lower[..], None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("port {p:?} is not in 1-65535"))?,
+        ),
+    };
+    if name.is_empty() {
+        return Err("empty host name".into());
+    }
+    if name.bytes().any(|b| b.is_ascii_whitespace() || b == b'/') {
+        return Err("a host may not contain spaces or '/'".into());
+    }
+    Ok(HostPattern {
+        name: Pattern::parse(name),
+        port,
+    })
+}

@@ -1,0 +1,994 @@
+//! Unit tests of the policy engine: parsing and its errors, warnings, every matcher
+//! (with negations and wildcards), Istio's evaluation order, the index, explain and
+//! the test runner.
+
+use super::eval::rule_mismatch;
+use super::*;
+use proptest::prelude::*;
+
+fn compile(src: &str) -> CompiledPolicy {
+    compile_with(src, DefaultAction::Deny)
+}
+
+fn compile_with(src: &str, default: DefaultAction) -> CompiledPolicy {
+    match parse("p.toml", src) {
+        Ok(p) => CompiledPolicy::compile(p.set, default),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn decide(c: &CompiledPolicy, spec: &RequestSpec) -> Decision {
+    spec.with_request(|r| evaluate(c, r))
+}
+
+fn allowed(c: &CompiledPolicy, spec: &RequestSpec) -> bool {
+    decide(c, spec).is_allowed()
+}
+
+fn err(src: &str) -> PolicyError {
+    match parse("p.toml", src) {
+        Ok(_) => panic!("expected an error for:\n{src}"),
+        Err(e) => e,
+    }
+}
+
+fn warnings(src: &str) -> Vec<String> {
+    parse("p.toml", src)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .warnings
+        .iter()
+        .map(|w| w.to_string())
+        .collect()
+}
+
+/// One allow policy with one rule whose body is `rule` (TOML lines).
+fn allow_rule(rule: &str) -> CompiledPolicy {
+    compile(&format!(
+        "[[policy]]\nname = \"p\"\naction = \"allow\"\n[[policy.rule]]\n{rule}\n"
+    ))
+}
+
+fn get(from: &str, port: u16, path: &str) -> RequestSpec {
+    RequestSpec::tcp(from, port).http("GET", path)
+}
+
+// ---- parsing and errors ------------------------------------------------------
+
+#[test]
+fn empty_file_is_an_error() {
+    let e = err("");
+    assert_eq!(e.line, 1);
+    assert!(e.to_string().contains("no [[policy]]"), "{e}");
+    let e = err("# only a comment\n");
+    assert!(e.to_string().starts_with("p.toml:1: no [[policy]]"), "{e}");
+    // An explicit empty list is how to apply no policies.
+    assert!(parse("p.toml", "policy = []\n").is_ok());
+}
+
+#[test]
+fn invalid_toml_names_line() {
+    let e = err("[[policy]]\nname = \"a\"\naction = allow\n");
+    assert_eq!(e.line, 3, "{e}");
+    assert!(e.to_string().starts_with("p.toml:3: "), "{e}");
+}
+
+#[test]
+fn unknown_fields_are_errors_with_line_and_field() {
+    let src = "[[policy]]\nname = \"a\"\naction = \"allow\"\n[[policy.rule]]\nfrom = [{ identites = [\"spiffe://t/a\"] }]\n";
+    let e = err(src);
+    assert_eq!(e.line, 5, "{e}");
+    assert!(e.message.contains("unknown field `identites`"), "{e}");
+    assert_eq!(e.field, "from");
+
+    let e = err("[[policy]]\nname = \"a\"\nactoin = \"allow\"\n");
+    assert!(e.message.contains("actoin"), "{e}");
+    let e = err("[[policy]]\nname = \"a\"\naction = \"permit\"\n");
+    assert_eq!(e.line, 3, "{e}");
+    assert_eq!(e.field, "action");
+    assert!(e.message.contains("permit"), "{e}");
+    let e = err("[[policy]]\naction = \"allow\"\n");
+    assert!(e.message.contains("missing field `name`"), "{e}");
+}
+
+#[test]
+fn bad_cidr_identity_port_are_errors() {
+    let base = "[[policy]]\nname = \"a\"\naction = \"allow\"\n[[policy.rule]]\n";
+    let e = err(&format!(
+        "{base}from = [{{ addresses = [\"10.0.0.0/33\"] }}]\n"
+    ));
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (5, "policy[0].rule[0].from[0].addresses"),
+        "{e}"
+    );
+    assert!(e.message.contains("10.0.0.0/33"), "{e}");
+    let e = err(&format!(
+        "{base}from = [{{ addresses = [\"10.0.0.1/8\"] }}]\n"
+    ));
+    assert!(e.message.contains("10.0.0.0/8"), "{e}");
+    let e = err(&format!(
+        "{base}from = [{{ identities = [\"spiffe://T/a\"] }}]\n"
+    ));
+    assert_eq!(e.field, "policy[0].rule[0].from[0].identities", "{e}");
+    let e = err(&format!("{base}from = [{{ identities = [\"web\"] }}]\n"));
+    assert!(e.message.contains("spiffe://"), "{e}");
+    let e = err(&format!(
+        "{base}from = [{{ identities = [\"spiffe://t/*/x\"] }}]\n"
+    ));
+    assert!(e.message.contains('*'), "{e}");
+    let e = err(&format!("{base}from = [{{ trust_domains = [\"Bad\"] }}]\n"));
+    assert_eq!(e.field, "policy[0].rule[0].from[0].trust_domains", "{e}");
+    let e = err(&format!("{base}\n[[policy.rule.to]]\nports = [70000]\n"));
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (7, "policy[0].rule[0].to[0].ports"),
+        "{e}"
+    );
+    let e = err(&format!("{base}to = [{{ protocols = [\"sctp\"] }}]\n"));
+    assert!(e.message.contains("sctp"), "{e}");
+    let e = err(&format!("{base}to = [{{ hosts = [\"a.com:99999\"] }}]\n"));
+    assert!(e.message.contains("99999"), "{e}");
+    let e = err(&format!("{base}to = [{{ methods = [\"G ET\"] }}]\n"));
+    assert_eq!(e.field, "policy[0].rule[0].to[0].methods", "{e}");
+    let e = err(&format!(
+        "{base}when = [{{ key = \"source.ip\", values = [\"x\"] }}]\n"
+    ));
+    assert!(e.message.contains("request.headers[<name>]"), "{e}");
+    let e = err(&format!(
+        "{base}when = [{{ key = \"request.headers[x]\" }}]\n"
+    ));
+    assert!(e.message.contains("values"), "{e}");
+}
+
+#[test]
+fn duplicate_names_are_errors() {
+    let e = err("[[policy]]\nname = \"a\"\naction = \"allow\"\n[[policy]]\nname = \"a\"\naction = \"deny\"\n");
+    assert_eq!(e.line, 4, "{e}");
+    assert!(e.message.contains("duplicate policy name"), "{e}");
+}
+
+#[test]
+fn test_cases_are_checked() {
+    let base = "[[policy]]\nname = \"a\"\naction = \"allow\"\n[[test]]\n";
+    let e = err(&format!(
+        "{base}from = \"nope\"\nto_port = 1\nexpect = \"allow\"\n"
+    ));
+    assert_eq!((e.line, e.field.as_str()), (5, "test[0].from"), "{e}");
+    let e = err(&format!(
+        "{base}from = \"spiffe://t/a\"\nto_port = 1\nexpect = \"maybe\"\n"
+    ));
+    assert_eq!(e.field, "test[0].expect", "{e}");
+    let e = err(&format!(
+        "{base}to_port = 1\nexpect = \"allow\"\nexpect_policy = \"zz\"\n"
+    ));
+    assert!(e.message.contains("zz"), "{e}");
+    let e = err(&format!("{base}expect = \"allow\"\n"));
+    assert!(e.message.contains("to_port"), "{e}");
+    let e = err(&format!(
+        "{base}to_port = 1\nproto = \"udp\"\nmethod = \"GET\"\nexpect = \"deny\"\n"
+    ));
+    assert!(e.message.contains("tcp"), "{e}");
+    let e = err(&format!(
+        "{base}to_port = 1\nheaders = [\"novalue\"]\nexpect = \"deny\"\n"
+    ));
+    assert_eq!(e.field, "test[0].headers", "{e}");
+}
+
+// ---- warnings ----------------------------------------------------------------
+
+#[test]
+fn rules_that_can_never_match_warn() {
+    let w = warnings(
+        r#"
+[[policy]]
+name = "a"
+action = "allow"
+[[policy.rule]]
+to = [{ protocols = ["udp"], methods = ["GET"] }]
+[[policy.rule]]
+from = [{ identities = [] }]
+[[policy.rule]]
+to = [{ paths = ["/api/*/items", "api", "/a?b=1"] }]
+[[policy.rule]]
+to = [{ protocols = ["icmp"], ports = [80] }]
+[[policy.rule]]
+to = [{ methods = ["get"] }]
+
+[[policy]]
+name = "empty"
+action = "allow"
+"#,
+    );
+    let all = w.join("\n");
+    assert!(
+        all.contains("p.toml:5: warning: policy[0].rule[0].to[0]: HTTP fields"),
+        "{all}"
+    );
+    assert!(
+        all.contains("rule[1].from[0].identities: empty list"),
+        "{all}"
+    );
+    assert!(
+        all.contains("\"/api/*/items\": `*` is a wildcard only"),
+        "{all}"
+    );
+    assert!(
+        all.contains("\"api\": a normalised path starts with '/'"),
+        "{all}"
+    );
+    assert!(all.contains("query"), "{all}");
+    assert!(all.contains("icmp has no ports"), "{all}");
+    assert!(all.contains("case-sensitive"), "{all}");
+    assert!(all.contains("policy \"empty\" has no rules"), "{all}");
+    assert_eq!(w.len(), 8, "{all}");
+}
+
+#[test]
+fn clean_policy_has_no_warnings() {
+    let w = warnings(
+        "[[policy]]\nname = \"a\"\naction = \"allow\"\n[[policy.rule]]\nfrom = [{ identities = [\"spiffe://t/a\"] }]\nto = [{ ports = [80], methods = [\"GET\"], paths = [\"/api/*\", \"*.png\"] }]\n",
+    );
+    assert!(w.is_empty(), "{w:?}");
+}
+
+// ---- evaluation order ----------------------------------------------------------
+
+const ORDER: &str = r#"
+[[policy]]
+name = "allow-a"
+action = "allow"
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/a", "spiffe://t/b"] }]
+to = [{ ports = [8080] }]
+
+[[policy]]
+name = "deny-b"
+action = "deny"
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/b"] }]
+
+[[policy]]
+name = "audit-all"
+action = "audit"
+[[policy.rule]]
+"#;
+
+#[test]
+fn deny_beats_allow_then_allow_then_no_allow_matched() {
+    let c = compile(ORDER);
+    let d = decide(&c, &RequestSpec::tcp("spiffe://t/b", 8080));
+    assert_eq!(d.deny_reason().map(DenyReason::name), Some("explicit_deny"));
+    assert_eq!(c.describe(d.rule().unwrap()), "deny-b/0");
+
+    let d = decide(&c, &RequestSpec::tcp("spiffe://t/a", 8080));
+    assert!(d.is_allowed());
+    assert_eq!(d.reason_name(), "allow_matched");
+    assert_eq!(c.describe(d.rule().unwrap()), "allow-a/0");
+
+    let d = decide(&c, &RequestSpec::tcp("spiffe://t/a", 9090));
+    assert_eq!(d.verdict, Verdict::Deny(DenyReason::NoAllowMatched));
+    assert_eq!(d.deny_reason().unwrap().http_status(), 403);
+}
+
+#[test]
+fn audit_is_recorded_without_changing_the_decision() {
+    let c = compile(ORDER);
+    for (from, port, allow) in [
+        ("spiffe://t/a", 8080, true),
+        ("spiffe://t/b", 8080, false),
+        ("spiffe://t/c", 1, false),
+    ] {
+        let d = decide(&c, &RequestSpec::tcp(from, port));
+        assert_eq!(d.is_allowed(), allow, "{from}:{port}");
+        assert_eq!(d.audit.len(), 1);
+        assert_eq!(c.describe(d.audit[0]), "audit-all/0");
+    }
+    // Audit alone never decides: the default does.
+    let c = compile_with(
+        "[[policy]]\nname = \"au\"\naction = \"audit\"\n[[policy.rule]]\n",
+        DefaultAction::Allow,
+    );
+    let d = decide(&c, &RequestSpec::tcp("spiffe://t/a", 1));
+    assert_eq!(d.verdict, Verdict::Allow(AllowReason::DefaultAllow));
+    assert_eq!(d.audit.len(), 1);
+}
+
+#[test]
+fn mesh_default_applies_when_no_allow_policy_applies() {
+    let deny_only =
+        "[[policy]]\nname = \"d\"\naction = \"deny\"\n[[policy.rule]]\nto = [{ ports = [22] }]\n";
+    let c = compile_with(deny_only, DefaultAction::Allow);
+    assert_eq!(
+        decide(&c, &RequestSpec::tcp("spiffe://t/a", 80)).reason_name(),
+        "default_allow"
+    );
+    assert_eq!(
+        decide(&c, &RequestSpec::tcp("spiffe://t/a", 22)).reason_name(),
+        "explicit_deny"
+    );
+    let c = compile_with(deny_only, DefaultAction::Deny);
+    assert_eq!(
+        decide(&c, &RequestSpec::tcp("spiffe://t/a", 80)).reason_name(),
+        "default_deny"
+    );
+    let c = CompiledPolicy::empty(DefaultAction::Deny);
+    assert_eq!(
+        decide(&c, &RequestSpec::tcp("spiffe://t/a", 80)).reason_name(),
+        "default_deny"
+    );
+}
+
+#[test]
+fn allow_policy_without_rules_denies_what_it_selects() {
+    let c = compile_with(
+        "[[policy]]\nname = \"lock\"\naction = \"allow\"\n",
+        DefaultAction::Allow,
+    );
+    assert_eq!(
+        decide(&c, &RequestSpec::tcp("spiffe://t/a", 80)).reason_name(),
+        "no_allow_matched"
+    );
+    // An empty rule matches everything.
+    let c = allow_rule("");
+    assert!(allowed(&c, &RequestSpec::tcp("spiffe://t/a", 80)));
+}
+
+#[test]
+fn selectors_limit_where_policies_apply() {
+    let c = compile_with(
+        r#"
+[[policy]]
+name = "api-only"
+action = "allow"
+selector = { identities = ["spiffe://t/api"] }
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/web"] }]
+
+[[policy]]
+name = "deny-db"
+action = "deny"
+selector = { groups = ["db"] }
+[[policy.rule]]
+"#,
+        DefaultAction::Allow,
+    );
+    let mut to_api = RequestSpec::tcp("spiffe://t/other", 80);
+    to_api.workload = Some("spiffe://t/api".into());
+    assert_eq!(decide(&c, &to_api).reason_name(), "no_allow_matched");
+    let mut to_cache = to_api.clone();
+    to_cache.workload = Some("spiffe://t/cache".into());
+    // The allow policy does not select the cache, so the mesh default decides.
+    assert_eq!(decide(&c, &to_cache).reason_name(), "default_allow");
+    to_cache.workload_groups = vec!["db".into()];
+    assert_eq!(decide(&c, &to_cache).reason_name(), "explicit_deny");
+    let e = explain(&c, &to_api);
+    assert!(e.policies[1]
+        .not_selected
+        .as_deref()
+        .unwrap()
+        .contains("selector.groups"));
+}
+
+#[test]
+fn first_matching_rule_in_file_order_decides() {
+    let c = compile(
+        r#"
+[[policy]]
+name = "wide"
+action = "allow"
+[[policy.rule]]
+name = "any-port"
+from = [{ identities = ["spiffe://t/*"] }]
+[[policy]]
+name = "narrow"
+action = "allow"
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/a"] }]
+to = [{ ports = [80] }]
+"#,
+    );
+    let d = decide(&c, &RequestSpec::tcp("spiffe://t/a", 80));
+    assert_eq!(c.describe(d.rule().unwrap()), "wide/any-port");
+}
+
+// ---- matchers: from --------------------------------------------------------------
+
+#[test]
+fn identity_patterns() {
+    let cases = [
+        ("spiffe://t/web", "spiffe://t/web", true),
+        ("spiffe://t/web", "spiffe://t/web2", false),
+        ("spiffe://t/web-*", "spiffe://t/web-1", true),
+        ("spiffe://t/web-*", "spiffe://t/api", false),
+        ("*/web", "spiffe://u/web", true),
+        ("*/web", "spiffe://u/web2", false),
+        ("*", "spiffe://u/anything", true),
+    ];
+    for (pat, id, want) in cases {
+        let c = allow_rule(&format!("from = [{{ identities = [\"{pat}\"] }}]"));
+        assert_eq!(
+            allowed(&c, &RequestSpec::tcp(id, 80)),
+            want,
+            "{pat} vs {id}"
+        );
+        let c = allow_rule(&format!("from = [{{ not_identities = [\"{pat}\"] }}]"));
+        assert_eq!(
+            allowed(&c, &RequestSpec::tcp(id, 80)),
+            !want,
+            "not {pat} vs {id}"
+        );
+    }
+    // A source without an identity matches no identity pattern, even `*`.
+    let c = allow_rule("from = [{ identities = [\"*\"] }]");
+    let mut anon = RequestSpec::tcp("spiffe://t/x", 80);
+    anon.from = None;
+    assert!(!allowed(&c, &anon));
+}
+
+#[test]
+fn groups_trust_domains_addresses() {
+    let mut r = RequestSpec::tcp("spiffe://prod.example/web", 80);
+    r.from_groups = vec!["web".into(), "eu".into()];
+    r.from_address = Some("100.64.1.7".parse().unwrap());
+    let table = [
+        ("groups = [\"web\"]", true),
+        ("groups = [\"db\", \"eu\"]", true),
+        ("groups = [\"db\"]", false),
+        ("not_groups = [\"eu\"]", false),
+        ("not_groups = [\"db\"]", true),
+        ("trust_domains = [\"prod.example\"]", true),
+        ("trust_domains = [\"dev.example\"]", false),
+        ("not_trust_domains = [\"prod.example\"]", false),
+        ("not_trust_domains = [\"dev.example\"]", true),
+        ("addresses = [\"100.64.1.0/24\"]", true),
+        ("addresses = [\"100.64.1.7\"]", true),
+        ("addresses = [\"100.64.2.0/24\"]", false),
+        ("addresses = [\"fd00:6d65:7368::/48\"]", false),
+        ("not_addresses = [\"100.64.0.0/10\"]", false),
+        ("not_addresses = [\"100.65.0.0/16\"]", true),
+        // Fields AND.
+        ("groups = [\"web\"], addresses = [\"100.64.2.0/24\"]", false),
+        (
+            "groups = [\"web\"], trust_domains = [\"prod.example\"]",
+            true,
+        ),
+    ];
+    for (src, want) in table {
+        let c = allow_rule(&format!("from = [{{ {src} }}]"));
+        assert_eq!(allowed(&c, &r), want, "{src}");
+    }
+}
+
+#[test]
+fn from_entries_or_and_empty_lists_match_nothing() {
+    let c = allow_rule("from = [{ identities = [\"spiffe://t/a\"] }, { groups = [\"ops\"] }]");
+    assert!(allowed(&c, &RequestSpec::tcp("spiffe://t/a", 1)));
+    let mut ops = RequestSpec::tcp("spiffe://t/z", 1);
+    ops.from_groups = vec!["ops".into()];
+    assert!(allowed(&c, &ops));
+    assert!(!allowed(&c, &RequestSpec::tcp("spiffe://t/z", 1)));
+    let c = allow_rule("from = [{ identities = [] }]");
+    assert!(!allowed(&c, &RequestSpec::tcp("spiffe://t/a", 1)));
+}
+
+// ---- matchers: to --------------------------------------------------------------
+
+#[test]
+fn ports_and_protocols() {
+    let mut udp = RequestSpec::tcp("spiffe://t/a", 53);
+    udp.proto = Protocol::Udp;
+    let mut icmp = RequestSpec::tcp("spiffe://t/a", 0);
+    icmp.proto = Protocol::Icmp;
+    let tcp53 = RequestSpec::tcp("spiffe://t/a", 53);
+    let table: [(&str, [bool; 3]); 6] = [
+        ("ports = [53]", [true, true, false]),
+        ("ports = [53], protocols = [\"udp\"]", [false, true, false]),
+        ("not_ports = [53]", [false, false, true]),
+        ("protocols = [\"icmp\"]", [false, false, true]),
+        ("protocols = [\"tcp\", \"udp\"]", [true, true, false]),
+        ("ports = [80]", [false, false, false]),
+    ];
+    for (to, want) in table {
+        let c = allow_rule(&format!("to = [{{ {to} }}]"));
+        let got = [allowed(&c, &tcp53), allowed(&c, &udp), allowed(&c, &icmp)];
+        assert_eq!(got, want, "{to}");
+    }
+    // `to` entries OR.
+    let c = allow_rule("to = [{ ports = [80] }, { ports = [53], protocols = [\"udp\"] }]");
+    assert!(allowed(&c, &udp));
+    assert!(!allowed(&c, &tcp53));
+    assert!(allowed(&c, &RequestSpec::tcp("spiffe://t/a", 80)));
+}
+
+#[test]
+fn methods_and_paths() {
+    let table = [
+        ("methods = [\"GET\", \"HEAD\"]", "GET", "/x", true),
+        ("methods = [\"GET\"]", "POST", "/x", false),
+        ("not_methods = [\"DELETE\"]", "GET", "/x", true),
+        ("not_methods = [\"DELETE\"]", "DELETE", "/x", false),
+        ("paths = [\"/api/items\"]", "GET", "/api/items", true),
+        ("paths = [\"/api/items\"]", "GET", "/api/items/1", false),
+        ("paths = [\"/api/*\"]", "GET", "/api/items/1", true),
+        ("paths = [\"/api/*\"]", "GET", "/api/", true),
+        ("paths = [\"/api/*\"]", "GET", "/api", false),
+        ("paths = [\"/api/*\"]", "GET", "/apix", false),
+        ("paths = [\"*.png\"]", "GET", "/img/a.png", true),
+        ("paths = [\"*.png\"]", "GET", "/img/a.png.txt", false),
+        ("paths = [\"*\"]", "GET", "/anything", true),
+        ("not_paths = [\"/admin/*\"]", "GET", "/admin/x", false),
+        ("not_paths = [\"/admin/*\"]", "GET", "/public", true),
+        (
+            "paths = [\"/api/*\"], not_paths = [\"/api/private/*\"]",
+            "GET",
+            "/api/private/k",
+            false,
+        ),
+        (
+            "paths = [\"/api/*\"], not_paths = [\"/api/private/*\"]",
+            "GET",
+            "/api/public",
+            true,
+        ),
+        (
+            "methods = [\"GET\"], paths = [\"/api/*\"]",
+            "POST",
+            "/api/items",
+            false,
+        ),
+    ];
+    for (to, method, path, want) in table {
+        let c = allow_rule(&format!("to = [{{ ports = [80], {to} }}]"));
+        let r = RequestSpec::tcp("spiffe://t/a", 80).http(method, path);
+        assert_eq!(allowed(&c, &r), want, "{to} vs {method} {path}");
+    }
+}
+
+#[test]
+fn hosts_with_ports_case_and_wildcards() {
+    let table = [
+        ("example.com", "example.com", true),
+        ("example.com", "EXAMPLE.com:8080", true),
+        ("example.com", "example.org", false),
+        ("example.com:8080", "example.com:8080", true),
+        ("example.com:8080", "example.com:9090", false),
+        ("example.com:8080", "example.com", false),
+        ("*.example.com", "api.example.com", true),
+        ("*.example.com", "api.example.com:443", true),
+        ("*.example.com", "example.com", false),
+        ("api.*", "api.internal", true),
+        ("*", "anything:1", true),
+        ("[fd00::1]:8080", "[FD00::1]:8080", true),
+        ("[fd00::1]", "[fd00::1]:80", true),
+    ];
+    for (pat, host, want) in table {
+        let c = allow_rule(&format!("to = [{{ hosts = [\"{pat}\"] }}]"));
+        let mut r = get("spiffe://t/a", 80, "/");
+        r.http.as_mut().unwrap().host = Some(host.into());
+        assert_eq!(allowed(&c, &r), want, "{pat} vs {host}");
+        let c = allow_rule(&format!("to = [{{ not_hosts = [\"{pat}\"] }}]"));
+        assert_eq!(allowed(&c, &r), !want, "not {pat} vs {host}");
+    }
+    // No Host header: `hosts` fails, `not_hosts` holds.
+    let c = allow_rule("to = [{ hosts = [\"*\"] }]");
+    assert!(!allowed(&c, &get("spiffe://t/a", 80, "/")));
+    let c = allow_rule("to = [{ not_hosts = [\"*\"] }]");
+    assert!(allowed(&c, &get("spiffe://t/a", 80, "/")));
+}
+
+#[test]
+fn header_conditions() {
+    let with = |headers: &[&str]| {
+        let mut r = get("spiffe://t/a", 80, "/");
+        r.http.as_mut().unwrap().headers =
+            headers.iter().map(|h| parse_header(h).unwrap()).collect();
+        r
+    };
+    let table = [
+        ("values = [\"prod\"]", vec!["X-Env: prod"], true),
+        ("values = [\"prod\"]", vec!["x-env: dev"], false),
+        ("values = [\"prod\"]", vec![], false),
+        (
+            "values = [\"prod\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            true,
+        ),
+        ("values = [\"pr*\"]", vec!["x-env: prod"], true),
+        ("values = [\"*od\"]", vec!["x-env: prod"], true),
+        ("values = [\"*\"]", vec!["x-env: "], true),
+        ("values = [\"*\"]", vec![], false),
+        ("not_values = [\"dev\"]", vec!["x-env: prod"], true),
+        ("not_values = [\"dev\"]", vec!["x-env: dev"], false),
+        ("not_values = [\"dev\"]", vec![], true),
+        ("not_values = [\"*\"]", vec![], true),
+        ("not_values = [\"*\"]", vec!["x-env: x"], false),
+        (
+            "values = [\"prod\"], not_values = [\"prod-eu\"]",
+            vec!["x-env: prod"],
+            true,
+        ),
+    ];
+    for (cond, headers, want) in table {
+        let c = allow_rule(&format!(
+            "when = [{{ key = \"request.headers[X-Env]\", {cond} }}]"
+        ));
+        assert_eq!(allowed(&c, &with(&headers)), want, "{cond} vs {headers:?}");
+    }
+    // Conditions AND.
+    let c = allow_rule(
+        "when = [{ key = \"request.headers[a]\", values = [\"1\"] }, { key = \"request.headers[b]\", values = [\"2\"] }]",
+    );
+    assert!(allowed(&c, &with(&["a: 1", "b: 2"])));
+    assert!(!allowed(&c, &with(&["a: 1"])));
+}
+
+#[test]
+fn http_fields_without_http_attributes() {
+    // Allow rules with HTTP fields do not match a request without HTTP attributes;
+    // deny rules ignore those fields and match (fail closed, as Istio does).
+    let c = compile(
+        r#"
+[[policy]]
+name = "deny-post"
+action = "deny"
+[[policy.rule]]
+to = [{ ports = [80], methods = ["POST"] }]
+[[policy]]
+name = "allow-get"
+action = "allow"
+[[policy.rule]]
+to = [{ ports = [80, 81], methods = ["GET"] }]
+"#,
+    );
+    assert_eq!(
+        decide(&c, &RequestSpec::tcp("spiffe://t/a", 80)).reason_name(),
+        "explicit_deny"
+    );
+    assert_eq!(
+        decide(&c, &RequestSpec::tcp("spiffe://t/a", 81)).reason_name(),
+        "no_allow_matched"
+    );
+    assert!(allowed(&c, &get("spiffe://t/a", 80, "/")));
+    // HTTP fields never match UDP, not even for deny.
+    let mut udp = RequestSpec::tcp("spiffe://t/a", 80);
+    udp.proto = Protocol::Udp;
+    assert_eq!(decide(&c, &udp).reason_name(), "no_allow_matched");
+}
+
+#[test]
+fn needs_l7_per_port() {
+    let c = compile(
+        r#"
+[[policy]]
+name = "a"
+action = "allow"
+[[policy.rule]]
+to = [{ ports = [8080], paths = ["/api/*"] }, { ports = [5432] }]
+[[policy.rule]]
+to = [{ ports = [9000] }]
+when = [{ key = "request.headers[x]", values = ["y"] }]
+[[policy.rule]]
+to = [{ ports = [53], protocols = ["udp"] }]
+"#,
+    );
+    assert!(c.needs_l7(Protocol::Tcp, 8080));
+    assert!(c.needs_l7(Protocol::Tcp, 9000));
+    assert!(!c.needs_l7(Protocol::Tcp, 5432));
+    assert!(!c.needs_l7(Protocol::Tcp, 53));
+    assert!(!c.needs_l7(Protocol::Udp, 8080));
+    assert_eq!(c.l7_ports(), (vec![8080, 9000], false));
+
+    let c = allow_rule("to = [{ not_ports = [22], methods = [\"GET\"] }]");
+    assert!(c.needs_l7(Protocol::Tcp, 80));
+    assert!(!c.needs_l7(Protocol::Tcp, 22));
+    assert_eq!(c.l7_ports(), (vec![], true));
+}
+
+// ---- explain and the runner ------------------------------------------------------
+
+#[test]
+fn explain_names_decider_and_why_others_missed() {
+    let c = compile(ORDER);
+    let e = explain(&c, &RequestSpec::tcp("spiffe://t/c", 9090));
+    assert_eq!(e.decision.decision, "deny");
+    assert_eq!(e.decision.reason, "no_allow_matched");
+    let why = e.policies[0].rules[0].why_not.as_deref().unwrap();
+    assert!(
+        why.contains("from[0].identities: spiffe://t/c not in [spiffe://t/a, spiffe://t/b]"),
+        "{why}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.starts_with("deny (no_allow_matched, http 403)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("audit-all/0 (audit, line 18): matched (audit)"),
+        "{text}"
+    );
+
+    let e = explain(&c, &RequestSpec::tcp("spiffe://t/a", 9090));
+    let why = e.policies[0].rules[0].why_not.as_deref().unwrap();
+    assert_eq!(why, "to[0].ports: 9090 not in [8080]");
+    let e = explain(&c, &RequestSpec::tcp("spiffe://t/b", 8080));
+    assert_eq!(
+        (e.decision.policy.as_deref(), e.decision.rule.as_deref()),
+        (Some("deny-b"), Some("0"))
+    );
+    assert!(
+        e.to_string().contains("deny-b/0 (deny, line 12): DECIDED"),
+        "{e}"
+    );
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(json["decision"], "deny");
+    assert_eq!(json["reason"], "explicit_deny");
+    assert_eq!(json["status"], 403);
+}
+
+#[test]
+fn runner_reports_each_case() {
+    let src = format!(
+        "{ORDER}
+[[test]]
+name = \"a allowed\"
+from = \"spiffe://t/a\"
+to_port = 8080
+expect = \"allow\"
+expect_policy = \"allow-a\"
+expect_rule = 0
+
+[[test]]
+name = \"wrong on purpose\"
+from = \"spiffe://t/b\"
+to_port = 8080
+expect = \"allow\"
+
+[[test]]
+name = \"reason\"
+from = \"spiffe://t/c\"
+to_port = 8080
+expect = \"deny\"
+expect_reason = \"default_deny\"
+"
+    );
+    let loaded = load("p.toml", &src, DefaultAction::Deny).unwrap();
+    let r = &loaded.results;
+    assert_eq!(r.len(), 3);
+    assert!(r[0].passed, "{:?}", r[0]);
+    assert!(!r[1].passed);
+    assert_eq!(r[1].failure.as_deref(), Some("expected allow, got deny"));
+    assert_eq!(r[1].got.policy.as_deref(), Some("deny-b"));
+    assert!(!r[2].passed);
+    assert_eq!(
+        r[2].failure.as_deref(),
+        Some("expected reason default_deny, got no_allow_matched")
+    );
+    assert!(!loaded.tests_passed());
+}
+
+#[test]
+fn deny_reasons_have_stable_names_and_statuses() {
+    let table = [
+        (
+            DenyReason::ExplicitDeny(RuleRef { policy: 0, rule: 0 }),
+            "explicit_deny",
+            403,
+        ),
+        (DenyReason::NoAllowMatched, "no_allow_matched", 403),
+        (DenyReason::DefaultDeny, "default_deny", 403),
+        (DenyReason::MalformedRequest, "malformed_request", 400),
+        (DenyReason::HeadTooLarge, "head_too_large", 431),
+        (DenyReason::RequestTimeout, "request_timeout", 408),
+        (DenyReason::NotHttp, "not_http", 400),
+        (DenyReason::Fragment, "fragment", 400),
+        (DenyReason::FlowTableFull, "flow_table_full", 503),
+        (DenyReason::BufferFull, "buffer_full", 503),
+        (DenyReason::FlowEvicted, "flow_evicted", 503),
+        (DenyReason::RateLimited, "rate_limited", 429),
+        (DenyReason::CircuitOpen, "circuit_open", 503),
+    ];
+    for (r, name, status) in table {
+        assert_eq!((r.name(), r.http_status()), (name, status));
+        assert_eq!(serde_json::to_string(&r).unwrap(), format!("\"{name}\""));
+    }
+    assert_eq!(DenyReason::PLAIN.len(), table.len() - 1);
+}
+
+// ---- the index -------------------------------------------------------------------
+
+fn selected(p: &Policy, req: &Request<'_>) -> bool {
+    match &p.selector {
+        None => true,
+        Some(s) => super::eval::selector_mismatch(s, req).is_none(),
+    }
+}
+
+/// Reference evaluator: Istio's order over every rule, no index.
+fn brute_force(c: &CompiledPolicy, req: &Request<'_>) -> (bool, Option<RuleRef>) {
+    let set = c.set();
+    let matching = |action: Action| {
+        set.policies.iter().enumerate().flat_map(move |(pi, p)| {
+            p.rules.iter().enumerate().filter_map(move |(ri, rule)| {
+                let selected = selected(p, req);
+                (p.action == action && selected && rule_mismatch(rule, action, req).is_none())
+                    .then_some(RuleRef {
+                        policy: pi as u32,
+                        rule: ri as u32,
+                    })
+            })
+        })
+    };
+    if let Some(r) = matching(Action::Deny).next() {
+        return (false, Some(r));
+    }
+    let applies = set
+        .policies
+        .iter()
+        .any(|p| p.action == Action::Allow && selected(p, req));
+    if applies {
+        let r = matching(Action::Allow).next();
+        return (r.is_some(), r);
+    }
+    (c.default_action() == DefaultAction::Allow, None)
+}
+
+#[test]
+fn index_skips_unrelated_rules_but_agrees_with_brute_force() {
+    let mut src = String::new();
+    for i in 0..2000 {
+        src += &format!(
+            "[[policy]]\nname = \"p{i}\"\naction = \"{}\"\n[[policy.rule]]\nfrom = [{{ identities = [\"spiffe://t/s{}\"] }}]\nto = [{{ ports = [{}] }}]\n",
+            if i % 7 == 0 { "deny" } else { "allow" },
+            i % 50,
+            1000 + i % 40
+        );
+    }
+    src += "[[policy]]\nname = \"wild\"\naction = \"allow\"\n[[policy.rule]]\nfrom = [{ identities = [\"spiffe://t/w*\"] }]\n";
+    let c = compile(&src);
+    for s in 0..55 {
+        for port in 995..1045 {
+            let spec = RequestSpec::tcp(&format!("spiffe://t/s{s}"), port);
+            spec.with_request(|req| {
+                let d = evaluate(&c, req);
+                assert_eq!(
+                    (d.is_allowed(), d.rule()),
+                    brute_force(&c, req),
+                    "s{s}:{port}"
+                );
+            });
+        }
+    }
+    assert!(allowed(&c, &RequestSpec::tcp("spiffe://t/w1", 1)));
+}
+
+// ---- properties ------------------------------------------------------------------
+
+fn arb_source() -> impl Strategy<Value = String> {
+    let ids = prop::sample::subsequence(
+        vec![
+            "spiffe://t/a",
+            "spiffe://t/b",
+            "spiffe://t/*",
+            "*/c",
+            "spiffe://u/a",
+        ],
+        0..3,
+    );
+    let groups = prop::sample::subsequence(vec!["web", "db"], 0..2);
+    (ids, groups, any::<bool>(), any::<bool>()).prop_map(|(ids, groups, neg, addr)| {
+        let mut f = Vec::new();
+        if !ids.is_empty() {
+            let k = if neg { "not_identities" } else { "identities" };
+            f.push(format!("{k} = {ids:?}"));
+        }
+        if !groups.is_empty() {
+            f.push(format!("groups = {groups:?}"));
+        }
+        if addr {
+            f.push("addresses = [\"100.64.0.0/16\"]".to_string());
+        }
+        format!("{{ {} }}", f.join(", "))
+    })
+}
+
+fn arb_operation() -> impl Strategy<Value = String> {
+    let ports = prop::sample::subsequence(vec![80u16, 443, 8080], 0..3);
+    let methods = prop::sample::subsequence(vec!["GET", "POST"], 0..2);
+    let paths = prop::sample::subsequence(vec!["/api/*", "*.png", "/admin"], 0..2);
+    (ports, methods, paths, any::<bool>()).prop_map(|(ports, methods, paths, neg)| {
+        let mut f = Vec::new();
+        if !ports.is_empty() {
+            f.push(format!("ports = {ports:?}"));
+        }
+        if !methods.is_empty() {
+            f.push(format!("methods = {methods:?}"));
+        }
+        if !paths.is_empty() {
+            let k = if neg { "not_paths" } else { "paths" };
+            f.push(format!("{k} = {paths:?}"));
+        }
+        format!("{{ {} }}", f.join(", "))
+    })
+}
+
+fn arb_rule() -> impl Strategy<Value = String> {
+    (
+        prop::collection::vec(arb_source(), 0..3),
+        prop::collection::vec(arb_operation(), 0..3),
+    )
+        .prop_map(|(from, to)| {
+            let mut s = "[[policy.rule]]\n".to_string();
+            if !from.is_empty() {
+                s += &format!("from = [{}]\n", from.join(", "));
+            }
+            if !to.is_empty() {
+                s += &format!("to = [{}]\n", to.join(", "));
+            }
+            s
+        })
+}
+
+fn arb_request() -> impl Strategy<Value = RequestSpec> {
+    (
+        prop::sample::select(vec![
+            "spiffe://t/a",
+            "spiffe://t/b",
+            "spiffe://t/c",
+            "spiffe://u/a",
+        ]),
+        prop::sample::subsequence(vec!["web", "db"], 0..2),
+        prop::sample::select(vec![80u16, 443, 8080, 22]),
+        prop::option::of((
+            prop::sample::select(vec!["GET", "POST"]),
+            prop::sample::select(vec!["/api/x", "/a.png", "/admin", "/"]),
+        )),
+        any::<bool>(),
+    )
+        .prop_map(|(from, groups, port, http, near)| {
+            let mut r = RequestSpec::tcp(from, port);
+            r.from_groups = groups.into_iter().map(String::from).collect();
+            r.from_address = Some(
+                if near { "100.64.3.4" } else { "100.65.3.4" }
+                    .parse()
+                    .unwrap(),
+            );
+            if let Some((m, p)) = http {
+                r = r.http(m, p);
+            }
+            r
+        })
+}
+
+proptest! {
+    /// A deny rule that matches a request wins, whatever allow rules exist and
+    /// wherever the deny policy is in the file.
+    #[test]
+    fn matching_deny_always_wins(
+        allows in prop::collection::vec(prop::collection::vec(arb_rule(), 0..4), 0..5),
+        deny in arb_rule(),
+        deny_at in 0usize..6,
+        req in arb_request(),
+        default_allow in any::<bool>(),
+    ) {
+        let mut policies: Vec<String> = allows
+            .iter()
+            .enumerate()
+            .map(|(i, rules)| format!("[[policy]]\nname = \"allow{i}\"\naction = \"allow\"\n{}", rules.concat()))
+            .collect();
+        let deny_policy = format!("[[policy]]\nname = \"deny\"\naction = \"deny\"\n{deny}");
+        policies.insert(deny_at.min(policies.len()), deny_policy);
+        let default = if default_allow { DefaultAction::Allow } else { DefaultAction::Deny };
+        let c = compile_with(&policies.concat(), default);
+        let deny_idx = c.set().policies.iter().position(|p| p.name == "deny").unwrap();
+        req.with_request(|r| {
+            let deny_rule = &c.set().policies[deny_idx].rules[0];
+            let d = evaluate(&c, r);
+            if rule_mismatch(deny_rule, Action::Deny, r).is_none() {
+                prop_assert_eq!(d.verdict, Verdict::Deny(DenyReason::ExplicitDeny(RuleRef { policy: deny_idx as u32, rule: 0 })));
+            }
+            // And the index agrees with the reference evaluator everywhere.
+            prop_assert_eq!((d.is_allowed(), d.rule()), brute_force(&c, r));
+            Ok(())
+        })?;
+    }
+}

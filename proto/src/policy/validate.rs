@@ -1,0 +1,226 @@
+//! Warnings: rules that are valid but can never match (or not as written), found on
+//! the checked model after parsing.
+
+use super::model::{Action, Operation, Pattern, PolicySet, Protocol, Rule};
+
+/// A rule or field that is accepted but suspicious. Display:
+/// `file:line: warning: field: message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyWarning {
+    pub file: String,
+    pub line: usize,
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for PolicyWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}: warning: {}: {}",
+            self.file, self.line, self.field, self.message
+        )
+    }
+}
+
+pub(crate) fn lint(set: &PolicySet) -> Vec<PolicyWarning> {
+    let mut out = Vec::new();
+    for (pi, p) in set.policies.iter().enumerate() {
+        let mut warn = |line: usize, field: String, message: String| {
+            out.push(PolicyWarning {
+                file: set.source.clone(),
+                line,
+                field,
+                message,
+            })
+        };
+        let at = format!("policy[{pi}]");
+        if p.rules.is_empty() {
+            let what = match p.action {
+                Action::Allow => {
+                    "it matches nothing, so every request to the workloads it selects is denied"
+                }
+                Action::Deny | Action::Audit => "it never matches",
+            };
+            warn(
+                p.line,
+                at.clone(),
+                format!("policy {:?} has no rules: {what}", p.name),
+            );
+        }
+        if let Some(sel) = &p.selector {
+            empty(
+                &mut warn,
+                p.line,
+                &format!("{at}.selector.identities"),
+                &sel.identities,
+            );
+            empty(
+                &mut warn,
+                p.line,
+                &format!("{at}.selector.groups"),
+                &sel.groups,
+            );
+        }
+        for (ri, rule) in p.rules.iter().enumerate() {
+            lint_rule(&mut warn, &format!("{at}.rule[{ri}]"), rule);
+        }
+    }
+    out
+}
+
+fn empty<T>(
+    warn: &mut impl FnMut(usize, String, String),
+    line: usize,
+    field: &str,
+    v: &Option<Vec<T>>,
+) {
+    if v.as_ref().is_some_and(Vec::is_empty) {
+        warn(
+            line,
+            field.to_string(),
+            "empty list matches nothing: this can never match (remove the field to match anything)"
+                .into(),
+        );
+    }
+}
+
+fn lint_rule(warn: &mut impl FnMut(usize, String, String), at: &str, rule: &Rule) {
+    let line = rule.line;
+    for (i, s) in rule.from.iter().enumerate() {
+        let a = format!("{at}.from[{i}]");
+        empty(warn, line, &format!("{a}.identities"), &s.identities);
+        empty(warn, line, &format!("{a}.groups"), &s.groups);
+        empty(warn, line, &format!("{a}.trust_domains"), &s.trust_domains);
+        empty(warn, line, &format!("{a}.addresses"), &s.addresses);
+        if let Some(g) = &s.groups {
+            if g.iter().any(|g| s.not_groups.contains(g)) {
+                warn(
+                    line,
+                    format!("{a}.groups"),
+                    "a group is in both groups and not_groups".into(),
+                );
+            }
+        }
+    }
+    for (i, op) in rule.to.iter().enumerate() {
+        lint_operation(
+            warn,
+            line,
+            &format!("{at}.to[{i}]"),
+            op,
+            !rule.when.is_empty(),
+        );
+    }
+    for (i, c) in rule.when.iter().enumerate() {
+        let a = format!("{at}.when[{i}]");
+        empty(warn, line, &format!("{a}.values"), &c.values);
+        if c.header == "host" {
+            warn(
+                line,
+                format!("{a}.key"),
+                "use `hosts` in `to` for the Host header (it handles ports and case)".into(),
+            );
+        }
+    }
+}
+
+fn lint_operation(
+    warn: &mut impl FnMut(usize, String, String),
+    line: usize,
+    a: &str,
+    op: &Operation,
+    has_when: bool,
+) {
+    empty(warn, line, &format!("{a}.ports"), &op.ports);
+    empty(warn, line, &format!("{a}.protocols"), &op.protocols);
+    empty(warn, line, &format!("{a}.methods"), &op.methods);
+    empty(warn, line, &format!("{a}.paths"), &op.paths);
+    empty(warn, line, &format!("{a}.hosts"), &op.hosts);
+    if let Some(protos) = &op.protocols {
+        if (op.is_l7() || has_when) && !protos.is_empty() && !protos.contains(&Protocol::Tcp) {
+            warn(
+                line,
+                a.to_string(),
+                "HTTP fields (methods, paths, hosts, header conditions) need tcp, but protocols excludes it: this can never match".into(),
+            );
+        }
+        if op.ports.is_some() && !protos.is_empty() && protos.iter().all(|p| *p == Protocol::Icmp) {
+            warn(
+                line,
+                format!("{a}.ports"),
+                "icmp has no ports: this can never match".into(),
+            );
+        }
+    }
+    if let Some(ports) = &op.ports {
+        if ports.iter().any(|p| op.not_ports.contains(p)) {
+            warn(
+                line,
+                format!("{a}.ports"),
+                "a port is in both ports and not_ports".into(),
+            );
+        }
+    }
+    if let Some(m) = &op.methods {
+        if m.iter().any(|m| op.not_methods.contains(m)) {
+            warn(
+                line,
+                format!("{a}.methods"),
+                "a method is in both methods and not_methods".into(),
+            );
+        }
+    }
+    for m in op.methods.iter().flatten().chain(&op.not_methods) {
+        if m.bytes().any(|b| b.is_ascii_lowercase()) {
+            warn(
+                line,
+                format!("{a}.methods"),
+                format!(
+                    "methods are case-sensitive: {m:?} never matches {:?}",
+                    m.to_ascii_uppercase()
+                ),
+            );
+        }
+    }
+    for (field, paths) in [
+        ("paths", op.paths.as_deref().unwrap_or(&[])),
+        ("not_paths", &op.not_paths[..]),
+    ] {
+        for p in paths {
+            if let Some(m) = path_problem(p) {
+                warn(
+                    line,
+                    format!("{a}.{field}"),
+                    format!("{:?}: {m}", p.to_string()),
+                );
+            }
+        }
+    }
+}
+
+/// Why a path pattern can never match a normalised path, if it cannot.
+fn path_problem(p: &Pattern) -> Option<&'static str> {
+    let lit = p.literal();
+    if lit.contains('*') {
+        return Some("`*` is a wildcard only at the start or end; here it is literal and the pattern will never match as intended");
+    }
+    if lit.contains('?') || lit.contains('#') {
+        return Some("paths are matched without the query or fragment: this can never match");
+    }
+    match p {
+        Pattern::Exact(s) | Pattern::Prefix(s) if !s.starts_with('/') => {
+            Some("a normalised path starts with '/': this can never match")
+        }
+        Pattern::Exact(s) | Pattern::Prefix(s)
+            if s.contains("//")
+                || s.contains("/./")
+                || s.contains("/../")
+                || s.ends_with("/.")
+                || s.ends_with("/..") =>
+        {
+            Some("a normalised path has no empty, '.' or '..' segments: this can never match")
+        }
+        _ => None,
+    }
+}
