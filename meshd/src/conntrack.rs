@@ -273,6 +273,12 @@ impl<V> ConnTrack<V> {
         Some((dir, flow))
     }
 
+    /// The flow stored under exactly `key` (its original direction), without
+    /// recording anything.
+    pub fn get(&self, key: &FlowKey) -> Option<&Flow<V>> {
+        self.flows.get(key)
+    }
+
     /// Starts tracking a flow opened by a packet with 5-tuple `key`. Makes room if
     /// needed (see the module docs); refuses with [`TableFull`] otherwise.
     pub fn insert(

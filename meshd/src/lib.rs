@@ -8,3 +8,4 @@ pub mod conntrack;
 pub mod decisions;
 pub mod flow;
 pub mod http;
+pub mod l4;

@@ -1,0 +1,454 @@
+use super::*;
+use etherparse::PacketBuilder;
+use mesh_proto::policy::{self, DefaultAction};
+
+const A: &str = "spiffe://t/a";
+const B: &str = "spiffe://t/b";
+const PEER_A: [u8; 4] = [100, 64, 0, 1];
+const LOCAL: [u8; 4] = [100, 64, 0, 3];
+const WALL: UnixTime = UnixTime(1_795_673_877);
+
+fn t(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+fn sender(id: &str) -> Sender {
+    Sender {
+        identity: id.into(),
+        groups: Vec::<String>::new().into(),
+    }
+}
+
+fn compiled(src: &str, default: DefaultAction) -> CompiledPolicy {
+    let parsed = policy::parse("test.toml", src).expect("test policy parses");
+    CompiledPolicy::compile(parsed.set, default)
+}
+
+const NO_POLICIES: &str = "policy = []";
+
+const ALLOW_A_8080: &str = r#"
+[[policy]]
+name = "web"
+action = "allow"
+[[policy.rule]]
+name = "a-http"
+from = [{ identities = ["spiffe://t/a"] }]
+to = [{ ports = [8080] }]
+"#;
+
+fn enforcer(policy_src: &str, flows: usize) -> (L4Enforcer, Arc<DecisionLog>) {
+    let log = Arc::new(DecisionLog::new(Default::default()));
+    let e = L4Enforcer::new(
+        LocalWorkload {
+            identity: Some("spiffe://t/c".into()),
+            groups: vec![],
+        },
+        compiled(policy_src, DefaultAction::Deny),
+        Limits {
+            flows,
+            ..Limits::default()
+        },
+        log.clone(),
+    );
+    (e, log)
+}
+
+fn tcp(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    flags: &str,
+    seq: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, seq, 64_000);
+    if flags.contains('S') {
+        b = b.syn();
+    }
+    if flags.contains('A') {
+        b = b.ack(1);
+    }
+    if flags.contains('F') {
+        b = b.fin();
+    }
+    if flags.contains('R') {
+        b = b.rst();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut out, b"x")
+        .unwrap();
+    out
+}
+
+fn denied(r: DenyReason) -> Verdict {
+    Verdict::Drop(Drop::Denied(r))
+}
+
+#[test]
+fn allow_for_one_identity_on_one_port_lets_exactly_that_through() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let syn = tcp(PEER_A, LOCAL, 40000, 8080, "S", 1, b"");
+    assert_eq!(e.inbound(&sender(A), &syn, t(0), WALL), Verdict::Deliver);
+    // Another identity, same packet shape: refused.
+    assert_eq!(
+        e.inbound(
+            &sender(B),
+            &tcp(PEER_A, LOCAL, 40001, 8080, "S", 1, b""),
+            t(0),
+            WALL
+        ),
+        denied(DenyReason::NoAllowMatched)
+    );
+    // Same identity, another port: refused.
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &tcp(PEER_A, LOCAL, 40002, 22, "S", 1, b""),
+            t(0),
+            WALL
+        ),
+        denied(DenyReason::NoAllowMatched)
+    );
+    // UDP to the allowed port is another protocol: the rule names no protocol, so
+    // Istio semantics allow it (ports match any protocol).
+    let v = e.inbound(&sender(A), &udp(PEER_A, LOCAL, 5000, 8080), t(0), WALL);
+    assert_eq!(v, Verdict::Deliver);
+}
+
+#[test]
+fn replies_on_allowed_flows_pass_both_ways() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    e.inbound(
+        &sender(A),
+        &tcp(PEER_A, LOCAL, 40000, 8080, "S", 1, b""),
+        t(0),
+        WALL,
+    );
+    // The server's SYN-ACK and data go out.
+    assert_eq!(
+        e.outbound(&tcp(LOCAL, PEER_A, 8080, 40000, "SA", 9, b""), t(1)),
+        Verdict::Deliver
+    );
+    // The client's next segments come in on the tracked flow.
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &tcp(PEER_A, LOCAL, 40000, 8080, "A", 2, b"GET"),
+            t(2),
+            WALL
+        ),
+        Verdict::Deliver
+    );
+}
+
+#[test]
+fn replies_to_local_connections_pass_under_deny_all() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    // Nothing allowed inbound...
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &tcp(PEER_A, LOCAL, 80, 50000, "SA", 1, b""),
+            t(0),
+            WALL
+        ),
+        denied(DenyReason::DefaultDeny)
+    );
+    // ...but once the local workload opens the connection, its replies pass.
+    assert_eq!(
+        e.outbound(&tcp(LOCAL, PEER_A, 50000, 80, "S", 1, b""), t(1)),
+        Verdict::Deliver
+    );
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &tcp(PEER_A, LOCAL, 80, 50000, "SA", 1, b""),
+            t(2),
+            WALL
+        ),
+        Verdict::Deliver
+    );
+}
+
+#[test]
+fn deny_overrides_allow_and_is_logged_with_its_rule() {
+    let src = format!(
+        "{ALLOW_A_8080}\n[[policy]]\nname = \"block\"\naction = \"deny\"\n[[policy.rule]]\nname = \"no-a\"\nfrom = [{{ identities = [\"{A}\"] }}]\n"
+    );
+    let (e, log) = enforcer(&src, 1024);
+    let v = e.inbound(
+        &sender(A),
+        &tcp(PEER_A, LOCAL, 40000, 8080, "S", 1, b""),
+        t(0),
+        WALL,
+    );
+    assert!(matches!(
+        v,
+        Verdict::Drop(Drop::Denied(DenyReason::ExplicitDeny(_)))
+    ));
+    let line = log.tail(1).pop().expect("deny logged");
+    let rec: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(rec["src"], A);
+    assert_eq!(rec["src_addr"], "100.64.0.1");
+    assert_eq!(rec["dst_port"], 8080);
+    assert_eq!(rec["proto"], "tcp");
+    assert_eq!(rec["decision"], "deny");
+    assert_eq!(rec["reason"], "explicit_deny");
+    assert_eq!(rec["policy"], "block");
+    assert_eq!(rec["rule"], "no-a");
+    let c = e.counters();
+    assert_eq!(c.drops.get("explicit_deny"), Some(&1));
+    assert_eq!(c.rules.len(), 1);
+    assert_eq!(c.rules[0].deny, 1);
+}
+
+#[test]
+fn stricter_policy_cuts_established_flow_with_sequence_numbers() {
+    let (e, log) = enforcer(ALLOW_A_8080, 1024);
+    e.inbound(
+        &sender(A),
+        &tcp(PEER_A, LOCAL, 40000, 8080, "S", 100, b""),
+        t(0),
+        WALL,
+    );
+    e.outbound(&tcp(LOCAL, PEER_A, 8080, 40000, "SA", 500, b""), t(1));
+    e.inbound(
+        &sender(A),
+        &tcp(PEER_A, LOCAL, 40000, 8080, "A", 101, b"hello"),
+        t(2),
+        WALL,
+    );
+    let cuts = e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(3), WALL);
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(cuts[0].key.dst_port, 8080);
+    assert_eq!(cuts[0].client_next_seq, Some(106));
+    assert_eq!(cuts[0].server_next_seq, Some(501));
+    assert!(log.tail(1)[0].contains("default_deny"));
+    // Later segments of the cut flow are refused; the server's replies too.
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &tcp(PEER_A, LOCAL, 40000, 8080, "A", 106, b"more"),
+            t(4),
+            WALL
+        ),
+        denied(DenyReason::DefaultDeny)
+    );
+    assert_eq!(e.counters().flows, 0);
+}
+
+#[test]
+fn looser_policy_keeps_flows_and_redecides_lazily() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    e.inbound(
+        &sender(A),
+        &tcp(PEER_A, LOCAL, 40000, 8080, "S", 1, b""),
+        t(0),
+        WALL,
+    );
+    let cuts = e.set_policy(compiled(ALLOW_A_8080, DefaultAction::Allow), t(1), WALL);
+    assert!(cuts.is_empty());
+    assert_eq!(e.counters().flows, 1);
+}
+
+#[test]
+fn fragments_are_dropped_and_counted() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut p = udp(PEER_A, LOCAL, 5000, 8080);
+    p[6] |= 0x20; // more fragments
+    assert_eq!(
+        e.inbound(&sender(A), &p, t(0), WALL),
+        denied(DenyReason::Fragment)
+    );
+    assert_eq!(e.counters().drops.get("fragment"), Some(&1));
+}
+
+#[test]
+fn icmp_errors_pass_only_for_tracked_flows() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    let sent = udp(LOCAL, PEER_A, 5000, 53);
+    let icmp_err = |quoted: &[u8]| {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(PEER_A, LOCAL, 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut out, quoted)
+            .unwrap();
+        out
+    };
+    // No flow yet: stray.
+    assert_eq!(
+        e.inbound(&sender(A), &icmp_err(&sent), t(0), WALL),
+        Verdict::Drop(Drop::StrayIcmp)
+    );
+    e.outbound(&sent, t(1));
+    assert_eq!(
+        e.inbound(&sender(A), &icmp_err(&sent), t(2), WALL),
+        Verdict::Deliver
+    );
+}
+
+#[test]
+fn icmp_echo_is_a_flow_by_identifier() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    let mut req = Vec::new();
+    PacketBuilder::ipv4(LOCAL, PEER_A, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut req, b"ping")
+        .unwrap();
+    let mut reply = Vec::new();
+    PacketBuilder::ipv4(PEER_A, LOCAL, 64)
+        .icmpv4_echo_reply(7, 1)
+        .write(&mut reply, b"ping")
+        .unwrap();
+    assert_eq!(e.outbound(&req, t(0)), Verdict::Deliver);
+    assert_eq!(e.inbound(&sender(A), &reply, t(1), WALL), Verdict::Deliver);
+    // An echo request from the peer is a new flow, refused by default deny.
+    let mut peer_req = Vec::new();
+    PacketBuilder::ipv4(PEER_A, LOCAL, 64)
+        .icmpv4_echo_request(9, 1)
+        .write(&mut peer_req, b"ping")
+        .unwrap();
+    assert_eq!(
+        e.inbound(&sender(A), &peer_req, t(1), WALL),
+        denied(DenyReason::DefaultDeny)
+    );
+}
+
+#[test]
+fn denied_flood_is_not_tracked() {
+    let (e, log) = enforcer(ALLOW_A_8080, 1024);
+    for port in 0..5_000u16 {
+        e.inbound(
+            &sender(B),
+            &tcp(PEER_A, LOCAL, port, 8080, "S", 1, b""),
+            t(0),
+            WALL,
+        );
+    }
+    let c = e.counters();
+    assert_eq!(c.flows, 0);
+    assert_eq!(c.drops.get("no_allow_matched"), Some(&5_000));
+    // The log's per-second budget holds; the rest is counted as suppressed.
+    assert!(log.counters().written <= 2_000);
+    assert!(log.counters().suppressed >= 3_000);
+}
+
+#[test]
+fn full_table_refuses_new_flows_and_says_so() {
+    // One flow per shard: the second established flow in a shard cannot be tracked.
+    let (e, log) = enforcer(ALLOW_A_8080, 1);
+    let mut refused = 0;
+    for port in 1..200u16 {
+        let v = e.inbound(
+            &sender(A),
+            &tcp(PEER_A, LOCAL, port, 8080, "S", 1, b""),
+            t(0),
+            WALL,
+        );
+        e.outbound(&tcp(LOCAL, PEER_A, 8080, port, "SA", 1, b""), t(0));
+        if v == denied(DenyReason::FlowTableFull) {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0);
+    assert!(e.counters().flows <= SHARDS);
+    assert!(log
+        .tail(10_000)
+        .iter()
+        .any(|l| l.contains("flow_table_full")));
+}
+
+#[test]
+fn mid_stream_segments_fail_closed_only_on_inspected_ports() {
+    let l7 = r#"
+[[policy]]
+name = "api"
+action = "allow"
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/a"] }]
+to = [{ ports = [80], methods = ["GET"] }]
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/a"] }]
+to = [{ ports = [9000] }]
+"#;
+    let (e, _) = enforcer(l7, 1024);
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &tcp(PEER_A, LOCAL, 40000, 80, "A", 5, b"GET / HTTP/1.1"),
+            t(0),
+            WALL
+        ),
+        Verdict::Drop(Drop::Untracked)
+    );
+    // A layer-4 port picks the flow up mid-stream (e.g. after a restart).
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &tcp(PEER_A, LOCAL, 40000, 9000, "A", 5, b"x"),
+            t(0),
+            WALL
+        ),
+        Verdict::Deliver
+    );
+}
+
+#[test]
+fn malformed_packets_are_counted() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    for bad in [&[][..], &[0x45, 0, 0], &[0x60; 10], &[0xff; 40]] {
+        assert_eq!(
+            e.inbound(&sender(A), bad, t(0), WALL),
+            Verdict::Drop(Drop::Malformed)
+        );
+    }
+    // A TCP header cut short.
+    let mut p = tcp(PEER_A, LOCAL, 1, 8080, "S", 1, b"");
+    p.truncate(30);
+    p[3] = 30;
+    assert!(matches!(
+        e.inbound(&sender(A), &p, t(0), WALL),
+        Verdict::Drop(_)
+    ));
+    assert!(e.counters().drops.get("malformed").copied().unwrap_or(0) >= 4);
+}
+
+#[test]
+fn ipv6_flows_are_tracked() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let a6: [u8; 16] = "fd00:6d65:7368::1"
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets();
+    let c6: [u8; 16] = "fd00:6d65:7368::3"
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets();
+    let mut syn = Vec::new();
+    PacketBuilder::ipv6(a6, c6, 64)
+        .tcp(40000, 8080, 1, 1000)
+        .syn()
+        .write(&mut syn, b"")
+        .unwrap();
+    assert_eq!(e.inbound(&sender(A), &syn, t(0), WALL), Verdict::Deliver);
+    let mut synack = Vec::new();
+    PacketBuilder::ipv6(c6, a6, 64)
+        .tcp(8080, 40000, 1, 1000)
+        .syn()
+        .ack(2)
+        .write(&mut synack, b"")
+        .unwrap();
+    assert_eq!(e.outbound(&synack, t(1)), Verdict::Deliver);
+    assert_eq!(e.counters().flows, 1);
+}
