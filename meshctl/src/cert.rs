@@ -117,6 +117,12 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             };
             check_new(&out, force)?;
             if let Some((path, _)) = &new_key {
+                if *path == out {
+                    bail!(
+                        "{}: the certificate and the new private key would share this path; pass --key-out",
+                        out.display()
+                    );
+                }
                 check_new(path, force)?;
             }
             let params = LeafParams {
