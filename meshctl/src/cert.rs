@@ -4,7 +4,7 @@ use crate::Global;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use ipnet::IpNet;
-use mesh_proto::cert::{parse_time, Ca, CaSigner, CertKind, Certificate, LeafParams, VerifyError};
+use mesh_proto::cert::{parse_time, CaSigner, CertKind, Certificate, LeafParams, VerifyError};
 use mesh_proto::files;
 use mesh_proto::identity::SpiffeId;
 use mesh_proto::key::{PrivateKey, PublicKey};
@@ -170,9 +170,8 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             Ok(())
         }
         Command::Verify { ca, at, file } => {
-            let ca_cert = files::read_certificate(&ca)?;
             let ca_name = ca.display();
-            let ca = Ca::new(ca_cert).map_err(|e| anyhow!("{ca_name}: {e}"))?;
+            let ca = files::read_ca(&ca)?;
             let leaf = read_cert(&file)?;
             let now = at.unwrap_or_else(crate::now);
             let v = ca.verify(&leaf, now).map_err(|e| match e {

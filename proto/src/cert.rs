@@ -39,7 +39,7 @@ mod tests;
 pub use ca::{Ca, CaParams, CaSigner, CaSigningKey, LeafParams, VerifiedCert, VerifyError};
 pub use text::parse_time;
 
-use crate::identity::{IdError, SpiffeId};
+use crate::identity::SpiffeId;
 use crate::time::UnixTime;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -258,8 +258,6 @@ pub enum CertError {
         field: &'static str,
         problem: String,
     },
-    #[error("invalid identity: {0}")]
-    Identity(#[from] IdError),
     #[error("{0}")]
     Constraint(#[from] ConstraintError),
     #[error("{0}")]
