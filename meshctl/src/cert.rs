@@ -223,7 +223,15 @@ fn read_public(v: &str) -> Result<PublicKey> {
         return Ok(k);
     }
     let p = Path::new(v);
-    if p.exists() {
+    if let Ok(meta) = std::fs::metadata(p) {
+        // A file only its owner may read is almost certainly a private key; putting
+        // its bytes into a certificate would publish it.
+        use std::os::unix::fs::PermissionsExt;
+        if meta.is_file() && meta.permissions().mode() & 0o044 == 0 {
+            bail!(
+                "{v}: looks like a private key (readable only by its owner); pass the public key: --pub \"$(meshctl key pub {v})\""
+            );
+        }
         return Ok(files::read_public_key(p)?);
     }
     bail!("--pub {v:?}: not a base64 public key (44 characters) and no such file")
