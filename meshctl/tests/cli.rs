@@ -541,6 +541,21 @@ fn bad_input_gives_one_line_and_nonzero_exit() {
     d.fails(&["cert", "issue", "--out", "x.crt"], 2, &["--identity"]);
     d.fails(&["cert"], 2, &["subcommand"]);
     d.fails(&[], 2, &["subcommand"]);
+    // The certificate would overwrite its own new key.
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/x",
+            "--ip",
+            "100.64.0.9",
+            "--out",
+            "x.key",
+        ],
+        1,
+        &["x.key", "--key-out"],
+    );
     // Existing CA is not overwritten.
     d.fails(
         &["ca", "init", "--trust-domain", "t"],
