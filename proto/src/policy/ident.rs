@@ -18,7 +18,9 @@ pub(crate) fn check_id(s: &str) -> Result<(), String> {
 
 /// Checks a trust domain name (lowercase letters, digits, `.`, `-`, `_`).
 pub(crate) fn check_trust_domain(td: &str) -> Result<(), String> {
-    TrustDomain::parse(td).map(|_| ()).map_err(|e| e.to_string())
+    TrustDomain::parse(td)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Checks the literal part of a wildcard pattern's path: SPIFFE path characters,

@@ -992,3 +992,55 @@ proptest! {
         })?;
     }
 }
+
+#[test]
+fn tests_and_explain_match_the_normalised_path() {
+    let c = compile(
+        r#"
+[[policy]]
+name = "deny-admin"
+action = "deny"
+[[policy.rule]]
+to = [{ paths = ["/admin", "/admin/*"] }]
+
+[[policy]]
+name = "allow-all"
+action = "allow"
+[[policy.rule]]
+
+[[test]]
+name = "dot-dot trick"
+from = "spiffe://t/a"
+to_port = 80
+path = "/public/../admin"
+expect = "deny"
+expect_policy = "deny-admin"
+
+[[test]]
+name = "double slash"
+from = "spiffe://t/a"
+to_port = 80
+path = "//admin/x"
+expect = "deny"
+
+[[test]]
+name = "encoded slash is refused before policy"
+from = "spiffe://t/a"
+to_port = 80
+path = "/admin%2Fx"
+expect = "deny"
+expect_reason = "malformed_request"
+"#,
+    );
+    let results = run_tests(&c);
+    assert!(all_passed(&results), "{results:#?}");
+    let e = explain(&c, &get("spiffe://t/a", 80, "/public/../admin"));
+    assert_eq!(e.normalized_path.as_deref(), Some("/admin"));
+    assert_eq!(e.decision.reason, "explicit_deny");
+    let e = explain(&c, &get("spiffe://t/a", 80, "/admin%2fx"));
+    assert_eq!(
+        (e.decision.reason.as_str(), e.decision.status),
+        ("malformed_request", Some(400))
+    );
+    assert!(e.to_string().contains("path refused: "), "{e}");
+}
