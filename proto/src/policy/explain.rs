@@ -179,14 +179,6 @@ pub fn explain_request(policy: &CompiledPolicy, req: &Request<'_>) -> Explanatio
     }
 }
 
-/// Is the request's protocol allowed by the entry's `protocols` (absent = all)?
-fn proto_listed(o: &super::model::Operation, req: &Request<'_>) -> bool {
-    match &o.protocols {
-        None => true,
-        Some(p) => p.contains(&req.protocol),
-    }
-}
-
 fn list<T: std::fmt::Display>(v: &[T]) -> String {
     let items: Vec<String> = v.iter().map(|x| x.to_string()).collect();
     format!("[{}]", items.join(", "))
@@ -242,7 +234,7 @@ fn describe_miss(rule: &Rule, miss: &RuleMiss, req: &Request<'_>) -> String {
                 .map(|(i, &f)| {
                     let o = &rule.to[i];
                     let detail = match f {
-                        "protocols" if o.is_l7() && proto_listed(o, req) => {
+                        "protocols" if o.is_l7() && o.allows(req.protocol) => {
                             format!("HTTP fields need tcp, request is {}", req.protocol)
                         }
                         "protocols" => format!("{} not in {}", req.protocol, opt(&o.protocols)),

@@ -270,6 +270,14 @@ pub struct Operation {
 }
 
 impl Operation {
+    /// True if `protocols` admits `p` (an absent field admits every protocol).
+    pub fn allows(&self, p: Protocol) -> bool {
+        match &self.protocols {
+            None => true,
+            Some(list) => list.contains(&p),
+        }
+    }
+
     /// True if matching needs HTTP attributes.
     pub fn is_l7(&self) -> bool {
         self.methods.is_some()

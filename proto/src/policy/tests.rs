@@ -220,7 +220,11 @@ action = "allow"
     assert!(all.contains("icmp has no ports"), "{all}");
     assert!(all.contains("case-sensitive"), "{all}");
     assert!(all.contains("policy \"empty\" has no rules"), "{all}");
-    assert_eq!(w.len(), 8, "{all}");
+    assert!(
+        all.contains("p.toml:9: warning: policy[0].rule[2]: HTTP fields without `ports`"),
+        "{all}"
+    );
+    assert_eq!(w.len(), 10, "{all}");
 }
 
 #[test]
