@@ -189,7 +189,7 @@ fn test(file: &Path, default: DefaultAction, g: &Global) -> Result<()> {
                     r.name, r.line, got.decision, got.reason
                 ),
                 Some(f) => println!(
-                    "FAIL  {} (line {}): {f}; got {} ({}){by}",
+                    "FAIL  {} (line {}): {f}; decided {} ({}){by}",
                     r.name, r.line, got.decision, got.reason
                 ),
             }

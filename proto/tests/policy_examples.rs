@@ -21,14 +21,21 @@ fn toml_blocks(doc: &str) -> Vec<(usize, String)> {
             }
         }
     }
-    assert!(current.is_none(), "docs/policy.md: unterminated ```toml block");
+    assert!(
+        current.is_none(),
+        "docs/policy.md: unterminated ```toml block"
+    );
     out
 }
 
 #[test]
 fn every_documented_example_parses_and_its_tests_pass() {
     let blocks = toml_blocks(DOC);
-    assert!(blocks.len() >= 8, "expected the documented examples, found {}", blocks.len());
+    assert!(
+        blocks.len() >= 8,
+        "expected the documented examples, found {}",
+        blocks.len()
+    );
     let mut cases = 0;
     for (line, text) in &blocks {
         let name = format!("docs/policy.md:{line}");
@@ -41,11 +48,20 @@ fn every_documented_example_parses_and_its_tests_pass() {
         let warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
         assert!(warnings.is_empty(), "{name}: {warnings:#?}");
         for r in &loaded.results {
-            assert!(r.passed, "{name}: test {:?} (block line {}): {}", r.name, r.line, r.failure.as_deref().unwrap_or(""));
+            assert!(
+                r.passed,
+                "{name}: test {:?} (block line {}): {}",
+                r.name,
+                r.line,
+                r.failure.as_deref().unwrap_or("")
+            );
         }
         cases += loaded.results.len();
     }
-    assert!(cases >= 30, "expected the documented test cases, found {cases}");
+    assert!(
+        cases >= 30,
+        "expected the documented test cases, found {cases}"
+    );
 }
 
 #[test]
@@ -57,8 +73,11 @@ fn documented_error_lines_are_what_the_parser_says() {
     assert!(DOC.contains(&e), "{e}");
     let e = policy::parse("policy.toml", "").unwrap_err().to_string();
     assert!(DOC.contains(&e), "{e}");
-    let e = policy::parse("policy.toml", "[[policy]]\nname = \"a\"\naction = \"permit\"\n")
-        .unwrap_err()
-        .to_string();
+    let e = policy::parse(
+        "policy.toml",
+        "[[policy]]\nname = \"a\"\naction = \"permit\"\n",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(DOC.contains(&e), "{e}");
 }
