@@ -863,6 +863,19 @@ fn index_skips_unrelated_rules_but_agrees_with_brute_force() {
         }
     }
     assert!(allowed(&c, &RequestSpec::tcp("spiffe://t/w1", 1)));
+    // Only the rules filed under the request's port and identity are looked at: of
+    // 2001 rules, the 10 for exactly s3 on port 1003 (i = 3 mod 200) and the wildcard.
+    RequestSpec::tcp("spiffe://t/s3", 1003).with_request(|req| {
+        let n = c.candidates(Action::Allow, req) + c.candidates(Action::Deny, req);
+        assert_eq!(n, 11);
+    });
+    assert_eq!(c.rule_count(), 2001);
+    let last = RuleRef {
+        policy: 2000,
+        rule: 0,
+    };
+    assert_eq!(c.rule_slot(last), 2000);
+    assert_eq!(c.rules().nth(2000), Some((last, "wild/0".to_string())));
 }
 
 // ---- properties ------------------------------------------------------------------
