@@ -557,6 +557,7 @@ fn hosts_with_ports_case_and_wildcards() {
         ("example.com:8080", "example.com:8080", true),
         ("example.com:8080", "example.com:9090", false),
         ("example.com:8080", "example.com", false),
+        ("example.com:80", "example.com", true),
         ("*.example.com", "api.example.com", true),
         ("*.example.com", "api.example.com:443", true),
         ("*.example.com", "example.com", false),
