@@ -769,6 +769,10 @@ expect_reason = \"default_deny\"
         Some("expected reason default_deny, got no_allow_matched")
     );
     assert!(!loaded.tests_passed());
+    assert_eq!(
+        loaded.failure_summary().as_deref(),
+        Some("p.toml: 2 of 3 policy tests failed: \"wrong on purpose\" (line 28): expected allow, got deny; \"reason\" (line 34): expected reason default_deny, got no_allow_matched")
+    );
 }
 
 #[test]
