@@ -39,29 +39,49 @@ fn every_documented_example_parses_and_its_tests_pass() {
     let mut cases = 0;
     for (line, text) in &blocks {
         let name = format!("docs/policy.md:{line}");
-        let default = if text.contains("# mesh default: allow") {
-            DefaultAction::Allow
-        } else {
-            DefaultAction::Deny
-        };
-        let loaded = policy::load(&name, text, default).unwrap_or_else(|e| panic!("{e}"));
-        let warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
-        assert!(warnings.is_empty(), "{name}: {warnings:#?}");
-        for r in &loaded.results {
-            assert!(
-                r.passed,
-                "{name}: test {:?} (block line {}): {}",
-                r.name,
-                r.line,
-                r.failure.as_deref().unwrap_or("")
-            );
-        }
-        cases += loaded.results.len();
+        cases += run_block(&name, text);
     }
     assert!(
         cases >= 30,
         "expected the documented test cases, found {cases}"
     );
+}
+
+/// Runs one block as a policy file; returns its number of test cases.
+fn run_block(name: &str, text: &str) -> usize {
+    let default = if text.contains("# mesh default: allow") {
+        DefaultAction::Allow
+    } else {
+        DefaultAction::Deny
+    };
+    let loaded = policy::load(name, text, default).unwrap_or_else(|e| panic!("{e}"));
+    let warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    assert!(warnings.is_empty(), "{name}: {warnings:#?}");
+    for r in &loaded.results {
+        assert!(
+            r.passed,
+            "{name}: test {:?} (block line {}): {}",
+            r.name,
+            r.line,
+            r.failure.as_deref().unwrap_or("")
+        );
+    }
+    loaded.results.len()
+}
+
+#[test]
+fn readme_policy_examples_pass() {
+    // The README shows policies next to other TOML (meshd.toml); every block with a
+    // `[[policy]]` is a policy file and is held to the same standard.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+    let Ok(readme) = std::fs::read_to_string(path) else {
+        return; // no README in this checkout; docs/policy.md is always checked
+    };
+    for (line, text) in toml_blocks(&readme) {
+        if text.contains("[[policy]]") {
+            run_block(&format!("README.md:{line}"), &text);
+        }
+    }
 }
 
 #[test]
