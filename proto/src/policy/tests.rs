@@ -1066,3 +1066,49 @@ expect_reason = "malformed_request"
     );
     assert!(e.to_string().contains("path refused: "), "{e}");
 }
+
+#[test]
+fn section_form_equals_inline_form() {
+    let sections = compile(
+        r#"
+[[policy]]
+name = "a"
+action = "allow"
+
+[[policy.rule]]
+name = "r"
+
+[[policy.rule.from]]
+identities = ["spiffe://t/web"]
+
+[[policy.rule.from]]
+groups = ["ops"]
+
+[[policy.rule.to]]
+ports = [8080]
+methods = ["GET"]
+
+[[policy.rule.when]]
+key = "request.headers[x-env]"
+values = ["prod"]
+"#,
+    );
+    let inline = allow_rule(
+        "from = [{ identities = [\"spiffe://t/web\"] }, { groups = [\"ops\"] }]\nto = [{ ports = [8080], methods = [\"GET\"] }]\nwhen = [{ key = \"request.headers[x-env]\", values = [\"prod\"] }]",
+    );
+    let rule = &sections.set().policies[0].rules[0];
+    assert_eq!((rule.from.len(), rule.to.len(), rule.when.len()), (2, 1, 1));
+    assert_eq!(rule.line, 6);
+    for from in ["spiffe://t/web", "spiffe://t/other"] {
+        for env in ["x-env: prod", "x-env: dev"] {
+            let mut r = get(from, 8080, "/");
+            r.http.as_mut().unwrap().headers = vec![parse_header(env).unwrap()];
+            assert_eq!(allowed(&sections, &r), allowed(&inline, &r), "{from} {env}");
+        }
+    }
+    assert!(allowed(&sections, &{
+        let mut r = get("spiffe://t/web", 8080, "/");
+        r.http.as_mut().unwrap().headers = vec![parse_header("x-env: prod").unwrap()];
+        r
+    }));
+}
