@@ -102,6 +102,7 @@ pub struct ExplainArgs {
     /// Destination port (not for icmp)
     #[arg(long, value_name = "PORT")]
     to_port: Option<u16>,
+    /// Transport protocol
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     proto: Proto,
     /// HTTP method (layer 7)
