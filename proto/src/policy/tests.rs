@@ -1112,3 +1112,23 @@ values = ["prod"]
         r
     }));
 }
+
+proptest! {
+    /// Invariant 5: a broken policy file is an error, never a crash. Arbitrary text,
+    /// and a valid file cut or corrupted at any byte, parse to Ok or Err.
+    #[test]
+    fn parse_never_panics(s in "\\PC{0,200}", cut in 0usize..2000, byte in any::<u8>()) {
+        let _ = parse("p.toml", &s);
+        let doc = format!("{ORDER}\n[[test]]\nfrom = \"spiffe://t/a\"\nto_port = 8080\npath = \"/a/../b\"\nexpect = \"allow\"\n");
+        let cut = cut.min(doc.len());
+        let mut bytes = doc.as_bytes()[..cut].to_vec();
+        bytes.push(byte);
+        bytes.extend_from_slice(&doc.as_bytes()[cut..]);
+        if let Ok(text) = String::from_utf8(bytes) {
+            if let Ok(p) = parse("p.toml", &text) {
+                let c = CompiledPolicy::compile(p.set, DefaultAction::Deny);
+                let _ = run_tests(&c);
+            }
+        }
+    }
+}
