@@ -37,7 +37,7 @@ impl Timestamp {
     }
 
     /// `self + d`, saturating.
-    pub fn add(self, d: Duration) -> Timestamp {
+    pub fn plus(self, d: Duration) -> Timestamp {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Timestamp(self.0.saturating_add(ms))
     }
@@ -133,10 +133,10 @@ impl Side {
         self.bytes += seg.payload.len() as u64;
         self.window = seg.window;
         let end = seg.seq + seg.seq_len();
-        if self.sent_end.map_or(true, |e| end > e) {
+        if !matches!(self.sent_end, Some(e) if end <= e) {
             self.sent_end = Some(end);
         }
-        if seg.flags.contains(Flags::ACK) && self.acked.map_or(true, |a| seg.ack > a) {
+        if seg.flags.contains(Flags::ACK) && !matches!(self.acked, Some(a) if seg.ack <= a) {
             self.acked = Some(seg.ack);
         }
         if seg.flags.contains(Flags::FIN) && self.fin.is_none() {
