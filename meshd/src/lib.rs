@@ -6,3 +6,5 @@
 
 pub mod flow;
 pub mod http;
+pub mod inject;
+pub mod l7;
