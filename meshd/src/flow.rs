@@ -155,7 +155,10 @@ pub enum TcpState {
     SynSent,
     /// The server answered with SYN-ACK for the client's ISN.
     Established,
-    /// A RST was seen, or both sides' FINs.
+    /// Both sides sent FIN; the last ACKs may still pass (a flow table may expire the
+    /// flow sooner than an established one).
+    Closing,
+    /// A RST was seen.
     Closed,
 }
 
@@ -237,12 +240,13 @@ impl TcpFlow {
             Direction::ClientToServer => self.client.record(seg),
             Direction::ServerToClient => self.server.record(seg),
         }
-        if track == Track::Reset
-            || (self.client.fin.is_some()
-                && self.server.fin.is_some()
-                && self.state == TcpState::Established)
-        {
+        if track == Track::Reset {
             self.state = TcpState::Closed;
+        } else if self.client.fin.is_some()
+            && self.server.fin.is_some()
+            && self.state == TcpState::Established
+        {
+            self.state = TcpState::Closing;
         }
         track
     }
@@ -275,14 +279,14 @@ impl TcpFlow {
             // Data before the SYN-ACK cannot be acknowledged by the server yet; the
             // client will send it again.
             TcpState::SynSent => Track::Invalid(InvalidSegment::NoHandshake),
-            TcpState::Established if syn => {
+            TcpState::Established | TcpState::Closing if syn => {
                 if self.client.isn == Some(seg.seq) {
                     Track::Handshake
                 } else {
                     Track::Invalid(InvalidSegment::SynMismatch)
                 }
             }
-            TcpState::Established => Track::Data,
+            TcpState::Established | TcpState::Closing => Track::Data,
         }
     }
 
@@ -292,20 +296,22 @@ impl TcpFlow {
             TcpState::Closed => Track::Invalid(InvalidSegment::Closed),
             TcpState::Unseen => Track::Invalid(InvalidSegment::NoHandshake),
             _ if seg.flags.contains(Flags::RST) => Track::Reset,
-            TcpState::SynSent | TcpState::Established if syn => {
+            TcpState::SynSent | TcpState::Established | TcpState::Closing if syn => {
                 let expected = self.client.isn.map(|isn| isn + 1);
                 if !seg.flags.contains(Flags::ACK) || Some(seg.ack) != expected {
                     return Track::Invalid(InvalidSegment::SynAckMismatch);
                 }
-                if self.state == TcpState::Established && self.server.isn != Some(seg.seq) {
+                if self.state != TcpState::SynSent && self.server.isn != Some(seg.seq) {
                     return Track::Invalid(InvalidSegment::SynMismatch);
                 }
                 self.server.isn = Some(seg.seq);
-                self.state = TcpState::Established;
+                if self.state == TcpState::SynSent {
+                    self.state = TcpState::Established;
+                }
                 Track::Handshake
             }
             TcpState::SynSent => Track::Invalid(InvalidSegment::NoHandshake),
-            TcpState::Established => Track::Data,
+            TcpState::Established | TcpState::Closing => Track::Data,
         }
     }
 }

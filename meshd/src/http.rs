@@ -267,10 +267,28 @@ impl RequestStream {
         input: &'a [u8],
         headers: &'a mut [httparse::Header<'a>; MAX_HEADERS],
     ) -> Result<Step<'a>, HttpError> {
-        let result = match self.state {
+        match self.state {
             State::Failed(e) => Err(e),
             _ if input.is_empty() => Ok(Step::Partial),
-            State::Head => self.parse_head(input, headers),
+            State::Head => {
+                let result = self.parse_head(input, headers);
+                if let Err(e) = result {
+                    self.state = State::Failed(e);
+                }
+                result
+            }
+            _ => self.body(input).map(|len| Step::Body { len }),
+        }
+    }
+
+    /// Consumes body bytes (and chunk framing, trailers) of the current request from the
+    /// start of `input`: how many, 0 when the parser is at a head or `input` is empty. The
+    /// same as [`parse`](Self::parse) between heads, without the header scratch space.
+    pub fn body(&mut self, input: &[u8]) -> Result<usize, HttpError> {
+        let result = match self.state {
+            State::Failed(e) => Err(e),
+            State::Head => Ok(0),
+            _ if input.is_empty() => Ok(0),
             State::Length(remaining) => {
                 let len = usize::try_from(remaining)
                     .unwrap_or(usize::MAX)
@@ -281,7 +299,7 @@ impl RequestStream {
                 } else {
                     State::Length(remaining)
                 };
-                Ok(Step::Body { len })
+                Ok(len)
             }
             State::Chunked(chunk) => self.parse_chunked(chunk, input),
         };
@@ -352,7 +370,7 @@ impl RequestStream {
 
     /// Walks chunked framing from `chunk` over `input`, stopping at the end of `input` or
     /// of the message (so that a following head is parsed as a head).
-    fn parse_chunked<'a>(&mut self, mut chunk: Chunk, input: &[u8]) -> Result<Step<'a>, HttpError> {
+    fn parse_chunked(&mut self, mut chunk: Chunk, input: &[u8]) -> Result<usize, HttpError> {
         use Chunk::*;
         let max_line = self.limits.max_chunk_line;
         let max_trailers = self.limits.max_trailers;
@@ -543,14 +561,14 @@ impl RequestStream {
                 EndLf => match b {
                     b'\n' => {
                         self.state = State::Head;
-                        return Ok(Step::Body { len: i });
+                        return Ok(i);
                     }
                     _ => return Err(HttpError::InvalidTrailer),
                 },
             };
         }
         self.state = State::Chunked(chunk);
-        Ok(Step::Body { len: i })
+        Ok(i)
     }
 }
 

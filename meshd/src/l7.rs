@@ -379,7 +379,8 @@ impl L7Flow {
             return Outcome::fate(Fate::Drop(DropReason::AfterFin));
         }
         if let Some(fin) = reasm.fin() {
-            if (seg.seq + payload.len()) > fin {
+            // Data must end by the FIN; an empty segment (the ACKs after it) may not.
+            if !payload.is_empty() && (seg.seq + payload.len()) > fin {
                 return Outcome::fate(Fate::Drop(DropReason::AfterFin));
             }
         }
@@ -562,9 +563,12 @@ impl L7Flow {
         };
     }
 
-    /// Drops the bytes released by the previous call from the buffer.
+    /// Drops the bytes released by the previous call from the buffer; frees the buffer of
+    /// a refused flow.
     fn finish_release(&mut self) {
-        if let Some(reasm) = self.reasm.as_mut() {
+        if self.phase == Phase::Refused {
+            self.reasm = None;
+        } else if let Some(reasm) = self.reasm.as_mut() {
             reasm.consume(self.releasing);
         }
         self.releasing = 0;
@@ -613,6 +617,15 @@ fn inspect(
 ) -> (usize, Option<RefuseCause>) {
     let mut pos = 0;
     loop {
+        if !http.at_head() {
+            // Body bytes: counted, not parsed as a head (and no header scratch space).
+            match http.body(&data[pos..]) {
+                Ok(0) => return (pos, None),
+                Ok(len) => pos += len,
+                Err(e) => return (pos, Some(RefuseCause::Http(e))),
+            }
+            continue;
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         match http.parse(&data[pos..], &mut headers) {
             Ok(Step::Partial) => return (pos, None),

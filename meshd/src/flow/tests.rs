@@ -312,5 +312,12 @@ fn fins_from_both_sides_close() {
     assert_eq!(f.client.fin, Some(SeqNumber(ISN + 3)));
     assert_eq!(f.state(), TcpState::Established);
     f.on_segment(S2C, &seg(5001, ISN + 4, Flags::ACK | Flags::FIN, b""), now);
-    assert_eq!(f.state(), TcpState::Closed);
+    assert_eq!(f.state(), TcpState::Closing);
+    // The client's last ACK still belongs to the flow.
+    assert_eq!(
+        f.on_segment(C2S, &seg(ISN + 4, 5002, Flags::ACK, b""), now),
+        Track::Data
+    );
+    assert_eq!(f.server.acked, Some(SeqNumber(ISN + 4)));
+    assert_eq!(f.client.acked, Some(SeqNumber(5002)));
 }

@@ -686,3 +686,47 @@ fn out_of_window_segments_are_dropped_not_fatal() {
     assert!(!net.flow.is_refused());
     assert_eq!(net.send(0, GET).fate, Fate::Forward);
 }
+
+#[test]
+fn close_sequence_passes() {
+    let mut net = Net::new();
+    let o = net.send_flags(0, GET, Flags::ACK | Flags::FIN);
+    assert_eq!(o.fate, Fate::Forward);
+    let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let fin_ack = CISN + 2 + GET.len() as u32;
+    let s = seg(SeqNumber(SISN + 1), fin_ack, Flags::ACK | Flags::FIN, resp);
+    assert!(net.flow.on_server_segment(&s, net.now));
+    assert_eq!(net.flow.tcp().state(), crate::flow::TcpState::Closing);
+    // The client's last ACK, one past its FIN.
+    let o = net.send_flags(GET.len() + 1, b"", Flags::ACK);
+    assert!(matches!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: 0,
+            fin: false
+        } | Fate::Forward
+    ));
+    // A retransmitted FIN goes out again so that the server ACKs it.
+    let o = net.send_flags(GET.len(), b"", Flags::ACK | Flags::FIN);
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: 0,
+            fin: true
+        }
+    );
+}
+
+#[test]
+fn refused_flow_frees_its_buffer() {
+    let mut net = Net::new();
+    net.send(0, &GET[..10]);
+    assert!(net.flow.memory() >= 10);
+    net.send(10, b"\x00garbage");
+    assert!(net.flow.is_refused());
+    assert_eq!(net.flow.poll(net.now), None);
+    assert_eq!(net.flow.held(), 0);
+    assert!(net.flow.memory() < 64);
+}
