@@ -444,8 +444,8 @@ impl L7Flow {
         if cause.is_none() && allowed < data.len() {
             // An incomplete head: hold it.
             match reasm.insert(reasm.base(), &data[allowed..]) {
-                Ok(_) => self.stats.copied += (data.len() - allowed) as u64,
-                Err(_) => cause = Some(RefuseCause::HoldFull),
+                Ok(ins) if ins.truncated == 0 => self.stats.copied += ins.new as u64,
+                _ => cause = Some(RefuseCause::HoldFull),
             }
         }
         let fate = if skip == 0 && allowed == data.len() {
@@ -491,6 +491,9 @@ impl L7Flow {
         };
         self.stats.retransmitted += (inserted.old + inserted.duplicate) as u64;
         self.stats.copied += inserted.new as u64;
+        if inserted.truncated > 0 {
+            self.stats.out_of_window += 1;
+        }
         if inserted.new == 0 {
             let fate = if inserted.duplicate > 0 {
                 Fate::Drop(DropReason::Duplicate)

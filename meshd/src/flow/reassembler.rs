@@ -10,8 +10,13 @@ pub const MAX_RANGES: usize = 8;
 /// byte not yet consumed.
 ///
 /// Guarantees:
-/// - At most `cap` bytes past `base` are ever buffered ([`InsertError::Full`]), in at most
-///   [`MAX_RANGES`] filled ranges ([`InsertError::TooManyHoles`]).
+/// - At most `cap` bytes past `base` are ever buffered: a segment starting beyond is
+///   refused ([`InsertError::Full`]), one reaching beyond is cut ([`Inserted::truncated`]);
+///   in at most
+///   [`MAX_RANGES`] filled ranges. When a segment would make one range too many, the
+///   farthest range is forgotten if the segment lies before it (never-inspected bytes;
+///   the sender sends them again), so the window can always fill from the front;
+///   otherwise the segment is refused ([`InsertError::TooManyHoles`]).
 /// - A buffered byte is never replaced. A segment overlapping buffered bytes with other
 ///   values is refused whole ([`InsertError::Conflict`]), so what [`contiguous`] returns
 ///   is what was first received, and what the caller inspects is what it delivers.
@@ -44,6 +49,8 @@ pub struct Inserted {
     pub duplicate: usize,
     /// Bytes buffered for the first time.
     pub new: usize,
+    /// Trailing bytes beyond the window, not buffered (the sender sends them again).
+    pub truncated: usize,
 }
 
 /// Why a segment was not buffered. Nothing of it was kept.
@@ -147,16 +154,20 @@ impl Reassembler {
             Ok(off) if off < self.cap => off,
             _ => return Err(InsertError::Full),
         };
-        let end = off + data.len();
+        let mut end = off + data.len();
+        let mut truncated = 0;
+        if end > self.cap {
+            // Keep the part that fits: the front of the stream must always be able to
+            // make progress, whatever the segment size.
+            truncated = end - self.cap;
+            data = &data[..data.len() - truncated];
+            end = self.cap;
+        }
         if let Some(fin) = self.fin {
             if end as i64 > fin - self.base {
                 return Err(InsertError::AfterFin);
             }
         }
-        if end > self.cap {
-            return Err(InsertError::Full);
-        }
-
         // Overlaps with buffered bytes must agree byte for byte.
         let mut duplicate = 0;
         for &(s, e) in self.filled() {
@@ -178,6 +189,7 @@ impl Reassembler {
                 old,
                 duplicate,
                 new: 0,
+                truncated,
             });
         }
 
@@ -190,7 +202,13 @@ impl Reassembler {
             .map_or(self.n_ranges, |p| first + p);
         let absorbed = last - first;
         if self.n_ranges - absorbed + 1 > MAX_RANGES {
-            return Err(InsertError::TooManyHoles);
+            if last == self.n_ranges {
+                return Err(InsertError::TooManyHoles);
+            }
+            // Bytes nearer the stream position win: forget the farthest range (never
+            // inspected nor delivered; the sender will send it again). Otherwise a
+            // window full of holes could never fill from the front.
+            self.n_ranges -= 1;
         }
 
         self.make_room(end);
@@ -212,6 +230,7 @@ impl Reassembler {
             old,
             duplicate,
             new: data.len() - duplicate,
+            truncated,
         })
     }
 

@@ -51,7 +51,8 @@ fn duplicates_are_recognised() {
         Inserted {
             old: 0,
             duplicate: 5,
-            new: 0
+            new: 0,
+            truncated: 0
         }
     );
     let part = r.insert(at(3), b"lo wor").unwrap();
@@ -60,7 +61,8 @@ fn duplicates_are_recognised() {
         Inserted {
             old: 0,
             duplicate: 2,
-            new: 4
+            new: 4,
+            truncated: 0
         }
     );
     r.consume(5);
@@ -71,7 +73,8 @@ fn duplicates_are_recognised() {
         Inserted {
             old: 5,
             duplicate: 4,
-            new: 2
+            new: 2,
+            truncated: 0
         }
     );
     assert_eq!(drain(&mut r), b" world");
@@ -113,17 +116,16 @@ fn wrapping_sequence_numbers() {
 #[test]
 fn bounded_window_and_holes() {
     let mut r = reasm(16);
-    assert_eq!(
-        r.insert(at(10), b"0123456789").unwrap_err(),
-        InsertError::Full
-    );
+    // Reaching beyond the window: the part that fits is kept.
+    let cut = r.insert(at(10), b"0123456789").unwrap();
+    assert_eq!((cut.new, cut.truncated), (6, 4));
+    assert_eq!(r.insert(at(10), b"012345").unwrap().duplicate, 6);
     assert_eq!(
         r.insert(at(1_000_000), b"x").unwrap_err(),
         InsertError::Full
     );
     assert_eq!(r.insert(at(16), b"x").unwrap_err(), InsertError::Full);
-    r.insert(at(15), b"x").unwrap();
-    assert_eq!(r.buffered(), 1);
+    assert_eq!(r.buffered(), 6);
 
     let mut r = reasm(1024);
     for i in 0..MAX_RANGES as u32 {
@@ -320,4 +322,25 @@ fn fins_from_both_sides_close() {
     );
     assert_eq!(f.server.acked, Some(SeqNumber(ISN + 4)));
     assert_eq!(f.client.acked, Some(SeqNumber(5002)));
+}
+
+#[test]
+fn bytes_at_the_front_evict_the_farthest_range() {
+    let mut r = reasm(1024);
+    for i in 0..MAX_RANGES as u32 {
+        r.insert(at(10 + i * 2), b"x").unwrap();
+    }
+    let farthest = 10 + (MAX_RANGES as u32 - 1) * 2;
+    // Beyond every range: refused.
+    assert_eq!(
+        r.insert(at(100), b"y").unwrap_err(),
+        InsertError::TooManyHoles
+    );
+    // In-order bytes are always taken: the farthest range goes.
+    r.insert(at(0), b"abc").unwrap();
+    assert_eq!(r.contiguous(), b"abc");
+    assert_eq!(r.buffered(), 3 + MAX_RANGES - 1);
+    // Once there is room, the forgotten byte may come again, even with other contents.
+    r.consume(3);
+    assert_eq!(r.insert(at(farthest), b"y").unwrap().new, 1);
 }

@@ -730,3 +730,169 @@ fn refused_flow_frees_its_buffer() {
     assert_eq!(net.flow.held(), 0);
     assert!(net.flow.memory() < 64);
 }
+
+mod shuffled {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Requests a client may send; `true` if `policy` allows them.
+    fn request(kind: u8, size: usize) -> (Vec<u8>, bool) {
+        match kind % 5 {
+            0 => (GET.to_vec(), true),
+            1 => (
+                b"GET /public/../admin HTTP/1.1\r\nHost: svc\r\n\r\n".to_vec(),
+                false,
+            ),
+            2 => (POST.to_vec(), false),
+            3 => {
+                let mut r =
+                    format!("PUT /u HTTP/1.1\r\nHost: svc\r\nContent-Length: {size}\r\n\r\n")
+                        .into_bytes();
+                r.extend((0..size).map(|i| b'a' + (i % 26) as u8));
+                (r, true)
+            }
+            _ => {
+                let size = size.max(1);
+                let mut r =
+                    b"PUT /c HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                r.extend(format!("{size:x};e=1\r\n").as_bytes());
+                r.extend(std::iter::repeat_n(b'q', size));
+                r.extend(b"\r\n0\r\nT: 1\r\n\r\n");
+                (r, true)
+            }
+        }
+    }
+
+    /// Heads in `stream` (complete ones), as (method, normalised path).
+    fn heads(stream: &[u8]) -> Vec<(String, String)> {
+        let mut p = RequestStream::default();
+        let mut pos = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match p.parse(&stream[pos..], &mut hdrs) {
+                Ok(Step::Head { head, len }) => {
+                    let path = http_path::normalize(head.target).unwrap();
+                    out.push((head.method.to_string(), path));
+                    pos += len;
+                }
+                Ok(Step::Body { len }) => pos += len,
+                Ok(Step::Partial) | Err(_) => return out,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Send {
+        /// Segment `i` of the true stream.
+        True(usize),
+        /// Forged bytes at a stream offset.
+        Forged(usize, Vec<u8>),
+    }
+
+    type Scenario = (Vec<(u8, usize)>, Vec<usize>, Vec<Send>, bool, bool);
+
+    fn scenario() -> impl Strategy<Value = Scenario> {
+        (
+            proptest::collection::vec((0u8..5, 0usize..3000), 1..6),
+            proptest::collection::vec(1usize..1500, 1..40),
+            proptest::collection::vec(
+                prop_oneof![
+                    4 => (0usize..64).prop_map(Send::True),
+                    1 => (0usize..4000, proptest::collection::vec(any::<u8>(), 1..40))
+                        .prop_map(|(o, b)| Send::Forged(o, b)),
+                ],
+                0..60,
+            ),
+            any::<bool>(),
+            any::<bool>(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever the segmentation, order, duplication and forgery, the bytes the
+        /// server receives are bytes whose every request head was decided and allowed.
+        /// Without forgery, it receives exactly the stream up to the first denied request.
+        #[test]
+        fn delivered_is_inspected(
+            (reqs, cuts, schedule, forge, small) in scenario(),
+        ) {
+            let mut stream = Vec::new();
+            let mut expect_len = None;
+            let mut expect_decisions = Vec::new();
+            for &(kind, size) in &reqs {
+                let (bytes, allowed) = request(kind, size);
+                if expect_len.is_none() {
+                    expect_decisions.extend(heads(&bytes));
+                    if !allowed {
+                        expect_len = Some(stream.len());
+                    }
+                }
+                stream.extend(bytes);
+            }
+            let expect_len = expect_len.unwrap_or(stream.len());
+
+            // Cut the stream into segments of the drawn sizes (the last size repeats).
+            let mut segs = Vec::new();
+            let mut off = 0;
+            let mut i = 0;
+            while off < stream.len() {
+                let n = cuts[i.min(cuts.len() - 1)].min(stream.len() - off);
+                segs.push((off, n));
+                off += n;
+                i += 1;
+            }
+
+            // A small buffer makes out-of-order segments overflow it.
+            let config = if small {
+                Config {
+                    limits: Limits { max_head: 1024, ..Limits::default() },
+                    max_held: 1500,
+                    ..Config::default()
+                }
+            } else {
+                Config::default()
+            };
+            let mut net = Net::with(config, CISN);
+            let send_true = |net: &mut Net, i: usize| {
+                let (off, n) = segs[i % segs.len()];
+                net.send(off, &stream[off..off + n]);
+            };
+            for s in &schedule {
+                match s {
+                    Send::True(i) => send_true(&mut net, *i),
+                    Send::Forged(off, bytes) if forge => {
+                        net.send(*off, bytes);
+                    }
+                    Send::Forged(..) => {}
+                }
+            }
+            // Then everything in order, as TCP retransmission eventually does, until the
+            // server's stream stops growing (bytes cut at a full buffer come again).
+            loop {
+                let before = net.server.len();
+                for i in 0..segs.len() {
+                    send_true(&mut net, i);
+                }
+                if net.server.len() == before {
+                    break;
+                }
+            }
+
+            // Every complete head delivered was decided, and allowed, in order.
+            let delivered = heads(&net.server);
+            prop_assert!(delivered.len() <= net.decisions.len());
+            prop_assert_eq!(&delivered[..], &net.decisions[..delivered.len()]);
+            for (method, path) in &delivered {
+                prop_assert!(method != "POST" && !path.starts_with("/admin"));
+            }
+            if !forge {
+                prop_assert_eq!(net.server.len(), expect_len);
+                prop_assert_eq!(&net.server[..], &stream[..expect_len]);
+                prop_assert_eq!(&net.decisions, &expect_decisions);
+            }
+        }
+    }
+}
