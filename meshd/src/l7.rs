@@ -231,8 +231,9 @@ enum Phase {
 pub struct L7Flow {
     config: Config,
     tcp: TcpFlow,
-    /// Created at the client's SYN.
+    /// Created at the client's SYN, for the ISN in `stream_isn`.
     reasm: Option<Reassembler>,
+    stream_isn: Option<SeqNumber>,
     http: RequestStream,
     phase: Phase,
     /// Bytes at the front of the reassembler released by the last call.
@@ -249,6 +250,7 @@ impl L7Flow {
             config,
             tcp: TcpFlow::new(now),
             reasm: None,
+            stream_isn: None,
             http: RequestStream::new(config.limits),
             phase: Phase::Open,
             releasing: 0,
@@ -266,8 +268,9 @@ impl L7Flow {
         self.stats
     }
 
-    /// True once refused: the shell drops whatever else comes and may forget the flow.
-    pub fn is_refused(&self) -> bool {
+    /// True once refused (or reset by the client): everything else that comes is dropped,
+    /// and the shell may forget the flow.
+    pub fn is_closed(&self) -> bool {
         self.phase == Phase::Refused
     }
 
@@ -335,12 +338,15 @@ impl L7Flow {
                 return Outcome::fate(Fate::Forward);
             }
             Track::Handshake => {
-                let start = self.tcp.client_stream_start();
-                if let Some(start) = start {
-                    if self.reasm.as_ref().map(Reassembler::base) != Some(start) {
-                        let cap = self.config.max_held.max(self.config.limits.max_head + 1);
-                        self.reasm = Some(Reassembler::new(start, cap));
-                    }
+                // A new ISN (a new attempt before the SYN-ACK) starts a new stream; a
+                // retransmitted SYN changes nothing.
+                let isn = self.tcp.client.isn;
+                if isn.is_some() && isn != self.stream_isn {
+                    self.stream_isn = isn;
+                    let start = self.tcp.client_stream_start().unwrap_or_default();
+                    let cap = self.config.max_held.max(self.config.limits.max_head + 1);
+                    self.reasm = Some(Reassembler::new(start, cap));
+                    self.http = RequestStream::new(self.config.limits);
                 }
                 // Data on a SYN (TCP Fast Open) is not taken: without it acknowledged,
                 // the client sends it again after the handshake.

@@ -183,7 +183,7 @@ fn denied_post_is_refused_before_any_byte_is_released() {
     );
     assert_eq!(r.cause.status(), 403);
     assert!(net.server.is_empty());
-    assert!(net.flow.is_refused());
+    assert!(net.flow.is_closed());
     // Whatever else the client sends is dropped; so is the server's side.
     assert_eq!(
         net.send(POST.len(), GET).fate,
@@ -534,7 +534,7 @@ fn rst_ends_the_flow_and_held_bytes_are_never_delivered() {
     net.send(0, &GET[..10]);
     let o = net.send_flags(10, b"", Flags::RST);
     assert_eq!(o.fate, Fate::Forward);
-    assert!(net.flow.is_refused());
+    assert!(net.flow.is_closed());
     assert_eq!(
         net.send(10, &GET[10..]).fate,
         Fate::Drop(DropReason::Refused)
@@ -683,7 +683,7 @@ fn out_of_window_segments_are_dropped_not_fatal() {
     let mut net = Net::with(config, CISN);
     let o = net.send(100_000, b"far ahead");
     assert_eq!(o.fate, Fate::Drop(DropReason::OutOfWindow));
-    assert!(!net.flow.is_refused());
+    assert!(!net.flow.is_closed());
     assert_eq!(net.send(0, GET).fate, Fate::Forward);
 }
 
@@ -725,7 +725,7 @@ fn refused_flow_frees_its_buffer() {
     net.send(0, &GET[..10]);
     assert!(net.flow.memory() >= 10);
     net.send(10, b"\x00garbage");
-    assert!(net.flow.is_refused());
+    assert!(net.flow.is_closed());
     assert_eq!(net.flow.poll(net.now), None);
     assert_eq!(net.flow.held(), 0);
     assert!(net.flow.memory() < 64);
@@ -895,4 +895,23 @@ mod shuffled {
             }
         }
     }
+}
+
+#[test]
+fn retransmitted_syn_keeps_the_stream() {
+    let mut net = Net::new();
+    net.send(0, &GET[..10]);
+    let syn = seg(net.cisn, 0, Flags::SYN, b"");
+    assert_eq!(
+        net.flow.on_client_segment(&syn, net.now, policy).fate,
+        Fate::Forward
+    );
+    net.send(10, &GET[10..]);
+    assert_eq!(net.server, GET);
+    let syn = seg(net.cisn + 5, 0, Flags::SYN, b"");
+    let o = net.flow.on_client_segment(&syn, net.now, policy);
+    assert_eq!(
+        o.fate,
+        Fate::Drop(DropReason::Untracked(InvalidSegment::SynMismatch))
+    );
 }
