@@ -93,6 +93,37 @@ pub fn tcp_packet(seg: &TcpSegment<'_>, out: &mut Vec<u8>) -> Result<(), InjectE
     Ok(())
 }
 
+/// Writes `seg` as packets of at most `mss` payload bytes each, calling `emit` with each
+/// packet (built in `out`, which is reused). Sequence numbers advance; PSH and FIN are set
+/// only on the last packet. An empty payload gives one packet.
+pub fn segments(
+    seg: &TcpSegment<'_>,
+    mss: usize,
+    out: &mut Vec<u8>,
+    mut emit: impl FnMut(&[u8]),
+) -> Result<(), InjectError> {
+    let mss = mss.max(1);
+    let last_flags = seg.flags;
+    let mid_flags = seg.flags.without(Flags::PSH).without(Flags::FIN);
+    let mut off = 0;
+    loop {
+        let end = (off + mss).min(seg.payload.len());
+        let last = end == seg.payload.len();
+        let piece = TcpSegment {
+            seq: seg.seq + off,
+            flags: if last { last_flags } else { mid_flags },
+            payload: &seg.payload[off..end],
+            ..*seg
+        };
+        tcp_packet(&piece, out)?;
+        emit(out);
+        if last {
+            return Ok(());
+        }
+        off = end;
+    }
+}
+
 /// The reason phrase of the statuses the enforcer answers with.
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
@@ -316,6 +347,49 @@ mod tests {
         let cap = out.capacity();
         tcp_packet(&seg, &mut out).unwrap();
         assert_eq!(out.capacity(), cap, "the buffer is reused");
+    }
+
+    #[test]
+    fn release_is_split_to_the_mss() {
+        let ends = endpoints_v6();
+        let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let seg = TcpSegment {
+            src: ends.client,
+            dst: ends.server,
+            seq: SeqNumber(u32::MAX - 100),
+            ack: Some(SeqNumber(5)),
+            flags: Flags::PSH | Flags::FIN,
+            window: 500,
+            payload: &data,
+        };
+        let mut got = Vec::new();
+        let mut out = Vec::new();
+        segments(&seg, 1400, &mut out, |p| {
+            got.push(parse_back(p, ends.client, ends.server));
+        })
+        .unwrap();
+        assert_eq!(got.len(), 3);
+        let mut joined = Vec::new();
+        for (i, (tcp, payload)) in got.iter().enumerate() {
+            assert_eq!(
+                SeqNumber(tcp.sequence_number),
+                seg.seq + joined.len(),
+                "piece {i}"
+            );
+            assert_eq!(tcp.fin, i == 2);
+            assert_eq!(tcp.psh, i == 2);
+            assert!(tcp.ack);
+            joined.extend_from_slice(payload);
+        }
+        assert_eq!(joined, data);
+
+        let mut n = 0;
+        let empty = TcpSegment {
+            payload: &[],
+            ..seg
+        };
+        segments(&empty, 1400, &mut out, |_| n += 1).unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]

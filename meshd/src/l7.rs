@@ -36,7 +36,7 @@
 //!                        seq + start, FIN only if `fin` (fix lengths, checksums)
 //!                    Drop(_) → drop it (count the reason)
 //!     2. o.release:  send flow.release_data() to the server from `seq`, split to the
-//!                    MSS, the last piece with FIN if `fin`; ack/window from `seg`
+//!                    MSS, the last piece with FIN if `fin` (inject::segments does it)
 //!     3. o.refusal:  send inject::response(...) to the client and inject::reset(...)
 //!                    to the server; log the cause; the flow ends
 //! server→client segment:  flow.on_server_segment(&seg, now) → Forward / Drop
@@ -181,6 +181,9 @@ pub struct Release {
     pub len: usize,
     /// Set FIN on the last segment.
     pub fin: bool,
+    /// Acknowledgement and window to send with it: the client's latest.
+    pub ack: Option<SeqNumber>,
+    pub window: u16,
 }
 
 /// The answer to one client segment. Apply in field order: fate, release, refusal.
@@ -414,6 +417,8 @@ impl L7Flow {
                 seq: reasm.base(),
                 len: self.releasing,
                 fin: false,
+                ack: self.tcp.client.acked,
+                window: self.tcp.client.window,
             });
         }
         if outcome.refusal.is_none() {
