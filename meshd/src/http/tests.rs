@@ -454,3 +454,38 @@ fn partial_head_consumes_nothing() {
     assert!(p.at_head());
     assert_eq!(p.requests(), 0);
 }
+
+mod arbitrary {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes, split anywhere: no panic, and the same heads and error as unsplit.
+        #[test]
+        fn any_bytes_any_split(
+            prefix in proptest::sample::select(vec![
+                &b""[..],
+                b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n",
+            ]),
+            tail in proptest::collection::vec(
+                prop_oneof![
+                    Just(b'\r'), Just(b'\n'), Just(b' '), Just(b':'), Just(b';'),
+                    Just(b'0'), Just(b'a'), Just(b'G'), any::<u8>(),
+                ],
+                0..200,
+            ),
+            split in 0usize..300,
+        ) {
+            let input = [prefix, &tail[..]].concat();
+            let split = split.min(input.len());
+            fn significant(mut events: Vec<Ev>) -> Vec<Ev> {
+                events.retain(|e| !matches!(e, Ev::Body(_)));
+                events
+            }
+            let want = significant(whole(&input));
+            prop_assert_eq!(significant(feed(&[&input[..split], &input[split..]])), want);
+        }
+    }
+}
