@@ -915,3 +915,49 @@ fn retransmitted_syn_keeps_the_stream() {
         Fate::Drop(DropReason::Untracked(InvalidSegment::SynMismatch))
     );
 }
+
+#[test]
+fn refusal_packets_fit_the_connection() {
+    use crate::inject;
+    use etherparse::{SlicedPacket, TransportSlice};
+
+    let mut net = Net::new();
+    net.send(0, GET);
+    let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let s = seg(
+        SeqNumber(SISN + 1),
+        CISN + 1 + GET.len() as u32,
+        Flags::ACK,
+        resp,
+    );
+    assert!(net.flow.on_server_segment(&s, net.now));
+    let r = net.send(GET.len(), POST).refusal.unwrap();
+
+    let ends = inject::Endpoints {
+        client: "100.64.0.1:40000".parse().unwrap(),
+        server: "100.64.0.2:8080".parse().unwrap(),
+    };
+    let (mut text, mut out) = (String::new(), Vec::new());
+    inject::response(&ends, &r, &mut text, &mut out).unwrap();
+    let p = SlicedPacket::from_ip(&out).unwrap();
+    let Some(TransportSlice::Tcp(tcp)) = p.transport else {
+        panic!("not TCP")
+    };
+    // Right after the server's response, acknowledging the whole POST.
+    assert_eq!(tcp.sequence_number(), SISN + 1 + resp.len() as u32);
+    assert_eq!(
+        tcp.acknowledgment_number(),
+        CISN + 1 + (GET.len() + POST.len()) as u32
+    );
+    assert!(tcp.payload().starts_with(b"HTTP/1.1 403 Forbidden\r\n"));
+
+    inject::reset(&ends, &r, &mut out).unwrap();
+    let p = SlicedPacket::from_ip(&out).unwrap();
+    let Some(TransportSlice::Tcp(tcp)) = p.transport else {
+        panic!("not TCP")
+    };
+    // Exactly where the server's stream stops: after the GET, before the POST.
+    assert!(tcp.rst());
+    assert_eq!(tcp.sequence_number(), CISN + 1 + GET.len() as u32);
+    assert_eq!(tcp.acknowledgment_number(), SISN + 1 + resp.len() as u32);
+}
