@@ -87,6 +87,26 @@ pub struct Request<'a> {
     pub path: &'a str,
 }
 
+impl<'a> Request<'a> {
+    pub fn method(&self) -> &'a str {
+        self.head.method
+    }
+
+    pub fn host(&self) -> Option<&'a str> {
+        self.head.host
+    }
+
+    /// First value of header `name` (case-insensitive), OWS trimmed.
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.head.header(name)
+    }
+
+    /// All header fields in order, as (name, value).
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        self.head.headers.iter().map(|h| (h.name, h.value))
+    }
+}
+
 /// The decision callback's answer for one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {

@@ -73,7 +73,9 @@ impl Net {
         let s = seg(self.at(off), SISN + 1, flags, payload);
         let decisions = &mut self.decisions;
         let outcome = self.flow.on_client_segment(&s, self.now, |req| {
-            decisions.push((req.head.method.to_string(), req.path.to_string()));
+            assert_eq!(req.host(), Some("svc"));
+            assert_eq!(req.headers().next().map(|(n, _)| n), Some("Host"));
+            decisions.push((req.method().to_string(), req.path.to_string()));
             policy(req)
         });
         match outcome.fate {
