@@ -59,6 +59,7 @@ impl Flags {
     pub const RST: Flags = Flags(0x04);
     pub const PSH: Flags = Flags(0x08);
     pub const ACK: Flags = Flags(0x10);
+    pub const URG: Flags = Flags(0x20);
 
     pub const fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0

@@ -134,6 +134,10 @@ pub enum RefuseCause {
     Truncated,
     #[error("held bytes over the flow's limit")]
     HoldFull,
+    /// Many stacks take the urgent byte out of the stream the application reads, so
+    /// what the server would read is not what was inspected.
+    #[error("TCP urgent data on an inspected connection")]
+    Urgent,
 }
 
 impl RefuseCause {
@@ -142,7 +146,7 @@ impl RefuseCause {
         match self {
             RefuseCause::Policy { status, .. } => status,
             RefuseCause::Http(e) => e.status(),
-            RefuseCause::Path(_) | RefuseCause::Truncated => 400,
+            RefuseCause::Path(_) | RefuseCause::Truncated | RefuseCause::Urgent => 400,
             RefuseCause::Timeout => 408,
             RefuseCause::HoldFull => 431,
         }
@@ -384,6 +388,14 @@ impl L7Flow {
                 });
             }
             Track::Data => {}
+        }
+        if seg.flags.contains(Flags::URG) {
+            let refusal = self.refuse(RefuseCause::Urgent);
+            return Outcome {
+                fate: Fate::Drop(DropReason::Refused),
+                release: None,
+                refusal: Some(refusal),
+            };
         }
         let forwarded = self.stats.forwarded + self.stats.released;
         let outcome = self.on_data(seg, &mut decide);

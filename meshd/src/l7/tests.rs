@@ -963,3 +963,19 @@ fn refusal_packets_fit_the_connection() {
     assert_eq!(tcp.sequence_number(), CISN + 1 + GET.len() as u32);
     assert_eq!(tcp.acknowledgment_number(), SISN + 1 + resp.len() as u32);
 }
+
+#[test]
+fn urgent_data_is_refused() {
+    let mut net = Net::new();
+    net.send(0, GET);
+    let o = net.send_flags(
+        GET.len(),
+        b"GET /admin HTTP/1.1\r\n",
+        Flags::ACK | Flags::URG,
+    );
+    assert_eq!(o.fate, Fate::Drop(DropReason::Refused));
+    let r = o.refusal.unwrap();
+    assert_eq!(r.cause, RefuseCause::Urgent);
+    assert_eq!(r.server_seq, net.at(GET.len()));
+    assert_eq!(net.server, GET);
+}
