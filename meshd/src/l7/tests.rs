@@ -979,3 +979,12 @@ fn urgent_data_is_refused() {
     assert_eq!(r.server_seq, net.at(GET.len()));
     assert_eq!(net.server, GET);
 }
+
+#[test]
+fn a_flow_is_small_until_it_holds_bytes() {
+    // 10,000 tracked flows must fit the memory budget (issue 6: under 50 MiB in all).
+    let size = std::mem::size_of::<L7Flow>();
+    assert!(size <= 640, "L7Flow is {size} bytes");
+    let net = Net::new();
+    assert_eq!(net.flow.memory(), 0);
+}
