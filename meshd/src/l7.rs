@@ -42,7 +42,23 @@
 //! server→client segment:  flow.on_server_segment(&seg, now) → Forward / Drop
 //! timer:                  at flow.poll_at(), flow.poll(now) → Option<Refusal>
 //! ```
-//! `release_data()` is valid until the next call that takes `&mut self`.
+//! `release_data()` is valid until the next call that takes `&mut self`. The shell feeds
+//! only segments whose IP and TCP checksums it verified: a corrupt segment that was
+//! inspected would fix the bytes of its sequence range.
+//!
+//! # Known limits
+//!
+//! - Bytes are delivered once. If a delivered segment is lost between the enforcer and
+//!   the server (a full TUN backlog), the client's retransmission is cut to an empty ACK
+//!   and the connection stalls until a timeout: safe (the server never reads other
+//!   bytes than those inspected), not live. Fix: keep delivered bytes until the server
+//!   ACKs them ([`TcpFlow`] already tracks `server.acked`), at the cost of a copy.
+//! - A held head is not acknowledged to the client. A client that writes its head in
+//!   pieces with Nagle's algorithm on waits for that ACK: it gets a 408.
+//! - With pipelining, a refusal answers the oldest request the server has not answered
+//!   yet (responses are not parsed), and ends the connection.
+//! - After `101 Switching Protocols` (WebSocket, h2c) the bytes are not HTTP/1.x and are
+//!   refused with 400; `CONNECT` is refused.
 
 #[cfg(test)]
 mod tests;
