@@ -6,8 +6,9 @@
 
 pub mod conntrack;
 pub mod decisions;
+pub mod enforce;
 pub mod flow;
 pub mod http;
 pub mod inject;
-pub mod l4;
+
 pub mod l7;

@@ -1,15 +1,21 @@
-//! Enforcement at layers 3 and 4 (invariant 3: policy decides before delivery).
+//! Enforcement in the packet path (invariant 3: policy decides before delivery).
 //!
 //! Every packet between a peer and a local workload passes here: inbound after
 //! decryption and the secure-naming check, outbound before encryption. Flows are
 //! tracked ([`crate::conntrack`]):
 //! - a flow a peer opens is decided by policy once, from the identity its key proved;
 //!   the decision is cached with the policy generation and re-evaluated when the
-//!   policy changes ([`L4Enforcer::set_policy`] cuts flows the new policy forbids);
+//!   policy changes ([`Enforcer::set_policy`] cuts flows the new policy forbids);
 //! - replies to a flow a local workload opened pass (policy governs what may reach a
 //!   workload, not its answers);
 //! - ICMP errors pass only when the packet they quote belongs to a tracked flow;
-//! - denied flows are not tracked, so a flood of refused packets cannot fill the table.
+//! - denied flows are not tracked, so a flood of refused packets cannot fill the table;
+//! - on a port with HTTP rules (`CompiledPolicy::needs_l7`), a TCP flow is inspected at
+//!   layer 7 ([`crate::l7`]): each request head is decided with its method, normalised
+//!   path, host and headers; what is delivered, trimmed, released or refused comes back
+//!   as the verdict plus packets in an [`Emit`] (an injected 4xx towards the peer and a
+//!   reset towards the local server on refusal). A segment of such a flow must carry
+//!   a valid TCP checksum: inspected bytes must be the bytes the server accepts.
 //!
 //! IP fragments are dropped and counted (`fragment`): without ports they cannot be
 //! decided, and nothing in the overlay needs them (its MTU is set for the tunnel).
@@ -37,7 +43,10 @@ use crate::conntrack::{
     ConnTrack, Dir, FlowKey, Observation, Origin, TcpFlags, TcpSegmentInfo, Timeouts, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
-use crate::decisions::{DecisionLog, DecisionRecord};
+use crate::decisions::{DecisionLog, DecisionRecord, HttpSummary};
+use crate::flow::{Flags, Segment, SeqNumber, Timestamp};
+use crate::inject::{self, Endpoints, TcpSegment};
+use crate::l7::{self, L7Flow, Refusal, RefuseCause};
 
 /// The authenticated sender of inbound packets: the identity its key proved and its
 /// certificate's groups. Cloned into each flow it opens (reference counts only).
@@ -57,8 +66,60 @@ pub struct LocalWorkload {
 /// What to do with a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
+    /// Send it on unchanged.
     Deliver,
+    /// Do not send it.
     Drop(Drop),
+    /// Do not send it as it is: the layer-7 inspector took it (held, trimmed,
+    /// released); whatever goes out in its place is in the [`Emit`].
+    Consumed,
+}
+
+/// Where an emitted packet goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Toward {
+    /// Written to the TUN: to a local workload.
+    Local,
+    /// Sent through the tunnel to the peer that owns its destination address.
+    Peer,
+}
+
+/// Packets the enforcer asks the shell to send, in order, besides the verdict on the
+/// packet it was given. Reused: the shell calls [`Emit::clear`] after sending.
+#[derive(Debug, Default)]
+pub struct Emit {
+    buf: Vec<u8>,
+    packets: Vec<(Toward, std::ops::Range<usize>)>,
+    scratch: Vec<u8>,
+    text: String,
+}
+
+impl Emit {
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.packets.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+
+    /// The packets, in the order they must be sent.
+    pub fn packets(&self) -> impl Iterator<Item = (Toward, &[u8])> + '_ {
+        self.packets.iter().map(|(t, r)| (*t, &self.buf[r.clone()]))
+    }
+
+    fn push_scratch(&mut self, toward: Toward) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&self.scratch);
+        self.packets.push((toward, start..self.buf.len()));
+    }
+
+    fn push(&mut self, toward: Toward, packet: &[u8]) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(packet);
+        self.packets.push((toward, start..self.buf.len()));
+    }
 }
 
 /// Why a packet was not delivered.
@@ -73,6 +134,11 @@ pub enum Drop {
     Untracked,
     /// A protocol meshd does not carry (neither TCP, UDP nor ICMP).
     Protocol,
+    /// A segment of an inspected flow with a wrong TCP checksum.
+    Checksum,
+    /// A segment the layer-7 inspector will not pass (duplicate, conflicting with
+    /// inspected bytes, out of window, after FIN, or of a refused flow).
+    Inspection,
     /// An ICMP error quoting no tracked flow, or an ICMP message other than echo.
     StrayIcmp,
 }
@@ -84,6 +150,8 @@ impl Drop {
             Drop::Malformed => "malformed",
             Drop::Untracked => "untracked",
             Drop::Protocol => "protocol",
+            Drop::Checksum => "checksum",
+            Drop::Inspection => "inspection",
             Drop::StrayIcmp => "stray_icmp",
         }
     }
@@ -100,14 +168,16 @@ pub struct Cut {
     pub server_next_seq: Option<u32>,
 }
 
-/// What a flow opened by a peer carries.
-#[derive(Clone, Debug)]
+/// What a flow carries.
+#[derive(Debug)]
 pub struct FlowState {
     /// Policy generation of the cached decision.
     gen: u64,
     allowed: bool,
     /// Present for flows a peer opened: re-evaluation needs who sent them.
     sender: Option<Sender>,
+    /// Present for TCP flows a peer opened to a port with HTTP rules.
+    l7: Option<Box<L7Flow>>,
 }
 
 /// Limits of the enforcer.
@@ -116,6 +186,10 @@ pub struct Limits {
     /// Flows tracked at most, over all shards.
     pub flows: usize,
     pub timeouts: Timeouts,
+    /// Per inspected flow: head size, held bytes, head timeout.
+    pub l7: l7::Config,
+    /// Largest TCP payload of a segment the enforcer builds towards a local workload.
+    pub mss: usize,
 }
 
 impl Default for Limits {
@@ -123,6 +197,9 @@ impl Default for Limits {
         Limits {
             flows: 65_536,
             timeouts: Timeouts::default(),
+            l7: l7::Config::default(),
+            // TUN MTU 1420 less an IPv6 and a TCP header.
+            mss: 1360,
         }
     }
 }
@@ -153,13 +230,22 @@ pub struct L4Counters {
     /// Drops by reason name.
     pub drops: std::collections::BTreeMap<&'static str, u64>,
     pub rules: Vec<RuleCount>,
+    /// Layer-7 flows being inspected, and bytes they hold.
+    pub l7_flows: usize,
+    pub l7_held_bytes: usize,
+    /// HTTP requests decided, allowed and refused.
+    pub http_requests: u64,
+    pub http_refused: u64,
 }
 
 const DROP_SLOTS: usize = 32;
 
-/// The layer-3/4 enforcer of one host.
-pub struct L4Enforcer {
+/// The enforcer of one host.
+pub struct Enforcer {
     local: LocalWorkload,
+    limits: Limits,
+    http_requests: AtomicU64,
+    http_refused: AtomicU64,
     active: ArcSwap<Active>,
     shards: Box<[Mutex<ConnTrack<FlowState>>]>,
     hasher: std::collections::hash_map::RandomState,
@@ -169,9 +255,9 @@ pub struct L4Enforcer {
     rule_hits: Mutex<HashMap<RuleRef, [u64; 3]>>,
 }
 
-impl std::fmt::Debug for L4Enforcer {
+impl std::fmt::Debug for Enforcer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("L4Enforcer")
+        f.debug_struct("Enforcer")
             .field("local", &self.local)
             .finish_non_exhaustive()
     }
@@ -184,6 +270,15 @@ struct Parsed {
     obs: Observation,
     protocol: Protocol,
     kind: Kind,
+    /// TCP: raw flags, window, and where the payload starts in the packet.
+    tcp_raw: Option<TcpRaw>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TcpRaw {
+    flags: u8,
+    window: u16,
+    payload_at: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,7 +297,7 @@ enum ParseError {
     StrayIcmp,
 }
 
-impl L4Enforcer {
+impl Enforcer {
     pub fn new(
         local: LocalWorkload,
         policy: CompiledPolicy,
@@ -210,8 +305,11 @@ impl L4Enforcer {
         log: Arc<DecisionLog>,
     ) -> Self {
         let per_shard = limits.flows.div_ceil(SHARDS).max(1);
-        L4Enforcer {
+        Enforcer {
             local,
+            limits,
+            http_requests: AtomicU64::new(0),
+            http_refused: AtomicU64::new(0),
             active: ArcSwap::from_pointee(Active { policy, gen: 1 }),
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(ConnTrack::new(per_shard, limits.timeouts)))
@@ -237,6 +335,7 @@ impl L4Enforcer {
         packet: &[u8],
         now: Duration,
         wall: UnixTime,
+        emit: &mut Emit,
     ) -> Verdict {
         let p = match parse(packet) {
             Ok(p) => p,
@@ -255,6 +354,9 @@ impl L4Enforcer {
         match shard.track(&p.key, &p.obs, now) {
             Some((Dir::Reply, flow)) if flow.origin == Origin::Local => return self.deliver(),
             Some((Dir::Original, flow)) if flow.origin == Origin::Remote => {
+                if let Some(l7) = flow.value.l7.as_deref_mut() {
+                    return self.l7_client(&active.policy, sender, &p, packet, l7, now, wall, emit);
+                }
                 if flow.value.gen == active.gen {
                     return if flow.value.allowed {
                         self.deliver()
@@ -273,11 +375,32 @@ impl L4Enforcer {
             None => {}
         }
         // A new flow opened by the peer.
-        if p.protocol == Protocol::Tcp {
-            let mid_stream = p.obs.tcp.is_some_and(|t| !t.flags.syn || t.flags.ack);
-            if mid_stream && active.policy.needs_l7(Protocol::Tcp, p.key.dst_port) {
+        if p.protocol == Protocol::Tcp && active.policy.needs_l7(Protocol::Tcp, p.key.dst_port) {
+            let opens = p.obs.tcp.is_some_and(|t| t.flags.syn && !t.flags.ack);
+            if !opens {
                 return self.dropped(Drop::Untracked);
             }
+            // Requests are decided one by one, with their HTTP attributes; the
+            // connection itself is let through to carry them.
+            let mut l7 = Box::new(L7Flow::new(self.limits.l7, stamp(now)));
+            let verdict =
+                self.l7_client(&active.policy, sender, &p, packet, &mut l7, now, wall, emit);
+            let state = FlowState {
+                gen: active.gen,
+                allowed: true,
+                sender: Some(sender.clone()),
+                l7: Some(l7),
+            };
+            if shard
+                .insert(p.key, Origin::Remote, state, &p.obs, now)
+                .is_err()
+            {
+                drop(shard);
+                emit.clear();
+                let full = Decision::refused(DenyReason::FlowTableFull);
+                return self.after_decision(&active.policy, sender, &p, &full, now, wall);
+            }
+            return verdict;
         }
         let decision = self.decide(&active.policy, sender, &p);
         if decision.is_allowed() {
@@ -285,6 +408,7 @@ impl L4Enforcer {
                 gen: active.gen,
                 allowed: true,
                 sender: Some(sender.clone()),
+                l7: None,
             };
             if shard
                 .insert(p.key, Origin::Remote, state, &p.obs, now)
@@ -318,6 +442,16 @@ impl L4Enforcer {
         let mut shard = self.shard(&p.key);
         match shard.track(&p.key, &p.obs, now) {
             Some((Dir::Reply, flow)) if flow.origin == Origin::Remote => {
+                if let Some(l7) = flow.value.l7.as_deref_mut() {
+                    let Some(seg) = segment(&p, packet) else {
+                        return self.dropped(Drop::Malformed);
+                    };
+                    return if l7.on_server_segment(&seg, stamp(now)) {
+                        self.deliver()
+                    } else {
+                        self.dropped(Drop::Inspection)
+                    };
+                }
                 if flow.value.allowed {
                     self.deliver()
                 } else {
@@ -330,6 +464,7 @@ impl L4Enforcer {
                     gen: 0,
                     allowed: true,
                     sender: None,
+                    l7: None,
                 };
                 match shard.insert(p.key, Origin::Local, state, &p.obs, now) {
                     Ok(_) => self.deliver(),
@@ -357,6 +492,10 @@ impl L4Enforcer {
                 let Some(sender) = flow.value.sender.clone() else {
                     return true;
                 };
+                if flow.value.l7.is_some() {
+                    // Decided request by request: the next head meets the new policy.
+                    return true;
+                }
                 let Some(p) = parsed_from_key(key) else {
                     return true;
                 };
@@ -394,10 +533,19 @@ impl L4Enforcer {
             delivered: self.delivered.load(Ordering::Relaxed),
             ..L4Counters::default()
         };
+        c.http_requests = self.http_requests.load(Ordering::Relaxed);
+        c.http_refused = self.http_refused.load(Ordering::Relaxed);
         for s in self.shards.iter() {
-            let s = s.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
             c.flows += s.len();
             c.flows_evicted += s.evicted();
+            s.retain(|_, f| {
+                if let Some(l7) = &f.value.l7 {
+                    c.l7_flows += 1;
+                    c.l7_held_bytes += l7.held();
+                }
+                true
+            });
         }
         for (slot, n) in self.drops.iter().enumerate() {
             let n = n.load(Ordering::Relaxed);
@@ -432,7 +580,280 @@ impl L4Enforcer {
     }
 
     fn decide(&self, policy: &CompiledPolicy, sender: &Sender, p: &Parsed) -> Decision {
-        let req = Request {
+        mesh_proto::policy::evaluate(policy, &self.request(sender, p))
+    }
+
+    /// Counts, logs (denies and audit matches) and turns a decision into a verdict.
+    fn after_decision(
+        &self,
+        policy: &CompiledPolicy,
+        sender: &Sender,
+        p: &Parsed,
+        decision: &Decision,
+        now: Duration,
+        wall: UnixTime,
+    ) -> Verdict {
+        self.count_rules(decision);
+        for r in &decision.audit {
+            self.write_log(
+                policy,
+                sender,
+                p,
+                "audit",
+                "audit_matched",
+                Some(*r),
+                None,
+                now,
+                wall,
+            );
+        }
+        match decision.verdict {
+            PolicyVerdict::Allow(_) => self.deliver(),
+            PolicyVerdict::Deny(reason) => {
+                self.write_log(
+                    policy,
+                    sender,
+                    p,
+                    "deny",
+                    reason.name(),
+                    decision.rule(),
+                    None,
+                    now,
+                    wall,
+                );
+                self.dropped(Drop::Denied(reason))
+            }
+        }
+    }
+
+    /// One client→server segment of an inspected flow.
+    #[allow(clippy::too_many_arguments)] // the packet, its flow, and the clock: all needed
+    fn l7_client(
+        &self,
+        policy: &CompiledPolicy,
+        sender: &Sender,
+        p: &Parsed,
+        packet: &[u8],
+        flow: &mut L7Flow,
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        if !tcp_checksum_ok(packet, p) {
+            return self.dropped(Drop::Checksum);
+        }
+        let Some(seg) = segment(p, packet) else {
+            return self.dropped(Drop::Malformed);
+        };
+        let outcome = flow.on_client_segment(&seg, stamp(now), |req| {
+            self.http_requests.fetch_add(1, Ordering::Relaxed);
+            let mut headers = [mesh_proto::policy::Header {
+                name: "",
+                value: b"",
+            }; crate::http::MAX_HEADERS];
+            let n = req.head.headers.len().min(headers.len());
+            for (h, src) in headers.iter_mut().zip(req.head.headers.iter()) {
+                *h = mesh_proto::policy::Header {
+                    name: src.name,
+                    value: src.value,
+                };
+            }
+            let http = mesh_proto::policy::HttpRequest {
+                method: req.method(),
+                path: req.path,
+                host: req.host(),
+                headers: &headers[..n],
+            };
+            let decision = mesh_proto::policy::evaluate(
+                policy,
+                &Request {
+                    http: Some(http),
+                    ..self.request(sender, p)
+                },
+            );
+            let summary = |status| HttpSummary {
+                method: req.method(),
+                path: req.path,
+                host: req.host(),
+                status,
+            };
+            self.count_rules(&decision);
+            for r in &decision.audit {
+                self.write_log(
+                    policy,
+                    sender,
+                    p,
+                    "audit",
+                    "audit_matched",
+                    Some(*r),
+                    Some(summary(None)),
+                    now,
+                    wall,
+                );
+            }
+            match decision.verdict {
+                PolicyVerdict::Allow(_) => l7::Verdict::Allow,
+                PolicyVerdict::Deny(reason) => {
+                    self.http_refused.fetch_add(1, Ordering::Relaxed);
+                    self.drops[drop_slot(Drop::Denied(reason))].fetch_add(1, Ordering::Relaxed);
+                    let status = reason.http_status();
+                    self.write_log(
+                        policy,
+                        sender,
+                        p,
+                        "deny",
+                        reason.name(),
+                        decision.rule(),
+                        Some(summary(Some(status))),
+                        now,
+                        wall,
+                    );
+                    l7::Verdict::Refuse {
+                        status,
+                        reason: reason.name(),
+                    }
+                }
+            }
+        });
+        let ends = endpoints(p);
+        let verdict = match outcome.fate {
+            l7::Fate::Forward => self.deliver(),
+            l7::Fate::Trim { start, end, fin }
+                if start == 0
+                    && end == seg.payload.len()
+                    && fin == seg.flags.contains(Flags::FIN) =>
+            {
+                // Nothing cut: the segment goes as it came.
+                self.deliver()
+            }
+            l7::Fate::Trim { start, end, fin } => {
+                let flags = Flags(seg.flags.0 & !Flags::FIN.0);
+                let piece = TcpSegment {
+                    src: ends.client,
+                    dst: ends.server,
+                    seq: seg.seq + start,
+                    ack: seg.flags.contains(Flags::ACK).then_some(seg.ack),
+                    flags: if fin { flags.union(Flags::FIN) } else { flags },
+                    window: seg.window,
+                    payload: &seg.payload[start..end],
+                };
+                if inject::tcp_packet(&piece, &mut emit.scratch).is_ok() {
+                    emit.push_scratch(Toward::Local);
+                }
+                Verdict::Consumed
+            }
+            l7::Fate::Drop(l7::DropReason::Buffered) => Verdict::Consumed,
+            l7::Fate::Drop(l7::DropReason::Untracked(_)) => self.dropped(Drop::Untracked),
+            l7::Fate::Drop(_) => self.dropped(Drop::Inspection),
+        };
+        if let Some(r) = outcome.release {
+            let seg = TcpSegment {
+                src: ends.client,
+                dst: ends.server,
+                seq: r.seq,
+                ack: r.ack,
+                flags: if r.fin {
+                    Flags::PSH.union(Flags::FIN)
+                } else {
+                    Flags::PSH
+                },
+                window: r.window,
+                payload: flow.release_data(),
+            };
+            let mut scratch = std::mem::take(&mut emit.scratch);
+            let _ = inject::segments(&seg, self.limits.mss, &mut scratch, |pkt| {
+                emit.push(Toward::Local, pkt)
+            });
+            emit.scratch = scratch;
+        }
+        if let Some(refusal) = outcome.refusal {
+            self.refuse(policy, sender, p, &ends, &refusal, now, wall, emit);
+        }
+        verdict
+    }
+
+    /// Injects the answer to a refused client and the reset of the server; logs causes
+    /// that policy did not already log.
+    #[allow(clippy::too_many_arguments)] // the flow, the refusal, and the clock: all needed
+    fn refuse(
+        &self,
+        policy: &CompiledPolicy,
+        sender: &Sender,
+        p: &Parsed,
+        ends: &Endpoints,
+        refusal: &Refusal,
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) {
+        if inject::response(ends, refusal, &mut emit.text, &mut emit.scratch).is_ok() {
+            emit.push_scratch(Toward::Peer);
+        }
+        if inject::reset(ends, refusal, &mut emit.scratch).is_ok() {
+            emit.push_scratch(Toward::Local);
+        }
+        if matches!(refusal.cause, RefuseCause::Policy { .. }) {
+            return;
+        }
+        self.http_refused.fetch_add(1, Ordering::Relaxed);
+        let reason = refusal_reason(&refusal.cause);
+        self.drops[drop_slot(Drop::Denied(reason))].fetch_add(1, Ordering::Relaxed);
+        let detail = refusal.cause.to_string();
+        let summary = HttpSummary {
+            method: "",
+            path: &detail,
+            host: None,
+            status: Some(refusal.cause.status()),
+        };
+        self.write_log(
+            policy,
+            sender,
+            p,
+            "deny",
+            reason.name(),
+            None,
+            Some(summary),
+            now,
+            wall,
+        );
+    }
+
+    /// Refuses inspected flows whose request head is overdue (408) and removes
+    /// expired flows. The shell calls this periodically.
+    pub fn poll(&self, now: Duration, wall: UnixTime, emit: &mut Emit) -> usize {
+        let active = self.active.load();
+        let ts = stamp(now);
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            removed += shard.sweep(now);
+            shard.retain(|key, f| {
+                let (Some(l7), Some(sender)) = (f.value.l7.as_deref_mut(), f.value.sender.as_ref())
+                else {
+                    return true;
+                };
+                if l7.poll_at().is_some_and(|at| at <= ts) {
+                    if let (Some(refusal), Some(p)) = (l7.poll(ts), parsed_from_key(key)) {
+                        self.refuse(
+                            &active.policy,
+                            sender,
+                            &p,
+                            &endpoints(&p),
+                            &refusal,
+                            now,
+                            wall,
+                            emit,
+                        );
+                    }
+                }
+                true
+            });
+        }
+        removed
+    }
+
+    fn request<'a>(&'a self, sender: &'a Sender, p: &Parsed) -> Request<'a> {
+        Request {
             src_identity: Some(&sender.identity),
             src_groups: &sender.groups,
             src_addr: Some(p.key.src),
@@ -446,69 +867,56 @@ impl L4Enforcer {
             },
             protocol: p.protocol,
             http: None,
-        };
-        mesh_proto::policy::evaluate(policy, &req)
+        }
     }
 
-    /// Counts, logs (denies and audit matches) and turns a decision into a verdict.
-    fn after_decision(
+    fn count_rules(&self, decision: &Decision) {
+        let mut hits = self.rule_hits.lock().unwrap_or_else(|e| e.into_inner());
+        match decision.verdict {
+            PolicyVerdict::Allow(AllowReason::Matched(r)) => hits.entry(r).or_default()[0] += 1,
+            PolicyVerdict::Deny(DenyReason::ExplicitDeny(r)) => hits.entry(r).or_default()[1] += 1,
+            _ => {}
+        }
+        for r in &decision.audit {
+            hits.entry(*r).or_default()[2] += 1;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // one field each of the log line
+    fn write_log(
         &self,
         policy: &CompiledPolicy,
         sender: &Sender,
         p: &Parsed,
-        decision: &Decision,
+        verdict: &str,
+        reason: &str,
+        rule: Option<RuleRef>,
+        http: Option<HttpSummary<'_>>,
         now: Duration,
         wall: UnixTime,
-    ) -> Verdict {
-        {
-            let mut hits = self.rule_hits.lock().unwrap_or_else(|e| e.into_inner());
-            match decision.verdict {
-                PolicyVerdict::Allow(AllowReason::Matched(r)) => hits.entry(r).or_default()[0] += 1,
-                PolicyVerdict::Deny(DenyReason::ExplicitDeny(r)) => {
-                    hits.entry(r).or_default()[1] += 1
-                }
-                _ => {}
-            }
-            for r in &decision.audit {
-                hits.entry(*r).or_default()[2] += 1;
-            }
-        }
-        let write = |verdict: &str, reason: &str, rule: Option<RuleRef>| {
-            let label = rule.map(|r| policy.rule_label(r));
-            let src_addr = p.key.src.to_string();
-            let dst_addr = p.key.dst.to_string();
-            self.log.record(
-                &DecisionRecord {
-                    time: wall.to_string(),
-                    src: Some(&sender.identity),
-                    src_addr,
-                    dst: self.local.identity.as_deref(),
-                    dst_addr,
-                    dst_port: if p.protocol == Protocol::Icmp {
-                        0
-                    } else {
-                        p.key.dst_port
-                    },
-                    proto: p.protocol.as_str(),
-                    decision: verdict,
-                    reason,
-                    policy: label.as_ref().map(|(p, _)| *p),
-                    rule: label.as_ref().map(|(_, r)| r.as_str()),
-                    http: None,
+    ) {
+        let label = rule.map(|r| policy.rule_label(r));
+        self.log.record(
+            &DecisionRecord {
+                time: wall.to_string(),
+                src: Some(&sender.identity),
+                src_addr: p.key.src.to_string(),
+                dst: self.local.identity.as_deref(),
+                dst_addr: p.key.dst.to_string(),
+                dst_port: if p.protocol == Protocol::Icmp {
+                    0
+                } else {
+                    p.key.dst_port
                 },
-                now,
-            );
-        };
-        for r in &decision.audit {
-            write("audit", "audit_matched", Some(*r));
-        }
-        match decision.verdict {
-            PolicyVerdict::Allow(_) => self.deliver(),
-            PolicyVerdict::Deny(reason) => {
-                write("deny", reason.name(), decision.rule());
-                self.dropped(Drop::Denied(reason))
-            }
-        }
+                proto: p.protocol.as_str(),
+                decision: verdict,
+                reason,
+                policy: label.as_ref().map(|(p, _)| *p),
+                rule: label.as_ref().map(|(_, r)| r.as_str()),
+                http,
+            },
+            now,
+        );
     }
 
     fn deliver(&self) -> Verdict {
@@ -528,6 +936,8 @@ fn drop_slot(d: Drop) -> usize {
         Drop::Untracked => 1,
         Drop::Protocol => 2,
         Drop::StrayIcmp => 3,
+        Drop::Checksum => DROP_SLOTS - 2,
+        Drop::Inspection => DROP_SLOTS - 1,
         Drop::Denied(r) => {
             4 + match r {
                 DenyReason::ExplicitDeny(_) => 0,
@@ -549,7 +959,105 @@ fn slot_name(slot: usize) -> &'static str {
         2 => Drop::Protocol.name(),
         3 => Drop::StrayIcmp.name(),
         4 => "explicit_deny",
+        n if n == DROP_SLOTS - 2 => Drop::Checksum.name(),
+        n if n == DROP_SLOTS - 1 => Drop::Inspection.name(),
         n => DenyReason::PLAIN.get(n - 5).map_or("other", |r| r.name()),
+    }
+}
+
+fn stamp(now: Duration) -> Timestamp {
+    Timestamp::from_millis(u64::try_from(now.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn endpoints(p: &Parsed) -> Endpoints {
+    Endpoints {
+        client: std::net::SocketAddr::new(p.key.src, p.key.src_port),
+        server: std::net::SocketAddr::new(p.key.dst, p.key.dst_port),
+    }
+}
+
+/// The TCP segment of a parsed TCP packet.
+fn segment<'a>(p: &Parsed, packet: &'a [u8]) -> Option<Segment<'a>> {
+    let raw = p.tcp_raw?;
+    let tcp = p.obs.tcp?;
+    let end = raw.payload_at + tcp.payload_len as usize;
+    Some(Segment {
+        seq: SeqNumber(tcp.seq),
+        ack: SeqNumber(tcp.ack),
+        flags: Flags(raw.flags),
+        window: raw.window,
+        payload: packet.get(raw.payload_at..end)?,
+    })
+}
+
+/// Verifies the TCP checksum (RFC 9293 §3.1, with the RFC 8200 §8.1 pseudo-header for
+/// IPv6).
+fn tcp_checksum_ok(packet: &[u8], p: &Parsed) -> bool {
+    let (Some(raw), Some(tcp)) = (p.tcp_raw, p.obs.tcp) else {
+        return false;
+    };
+    let header_len = raw.payload_at - ip_header_len(packet, p);
+    let start = raw.payload_at - header_len;
+    let Some(segment) = packet.get(start..raw.payload_at + tcp.payload_len as usize) else {
+        return false;
+    };
+    let mut sum: u64 = 0;
+    let mut add = |bytes: &[u8]| {
+        let mut chunks = bytes.chunks_exact(2);
+        for c in &mut chunks {
+            sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        if let [last] = chunks.remainder() {
+            sum += u64::from(*last) << 8;
+        }
+    };
+    match (p.key.src, p.key.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            add(&s.octets());
+            add(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            add(&s.octets());
+            add(&d.octets());
+        }
+        _ => return false,
+    }
+    add(&(segment.len() as u32).to_be_bytes());
+    add(&[0, PROTO_TCP]);
+    add(segment);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+/// Length of the IP header (with IPv6 extension headers) before the TCP header.
+fn ip_header_len(packet: &[u8], p: &Parsed) -> usize {
+    let off = match packet.first().map(|b| b >> 4) {
+        Some(4) => usize::from(packet[0] & 0x0f) * 4,
+        _ => {
+            packet.len()
+                - etherparse::IpSlice::from_slice(packet).map_or(0, |ip| ip.payload().payload.len())
+        }
+    };
+    let _ = p;
+    off
+}
+
+/// The reason a layer-7 refusal that policy did not make is logged with.
+fn refusal_reason(cause: &RefuseCause) -> DenyReason {
+    match cause {
+        RefuseCause::Policy { .. } => DenyReason::NoAllowMatched,
+        RefuseCause::Http(crate::http::HttpError::Malformed(_)) => DenyReason::NotHttp,
+        RefuseCause::Http(
+            crate::http::HttpError::HeadTooLarge | crate::http::HttpError::TooManyHeaders,
+        ) => DenyReason::HeadTooLarge,
+        RefuseCause::Http(_)
+        | RefuseCause::Path(_)
+        | RefuseCause::Truncated
+        | RefuseCause::Urgent => DenyReason::MalformedRequest,
+        RefuseCause::Timeout => DenyReason::RequestTimeout,
+        RefuseCause::HoldFull => DenyReason::BufferFull,
     }
 }
 
@@ -574,6 +1082,7 @@ fn parsed_from_key(key: &FlowKey) -> Option<Parsed> {
         obs: Observation { tcp: None },
         protocol,
         kind: Kind::Flow,
+        tcp_raw: None,
     })
 }
 
@@ -629,6 +1138,11 @@ fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
                 obs: Observation { tcp: Some(info) },
                 protocol: Protocol::Tcp,
                 kind: Kind::Flow,
+                tcp_raw: Some(TcpRaw {
+                    flags,
+                    window: be16(l4, 14).unwrap_or(0),
+                    payload_at: (packet.len() - l4.len()) + off,
+                }),
             })
         }
         PROTO_UDP => {
@@ -640,6 +1154,7 @@ fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
                 obs: Observation { tcp: None },
                 protocol: Protocol::Udp,
                 kind: Kind::Flow,
+                tcp_raw: None,
             })
         }
         PROTO_ICMP | PROTO_ICMPV6 => parse_icmp(proto, src, dst, l4),
@@ -672,6 +1187,7 @@ fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, 
             obs: Observation { tcp: None },
             protocol: Protocol::Icmp,
             kind: Kind::Flow,
+            tcp_raw: None,
         });
     }
     if !error {
@@ -683,6 +1199,7 @@ fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, 
         obs: Observation { tcp: None },
         protocol: Protocol::Icmp,
         kind: Kind::IcmpError,
+        tcp_raw: None,
     })
 }
 
