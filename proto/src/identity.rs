@@ -33,7 +33,9 @@ pub enum IdError {
     WrongScheme,
     #[error("SPIFFE ID has an empty trust domain")]
     EmptyTrustDomain,
-    #[error("trust domain may contain only lowercase letters, digits, '.', '-' and '_' (found {0:?})")]
+    #[error(
+        "trust domain may contain only lowercase letters, digits, '.', '-' and '_' (found {0:?})"
+    )]
     BadTrustDomainChar(char),
     #[error("trust domain is longer than 255 bytes")]
     TrustDomainTooLong,
@@ -232,7 +234,11 @@ mod tests {
             ("spiffe://example.org", "example.org", ""),
             ("spiffe://example.org/workload", "example.org", "/workload"),
             ("spiffe://t/a", "t", "/a"),
-            ("spiffe://my-td_1.example/ns/prod/sa/web", "my-td_1.example", "/ns/prod/sa/web"),
+            (
+                "spiffe://my-td_1.example/ns/prod/sa/web",
+                "my-td_1.example",
+                "/ns/prod/sa/web",
+            ),
             // Path segments may contain uppercase letters, dots, dashes, underscores.
             ("spiffe://t/Foo.Bar-baz_9", "t", "/Foo.Bar-baz_9"),
             // A segment may contain dots as long as it is not exactly "." or "..".
@@ -270,7 +276,10 @@ mod tests {
             ("spiffe://exa mple/a".into(), BadTrustDomainChar(' ')),
             ("spiffe://ex%41/a".into(), BadTrustDomainChar('%')),
             ("spiffe://tä/a".into(), BadTrustDomainChar('ä')),
-            (format!("spiffe://{}/a", "a".repeat(256)), TrustDomainTooLong),
+            (
+                format!("spiffe://{}/a", "a".repeat(256)),
+                TrustDomainTooLong,
+            ),
             // No port, userinfo, query or fragment.
             ("spiffe://t:8080/a".into(), ForbiddenComponent(':')),
             ("spiffe://user@t/a".into(), ForbiddenComponent('@')),
