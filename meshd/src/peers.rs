@@ -260,7 +260,11 @@ pub enum TableError {
     #[error("{a} and {b} have the same public key")]
     DuplicateKey { a: SpiffeId, b: SpiffeId },
     #[error("address {net} of {b} is already held by {a}")]
-    DuplicateAddress { net: IpNet, a: SpiffeId, b: SpiffeId },
+    DuplicateAddress {
+        net: IpNet,
+        a: SpiffeId,
+        b: SpiffeId,
+    },
     #[error("peer slot {0} used twice")]
     DuplicateIndex(u32),
 }
@@ -384,9 +388,7 @@ impl From<&WireGuardError> for CryptoError {
             WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => {
                 CryptoError::Replay
             }
-            WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => {
-                CryptoError::NoSession
-            }
+            WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => CryptoError::NoSession,
             WireGuardError::UnderLoad => CryptoError::UnderLoad,
             _ => CryptoError::Other,
         }
@@ -398,7 +400,10 @@ impl From<&WireGuardError> for CryptoError {
 pub enum Outbound<'a> {
     /// Send `data` to `to` over UDP (an encrypted packet or a handshake initiation;
     /// in the latter case the packet waits in the session's queue).
-    Send { to: SocketAddr, data: &'a [u8] },
+    Send {
+        to: SocketAddr,
+        data: &'a [u8],
+    },
     /// Queued while a handshake is in flight; nothing to send now.
     Queued,
     Drop(DropReason),
@@ -624,7 +629,12 @@ pub fn flush<'a>(peer: &Peer, dst: &'a mut [u8]) -> Option<Transmit<'a>> {
 
 /// Timers (rekey, retransmit, keepalive, expiry) for one peer; call every ~250 ms.
 /// Also drops the sessions of a peer whose certificate is no longer valid.
-pub fn tick<'a>(node: &Node, peer: &Peer, dst: &'a mut [u8], now: UnixTime) -> Option<Transmit<'a>> {
+pub fn tick<'a>(
+    node: &Node,
+    peer: &Peer,
+    dst: &'a mut [u8],
+    now: UnixTime,
+) -> Option<Transmit<'a>> {
     if !peer.admit(node, now) {
         return None;
     }
