@@ -102,6 +102,11 @@ pub fn udp_loop(d: &Daemon) {
                 }
             }
             Inbound::Done => {}
+            Inbound::Rehandshake(peer) => {
+                if let Some(t) = peers::initiate(&peer, &mut aux) {
+                    send(d, t.data, t.to);
+                }
+            }
             Inbound::Drop(reason) => tracing::trace!(?reason, %from, "inbound drop"),
         }
     }

@@ -1,6 +1,7 @@
 //! `meshd --config FILE` runs the daemon; `meshd check-config --config FILE` checks
 //! the configuration and everything it names, and touches nothing.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     match cli.command {

@@ -84,6 +84,11 @@ fn run(hosts: &mut [&mut Host], link: &mut Link) -> Vec<DropReason> {
                 }
             }
             Inbound::Done => {}
+            Inbound::Rehandshake(peer) => {
+                if let Some(t) = initiate(&peer, &mut flushed) {
+                    link.push_back((h.addr, t.to, t.data.to_vec()));
+                }
+            }
             Inbound::Drop(r) => drops.push(r),
         }
     }
@@ -326,4 +331,39 @@ impl Outbound<'_> {
             _ => None,
         }
     }
+}
+
+#[test]
+fn restarted_responder_recovers_without_waiting_for_timers() {
+    let Pair { mut a, mut b, .. } = pair();
+    let mut link = Link::new();
+    let p = |s: &[u8]| build::udp(ip("100.64.0.1"), ip("100.64.0.2"), s);
+    send_from_tun(&a, &p(b"before"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(b.delivered.len(), 1);
+    // B restarts: same key, same peers (and, as after a real restart, the same
+    // slots), but no sessions. B knows A's endpoint from its configuration.
+    let spec_a = b.table.peers()[0].spec.clone();
+    let endpoint = b.table.peers()[0].endpoint();
+    b.table = PeerTable::new(vec![Arc::new(b.node.new_peer(spec_a, 1, endpoint))]).unwrap();
+    // The first packet on the old session is lost, but makes B start a handshake.
+    send_from_tun(&a, &p(b"lost"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    send_from_tun(&a, &p(b"after"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(b.delivered.last(), Some(&p(b"after")));
+}
+
+#[test]
+fn link_local_and_multicast_are_not_counted() {
+    let Pair { a, .. } = pair();
+    let mut dst = vec![0u8; 2048];
+    for d in ["ff02::2", "fe80::1"] {
+        let pkt = build::udp(ip("fd00:6d65:7368::1"), ip(d), b"rs");
+        assert_eq!(
+            outbound(&a.node, &a.table, &pkt, &mut dst, NOW).drop_reason(),
+            Some(DropReason::NotRoutable)
+        );
+    }
+    assert_eq!(a.node.drops().no_route, 0);
 }
