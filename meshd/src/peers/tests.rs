@@ -367,3 +367,31 @@ fn link_local_and_multicast_are_not_counted() {
     }
     assert_eq!(a.node.drops().no_route, 0);
 }
+
+#[test]
+fn handshake_flood_gets_cookie_replies() {
+    let Pair { a, b, .. } = pair();
+    let mut link = Link::new();
+    send_from_tun(
+        &a,
+        &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"x"),
+        &mut link,
+    );
+    let (from, _, init) = link.pop_front().unwrap();
+    let enforce = DefaultOnly::allow_all();
+    let mut dst = vec![0u8; 2048];
+    let mut cookies = 0;
+    for _ in 0..(HANDSHAKE_RATE_LIMIT + 50) {
+        if let Inbound::Send { to, data, flush } =
+            inbound(&b.node, &b.table, &enforce, from, &init, &mut dst, NOW)
+        {
+            if data.len() == COOKIE_REPLY_LEN {
+                assert_eq!(to, from);
+                assert!(flush.is_none());
+                cookies += 1;
+            }
+        }
+    }
+    // Under load, initiations without a valid MAC2 get only a cookie reply (5.4.7).
+    assert!(cookies >= 50, "{cookies} cookie replies");
+}
