@@ -102,7 +102,6 @@ fn ip(s: &str) -> IpAddr {
 struct Pair {
     a: Host,
     b: Host,
-    ka: PrivateKey,
 }
 
 fn pair() -> Pair {
@@ -117,7 +116,7 @@ fn pair() -> Pair {
     );
     // B does not know A's endpoint: it learns it from the authenticated handshake.
     let b = host(&kb, "198.18.0.2:51820", vec![(sa, None)]);
-    Pair { a, b, ka }
+    Pair { a, b }
 }
 
 #[test]
@@ -168,8 +167,6 @@ fn unknown_key_gets_no_answer() {
     let Pair { mut b, .. } = pair();
     // C has B in its table, but B does not know C.
     let kc = PrivateKey::generate();
-    let kb_spec = b.table.peers()[0].spec.clone(); // A's spec, reused for addresses only
-    let _ = kb_spec;
     let sb = PeerSpec {
         public_key: b.node.public_key(),
         ..spec("b", &kc, &["100.64.0.2/32"])
@@ -292,7 +289,7 @@ fn garbage_and_bad_tun_packets_are_counted() {
 
 #[test]
 fn table_rejects_conflicts() {
-    let Pair { a, ka, .. } = pair();
+    let Pair { a, .. } = pair();
     let k = PrivateKey::generate();
     let n = &a.node;
     let s1 = spec("x", &k, &["100.64.0.5/32"]);
@@ -321,7 +318,6 @@ fn table_rejects_conflicts() {
     .unwrap();
     assert_eq!(t.free_index(1), 2);
     assert_eq!(t.route(ip("100.64.0.5")).map(|p| p.index), Some(1));
-    let _ = ka;
 }
 
 impl Outbound<'_> {
