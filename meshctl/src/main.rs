@@ -5,6 +5,8 @@
 mod ca;
 mod cert;
 mod key;
+mod log;
+mod online;
 mod policy;
 
 use clap::{Args, Parser, Subcommand};
@@ -56,6 +58,13 @@ enum Command {
     /// Check, test and explain policy files; apply them to meshd
     #[command(subcommand)]
     Policy(policy::Command),
+    /// Show the running meshd's decision log (denies and audit matches); -f follows
+    Log(log::LogArgs),
+    /// Show the running meshd: identity, listen address, peers, handshakes, drops
+    Status,
+    /// Add, remove and list the running meshd's peers
+    #[command(subcommand)]
+    Peer(online::PeerCommand),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +77,9 @@ fn main() -> ExitCode {
         Command::Cert(c) => cert::run(c, &cli.global),
         Command::Key(c) => key::run(c, &cli.global),
         Command::Policy(c) => policy::run(c, &cli.global),
+        Command::Status => online::status(&cli.global),
+        Command::Log(a) => log::run(a, &cli.global),
+        Command::Peer(c) => online::peer(c, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

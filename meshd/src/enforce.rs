@@ -168,6 +168,39 @@ pub struct Cut {
     pub server_next_seq: Option<u32>,
 }
 
+impl Cut {
+    /// The resets that end a cut TCP flow: one to the local server as if from the
+    /// client, one to the client (through the tunnel) as if from the server, each with
+    /// the sequence number its receiver expects next (RFC 9293 §3.10.7.4: a reset is
+    /// accepted when its sequence number is in the window). Other protocols have no
+    /// connection to end; their next packets are refused.
+    pub fn resets(&self, emit: &mut Emit) {
+        if self.key.proto != PROTO_TCP {
+            return;
+        }
+        let client = std::net::SocketAddr::new(self.key.src, self.key.src_port);
+        let server = std::net::SocketAddr::new(self.key.dst, self.key.dst_port);
+        for (seq, src, dst, toward) in [
+            (self.client_next_seq, client, server, Toward::Local),
+            (self.server_next_seq, server, client, Toward::Peer),
+        ] {
+            let Some(seq) = seq else { continue };
+            let rst = TcpSegment {
+                src,
+                dst,
+                seq: SeqNumber(seq),
+                ack: None,
+                flags: Flags::RST,
+                window: 0,
+                payload: &[],
+            };
+            if inject::tcp_packet(&rst, &mut emit.scratch).is_ok() {
+                emit.push_scratch(toward);
+            }
+        }
+    }
+}
+
 /// What a flow carries.
 #[derive(Debug)]
 pub struct FlowState {
@@ -320,6 +353,17 @@ impl Enforcer {
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             rule_hits: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// An enforcer with no policies and the default allow (a data plane without
+    /// policy; for tests of other layers).
+    pub fn allow_all() -> Enforcer {
+        Enforcer::new(
+            LocalWorkload::default(),
+            CompiledPolicy::empty(mesh_proto::policy::DefaultAction::Allow),
+            Limits::default(),
+            Arc::new(DecisionLog::new(Default::default())),
+        )
     }
 
     /// The policy in force.

@@ -251,6 +251,21 @@ fn stricter_policy_cuts_established_flow_with_sequence_numbers() {
     assert_eq!(cuts[0].client_next_seq, Some(106));
     assert_eq!(cuts[0].server_next_seq, Some(501));
     assert!(log.tail(1)[0].contains("default_deny"));
+    let mut emit = Emit::default();
+    cuts[0].resets(&mut emit);
+    let rsts: Vec<(Toward, u32, bool)> = emit
+        .packets()
+        .map(
+            |(t, p)| match etherparse::SlicedPacket::from_ip(p).unwrap().transport {
+                Some(etherparse::TransportSlice::Tcp(tcp)) => (t, tcp.sequence_number(), tcp.rst()),
+                _ => panic!("not TCP"),
+            },
+        )
+        .collect();
+    assert_eq!(
+        rsts,
+        vec![(Toward::Local, 106, true), (Toward::Peer, 501, true)]
+    );
     // Later segments of the cut flow are refused; the server's replies too.
     assert_eq!(
         e.inbound(
