@@ -1,0 +1,909 @@
+//! A mesh of test hosts: network namespaces on a shared underlay, each running a real
+//! `meshd` with a certificate from the test's own CA.
+//!
+//! Topology: one "underlay" namespace per mesh holds a bridge `br0`; every host is a
+//! namespace joined to it by a veth pair (`h-<name>` on the bridge, `eth0` in the
+//! host). Host number `i` (from 1) gets underlay 198.18.0.i/15 and fd00:198:18::i/64,
+//! overlay 100.64.0.i and fd00:6d65:7368::i. No default route anywhere.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+
+use crate::ca::{TestCa, Validity};
+use crate::isolate::{availability, Availability};
+use crate::netns::Netns;
+use crate::process::{last_lines, run_with_limit, Background, Output};
+use crate::wait;
+
+/// meshd's UDP port on every host.
+pub const MESH_PORT: u16 = 51820;
+/// Overlay prefixes routed into the TUN on every host.
+pub const OVERLAY_V4: &str = "100.64.0.0/10";
+pub const OVERLAY_V6: &str = "fd00:6d65:7368::/48";
+/// How long a meshd may take to report ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default limit for one command run in a host.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+static MESH_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Returned (inside `anyhow::Error`) by [`Mesh::new`] when the test must be skipped
+/// because `MESH_SKIP_NETNS=1` is set and netns tests cannot run here.
+#[derive(Debug, thiserror::Error)]
+#[error("skipped: {0}")]
+pub struct Skip(pub String);
+
+/// Whether `e` is a [`Skip`] (used by [`crate::mesh!`]).
+pub fn is_skip(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Skip>().is_some()
+}
+
+/// Where the workspace's binaries are (next to the test executable).
+#[derive(Debug)]
+pub struct Bins {
+    pub meshd: PathBuf,
+    pub meshctl: PathBuf,
+    pub testtool: PathBuf,
+}
+
+impl Bins {
+    /// `target/<profile>/{meshd,meshctl,mesh-testtool}`, found from the test executable
+    /// (`target/<profile>/deps/<test>-<hash>`).
+    pub fn locate() -> Result<Bins> {
+        let exe = std::env::current_exe().context("finding the test executable")?;
+        let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let find = |name: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                bail!(
+                    "{} not found: build the binaries first with `cargo build --workspace --bins` \
+                     (the netns tests run the real meshd and meshctl)",
+                    p.display()
+                )
+            }
+        };
+        Ok(Bins {
+            meshd: find("meshd")?,
+            meshctl: find("meshctl")?,
+            testtool: find("mesh-testtool")?,
+        })
+    }
+}
+
+/// One test's mesh: CA, underlay, hosts, temp dir. Dropping it stops every process the
+/// harness started and deletes every namespace and link, also when the test panics
+/// (then it prints each meshd's last log lines and keeps the directory).
+pub struct Mesh {
+    test: String,
+    prefix: String,
+    dir: PathBuf,
+    bins: Arc<Bins>,
+    ca: Arc<TestCa>,
+    hosts: Vec<Host>,
+    captures: Vec<Arc<Mutex<Option<Background>>>>,
+    // Dropped after the hosts (see Drop).
+    underlay: Option<Netns>,
+    next_index: u32,
+}
+
+impl Mesh {
+    /// A fresh mesh for `test` (use [`crate::test_name!`]): checks that netns tests can
+    /// run, finds the binaries, makes a CA for trust domain `t`, a temp dir and the
+    /// underlay. Prefer [`crate::mesh!`], which also handles `MESH_SKIP_NETNS`.
+    pub fn new(test: &str) -> Result<Mesh> {
+        match availability()? {
+            Availability::Ready => {}
+            Availability::Skip(why) => {
+                eprintln!("mesh-tests: SKIPPING {test} ({why}; MESH_SKIP_NETNS=1 is set)");
+                return Err(Skip(why).into());
+            }
+        }
+        check_tools()?;
+        let bins = Arc::new(Bins::locate()?);
+        let n = MESH_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("m{n}-");
+        let short: String = test.chars().take(40).collect();
+        let dir = std::env::temp_dir()
+            .join("mesh-tests")
+            .join(format!("{short}.{}.{n}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("rm -r {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let ca = Arc::new(TestCa::new("t").context("making the test CA")?);
+        std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
+        let underlay = Netns::create(&format!("{prefix}ul"))?;
+        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+        Ok(Mesh {
+            test: test.to_string(),
+            prefix,
+            dir,
+            bins,
+            ca,
+            hosts: Vec::new(),
+            captures: Vec::new(),
+            underlay: Some(underlay),
+            next_index: 1,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn ca(&self) -> &Arc<TestCa> {
+        &self.ca
+    }
+
+    pub fn bins(&self) -> &Bins {
+        &self.bins
+    }
+
+    /// A new CA for another trust domain (an outsider's CA in identity tests).
+    pub fn other_ca(&self, trust_domain: &str) -> Result<Arc<TestCa>> {
+        Ok(Arc::new(TestCa::new(trust_domain)?))
+    }
+
+    /// Declares host `name` (1–12 characters of `[a-z0-9]`).
+    pub fn host(&mut self, name: &str) -> HostBuilder<'_> {
+        HostBuilder {
+            identity: format!("spiffe://t/{name}"),
+            name: name.to_string(),
+            ca: None,
+            validity: Validity::Current,
+            public_key: None,
+            meshd: true,
+            peers: PeerSet::All,
+            extra_config: String::new(),
+            mesh: self,
+        }
+    }
+
+    /// Brings up hosts `names` with default settings, each a peer of all the others.
+    pub fn hosts<const N: usize>(&mut self, names: [&str; N]) -> Result<[Host; N]> {
+        let mut out = Vec::with_capacity(N);
+        for name in names {
+            out.push(self.host(name).up()?);
+        }
+        out.try_into()
+            .map_err(|_| anyhow!("internal: host count mismatch"))
+    }
+
+    /// The hosts brought up so far.
+    pub fn all_hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    fn underlay(&self) -> &Netns {
+        self.underlay
+            .as_ref()
+            .expect("the underlay lives as long as the mesh")
+    }
+
+    /// Starts a packet capture on the underlay bridge (every packet between hosts);
+    /// returns once tcpdump reports that it is listening.
+    pub fn capture_underlay(&mut self, filter: &str) -> Result<Capture> {
+        let n = self.captures.len();
+        let file = self.dir.join(format!("underlay-{n}.pcap"));
+        let mut cmd = self.underlay().command("tcpdump");
+        cmd.args([
+            "-i",
+            "br0",
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-s",
+            "0",
+            "-Z",
+            "root",
+            "-w",
+        ])
+        .arg(&file);
+        if !filter.is_empty() {
+            cmd.args(filter.split_whitespace());
+        }
+        let bg = Background::spawn(cmd, &self.dir, &format!("tcpdump-{n}"))?;
+        let slot = Arc::new(Mutex::new(Some(bg)));
+        self.captures.push(slot.clone());
+        wait::until(
+            "tcpdump to start listening",
+            Duration::from_secs(10),
+            || {
+                let mut guard = lock(&slot);
+                let bg = guard.as_mut().ok_or_else(|| anyhow!("capture stopped"))?;
+                if bg.stderr_text().contains("listening on") {
+                    return Ok(Some(()));
+                }
+                if let Some(status) = bg.exited()? {
+                    bail!("tcpdump exited ({status}): {}", bg.stderr_text().trim());
+                }
+                Ok(None)
+            },
+        )?;
+        Ok(Capture { slot, file })
+    }
+
+    fn alloc_index(&mut self) -> u32 {
+        let i = self.next_index;
+        self.next_index += 1;
+        i
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if panicking {
+            for h in &self.hosts {
+                eprintln!(
+                    "---- {}: last lines of {} ----\n{}",
+                    self.test,
+                    h.log_path().display(),
+                    last_lines(&h.log(), 40)
+                );
+            }
+        }
+        for c in &self.captures {
+            if let Some(mut bg) = lock(c).take() {
+                let _ = bg.kill();
+            }
+        }
+        for h in &self.hosts {
+            h.stop_all();
+        }
+        // Namespaces go when the last handle to each host drops; the underlay now.
+        self.hosts.clear();
+        self.underlay.take();
+        if panicking {
+            eprintln!("mesh-tests: kept {} for inspection", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Which existing hosts a new host is peered with (both directions).
+#[derive(Clone, Debug)]
+pub enum PeerSet {
+    /// Every running host with meshd that trusts the same CA.
+    All,
+    /// None: the test adds peers itself.
+    None,
+    /// These host names.
+    Only(Vec<String>),
+}
+
+/// Settings for one host; [`HostBuilder::up`] makes it.
+pub struct HostBuilder<'m> {
+    mesh: &'m mut Mesh,
+    name: String,
+    identity: String,
+    ca: Option<Arc<TestCa>>,
+    validity: Validity,
+    public_key: Option<String>,
+    meshd: bool,
+    peers: PeerSet,
+    extra_config: String,
+}
+
+impl HostBuilder<'_> {
+    pub fn identity(mut self, id: &str) -> Self {
+        self.identity = id.to_string();
+        self
+    }
+
+    /// Certificate (and trusted CA) from `ca` instead of the mesh's CA.
+    pub fn ca(mut self, ca: &Arc<TestCa>) -> Self {
+        self.ca = Some(ca.clone());
+        self
+    }
+
+    /// Its own certificate's validity window.
+    pub fn validity(mut self, v: Validity) -> Self {
+        self.validity = v;
+        self
+    }
+
+    pub fn peers(mut self, p: PeerSet) -> Self {
+        self.peers = p;
+        self
+    }
+
+    /// Extra TOML appended to meshd.toml (e.g. a `[policy]` table).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.extra_config.push_str(toml);
+        self.extra_config.push('\n');
+        self
+    }
+
+    /// Only the namespace and underlay link, no certificate and no meshd (harness
+    /// self-tests, plain traffic).
+    pub fn without_meshd(mut self) -> Self {
+        self.meshd = false;
+        self
+    }
+
+    /// Creates the namespace and link, issues the certificate, writes meshd.toml, starts
+    /// meshd and waits until `meshctl status --json` says ready; then adds it as a peer
+    /// to the hosts chosen by [`PeerSet`] (with `meshctl peer add`).
+    pub fn up(self) -> Result<Host> {
+        let HostBuilder {
+            mesh,
+            name,
+            identity,
+            ca,
+            validity,
+            public_key,
+            meshd,
+            peers,
+            extra_config,
+        } = self;
+        if name.is_empty()
+            || name.len() > 12
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            bail!("host name {name:?}: use 1-12 characters of [a-z0-9] (veth names are limited to 15 bytes)");
+        }
+        if mesh.hosts.iter().any(|h| h.name() == name) {
+            bail!("host {name:?} exists already");
+        }
+        let index = mesh.alloc_index();
+        let dir = mesh.dir.join(&name);
+        std::fs::create_dir_all(dir.join("www"))?;
+        let ns = Netns::create(&format!("{}{name}", mesh.prefix))?;
+        let veth = format!("h-{name}");
+        mesh.underlay().ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        mesh.underlay()
+            .ip(&["link", "set", &veth, "master", "br0", "up"])?;
+        let underlay_v4 = underlay_v4(index, 18);
+        let underlay_v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, index as u16));
+        ns.ip(&["addr", "add", &format!("{underlay_v4}/15"), "dev", "eth0"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{underlay_v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        let overlay_v4 = IpAddr::V4(Ipv4Addr::new(100, 64, (index >> 8) as u8, index as u8));
+        let overlay_v6 = IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x6d65,
+            0x7368,
+            0,
+            0,
+            0,
+            0,
+            index as u16,
+        ));
+        let ca = ca.unwrap_or_else(|| mesh.ca.clone());
+        let host = Host(Arc::new(HostInner {
+            name: name.clone(),
+            identity: identity.clone(),
+            index,
+            dir: dir.clone(),
+            bins: mesh.bins.clone(),
+            ca: ca.clone(),
+            underlay_v4: Mutex::new(underlay_v4),
+            underlay_v6,
+            overlay_v4,
+            overlay_v6,
+            cert_pem: Mutex::new(String::new()),
+            meshd: Mutex::new(None),
+            background: Mutex::new(Vec::new()),
+            ns,
+        }));
+        if !meshd {
+            mesh.hosts.push(host.clone());
+            return Ok(host);
+        }
+        let issued = ca.issue(
+            &identity,
+            &[overlay_v4, overlay_v6],
+            public_key.as_deref(),
+            validity,
+        )?;
+        *lock(&host.0.cert_pem) = issued.cert_pem.clone();
+        std::fs::write(dir.join("host.crt"), &issued.cert_pem)?;
+        write_private(&dir.join("host.key"), issued.key_b64.as_bytes())?;
+        std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
+        let peer_hosts: Vec<Host> = mesh
+            .hosts
+            .iter()
+            .filter(|h| h.has_meshd() && Arc::ptr_eq(&h.0.ca, &ca))
+            .filter(|h| match &peers {
+                PeerSet::All => true,
+                PeerSet::None => false,
+                PeerSet::Only(names) => names.iter().any(|n| n == h.name()),
+            })
+            .cloned()
+            .collect();
+        let mut config = String::new();
+        let _ = write!(
+            config,
+            "[node]\ncert = \"host.crt\"\nkey = \"host.key\"\nca = \"ca.crt\"\n\
+             listen = \"0.0.0.0:{MESH_PORT}\"\ntun = \"mesh0\"\nstate_dir = \"state\"\n\
+             control_socket = \"meshd.sock\"\nroutes = [\"{OVERLAY_V4}\", \"{OVERLAY_V6}\"]\n\
+             log_level = \"debug\"\n"
+        );
+        std::fs::create_dir_all(dir.join("peers"))?;
+        for p in &peer_hosts {
+            let file = format!("peers/{}.crt", p.name());
+            std::fs::write(dir.join(&file), p.cert_pem())?;
+            let _ = write!(
+                config,
+                "\n[[peer]]\ncert = \"{file}\"\nendpoint = \"{}\"\n",
+                p.endpoint()
+            );
+        }
+        if !extra_config.is_empty() {
+            config.push('\n');
+            config.push_str(&extra_config);
+        }
+        std::fs::write(dir.join("meshd.toml"), config)?;
+        mesh.hosts.push(host.clone());
+        host.start()?;
+        for p in &peer_hosts {
+            p.peer_add(&host)?;
+        }
+        Ok(host)
+    }
+}
+
+/// Status of one meshd, as `meshctl status --json` prints it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Status {
+    pub ready: bool,
+    #[serde(default)]
+    pub identity: String,
+    #[serde(default)]
+    pub listen: String,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub peers: Vec<PeerStatus>,
+    #[serde(default)]
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PeerStatus {
+    pub identity: String,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub latest_handshake: Option<u64>,
+    #[serde(default)]
+    pub rx_bytes: u64,
+    #[serde(default)]
+    pub tx_bytes: u64,
+    #[serde(default)]
+    pub drops: BTreeMap<String, u64>,
+}
+
+impl Status {
+    pub fn peer(&self, identity: &str) -> Option<&PeerStatus> {
+        self.peers.iter().find(|p| p.identity == identity)
+    }
+
+    /// Sum of the top-level drop counters.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.values().sum()
+    }
+}
+
+/// A host in the mesh: a cheap handle (clone freely). The [`Mesh`] stops its processes
+/// and deletes its namespace when the mesh drops.
+#[derive(Clone)]
+pub struct Host(Arc<HostInner>);
+
+pub struct HostInner {
+    name: String,
+    identity: String,
+    index: u32,
+    dir: PathBuf,
+    bins: Arc<Bins>,
+    ca: Arc<TestCa>,
+    underlay_v4: Mutex<IpAddr>,
+    underlay_v6: IpAddr,
+    overlay_v4: IpAddr,
+    overlay_v6: IpAddr,
+    cert_pem: Mutex<String>,
+    meshd: Mutex<Option<Background>>,
+    background: Mutex<Vec<Background>>,
+    ns: Netns,
+}
+
+impl Drop for HostInner {
+    fn drop(&mut self) {
+        // Processes first: a namespace with live processes would outlive `ip netns del`.
+        if let Some(mut m) = lock(&self.meshd).take() {
+            let _ = m.kill();
+        }
+        lock(&self.background).clear();
+    }
+}
+
+impl Host {
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.0.identity
+    }
+
+    pub fn index(&self) -> u32 {
+        self.0.index
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0.dir
+    }
+
+    pub fn netns(&self) -> &Netns {
+        &self.0.ns
+    }
+
+    pub fn overlay_v4(&self) -> IpAddr {
+        self.0.overlay_v4
+    }
+
+    pub fn overlay_v6(&self) -> IpAddr {
+        self.0.overlay_v6
+    }
+
+    pub fn underlay_v4(&self) -> IpAddr {
+        *lock(&self.0.underlay_v4)
+    }
+
+    pub fn underlay_v6(&self) -> IpAddr {
+        self.0.underlay_v6
+    }
+
+    /// Its meshd's underlay endpoint (IPv4).
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.underlay_v4(), MESH_PORT)
+    }
+
+    pub fn cert_pem(&self) -> String {
+        lock(&self.0.cert_pem).clone()
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.0.dir.join("host.crt")
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.0.dir.join("meshd.sock")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.0.dir.join("meshd.toml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.0.dir.join("meshd.log")
+    }
+
+    /// Everything meshd wrote to stdout and stderr so far (all runs).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The `mesh-testtool` binary (UDP echo, garbage sender).
+    pub fn bins_testtool(&self) -> PathBuf {
+        self.0.bins.testtool.clone()
+    }
+
+    fn has_meshd(&self) -> bool {
+        !lock(&self.0.cert_pem).is_empty()
+    }
+
+    /// Runs `program args` in this host, output captured, under [`COMMAND_TIMEOUT`].
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
+        self.exec_timeout(program, args, COMMAND_TIMEOUT)
+    }
+
+    pub fn exec_timeout(&self, program: &str, args: &[&str], timeout: Duration) -> Result<Output> {
+        let mut base = self.0.ns.command("timeout");
+        base.current_dir(&self.0.dir);
+        run_with_limit(base, program, args, timeout)
+    }
+
+    /// Like [`Host::exec`] but fails unless the command exits 0.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<Output> {
+        self.exec(program, args)?
+            .check()
+            .with_context(|| format!("in host {}", self.name()))
+    }
+
+    /// Starts `program args` in this host in the background; the host stops it when the
+    /// mesh drops. [`Host::wait_background_output`] finds it by `label`.
+    pub fn spawn(&self, label: &str, program: &Path, args: &[&str]) -> Result<()> {
+        let mut cmd = self.0.ns.command(program);
+        cmd.args(args).current_dir(&self.0.dir);
+        let bg = Background::spawn(cmd, &self.0.dir, label)?;
+        lock(&self.0.background).push(bg);
+        Ok(())
+    }
+
+    /// Waits until a background process labelled `label` printed `needle` on stdout or
+    /// stderr; fails early if it exits.
+    pub fn wait_background_output(&self, label: &str, needle: &str) -> Result<()> {
+        wait::until(
+            &format!("{label} in {} to print {needle:?}", self.name()),
+            Duration::from_secs(10),
+            || {
+                let mut bgs = lock(&self.0.background);
+                let bg = bgs
+                    .iter_mut()
+                    .rev()
+                    .find(|b| b.name == label)
+                    .ok_or_else(|| anyhow!("no background process {label}"))?;
+                if bg.stdout_text().contains(needle) || bg.stderr_text().contains(needle) {
+                    return Ok(Some(()));
+                }
+                if let Some(status) = bg.exited()? {
+                    bail!(
+                        "{label} exited ({status}): {}",
+                        last_lines(&bg.stderr_text(), 10)
+                    );
+                }
+                Ok(None)
+            },
+        )
+    }
+
+    /// Stops every process of this host (meshd and background).
+    fn stop_all(&self) {
+        if let Some(mut m) = lock(&self.0.meshd).take() {
+            let _ = m.kill();
+        }
+        lock(&self.0.background).clear();
+    }
+
+    // ---- meshd lifecycle ----
+
+    /// Starts meshd (`meshd --config meshd.toml`) and waits until it reports ready.
+    pub fn start(&self) -> Result<()> {
+        {
+            let mut slot = lock(&self.0.meshd);
+            if slot.is_some() {
+                bail!("meshd already runs in {}", self.name());
+            }
+            let mut cmd = self.0.ns.command(&self.0.bins.meshd);
+            cmd.arg("--config")
+                .arg(self.config_path())
+                .current_dir(&self.0.dir)
+                .env("RUST_BACKTRACE", "1");
+            let log = self.log_path();
+            *slot = Some(Background::spawn_to(cmd, "meshd", log.clone(), log)?);
+        }
+        self.wait_ready()
+    }
+
+    /// Polls `meshctl status --json` until `ready` is true ([`READY_TIMEOUT`]); on
+    /// failure the error carries meshd's last log lines.
+    pub fn wait_ready(&self) -> Result<()> {
+        let result = wait::until(
+            &format!("meshd in {} to report ready", self.name()),
+            READY_TIMEOUT,
+            || {
+                if let Some(status) = lock(&self.0.meshd)
+                    .as_mut()
+                    .ok_or_else(|| anyhow!("meshd is not running"))?
+                    .exited()?
+                {
+                    bail!("meshd exited during startup ({status})");
+                }
+                match self.status() {
+                    Ok(s) if s.ready => Ok(Some(())),
+                    _ => Ok(None),
+                }
+            },
+        );
+        result.map_err(|e| {
+            anyhow!(
+                "{e:#}\n---- last lines of {} ----\n{}",
+                self.log_path().display(),
+                last_lines(&self.log(), 30)
+            )
+        })
+    }
+
+    /// SIGKILL meshd (no clean shutdown) and reap it.
+    pub fn kill_meshd(&self) -> Result<()> {
+        match lock(&self.0.meshd).take() {
+            Some(mut m) => m.kill(),
+            None => bail!("meshd is not running in {}", self.name()),
+        }
+    }
+
+    /// SIGTERM meshd and wait for it to exit; returns its exit status.
+    pub fn stop_meshd(&self) -> Result<()> {
+        match lock(&self.0.meshd).take() {
+            Some(mut m) => m.stop_with(libc::SIGTERM),
+            None => bail!("meshd is not running in {}", self.name()),
+        }
+    }
+
+    /// Whether meshd is still running (not exited).
+    pub fn meshd_alive(&self) -> Result<bool> {
+        match lock(&self.0.meshd).as_mut() {
+            Some(m) => Ok(m.exited()?.is_none()),
+            None => Ok(false),
+        }
+    }
+
+    /// Moves this host to underlay address `new` (same /15): the old address goes away.
+    pub fn move_underlay(&self, new: Ipv4Addr) -> Result<()> {
+        let mut cur = lock(&self.0.underlay_v4);
+        self.0
+            .ns
+            .ip(&["addr", "add", &format!("{new}/15"), "dev", "eth0"])?;
+        self.0
+            .ns
+            .ip(&["addr", "del", &format!("{}/15", *cur), "dev", "eth0"])?;
+        *cur = IpAddr::V4(new);
+        Ok(())
+    }
+
+    // ---- meshctl ----
+
+    /// `meshctl --socket <sock> <args>` in this host.
+    pub fn meshctl(&self, args: &[&str]) -> Result<Output> {
+        let sock = self.socket_path();
+        let sock = sock.to_str().context("socket path is not UTF-8")?;
+        let meshctl = self.0.bins.meshctl.to_str().context("path is not UTF-8")?;
+        let mut all = vec!["--socket", sock];
+        all.extend_from_slice(args);
+        self.exec_timeout(meshctl, &all, Duration::from_secs(10))
+    }
+
+    /// `meshctl status --json`, parsed.
+    pub fn status(&self) -> Result<Status> {
+        let out = self.meshctl(&["status", "--json"])?.check()?;
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("parsing `meshctl status --json`: {}", out.stdout_str()))
+    }
+
+    /// `meshctl peer add <other's cert> --endpoint <other's endpoint>`.
+    pub fn peer_add(&self, other: &Host) -> Result<Output> {
+        let cert = self
+            .0
+            .dir
+            .join("peers")
+            .join(format!("{}.crt", other.name()));
+        std::fs::create_dir_all(self.0.dir.join("peers"))?;
+        std::fs::write(&cert, other.cert_pem())?;
+        let cert = cert.to_str().context("path is not UTF-8")?.to_string();
+        let ep = other.endpoint().to_string();
+        self.meshctl(&["peer", "add", &cert, "--endpoint", &ep])?
+            .check()
+            .with_context(|| format!("adding peer {} to {}", other.name(), self.name()))
+    }
+
+    /// `meshctl peer remove <identity>`.
+    pub fn peer_remove(&self, identity: &str) -> Result<Output> {
+        self.meshctl(&["peer", "remove", identity])
+    }
+
+    /// Sends one raw line to the control socket and returns the reply line.
+    pub fn control_raw(&self, line: &[u8]) -> Result<String> {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.socket_path())
+            .with_context(|| format!("connect {}", self.socket_path().display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(line)?;
+        if !line.ends_with(b"\n") {
+            s.write_all(b"\n")?;
+        }
+        let mut reply = String::new();
+        BufReader::new(s)
+            .read_line(&mut reply)
+            .context("reading the control reply")?;
+        Ok(reply)
+    }
+}
+
+/// A running underlay capture; [`Capture::finish`] stops it and returns the pcap bytes.
+pub struct Capture {
+    slot: Arc<Mutex<Option<Background>>>,
+    file: PathBuf,
+}
+
+impl Capture {
+    pub fn finish(self) -> Result<Vec<u8>> {
+        if let Some(mut bg) = lock(&self.slot).take() {
+            // SIGINT makes tcpdump flush and exit.
+            bg.stop_with(libc::SIGINT)?;
+        }
+        std::fs::read(&self.file).with_context(|| format!("read {}", self.file.display()))
+    }
+}
+
+/// 198.<second>.0.i.
+pub fn underlay_v4(index: u32, second: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, second, (index >> 8) as u8, index as u8))
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}
+
+/// Locks ignoring poisoning: cleanup must still work after a panic.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The external tools the harness runs; a clear error if one is missing.
+fn check_tools() -> Result<()> {
+    let missing: Vec<&str> = [
+        ("ip", "iproute2"),
+        ("ss", "iproute2"),
+        ("timeout", "coreutils"),
+        ("curl", "curl"),
+        ("ping", "iputils-ping"),
+        ("tcpdump", "tcpdump"),
+        ("python3", "python3"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| !in_path(tool))
+    .map(|(_, pkg)| pkg)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "missing tools for the netns tests: apt-get install {}",
+            missing.join(" ")
+        )
+    }
+}
+
+fn in_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
