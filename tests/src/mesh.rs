@@ -165,7 +165,7 @@ impl Mesh {
             name: name.to_string(),
             ca: None,
             validity: Validity::Current,
-            public_key: None,
+            groups: Vec::new(),
             meshd: true,
             peers: PeerSet::All,
             extra_config: String::new(),
@@ -294,7 +294,7 @@ pub struct HostBuilder<'m> {
     identity: String,
     ca: Option<Arc<TestCa>>,
     validity: Validity,
-    public_key: Option<String>,
+    groups: Vec<String>,
     meshd: bool,
     peers: PeerSet,
     extra_config: String,
@@ -315,6 +315,12 @@ impl HostBuilder<'_> {
     /// Its own certificate's validity window.
     pub fn validity(mut self, v: Validity) -> Self {
         self.validity = v;
+        self
+    }
+
+    /// Groups in its certificate.
+    pub fn groups(mut self, groups: &[&str]) -> Self {
+        self.groups = groups.iter().map(|g| g.to_string()).collect();
         self
     }
 
@@ -347,7 +353,7 @@ impl HostBuilder<'_> {
             identity,
             ca,
             validity,
-            public_key,
+            groups,
             meshd,
             peers,
             extra_config,
@@ -418,6 +424,7 @@ impl HostBuilder<'_> {
             overlay_v4,
             overlay_v6,
             cert_pem: Mutex::new(String::new()),
+            public_key: Mutex::new(String::new()),
             meshd: Mutex::new(None),
             background: Mutex::new(Vec::new()),
             ns,
@@ -429,10 +436,12 @@ impl HostBuilder<'_> {
         let issued = ca.issue(
             &identity,
             &[overlay_v4, overlay_v6],
-            public_key.as_deref(),
+            &groups,
+            None,
             validity,
         )?;
         *lock(&host.0.cert_pem) = issued.cert_pem.clone();
+        *lock(&host.0.public_key) = issued.public_key_b64.clone();
         std::fs::write(dir.join("host.crt"), &issued.cert_pem)?;
         write_private(&dir.join("host.key"), issued.key_b64.as_bytes())?;
         std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
@@ -540,6 +549,7 @@ pub struct HostInner {
     overlay_v4: IpAddr,
     overlay_v6: IpAddr,
     cert_pem: Mutex<String>,
+    public_key: Mutex<String>,
     meshd: Mutex<Option<Background>>,
     background: Mutex<Vec<Background>>,
     ns: Netns,
@@ -599,6 +609,11 @@ impl Host {
 
     pub fn cert_pem(&self) -> String {
         lock(&self.0.cert_pem).clone()
+    }
+
+    /// Its x25519 public key, base64.
+    pub fn public_key(&self) -> String {
+        lock(&self.0.public_key).clone()
     }
 
     pub fn cert_path(&self) -> PathBuf {
