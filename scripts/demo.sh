@@ -77,6 +77,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 in_ns() { local h=$1; shift; ip netns exec "demo-$h" "$@"; }
+# Background processes die with this script, even if it is killed (-9).
+in_ns_bg() { local h=$1; shift; ip netns exec "demo-$h" setpriv --pdeathsig KILL -- "$@"; }
 ctl() { local h=$1; shift; "$MESHCTL" --socket "$WORK/$h/meshd.sock" "$@"; }
 
 # wait_for DESCRIPTION SECONDS COMMAND...: poll COMMAND until it succeeds.
@@ -138,7 +140,7 @@ for h in "${HOSTS[@]}"; do
             printf '\n[[peer]]\ncert = "../%s/host.crt"\nendpoint = "198.18.0.%s:%s"\n' "$p" "$j" "$PORT"
         done
     } >"$h/meshd.toml"
-    in_ns "$h" "$MESHD" --config "$WORK/$h/meshd.toml" >"$h/meshd.log" 2>&1 &
+    in_ns_bg "$h" "$MESHD" --config "$WORK/$h/meshd.toml" >"$h/meshd.log" 2>&1 &
     PIDS+=($!)
 done
 for h in "${HOSTS[@]}"; do
@@ -148,7 +150,7 @@ done
 
 say "4. a real HTTP server on web (python3 -m http.server, port $HTTP_PORT)"
 echo "hello from web, over the mesh" >web/www/index.html
-in_ns web python3 -m http.server "$HTTP_PORT" --bind :: --directory "$WORK/web/www" >web/http.log 2>&1 &
+in_ns_bg web python3 -m http.server "$HTTP_PORT" --bind :: --directory "$WORK/web/www" >web/http.log 2>&1 &
 PIDS+=($!)
 wait_for "the HTTP server" 10 bash -c "ip netns exec demo-web ss -Hltn 'sport = :$HTTP_PORT' | grep -q ."
 

@@ -107,7 +107,13 @@ impl Mesh {
         match availability()? {
             Availability::Ready => {}
             Availability::Skip(why) => {
-                eprintln!("mesh-tests: SKIPPING {test} ({why}; MESH_SKIP_NETNS=1 is set)");
+                // Straight to fd 2, past the test harness's output capture: a skip must
+                // be visible.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "mesh-tests: SKIPPING {test}: {why} (MESH_SKIP_NETNS=1 is set)"
+                );
                 return Err(Skip(why).into());
             }
         }

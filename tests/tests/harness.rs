@@ -87,3 +87,16 @@ fn cleanup_removes_namespaces() -> anyhow::Result<()> {
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+#[test]
+fn a_meshd_that_fails_to_start_is_reported_with_its_log() -> anyhow::Result<()> {
+    let mut mesh = mesh_tests::mesh!();
+    // An unknown field: meshd must refuse the config and exit.
+    let err = match mesh.host("a").config("[bogus]\nfield = 1").up() {
+        Ok(_) => anyhow::bail!("meshd started with an invalid config"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("meshd exited during startup"), "{err}");
+    assert!(err.contains("last lines of"), "{err}");
+    Ok(())
+}
