@@ -179,12 +179,24 @@ impl Mesh {
         }
     }
 
-    /// Brings up hosts `names` with default settings, each a peer of all the others.
+    /// Brings up hosts `names` with default settings (identity `spiffe://t/<name>`),
+    /// each listing all the others (and the running hosts) as peers in its meshd.toml;
+    /// the meshds start in parallel.
     pub fn hosts<const N: usize>(&mut self, names: [&str; N]) -> Result<[Host; N]> {
-        let mut out = Vec::with_capacity(N);
-        for name in names {
-            out.push(self.host(name).up()?);
-        }
+        let batch = names
+            .iter()
+            .map(|name| HostSettings {
+                name: name.to_string(),
+                identity: format!("spiffe://t/{name}"),
+                ca: None,
+                validity: Validity::Current,
+                groups: Vec::new(),
+                meshd: true,
+                peers: PeerSet::All,
+                extra_config: String::new(),
+            })
+            .collect();
+        let out = self.bring_up(batch)?;
         out.try_into()
             .map_err(|_| anyhow!("internal: host count mismatch"))
     }
@@ -351,7 +363,8 @@ impl HostBuilder<'_> {
 
     /// Creates the namespace and link, issues the certificate, writes meshd.toml, starts
     /// meshd and waits until `meshctl status --json` says ready; then adds it as a peer
-    /// to the hosts chosen by [`PeerSet`] (with `meshctl peer add`).
+    /// to the running hosts chosen by [`PeerSet`] (with `meshctl peer add`, as an
+    /// operator would).
     pub fn up(self) -> Result<Host> {
         let HostBuilder {
             mesh,
@@ -364,6 +377,96 @@ impl HostBuilder<'_> {
             peers,
             extra_config,
         } = self;
+        let settings = HostSettings {
+            name,
+            identity,
+            ca,
+            validity,
+            groups,
+            meshd,
+            peers,
+            extra_config,
+        };
+        let mut hosts = mesh.bring_up(vec![settings])?;
+        hosts.pop().context("internal: no host")
+    }
+}
+
+/// What a [`HostBuilder`] collected.
+struct HostSettings {
+    name: String,
+    identity: String,
+    ca: Option<Arc<TestCa>>,
+    validity: Validity,
+    groups: Vec<String>,
+    meshd: bool,
+    peers: PeerSet,
+    extra_config: String,
+}
+
+impl HostSettings {
+    fn wants(&self, other: &Host) -> bool {
+        match &self.peers {
+            PeerSet::All => true,
+            PeerSet::None => false,
+            PeerSet::Only(names) => names.iter().any(|n| n == other.name()),
+        }
+    }
+}
+
+impl Mesh {
+    /// Brings up a batch of hosts: namespaces and certificates first, then every
+    /// meshd.toml lists the batch's other hosts (and the chosen running hosts) as peers,
+    /// then all meshds start and are waited for, then running hosts learn the new ones
+    /// with `meshctl peer add`.
+    fn bring_up(&mut self, batch: Vec<HostSettings>) -> Result<Vec<Host>> {
+        let existing: Vec<Host> = self.hosts.clone();
+        let mut new = Vec::with_capacity(batch.len());
+        for settings in &batch {
+            new.push(self.prepare(settings)?);
+        }
+        let same_ca = |a: &Host, b: &Host| Arc::ptr_eq(&a.0.ca, &b.0.ca);
+        for (settings, host) in batch.iter().zip(&new) {
+            if !settings.meshd {
+                continue;
+            }
+            let peers: Vec<&Host> = existing
+                .iter()
+                .filter(|p| p.has_meshd() && same_ca(p, host) && settings.wants(p))
+                .chain(new.iter().zip(&batch).filter_map(|(p, ps)| {
+                    (p.name() != host.name() && ps.meshd && same_ca(p, host) && settings.wants(p))
+                        .then_some(p)
+                }))
+                .collect();
+            host.write_config(&peers, &settings.extra_config)?;
+        }
+        for (settings, host) in batch.iter().zip(&new) {
+            if settings.meshd {
+                host.spawn_meshd()?;
+            }
+        }
+        for (settings, host) in batch.iter().zip(&new) {
+            if settings.meshd {
+                host.wait_ready()?;
+            }
+        }
+        for (settings, host) in batch.iter().zip(&new) {
+            if !settings.meshd {
+                continue;
+            }
+            for p in existing
+                .iter()
+                .filter(|p| p.has_meshd() && same_ca(p, host) && settings.wants(p))
+            {
+                p.peer_add(host)?;
+            }
+        }
+        Ok(new)
+    }
+
+    /// Namespace, underlay link and addresses, certificate and key files.
+    fn prepare(&mut self, settings: &HostSettings) -> Result<Host> {
+        let name = &settings.name;
         if name.is_empty()
             || name.len() > 12
             || !name
@@ -372,15 +475,15 @@ impl HostBuilder<'_> {
         {
             bail!("host name {name:?}: use 1-12 characters of [a-z0-9] (veth names are limited to 15 bytes)");
         }
-        if mesh.hosts.iter().any(|h| h.name() == name) {
+        if self.hosts.iter().any(|h| h.name() == name) {
             bail!("host {name:?} exists already");
         }
-        let index = mesh.alloc_index();
-        let dir = mesh.dir.join(&name);
+        let index = self.alloc_index();
+        let dir = self.dir.join(name);
         std::fs::create_dir_all(dir.join("www"))?;
-        let ns = Netns::create(&format!("{}{name}", mesh.prefix))?;
+        let ns = Netns::create(&format!("{}{name}", self.prefix))?;
         let veth = format!("h-{name}");
-        mesh.underlay().ip(&[
+        self.underlay().ip(&[
             "link",
             "add",
             &veth,
@@ -392,7 +495,7 @@ impl HostBuilder<'_> {
             "netns",
             ns.name(),
         ])?;
-        mesh.underlay()
+        self.underlay()
             .ip(&["link", "set", &veth, "master", "br0", "up"])?;
         let underlay_v4 = underlay_v4(index, 18);
         let underlay_v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, index as u16));
@@ -417,13 +520,13 @@ impl HostBuilder<'_> {
             0,
             index as u16,
         ));
-        let ca = ca.unwrap_or_else(|| mesh.ca.clone());
+        let ca = settings.ca.clone().unwrap_or_else(|| self.ca.clone());
         let host = Host(Arc::new(HostInner {
             name: name.clone(),
-            identity: identity.clone(),
+            identity: settings.identity.clone(),
             index,
             dir: dir.clone(),
-            bins: mesh.bins.clone(),
+            bins: self.bins.clone(),
             ca: ca.clone(),
             underlay_v4: Mutex::new(underlay_v4),
             underlay_v6,
@@ -435,33 +538,29 @@ impl HostBuilder<'_> {
             background: Mutex::new(Vec::new()),
             ns,
         }));
-        if !meshd {
-            mesh.hosts.push(host.clone());
-            return Ok(host);
+        self.hosts.push(host.clone());
+        if settings.meshd {
+            let issued = ca.issue(
+                &settings.identity,
+                &[overlay_v4, overlay_v6],
+                &settings.groups,
+                None,
+                settings.validity,
+            )?;
+            *lock(&host.0.cert_pem) = issued.cert_pem.clone();
+            *lock(&host.0.public_key) = issued.public_key_b64.clone();
+            std::fs::write(dir.join("host.crt"), &issued.cert_pem)?;
+            write_private(&dir.join("host.key"), issued.key_b64.as_bytes())?;
+            std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
         }
-        let issued = ca.issue(
-            &identity,
-            &[overlay_v4, overlay_v6],
-            &groups,
-            None,
-            validity,
-        )?;
-        *lock(&host.0.cert_pem) = issued.cert_pem.clone();
-        *lock(&host.0.public_key) = issued.public_key_b64.clone();
-        std::fs::write(dir.join("host.crt"), &issued.cert_pem)?;
-        write_private(&dir.join("host.key"), issued.key_b64.as_bytes())?;
-        std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
-        let peer_hosts: Vec<Host> = mesh
-            .hosts
-            .iter()
-            .filter(|h| h.has_meshd() && Arc::ptr_eq(&h.0.ca, &ca))
-            .filter(|h| match &peers {
-                PeerSet::All => true,
-                PeerSet::None => false,
-                PeerSet::Only(names) => names.iter().any(|n| n == h.name()),
-            })
-            .cloned()
-            .collect();
+        Ok(host)
+    }
+}
+
+impl Host {
+    /// Writes meshd.toml (format of the brief) with `peers` and extra TOML.
+    fn write_config(&self, peers: &[&Host], extra: &str) -> Result<()> {
+        let dir = &self.0.dir;
         let mut config = String::new();
         let _ = write!(
             config,
@@ -471,7 +570,7 @@ impl HostBuilder<'_> {
              log_level = \"debug\"\n"
         );
         std::fs::create_dir_all(dir.join("peers"))?;
-        for p in &peer_hosts {
+        for p in peers {
             let file = format!("peers/{}.crt", p.name());
             std::fs::write(dir.join(&file), p.cert_pem())?;
             let _ = write!(
@@ -480,17 +579,12 @@ impl HostBuilder<'_> {
                 p.endpoint()
             );
         }
-        if !extra_config.is_empty() {
+        if !extra.is_empty() {
             config.push('\n');
-            config.push_str(&extra_config);
+            config.push_str(extra);
         }
-        std::fs::write(dir.join("meshd.toml"), config)?;
-        mesh.hosts.push(host.clone());
-        host.start()?;
-        for p in &peer_hosts {
-            p.peer_add(&host)?;
-        }
-        Ok(host)
+        let path = self.config_path();
+        std::fs::write(&path, config).with_context(|| format!("write {}", path.display()))
     }
 }
 
@@ -719,6 +813,12 @@ impl Host {
 
     /// Starts meshd (`meshd --config meshd.toml`) and waits until it reports ready.
     pub fn start(&self) -> Result<()> {
+        self.spawn_meshd()?;
+        self.wait_ready()
+    }
+
+    /// Starts meshd without waiting.
+    fn spawn_meshd(&self) -> Result<()> {
         {
             let mut slot = lock(&self.0.meshd);
             if slot.is_some() {
@@ -732,7 +832,7 @@ impl Host {
             let log = self.log_path();
             *slot = Some(Background::spawn_to(cmd, "meshd", log.clone(), log)?);
         }
-        self.wait_ready()
+        Ok(())
     }
 
     /// Polls `meshctl status --json` until `ready` is true ([`READY_TIMEOUT`]); on
