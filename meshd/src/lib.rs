@@ -4,5 +4,9 @@
 //! `now`, and return what the shell must do. The I/O shell (`datapath`, `device`,
 //! `transport`, `control`) is thin.
 
+pub mod enforce;
 pub mod flow;
 pub mod http;
+pub mod peers;
+pub mod routing;
+pub mod wire;

@@ -1,0 +1,367 @@
+//! `meshctl cert ...`: issue, show and verify mesh certificates.
+
+use crate::Global;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use ipnet::IpNet;
+use mesh_proto::cert::{parse_time, Ca, CaSigner, CertKind, Certificate, LeafParams, VerifyError};
+use mesh_proto::files;
+use mesh_proto::identity::SpiffeId;
+use mesh_proto::key::{PrivateKey, PublicKey};
+use mesh_proto::time::UnixTime;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub const DAY: u64 = 86_400;
+/// Leaves are valid for a year unless `--validity` says otherwise (and never past the CA).
+const DEFAULT_LEAF_VALIDITY: u64 = 365 * DAY;
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Issue a leaf certificate binding an identity, addresses and groups to a key
+    #[command(after_help = "Examples:
+  # new key pair: writes web.crt and web.key (0600)
+  meshctl cert issue --identity spiffe://example.org/web --ip 100.64.0.1 \\
+      --ip fd00:6d65:7368::1 --group frontend --out web.crt
+  # for an existing key (base64, or a file holding it)
+  meshctl cert issue --identity spiffe://example.org/db --ip 100.64.0.2 \\
+      --pub \"$(meshctl key pub db.key)\" --validity 90d --out db.crt")]
+    Issue {
+        /// The workload's SPIFFE ID, spiffe://<trust-domain>/<path>
+        #[arg(long, value_name = "SPIFFE_ID")]
+        identity: SpiffeId,
+        /// Overlay address or prefix (repeatable, at least one): 100.64.0.1, 100.64.1.0/24
+        #[arg(long, value_name = "ADDR", required = true, value_parser = parse_net)]
+        ip: Vec<IpNet>,
+        /// Group for policy (repeatable)
+        #[arg(long, value_name = "GROUP")]
+        group: Vec<String>,
+        /// How long the certificate is valid: e.g. 365d, 12h (default: 365d, capped at the CA's expiry)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        validity: Option<u64>,
+        /// The workload's public key (base64, or a file holding it); default: generate a key pair
+        #[arg(long = "pub", value_name = "KEY")]
+        public: Option<String>,
+        /// Where to write the certificate
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+        /// Where to write a generated private key (default: --out with extension .key)
+        #[arg(long, value_name = "PATH", conflicts_with = "public")]
+        key_out: Option<PathBuf>,
+        /// CA certificate
+        #[arg(long, value_name = "PATH", default_value = "ca.crt")]
+        ca: PathBuf,
+        /// CA signing key (mode 0600)
+        #[arg(long, value_name = "PATH", default_value = "ca.key")]
+        ca_key: PathBuf,
+        /// Replace existing files
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a certificate's fields (without verifying it)
+    #[command(after_help = "Examples:
+  meshctl cert show web.crt
+  meshctl cert show --json web.crt")]
+    Show {
+        /// Certificate file; `-` reads stdin
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Verify a leaf certificate against a CA: signature, issuer, validity, constraints
+    #[command(after_help = "Examples:
+  meshctl cert verify --ca ca.crt web.crt
+  meshctl cert verify --ca ca.crt --at 2027-01-01T00:00:00Z web.crt")]
+    Verify {
+        /// CA certificate
+        #[arg(long, value_name = "PATH", default_value = "ca.crt")]
+        ca: PathBuf,
+        /// Verify as of this time (RFC 3339 UTC, or Unix seconds) instead of now
+        #[arg(long, value_name = "TIME", value_parser = parse_at)]
+        at: Option<UnixTime>,
+        /// Leaf certificate file; `-` reads stdin
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+pub fn run(cmd: Command, g: &Global) -> Result<()> {
+    match cmd {
+        Command::Issue {
+            identity,
+            ip,
+            group,
+            validity,
+            public,
+            out,
+            key_out,
+            ca,
+            ca_key,
+            force,
+        } => {
+            let signer =
+                CaSigner::from_parts(files::read_certificate(&ca)?, files::read_ca_key(&ca_key)?)
+                    .map_err(|e| anyhow!("{} with {}: {e}", ca.display(), ca_key.display()))?;
+            let now = crate::now();
+            let validity = match validity {
+                Some(v) => v,
+                None => DEFAULT_LEAF_VALIDITY
+                    .min(signer.cert().not_after().secs().saturating_sub(now.secs())),
+            };
+            let (public_key, new_key) = match public {
+                Some(p) => (read_public(&p)?, None),
+                None => {
+                    let key = PrivateKey::generate();
+                    let path = key_out.unwrap_or_else(|| out.with_extension("key"));
+                    (key.public_key(), Some((path, key)))
+                }
+            };
+            check_new(&out, force)?;
+            if let Some((path, _)) = &new_key {
+                check_new(path, force)?;
+            }
+            let params = LeafParams {
+                identity,
+                addresses: ip,
+                groups: group,
+                public_key,
+                validity_secs: validity,
+            };
+            let cert = signer.issue(params, now)?;
+            if let Some((path, key)) = &new_key {
+                files::write_private_key(path, key)?;
+            }
+            files::write_certificate(&out, &cert)?;
+            let key_file = new_key.as_ref().map(|(p, _)| p.clone());
+            if g.json {
+                crate::print_json(&serde_json::json!({
+                    "cert_file": out,
+                    "key_file": key_file,
+                    "certificate": cert.summary(),
+                }))?;
+            } else {
+                let addrs: Vec<String> = cert.addresses().iter().map(|a| a.to_string()).collect();
+                print!(
+                    "wrote {} ({}, {}, valid until {})",
+                    out.display(),
+                    cert.identity(),
+                    addrs.join(" "),
+                    cert.not_after()
+                );
+                match key_file {
+                    Some(k) => println!(" and {} (mode 0600)", k.display()),
+                    None => println!(),
+                }
+            }
+            Ok(())
+        }
+        Command::Show { file } => {
+            let cert = read_cert(&file)?;
+            if g.json {
+                crate::print_json(&cert.summary())?;
+            } else {
+                print!("{}", human(&cert));
+            }
+            Ok(())
+        }
+        Command::Verify { ca, at, file } => {
+            let ca_cert = files::read_certificate(&ca)?;
+            let ca_name = ca.display();
+            let ca = Ca::new(ca_cert).map_err(|e| anyhow!("{ca_name}: {e}"))?;
+            let leaf = read_cert(&file)?;
+            let now = at.unwrap_or_else(crate::now);
+            let v = ca.verify(&leaf, now).map_err(|e| match e {
+                VerifyError::CaExpired(_) | VerifyError::CaNotYetValid(_) => {
+                    anyhow!("{ca_name}: {e}")
+                }
+                e => anyhow!("{}: {e}", file.display()),
+            })?;
+            if g.json {
+                crate::print_json(&serde_json::json!({
+                    "ok": true,
+                    "identity": v.identity(),
+                    "addresses": v.addresses(),
+                    "groups": v.groups(),
+                    "not_after": v.not_after().to_string(),
+                    "fingerprint": v.fingerprint(),
+                    "ca": ca.fingerprint(),
+                }))?;
+            } else {
+                println!(
+                    "ok: {} signed by {} ({}), valid until {}",
+                    v.identity(),
+                    ca.trust_domain(),
+                    ca_name,
+                    v.not_after()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A certificate from a file, or stdin for `-`.
+fn read_cert(path: &Path) -> Result<Certificate> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .take(mesh_proto::cert::MAX_CERT_LEN as u64 + 1)
+            .read_to_string(&mut s)
+            .context("stdin")?;
+        return Certificate::from_pem(&s).context("stdin");
+    }
+    Ok(files::read_certificate(path)?)
+}
+
+/// `--pub`: a base64 key, or a file holding one.
+fn read_public(v: &str) -> Result<PublicKey> {
+    if let Ok(k) = PublicKey::from_base64(v) {
+        return Ok(k);
+    }
+    let p = Path::new(v);
+    if p.exists() {
+        return Ok(files::read_public_key(p)?);
+    }
+    bail!("--pub {v:?}: not a base64 public key (44 characters) and no such file")
+}
+
+/// The people's view of `cert show`.
+fn human(c: &Certificate) -> String {
+    let join = |v: Vec<String>| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    let mut out = String::new();
+    let mut row = |k: &str, v: String| out.push_str(&format!("{k:<18}{v}\n"));
+    row("kind", c.kind().to_string());
+    row("identity", c.identity().to_string());
+    match (c.kind(), c.ca_constraints()) {
+        (CertKind::Ca, Some(k)) => {
+            row("trust domain", c.identity().trust_domain().to_string());
+            let any = |v: Vec<String>| {
+                if v.is_empty() {
+                    "any".to_owned()
+                } else {
+                    v.join(", ")
+                }
+            };
+            row(
+                "allowed addresses",
+                any(k.addresses.iter().map(|a| a.to_string()).collect()),
+            );
+            row("allowed groups", any(k.groups.clone()));
+        }
+        _ => {
+            row(
+                "addresses",
+                join(c.addresses().iter().map(|a| a.to_string()).collect()),
+            );
+            row("groups", join(c.groups().to_vec()));
+        }
+    }
+    row(
+        "public key",
+        PublicKey::from_bytes(*c.public_key()).to_string(),
+    );
+    row("not before", c.not_before().to_string());
+    row("not after", c.not_after().to_string());
+    row("serial", c.serial().to_string());
+    let issuer = if c.kind() == CertKind::Ca {
+        "self".to_owned()
+    } else {
+        c.issuer().to_string()
+    };
+    row("issuer", issuer);
+    row("fingerprint", c.fingerprint().to_string());
+    out
+}
+
+/// Refuses to replace an existing file unless `--force`.
+pub fn check_new(path: &Path, force: bool) -> Result<()> {
+    if !force && path.exists() {
+        bail!(
+            "{}: already exists (use --force to replace it)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `100.64.0.1` (a host: /32 or /128) or `100.64.0.0/10` (a prefix).
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Ok(n);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{s:?} is not an IP address or prefix"))
+}
+
+/// `90d`, `12h`, `30m`, `45s`, `5y` (365 days), or plain seconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 365d, 12h, 30m"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => DAY,
+        "y" => 365 * DAY,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use s, m, h, d or y)"
+            ))
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err("duration must be positive".into()),
+        Some(v) => Ok(v),
+        None => Err(format!("{s:?} is too long")),
+    }
+}
+
+/// `--at`: RFC 3339 UTC (`2027-01-01T00:00:00Z`) or Unix seconds.
+fn parse_at(s: &str) -> Result<UnixTime, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(UnixTime(n));
+    }
+    parse_time(s).ok_or_else(|| format!("{s:?}: expected a time like 2027-01-01T00:00:00Z"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90d"), Ok(90 * DAY));
+        assert_eq!(parse_duration("12h"), Ok(12 * 3600));
+        assert_eq!(parse_duration("3600"), Ok(3600));
+        assert_eq!(parse_duration("1y"), Ok(365 * DAY));
+        assert!(parse_duration("0d").is_err());
+        assert!(parse_duration("d").is_err());
+        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("99999999999999999999y").is_err());
+    }
+
+    #[test]
+    fn nets() {
+        assert_eq!(
+            parse_net("100.64.0.1").unwrap().to_string(),
+            "100.64.0.1/32"
+        );
+        assert_eq!(parse_net("fd00::1").unwrap().to_string(), "fd00::1/128");
+        assert_eq!(
+            parse_net("100.64.0.0/10").unwrap().to_string(),
+            "100.64.0.0/10"
+        );
+        assert!(parse_net("nope").is_err());
+    }
+}

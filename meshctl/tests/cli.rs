@@ -1,0 +1,533 @@
+//! The real `meshctl` binary, run as an operator would, in a fresh directory per test.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A fresh working directory, removed when the test passes.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("meshctl-cli-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+
+    fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_stdin(args, None)
+    }
+
+    fn run_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+            .args(args)
+            .current_dir(&self.0)
+            .env_remove("MESHD_SOCKET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs and requires success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "meshctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and requires failure with exit `code`, nothing on stdout and exactly one
+    /// line on stderr that contains every one of `want`; returns that line.
+    fn fails(&self, args: &[&str], code: i32, want: &[&str]) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(code), "meshctl {args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "meshctl {args:?} printed to stdout");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
+        assert!(stderr.ends_with('\n'));
+        assert!(stderr.starts_with("meshctl: "), "{stderr}");
+        for w in want {
+            assert!(stderr.contains(w), "{stderr:?} lacks {w:?}");
+        }
+        stderr
+    }
+
+    fn mode(&self, f: &str) -> u32 {
+        fs::metadata(self.path(f)).unwrap().permissions().mode() & 0o777
+    }
+
+    fn chmod(&self, f: &str, mode: u32) {
+        fs::set_permissions(self.path(f), fs::Permissions::from_mode(mode)).unwrap();
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// A CA and one leaf, a.crt / a.key.
+fn setup(d: &Dir) {
+    d.ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "t",
+        "--allow-ip",
+        "100.64.0.0/10",
+        "--allow-ip",
+        "fd00:6d65:7368::/48",
+        "--allow-group",
+        "web",
+    ]);
+    d.ok(&[
+        "cert",
+        "issue",
+        "--identity",
+        "spiffe://t/a",
+        "--ip",
+        "100.64.0.1",
+        "--ip",
+        "fd00:6d65:7368::1/128",
+        "--group",
+        "web",
+        "--out",
+        "a.crt",
+    ]);
+}
+
+#[test]
+fn ca_init_issue_verify_show() {
+    let d = Dir::new("flow");
+    setup(&d);
+    assert_eq!(d.mode("ca.key"), 0o600);
+    assert_eq!(d.mode("a.key"), 0o600);
+    assert_eq!(d.mode("ca.crt"), 0o644);
+
+    let out = d.ok(&["cert", "verify", "--ca", "ca.crt", "a.crt"]);
+    assert!(out.starts_with("ok: spiffe://t/a"), "{out}");
+    let v = json(&d.ok(&["cert", "verify", "--ca", "ca.crt", "a.crt", "--json"]));
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["identity"], "spiffe://t/a");
+
+    let show = json(&d.ok(&["cert", "show", "--json", "a.crt"]));
+    assert_eq!(show["kind"], "leaf");
+    assert_eq!(show["identity"], "spiffe://t/a");
+    assert_eq!(
+        show["addresses"],
+        serde_json::json!(["100.64.0.1/32", "fd00:6d65:7368::1/128"])
+    );
+    assert_eq!(show["groups"], serde_json::json!(["web"]));
+    // The certificate carries the public key of the generated private key.
+    let public = d.ok(&["key", "pub", "a.key"]);
+    assert_eq!(show["public_key"], public.trim());
+    let ca = json(&d.ok(&["--json", "cert", "show", "ca.crt"]));
+    assert_eq!(ca["kind"], "ca");
+    assert_eq!(ca["identity"], "spiffe://t");
+    assert_eq!(show["issuer"], ca["fingerprint"]);
+    assert_eq!(
+        ca["constraints"]["addresses"],
+        serde_json::json!(["100.64.0.0/10", "fd00:6d65:7368::/48"])
+    );
+
+    let human = d.ok(&["cert", "show", "a.crt"]);
+    assert!(
+        human.contains("identity          spiffe://t/a\n"),
+        "{human}"
+    );
+    assert!(
+        human.contains("100.64.0.1/32, fd00:6d65:7368::1/128"),
+        "{human}"
+    );
+    // stdin works too.
+    let pem = fs::read_to_string(d.path("a.crt")).unwrap();
+    let out = d.run_stdin(&["cert", "show", "-"], Some(&pem));
+    assert!(out.status.success());
+}
+
+#[test]
+fn issue_for_an_existing_key() {
+    let d = Dir::new("pubkey");
+    d.ok(&["ca", "init", "--trust-domain", "t"]);
+    let public = d.ok(&["key", "gen", "--out", "b.key"]);
+    assert_eq!(d.mode("b.key"), 0o600);
+    let public = public.trim();
+    d.ok(&[
+        "cert",
+        "issue",
+        "--identity",
+        "spiffe://t/b",
+        "--ip",
+        "100.64.0.2",
+        "--pub",
+        public,
+        "--out",
+        "b.crt",
+        "--validity",
+        "30d",
+    ]);
+    assert!(!d.path("b.key.tmp").exists());
+    let show = json(&d.ok(&["cert", "show", "b.crt", "--json"]));
+    assert_eq!(show["public_key"], public);
+    let days = (show["not_after_unix"].as_u64().unwrap()
+        - show["not_before_unix"].as_u64().unwrap())
+        / 86_400;
+    assert_eq!(days, 30);
+    // `key gen | key pub`, like wg.
+    let private = d.ok(&["key", "gen"]);
+    let out = d.run_stdin(&["key", "pub"], Some(&private));
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim().len(), 44);
+    // Refuses to overwrite without --force.
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/b",
+            "--ip",
+            "100.64.0.2",
+            "--pub",
+            public,
+            "--out",
+            "b.crt",
+        ],
+        1,
+        &["b.crt", "already exists", "--force"],
+    );
+    d.ok(&[
+        "cert",
+        "issue",
+        "--identity",
+        "spiffe://t/b",
+        "--ip",
+        "100.64.0.2",
+        "--pub",
+        public,
+        "--out",
+        "b.crt",
+        "--force",
+    ]);
+}
+
+#[test]
+fn verify_rejects_what_it_must() {
+    let d = Dir::new("verify");
+    setup(&d);
+    // Expired (as of a later time).
+    d.fails(
+        &[
+            "cert",
+            "verify",
+            "--ca",
+            "ca.crt",
+            "--at",
+            "2100-01-01T00:00:00Z",
+            "a.crt",
+        ],
+        1,
+        &["expired at"],
+    );
+    // Another CA.
+    fs::create_dir(d.path("other")).unwrap();
+    d.ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "t",
+        "--cert",
+        "other/ca.crt",
+        "--key",
+        "other/ca.key",
+    ]);
+    d.fails(
+        &["cert", "verify", "--ca", "other/ca.crt", "a.crt"],
+        1,
+        &["a.crt", "not by this CA"],
+    );
+    // A leaf as the CA.
+    d.fails(
+        &["cert", "verify", "--ca", "a.crt", "a.crt"],
+        1,
+        &["a.crt", "a leaf cannot sign"],
+    );
+    // Outside the CA's constraints, refused at issue.
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/x",
+            "--ip",
+            "10.0.0.1",
+            "--out",
+            "x.crt",
+        ],
+        1,
+        &["10.0.0.1/32 is outside"],
+    );
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/x",
+            "--ip",
+            "100.64.0.9",
+            "--group",
+            "admin",
+            "--out",
+            "x.crt",
+        ],
+        1,
+        &["admin"],
+    );
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://u/x",
+            "--ip",
+            "100.64.0.9",
+            "--out",
+            "x.crt",
+        ],
+        1,
+        &["trust domain t"],
+    );
+    assert!(!d.path("x.crt").exists() && !d.path("x.key").exists());
+}
+
+#[test]
+fn bad_input_gives_one_line_and_nonzero_exit() {
+    let d = Dir::new("bad");
+    setup(&d);
+    // Missing file.
+    d.fails(
+        &["cert", "show", "missing.crt"],
+        1,
+        &["missing.crt", "No such file"],
+    );
+    d.fails(
+        &["cert", "verify", "--ca", "nope.crt", "a.crt"],
+        1,
+        &["nope.crt"],
+    );
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--ca",
+            "nope.crt",
+            "--identity",
+            "spiffe://t/x",
+            "--ip",
+            "100.64.0.9",
+            "--out",
+            "x.crt",
+        ],
+        1,
+        &["nope.crt"],
+    );
+    // Corrupt certificate: garbage, and one flipped byte in the body.
+    fs::write(d.path("garbage.crt"), "hello\n").unwrap();
+    d.fails(
+        &["cert", "show", "garbage.crt"],
+        1,
+        &["garbage.crt", "not a mesh certificate"],
+    );
+    let pem = fs::read_to_string(d.path("a.crt")).unwrap();
+    fs::write(
+        d.path("flip.crt"),
+        pem.replace("100.64.0.1/32", "100.64.0.2/32"),
+    )
+    .unwrap();
+    d.fails(
+        &["cert", "verify", "--ca", "ca.crt", "flip.crt"],
+        1,
+        &["flip.crt", "signature does not verify"],
+    );
+    fs::write(d.path("trunc.crt"), &pem[..pem.len() / 2]).unwrap();
+    d.fails(
+        &["cert", "verify", "--ca", "ca.crt", "trunc.crt"],
+        1,
+        &["trunc.crt", "truncated"],
+    );
+    fs::write(d.path("bin.crt"), [0xff, 0xfe, 0x00]).unwrap();
+    d.fails(&["cert", "show", "bin.crt"], 1, &["bin.crt"]);
+    // World-readable keys.
+    d.chmod("a.key", 0o644);
+    d.fails(&["key", "pub", "a.key"], 1, &["a.key", "chmod 600 a.key"]);
+    d.chmod("ca.key", 0o640);
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/x",
+            "--ip",
+            "100.64.0.9",
+            "--out",
+            "x.crt",
+        ],
+        1,
+        &["ca.key", "chmod 600 ca.key"],
+    );
+    d.chmod("ca.key", 0o600);
+    // Invalid identity, address, duration, trust domain: usage errors (exit 2).
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/a/../b",
+            "--ip",
+            "100.64.0.9",
+            "--out",
+            "x.crt",
+        ],
+        2,
+        &["\".\" or \"..\" segment"],
+    );
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "http://t/a",
+            "--ip",
+            "100.64.0.9",
+            "--out",
+            "x.crt",
+        ],
+        2,
+        &["scheme"],
+    );
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/a",
+            "--ip",
+            "100.64.0.1/24",
+            "--out",
+            "x.crt",
+        ],
+        1,
+        &["host bits"],
+    );
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/a",
+            "--ip",
+            "nope",
+            "--out",
+            "x.crt",
+        ],
+        2,
+        &["not an IP address"],
+    );
+    d.fails(
+        &["ca", "init", "--trust-domain", "Bad.Domain", "--force"],
+        2,
+        &["lowercase"],
+    );
+    d.fails(
+        &[
+            "ca",
+            "init",
+            "--trust-domain",
+            "t",
+            "--validity",
+            "5w",
+            "--force",
+        ],
+        2,
+        &["unknown unit"],
+    );
+    // Unknown flag, missing arguments, missing subcommand.
+    d.fails(
+        &["cert", "show", "--bogus", "a.crt"],
+        2,
+        &["--bogus", "usage: meshctl cert show"],
+    );
+    d.fails(&["cert", "issue", "--out", "x.crt"], 2, &["--identity"]);
+    d.fails(&["cert"], 2, &["subcommand"]);
+    d.fails(&[], 2, &["subcommand"]);
+    // Existing CA is not overwritten.
+    d.fails(
+        &["ca", "init", "--trust-domain", "t"],
+        1,
+        &["ca.crt", "already exists"],
+    );
+    assert!(!d.path("x.crt").exists());
+}
+
+#[test]
+fn help_has_an_example_for_each_command() {
+    let d = Dir::new("help");
+    for cmd in [
+        "ca init",
+        "cert issue",
+        "cert show",
+        "cert verify",
+        "key gen",
+        "key pub",
+    ] {
+        let mut args: Vec<&str> = cmd.split(' ').collect();
+        args.push("--help");
+        let out = d.ok(&args);
+        assert!(out.contains("Examples:"), "{cmd}: {out}");
+        assert!(out.contains(&format!("meshctl {cmd} ")), "{cmd}: {out}");
+    }
+    let top = d.ok(&["--help"]);
+    assert!(
+        top.contains("--socket <PATH>") && top.contains("MESHD_SOCKET"),
+        "{top}"
+    );
+}
+
+#[test]
+fn paths_in_errors_are_as_given() {
+    let d = Dir::new("paths");
+    let abs = d.path("nowhere/ca.crt");
+    let abs = abs.to_str().unwrap();
+    d.fails(&["cert", "show", abs], 1, &[abs]);
+    assert!(Path::new(&d.0).exists());
+}
