@@ -579,11 +579,14 @@ impl Host {
                 p.endpoint()
             );
         }
+        let path = self.config_path();
+        // The harness's own part must be valid; `extra` may be broken on purpose.
+        mesh_proto::config::Config::parse(&path, &config)
+            .map_err(|e| anyhow!("the harness wrote an invalid meshd.toml: {e}"))?;
         if !extra.is_empty() {
             config.push('\n');
             config.push_str(extra);
         }
-        let path = self.config_path();
         std::fs::write(&path, config).with_context(|| format!("write {}", path.display()))
     }
 }
