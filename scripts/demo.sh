@@ -56,6 +56,7 @@ ip link set lo up
 
 WORK="$(mktemp -d /tmp/mesh-demo.XXXXXX)"
 PIDS=()
+declare -A MESHD_PID
 ok=0
 
 cleanup() {
@@ -142,9 +143,19 @@ for h in "${HOSTS[@]}"; do
     } >"$h/meshd.toml"
     in_ns_bg "$h" "$MESHD" --config "$WORK/$h/meshd.toml" >"$h/meshd.log" 2>&1 &
     PIDS+=($!)
+    MESHD_PID[$h]=$!
 done
+# meshd_ready HOST: its meshd runs (else stop waiting) and reports ready.
+meshd_ready() {
+    kill -0 "${MESHD_PID[$1]}" 2>/dev/null || die "meshd on $1 exited: $(tail -n 3 "$WORK/$1/meshd.log")"
+    ctl "$1" status --json 2>/dev/null | grep -q '"ready":true'
+}
 for h in "${HOSTS[@]}"; do
-    wait_for "meshd on $h to be ready" 15 bash -c "'$MESHCTL' --socket '$WORK/$h/meshd.sock' status --json | grep -q '\"ready\":true'"
+    deadline=$((SECONDS + 15))
+    until meshd_ready "$h"; do
+        ((SECONDS < deadline)) || die "timed out waiting for meshd on $h to be ready"
+        sleep 0.1
+    done
     echo "  meshd on $h is ready"
 done
 
