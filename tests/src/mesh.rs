@@ -175,6 +175,7 @@ impl Mesh {
             meshd: true,
             peers: PeerSet::All,
             extra_config: String::new(),
+            ipv6_underlay: false,
             mesh: self,
         }
     }
@@ -194,6 +195,7 @@ impl Mesh {
                 meshd: true,
                 peers: PeerSet::All,
                 extra_config: String::new(),
+                ipv6_underlay: false,
             })
             .collect();
         let out = self.bring_up(batch)?;
@@ -280,16 +282,34 @@ impl Drop for Mesh {
                 let _ = bg.kill();
             }
         }
+        // A meshd that exited without the test stopping it is a failure (invariant 5:
+        // bad input never crashes the daemon), even if every assertion passed.
+        let mut died = Vec::new();
+        for h in &self.hosts {
+            if let Some(m) = lock(&h.0.meshd).as_mut() {
+                if let Ok(Some(status)) = m.exited() {
+                    died.push(format!(
+                        "meshd in {} exited on its own ({status}); last lines of {}:\n{}",
+                        h.name(),
+                        h.log_path().display(),
+                        last_lines(&h.log(), 30)
+                    ));
+                }
+            }
+        }
         for h in &self.hosts {
             h.stop_all();
         }
         // Namespaces go when the last handle to each host drops; the underlay now.
         self.hosts.clear();
         self.underlay.take();
-        if panicking {
+        if panicking || !died.is_empty() {
             eprintln!("mesh-tests: kept {} for inspection", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        if !panicking && !died.is_empty() {
+            panic!("{}", died.join("\n"));
         }
     }
 }
@@ -316,9 +336,16 @@ pub struct HostBuilder<'m> {
     meshd: bool,
     peers: PeerSet,
     extra_config: String,
+    ipv6_underlay: bool,
 }
 
 impl HostBuilder<'_> {
+    /// meshd listens on `[::]` and peers reach it at its IPv6 underlay address.
+    pub fn ipv6_underlay(mut self) -> Self {
+        self.ipv6_underlay = true;
+        self
+    }
+
     pub fn identity(mut self, id: &str) -> Self {
         self.identity = id.to_string();
         self
@@ -376,8 +403,10 @@ impl HostBuilder<'_> {
             meshd,
             peers,
             extra_config,
+            ipv6_underlay,
         } = self;
         let settings = HostSettings {
+            ipv6_underlay,
             name,
             identity,
             ca,
@@ -402,6 +431,7 @@ struct HostSettings {
     meshd: bool,
     peers: PeerSet,
     extra_config: String,
+    ipv6_underlay: bool,
 }
 
 impl HostSettings {
@@ -530,6 +560,7 @@ impl Mesh {
             ca: ca.clone(),
             underlay_v4: Mutex::new(underlay_v4),
             underlay_v6,
+            ipv6_underlay: settings.ipv6_underlay,
             overlay_v4,
             overlay_v6,
             cert_pem: Mutex::new(String::new()),
@@ -562,10 +593,16 @@ impl Host {
     fn write_config(&self, peers: &[&Host], extra: &str) -> Result<()> {
         let dir = &self.0.dir;
         let mut config = String::new();
+        // Wildcard, so a host keeps its socket when it moves to another address.
+        let listen = if self.0.ipv6_underlay {
+            format!("[::]:{MESH_PORT}")
+        } else {
+            format!("0.0.0.0:{MESH_PORT}")
+        };
         let _ = write!(
             config,
             "[node]\ncert = \"host.crt\"\nkey = \"host.key\"\nca = \"ca.crt\"\n\
-             listen = \"0.0.0.0:{MESH_PORT}\"\ntun = \"mesh0\"\nstate_dir = \"state\"\n\
+             listen = \"{listen}\"\ntun = \"mesh0\"\nstate_dir = \"state\"\n\
              control_socket = \"meshd.sock\"\nroutes = [\"{OVERLAY_V4}\", \"{OVERLAY_V6}\"]\n\
              log_level = \"debug\"\n"
         );
@@ -649,6 +686,7 @@ pub struct HostInner {
     ca: Arc<TestCa>,
     underlay_v4: Mutex<IpAddr>,
     underlay_v6: IpAddr,
+    ipv6_underlay: bool,
     overlay_v4: IpAddr,
     overlay_v6: IpAddr,
     cert_pem: Mutex<String>,
@@ -705,9 +743,14 @@ impl Host {
         self.0.underlay_v6
     }
 
-    /// Its meshd's underlay endpoint (IPv4).
+    /// Its meshd's underlay endpoint: IPv4, or IPv6 for a host built with
+    /// [`HostBuilder::ipv6_underlay`].
     pub fn endpoint(&self) -> SocketAddr {
-        SocketAddr::new(self.underlay_v4(), MESH_PORT)
+        if self.0.ipv6_underlay {
+            SocketAddr::new(self.underlay_v6(), MESH_PORT)
+        } else {
+            SocketAddr::new(self.underlay_v4(), MESH_PORT)
+        }
     }
 
     pub fn cert_pem(&self) -> String {
@@ -858,6 +901,11 @@ impl Host {
                 }
             },
         );
+        if result.is_err() {
+            if let Some(mut m) = lock(&self.0.meshd).take() {
+                let _ = m.kill();
+            }
+        }
         result.map_err(|e| {
             anyhow!(
                 "{e:#}\n---- last lines of {} ----\n{}",
@@ -875,12 +923,21 @@ impl Host {
         }
     }
 
-    /// SIGTERM meshd and wait for it to exit; returns its exit status.
+    /// SIGTERM meshd and wait (up to 10 s) for it to exit; fails if it does not exit,
+    /// or exits non-zero.
     pub fn stop_meshd(&self) -> Result<()> {
-        match lock(&self.0.meshd).take() {
-            Some(mut m) => m.stop_with(libc::SIGTERM),
-            None => bail!("meshd is not running in {}", self.name()),
+        let mut m = lock(&self.0.meshd)
+            .take()
+            .with_context(|| format!("meshd is not running in {}", self.name()))?;
+        let status = m.stop_within(libc::SIGTERM, Duration::from_secs(10))?;
+        if !status.success() {
+            bail!(
+                "meshd in {} exited with {status} on SIGTERM; last lines:\n{}",
+                self.name(),
+                last_lines(&self.log(), 20)
+            );
         }
+        Ok(())
     }
 
     /// Whether meshd is still running (not exited).

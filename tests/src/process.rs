@@ -177,6 +177,35 @@ impl Background {
         Ok(())
     }
 
+    /// Sends `signal` and waits up to `limit` for the process to exit; if it does not,
+    /// kills it and fails. Returns the exit status.
+    pub fn stop_within(
+        &mut self,
+        signal: i32,
+        limit: std::time::Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .with_context(|| format!("{} was already stopped", self.name))?;
+        if child.try_wait()?.is_none() {
+            let pid = i32::try_from(child.id()).context("pid out of range")?;
+            // SAFETY: `pid` is our own child, not yet reaped, so it cannot be reused.
+            unsafe { libc::kill(pid, signal) };
+        }
+        let waited = crate::wait::until(&format!("{} to exit", self.name), limit, || {
+            Ok(child.try_wait()?)
+        });
+        match waited {
+            Ok(status) => Ok(status),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e.context(format!("{} ignored signal {signal}; killed it", self.name)))
+            }
+        }
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) -> Result<()> {
         self.stop_with(libc::SIGKILL)

@@ -95,6 +95,20 @@ fn three_hosts_reach_each_other_over_ipv4_and_ipv6() -> Result<()> {
 }
 
 #[test]
+fn ipv6_underlay_carries_both_overlay_families() -> Result<()> {
+    let mut mesh = mesh_tests::mesh!();
+    let a = mesh.host("a").ipv6_underlay().up()?;
+    let b = mesh.host("b").ipv6_underlay().up()?;
+    serve_all(&[&a, &b])?;
+    assert_reaches(&a, &b)?;
+    assert_reaches(&b, &a)?;
+    let s = a.status()?;
+    let ep = s.peer(b.identity()).and_then(|p| p.endpoint.clone());
+    assert_eq!(ep, Some(b.endpoint().to_string()), "{s:?}");
+    Ok(())
+}
+
+#[test]
 fn underlay_capture_never_shows_the_overlay_payload() -> Result<()> {
     let mut mesh = mesh_tests::mesh!();
     let [a, b] = mesh.hosts(["a", "b"])?;
