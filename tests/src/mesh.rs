@@ -35,6 +35,47 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 static MESH_COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// How many meshes may run at once in one test process (`MESH_TESTS_PARALLEL`, default:
+/// the number of CPUs, at least 2). cargo runs tests on as many threads as CPUs, but
+/// each mesh runs several daemons; too many at once on a small machine turn deadlines
+/// into flakes.
+static SLOTS: (Mutex<usize>, std::sync::Condvar) = (Mutex::new(0), std::sync::Condvar::new());
+
+fn slot_limit() -> usize {
+    std::env::var("MESH_TESTS_PARALLEL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .max(2)
+        })
+}
+
+/// One running mesh's place in [`SLOTS`]; released on drop.
+struct Slot;
+
+impl Slot {
+    fn take() -> Slot {
+        let limit = slot_limit();
+        let mut used = lock(&SLOTS.0);
+        while *used >= limit {
+            used = SLOTS.1.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *lock(&SLOTS.0) -= 1;
+        SLOTS.1.notify_one();
+    }
+}
+
 /// Returned (inside `anyhow::Error`) by [`Mesh::new`] when the test must be skipped
 /// because `MESH_SKIP_NETNS=1` is set and netns tests cannot run here.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +138,7 @@ pub struct Mesh {
     // Dropped after the hosts (see Drop).
     underlay: Option<Netns>,
     next_index: u32,
+    _slot: Slot,
 }
 
 impl Mesh {
@@ -119,6 +161,7 @@ impl Mesh {
         }
         check_tools()?;
         let bins = Arc::new(Bins::locate()?);
+        let slot = Slot::take();
         let n = MESH_COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("m{n}-");
         let short: String = test.chars().take(40).collect();
@@ -144,6 +187,7 @@ impl Mesh {
             captures: Vec::new(),
             underlay: Some(underlay),
             next_index: 1,
+            _slot: slot,
         })
     }
 
@@ -845,6 +889,14 @@ impl Host {
                 Ok(None)
             },
         )
+    }
+
+    /// PIDs of the background processes the harness started in this host.
+    pub fn background_pids(&self) -> Vec<u32> {
+        lock(&self.0.background)
+            .iter()
+            .filter_map(Background::pid)
+            .collect()
     }
 
     /// Stops every process of this host (meshd and background).

@@ -100,3 +100,47 @@ fn a_meshd_that_fails_to_start_is_reported_with_its_log() -> anyhow::Result<()> 
     assert!(err.contains("last lines of"), "{err}");
     Ok(())
 }
+
+#[test]
+fn a_panicking_test_still_cleans_up() -> anyhow::Result<()> {
+    let mut seen = None;
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> anyhow::Result<()> {
+            let mut mesh = mesh_tests::mesh!();
+            let a = mesh.host("a").without_meshd().up()?;
+            a.serve_udp_echo(7000)?;
+            seen = Some((
+                a.netns().name().to_string(),
+                a.background_pids(),
+                mesh.dir().to_path_buf(),
+            ));
+            panic!("deliberate panic inside a test");
+        }));
+    assert!(result.is_err(), "the closure should have panicked");
+    let Some((ns, pids, dir)) = seen else {
+        return Ok(()); // skipped (MESH_SKIP_NETNS=1)
+    };
+    assert!(!pids.is_empty());
+    for pid in pids {
+        // Reaped: the PID no longer names a process of ours.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(
+            !status.contains("mesh-testtool"),
+            "process {pid} survived the panic"
+        );
+    }
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !list
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(ns.as_str())),
+        "{ns} survived: {list}"
+    );
+    // The directory is kept for inspection after a failure; this test removes it.
+    assert!(dir.exists());
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
