@@ -15,9 +15,18 @@
 //! }
 //! ```
 //!
+//! Running: as root, `cargo build --workspace --bins && cargo test -p mesh-tests`
+//! (the tests run the real `meshd` and `meshctl` from `target/debug/` and refuse stale
+//! ones). Needs iproute2, curl, iputils-ping, tcpdump and python3.
+//!
 //! Without root or `/dev/net/tun`, [`mesh!`] fails the test with a message saying what
 //! is missing, unless `MESH_SKIP_NETNS=1` is set, in which case it prints a note and
-//! returns `Ok(())`.
+//! returns `Ok(())`. `MESH_TESTS_PARALLEL=N` caps how many meshes one test binary runs
+//! at once (default: the number of CPUs, at least 2).
+//!
+//! Each test's files (certificates, meshd.toml, meshd.log, captures) live in
+//! `$TMPDIR/mesh-tests/<test>.<pid>.<n>/<host>/`; they are removed when the test passes
+//! and kept (with the path printed) when it fails.
 
 pub mod ca;
 pub mod isolate;
