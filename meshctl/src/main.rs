@@ -5,6 +5,7 @@
 mod ca;
 mod cert;
 mod key;
+mod online;
 
 use clap::{Args, Parser, Subcommand};
 use mesh_proto::time::UnixTime;
@@ -52,6 +53,11 @@ enum Command {
     /// Generate x25519 (WireGuard) keys
     #[command(subcommand)]
     Key(key::Command),
+    /// Show the running meshd: identity, listen address, peers, handshakes, drops
+    Status,
+    /// Add, remove and list the running meshd's peers
+    #[command(subcommand)]
+    Peer(online::PeerCommand),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +69,8 @@ fn main() -> ExitCode {
         Command::Ca(c) => ca::run(c, &cli.global),
         Command::Cert(c) => cert::run(c, &cli.global),
         Command::Key(c) => key::run(c, &cli.global),
+        Command::Status => online::status(&cli.global),
+        Command::Peer(c) => online::peer(c, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -125,7 +125,7 @@ impl Node {
             DropReason::UnknownPeer | DropReason::PeerExpired => &self.drops.unknown_peer,
             DropReason::NoRoute | DropReason::NoEndpoint => &self.drops.no_route,
             // Counted on the peer / by the enforcer.
-            DropReason::SpoofedSource | DropReason::Policy(_) => return,
+            DropReason::SpoofedSource | DropReason::Policy(_) | DropReason::NotRoutable => return,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -260,7 +260,11 @@ pub enum TableError {
     #[error("{a} and {b} have the same public key")]
     DuplicateKey { a: SpiffeId, b: SpiffeId },
     #[error("address {net} of {b} is already held by {a}")]
-    DuplicateAddress { net: IpNet, a: SpiffeId, b: SpiffeId },
+    DuplicateAddress {
+        net: IpNet,
+        a: SpiffeId,
+        b: SpiffeId,
+    },
     #[error("peer slot {0} used twice")]
     DuplicateIndex(u32),
 }
@@ -351,6 +355,8 @@ pub enum DropReason {
     PeerExpired,
     /// No peer holds the destination address.
     NoRoute,
+    /// A multicast, broadcast or link-local destination (not counted).
+    NotRoutable,
     /// The peer has no known underlay endpoint yet.
     NoEndpoint,
     /// The decrypted source address is not in the sender's certificate.
@@ -384,9 +390,7 @@ impl From<&WireGuardError> for CryptoError {
             WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => {
                 CryptoError::Replay
             }
-            WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => {
-                CryptoError::NoSession
-            }
+            WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => CryptoError::NoSession,
             WireGuardError::UnderLoad => CryptoError::UnderLoad,
             _ => CryptoError::Other,
         }
@@ -398,7 +402,10 @@ impl From<&WireGuardError> for CryptoError {
 pub enum Outbound<'a> {
     /// Send `data` to `to` over UDP (an encrypted packet or a handshake initiation;
     /// in the latter case the packet waits in the session's queue).
-    Send { to: SocketAddr, data: &'a [u8] },
+    Send {
+        to: SocketAddr,
+        data: &'a [u8],
+    },
     /// Queued while a handshake is in flight; nothing to send now.
     Queued,
     Drop(DropReason),
@@ -418,6 +425,9 @@ pub enum Inbound<'a> {
     },
     /// Consumed (keepalive, cookie reply).
     Done,
+    /// A data packet for a session this node does not have: call [`initiate`] for the
+    /// peer and send what it returns.
+    Rehandshake(Arc<Peer>),
     Drop(DropReason),
 }
 
@@ -441,6 +451,11 @@ pub fn outbound<'a>(
         Ok(ip) => ip,
         Err(e) => return drop_out(node, DropReason::Malformed(Malformed::Ip(e))),
     };
+    if !is_routable(ip.dst_addr()) {
+        // Multicast and link-local traffic the kernel emits on any interface (router
+        // solicitations, MLD): not for the mesh, not worth a counter.
+        return Outbound::Drop(DropReason::NotRoutable);
+    }
     let Some(peer) = table.route(ip.dst_addr()) else {
         return drop_out(node, DropReason::NoRoute);
     };
@@ -467,6 +482,13 @@ pub fn outbound<'a>(
         TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
             drop_out(node, DropReason::Crypto(CryptoError::Other))
         }
+    }
+}
+
+fn is_routable(dst: IpAddr) -> bool {
+    match dst {
+        IpAddr::V4(a) => !(a.is_multicast() || a.is_broadcast() || a.is_link_local()),
+        IpAddr::V6(a) => !(a.is_multicast() || (a.segments()[0] & 0xffc0) == 0xfe80),
     }
 }
 
@@ -540,6 +562,7 @@ pub fn inbound<'a>(
         },
     };
     let authenticates = !matches!(packet, Packet::PacketCookieReply(_));
+    let is_data = matches!(packet, Packet::PacketData(_));
     if !peer.admit(node, now) {
         return drop_in(node, DropReason::PeerExpired);
     }
@@ -559,6 +582,14 @@ pub fn inbound<'a>(
     drop(st);
     match result {
         TunnResult::Done => Inbound::Done,
+        // Data for a session we no longer have (typically: this node restarted while
+        // the peer kept its session). Rather than wait for the peer's timers (15 s),
+        // start a handshake towards the peer's known endpoint; boringtun sends at most
+        // one initiation per REKEY_TIMEOUT, so this cannot be used for amplification.
+        TunnResult::Err(WireGuardError::NoCurrentSession) if is_data => {
+            node.count(DropReason::Crypto(CryptoError::NoSession));
+            Inbound::Rehandshake(peer.clone())
+        }
         TunnResult::Err(e) => drop_in(node, DropReason::Crypto((&e).into())),
         TunnResult::WriteToNetwork(data) => {
             if handshake {
@@ -622,9 +653,24 @@ pub fn flush<'a>(peer: &Peer, dst: &'a mut [u8]) -> Option<Transmit<'a>> {
     }
 }
 
+/// A handshake initiation to `peer`'s endpoint, unless one is already in flight.
+pub fn initiate<'a>(peer: &Peer, dst: &'a mut [u8]) -> Option<Transmit<'a>> {
+    let mut st = peer.lock();
+    let to = st.endpoint?;
+    match st.tunn.format_handshake_initiation(dst, false) {
+        TunnResult::WriteToNetwork(data) => Some(Transmit { to, data }),
+        _ => None,
+    }
+}
+
 /// Timers (rekey, retransmit, keepalive, expiry) for one peer; call every ~250 ms.
 /// Also drops the sessions of a peer whose certificate is no longer valid.
-pub fn tick<'a>(node: &Node, peer: &Peer, dst: &'a mut [u8], now: UnixTime) -> Option<Transmit<'a>> {
+pub fn tick<'a>(
+    node: &Node,
+    peer: &Peer,
+    dst: &'a mut [u8],
+    now: UnixTime,
+) -> Option<Transmit<'a>> {
     if !peer.admit(node, now) {
         return None;
     }

@@ -170,6 +170,9 @@ mod tests {
         assert!(t.insert("100.64.3.3/10".parse().unwrap(), 9).is_err());
         assert_eq!(t.lookup("100.64.0.2".parse().unwrap()), Some(&1));
         assert!(PrefixTable::<u8>::new().is_empty());
-        assert_eq!(PrefixTable::<u8>::new().lookup("1.2.3.4".parse().unwrap()), None);
+        assert_eq!(
+            PrefixTable::<u8>::new().lookup("1.2.3.4".parse().unwrap()),
+            None
+        );
     }
 }

@@ -159,7 +159,20 @@ pub(crate) mod build {
         match (src, dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let total = 20 + udp_len;
-                p.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0, 0, 64, 17, 0, 0]);
+                p.extend_from_slice(&[
+                    0x45,
+                    0,
+                    (total >> 8) as u8,
+                    total as u8,
+                    0,
+                    0,
+                    0,
+                    0,
+                    64,
+                    17,
+                    0,
+                    0,
+                ]);
                 p.extend_from_slice(&s.octets());
                 p.extend_from_slice(&d.octets());
             }
@@ -170,7 +183,16 @@ pub(crate) mod build {
             }
             _ => panic!("mixed families"),
         }
-        p.extend_from_slice(&[0x30, 0x39, 0x30, 0x39, (udp_len >> 8) as u8, udp_len as u8, 0, 0]);
+        p.extend_from_slice(&[
+            0x30,
+            0x39,
+            0x30,
+            0x39,
+            (udp_len >> 8) as u8,
+            udp_len as u8,
+            0,
+            0,
+        ]);
         p.extend_from_slice(payload);
         p
     }
@@ -182,7 +204,11 @@ mod tests {
 
     #[test]
     fn ipv4_view() {
-        let p = build::udp("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap(), b"hi");
+        let p = build::udp(
+            "100.64.0.1".parse().unwrap(),
+            "100.64.0.2".parse().unwrap(),
+            b"hi",
+        );
         let mut padded = p.clone();
         padded.extend_from_slice(&[0; 6]);
         let v = IpPacket::new_checked(&padded[..]).unwrap();
@@ -200,25 +226,79 @@ mod tests {
         let d: IpAddr = "fd00:6d65:7368::2".parse().unwrap();
         let p = build::udp(s, d, b"hello");
         let v = IpPacket::new_checked(&p[..]).unwrap();
-        assert_eq!((v.version(), v.len(), v.src_addr(), v.dst_addr()), (6, 53, s, d));
+        assert_eq!(
+            (v.version(), v.len(), v.src_addr(), v.dst_addr()),
+            (6, 53, s, d)
+        );
     }
 
     #[test]
     fn rejects_bad_lengths_and_versions() {
-        let p = build::udp("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap(), b"hi");
+        let p = build::udp(
+            "100.64.0.1".parse().unwrap(),
+            "100.64.0.2".parse().unwrap(),
+            b"hi",
+        );
         let cases: Vec<(Vec<u8>, WireError)> = vec![
             (vec![], WireError::Truncated),
             (p[..19].to_vec(), WireError::Truncated),
-            ({ let mut q = p.clone(); q[0] = 0x44; q }, WireError::BadHeaderLen),
-            ({ let mut q = p.clone(); q[0] = 0x4f; q }, WireError::BadHeaderLen),
-            ({ let mut q = p.clone(); q[3] = 200; q }, WireError::BadTotalLen),
-            ({ let mut q = p.clone(); q[3] = 10; q }, WireError::BadTotalLen),
-            ({ let mut q = p.clone(); q[0] = 0x55; q }, WireError::BadVersion(5)),
+            (
+                {
+                    let mut q = p.clone();
+                    q[0] = 0x44;
+                    q
+                },
+                WireError::BadHeaderLen,
+            ),
+            (
+                {
+                    let mut q = p.clone();
+                    q[0] = 0x4f;
+                    q
+                },
+                WireError::BadHeaderLen,
+            ),
+            (
+                {
+                    let mut q = p.clone();
+                    q[3] = 200;
+                    q
+                },
+                WireError::BadTotalLen,
+            ),
+            (
+                {
+                    let mut q = p.clone();
+                    q[3] = 10;
+                    q
+                },
+                WireError::BadTotalLen,
+            ),
+            (
+                {
+                    let mut q = p.clone();
+                    q[0] = 0x55;
+                    q
+                },
+                WireError::BadVersion(5),
+            ),
             (vec![0x60; 39], WireError::Truncated),
-            ({ let mut q = vec![0u8; 40]; q[0] = 0x60; q[5] = 1; q }, WireError::BadTotalLen),
+            (
+                {
+                    let mut q = vec![0u8; 40];
+                    q[0] = 0x60;
+                    q[5] = 1;
+                    q
+                },
+                WireError::BadTotalLen,
+            ),
         ];
         for (bytes, want) in cases {
-            assert_eq!(IpPacket::new_checked(&bytes[..]).map(|_| ()), Err(want), "{bytes:?}");
+            assert_eq!(
+                IpPacket::new_checked(&bytes[..]).map(|_| ()),
+                Err(want),
+                "{bytes:?}"
+            );
         }
     }
 

@@ -84,6 +84,11 @@ fn run(hosts: &mut [&mut Host], link: &mut Link) -> Vec<DropReason> {
                 }
             }
             Inbound::Done => {}
+            Inbound::Rehandshake(peer) => {
+                if let Some(t) = initiate(&peer, &mut flushed) {
+                    link.push_back((h.addr, t.to, t.data.to_vec()));
+                }
+            }
             Inbound::Drop(r) => drops.push(r),
         }
     }
@@ -105,7 +110,11 @@ fn pair() -> Pair {
     let kb = PrivateKey::generate();
     let sa = spec("a", &ka, &["100.64.0.1/32", "fd00:6d65:7368::1/128"]);
     let sb = spec("b", &kb, &["100.64.0.2/32", "fd00:6d65:7368::2/128"]);
-    let a = host(&ka, "198.18.0.1:51820", vec![(sb, Some("198.18.0.2:51820".parse().unwrap()))]);
+    let a = host(
+        &ka,
+        "198.18.0.1:51820",
+        vec![(sb, Some("198.18.0.2:51820".parse().unwrap()))],
+    );
     // B does not know A's endpoint: it learns it from the authenticated handshake.
     let b = host(&kb, "198.18.0.2:51820", vec![(sa, None)]);
     Pair { a, b, ka }
@@ -167,7 +176,11 @@ fn unknown_key_gets_no_answer() {
     };
     let mut c = host(&kc, "198.18.0.3:51820", vec![(sb, Some(b.addr))]);
     let mut link = Link::new();
-    send_from_tun(&c, &build::udp(ip("100.64.0.9"), ip("100.64.0.2"), b"hi"), &mut link);
+    send_from_tun(
+        &c,
+        &build::udp(ip("100.64.0.9"), ip("100.64.0.2"), b"hi"),
+        &mut link,
+    );
     let drops = run(&mut [&mut b, &mut c], &mut link);
     assert_eq!(drops, vec![DropReason::UnknownPeer]);
     assert!(link.is_empty(), "B must not answer");
@@ -186,12 +199,23 @@ fn expired_peer_is_refused() {
     let sb = spec("b", &kb, &["100.64.0.2/32"]);
     a.table = PeerTable::new(vec![Arc::new(a.node.new_peer(sb, 7, Some(b.addr)))]).unwrap();
     let mut link = Link::new();
-    send_from_tun(&a, &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"x"), &mut link);
-    assert_eq!(run(&mut [&mut a, &mut b], &mut link), vec![DropReason::PeerExpired]);
+    send_from_tun(
+        &a,
+        &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"x"),
+        &mut link,
+    );
+    assert_eq!(
+        run(&mut [&mut a, &mut b], &mut link),
+        vec![DropReason::PeerExpired]
+    );
     assert!(b.delivered.is_empty());
     // And B will not send to A either.
     assert_eq!(
-        send_from_tun(&b, &build::udp(ip("100.64.0.2"), ip("100.64.0.1"), b"x"), &mut link),
+        send_from_tun(
+            &b,
+            &build::udp(ip("100.64.0.2"), ip("100.64.0.1"), b"x"),
+            &mut link
+        ),
         Some(DropReason::PeerExpired)
     );
 }
@@ -200,16 +224,31 @@ fn expired_peer_is_refused() {
 fn roaming_follows_authenticated_packets_only() {
     let Pair { mut a, mut b, .. } = pair();
     let mut link = Link::new();
-    send_from_tun(&a, &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"1"), &mut link);
+    send_from_tun(
+        &a,
+        &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"1"),
+        &mut link,
+    );
     run(&mut [&mut a, &mut b], &mut link);
     // A moves: its next packet arrives from a new underlay address.
     a.addr = "198.18.1.1:40000".parse().unwrap();
-    send_from_tun(&a, &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"2"), &mut link);
+    send_from_tun(
+        &a,
+        &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"2"),
+        &mut link,
+    );
     run(&mut [&mut a, &mut b], &mut link);
     assert_eq!(b.delivered.len(), 2);
     assert_eq!(b.table.peers()[0].endpoint(), Some(a.addr));
     // Garbage from elsewhere changes nothing.
-    link.push_back(("198.18.9.9:1".parse().unwrap(), b.addr, vec![4, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+    link.push_back((
+        "198.18.9.9:1".parse().unwrap(),
+        b.addr,
+        vec![
+            4, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0,
+        ],
+    ));
     let drops = run(&mut [&mut a, &mut b], &mut link);
     assert_eq!(drops.len(), 1);
     assert_eq!(b.table.peers()[0].endpoint(), Some(a.addr));
@@ -273,7 +312,13 @@ fn table_rejects_conflicts() {
         PeerTable::new(vec![p(&s1, 1), p(&s4, 2)]),
         Err(TableError::DuplicateKey { .. })
     ));
-    let t = PeerTable::new(vec![p(&s1, 1), p(&s2.clone(), 2)].into_iter().take(1).collect()).unwrap();
+    let t = PeerTable::new(
+        vec![p(&s1, 1), p(&s2.clone(), 2)]
+            .into_iter()
+            .take(1)
+            .collect(),
+    )
+    .unwrap();
     assert_eq!(t.free_index(1), 2);
     assert_eq!(t.route(ip("100.64.0.5")).map(|p| p.index), Some(1));
     let _ = ka;
@@ -286,4 +331,39 @@ impl Outbound<'_> {
             _ => None,
         }
     }
+}
+
+#[test]
+fn restarted_responder_recovers_without_waiting_for_timers() {
+    let Pair { mut a, mut b, .. } = pair();
+    let mut link = Link::new();
+    let p = |s: &[u8]| build::udp(ip("100.64.0.1"), ip("100.64.0.2"), s);
+    send_from_tun(&a, &p(b"before"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(b.delivered.len(), 1);
+    // B restarts: same key, same peers (and, as after a real restart, the same
+    // slots), but no sessions. B knows A's endpoint from its configuration.
+    let spec_a = b.table.peers()[0].spec.clone();
+    let endpoint = b.table.peers()[0].endpoint();
+    b.table = PeerTable::new(vec![Arc::new(b.node.new_peer(spec_a, 1, endpoint))]).unwrap();
+    // The first packet on the old session is lost, but makes B start a handshake.
+    send_from_tun(&a, &p(b"lost"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    send_from_tun(&a, &p(b"after"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(b.delivered.last(), Some(&p(b"after")));
+}
+
+#[test]
+fn link_local_and_multicast_are_not_counted() {
+    let Pair { a, .. } = pair();
+    let mut dst = vec![0u8; 2048];
+    for d in ["ff02::2", "fe80::1"] {
+        let pkt = build::udp(ip("fd00:6d65:7368::1"), ip(d), b"rs");
+        assert_eq!(
+            outbound(&a.node, &a.table, &pkt, &mut dst, NOW).drop_reason(),
+            Some(DropReason::NotRoutable)
+        );
+    }
+    assert_eq!(a.node.drops().no_route, 0);
 }
