@@ -5,7 +5,7 @@
 //! mesh_tests::isolate!();                         // once per test file
 //!
 //! #[test]
-//! fn http_across_the_mesh() -> anyhow::Result<()> {
+//! fn http_across_the_mesh() -> mesh_tests::Result {
 //!     let mut mesh = mesh_tests::mesh!();         // fresh CA, underlay; Drop cleans up
 //!     let a = mesh.host("a").identity("spiffe://t/a").up()?;
 //!     let c = mesh.host("c").up()?;
@@ -29,6 +29,7 @@
 //! and kept (with the path printed) when it fails.
 
 pub mod ca;
+pub mod failure;
 pub mod isolate;
 pub mod mesh;
 pub mod netns;
@@ -37,6 +38,7 @@ pub mod traffic;
 pub mod wait;
 
 pub use ca::{TestCa, Validity};
+pub use failure::{Failed, Result};
 pub use mesh::{Host, Mesh, PeerSet, Status};
 pub use process::Output;
 
@@ -58,14 +60,16 @@ macro_rules! test_name {
 }
 
 /// `Mesh::new(test_name!())?`, except that under `MESH_SKIP_NETNS=1` (when netns tests
-/// cannot run here) it returns `Ok(())` from the test after printing a note.
+/// cannot run here) it returns `Ok(())` from the test after printing a note. Use it in
+/// tests returning [`Result`] (errors become panics while the mesh is alive, so its
+/// logs are printed and its directory kept).
 #[macro_export]
 macro_rules! mesh {
     () => {
         match $crate::Mesh::new($crate::test_name!()) {
             Ok(m) => m,
             Err(e) if $crate::mesh::is_skip(&e) => return Ok(()),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     };
 }

@@ -1042,12 +1042,14 @@ impl Host {
     /// Moves this host to underlay address `new` (same /15): the old address goes away.
     pub fn move_underlay(&self, new: Ipv4Addr) -> Result<()> {
         let mut cur = lock(&self.0.underlay_v4);
-        self.0
-            .ns
-            .ip(&["addr", "add", &format!("{new}/15"), "dev", "eth0"])?;
+        // Delete first: deleting a primary address also deletes the secondaries of its
+        // subnet (unless promote_secondaries), which would take the new one with it.
         self.0
             .ns
             .ip(&["addr", "del", &format!("{}/15", *cur), "dev", "eth0"])?;
+        self.0
+            .ns
+            .ip(&["addr", "add", &format!("{new}/15"), "dev", "eth0"])?;
         *cur = IpAddr::V4(new);
         Ok(())
     }

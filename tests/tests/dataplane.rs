@@ -70,7 +70,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 #[test]
-fn three_hosts_reach_each_other_over_ipv4_and_ipv6() -> Result<()> {
+fn three_hosts_reach_each_other_over_ipv4_and_ipv6() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b, c] = mesh.hosts(["a", "b", "c"])?;
     serve_all(&[&a, &b, &c])?;
@@ -95,7 +95,7 @@ fn three_hosts_reach_each_other_over_ipv4_and_ipv6() -> Result<()> {
 }
 
 #[test]
-fn ipv6_underlay_carries_both_overlay_families() -> Result<()> {
+fn ipv6_underlay_carries_both_overlay_families() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let a = mesh.host("a").ipv6_underlay().up()?;
     let b = mesh.host("b").ipv6_underlay().up()?;
@@ -109,7 +109,7 @@ fn ipv6_underlay_carries_both_overlay_families() -> Result<()> {
 }
 
 #[test]
-fn underlay_capture_never_shows_the_overlay_payload() -> Result<()> {
+fn underlay_capture_never_shows_the_overlay_payload() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b] = mesh.hosts(["a", "b"])?;
     let marker = format!("MESH-MARKER-{}", hex(&random_bytes(8)?));
@@ -138,7 +138,7 @@ fn underlay_capture_never_shows_the_overlay_payload() -> Result<()> {
 }
 
 #[test]
-fn multi_megabyte_transfer_arrives_byte_identical() -> Result<()> {
+fn multi_megabyte_transfer_arrives_byte_identical() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b] = mesh.hosts(["a", "b"])?;
     let data = random_bytes(8 << 20)?;
@@ -157,7 +157,7 @@ fn multi_megabyte_transfer_arrives_byte_identical() -> Result<()> {
 }
 
 #[test]
-fn host_certified_by_another_ca_cannot_exchange_traffic() -> Result<()> {
+fn host_certified_by_another_ca_cannot_exchange_traffic() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b] = mesh.hosts(["a", "b"])?;
     serve_all(&[&a, &b])?;
@@ -224,7 +224,7 @@ fn host_certified_by_another_ca_cannot_exchange_traffic() -> Result<()> {
 }
 
 #[test]
-fn forged_overlay_source_is_dropped_and_counted() -> Result<()> {
+fn forged_overlay_source_is_dropped_and_counted() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b, c] = mesh.hosts(["a", "b", "c"])?;
     serve_all(&[&c])?;
@@ -297,7 +297,7 @@ fn forged_overlay_source_is_dropped_and_counted() -> Result<()> {
 }
 
 #[test]
-fn expired_peer_certificate_is_refused_with_a_clear_log_line() -> Result<()> {
+fn expired_peer_certificate_is_refused_with_a_clear_log_line() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let a = mesh.host("a").up()?;
     let expired = mesh.ca().issue(
@@ -330,14 +330,14 @@ fn expired_peer_certificate_is_refused_with_a_clear_log_line() -> Result<()> {
                 .find(|l| l.contains("old.crt") && l.contains("expired"))
         });
     assert!(line.is_some(), "no log line about the expired peer:\n{log}");
-    if started.is_ok() {
-        assert!(a.status()?.peer("spiffe://t/old").is_none());
-    }
+    // Refusing that peer does not take the node down.
+    started?;
+    assert!(a.meshd_alive()?);
     Ok(())
 }
 
 #[test]
-fn kill_9_and_restart_resumes_traffic() -> Result<()> {
+fn kill_9_and_restart_resumes_traffic() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b, c] = mesh.hosts(["a", "b", "c"])?;
     serve_all(&[&a, &b, &c])?;
@@ -356,7 +356,7 @@ fn kill_9_and_restart_resumes_traffic() -> Result<()> {
 }
 
 #[test]
-fn moved_host_resumes_traffic() -> Result<()> {
+fn moved_host_resumes_traffic() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b] = mesh.hosts(["a", "b"])?;
     serve_all(&[&a, &b])?;
@@ -376,7 +376,7 @@ fn moved_host_resumes_traffic() -> Result<()> {
 }
 
 #[test]
-fn random_datagrams_are_dropped_and_counted() -> Result<()> {
+fn random_datagrams_are_dropped_and_counted() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b] = mesh.hosts(["a", "b"])?;
     serve_all(&[&a, &b])?;
@@ -402,7 +402,7 @@ fn random_datagrams_are_dropped_and_counted() -> Result<()> {
 }
 
 #[test]
-fn malformed_control_requests_get_an_error_and_change_nothing() -> Result<()> {
+fn malformed_control_requests_get_an_error_and_change_nothing() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b] = mesh.hosts(["a", "b"])?;
     serve_all(&[&a, &b])?;
@@ -473,7 +473,7 @@ fn malformed_control_requests_get_an_error_and_change_nothing() -> Result<()> {
 }
 
 #[test]
-fn peers_added_and_removed_at_runtime_persist_across_restart() -> Result<()> {
+fn peers_added_and_removed_at_runtime_persist_across_restart() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let a = mesh.host("a").peers(PeerSet::None).up()?;
     let b = mesh.host("b").peers(PeerSet::None).up()?;

@@ -4,7 +4,7 @@
 mesh_tests::isolate!();
 
 #[test]
-fn underlay_connects_hosts_over_ipv4_and_ipv6() -> anyhow::Result<()> {
+fn underlay_connects_hosts_over_ipv4_and_ipv6() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let a = mesh.host("a").without_meshd().up()?;
     let b = mesh.host("b").without_meshd().up()?;
@@ -17,7 +17,7 @@ fn underlay_connects_hosts_over_ipv4_and_ipv6() -> anyhow::Result<()> {
 }
 
 #[test]
-fn commands_run_inside_the_host_namespace() -> anyhow::Result<()> {
+fn commands_run_inside_the_host_namespace() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let a = mesh.host("a").without_meshd().up()?;
     let out = a.run("ip", &["-brief", "addr", "show", "dev", "eth0"])?;
@@ -29,7 +29,7 @@ fn commands_run_inside_the_host_namespace() -> anyhow::Result<()> {
 }
 
 #[test]
-fn servers_and_clients_in_hosts() -> anyhow::Result<()> {
+fn servers_and_clients_in_hosts() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let a = mesh.host("a").without_meshd().up()?;
     let b = mesh.host("b").without_meshd().up()?;
@@ -46,7 +46,7 @@ fn servers_and_clients_in_hosts() -> anyhow::Result<()> {
 }
 
 #[test]
-fn capture_sees_underlay_traffic() -> anyhow::Result<()> {
+fn capture_sees_underlay_traffic() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let a = mesh.host("a").without_meshd().up()?;
     let b = mesh.host("b").without_meshd().up()?;
@@ -62,7 +62,7 @@ fn capture_sees_underlay_traffic() -> anyhow::Result<()> {
 }
 
 #[test]
-fn cleanup_removes_namespaces() -> anyhow::Result<()> {
+fn cleanup_removes_namespaces() -> mesh_tests::Result {
     let names = {
         let mut mesh = mesh_tests::mesh!();
         let a = mesh.host("a").without_meshd().up()?;
@@ -89,11 +89,11 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 #[test]
-fn a_meshd_that_fails_to_start_is_reported_with_its_log() -> anyhow::Result<()> {
+fn a_meshd_that_fails_to_start_is_reported_with_its_log() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     // An unknown field: meshd must refuse the config and exit.
     let err = match mesh.host("a").config("[bogus]\nfield = 1").up() {
-        Ok(_) => anyhow::bail!("meshd started with an invalid config"),
+        Ok(_) => panic!("meshd started with an invalid config"),
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("meshd exited during startup"), "{err}");
@@ -102,7 +102,7 @@ fn a_meshd_that_fails_to_start_is_reported_with_its_log() -> anyhow::Result<()> 
 }
 
 #[test]
-fn a_panicking_test_still_cleans_up() -> anyhow::Result<()> {
+fn a_panicking_test_still_cleans_up() -> mesh_tests::Result {
     let mut seen = None;
     let result =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> anyhow::Result<()> {
