@@ -174,10 +174,25 @@ for h in app ops; do
     done
 done
 
-# --- 6. policy allow/deny arrives with issue 4: apply a policy that lets app in and
+say "6. what the underlay sees: only WireGuard (UDP $PORT), never the page"
+ip netns exec demo-ul tcpdump -i br0 -n -U --immediate-mode -w "$WORK/underlay.pcap" >"$WORK/tcpdump.log" 2>&1 &
+TCPDUMP=$!
+PIDS+=("$TCPDUMP")
+wait_for "tcpdump" 10 grep -q "listening on" "$WORK/tcpdump.log"
+in_ns app curl -sS --max-time 10 -o /dev/null "http://100.64.0.1:$HTTP_PORT/"
+kill -INT "$TCPDUMP"; wait "$TCPDUMP" 2>/dev/null || true
+total=$(tcpdump -r "$WORK/underlay.pcap" -n 2>/dev/null | wc -l)
+udp=$(tcpdump -r "$WORK/underlay.pcap" -n "udp port $PORT" 2>/dev/null | wc -l)
+echo "  captured $total packets on the underlay, $udp of them WireGuard on UDP $PORT"
+if grep -qa "hello from web" "$WORK/underlay.pcap"; then
+    die "the page crossed the underlay in clear"
+fi
+echo "  the page's text appears nowhere in the capture"
+
+# --- policy allow/deny arrives with issue 4: apply a policy that lets app in and
 # --- keeps ops out, and show both curls.
 
-say "6. meshctl status on every host"
+say "7. meshctl status on every host"
 for h in "${HOSTS[@]}"; do
     echo "--- $h"
     ctl "$h" status
