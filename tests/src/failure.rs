@@ -2,13 +2,13 @@
 //! it, while the [`crate::Mesh`] is still alive, so the mesh's `Drop` sees a failing
 //! test, prints every meshd's last log lines and keeps the test's directory.
 //!
-//! ```ignore
-//! #[test]
+//! ```no_run
 //! fn t() -> mesh_tests::Result {
 //!     let mut mesh = mesh_tests::mesh!();
 //!     mesh.host("a").up()?; // an error here panics with its whole chain
 //!     Ok(())
 //! }
+//! # fn main() { let _ = t(); }
 //! ```
 
 use std::fmt;

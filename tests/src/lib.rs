@@ -1,18 +1,19 @@
 //! The network-namespace test harness: hosts as network namespaces on a shared
 //! underlay, each running a real `meshd`, driven as an operator would (`meshctl`).
 //!
-//! ```ignore
-//! mesh_tests::isolate!();                         // once per test file
+//! ```no_run
+//! mesh_tests::isolate!(); // once per test file
 //!
-//! #[test]
+//! // In a test file this carries `#[test]`.
 //! fn http_across_the_mesh() -> mesh_tests::Result {
-//!     let mut mesh = mesh_tests::mesh!();         // fresh CA, underlay; Drop cleans up
+//!     let mut mesh = mesh_tests::mesh!(); // fresh CA, underlay; Drop cleans up
 //!     let a = mesh.host("a").identity("spiffe://t/a").up()?;
 //!     let c = mesh.host("c").up()?;
-//!     c.serve_http(8080)?;                         // returns once the port listens
+//!     c.serve_http(8080)?; // returns once the port listens
 //!     assert_eq!(a.http_get_eventually(c.overlay_v4(), 8080, "/")?.status, 200);
 //!     Ok(())
 //! }
+//! # fn main() { let _ = http_across_the_mesh(); }
 //! ```
 //!
 //! Running: as root, `cargo build --workspace --bins && cargo test -p mesh-tests`

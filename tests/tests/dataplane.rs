@@ -54,6 +54,28 @@ fn assert_cut_off(src: &Host, dst: IpAddr) -> Result<()> {
     Ok(())
 }
 
+/// Every file under `dir` with its bytes (the daemon's persisted state).
+fn snapshot(
+    dir: &std::path::Path,
+) -> Result<std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries {
+            let p = e?.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -407,6 +429,7 @@ fn malformed_control_requests_get_an_error_and_change_nothing() -> mesh_tests::R
     let [a, b] = mesh.hosts(["a", "b"])?;
     serve_all(&[&a, &b])?;
     assert_reaches(&a, &b)?;
+    let state_before = snapshot(&a.dir().join("state"))?;
     let peers_before: Vec<String> = a
         .status()?
         .peers
@@ -466,6 +489,10 @@ fn malformed_control_requests_get_an_error_and_change_nothing() -> mesh_tests::R
         .map(|p| p.identity.clone())
         .collect();
     assert_eq!(peers_before, peers_after);
+    assert!(
+        state_before == snapshot(&a.dir().join("state"))?,
+        "the persisted state changed"
+    );
     assert!(a.meshd_alive()?);
     assert_reaches(&a, &b)?;
     assert_reaches(&b, &a)?;
