@@ -259,6 +259,7 @@ impl Mesh {
             peers: PeerSet::All,
             extra_config: String::new(),
             ipv6_underlay: false,
+            policy: None,
             mesh: self,
         }
     }
@@ -279,6 +280,7 @@ impl Mesh {
                 peers: PeerSet::All,
                 extra_config: String::new(),
                 ipv6_underlay: false,
+                policy: None,
             })
             .collect();
         let out = self.bring_up(batch)?;
@@ -420,6 +422,7 @@ pub struct HostBuilder<'m> {
     peers: PeerSet,
     extra_config: String,
     ipv6_underlay: bool,
+    policy: Option<(String, String)>,
 }
 
 impl HostBuilder<'_> {
@@ -457,6 +460,13 @@ impl HostBuilder<'_> {
         self
     }
 
+    /// A policy file (`policy.toml` in the host's directory) with the mesh default
+    /// `default` ("deny" or "allow"): adds `[policy]` to meshd.toml.
+    pub fn policy(mut self, default: &str, source: &str) -> Self {
+        self.policy = Some((default.to_string(), source.to_string()));
+        self
+    }
+
     /// Extra TOML appended to meshd.toml (e.g. a `[policy]` table).
     pub fn config(mut self, toml: &str) -> Self {
         self.extra_config.push_str(toml);
@@ -487,9 +497,11 @@ impl HostBuilder<'_> {
             peers,
             extra_config,
             ipv6_underlay,
+            policy,
         } = self;
         let settings = HostSettings {
             ipv6_underlay,
+            policy,
             name,
             identity,
             ca,
@@ -515,6 +527,7 @@ struct HostSettings {
     peers: PeerSet,
     extra_config: String,
     ipv6_underlay: bool,
+    policy: Option<(String, String)>,
 }
 
 impl HostSettings {
@@ -551,7 +564,15 @@ impl Mesh {
                         .then_some(p)
                 }))
                 .collect();
-            host.write_config(&peers, &settings.extra_config)?;
+            let mut extra = String::new();
+            if let Some((default, source)) = &settings.policy {
+                std::fs::write(host.dir().join("policy.toml"), source)?;
+                extra.push_str(&format!(
+                    "[policy]\ndefault = \"{default}\"\nfile = \"policy.toml\"\n\n"
+                ));
+            }
+            extra.push_str(&settings.extra_config);
+            host.write_config(&peers, &extra)?;
         }
         for (settings, host) in batch.iter().zip(&new) {
             if settings.meshd {
