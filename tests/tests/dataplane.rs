@@ -144,7 +144,19 @@ fn underlay_capture_never_shows_the_overlay_payload() -> mesh_tests::Result {
         assert_eq!(r.status, 200);
         assert!(contains(&r.body, marker.as_bytes()));
     }
-    let pcap = cap.finish()?;
+    let pcap_path = cap.path().to_path_buf();
+    // Invariant 1, whole: between hosts, every packet is WireGuard on the mesh port
+    // (apart from neighbour discovery: ARP, IPv6 ND, and link multicast such as MLD).
+    let clear = cap.finish_packets(
+        "not arp and not ether multicast and not ether broadcast and not (udp port 51820) \
+         and not (icmp6 and ip6[40] >= 133 and ip6[40] <= 137)",
+    )?;
+    assert!(
+        clear.is_empty(),
+        "non-WireGuard packets on the underlay:\n{}",
+        clear.join("\n")
+    );
+    let pcap = std::fs::read(&pcap_path)?;
     // The capture saw the transfer (two copies of ~50 kB went through it)...
     assert!(
         pcap.len() > 2 * marker.len() * 2000,
