@@ -103,6 +103,11 @@ fn three_hosts_reach_each_other_over_ipv4_and_ipv6() -> mesh_tests::Result {
             }
         }
     }
+    // The operator's view names every peer.
+    let table = a.meshctl(&["status"])?.check()?.stdout_str();
+    for id in [a.identity(), b.identity(), c.identity()] {
+        assert!(table.contains(id), "`meshctl status` lacks {id}:\n{table}");
+    }
     // Every host now shows a completed handshake and traffic with both others.
     for h in [&a, &b, &c] {
         let s = h.status()?;
@@ -238,15 +243,32 @@ fn host_certified_by_another_ca_cannot_exchange_traffic() -> mesh_tests::Result 
         !out.success(),
         "a accepted a certificate from another CA: {out:?}"
     );
-    // No traffic either way, over either family.
+    // No traffic either way, over either family; a never answers the outsider's
+    // handshakes (watched on the underlay).
+    let cap = mesh.capture_underlay("")?;
     for addr in [a.overlay_v4(), a.overlay_v6()] {
         assert_cut_off(&evil, addr)?;
     }
     for addr in [evil.overlay_v4(), evil.overlay_v6()] {
         assert_cut_off(&a, addr)?;
     }
+    let to_evil = cap.finish_packets(&format!(
+        "udp and src host {} and dst host {}",
+        a.underlay_v4(),
+        evil.underlay_v4()
+    ))?;
+    assert!(
+        to_evil.is_empty(),
+        "a answered the outsider:\n{}",
+        to_evil.join("\n")
+    );
     let s = a.status()?;
     assert!(s.peer(evil.identity()).is_none(), "{s:?}");
+    assert!(
+        s.drops.get("unknown_peer").copied().unwrap_or(0) > 0,
+        "the outsider's handshakes were not counted: {:?}",
+        s.drops
+    );
     assert!(
         s.peer(b.identity())
             .is_some_and(|p| p.drops.values().sum::<u64>() == 0),
