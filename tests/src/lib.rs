@@ -29,8 +29,11 @@
 //! `$TMPDIR/mesh-tests/<test>.<pid>.<n>/<host>/`; they are removed when the test passes
 //! and kept (with the path printed) when it fails.
 
+pub mod bins;
 pub mod ca;
+pub mod capture;
 pub mod failure;
+pub mod host;
 pub mod isolate;
 pub mod mesh;
 pub mod netns;
@@ -40,7 +43,8 @@ pub mod wait;
 
 pub use ca::{TestCa, Validity};
 pub use failure::{Failed, Result};
-pub use mesh::{Host, Mesh, PeerSet, Status};
+pub use host::{Host, Status};
+pub use mesh::{Mesh, PeerSet};
 pub use process::Output;
 
 #[doc(hidden)]

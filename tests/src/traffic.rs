@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::mesh::Host;
+use crate::host::Host;
 use crate::process::Output;
 use crate::wait;
 
