@@ -571,3 +571,33 @@ fn restart_cleanly(h: &Host) -> Result<()> {
     ensure!(!out.success(), "TUN left behind after SIGTERM: {out:?}");
     h.start()
 }
+
+#[test]
+fn control_socket_is_owner_only() -> mesh_tests::Result {
+    use std::os::unix::fs::PermissionsExt;
+    let mut mesh = mesh_tests::mesh!();
+    let a = mesh.host("a").up()?;
+    let mode = std::fs::metadata(a.socket_path())?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode {mode:o}");
+    // Another user cannot use it.
+    let meshctl = mesh.bins().meshctl.to_str().unwrap_or_default().to_string();
+    let sock = a.socket_path().to_str().unwrap_or_default().to_string();
+    let out = a.exec(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &meshctl,
+            "--socket",
+            &sock,
+            "status",
+        ],
+    )?;
+    assert!(!out.success(), "another user read the status: {out:?}");
+    assert!(
+        out.stderr_str().contains("ermission denied"),
+        "refused for another reason: {out:?}"
+    );
+    Ok(())
+}
