@@ -12,7 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_proto::control::{PeerRemoved, Request, Response, MAX_REQUEST_BYTES};
+use std::net::SocketAddr;
+
+use mesh_proto::control::{
+    PeerInfo, PeerList, PeerRemoved, Request, Response, Status, MAX_REQUEST_BYTES,
+};
+use mesh_proto::time::UnixTime;
 
 use crate::daemon::Daemon;
 use crate::datapath::unix_now;
@@ -172,7 +177,7 @@ fn client(stream: UnixStream, d: &Daemon) -> io::Result<()> {
                 )?;
                 return Ok(());
             }
-            Ok(_) => handle(d, &line),
+            Ok(_) => handle(d, &line, unix_now()),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 Response::error("bad request: not UTF-8")
             }
@@ -182,8 +187,43 @@ fn client(stream: UnixStream, d: &Daemon) -> io::Result<()> {
     }
 }
 
-/// Serves one request line.
-pub fn handle(d: &Daemon, line: &str) -> Response {
+/// What the control socket asks of the daemon; [`Daemon`] implements it, tests use a
+/// fake. Every method either applies its change completely or returns an error and
+/// changes nothing.
+pub trait Api {
+    fn status(&self) -> Status;
+    fn peer_list(&self) -> PeerList;
+    fn peer_add(
+        &self,
+        pem: &str,
+        endpoint: Option<SocketAddr>,
+        now: UnixTime,
+    ) -> Result<PeerInfo, String>;
+    fn peer_remove(&self, identity: &str) -> Result<String, String>;
+}
+
+impl Api for Daemon {
+    fn status(&self) -> Status {
+        Daemon::status(self)
+    }
+    fn peer_list(&self) -> PeerList {
+        Daemon::peer_list(self)
+    }
+    fn peer_add(
+        &self,
+        pem: &str,
+        endpoint: Option<SocketAddr>,
+        now: UnixTime,
+    ) -> Result<PeerInfo, String> {
+        Daemon::peer_add(self, pem, endpoint, now)
+    }
+    fn peer_remove(&self, identity: &str) -> Result<String, String> {
+        Daemon::peer_remove(self, identity)
+    }
+}
+
+/// Serves one request line at `now`.
+pub fn handle(d: &dyn Api, line: &str, now: UnixTime) -> Response {
     let req = match Request::parse(line) {
         Ok(r) => r,
         Err(e) => return Response::error(e),
@@ -191,7 +231,7 @@ pub fn handle(d: &Daemon, line: &str) -> Response {
     match req {
         Request::Status(_) => Response::ok(d.status()),
         Request::PeerList(_) => Response::ok(d.peer_list()),
-        Request::PeerAdd { cert, endpoint } => match d.peer_add(&cert, endpoint, unix_now()) {
+        Request::PeerAdd { cert, endpoint } => match d.peer_add(&cert, endpoint, now) {
             Ok(info) => Response::ok(info),
             Err(e) => Response::error(e),
         },
@@ -205,5 +245,104 @@ pub fn handle(d: &Daemon, line: &str) -> Response {
         | Request::Log { .. } => {
             Response::error("policy operations are not available in this meshd build")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use mesh_proto::control::{NodeDrops, PeerInfo};
+
+    use super::*;
+
+    /// Records which operations ran.
+    #[derive(Default)]
+    struct Fake {
+        calls: RefCell<Vec<String>>,
+    }
+
+    impl Api for Fake {
+        fn status(&self) -> Status {
+            self.calls.borrow_mut().push("status".into());
+            Status {
+                ready: true,
+                identity: "spiffe://t/a".into(),
+                public_key: "k".into(),
+                listen: "198.18.0.1:51820".parse().unwrap(),
+                tun: "mesh0".into(),
+                addresses: vec![],
+                peers: vec![],
+                drops: NodeDrops::default(),
+            }
+        }
+        fn peer_list(&self) -> PeerList {
+            self.calls.borrow_mut().push("list".into());
+            PeerList { peers: vec![] }
+        }
+        fn peer_add(
+            &self,
+            pem: &str,
+            endpoint: Option<SocketAddr>,
+            now: UnixTime,
+        ) -> Result<PeerInfo, String> {
+            self.calls
+                .borrow_mut()
+                .push(format!("add {pem} {endpoint:?} {}", now.secs()));
+            Err("peer_add: not a mesh certificate".into())
+        }
+        fn peer_remove(&self, identity: &str) -> Result<String, String> {
+            self.calls.borrow_mut().push(format!("remove {identity}"));
+            Ok(identity.into())
+        }
+    }
+
+    #[test]
+    fn malformed_requests_get_an_error_and_call_nothing() {
+        let f = Fake::default();
+        for bad in [
+            "",
+            "}{",
+            "{\"op\":\"status\",\"verbose\":true}",
+            "{\"op\":\"peer_add\",\"endpoint\":\"198.18.0.2:51820\"}",
+            "{\"op\":\"peer_remove\"}",
+            "{\"op\":\"shutdown\"}",
+            "\u{0}\u{1}binary",
+        ] {
+            let r = handle(&f, bad, UnixTime(5));
+            assert!(!r.ok, "{bad:?}");
+            assert!(r.error.unwrap().starts_with("bad request"), "{bad:?}");
+        }
+        assert!(f.calls.borrow().is_empty());
+    }
+
+    #[test]
+    fn requests_reach_the_daemon() {
+        let f = Fake::default();
+        assert!(handle(&f, "{\"op\":\"status\"}\n", UnixTime(5)).ok);
+        assert!(handle(&f, "{\"op\":\"peer_list\"}", UnixTime(5)).ok);
+        let r = handle(
+            &f,
+            "{\"op\":\"peer_add\",\"cert\":\"x\",\"endpoint\":\"198.18.0.2:51820\"}",
+            UnixTime(5),
+        );
+        assert_eq!(r.error.as_deref(), Some("peer_add: not a mesh certificate"));
+        let r = handle(
+            &f,
+            "{\"op\":\"peer_remove\",\"identity\":\"spiffe://t/b\"}",
+            UnixTime(5),
+        );
+        assert_eq!(r.result.unwrap()["removed"], "spiffe://t/b");
+        let r = handle(&f, "{\"op\":\"policy_get\"}", UnixTime(5));
+        assert!(!r.ok);
+        assert_eq!(
+            *f.calls.borrow(),
+            vec![
+                "status".to_string(),
+                "list".into(),
+                "add x Some(198.18.0.2:51820) 5".into(),
+                "remove spiffe://t/b".into()
+            ]
+        );
     }
 }

@@ -439,6 +439,12 @@ impl Daemon {
             endpoint,
         });
         self.commit(&mut reg, entries, changes)?;
+        if let Some(ep) = endpoint {
+            // An unchanged peer keeps its session; the operator's endpoint still wins.
+            if let Some(p) = self.table.load().by_identity(&entry.spec.identity) {
+                p.set_endpoint(Some(ep));
+            }
+        }
         tracing::info!(peer = %id, "peer added");
         Ok(info(&entry, endpoint))
     }

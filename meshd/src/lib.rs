@@ -57,8 +57,9 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
         );
     }
     let socket_path = loaded.config.node.control_socket.clone();
-    let d = Arc::new(Daemon::start(loaded, enforce, shutdown.clone())?);
+    // First, so that a second meshd on the same socket stops before touching anything.
     let sock = control::ControlSocket::bind(&socket_path)?;
+    let d = Arc::new(Daemon::start(loaded, enforce, shutdown.clone())?);
 
     let mut threads = Vec::new();
     let spawn = |name: &str, f: fn(&Daemon), d: Arc<Daemon>| {
