@@ -4,7 +4,7 @@ use crate::Global;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use ipnet::IpNet;
-use mesh_proto::cert::{parse_time, Ca, CaSigner, CertKind, Certificate, LeafParams, VerifyError};
+use mesh_proto::cert::{parse_time, CaSigner, CertKind, Certificate, LeafParams, VerifyError};
 use mesh_proto::files;
 use mesh_proto::identity::SpiffeId;
 use mesh_proto::key::{PrivateKey, PublicKey};
@@ -117,6 +117,12 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             };
             check_new(&out, force)?;
             if let Some((path, _)) = &new_key {
+                if *path == out {
+                    bail!(
+                        "{}: the certificate and the new private key would share this path; pass --key-out",
+                        out.display()
+                    );
+                }
                 check_new(path, force)?;
             }
             let params = LeafParams {
@@ -164,9 +170,8 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             Ok(())
         }
         Command::Verify { ca, at, file } => {
-            let ca_cert = files::read_certificate(&ca)?;
             let ca_name = ca.display();
-            let ca = Ca::new(ca_cert).map_err(|e| anyhow!("{ca_name}: {e}"))?;
+            let ca = files::read_ca(&ca)?;
             let leaf = read_cert(&file)?;
             let now = at.unwrap_or_else(crate::now);
             let v = ca.verify(&leaf, now).map_err(|e| match e {
@@ -218,7 +223,15 @@ fn read_public(v: &str) -> Result<PublicKey> {
         return Ok(k);
     }
     let p = Path::new(v);
-    if p.exists() {
+    if let Ok(meta) = std::fs::metadata(p) {
+        // A file only its owner may read is almost certainly a private key; putting
+        // its bytes into a certificate would publish it.
+        use std::os::unix::fs::PermissionsExt;
+        if meta.is_file() && meta.permissions().mode() & 0o044 == 0 {
+            bail!(
+                "{v}: looks like a private key (readable only by its owner); pass the public key: --pub \"$(meshctl key pub {v})\""
+            );
+        }
         return Ok(files::read_public_key(p)?);
     }
     bail!("--pub {v:?}: not a base64 public key (44 characters) and no such file")

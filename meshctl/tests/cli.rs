@@ -204,6 +204,57 @@ fn issue_for_an_existing_key() {
         - show["not_before_unix"].as_u64().unwrap())
         / 86_400;
     assert_eq!(days, 30);
+    // A public key file works; a private key file is refused rather than published.
+    fs::write(d.path("b.pub"), format!("{public}\n")).unwrap();
+    d.chmod("b.pub", 0o644);
+    d.ok(&[
+        "cert",
+        "issue",
+        "--identity",
+        "spiffe://t/b",
+        "--ip",
+        "100.64.0.2",
+        "--pub",
+        "b.pub",
+        "--out",
+        "b2.crt",
+    ]);
+    assert_eq!(
+        json(&d.ok(&["cert", "show", "b2.crt", "--json"]))["public_key"],
+        public
+    );
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/b",
+            "--ip",
+            "100.64.0.2",
+            "--pub",
+            "b.key",
+            "--out",
+            "b3.crt",
+        ],
+        1,
+        &["b.key", "looks like a private key"],
+    );
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/b",
+            "--ip",
+            "100.64.0.2",
+            "--pub",
+            "nope",
+            "--out",
+            "b3.crt",
+        ],
+        1,
+        &["\"nope\"", "not a base64 public key"],
+    );
     // `key gen | key pub`, like wg.
     let private = d.ok(&["key", "gen"]);
     let out = d.run_stdin(&["key", "pub"], Some(&private));
@@ -490,6 +541,21 @@ fn bad_input_gives_one_line_and_nonzero_exit() {
     d.fails(&["cert", "issue", "--out", "x.crt"], 2, &["--identity"]);
     d.fails(&["cert"], 2, &["subcommand"]);
     d.fails(&[], 2, &["subcommand"]);
+    // The certificate would overwrite its own new key.
+    d.fails(
+        &[
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/x",
+            "--ip",
+            "100.64.0.9",
+            "--out",
+            "x.key",
+        ],
+        1,
+        &["x.key", "--key-out"],
+    );
     // Existing CA is not overwritten.
     d.fails(
         &["ca", "init", "--trust-domain", "t"],

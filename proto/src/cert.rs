@@ -39,7 +39,7 @@ mod tests;
 pub use ca::{Ca, CaParams, CaSigner, CaSigningKey, LeafParams, VerifiedCert, VerifyError};
 pub use text::parse_time;
 
-use crate::identity::{IdError, SpiffeId};
+use crate::identity::SpiffeId;
 use crate::time::UnixTime;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -108,9 +108,24 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
+impl std::str::FromStr for Fingerprint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Fingerprint::parse(s)
+            .ok_or_else(|| format!("{s:?} is not a SHA-256 fingerprint (64 lowercase hex digits)"))
+    }
+}
+
 impl serde::Serialize for Fingerprint {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Fingerprint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -130,9 +145,30 @@ impl fmt::Debug for Serial {
     }
 }
 
+impl Serial {
+    /// Parses 32 lowercase hex digits.
+    pub fn parse(s: &str) -> Option<Serial> {
+        text::parse_hex::<16>(s).map(Serial)
+    }
+}
+
+impl std::str::FromStr for Serial {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Serial::parse(s).ok_or_else(|| format!("{s:?} is not a serial (32 lowercase hex digits)"))
+    }
+}
+
 impl serde::Serialize for Serial {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Serial {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -222,11 +258,9 @@ pub enum CertError {
         field: &'static str,
         problem: String,
     },
-    #[error("invalid identity: {0}")]
-    Identity(#[from] IdError),
     #[error("{0}")]
     Constraint(#[from] ConstraintError),
-    #[error("cannot issue: {0}")]
+    #[error("{0}")]
     Invalid(String),
     #[error("the CA signing key does not match the CA certificate")]
     KeyMismatch,
@@ -458,14 +492,14 @@ impl<'de> serde::Deserialize<'de> for Certificate {
 }
 
 /// A certificate's fields as plain values, for JSON output.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CertSummary {
     pub version: u32,
     pub kind: CertKind,
     pub identity: String,
     pub addresses: Vec<String>,
     pub groups: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraints: Option<ConstraintsSummary>,
     pub public_key: String,
     pub not_before: String,
@@ -478,7 +512,7 @@ pub struct CertSummary {
 }
 
 /// A CA's constraints for JSON output; empty lists mean "any".
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConstraintsSummary {
     pub trust_domain: String,
     pub addresses: Vec<String>,

@@ -2,7 +2,7 @@
 //! by their owner, and files are replaced atomically (temp file in the same
 //! directory, fsync, rename, fsync of the directory). Every error names the path.
 
-use crate::cert::{CaSigningKey, CertError, Certificate};
+use crate::cert::{Ca, CaSigningKey, CertError, Certificate, VerifyError};
 use crate::key::{KeyError, PrivateKey};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -35,6 +35,8 @@ pub enum FileError {
     Key { path: PathBuf, source: KeyError },
     #[error("{}: {source}", path.display())]
     Cert { path: PathBuf, source: CertError },
+    #[error("{}: {source}", path.display())]
+    Verify { path: PathBuf, source: VerifyError },
 }
 
 impl FileError {
@@ -47,7 +49,8 @@ impl FileError {
             | FileError::TooLarge { path }
             | FileError::NotText { path }
             | FileError::Key { path, .. }
-            | FileError::Cert { path, .. } => path,
+            | FileError::Cert { path, .. }
+            | FileError::Verify { path, .. } => path,
         }
     }
 }
@@ -128,6 +131,14 @@ pub fn read_public_key(path: &Path) -> Result<crate::key::PublicKey, FileError> 
 pub fn read_certificate(path: &Path) -> Result<Certificate, FileError> {
     let text = read_text(path, false)?;
     Certificate::from_pem(&text).map_err(|source| FileError::Cert {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads a CA certificate and checks that it is a self-signed CA ([`Ca::new`]).
+pub fn read_ca(path: &Path) -> Result<Ca, FileError> {
+    Ca::new(read_certificate(path)?).map_err(|source| FileError::Verify {
         path: path.to_owned(),
         source,
     })
@@ -283,6 +294,17 @@ mod tests {
         write_ca_key(&kp, ca.signer().signing_key()).unwrap();
         assert_eq!(mode(&kp), 0o600);
         let key = read_ca_key(&kp).unwrap();
+        let ca_path = d.join("ca.crt");
+        write_certificate(&ca_path, ca.cert()).unwrap();
+        assert_eq!(
+            read_ca(&ca_path).unwrap().fingerprint(),
+            ca.cert().fingerprint()
+        );
+        let err = read_ca(&cp).unwrap_err().to_string();
+        assert!(
+            err.contains("a.crt") && err.contains("a leaf cannot sign"),
+            "{err}"
+        );
         assert_eq!(key.public_key(), ca.signer().signing_key().public_key());
         fs::set_permissions(&kp, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(

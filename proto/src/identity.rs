@@ -332,4 +332,28 @@ mod tests {
         let td: TrustDomain = serde_json::from_str("\"t\"").unwrap();
         assert_eq!(serde_json::to_string(&td).unwrap(), "\"t\"");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,80}") {
+            let _ = SpiffeId::parse(&s);
+            let _ = SpiffeId::parse(&format!("spiffe://{s}"));
+        }
+
+        #[test]
+        fn well_formed_ids_round_trip(
+            td in "[a-z0-9._-]{1,30}",
+            segs in proptest::collection::vec("[a-zA-Z0-9._-]{1,12}", 0..6),
+        ) {
+            let s = format!("spiffe://{td}{}", segs.iter().map(|x| format!("/{x}")).collect::<String>());
+            let dot = segs.iter().any(|x| x == "." || x == "..");
+            match SpiffeId::parse(&s) {
+                Ok(id) => {
+                    proptest::prop_assert!(!dot);
+                    proptest::prop_assert_eq!(id.to_string(), s);
+                }
+                Err(e) => proptest::prop_assert!(dot && e == DotSegment, "{s}: {e}"),
+            }
+        }
+    }
 }

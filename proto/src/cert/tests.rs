@@ -452,3 +452,39 @@ fn time_parse() {
         assert_eq!(parse_time(bad), None, "{bad}");
     }
 }
+
+fn fixture() -> &'static (Ca, Certificate) {
+    static F: std::sync::OnceLock<(Ca, Certificate)> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let ca = TestCa::new("t");
+        let (leaf, _) = ca.leaf_with_groups("spiffe://t/a", &[A4, A6], &["web"]);
+        (ca.ca(), leaf)
+    })
+}
+
+proptest::proptest! {
+    /// Arbitrary edits never panic the parser, and nothing but the original verifies.
+    #[test]
+    fn edits_never_panic_or_verify(start in 0usize..600, len in 0usize..8, insert in "\\PC{0,8}") {
+        let (ca, leaf) = fixture();
+        let pem = leaf.as_pem();
+        let start = start.min(pem.len());
+        let end = (start + len).min(pem.len());
+        if !pem.is_char_boundary(start) || !pem.is_char_boundary(end) {
+            return Ok(());
+        }
+        let edited = format!("{}{}{}", &pem[..start], insert, &pem[end..]);
+        if let Ok(c) = Certificate::from_pem(&edited) {
+            if ca.verify(&c, NOW).is_ok() {
+                proptest::prop_assert_eq!(&c, leaf);
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics(s in "\\PC{0,300}") {
+        let _ = Certificate::from_pem(&s);
+        let _ = Certificate::from_pem(&format!("{BEGIN}\n{s}\n{END}\n"));
+        let _ = CaSigningKey::from_pem(&s);
+    }
+}
