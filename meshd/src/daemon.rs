@@ -212,10 +212,7 @@ pub fn check_peer(
 /// changes, and checks them all. Every error names the config field it comes from.
 pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
     let n = &config.node;
-    let ca_cert =
-        files::read_certificate(&n.ca).map_err(|e| config.error("node.ca", one_line(&e)))?;
-    let ca = Ca::new(ca_cert)
-        .map_err(|e| config.error("node.ca", format!("{}: {e}", n.ca.display())))?;
+    let ca = files::read_ca(&n.ca).map_err(|e| config.error("node.ca", one_line(&e)))?;
     let own =
         files::read_certificate(&n.cert).map_err(|e| config.error("node.cert", one_line(&e)))?;
     let cert = ca

@@ -40,6 +40,8 @@ pub enum RunError {
     Control(#[from] control::ControlError),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    #[error("internal error: the {0} thread panicked (see the log)")]
+    Panicked(String),
 }
 
 /// Loads `config` (nothing is touched if that fails), brings the node up and runs
@@ -57,7 +59,12 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
         #[allow(clippy::disallowed_methods)] // I/O shell: the data-path threads
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || f(&d))
+            .spawn(move || {
+                // A data-path thread that panics takes the daemon down with it (and
+                // `run` reports it) rather than leaving a half-working node.
+                let _guard = StopOnPanic(d.shutdown.clone());
+                f(&d)
+            })
             .map_err(RunError::Thread)
     };
     for (name, f) in [
@@ -79,10 +86,27 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
     d.ready.store(true, Ordering::SeqCst);
     tracing::info!(socket = %socket_path.display(), "ready");
     control::serve(&sock, d.clone());
+    let mut panicked = None;
     for t in threads {
-        let _ = t.join();
+        let name = t.thread().name().unwrap_or("?").to_string();
+        if t.join().is_err() {
+            panicked = Some(name);
+        }
     }
     drop(sock);
+    if let Some(name) = panicked {
+        return Err(RunError::Panicked(name));
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+struct StopOnPanic(Arc<Shutdown>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.trigger();
+        }
+    }
 }
