@@ -119,7 +119,11 @@ impl Host {
         std::fs::create_dir_all(&dir)?;
         let dir_s = dir.to_str().context("path is not UTF-8")?;
         let label = format!("recording-{port}");
-        self.spawn(&label, &python, &[tool_s, "serve", &port.to_string(), dir_s])?;
+        self.spawn(
+            &label,
+            &python,
+            &[tool_s, "serve", &port.to_string(), dir_s],
+        )?;
         self.wait_background_output(&label, "listening")?;
         self.wait_listening("tcp", port)?;
         Ok(RecordingServer { port, dir })

@@ -47,8 +47,8 @@ pub use ca::{TestCa, Validity};
 pub use failure::{Failed, Result};
 pub use host::{Host, Status};
 pub use http::{RecordingServer, Session};
-pub use policy::Decisions;
 pub use mesh::{Mesh, PeerSet};
+pub use policy::Decisions;
 pub use process::Output;
 
 #[doc(hidden)]

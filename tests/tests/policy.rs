@@ -210,11 +210,27 @@ fn allow_for_one_identity_on_one_port_lets_exactly_that_through() -> mesh_tests:
         ("reason", "no_allow_matched"),
     ])?;
     let d = c.decisions()?;
-    d.assert_contains(&[("src", "spiffe://t/a"), ("dst_port", &other), ("proto", "tcp")]);
-    d.assert_contains(&[("src", "spiffe://t/a"), ("proto", "udp"), ("decision", "deny")]);
-    d.assert_contains(&[("src", "spiffe://t/a"), ("proto", "icmp"), ("decision", "deny")]);
+    d.assert_contains(&[
+        ("src", "spiffe://t/a"),
+        ("dst_port", &other),
+        ("proto", "tcp"),
+    ]);
+    d.assert_contains(&[
+        ("src", "spiffe://t/a"),
+        ("proto", "udp"),
+        ("decision", "deny"),
+    ]);
+    d.assert_contains(&[
+        ("src", "spiffe://t/a"),
+        ("proto", "icmp"),
+        ("decision", "deny"),
+    ]);
     // Allowed traffic is not logged as denied.
-    d.assert_none(&[("src", "spiffe://t/a"), ("dst_port", &port), ("decision", "deny")]);
+    d.assert_none(&[
+        ("src", "spiffe://t/a"),
+        ("dst_port", &port),
+        ("decision", "deny"),
+    ]);
     // The operator's text view names the denied identity and the reason.
     let text = c.meshctl(&["log"])?.check()?.stdout_str();
     assert!(
@@ -306,7 +322,12 @@ to = [{ ports = [8080, 9000] }]
     // New connections to 9000 are refused; 8080 still works.
     let r = a.exec(
         "timeout",
-        &["3", "bash", "-c", &format!("echo x > /dev/tcp/{}/{ECHO}", c.overlay_v4())],
+        &[
+            "3",
+            "bash",
+            "-c",
+            &format!("echo x > /dev/tcp/{}/{ECHO}", c.overlay_v4()),
+        ],
     )?;
     assert!(!r.success(), "a opened a new connection to 9000: {r:?}");
     assert_http_ok(&a, &c, HTTP)?;
@@ -328,7 +349,10 @@ fn a_policy_whose_tests_fail_is_refused_and_the_old_one_stays() -> mesh_tests::R
          to_port = 8080\nexpect = \"allow\"\n"
     );
     let out = c.apply_policy(&broken)?;
-    assert!(!out.success(), "a policy with a failing test was applied: {out:?}");
+    assert!(
+        !out.success(),
+        "a policy with a failing test was applied: {out:?}"
+    );
     let err = out.stderr_str();
     assert_eq!(err.trim().lines().count(), 1, "not one line: {err:?}");
     assert!(
@@ -419,7 +443,10 @@ fn bad_policy_input_gets_a_clear_error_and_changes_nothing() -> mesh_tests::Resu
         let err = err.trim();
         assert_eq!(err.lines().count(), 1, "{what}: not one line: {err:?}");
         assert!(err.contains(needle), "{what}: {err:?} lacks {needle:?}");
-        assert!(err.contains("apply-"), "{what}: {err:?} does not name the file");
+        assert!(
+            err.contains("apply-"),
+            "{what}: {err:?} does not name the file"
+        );
         // Straight to the daemon, past meshctl's own check.
         let req = serde_json::json!({"op": "policy_apply", "source": source, "name": "bad.toml"});
         let reply = c.control_raw(req.to_string().as_bytes())?;
