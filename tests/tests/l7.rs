@@ -136,6 +136,14 @@ fn allowed_get_passes_and_a_post_to_the_same_path_gets_403_unseen() -> mesh_test
     assert_eq!(curl(&a, &c, "DELETE", "/api/items", &[])?, 403);
     assert_eq!(curl(&a, &c, "GET", "/private", &[])?, 403);
     assert_eq!(curl(&a, &c, "GET", "/api/items", &[])?, 200);
+    // The same over the IPv6 overlay.
+    let v6 = |method: &str| -> Result<u16> {
+        Ok(a.curl(c.overlay_v6(), HTTP, "/api/v6", &["-X", method])?
+            .status)
+    };
+    assert_eq!(v6("GET")?, 200);
+    assert_eq!(v6("POST")?, 403);
+    assert!(server.saw("GET", "/api/v6")? && !server.saw("POST", "/api/v6")?);
     let e = c.enforcement()?;
     assert!(
         e["counters"]["http_refused"].as_u64().unwrap_or(0) >= 3,
@@ -182,6 +190,65 @@ fn a_denied_request_on_a_kept_alive_connection_gets_403_after_allowed_ones() -> 
     assert_eq!(s.responses.len(), 3, "{s:?}");
     assert!(s.responses.iter().all(|r| r.status == 200), "{s:?}");
     assert_eq!(s.end, "done");
+    Ok(())
+}
+
+#[test]
+fn pipelined_and_smuggling_shaped_requests_never_reach_the_server() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let (a, c, server) = setup(&mut mesh)?;
+    let send = |data: &str| {
+        a.send_raw(
+            c.overlay_v4(),
+            HTTP,
+            data.as_bytes(),
+            Duration::from_secs(10),
+        )
+    };
+    // Two allowed requests written at once: both reach the server, both are answered.
+    let r = send(
+        "GET /api/p1 HTTP/1.1\r\nHost: c\r\n\r\nGET /api/p2 HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n",
+    )?;
+    assert_eq!(r.received.matches("HTTP/1.1 200").count(), 2, "{r:?}");
+    assert!(server.saw("GET", "/api/p1")? && server.saw("GET", "/api/p2")?);
+    // An allowed request with a denied one pipelined behind it: the denied one, head
+    // and body, never reaches the server, and the client gets a 403.
+    let r = send(
+        "GET /api/p3 HTTP/1.1\r\nHost: c\r\n\r\nPOST /api/items HTTP/1.1\r\nHost: c\r\n\
+         Content-Length: 12\r\n\r\nSMUGGLED-ONE",
+    )?;
+    assert!(r.received.contains("HTTP/1.1 403"), "{r:?}");
+    // Framing a server could read differently from the enforcer: refused with 400.
+    for (what, data) in [
+        (
+            "Content-Length and Transfer-Encoding",
+            "POST /upload HTTP/1.1\r\nHost: c\r\nContent-Length: 17\r\n\
+             Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nSMUGGLED-TWO",
+        ),
+        (
+            "conflicting Content-Length",
+            "POST /upload HTTP/1.1\r\nHost: c\r\nContent-Length: 3\r\n\
+             Content-Length: 14\r\n\r\nSMUGGLED-THREE",
+        ),
+        (
+            "obs-fold",
+            "GET /api/x HTTP/1.1\r\nHost: c\r\nX-A: 1\r\n Transfer-Encoding: chunked\r\n\r\n",
+        ),
+    ] {
+        let r = send(data)?;
+        assert!(
+            r.received.starts_with("HTTP/1.1 400") || (r.received.is_empty() && r.end == "reset"),
+            "{what}: {r:?}"
+        );
+        assert!(!server.saw("POST", "/upload")?, "{what}: the server saw it");
+    }
+    c.wait_decision(&[("reason", "malformed_request"), ("http.status", "400")])?;
+    let raw = server.raw();
+    assert!(
+        !contains(&raw, b"SMUGGLED") && !contains(&raw, b"POST"),
+        "the server read a refused request: {:?}",
+        String::from_utf8_lossy(&raw)
+    );
     Ok(())
 }
 
