@@ -115,6 +115,32 @@ fn assert_ping_blocked(src: &Host, dst: IpAddr) -> Result<()> {
     Ok(())
 }
 
+/// A connected UDP socket on `src` sending to a closed port `dst:port` learns that
+/// the port is closed: the ICMP port-unreachable error got back to `src`.
+fn assert_udp_refused(src: &Host, dst: IpAddr, port: u16) -> Result<()> {
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+s.connect((sys.argv[1], int(sys.argv[2])))
+for _ in range(3):
+    s.send(b'x')
+    try:
+        s.recv(16)
+    except ConnectionRefusedError:
+        print('refused'); sys.exit(0)
+    except socket.timeout:
+        pass
+print('no ICMP error came back'); sys.exit(1)
+"#;
+    let out = src.exec(
+        "python3",
+        &["-c", script, &dst.to_string(), &port.to_string()],
+    )?;
+    ensure!(out.success(), "{} -> {dst}:{port}/udp: {out:?}", src.name());
+    Ok(())
+}
+
 /// Every file under `dir` with its bytes (the daemon's persisted state).
 fn snapshot(dir: &Path) -> Result<BTreeMap<PathBuf, Vec<u8>>> {
     let mut out = BTreeMap::new();
@@ -152,6 +178,10 @@ fn default_deny_with_nothing_allowed_blocks_all_traffic() -> mesh_tests::Result 
     // flows c opened (connection tracking), so they pass c's default deny.
     assert_http_ok(&c, &a, HTTP)?;
     c.ping(a.overlay_v4())?;
+    a.serve_udp_echo(UDP_ECHO)?;
+    c.udp_echo(a.overlay_v4(), UDP_ECHO)?;
+    // An ICMP error about a flow c opened (port unreachable) is let in with it.
+    assert_udp_refused(&c, a.overlay_v4(), UDP_ECHO + 1)?;
     // Nothing reaches c: TCP, UDP, ICMP, from either identity, over either family.
     for src in [&a, &b] {
         for dst in [c.overlay_v4(), c.overlay_v6()] {
@@ -281,7 +311,20 @@ expect_policy = "block-a"
     serve(&c, HTTP)?;
     assert_http_ok(&b, &c, HTTP)?;
     a.ping(b.overlay_v4())?;
+    // `meshctl log -f` shows a deny live. It starts with the last line of the log (b
+    // to a port nobody may use); once that is printed it follows.
+    assert_http_blocked(&b, c.overlay_v4(), HTTP_OTHER)?;
+    c.wait_decision(&[("src", "spiffe://t/b"), ("reason", "no_allow_matched")])?;
+    let sock = c.socket_path();
+    let sock = sock.to_str().context("path")?;
+    c.spawn(
+        "follow",
+        &mesh.bins().meshctl,
+        &["--socket", sock, "--json", "log", "-f", "-n", "1"],
+    )?;
+    c.wait_background_output("follow", "no_allow_matched")?;
     assert_http_blocked(&a, c.overlay_v4(), HTTP)?;
+    c.wait_background_output("follow", "explicit_deny")?;
     c.wait_decision(&[
         ("src", "spiffe://t/a"),
         ("decision", "deny"),
@@ -467,5 +510,106 @@ fn bad_policy_input_gets_a_clear_error_and_changes_nothing() -> mesh_tests::Resu
     assert!(c.meshd_alive()?);
     assert_http_ok(&a, &c, HTTP)?;
     assert_http_blocked(&b, c.overlay_v4(), HTTP)?;
+    Ok(())
+}
+
+#[test]
+fn audit_rules_log_without_changing_the_decision() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let policy = r#"
+# mesh default: allow
+[[policy]]
+name = "watch-web"
+action = "audit"
+[[policy.rule]]
+name = "web"
+to = [{ ports = [8080] }]
+
+[[policy]]
+name = "no-8081"
+action = "deny"
+[[policy.rule]]
+to = [{ ports = [8081] }]
+"#;
+    let c = mesh.host("c").policy("allow", policy).up()?;
+    let a = mesh.host("a").up()?;
+    serve(&c, HTTP)?;
+    serve(&c, HTTP_OTHER)?;
+    assert_http_ok(&a, &c, HTTP)?;
+    assert_http_blocked(&a, c.overlay_v4(), HTTP_OTHER)?;
+    let d = c.wait_decision(&[
+        ("src", "spiffe://t/a"),
+        ("decision", "audit"),
+        ("policy", "watch-web"),
+        ("rule", "web"),
+        ("dst_port", &HTTP.to_string()),
+    ])?;
+    d.assert_contains(&[
+        ("src", "spiffe://t/a"),
+        ("decision", "deny"),
+        ("reason", "explicit_deny"),
+        ("policy", "no-8081"),
+        ("dst_port", &HTTP_OTHER.to_string()),
+    ]);
+    // A decision line carries time, who (identity and address), where and what.
+    let rec = d.matching(&[("decision", "audit")])[0].clone();
+    for key in [
+        "time", "src", "src_addr", "dst_addr", "dst_port", "proto", "decision",
+    ] {
+        assert!(
+            mesh_tests::policy::field(&rec, key).is_some(),
+            "{key} missing: {rec}"
+        );
+    }
+    assert_eq!(rec["src_addr"], a.overlay_v4().to_string());
+    assert_eq!(rec["dst_addr"], c.overlay_v4().to_string());
+    assert!(c.rule_count("watch-web", "web", "audit")? >= 1);
+    assert!(c.rule_count("no-8081", "0", "deny")? >= 1);
+    Ok(())
+}
+
+#[test]
+fn groups_selectors_and_address_blocks_decide_sources() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let policy = r#"
+[[policy]]
+name = "ops-in"
+action = "allow"
+selector = { identities = ["spiffe://t/c"] }
+[[policy.rule]]
+name = "ops"
+from = [{ groups = ["ops"] }]
+to = [{ ports = [8080] }]
+
+[[policy]]
+name = "elsewhere"
+action = "allow"
+selector = { identities = ["spiffe://t/other"] }
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/b"] }]
+"#;
+    let c = mesh.host("c").policy("deny", policy).up()?;
+    let a = mesh.host("a").groups(&["ops"]).up()?;
+    let b = mesh.host("b").up()?;
+    serve(&c, HTTP)?;
+    // a's certificate says ops; b's says nothing, and the policy that would let b in
+    // selects another workload.
+    assert_http_ok(&a, &c, HTTP)?;
+    b.ping(a.overlay_v4())?;
+    assert_http_blocked(&b, c.overlay_v4(), HTTP)?;
+    c.wait_decision(&[("src", "spiffe://t/b"), ("reason", "no_allow_matched")])?;
+    // Now deny a's overlay address block, at run time.
+    let deny_a = format!(
+        "{policy}\n[[policy]]\nname = \"quarantine\"\naction = \"deny\"\n[[policy.rule]]\n\
+         from = [{{ addresses = [\"{}/32\"] }}]\n",
+        a.overlay_v4()
+    );
+    c.apply_policy(&deny_a)?.check()?;
+    assert_http_blocked(&a, c.overlay_v4(), HTTP)?;
+    c.wait_decision(&[
+        ("src", "spiffe://t/a"),
+        ("reason", "explicit_deny"),
+        ("policy", "quarantine"),
+    ])?;
     Ok(())
 }
