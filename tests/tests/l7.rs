@@ -253,6 +253,66 @@ fn pipelined_and_smuggling_shaped_requests_never_reach_the_server() -> mesh_test
 }
 
 #[test]
+fn large_oversized_and_unfinished_heads() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let (a, c, server) = setup(&mut mesh)?;
+    // A large head within the 16 KiB limit passes (it is held until complete).
+    let large = format!(
+        "GET /api/large HTTP/1.1\r\nHost: c\r\nX-Large: {}\r\nConnection: close\r\n\r\n",
+        "L".repeat(10 * 1024)
+    );
+    let r = a.send_raw(
+        c.overlay_v4(),
+        HTTP,
+        large.as_bytes(),
+        Duration::from_secs(10),
+    )?;
+    assert!(r.received.starts_with("HTTP/1.1 200"), "{r:?}");
+    assert!(server.saw("GET", "/api/large")?);
+    // A head over the limit is refused and never reaches the server. meshd answers
+    // 431 once it has seen more than 16 KiB of head; but held bytes are not
+    // acknowledged to the client (l7.rs, "Known limits"), so a fresh connection's
+    // sender stops at its initial congestion window (about 15 KB here) and the head
+    // times out with 408 instead. Either is a refusal.
+    let big = format!(
+        "GET /api/big HTTP/1.1\r\nHost: c\r\nX-Big: {}\r\n\r\n",
+        "B".repeat(20 * 1024)
+    );
+    let r = a.send_raw(
+        c.overlay_v4(),
+        HTTP,
+        big.as_bytes(),
+        Duration::from_secs(25),
+    )?;
+    assert!(
+        r.received.starts_with("HTTP/1.1 431") || r.received.starts_with("HTTP/1.1 408"),
+        "{:?}",
+        r.end
+    );
+    // A head that never ends: answered with 408 once the head timeout passes (10 s).
+    let r = a.send_raw(
+        c.overlay_v4(),
+        HTTP,
+        b"GET /api/slow HTTP/1.1\r\nHost: c\r\nX-Slow: 1\r\n",
+        Duration::from_secs(25),
+    )?;
+    assert!(r.received.starts_with("HTTP/1.1 408"), "{r:?}");
+    let d = c.decisions()?;
+    assert!(
+        d.contains(&[("reason", "head_too_large")])
+            || d.matching(&[("reason", "request_timeout")]).len() >= 2,
+        "{d:?}"
+    );
+    d.assert_contains(&[("reason", "request_timeout")]);
+    let raw = server.raw();
+    assert!(
+        !contains(&raw, b"/api/big") && !contains(&raw, b"/api/slow"),
+        "the server read a refused head"
+    );
+    Ok(())
+}
+
+#[test]
 fn path_tricks_are_decided_by_the_normalised_path() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let (a, c, server) = setup(&mut mesh)?;
