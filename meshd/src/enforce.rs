@@ -813,6 +813,22 @@ impl Enforcer {
         if let Some(refusal) = outcome.refusal {
             self.refuse(policy, sender, p, &ends, &refusal, now, wall, emit);
         }
+        if let Some(a) = outcome.held_ack {
+            // Held head bytes, acknowledged on the server's behalf (l7::HeldAck): without
+            // it a head larger than the client's congestion window never completes.
+            let ack = TcpSegment {
+                src: ends.server,
+                dst: ends.client,
+                seq: a.seq,
+                ack: Some(a.ack),
+                flags: Flags::default(),
+                window: a.window,
+                payload: &[],
+            };
+            if inject::tcp_packet(&ack, &mut emit.scratch).is_ok() {
+                emit.push_scratch(Toward::Peer);
+            }
+        }
         verdict
     }
 
