@@ -536,14 +536,24 @@ impl Enforcer {
                 let Some(sender) = flow.value.sender.clone() else {
                     return true;
                 };
-                if flow.value.l7.is_some() {
-                    // Decided request by request: the next head meets the new policy.
-                    return true;
-                }
                 let Some(p) = parsed_from_key(key) else {
                     return true;
                 };
-                let decision = self.decide(&active.policy, &sender, &p);
+                let decision = if flow.value.l7.is_some() {
+                    // Decided request by request: the next head meets the new policy,
+                    // unless the new policy refuses every request this source could send
+                    // here; then the flow is cut now rather than left to stream the rest
+                    // of a body (regression: netns test l7.rs, upload in progress).
+                    match mesh_proto::policy::deny_every_request(
+                        &active.policy,
+                        &self.request(&sender, &p),
+                    ) {
+                        None => return true,
+                        Some(reason) => Decision::refused(reason),
+                    }
+                } else {
+                    self.decide(&active.policy, &sender, &p)
+                };
                 flow.value.gen = active.gen;
                 flow.value.allowed = decision.is_allowed();
                 if decision.is_allowed() {

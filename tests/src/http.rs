@@ -154,6 +154,27 @@ impl Host {
         self.wait_background_output(label, "connected")
     }
 
+    /// Starts, in the background (labelled `label`), an HTTP upload to `addr:port/path`
+    /// that announces a 1 GB body and sends 1 KiB of it every 100 ms, returning once the
+    /// head and the first KiB went out. It prints `ended: ...` once the connection is
+    /// reset: wait for that with [`Host::wait_background_output`].
+    pub fn trickle_upload(&self, label: &str, addr: IpAddr, port: u16, path: &str) -> Result<()> {
+        let (python, tool) = self.httptool()?;
+        let tool_s = tool.to_str().context("path is not UTF-8")?;
+        self.spawn(
+            label,
+            &python,
+            &[
+                tool_s,
+                "trickle",
+                &addr.to_string(),
+                &port.to_string(),
+                path,
+            ],
+        )?;
+        self.wait_background_output(label, "connected")
+    }
+
     /// Sends `requests` on one TCP connection, each after the previous one's response.
     /// A request is `"METHOD PATH"` optionally followed by `|Header: value` fields.
     pub fn http_session(&self, addr: IpAddr, port: u16, requests: &[&str]) -> Result<Session> {

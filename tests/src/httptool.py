@@ -18,6 +18,10 @@ session ADDR PORT TIMEOUT REQUEST...
 raw ADDR PORT TIMEOUT HEX
     Connects, sends the bytes, and prints what came back as one JSON line:
     {"received": <text>, "end": "closed"|"reset"|"timeout"}.
+trickle ADDR PORT PATH
+    Sends a POST head announcing a 1 GB body, then 1 KiB of body every 100 ms;
+    prints "connected" after the first KiB and "ended: <how>" once the connection is
+    reset.
 hold ADDR PORT
     Opens a TCP connection to an echo server, checks one echo, prints "connected",
     then sends a line every 200 ms and prints "ended: <how>" (and exits) once the
@@ -255,6 +259,26 @@ def hold(addr, port):
         time.sleep(0.2)
 
 
+def trickle(addr, port, path):
+    s = connect(addr, port, 5)
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 1000000000\r\n\r\n".encode()
+    )
+    chunk = b"t" * 1024
+    sent = 0
+    try:
+        while True:
+            s.sendall(chunk)
+            sent += 1
+            if sent == 1:
+                print("connected", flush=True)
+            time.sleep(0.1)
+    except (ConnectionResetError, BrokenPipeError) as e:
+        print(f"ended: reset ({e.__class__.__name__}) after {sent} KiB", flush=True)
+    except OSError as e:
+        print(f"ended: {e} after {sent} KiB", flush=True)
+
+
 def main(argv):
     cmd = argv[1]
     if cmd == "serve":
@@ -267,6 +291,8 @@ def main(argv):
         raw(argv[2], int(argv[3]), float(argv[4]), bytes.fromhex(argv[5]))
     elif cmd == "hold":
         hold(argv[2], int(argv[3]))
+    elif cmd == "trickle":
+        trickle(argv[2], int(argv[3]), argv[4])
     else:
         sys.exit("usage: httptool.py serve|echo-serve|session|raw|hold ...")
 

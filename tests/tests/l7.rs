@@ -308,6 +308,36 @@ fn large_heads_pass_oversized_get_431_and_unfinished_408() -> mesh_tests::Result
 }
 
 #[test]
+fn a_stricter_policy_cuts_an_upload_in_progress() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let (a, c, server) = setup(&mut mesh)?;
+    a.trickle_upload("upload", c.overlay_v4(), HTTP, "/upload")?;
+    // The body is flowing to the server.
+    let before = server.raw().len();
+    mesh_tests::wait::until(
+        "the upload to reach the server",
+        Duration::from_secs(10),
+        || Ok((server.raw().len() > before + 2048).then_some(())),
+    )?;
+    // a is denied outright now: its upload in progress is cut, not left to finish.
+    let policies = POLICY.split("[[test]]").next().unwrap_or_default();
+    let deny_a = format!(
+        "{policies}\n[[policy]]\nname = \"quarantine\"\naction = \"deny\"\n[[policy.rule]]\n\
+         from = [{{ identities = [\"spiffe://t/a\"] }}]\n"
+    );
+    c.apply_policy(&deny_a)?.check()?;
+    a.wait_background_output("upload", "ended")?;
+    c.wait_decision(&[
+        ("src", "spiffe://t/a"),
+        ("reason", "explicit_deny"),
+        ("policy", "quarantine"),
+    ])?;
+    // And a new request is refused.
+    assert_eq!(curl(&a, &c, "GET", "/api/items", &[])?, 403);
+    Ok(())
+}
+
+#[test]
 fn path_tricks_are_decided_by_the_normalised_path() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let (a, c, server) = setup(&mut mesh)?;

@@ -778,3 +778,28 @@ fn l7_mid_stream_without_handshake_fails_closed() {
     let v = e.inbound(&sender(A), &pkt, t(0), WALL, &mut Emit::default());
     assert_eq!(v, Verdict::Drop(Drop::Untracked));
 }
+
+#[test]
+fn l7_flow_is_cut_when_the_new_policy_refuses_every_request() {
+    // Regression (netns test l7.rs, upload in progress): an inspected flow streaming
+    // an allowed request's body was left open by a policy that denies its source
+    // outright, until its next request head.
+    let (e, log) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    let get = b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n";
+    assert_eq!(c.send(&e, get, &mut emit), Verdict::Deliver);
+    // A policy that still lets a GET: the open flow stays, requests decide.
+    let still = format!("{API_POLICY}\n[[policy]]\nname = \"no-admin\"\naction = \"deny\"\n[[policy.rule]]\nto = [{{ ports = [80], paths = [\"/admin\"] }}]\n");
+    let cuts = e.set_policy(compiled(&still, DefaultAction::Deny), t(11), WALL);
+    assert!(cuts.is_empty(), "{}", cuts.len());
+    // A policy that denies a whatever it asks: cut now.
+    let quarantine = format!("{still}\n[[policy]]\nname = \"quarantine\"\naction = \"deny\"\n[[policy.rule]]\nfrom = [{{ identities = [\"spiffe://t/a\"] }}]\n");
+    let cuts = e.set_policy(compiled(&quarantine, DefaultAction::Deny), t(12), WALL);
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(cuts[0].key.dst_port, 80);
+    assert!(log.tail(1)[0].contains("quarantine"), "{}", log.tail(1)[0]);
+    // The flow is gone: further segments of it fail closed.
+    let v = c.send(&e, b"more body", &mut Emit::default());
+    assert_ne!(v, Verdict::Deliver);
+}
