@@ -40,6 +40,11 @@ when = [
   { key = "request.headers[x-debug]", not_values = ["*"] },
 ]
 
+[[policy.rule]]
+name = "vhost"
+from = [{ identities = ["spiffe://t/a"] }]
+to = [{ ports = [8080], methods = ["GET"], paths = ["/vhost/*"], hosts = ["api.internal"] }]
+
 [[policy]]
 name = "no-admin"
 action = "deny"
@@ -372,7 +377,7 @@ fn path_tricks_are_decided_by_the_normalised_path() -> mesh_tests::Result {
 }
 
 #[test]
-fn header_conditions_decide_requests() -> mesh_tests::Result {
+fn header_and_host_conditions_decide_requests() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let (a, c, server) = setup(&mut mesh)?;
     for (headers, want) in [
@@ -390,6 +395,26 @@ fn header_conditions_decide_requests() -> mesh_tests::Result {
         let got = curl(&a, &c, "GET", "/env/config", &args)?;
         assert_eq!(got, want, "headers {headers:?}");
     }
+    // Host rules: the Host header, any port when the pattern names none.
+    for (host, want) in [
+        (Some("api.internal"), 200),
+        (Some("API.Internal:8080"), 200),
+        (Some("other.internal"), 403),
+        (None, 403),
+    ] {
+        let h = host.map(|h| format!("Host: {h}"));
+        let args: Vec<&str> = h.iter().flat_map(|h| ["-H", h.as_str()]).collect();
+        let got = curl(&a, &c, "GET", "/vhost/x", &args)?;
+        assert_eq!(got, want, "Host {host:?}");
+    }
+    assert_eq!(
+        server
+            .requests()?
+            .iter()
+            .filter(|r| r.path == "/vhost/x")
+            .count(),
+        2
+    );
     // Only the two allowed requests reached the server.
     let seen: Vec<_> = server
         .requests()?
@@ -520,6 +545,10 @@ fn explain_online_agrees_with_the_data_path() -> mesh_tests::Result {
         }
         let online = c.explain(&args)?;
         let what = format!("{method} {path} {headers:?}");
+        if path.contains("..") {
+            assert_eq!(online["normalized_path"], "/admin", "{what}: {online}");
+            assert_eq!(online["policy"], "no-admin", "{what}: {online}");
+        }
         assert_eq!(online["l7"], true, "{what}: {online}");
         let want = if status == 200 { "allow" } else { "deny" };
         assert_eq!(online["decision"], want, "{what}: {online}");
