@@ -274,6 +274,9 @@ echo "  \$ meshctl policy explain --from spiffe://demo.mesh/ops --to-port $HTTP_
 ctl web policy explain --from spiffe://demo.mesh/ops --to-port "$HTTP_PORT" --method GET --path / | sed 's/^/  /'
 
 echo "  \$ meshctl log   (on web: every deny, who, what and why)"
+echo "  (lines without a request: connections tracked under the old policy, cut when it was"
+echo "   applied, since port $HTTP_PORT is now inspected and a stream cannot be inspected from"
+echo "   its middle; lines with one: requests refused with 403)"
 ctl web log | sed 's/^/  /'
 
 say "8. meshctl status on every host"
