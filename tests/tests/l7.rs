@@ -500,6 +500,18 @@ fn a_multi_megabyte_upload_to_an_allowed_path_arrives_intact() -> mesh_tests::Re
             .any(|s| s.path == "/upload" && s.sha256 == want && s.body_len == data.len() as u64),
         "{seen:?}"
     );
+    // Again as curl sends large bodies by default: `Expect: 100-continue`, the server
+    // answers 100 before the body.
+    let r = a.curl(
+        c.overlay_v4(),
+        HTTP,
+        "/upload",
+        &["-X", "POST", "--data-binary", at.as_str()],
+    )?;
+    assert_eq!(r.status, 200, "{r:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&r.body)?;
+    assert_eq!(reply["sha256"], want.as_str(), "{reply}");
+    assert_eq!(reply["headers"]["expect"], "100-continue", "{reply}");
     // The same body to a denied path: 403, and none of it reaches the server.
     let before = server.raw().len();
     let r = a.curl(
