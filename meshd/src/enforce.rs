@@ -559,9 +559,16 @@ impl Enforcer {
                 if decision.is_allowed() {
                     return true;
                 }
+                // An inspected flow may hold bytes the server never received: the reset
+                // towards the server carries what it expects (regression: netns test
+                // l7.rs, partial head).
+                let client_next_seq = match &flow.value.l7 {
+                    Some(l7) => l7.server_expects().map(|s| s.0),
+                    None => flow.next_seq(Dir::Original),
+                };
                 cuts.push(Cut {
                     key: *key,
-                    client_next_seq: flow.next_seq(Dir::Original),
+                    client_next_seq,
                     server_next_seq: flow.next_seq(Dir::Reply),
                 });
                 denied.push((sender, p, decision));

@@ -341,6 +341,18 @@ impl L7Flow {
         self.phase == Phase::Refused
     }
 
+    /// The client sequence number the server expects next: the end of the stream this
+    /// flow delivered to it, held bytes excluded. A reset towards the server must carry
+    /// exactly this number: Linux answers any other in-window RST with a challenge ACK
+    /// and keeps the connection (RFC 5961 §3.2).
+    pub fn server_expects(&self) -> Option<SeqNumber> {
+        let start = self.tcp.client_stream_start()?;
+        Some(match &self.reasm {
+            Some(r) => r.base() + self.releasing,
+            None => start,
+        })
+    }
+
     /// Bytes buffered now (for a total limit across flows).
     pub fn held(&self) -> usize {
         self.reasm.as_ref().map_or(0, Reassembler::buffered)

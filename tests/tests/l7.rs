@@ -332,6 +332,15 @@ fn a_stricter_policy_cuts_an_upload_in_progress() -> mesh_tests::Result {
     );
     c.apply_policy(&deny_a)?.check()?;
     a.wait_background_output("upload", "ended")?;
+    // The server's end was reset too: no connection on the port is left open.
+    mesh_tests::wait::until(
+        "the server's connection to end",
+        Duration::from_secs(10),
+        || {
+            let out = c.run("ss", &["-Htn", "state", "established", "sport = :8080"])?;
+            Ok(out.stdout_str().trim().is_empty().then_some(()))
+        },
+    )?;
     c.wait_decision(&[
         ("src", "spiffe://t/a"),
         ("reason", "explicit_deny"),
@@ -339,6 +348,45 @@ fn a_stricter_policy_cuts_an_upload_in_progress() -> mesh_tests::Result {
     ])?;
     // And a new request is refused.
     assert_eq!(curl(&a, &c, "GET", "/api/items", &[])?, 403);
+    Ok(())
+}
+
+#[test]
+fn a_stricter_policy_cuts_a_connection_holding_a_partial_head() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let (a, c, _server) = setup(&mut mesh)?;
+    // Half a request head, held by meshd (the server has the connection, no bytes).
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/{HTTP}; printf 'GET /api/x HTTP/1.1\\r\\nHost: c\\r\\n' >&3; \
+         echo sent; cat <&3 >/dev/null; echo ended",
+        c.overlay_v4()
+    );
+    a.spawn(
+        "partial",
+        std::path::Path::new("/bin/bash"),
+        &["-c", &script],
+    )?;
+    a.wait_background_output("partial", "sent")?;
+    let established = || -> Result<bool> {
+        let out = c.run("ss", &["-Htn", "state", "established", "sport = :8080"])?;
+        Ok(!out.stdout_str().trim().is_empty())
+    };
+    mesh_tests::wait::until("the server to accept", Duration::from_secs(5), || {
+        Ok(established()?.then_some(()))
+    })?;
+    let policies = POLICY.split("[[test]]").next().unwrap_or_default();
+    let deny_a = format!(
+        "{policies}\n[[policy]]\nname = \"quarantine\"\naction = \"deny\"\n[[policy.rule]]\n\
+         from = [{{ identities = [\"spiffe://t/a\"] }}]\n"
+    );
+    c.apply_policy(&deny_a)?.check()?;
+    // Both ends are reset at once, well before the 10 s head timeout would end it.
+    a.wait_background_output("partial", "ended")?;
+    mesh_tests::wait::until(
+        "the server's connection to end",
+        Duration::from_secs(3),
+        || Ok((!established()?).then_some(())),
+    )?;
     Ok(())
 }
 

@@ -362,6 +362,15 @@ to = [{ ports = [8080, 9000] }]
     a.wait_background_output("hold", "ended")?;
     let took = started.elapsed();
     assert!(took < Duration::from_secs(5), "the cut took {took:?}");
+    // The server's end was reset too.
+    mesh_tests::wait::until(
+        "the echo server's connection to end",
+        Duration::from_secs(5),
+        || {
+            let out = c.run("ss", &["-Htn", "state", "established", "sport = :9000"])?;
+            Ok(out.stdout_str().trim().is_empty().then_some(()))
+        },
+    )?;
     // New connections to 9000 are refused; 8080 still works.
     let r = a.exec(
         "timeout",

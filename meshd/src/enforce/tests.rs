@@ -803,3 +803,24 @@ fn l7_flow_is_cut_when_the_new_policy_refuses_every_request() {
     let v = c.send(&e, b"more body", &mut Emit::default());
     assert_ne!(v, Verdict::Deliver);
 }
+
+#[test]
+fn cut_of_an_l7_flow_resets_the_server_at_what_it_received() {
+    // Regression (netns test l7.rs, partial head): the reset towards the server carried
+    // the client's next sequence number, held bytes included; Linux answers such a RST
+    // with a challenge ACK and the server's connection stayed open.
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let start = c.cseq;
+    let mut emit = Emit::default();
+    assert_eq!(c.send(&e, b"GET /api/ite", &mut emit), Verdict::Consumed);
+    let quarantine = format!("{API_POLICY}\n[[policy]]\nname = \"q\"\naction = \"deny\"\n[[policy.rule]]\nfrom = [{{ identities = [\"spiffe://t/a\"] }}]\n");
+    let cuts = e.set_policy(compiled(&quarantine, DefaultAction::Deny), t(12), WALL);
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(
+        cuts[0].client_next_seq,
+        Some(start),
+        "held bytes never reached it"
+    );
+    assert_eq!(cuts[0].server_next_seq, Some(c.sseq));
+}
