@@ -1007,6 +1007,10 @@ fn held_head_bytes_are_acknowledged_to_the_client() {
             window: 65535,
         })
     );
+    // A retransmission (our ACK was lost) is acknowledged again.
+    let o = net.send(0, head);
+    assert_eq!(o.fate, Fate::Drop(DropReason::Duplicate));
+    assert_eq!(o.held_ack.map(|a| a.ack), Some(net.at(head.len())));
     // Out of order: only the in-order part is acknowledged.
     let o = net.send(head.len() + 10, b"zzzz");
     assert_eq!(o.held_ack.map(|a| a.ack), Some(net.at(head.len())));
