@@ -422,6 +422,8 @@ impl Enforcer {
         if p.protocol == Protocol::Tcp && active.policy.needs_l7(Protocol::Tcp, p.key.dst_port) {
             let opens = p.obs.tcp.is_some_and(|t| t.flags.syn && !t.flags.ack);
             if !opens {
+                drop(shard);
+                untracked_resets(&p, packet, emit);
                 return self.dropped(Drop::Untracked);
             }
             // Requests are decided one by one, with their HTTP attributes; the
@@ -1044,6 +1046,41 @@ fn slot_name(slot: usize) -> &'static str {
 
 fn stamp(now: Duration) -> Timestamp {
     Timestamp::from_millis(u64::try_from(now.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Resets both ends of a connection whose segment meshd cannot inspect because it
+/// does not track the flow (opened before meshd restarted, or evicted): the segment
+/// is dropped (fail closed), and without the resets both ends would wait for their
+/// timeouts instead of reconnecting at once. Each RST carries the sequence number its
+/// receiver expects (RFC 9293 §3.10.7.1: to the segment's sender, its ACK number; to
+/// the server, the segment's own sequence number). A RST is never answered. The
+/// sender is authenticated and the addresses are its own (secure naming), so it can
+/// only reset its own connections.
+fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit) {
+    let Some(seg) = segment(p, packet) else {
+        return;
+    };
+    if seg.flags.contains(Flags::RST) || !seg.flags.contains(Flags::ACK) {
+        return;
+    }
+    let ends = endpoints(p);
+    for (src, dst, seq, toward) in [
+        (ends.server, ends.client, seg.ack, Toward::Peer),
+        (ends.client, ends.server, seg.seq, Toward::Local),
+    ] {
+        let rst = TcpSegment {
+            src,
+            dst,
+            seq,
+            ack: None,
+            flags: Flags::RST,
+            window: 0,
+            payload: &[],
+        };
+        if inject::tcp_packet(&rst, &mut emit.scratch).is_ok() {
+            emit.push_scratch(toward);
+        }
+    }
 }
 
 fn endpoints(p: &Parsed) -> Endpoints {

@@ -154,6 +154,35 @@ impl Host {
         self.wait_background_output(label, "connected")
     }
 
+    /// Starts, in the background (labelled `label`), a client that sends `GET
+    /// /api/first` to `addr:port` and waits for the answer (returns then); once
+    /// [`Host::trigger`] is called with the same label, it sends `GET /api/second` on
+    /// the same connection and prints `second: <status>|closed|reset|timeout`.
+    pub fn reuse_later(&self, label: &str, addr: IpAddr, port: u16) -> Result<()> {
+        let (python, tool) = self.httptool()?;
+        let tool_s = tool.to_str().context("path is not UTF-8")?;
+        let trigger = self.dir().join(format!("{label}.go"));
+        let trigger = trigger.to_str().context("path is not UTF-8")?;
+        self.spawn(
+            label,
+            &python,
+            &[
+                tool_s,
+                "reuse",
+                &addr.to_string(),
+                &port.to_string(),
+                trigger,
+            ],
+        )?;
+        self.wait_background_output(label, "first ")
+    }
+
+    /// Lets the background client `label` of [`Host::reuse_later`] go on.
+    pub fn trigger(&self, label: &str) -> Result<()> {
+        let p = self.dir().join(format!("{label}.go"));
+        std::fs::write(&p, b"").with_context(|| format!("write {}", p.display()))
+    }
+
     /// Starts, in the background (labelled `label`), an HTTP upload to `addr:port/path`
     /// that announces a 1 GB body and sends 1 KiB of it every 100 ms, returning once the
     /// head and the first KiB went out. It prints `ended: ...` once the connection is

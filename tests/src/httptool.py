@@ -18,6 +18,10 @@ session ADDR PORT TIMEOUT REQUEST...
 raw ADDR PORT TIMEOUT HEX
     Connects, sends the bytes, and prints what came back as one JSON line:
     {"received": <text>, "end": "closed"|"reset"|"timeout"}.
+reuse ADDR PORT TRIGGER
+    GET /api/first on a new connection and prints "first <status>"; once the file
+    TRIGGER exists, GET /api/second on the same connection and prints
+    "second: <status>|closed|reset|timeout" (20 s limit).
 trickle ADDR PORT PATH
     Sends a POST head announcing a 1 GB body, then 1 KiB of body every 100 ms;
     prints "connected" after the first KiB and "ended: <how>" once the connection is
@@ -279,6 +283,25 @@ def trickle(addr, port, path):
         print(f"ended: {e} after {sent} KiB", flush=True)
 
 
+def reuse(addr, port, trigger):
+    s = connect(addr, port, 10)
+    f = s.makefile("rb")
+    s.sendall(f"GET /api/first HTTP/1.1\r\nHost: {addr}\r\n\r\n".encode())
+    r = read_response(f)
+    print(f"first {r['status'] if r else 'closed'}", flush=True)
+    while not os.path.exists(trigger):
+        time.sleep(0.05)
+    s.settimeout(20)
+    try:
+        s.sendall(f"GET /api/second HTTP/1.1\r\nHost: {addr}\r\n\r\n".encode())
+        r = read_response(f)
+        print(f"second: {r['status'] if r else 'closed'}", flush=True)
+    except (ConnectionResetError, BrokenPipeError):
+        print("second: reset", flush=True)
+    except socket.timeout:
+        print("second: timeout", flush=True)
+
+
 def main(argv):
     cmd = argv[1]
     if cmd == "serve":
@@ -291,6 +314,8 @@ def main(argv):
         raw(argv[2], int(argv[3]), float(argv[4]), bytes.fromhex(argv[5]))
     elif cmd == "hold":
         hold(argv[2], int(argv[3]))
+    elif cmd == "reuse":
+        reuse(argv[2], int(argv[3]), argv[4])
     elif cmd == "trickle":
         trickle(argv[2], int(argv[3]), argv[4])
     else:

@@ -391,6 +391,36 @@ fn a_stricter_policy_cuts_a_connection_holding_a_partial_head() -> mesh_tests::R
 }
 
 #[test]
+fn a_connection_from_before_a_restart_is_reset_not_left_hanging() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let (a, c, server) = setup(&mut mesh)?;
+    a.reuse_later("reuse", c.overlay_v4(), HTTP)?;
+    assert!(server.saw("GET", "/api/first")?);
+    // The new meshd does not know the connection, so it cannot inspect it: the
+    // segment is dropped and both ends are reset, so the client reconnects at once.
+    c.kill_meshd()?;
+    c.start()?;
+    c.ping(a.overlay_v4())?; // the new session
+    let started = mesh_tests::wait::now();
+    a.trigger("reuse")?;
+    a.wait_background_output("reuse", "second: ")?;
+    let out = std::fs::read_to_string(a.dir().join("reuse.out"))?;
+    assert!(
+        out.contains("second: reset") || out.contains("second: closed"),
+        "{out}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!server.saw("GET", "/api/second")?);
+    // A new connection is inspected as usual.
+    assert_eq!(curl(&a, &c, "GET", "/api/third", &[])?, 200);
+    Ok(())
+}
+
+#[test]
 fn path_tricks_are_decided_by_the_normalised_path() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let (a, c, server) = setup(&mut mesh)?;

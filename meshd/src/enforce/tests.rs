@@ -775,8 +775,44 @@ fn l7_mid_stream_without_handshake_fails_closed() {
         sseq: 1,
     };
     let pkt = c.client("A", b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n");
-    let v = e.inbound(&sender(A), &pkt, t(0), WALL, &mut Emit::default());
+    let mut emit = Emit::default();
+    let v = e.inbound(&sender(A), &pkt, t(0), WALL, &mut emit);
     assert_eq!(v, Verdict::Drop(Drop::Untracked));
+    // Both ends are reset so that they reconnect at once (a flow from before a restart
+    // would otherwise hang until its timeouts): each RST at the number its receiver
+    // expects; nothing of the segment is delivered.
+    let rsts: Vec<(Toward, u32, bool, usize)> = emit
+        .packets()
+        .map(
+            |(t, p)| match etherparse::SlicedPacket::from_ip(p).unwrap().transport {
+                Some(etherparse::TransportSlice::Tcp(tcp)) => {
+                    (t, tcp.sequence_number(), tcp.rst(), tcp.payload().len())
+                }
+                _ => panic!("not TCP"),
+            },
+        )
+        .collect();
+    assert_eq!(
+        rsts,
+        vec![
+            (Toward::Peer, c.sseq, true, 0),
+            (Toward::Local, c.cseq, true, 0)
+        ]
+    );
+    // A RST is never answered.
+    let mut emit = Emit::default();
+    let rst = {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(PEER_A, LOCAL, 64)
+            .tcp(40000, 80, 1, 0)
+            .rst()
+            .ack(1)
+            .write(&mut out, b"")
+            .unwrap();
+        out
+    };
+    e.inbound(&sender(A), &rst, t(0), WALL, &mut emit);
+    assert!(emit.is_empty());
 }
 
 #[test]
