@@ -41,7 +41,7 @@ fn enforcer(policy_src: &str, flows: usize) -> (Enforcer, Arc<DecisionLog>) {
     let e = Enforcer::new(
         LocalWorkload {
             identity: Some("spiffe://t/c".into()),
-            groups: vec![],
+            groups: Arc::from(Vec::new()),
         },
         compiled(policy_src, DefaultAction::Deny),
         Limits {
