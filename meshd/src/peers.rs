@@ -793,7 +793,7 @@ fn encrypt<'a>(
     }
 }
 
-fn is_routable(dst: IpAddr) -> bool {
+pub(crate) fn is_routable(dst: IpAddr) -> bool {
     match dst {
         IpAddr::V4(a) => !(a.is_multicast() || a.is_broadcast() || a.is_link_local()),
         IpAddr::V6(a) => !(a.is_multicast() || (a.segments()[0] & 0xffc0) == 0xfe80),

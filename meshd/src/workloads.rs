@@ -29,7 +29,7 @@ use mesh_proto::control::WorkloadList;
 use crate::attach::Attacher;
 use crate::daemon::{build_table, peer_spec, Daemon, Registry};
 use crate::device::Tun;
-use crate::peers::{Local, PeerTable};
+use crate::peers::{is_routable, Local, PeerTable};
 use crate::state::StateError;
 use crate::transport::wait_readable;
 
@@ -419,8 +419,14 @@ pub fn quarantine_loop(d: &Daemon) {
         };
         match tun.recv(&mut buf) {
             Ok(n) => {
-                d.node.count_forged();
-                if let Ok(ip) = crate::wire::IpPacket::new_checked(&buf[..n]) {
+                // The device's own link-local chatter (router solicitations) is not a
+                // pod's doing.
+                let Ok(ip) = crate::wire::IpPacket::new_checked(&buf[..n]) else {
+                    d.node.count_forged();
+                    continue;
+                };
+                if is_routable(ip.dst_addr()) && is_routable(ip.src_addr()) {
+                    d.node.count_forged();
                     tracing::debug!(src = %ip.src_addr(), dst = %ip.dst_addr(), "forged source dropped");
                 }
             }

@@ -479,8 +479,7 @@ impl Validator<'_> {
             }
             let cert = self.path(&format!("workload[{i}].cert"), &w.cert)?;
             let key = self.path(&format!("workload[{i}].key"), &w.key)?;
-            if cert == self.base.join(n.cert.get_ref())
-                || workloads.iter().any(|q| q.cert == cert)
+            if cert == self.base.join(n.cert.get_ref()) || workloads.iter().any(|q| q.cert == cert)
             {
                 return Err(self.err(
                     &w.cert.span(),
@@ -494,8 +493,16 @@ impl Validator<'_> {
                     let field = format!("workload[{i}].veth");
                     self.note(&field, &v.span());
                     check_ifname(v.get_ref()).map_err(|m| self.err(&v.span(), &field, m))?;
-                    if *v.get_ref() == tun || workloads.iter().any(|q| q.veth.as_ref() == Some(v.get_ref())) {
-                        return Err(self.err(&v.span(), &field, format!("{:?} is used already", v.get_ref())));
+                    if *v.get_ref() == tun
+                        || workloads
+                            .iter()
+                            .any(|q| q.veth.as_ref() == Some(v.get_ref()))
+                    {
+                        return Err(self.err(
+                            &v.span(),
+                            &field,
+                            format!("{:?} is used already", v.get_ref()),
+                        ));
                     }
                     Some(v.get_ref().clone())
                 }
@@ -759,12 +766,32 @@ cert = "/abs/c.crt"
         assert_eq!(c.workloads[0].veth.as_deref(), Some("p-web"));
         assert_eq!(c.workloads[1].veth, None);
         for (from, to, want) in [
-            ("name = \"db\"", "name = \"web\"", "workload[1].name: same name as workload[0]"),
-            ("name = \"db\"", "name = \"node\"", "workload[1].name: \"node\" is the node's own identity"),
+            (
+                "name = \"db\"",
+                "name = \"web\"",
+                "workload[1].name: same name as workload[0]",
+            ),
+            (
+                "name = \"db\"",
+                "name = \"node\"",
+                "workload[1].name: \"node\" is the node's own identity",
+            ),
             ("name = \"db\"", "name = \"DB\"", "workload[1].name: "),
-            ("veth = \"p-web\"", "veth = \"mesh0\"", "workload[0].veth: \"mesh0\" is used already"),
-            ("cert = \"db.crt\"", "cert = \"a.crt\"", "workload[1].cert: certificate already used"),
-            ("key = \"db.key\"", "key = \"db.key\"\nport = 1", "workload[1]: unknown field `port`"),
+            (
+                "veth = \"p-web\"",
+                "veth = \"mesh0\"",
+                "workload[0].veth: \"mesh0\" is used already",
+            ),
+            (
+                "cert = \"db.crt\"",
+                "cert = \"a.crt\"",
+                "workload[1].cert: certificate already used",
+            ),
+            (
+                "key = \"db.key\"",
+                "key = \"db.key\"\nport = 1",
+                "workload[1]: unknown field `port`",
+            ),
         ] {
             let bad = text.replacen(from, to, 1);
             let err = parse(&bad).expect_err(to).to_string();

@@ -37,6 +37,7 @@ pub mod host;
 pub mod isolate;
 pub mod mesh;
 pub mod netns;
+pub mod pod;
 pub mod process;
 pub mod traffic;
 pub mod wait;
@@ -45,6 +46,7 @@ pub use ca::{TestCa, Validity};
 pub use failure::{Failed, Result};
 pub use host::{Host, Status};
 pub use mesh::{Mesh, PeerSet};
+pub use pod::Pod;
 pub use process::Output;
 
 #[doc(hidden)]

@@ -1,0 +1,176 @@
+//! Pods: workloads with their own identity in their own network namespace behind a
+//! host, attached as a CNI plugin would: a veth pair (`p-<pod>` on the host, `eth0` in
+//! the pod), the pod's address on `eth0`, the overlay routed out of `eth0`, the host
+//! answering the pod's ARP (`proxy_arp`) and forwarding. Then, as an operator would,
+//! `meshctl workload add` on the host and `meshctl peer add` on every other host.
+//!
+//! Pod number `n` (from 1) of host number `i` gets 100.65.i.n. A pod is a [`Host`]
+//! without meshd, so every traffic helper works from and to it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+
+use crate::host::{Host, HostInner};
+use crate::mesh::{write_private, Mesh, OVERLAY_V4};
+use crate::netns::Netns;
+use crate::Validity;
+
+/// A pod: its own namespace (use it as a [`Host`] through `Deref`), its identity and
+/// the host it sits behind.
+pub struct Pod {
+    pub ns: Host,
+    pub on: Host,
+    pub name: String,
+    pub identity: String,
+    pub address: IpAddr,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+impl std::ops::Deref for Pod {
+    type Target = Host;
+    fn deref(&self) -> &Host {
+        &self.ns
+    }
+}
+
+impl Pod {
+    /// The host end of its veth.
+    pub fn veth(&self) -> String {
+        format!("p-{}", self.name)
+    }
+
+    /// `meshctl workload add` on its host.
+    pub fn add_to_host(&self) -> Result<()> {
+        let cert = self.cert_path.to_str().context("path is not UTF-8")?;
+        let key = self.key_path.to_str().context("path is not UTF-8")?;
+        let veth = self.veth();
+        self.on
+            .meshctl(&[
+                "workload", "add", &self.name, "--cert", cert, "--key", key, "--veth", &veth,
+            ])?
+            .check()
+            .with_context(|| format!("adding workload {} to {}", self.name, self.on.name()))?;
+        Ok(())
+    }
+
+    /// `meshctl workload remove` on its host.
+    pub fn remove_from_host(&self) -> Result<()> {
+        self.on
+            .meshctl(&["workload", "remove", &self.name])?
+            .check()
+            .map(|_| ())
+    }
+}
+
+impl Mesh {
+    /// A pod `name` (1–12 of `[a-z0-9]`, unique in the mesh) behind `on`, with identity
+    /// `spiffe://t/<name>` and `groups`; added to `on`'s meshd as a workload and to
+    /// every other host's meshd as a peer.
+    pub fn pod(&mut self, on: &Host, name: &str, groups: &[&str]) -> Result<Pod> {
+        if name.is_empty()
+            || name.len() > 12
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            bail!("pod name {name:?}: use 1-12 characters of [a-z0-9]");
+        }
+        if self.hosts.iter().any(|h| h.name() == name) {
+            bail!("{name:?} exists already");
+        }
+        let n = self
+            .hosts
+            .iter()
+            .filter(|h| h.0.dir.starts_with(on.dir().join("pods")))
+            .count() as u8
+            + 1;
+        let address = IpAddr::V4(Ipv4Addr::new(100, 65, on.index() as u8, n));
+        let identity = format!("spiffe://t/{name}");
+        let dir = on.dir().join("pods").join(name);
+        std::fs::create_dir_all(dir.join("www"))?;
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let issued =
+            on.0.ca
+                .issue(&identity, &[address], &groups, None, Validity::Current)?;
+        let cert_path = dir.join("pod.crt");
+        let key_path = dir.join("pod.key");
+        std::fs::write(&cert_path, &issued.cert_pem)?;
+        write_private(&key_path, issued.key_b64.as_bytes())?;
+
+        let ns = Netns::create(&format!("{}{name}", self.prefix))?;
+        let veth = format!("p-{name}");
+        on.netns().ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        on.netns().ip(&["link", "set", &veth, "up"])?;
+        ns.ip(&["addr", "add", &format!("{address}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", OVERLAY_V4, "dev", "eth0"])?;
+        for (key, value) in [
+            ("net.ipv4.ip_forward", "1"),
+            (&format!("net.ipv4.conf.{veth}.proxy_arp") as &str, "1"),
+        ] {
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            on.run("sh", &["-c", &format!("echo {value} > {path}")])?;
+        }
+        let pod_host = Host(Arc::new(HostInner {
+            name: name.to_string(),
+            identity: identity.clone(),
+            index: on.index(),
+            dir,
+            bins: self.bins.clone(),
+            ca: on.0.ca.clone(),
+            underlay_v4: Mutex::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            underlay_v6: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            ipv6_underlay: false,
+            overlay_v4: address,
+            overlay_v6: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            cert_pem: Mutex::new(String::new()),
+            public_key: Mutex::new(issued.public_key_b64.clone()),
+            meshd: Mutex::new(None),
+            background: Mutex::new(Vec::new()),
+            ns,
+        }));
+        self.hosts.push(pod_host.clone());
+        let pod = Pod {
+            ns: pod_host,
+            on: on.clone(),
+            name: name.to_string(),
+            identity,
+            address,
+            cert_path,
+            key_path,
+        };
+        pod.add_to_host()?;
+        let others: Vec<Host> = self
+            .hosts
+            .iter()
+            .filter(|h| h.has_meshd() && h.name() != on.name())
+            .cloned()
+            .collect();
+        for h in others {
+            let cert = h.dir().join("peers").join(format!("{name}.crt"));
+            std::fs::create_dir_all(h.dir().join("peers"))?;
+            std::fs::write(&cert, &issued.cert_pem)?;
+            let cert = cert.to_str().context("path is not UTF-8")?.to_string();
+            let ep = on.endpoint().to_string();
+            h.meshctl(&["peer", "add", &cert, "--endpoint", &ep])?
+                .check()
+                .with_context(|| format!("adding pod {name} as a peer of {}", h.name()))?;
+        }
+        Ok(pod)
+    }
+}
