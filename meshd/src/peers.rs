@@ -657,9 +657,9 @@ pub struct Transmit<'a> {
     pub data: &'a [u8],
 }
 
-/// TUN → underlay, with policy: the source address picks the local workload (a
-/// source no local certificate holds is dropped and counted); a packet to another
-/// local workload is decided by the enforcer as inbound traffic of its receiver and
+/// TUN → underlay, with policy: the source address picks the local workload; a
+/// packet to another local workload (from a source a local workload holds; else it is
+/// dropped and counted) is decided by the enforcer as inbound traffic of its receiver and
 /// comes back as [`Outbound::Deliver`]; anything else passes the enforcer's outbound
 /// check and is encrypted for the session of that local workload with the peer that
 /// holds the destination.
@@ -681,12 +681,13 @@ pub fn from_tun<'a>(
     if !is_routable(ip.dst_addr()) {
         return Outbound::Drop(DropReason::NotRoutable);
     }
-    let Some(from) = table.local_for(ip.src_addr()) else {
-        return drop_out(node, DropReason::ForgedSource);
-    };
+    let from = table.local_for(ip.src_addr());
     if let Some(to) = table.local_for(ip.dst_addr()) {
         // Between two workloads of this host: policy decides as for a peer's packet,
         // with the sender's identity; nothing is encrypted.
+        let Some(from) = from else {
+            return drop_out(node, DropReason::ForgedSource);
+        };
         return match enforce.between_locals(
             &from.sender,
             &to.workload,
@@ -710,7 +711,7 @@ pub fn from_tun<'a>(
     encrypt(
         node,
         table,
-        Some(from),
+        from,
         ip.dst_addr(),
         ip.as_bytes(),
         dst,
@@ -720,7 +721,7 @@ pub fn from_tun<'a>(
 
 /// TUN → underlay without policy (the enforcer's own packets: injected responses and
 /// resets): routed like [`from_tun`], a packet for a local workload comes back as
-/// [`Outbound::Deliver`]. A source no local workload holds is dropped and counted.
+/// [`Outbound::Deliver`].
 /// `dst` must hold `packet.len() + WG_OVERHEAD` and at least [`MIN_DST_LEN`] bytes.
 pub fn outbound<'a>(
     node: &Node,
@@ -738,24 +739,21 @@ pub fn outbound<'a>(
         // solicitations, MLD): not for the mesh, not worth a counter.
         return Outbound::Drop(DropReason::NotRoutable);
     }
-    let Some(from) = table.local_for(ip.src_addr()) else {
-        return drop_out(node, DropReason::ForgedSource);
-    };
+    let from = table.local_for(ip.src_addr());
     if table.local_for(ip.dst_addr()).is_some() {
+        if from.is_none() {
+            return drop_out(node, DropReason::ForgedSource);
+        }
         return Outbound::Deliver(packet);
     }
-    encrypt(
-        node,
-        table,
-        Some(from),
-        ip.dst_addr(),
-        ip.as_bytes(),
-        dst,
-        now,
-    )
+    encrypt(node, table, from, ip.dst_addr(), ip.as_bytes(), dst, now)
 }
 
-/// Encrypts `packet` for the session of `from` with the peer holding `to`.
+/// Encrypts `packet` for the session of `from` with the peer holding `to`. A source no
+/// local workload holds (`from` is `None`; only the host itself can send such a packet,
+/// pods are held to their own addresses by [`crate::attach`]) goes out under the
+/// first local workload, the node's own identity, and the receiver drops and counts it
+/// (secure naming), as before there were workloads.
 fn encrypt<'a>(
     node: &Node,
     table: &PeerTable,

@@ -192,16 +192,22 @@ fn spoofed_source_is_dropped_and_counted() {
 }
 
 #[test]
-fn a_source_no_local_workload_holds_never_leaves() {
+fn a_source_no_local_workload_holds_reaches_no_local_workload() {
     let Pair { a, .. } = pair();
     let mut link = Link::new();
-    let forged = build::udp(ip("100.64.0.3"), ip("100.64.0.2"), b"forged");
+    // To another local address: dropped and counted here.
+    let forged = build::udp(ip("100.64.0.3"), ip("100.64.0.1"), b"forged");
     assert_eq!(
         send_from_tun(&a, &forged, &mut link),
         Some(DropReason::ForgedSource)
     );
     assert!(link.is_empty());
     assert_eq!(a.node.drops().forged_source, 1);
+    // To a peer: under the node's identity, for the peer to refuse (see
+    // `spoofed_source_is_dropped_and_counted`).
+    let forged = build::udp(ip("100.64.0.3"), ip("100.64.0.2"), b"forged");
+    assert_eq!(send_from_tun(&a, &forged, &mut link), None);
+    assert_eq!(link.len(), 1);
 }
 
 /// Two workloads on each of two hosts: every pair has its own session keyed by the
