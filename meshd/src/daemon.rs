@@ -25,7 +25,7 @@ use crate::enforce::{self, Enforcer};
 use crate::peers::{Local, Node, Peer, PeerSpec, PeerTable};
 use crate::state::{PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
-use crate::workloads::{Origin, Workload, WorkloadChanges, WorkloadSpec};
+use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
 
 /// Where a peer comes from.
@@ -292,7 +292,7 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
     }
     let policy = load_policy(&config)?;
     let (workloads, config_workloads, workload_changes) =
-        load_workloads(&config, &ca, &cert, &key, now)?;
+        crate::workloads::load(&config, &ca, &cert, &key, now)?;
     Ok(Loaded {
         config,
         ca,
@@ -308,63 +308,7 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
     })
 }
 
-/// The node's own identity as workload `node`, then the config's `[[workload]]`s and
-/// the persisted runtime changes. A config workload that does not check out stops the
-/// start (its error names the field); a stored one is skipped with an error logged.
-fn load_workloads(
-    config: &Config,
-    ca: &Ca,
-    cert: &VerifiedCert,
-    key: &PrivateKey,
-    now: UnixTime,
-) -> Result<(Vec<Workload>, Vec<WorkloadSpec>, WorkloadChanges), ConfigError> {
-    let n = &config.node;
-    let own: &Certificate = cert;
-    let mut workloads = vec![Workload {
-        spec: WorkloadSpec {
-            name: mesh_proto::config::NODE_WORKLOAD.into(),
-            cert: n.cert.clone(),
-            key: n.key.clone(),
-            veth: None,
-        },
-        cert: own.clone(),
-        local: Arc::new(Local::new(peer_spec(own), *key.as_bytes())),
-        origin: Origin::Node,
-    }];
-    let config_workloads: Vec<WorkloadSpec> = config
-        .workloads
-        .iter()
-        .map(|w| WorkloadSpec {
-            name: w.name.clone(),
-            cert: w.cert.clone(),
-            key: w.key.clone(),
-            veth: w.veth.clone(),
-        })
-        .collect();
-    let changes = WorkloadChanges::load(&n.state_dir)
-        .map_err(|e| config.error("node.state_dir", one_line(&e)))?;
-    for (spec, origin) in changes.apply(&config_workloads) {
-        match crate::workloads::read(ca, &spec, now) {
-            Ok((c, k)) => workloads.push(Workload {
-                local: Arc::new(Local::new(peer_spec(&c), *k.as_bytes())),
-                cert: c,
-                spec,
-                origin,
-            }),
-            Err(e) if origin == Origin::Config => {
-                let i = config_workloads
-                    .iter()
-                    .position(|w| w.name == spec.name)
-                    .unwrap_or(0);
-                return Err(config.error(&format!("workload[{i}].cert"), e));
-            }
-            Err(e) => tracing::error!(workload = %spec.name, "stored workload skipped: {e}"),
-        }
-    }
-    Ok((workloads, config_workloads, changes))
-}
-
-fn one_line(e: &dyn std::fmt::Display) -> String {
+pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
     e.to_string().replace('\n', " ")
 }
 

@@ -400,7 +400,7 @@ impl Enforcer {
         wall: UnixTime,
         emit: &mut Emit,
     ) -> Verdict {
-        self.inbound_to(&self.local.clone(), sender, packet, now, wall, emit)
+        self.inbound_to(&self.local, sender, packet, now, wall, emit)
     }
 
     /// Decides a packet between two local workloads: the reply direction of a flow

@@ -13,8 +13,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mesh_proto::cert::{Ca, Certificate};
-use mesh_proto::config::{check_interface_name, check_workload_name, NODE_WORKLOAD};
+use mesh_proto::cert::{Ca, Certificate, VerifiedCert};
+use mesh_proto::config::{
+    check_interface_name, check_workload_name, Config, ConfigError, NODE_WORKLOAD,
+};
 use mesh_proto::control::WorkloadInfo;
 use mesh_proto::files;
 use mesh_proto::key::{PrivateKey, PublicKey};
@@ -27,7 +29,7 @@ use ipnet::IpNet;
 use mesh_proto::control::WorkloadList;
 
 use crate::attach::Attacher;
-use crate::daemon::{build_table, peer_spec, Daemon, Registry};
+use crate::daemon::{build_table, one_line, peer_spec, Daemon, Registry};
 use crate::device::Tun;
 use crate::peers::{is_routable, Local, PeerTable};
 use crate::state::StateError;
@@ -210,6 +212,62 @@ impl WorkloadChanges {
 /// The node's own workload name, for messages.
 pub fn is_node(name: &str) -> bool {
     name == NODE_WORKLOAD
+}
+
+/// The node's own identity as workload `node`, then the config's `[[workload]]`s and
+/// the persisted runtime changes. A config workload that does not check out stops the
+/// start (its error names the field); a stored one is skipped with an error logged.
+pub(crate) fn load(
+    config: &Config,
+    ca: &Ca,
+    cert: &VerifiedCert,
+    key: &PrivateKey,
+    now: UnixTime,
+) -> Result<(Vec<Workload>, Vec<WorkloadSpec>, WorkloadChanges), ConfigError> {
+    let n = &config.node;
+    let own: &Certificate = cert;
+    let mut workloads = vec![Workload {
+        spec: WorkloadSpec {
+            name: mesh_proto::config::NODE_WORKLOAD.into(),
+            cert: n.cert.clone(),
+            key: n.key.clone(),
+            veth: None,
+        },
+        cert: own.clone(),
+        local: Arc::new(Local::new(peer_spec(own), *key.as_bytes())),
+        origin: Origin::Node,
+    }];
+    let config_workloads: Vec<WorkloadSpec> = config
+        .workloads
+        .iter()
+        .map(|w| WorkloadSpec {
+            name: w.name.clone(),
+            cert: w.cert.clone(),
+            key: w.key.clone(),
+            veth: w.veth.clone(),
+        })
+        .collect();
+    let changes = WorkloadChanges::load(&n.state_dir)
+        .map_err(|e| config.error("node.state_dir", one_line(&e)))?;
+    for (spec, origin) in changes.apply(&config_workloads) {
+        match crate::workloads::read(ca, &spec, now) {
+            Ok((c, k)) => workloads.push(Workload {
+                local: Arc::new(Local::new(peer_spec(&c), *k.as_bytes())),
+                cert: c,
+                spec,
+                origin,
+            }),
+            Err(e) if origin == Origin::Config => {
+                let i = config_workloads
+                    .iter()
+                    .position(|w| w.name == spec.name)
+                    .unwrap_or(0);
+                return Err(config.error(&format!("workload[{i}].cert"), e));
+            }
+            Err(e) => tracing::error!(workload = %spec.name, "stored workload skipped: {e}"),
+        }
+    }
+    Ok((workloads, config_workloads, changes))
 }
 
 /// The pod plumbing of a running daemon: the routing rules and the quarantine device
