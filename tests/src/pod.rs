@@ -1,6 +1,7 @@
 //! Pods: workloads with their own identity in their own network namespace behind a
 //! host, attached as a CNI plugin would: a veth pair (`p-<pod>` on the host, `eth0` in
-//! the pod), the pod's address on `eth0`, the overlay routed out of `eth0`, the host
+//! the pod), the pod's address on `eth0` with the TUN's MTU, the overlay routed out of
+//! `eth0`, the host
 //! answering the pod's ARP (`proxy_arp`) and forwarding. Then, as an operator would,
 //! `meshctl workload add` on the host and `meshctl peer add` on every other host.
 //!
@@ -115,9 +116,11 @@ impl Mesh {
             "netns",
             ns.name(),
         ])?;
-        on.netns().ip(&["link", "set", &veth, "up"])?;
+        // As CNI plugins do: the pod's MTU leaves room for the tunnel (the TUN's).
+        let mtu = mesh_proto::config::DEFAULT_MTU.to_string();
+        on.netns().ip(&["link", "set", &veth, "mtu", &mtu, "up"])?;
         ns.ip(&["addr", "add", &format!("{address}/32"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
         ns.ip(&["route", "add", OVERLAY_V4, "dev", "eth0"])?;
         for (key, value) in [
             ("net.ipv4.ip_forward", "1"),

@@ -108,9 +108,34 @@ fn pods_on_two_hosts_are_told_apart_by_policy_in(mesh: &mut Mesh) -> Result<()> 
     let pc = mesh.pod(&h2, "pc", &[])?;
     let pd = mesh.pod(&h2, "pd", &[])?;
     serve(&[&pa, &pb, &pc, &pd])?;
+    let marker = format!("POD-MARKER-{}", std::process::id()).repeat(500);
+    pc.write_www("marker", marker.as_bytes())?;
+    let cap = mesh.capture_underlay("")?;
 
     // Across hosts: pa may reach pc, its neighbour pb may not, and nobody reaches pd.
     assert_gets(&pa, &pc)?;
+    let r = pa.http_get_eventually(pc.address, HTTP, "/marker")?;
+    ensure!(
+        r.status == 200 && r.body == marker.as_bytes(),
+        "marker: {}",
+        r.status
+    );
+    // Invariant 1 holds for pods: between hosts only WireGuard (and neighbour
+    // discovery), and the payload never in clear.
+    let pcap_path = cap.path().to_path_buf();
+    let clear = cap.finish_packets(
+        "not arp and not ether multicast and not ether broadcast and not (udp port 51820) \
+         and not (icmp6 and ip6[40] >= 133 and ip6[40] <= 137)",
+    )?;
+    ensure!(
+        clear.is_empty(),
+        "non-WireGuard packets on the underlay: {clear:?}"
+    );
+    let pcap = std::fs::read(&pcap_path)?;
+    ensure!(
+        !pcap.windows(20).any(|w| w == &marker.as_bytes()[..20]),
+        "pod payload crossed the underlay in clear"
+    );
     assert_refused(&pb, &pc)?;
     assert_refused(&pa, &pd)?;
     assert_logged(
