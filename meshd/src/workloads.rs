@@ -9,6 +9,7 @@
 //!
 //! How a workload's traffic reaches meshd (its attachment) is set up by [`crate::attach`].
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use std::sync::atomic::Ordering;
 use ipnet::IpNet;
 use mesh_proto::control::WorkloadList;
 
-use crate::attach::Attacher;
+use crate::attach::{if_index, Attacher};
 use crate::daemon::{build_table, one_line, peer_spec, Daemon, Registry};
 use crate::device::Tun;
 use crate::peers::{is_routable, Local, PeerTable};
@@ -275,6 +276,9 @@ pub(crate) fn load(
 /// host without pods changes nothing in the kernel's routing.
 pub struct Pods {
     attacher: Attacher,
+    /// Attached veths and the interface index they had then (a re-created veth gets
+    /// a new one and must be attached again).
+    attached: HashMap<String, u32>,
     /// Kept open for the routes through it; read by [`quarantine_loop`].
     _quarantine: Arc<Tun>,
 }
@@ -294,7 +298,8 @@ impl Daemon {
     }
 
     /// At start: attaches every workload behind a veth. One whose veth is missing is
-    /// kept (it may come back) but logged.
+    /// kept and logged; it is attached when the veth appears
+    /// ([`Daemon::reconcile_attachments`]).
     pub(crate) fn attach_all(&self, workloads: Vec<Workload>) -> Result<(), String> {
         let mut reg = self.lock_registry();
         for w in &workloads {
@@ -318,13 +323,16 @@ impl Daemon {
             self.quarantine.store(Arc::new(Some(q.clone())));
             reg.pods = Some(Pods {
                 attacher,
+                attached: HashMap::new(),
                 _quarantine: q,
             });
         }
-        let pods = reg.pods.as_ref().ok_or("internal: no pod plumbing")?;
+        let pods = reg.pods.as_mut().ok_or("internal: no pod plumbing")?;
+        let index = if_index(veth).ok_or_else(|| format!("interface {veth} does not exist"))?;
         pods.attacher
             .attach(veth, addresses)
             .map_err(|e| e.to_string())?;
+        pods.attached.insert(veth.to_string(), index);
         // Packets to the pod from the host and from other pods enter the TUN too.
         for a in addresses.iter().filter(|a| !self.covered(a)) {
             if let Err(e) = self.tun.add_route(a.trunc()) {
@@ -334,13 +342,50 @@ impl Daemon {
         Ok(())
     }
 
-    fn detach(&self, reg: &Registry, veth: &str, addresses: &[IpNet]) {
-        if let Some(pods) = &reg.pods {
+    fn detach(&self, reg: &mut Registry, veth: &str, addresses: &[IpNet]) {
+        if let Some(pods) = reg.pods.as_mut() {
             pods.attacher.detach(veth, addresses);
+            pods.attached.remove(veth);
         }
         for a in addresses.iter().filter(|a| !self.covered(a)) {
             if let Err(e) = self.tun.remove_route(a.trunc()) {
                 tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Attaches workloads whose veth appeared or was re-created since they were last
+    /// attached (a pod that started after meshd, or restarted: its routes went with
+    /// the old interface). The `quarantine` thread calls this about once a second.
+    pub(crate) fn reconcile_attachments(&self) {
+        let mut reg = self.lock_registry();
+        let wanted: Vec<(String, String, Vec<IpNet>)> = reg
+            .workloads
+            .iter()
+            .filter_map(|w| {
+                let v = w.spec.veth.clone()?;
+                Some((w.spec.name.clone(), v, w.cert.addresses().to_vec()))
+            })
+            .collect();
+        for (name, veth, addresses) in wanted {
+            let had = reg
+                .pods
+                .as_ref()
+                .and_then(|p| p.attached.get(&veth).copied());
+            let now = if_index(&veth);
+            if now == had {
+                continue;
+            }
+            if now.is_none() {
+                tracing::warn!(workload = %name, %veth, "veth gone; the workload is detached");
+                if let Some(p) = reg.pods.as_mut() {
+                    p.attached.remove(&veth);
+                }
+                continue;
+            }
+            match self.attach(&mut reg, &veth, &addresses) {
+                Ok(()) => tracing::info!(workload = %name, %veth, "workload attached"),
+                Err(e) => tracing::warn!(workload = %name, "cannot attach: {e}"),
             }
         }
     }
@@ -383,7 +428,7 @@ impl Daemon {
         let previous = old.map(|i| reg.workloads[i].clone());
         if let Some(p) = &previous {
             if let Some(v) = &p.spec.veth {
-                self.detach(&reg, v, p.cert.addresses());
+                self.detach(&mut reg, v, p.cert.addresses());
             }
         }
         let restore = |d: &Daemon, reg: &mut Registry| {
@@ -403,7 +448,7 @@ impl Daemon {
         changes.add(spec.clone());
         if let Err(e) = changes.save(&self.config.node.state_dir) {
             if let Some(v) = &spec.veth {
-                self.detach(&reg, v, w.cert.addresses());
+                self.detach(&mut reg, v, w.cert.addresses());
             }
             restore(self, &mut reg);
             return Err(fail(format!("cannot persist: {e}")));
@@ -439,7 +484,7 @@ impl Daemon {
             .map_err(|e| format!("workload_remove: cannot persist: {e}"))?;
         self.install(&mut reg, table);
         if let Some(v) = &gone.spec.veth {
-            self.detach(&reg, v, gone.cert.addresses());
+            self.detach(&mut reg, v, gone.cert.addresses());
         }
         reg.workloads = workloads;
         reg.workload_changes = changes;
@@ -463,9 +508,15 @@ impl Daemon {
 
 /// Reads the quarantine device: every packet there came from a pod with a source
 /// address its certificate does not hold. Counted (`forged_source`) and dropped.
+/// Also re-attaches workloads whose veth (re)appeared, about once a second.
 pub fn quarantine_loop(d: &Daemon) {
     let mut buf = vec![0u8; 65_536];
+    let mut reconciled = d.mono();
     while !d.shutdown.is_set() {
+        if d.mono().saturating_sub(reconciled) >= std::time::Duration::from_secs(1) {
+            d.reconcile_attachments();
+            reconciled = d.mono();
+        }
         let q = d.quarantine.load();
         let Some(tun) = q.as_ref().as_ref() else {
             if d.shutdown

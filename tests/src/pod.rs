@@ -67,11 +67,46 @@ impl Pod {
     }
 }
 
+/// A pod's certificate and key files, issued before the pod exists (for a
+/// `[[workload]]` table in meshd.toml).
+pub struct PodCert {
+    pub name: String,
+    pub identity: String,
+    pub address: IpAddr,
+    pub cert_pem: String,
+    pub public_key: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    dir: PathBuf,
+}
+
+impl PodCert {
+    /// The `[[workload]]` table for it.
+    pub fn workload_toml(&self) -> String {
+        format!(
+            "[[workload]]\nname = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nveth = \"p-{}\"\n",
+            self.name,
+            self.cert_path.display(),
+            self.key_path.display(),
+            self.name
+        )
+    }
+}
+
 impl Mesh {
     /// A pod `name` (1–12 of `[a-z0-9]`, unique in the mesh) behind `on`, with identity
     /// `spiffe://t/<name>` and `groups`; added to `on`'s meshd as a workload and to
     /// every other host's meshd as a peer.
     pub fn pod(&mut self, on: &Host, name: &str, groups: &[&str]) -> Result<Pod> {
+        let cert = self.pod_cert(on, name, groups)?;
+        let pod = self.plug_pod(on, cert)?;
+        pod.add_to_host()?;
+        Ok(pod)
+    }
+
+    /// Issues pod `name`'s certificate and key (files in `on`'s directory) and
+    /// allocates its address; nothing else.
+    pub fn pod_cert(&mut self, on: &Host, name: &str, groups: &[&str]) -> Result<PodCert> {
         if name.is_empty()
             || name.len() > 12
             || !name
@@ -83,15 +118,11 @@ impl Mesh {
         if self.hosts.iter().any(|h| h.name() == name) {
             bail!("{name:?} exists already");
         }
-        let n = self
-            .hosts
-            .iter()
-            .filter(|h| h.0.dir.starts_with(on.dir().join("pods")))
-            .count() as u8
-            + 1;
-        let address = IpAddr::V4(Ipv4Addr::new(100, 65, on.index() as u8, n));
+        let pods = on.dir().join("pods");
+        let n = std::fs::read_dir(&pods).map_or(0, |d| d.count()) + 1;
+        let address = IpAddr::V4(Ipv4Addr::new(100, 65, on.index() as u8, n as u8));
         let identity = format!("spiffe://t/{name}");
-        let dir = on.dir().join("pods").join(name);
+        let dir = pods.join(name);
         std::fs::create_dir_all(dir.join("www"))?;
         let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
         let issued =
@@ -101,7 +132,32 @@ impl Mesh {
         let key_path = dir.join("pod.key");
         std::fs::write(&cert_path, &issued.cert_pem)?;
         write_private(&key_path, issued.key_b64.as_bytes())?;
+        Ok(PodCert {
+            name: name.to_string(),
+            identity,
+            address,
+            cert_pem: issued.cert_pem,
+            public_key: issued.public_key_b64,
+            cert_path,
+            key_path,
+            dir,
+        })
+    }
 
+    /// Creates the pod's namespace and veth (the CNI plugin's part) and adds it as a
+    /// peer to every other host; does not tell `on`'s meshd (see [`Pod::add_to_host`]).
+    pub fn plug_pod(&mut self, on: &Host, cert: PodCert) -> Result<Pod> {
+        let PodCert {
+            name,
+            identity,
+            address,
+            cert_pem,
+            public_key,
+            cert_path,
+            key_path,
+            dir,
+        } = cert;
+        let name = name.as_str();
         let ns = Netns::create(&format!("{}{name}", self.prefix))?;
         let veth = format!("p-{name}");
         on.netns().ip(&[
@@ -142,7 +198,7 @@ impl Mesh {
             overlay_v4: address,
             overlay_v6: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             cert_pem: Mutex::new(String::new()),
-            public_key: Mutex::new(issued.public_key_b64.clone()),
+            public_key: Mutex::new(public_key),
             meshd: Mutex::new(None),
             background: Mutex::new(Vec::new()),
             ns,
@@ -157,7 +213,6 @@ impl Mesh {
             cert_path,
             key_path,
         };
-        pod.add_to_host()?;
         let others: Vec<Host> = self
             .hosts
             .iter()
@@ -167,7 +222,7 @@ impl Mesh {
         for h in others {
             let cert = h.dir().join("peers").join(format!("{name}.crt"));
             std::fs::create_dir_all(h.dir().join("peers"))?;
-            std::fs::write(&cert, &issued.cert_pem)?;
+            std::fs::write(&cert, &cert_pem)?;
             let cert = cert.to_str().context("path is not UTF-8")?.to_string();
             let ep = on.endpoint().to_string();
             h.meshctl(&["peer", "add", &cert, "--endpoint", &ep])?

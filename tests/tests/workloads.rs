@@ -337,3 +337,45 @@ fn workloads_added_and_removed_at_runtime_survive_a_restart_in(mesh: &mut Mesh) 
     );
     Ok(())
 }
+
+#[test]
+fn a_config_file_workload_is_attached_when_its_pod_appears() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    Ok(a_config_file_workload_is_attached_when_its_pod_appears_in(
+        &mut mesh,
+    )?)
+}
+
+fn a_config_file_workload_is_attached_when_its_pod_appears_in(mesh: &mut Mesh) -> Result<()> {
+    let h1 = mesh.host("h1").up()?;
+    let h2 = mesh.host("h2").up()?;
+    let pc = mesh.pod(&h2, "pc", &[])?;
+    serve(&[&pc])?;
+    // pa is written into h1's meshd.toml before its pod exists.
+    let cert = mesh.pod_cert(&h1, "pa", &[])?;
+    let mut config = std::fs::read_to_string(h1.config_path())?;
+    config.push('\n');
+    config.push_str(&cert.workload_toml());
+    std::fs::write(h1.config_path(), config)?;
+    h1.stop_meshd()?;
+    h1.start()?;
+    let list = h1.meshctl(&["workload", "list"])?.check()?.stdout_str();
+    ensure!(
+        list.contains("spiffe://t/pa") && list.contains("config"),
+        "{list}"
+    );
+    // The pod comes up (veth created): meshd attaches it on its own.
+    let pa = mesh.plug_pod(&h1, cert)?;
+    assert_gets(&pa, &pc)?;
+    wait::until("h1 to log the attachment", Duration::from_secs(5), || {
+        Ok(h1.log().contains("workload attached").then_some(()))
+    })?;
+    // A config workload removed at run time stays removed after a restart.
+    pa.remove_from_host()?;
+    h1.stop_meshd()?;
+    h1.start()?;
+    let list = h1.meshctl(&["workload", "list"])?.check()?.stdout_str();
+    ensure!(!list.contains("spiffe://t/pa"), "{list}");
+    assert_refused(&pa, &pc)?;
+    Ok(())
+}
