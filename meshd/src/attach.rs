@@ -8,6 +8,7 @@
 //!
 //! ```text
 //! pref 100  iif <tun>                  lookup 51820   # what meshd delivers → pod veths
+//! pref 101  iif lo                     lookup 51820   # the host's own packets → pod veths
 //! pref 110  iif <veth> from <pod addr> lookup main    # the pod's own addresses → TUN
 //! pref 120  iif <veth>                 lookup 51821   # anything else it sends → quarantine
 //! pref 130  iif <veth>                 prohibit
@@ -16,8 +17,12 @@
 //! ```
 //!
 //! The pods' own routes live only in table 51820, consulted for packets meshd writes to
-//! the TUN, so the host never forwards one pod's packet straight to another: same-host
-//! traffic enters the TUN, where the enforcer decides it like any other (invariant 3).
+//! the TUN and for the host's own packets, so the host never forwards one pod's packet
+//! straight to another: same-host traffic enters the TUN, where the enforcer decides it
+//! like any other (invariant 3). The host itself talks to its pods directly (its
+//! addresses are local, and a packet from them that came back out of the TUN would be
+//! dropped by the kernel as a martian): its ICMP errors (path MTU) reach the pods, and
+//! the host, which controls its pods anyway, is not subject to their policy.
 //! A packet with a source other than the pod's own addresses never reaches the TUN
 //! (where it could pass as its neighbour's): it lands on the quarantine device, where
 //! meshd counts it as `forged_source`, or is refused outright.
@@ -34,6 +39,7 @@ pub const PODS_TABLE: u32 = 51820;
 /// Routing table of packets whose source a pod does not own.
 pub const QUARANTINE_TABLE: u32 = 51821;
 const PREF_FROM_TUN: u32 = 100;
+const PREF_FROM_HOST: u32 = 101;
 const PREF_OWN_SOURCE: u32 = 110;
 const PREF_QUARANTINE: u32 = 120;
 const PREF_PROHIBIT: u32 = 130;
@@ -58,6 +64,8 @@ pub fn if_index(name: &str) -> Option<u32> {
 /// and removed on drop, each veth's on [`Attacher::attach`] / [`Attacher::detach`].
 pub struct Attacher {
     tun: String,
+    /// The host's own overlay addresses: the source of its packets to its pods.
+    host: Vec<IpAddr>,
     /// The quarantine device's name, when there is one.
     quarantine: Option<String>,
     /// Prefixes routed to the quarantine device.
@@ -69,28 +77,23 @@ impl Attacher {
     /// `quarantine` names a device, routes `prefixes` to it in the quarantine table.
     pub fn new(
         tun: &str,
+        host: &[IpAddr],
         quarantine: Option<&str>,
         prefixes: &[IpNet],
     ) -> Result<Attacher, AttachError> {
         let a = Attacher {
             tun: tun.to_string(),
+            host: host.to_vec(),
             quarantine: quarantine.map(str::to_string),
             prefixes: prefixes.to_vec(),
         };
-        for v6 in [false, true] {
-            let r = Rule {
-                v6,
-                pref: PREF_FROM_TUN,
-                iif: tun,
-                src: None,
-                action: Action::Table(PODS_TABLE),
-            };
-            r.replace()?;
+        for rule in a.own_rules() {
+            rule.replace()?;
         }
         if let Some(q) = &a.quarantine {
             let index = if_index(q).ok_or_else(|| AttachError::NoInterface(q.clone()))?;
             for p in &a.prefixes {
-                route(true, *p, index, QUARANTINE_TABLE)?;
+                route(true, *p, index, QUARANTINE_TABLE, None)?;
             }
         }
         Ok(a)
@@ -102,7 +105,12 @@ impl Attacher {
         let index = if_index(veth).ok_or_else(|| AttachError::NoInterface(veth.into()))?;
         let result = (|| {
             for a in addresses {
-                route(true, *a, index, PODS_TABLE)?;
+                let src = self
+                    .host
+                    .iter()
+                    .copied()
+                    .find(|h| h.is_ipv6() == a.addr().is_ipv6());
+                route(true, *a, index, PODS_TABLE, src)?;
                 Rule {
                     v6: a.addr().is_ipv6(),
                     pref: PREF_OWN_SOURCE,
@@ -145,7 +153,7 @@ impl Attacher {
         let index = if_index(veth);
         for a in addresses {
             if let Some(i) = index {
-                let _ = route(false, *a, i, PODS_TABLE);
+                let _ = route(false, *a, i, PODS_TABLE, None);
             }
             let _ = Rule {
                 v6: a.addr().is_ipv6(),
@@ -177,17 +185,29 @@ impl Attacher {
     }
 }
 
+impl Attacher {
+    /// The rules that send packets leaving the TUN, and the host's own, to the pods.
+    fn own_rules(&self) -> Vec<Rule<'_>> {
+        let mut rules = Vec::new();
+        for v6 in [false, true] {
+            for (pref, iif) in [(PREF_FROM_TUN, self.tun.as_str()), (PREF_FROM_HOST, "lo")] {
+                rules.push(Rule {
+                    v6,
+                    pref,
+                    iif,
+                    src: None,
+                    action: Action::Table(PODS_TABLE),
+                });
+            }
+        }
+        rules
+    }
+}
+
 impl Drop for Attacher {
     fn drop(&mut self) {
-        for v6 in [false, true] {
-            let _ = Rule {
-                v6,
-                pref: PREF_FROM_TUN,
-                iif: &self.tun,
-                src: None,
-                action: Action::Table(PODS_TABLE),
-            }
-            .delete_all();
+        for rule in self.own_rules() {
+            let _ = rule.delete_all();
         }
     }
 }
@@ -289,8 +309,14 @@ impl Rule<'_> {
     }
 }
 
-/// Adds or deletes `net dev <oif> table <table>`.
-fn route(add: bool, net: IpNet, oif: u32, table: u32) -> Result<(), AttachError> {
+/// Adds or deletes `net dev <oif> table <table> [src <src>]`.
+fn route(
+    add: bool,
+    net: IpNet,
+    oif: u32,
+    table: u32,
+    src: Option<IpAddr>,
+) -> Result<(), AttachError> {
     let (kind, flags) = if add {
         (
             libc::RTM_NEWROUTE,
@@ -322,6 +348,11 @@ fn route(add: bool, net: IpNet, oif: u32, table: u32) -> Result<(), AttachError>
     }
     push_attr(&mut b, libc::RTA_OIF, &oif.to_ne_bytes());
     push_attr(&mut b, libc::RTA_TABLE, &table.to_ne_bytes());
+    match src {
+        Some(IpAddr::V4(a)) => push_attr(&mut b, libc::RTA_PREFSRC, &a.octets()),
+        Some(IpAddr::V6(a)) => push_attr(&mut b, libc::RTA_PREFSRC, &a.octets()),
+        None => {}
+    }
     finish(&mut b);
     match request(&b) {
         Ok(()) => Ok(()),
@@ -417,11 +448,6 @@ impl Drop for Close {
         // SAFETY: we own this descriptor and close it once.
         unsafe { libc::close(self.0) };
     }
-}
-
-/// Whether `addr` is one of `nets`.
-pub fn covered(addr: IpAddr, nets: &[IpNet]) -> bool {
-    nets.iter().any(|n| n.contains(&addr))
 }
 
 #[cfg(test)]

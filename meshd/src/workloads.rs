@@ -302,14 +302,12 @@ impl Daemon {
     /// ([`Daemon::reconcile_attachments`]).
     pub(crate) fn attach_all(&self, workloads: Vec<Workload>) -> Result<(), String> {
         let mut reg = self.lock_registry();
-        for w in &workloads {
-            if let Some(veth) = &w.spec.veth {
-                if let Err(e) = self.attach(&mut reg, veth, w.cert.addresses()) {
-                    tracing::error!(workload = %w.spec.name, "cannot attach: {e}");
-                }
+        reg.workloads = workloads;
+        for (name, veth, addresses) in veth_workloads(&reg) {
+            if let Err(e) = self.attach(&mut reg, &veth, &addresses) {
+                tracing::error!(workload = %name, "cannot attach: {e}");
             }
         }
-        reg.workloads = workloads;
         Ok(())
     }
 
@@ -318,8 +316,13 @@ impl Daemon {
             let n = &self.config.node;
             let qname = quarantine_name(self.tun.name());
             let q = Arc::new(Tun::create(&qname, n.mtu, &[]).map_err(|e| e.to_string())?);
-            let attacher = Attacher::new(self.tun.name(), Some(q.name()), &self.static_routes)
-                .map_err(|e| e.to_string())?;
+            // The host's own traffic to its pods comes from its certificate's addresses.
+            let host: Vec<std::net::IpAddr> = reg.workloads.first().map_or_else(Vec::new, |w| {
+                w.cert.addresses().iter().map(|a| a.addr()).collect()
+            });
+            let attacher =
+                Attacher::new(self.tun.name(), &host, Some(q.name()), &self.static_routes)
+                    .map_err(|e| e.to_string())?;
             self.quarantine.store(Arc::new(Some(q.clone())));
             reg.pods = Some(Pods {
                 attacher,
@@ -359,15 +362,7 @@ impl Daemon {
     /// the old interface). The `quarantine` thread calls this about once a second.
     pub(crate) fn reconcile_attachments(&self) {
         let mut reg = self.lock_registry();
-        let wanted: Vec<(String, String, Vec<IpNet>)> = reg
-            .workloads
-            .iter()
-            .filter_map(|w| {
-                let v = w.spec.veth.clone()?;
-                Some((w.spec.name.clone(), v, w.cert.addresses().to_vec()))
-            })
-            .collect();
-        for (name, veth, addresses) in wanted {
+        for (name, veth, addresses) in veth_workloads(&reg) {
             let had = reg
                 .pods
                 .as_ref()
@@ -504,6 +499,17 @@ impl Daemon {
         self.next_index.fetch_max(max, Ordering::Relaxed);
         self.table.store(Arc::new(table));
     }
+}
+
+/// Name, veth and addresses of every workload behind a veth.
+fn veth_workloads(reg: &Registry) -> Vec<(String, String, Vec<IpNet>)> {
+    reg.workloads
+        .iter()
+        .filter_map(|w| {
+            let v = w.spec.veth.clone()?;
+            Some((w.spec.name.clone(), v, w.cert.addresses().to_vec()))
+        })
+        .collect()
 }
 
 /// Reads the quarantine device: every packet there came from a pod with a source

@@ -379,3 +379,43 @@ fn a_config_file_workload_is_attached_when_its_pod_appears_in(mesh: &mut Mesh) -
     assert_refused(&pa, &pc)?;
     Ok(())
 }
+
+/// A pod whose link MTU exceeds the tunnel's learns the path MTU from its host's ICMP
+/// errors, which reach it directly, as does the host's own traffic to its pods (a
+/// packet from the host's own address that came back out of the TUN would be dropped
+/// by the kernel as a martian).
+#[test]
+fn pods_learn_the_path_mtu_and_their_host_reaches_them() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    Ok(pods_learn_the_path_mtu_and_their_host_reaches_them_in(
+        &mut mesh,
+    )?)
+}
+
+fn pods_learn_the_path_mtu_and_their_host_reaches_them_in(mesh: &mut Mesh) -> Result<()> {
+    let h1 = mesh.host("h1").up()?;
+    let h2 = mesh.host("h2").up()?;
+    let pa = mesh.pod(&h1, "pa", &[])?;
+    let pc = mesh.pod(&h2, "pc", &[])?;
+    serve(&[&pa, &pc])?;
+    let big: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    pc.write_www("big", &big)?;
+    for (h, p) in [(&h1, &pa), (&h2, &pc)] {
+        h.netns().ip(&["link", "set", &p.veth(), "mtu", "1500"])?;
+        p.netns().ip(&["link", "set", "eth0", "mtu", "1500"])?;
+    }
+    let r = pa.http_get_eventually(pc.address, HTTP, "/big")?;
+    ensure!(
+        r.status == 200 && r.body == big,
+        "big: {} ({} bytes)",
+        r.status,
+        r.body.len()
+    );
+    let r = h1.http_get_eventually(pa.address, HTTP, "/who")?;
+    ensure!(
+        r.status == 200 && r.body == b"pa",
+        "host to its pod: {}",
+        r.status
+    );
+    Ok(())
+}
