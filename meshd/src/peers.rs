@@ -615,28 +615,14 @@ pub fn inbound<'a>(
         Packet::HandshakeInit(p) => {
             let mut found = None;
             for local in table.locals() {
-                match local
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
-                {
-                    Ok(_) => {
+                match check_macs(local, from, datagram, &mut cookie) {
+                    Macs::Valid => {
                         found = Some(local);
                         break;
                     }
-                    Err(TunnResult::Err(WireGuardError::InvalidMac)) => continue,
-                    Err(TunnResult::WriteToNetwork(reply)) => {
-                        let n = reply.len();
-                        dst[..n].copy_from_slice(reply);
-                        return Inbound::Send {
-                            to: from,
-                            data: &dst[..n],
-                            flush: None,
-                        };
-                    }
-                    Err(TunnResult::Err(e)) => {
-                        return drop_in(node, DropReason::Crypto((&e).into()))
-                    }
-                    Err(_) => return drop_in(node, DropReason::Malformed(Malformed::WireGuard)),
+                    Macs::OtherKey => continue,
+                    Macs::Answer(reply) => return cookie_reply(reply, from, dst),
+                    Macs::Drop(reason) => return drop_in(node, reason),
                 }
             }
             let Some(local) = found else {
@@ -652,7 +638,15 @@ pub fn inbound<'a>(
             }
         }
         Packet::HandshakeResponse(p) => match table.by_receiver_index(p.receiver_idx) {
-            Some(peer) => (peer, true),
+            // Addressed to the session's local workload: its MAC1 key.
+            Some(peer) => match check_macs(&peer.local, from, datagram, &mut cookie) {
+                Macs::Valid => (peer, true),
+                Macs::OtherKey => {
+                    return drop_in(node, DropReason::Crypto(CryptoError::InvalidMac))
+                }
+                Macs::Answer(reply) => return cookie_reply(reply, from, dst),
+                Macs::Drop(reason) => return drop_in(node, reason),
+            },
             None => return drop_in(node, DropReason::UnknownPeer),
         },
         Packet::PacketCookieReply(p) => match table.by_receiver_index(p.receiver_idx) {
@@ -664,26 +658,6 @@ pub fn inbound<'a>(
             None => return drop_in(node, DropReason::UnknownPeer),
         },
     };
-    if matches!(packet, Packet::HandshakeResponse(_)) {
-        match peer
-            .local
-            .rate_limiter
-            .verify_packet(Some(from.ip()), datagram, &mut cookie)
-        {
-            Ok(_) => {}
-            Err(TunnResult::WriteToNetwork(reply)) => {
-                let n = reply.len();
-                dst[..n].copy_from_slice(reply);
-                return Inbound::Send {
-                    to: from,
-                    data: &dst[..n],
-                    flush: None,
-                };
-            }
-            Err(TunnResult::Err(e)) => return drop_in(node, DropReason::Crypto((&e).into())),
-            Err(_) => return drop_in(node, DropReason::Malformed(Malformed::WireGuard)),
-        }
-    }
     let authenticates = !matches!(packet, Packet::PacketCookieReply(_));
     let is_data = matches!(packet, Packet::PacketData(_));
     if !peer.admit(now) {
@@ -743,6 +717,44 @@ pub fn inbound<'a>(
             Now { wall: now, mono },
             emit,
         ),
+    }
+}
+
+/// What the MACs of a handshake message say, checked with one local workload's key.
+enum Macs<'c> {
+    Valid,
+    /// MAC1 is not keyed by this workload's public key: addressed to another one.
+    OtherKey,
+    /// Under load without a valid MAC2: answer with this cookie reply only.
+    Answer(&'c [u8]),
+    Drop(DropReason),
+}
+
+fn check_macs<'c>(
+    local: &Local,
+    from: SocketAddr,
+    datagram: &[u8],
+    cookie: &'c mut [u8; COOKIE_REPLY_LEN],
+) -> Macs<'c> {
+    match local
+        .rate_limiter
+        .verify_packet(Some(from.ip()), datagram, cookie)
+    {
+        Ok(_) => Macs::Valid,
+        Err(TunnResult::Err(WireGuardError::InvalidMac)) => Macs::OtherKey,
+        Err(TunnResult::WriteToNetwork(reply)) => Macs::Answer(reply),
+        Err(TunnResult::Err(e)) => Macs::Drop(DropReason::Crypto((&e).into())),
+        Err(_) => Macs::Drop(DropReason::Malformed(Malformed::WireGuard)),
+    }
+}
+
+fn cookie_reply<'a>(reply: &[u8], to: SocketAddr, dst: &'a mut [u8]) -> Inbound<'a> {
+    let n = reply.len();
+    dst[..n].copy_from_slice(reply);
+    Inbound::Send {
+        to,
+        data: &dst[..n],
+        flush: None,
     }
 }
 

@@ -7,27 +7,27 @@
 //! (`state::PeerChanges`). Certificates and keys stay in the operator's files: the
 //! state file records their paths, and every start reads and verifies them again.
 //!
-//! How a workload's traffic reaches meshd (its attachment) is set up by [`crate::attach`].
+//! Each workload is a [`Local`] of the session table: its own static key, one session
+//! with every peer (`crate::peers`). How a workload's traffic reaches meshd (its
+//! attachment) is set up by [`crate::attach`]; the `quarantine` thread counts what
+//! pods send with sources they do not own and re-attaches pods whose veth (re)appears.
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use mesh_proto::cert::{Ca, Certificate, VerifiedCert};
 use mesh_proto::config::{
     check_interface_name, check_workload_name, Config, ConfigError, NODE_WORKLOAD,
 };
-use mesh_proto::control::WorkloadInfo;
+use mesh_proto::control::{WorkloadInfo, WorkloadList};
 use mesh_proto::files;
 use mesh_proto::key::{PrivateKey, PublicKey};
 use mesh_proto::time::UnixTime;
 use serde::{Deserialize, Serialize};
-
-use std::sync::atomic::Ordering;
-
-use ipnet::IpNet;
-use mesh_proto::control::WorkloadList;
 
 use crate::attach::{if_index, Attacher};
 use crate::daemon::{build_table, one_line, peer_spec, Daemon, Registry};
@@ -448,7 +448,7 @@ impl Daemon {
             restore(self, &mut reg);
             return Err(fail(format!("cannot persist: {e}")));
         }
-        self.install(&mut reg, table);
+        self.install(table);
         reg.workloads = workloads;
         reg.workload_changes = changes;
         tracing::info!(workload = %spec.name, identity = %w.cert.identity(), "workload added");
@@ -477,7 +477,7 @@ impl Daemon {
         changes
             .save(&self.config.node.state_dir)
             .map_err(|e| format!("workload_remove: cannot persist: {e}"))?;
-        self.install(&mut reg, table);
+        self.install(table);
         if let Some(v) = &gone.spec.veth {
             self.detach(&mut reg, v, gone.cert.addresses());
         }
@@ -494,7 +494,7 @@ impl Daemon {
         build_table(locals, &reg.entries, &old, hint)
     }
 
-    fn install(&self, _reg: &mut Registry, table: PeerTable) {
+    fn install(&self, table: PeerTable) {
         let max = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         self.next_index.fetch_max(max, Ordering::Relaxed);
         self.table.store(Arc::new(table));
