@@ -5,8 +5,9 @@
 //! answering the pod's ARP (`proxy_arp`) and forwarding. Then, as an operator would,
 //! `meshctl workload add` on the host and `meshctl peer add` on every other host.
 //!
-//! Pod number `n` (from 1) of host number `i` gets 100.65.i.n. A pod is a [`Host`]
-//! without meshd, so every traffic helper works from and to it.
+//! Pod number `n` (from 1) of host number `i` gets 100.65.i.n and fd00:6d65:7368:i::n;
+//! its IPv6 overlay is routed via the host end's link-local address fe80::1. A pod is a
+//! [`Host`] without meshd, so every traffic helper works from and to it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context, Result};
 
 use crate::host::{Host, HostInner};
-use crate::mesh::{write_private, Mesh, OVERLAY_V4};
+use crate::mesh::{write_private, Mesh, OVERLAY_V4, OVERLAY_V6};
 use crate::netns::Netns;
 use crate::Validity;
 
@@ -27,6 +28,7 @@ pub struct Pod {
     pub name: String,
     pub identity: String,
     pub address: IpAddr,
+    pub address_v6: IpAddr,
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
 }
@@ -73,6 +75,7 @@ pub struct PodCert {
     pub name: String,
     pub identity: String,
     pub address: IpAddr,
+    pub address_v6: IpAddr,
     pub cert_pem: String,
     pub public_key: String,
     pub cert_path: PathBuf,
@@ -121,13 +124,27 @@ impl Mesh {
         let pods = on.dir().join("pods");
         let n = std::fs::read_dir(&pods).map_or(0, |d| d.count()) + 1;
         let address = IpAddr::V4(Ipv4Addr::new(100, 65, on.index() as u8, n as u8));
+        let address_v6 = IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x6d65,
+            0x7368,
+            on.index() as u16,
+            0,
+            0,
+            0,
+            n as u16,
+        ));
         let identity = format!("spiffe://t/{name}");
         let dir = pods.join(name);
         std::fs::create_dir_all(dir.join("www"))?;
         let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-        let issued =
-            on.0.ca
-                .issue(&identity, &[address], &groups, None, Validity::Current)?;
+        let issued = on.0.ca.issue(
+            &identity,
+            &[address, address_v6],
+            &groups,
+            None,
+            Validity::Current,
+        )?;
         let cert_path = dir.join("pod.crt");
         let key_path = dir.join("pod.key");
         std::fs::write(&cert_path, &issued.cert_pem)?;
@@ -136,6 +153,7 @@ impl Mesh {
             name: name.to_string(),
             identity,
             address,
+            address_v6,
             cert_pem: issued.cert_pem,
             public_key: issued.public_key_b64,
             cert_path,
@@ -151,6 +169,7 @@ impl Mesh {
             name,
             identity,
             address,
+            address_v6,
             cert_pem,
             public_key,
             cert_path,
@@ -178,8 +197,22 @@ impl Mesh {
         ns.ip(&["addr", "add", &format!("{address}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "mtu", &mtu, "up"])?;
         ns.ip(&["route", "add", OVERLAY_V4, "dev", "eth0"])?;
+        on.netns()
+            .ip(&["addr", "add", "fe80::1/64", "dev", &veth, "nodad"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{address_v6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ns.ip(&[
+            "-6", "route", "add", OVERLAY_V6, "via", "fe80::1", "dev", "eth0",
+        ])?;
         for (key, value) in [
             ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
             (&format!("net.ipv4.conf.{veth}.proxy_arp") as &str, "1"),
         ] {
             let path = format!("/proc/sys/{}", key.replace('.', "/"));
@@ -196,7 +229,7 @@ impl Mesh {
             underlay_v6: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             ipv6_underlay: false,
             overlay_v4: address,
-            overlay_v6: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            overlay_v6: address_v6,
             cert_pem: Mutex::new(String::new()),
             public_key: Mutex::new(public_key),
             meshd: Mutex::new(None),
@@ -210,6 +243,7 @@ impl Mesh {
             name: name.to_string(),
             identity,
             address,
+            address_v6,
             cert_path,
             key_path,
         };

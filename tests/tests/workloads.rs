@@ -2,6 +2,7 @@
 //! own identities in their own namespaces behind hosts, policy that tells two pods of
 //! one host apart, same-host traffic through meshd, forged sources, runtime changes.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -43,11 +44,15 @@ fn serve(pods: &[&Pod]) -> Result<()> {
     Ok(())
 }
 
-/// `src` gets `dst`'s page (retrying while the first handshake completes).
+/// `src` gets `dst`'s page over IPv4 (retrying while the first handshake completes).
 fn assert_gets(src: &Pod, dst: &Pod) -> Result<()> {
+    assert_gets_at(src, dst, dst.address)
+}
+
+fn assert_gets_at(src: &Pod, dst: &Pod, addr: IpAddr) -> Result<()> {
     let r = src
-        .http_get_eventually(dst.address, HTTP, "/who")
-        .with_context(|| format!("{} -> {}", src.name, dst.name))?;
+        .http_get_eventually(addr, HTTP, "/who")
+        .with_context(|| format!("{} -> {} at {addr}", src.name, dst.name))?;
     ensure!(
         r.status == 200 && r.body == dst.name.as_bytes(),
         "{} -> {}: {} {:?}",
@@ -60,8 +65,17 @@ fn assert_gets(src: &Pod, dst: &Pod) -> Result<()> {
 }
 
 fn assert_refused(src: &Pod, dst: &Pod) -> Result<()> {
-    let r = src.http_get_limit(dst.address, HTTP, "/who", Duration::from_secs(3));
-    ensure!(r.is_err(), "{} reached {}: {r:?}", src.name, dst.name);
+    assert_refused_at(src, dst, dst.address)
+}
+
+fn assert_refused_at(src: &Pod, dst: &Pod, addr: IpAddr) -> Result<()> {
+    let r = src.http_get_limit(addr, HTTP, "/who", Duration::from_secs(3));
+    ensure!(
+        r.is_err(),
+        "{} reached {} at {addr}: {r:?}",
+        src.name,
+        dst.name
+    );
     Ok(())
 }
 
@@ -149,6 +163,11 @@ fn pods_on_two_hosts_are_told_apart_by_policy_in(mesh: &mut Mesh) -> Result<()> 
     // Same host: pa may reach pb, pb may not reach pa; both decided by h1's meshd.
     assert_gets(&pa, &pb)?;
     assert_refused(&pb, &pa)?;
+    // The same over IPv6.
+    assert_gets_at(&pa, &pc, pc.address_v6)?;
+    assert_refused_at(&pb, &pc, pc.address_v6)?;
+    assert_gets_at(&pa, &pb, pb.address_v6)?;
+    assert_refused_at(&pb, &pa, pa.address_v6)?;
     assert_logged(
         &h1,
         &[
