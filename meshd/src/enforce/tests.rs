@@ -41,7 +41,7 @@ fn enforcer(policy_src: &str, flows: usize) -> (Enforcer, Arc<DecisionLog>) {
     let e = Enforcer::new(
         LocalWorkload {
             identity: Some("spiffe://t/c".into()),
-            groups: vec![],
+            groups: Arc::from(Vec::new()),
         },
         compiled(policy_src, DefaultAction::Deny),
         Limits {
@@ -859,4 +859,57 @@ fn cut_of_an_l7_flow_resets_the_server_at_what_it_received() {
         "held bytes never reached it"
     );
     assert_eq!(cuts[0].server_next_seq, Some(c.sseq));
+}
+
+/// Two workloads of one host (as `peers::from_tun` hands them over): the flow is
+/// decided as inbound traffic of its receiver with the sender's identity; replies
+/// pass as the receiver's answers; the other direction is decided on its own; the
+/// decision log names the receiving workload as `dst`.
+#[test]
+fn same_host_flows_are_decided_for_the_receiving_workload() {
+    const PA: [u8; 4] = [100, 65, 1, 1];
+    const PB: [u8; 4] = [100, 65, 1, 2];
+    let src = r#"
+[[policy]]
+name = "pb-from-pa"
+action = "allow"
+selector = { identities = ["spiffe://t/pb"] }
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/pa"] }]
+to = [{ ports = [8080] }]
+"#;
+    let (e, log) = enforcer(src, 1024);
+    let workload = |id: &str| LocalWorkload {
+        identity: Some(id.into()),
+        groups: Arc::from(Vec::new()),
+    };
+    let (pa, pb) = (workload("spiffe://t/pa"), workload("spiffe://t/pb"));
+    let (spa, spb) = (sender("spiffe://t/pa"), sender("spiffe://t/pb"));
+    let mut emit = Emit::default();
+    let syn = tcp(PA, PB, 40000, 8080, "S", 1, b"");
+    assert_eq!(
+        e.between_locals(&spa, &pb, &syn, t(0), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    let syn_ack = tcp(PB, PA, 8080, 40000, "SA", 9, b"");
+    assert_eq!(
+        e.between_locals(&spb, &pa, &syn_ack, t(1), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    let ack = tcp(PA, PB, 40000, 8080, "A", 2, b"");
+    assert_eq!(
+        e.between_locals(&spa, &pb, &ack, t(2), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    // pb opening a flow to pa is pa's to decide: no policy selects pa, so the
+    // mesh default (deny) decides.
+    let back = tcp(PB, PA, 40001, 8080, "S", 1, b"");
+    assert_eq!(
+        e.between_locals(&spb, &pa, &back, t(3), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    let rec: serde_json::Value = serde_json::from_str(&log.tail(1)[0]).unwrap();
+    assert_eq!(rec["src"], "spiffe://t/pb");
+    assert_eq!(rec["dst"], "spiffe://t/pa");
+    assert!(emit.is_empty());
 }
