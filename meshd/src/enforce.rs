@@ -242,6 +242,9 @@ pub struct Limits {
     pub l7: l7::Config,
     /// Largest TCP payload of a segment the enforcer builds towards a local workload.
     pub mss: usize,
+    /// Bytes all inspected flows together may hold; past it, the flow that grows is
+    /// refused (503) and its bytes freed.
+    pub l7_total_held: usize,
 }
 
 impl Default for Limits {
@@ -252,6 +255,7 @@ impl Default for Limits {
             l7: l7::Config::default(),
             // TUN MTU 1420 less an IPv6 and a TCP header.
             mss: 1360,
+            l7_total_held: 64 << 20,
         }
     }
 }
@@ -298,6 +302,8 @@ pub struct Enforcer {
     limits: Limits,
     http_requests: AtomicU64,
     http_refused: AtomicU64,
+    /// Bytes held by all inspected flows (recounted exactly at each `poll`).
+    held_total: std::sync::atomic::AtomicUsize,
     active: ArcSwap<Active>,
     shards: Box<[Mutex<ConnTrack<FlowState>>]>,
     hasher: std::collections::hash_map::RandomState,
@@ -362,6 +368,7 @@ impl Enforcer {
             limits,
             http_requests: AtomicU64::new(0),
             http_refused: AtomicU64::new(0),
+            held_total: std::sync::atomic::AtomicUsize::new(0),
             active: ArcSwap::from_pointee(Active { policy, gen: 1 }),
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(ConnTrack::new(per_shard, limits.timeouts)))
@@ -779,6 +786,7 @@ impl Enforcer {
         let Some(seg) = segment(p, packet) else {
             return self.dropped(Drop::Malformed);
         };
+        let held_before = flow.held();
         let outcome = flow.on_client_segment(&seg, stamp(now), |req| {
             self.http_requests.fetch_add(1, Ordering::Relaxed);
             let mut headers = [mesh_proto::policy::Header {
@@ -919,7 +927,46 @@ impl Enforcer {
                 emit.push_scratch(Toward::Peer);
             }
         }
+        self.charge_held(flow, held_before, policy, who, p, now, wall, emit);
         verdict
+    }
+
+    /// Accounts what `flow` holds now against the budget of all inspected flows; over
+    /// budget, the flow that grew is refused (503) and its bytes freed (invariant 6:
+    /// a flood of slow heads degrades service, never the host).
+    #[allow(clippy::too_many_arguments)] // the flow, its decision context and the clock
+    fn charge_held(
+        &self,
+        flow: &mut L7Flow,
+        before: usize,
+        policy: &CompiledPolicy,
+        who: Who<'_>,
+        p: &Parsed,
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) {
+        let after = flow.held();
+        if after <= before {
+            self.uncharge(before - after);
+            return;
+        }
+        let total = self.held_total.fetch_add(after - before, Ordering::Relaxed) + (after - before);
+        if total <= self.limits.l7_total_held {
+            return;
+        }
+        if let Some(refusal) = flow.shed() {
+            self.refuse(policy, who, p, &endpoints(p), &refusal, now, wall, emit);
+        }
+        self.uncharge(after);
+    }
+
+    fn uncharge(&self, n: usize) {
+        let _ = self
+            .held_total
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(n))
+            });
     }
 
     /// Injects the answer to a refused client and the reset of the server; logs causes
@@ -974,10 +1021,12 @@ impl Enforcer {
         let active = self.active.load();
         let ts = stamp(now);
         let mut removed = 0;
+        let mut held = 0;
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             removed += shard.sweep(now);
             shard.retain(|key, f| {
+                held += f.value.l7.as_deref().map_or(0, L7Flow::held);
                 let (Some(l7), Some(sender), Some(receiver)) = (
                     f.value.l7.as_deref_mut(),
                     f.value.sender.as_ref(),
@@ -1003,6 +1052,8 @@ impl Enforcer {
                 true
             });
         }
+        // Deltas charged meanwhile by other threads are within one tick's traffic.
+        self.held_total.store(held, Ordering::Relaxed);
         removed
     }
 
@@ -1246,7 +1297,7 @@ fn refusal_reason(cause: &RefuseCause) -> DenyReason {
         | RefuseCause::Truncated
         | RefuseCause::Urgent => DenyReason::MalformedRequest,
         RefuseCause::Timeout => DenyReason::RequestTimeout,
-        RefuseCause::HoldFull => DenyReason::BufferFull,
+        RefuseCause::HoldFull | RefuseCause::Overload => DenyReason::BufferFull,
     }
 }
 

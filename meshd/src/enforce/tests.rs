@@ -913,3 +913,63 @@ to = [{ ports = [8080] }]
     assert_eq!(rec["dst"], "spiffe://t/pa");
     assert!(emit.is_empty());
 }
+
+#[test]
+fn l7_total_held_budget_sheds_the_flow_that_grows() {
+    let log = Arc::new(DecisionLog::new(Default::default()));
+    let e = Enforcer::new(
+        LocalWorkload {
+            identity: Some("spiffe://t/c".into()),
+            groups: Arc::from(Vec::new()),
+        },
+        compiled(API_POLICY, DefaultAction::Deny),
+        Limits {
+            l7_total_held: 100,
+            ..Limits::default()
+        },
+        log.clone(),
+    );
+    // Two slow heads of 60 bytes each: the first fits the 100-byte budget...
+    let mut a = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    a.send(&e, &[b'G'; 1][..], &mut emit);
+    a.send(
+        &e,
+        b"ET /api/items HTTP/1.1\r\nHost: c\r\nX-Pad: aaaaaaaaaaaaaaaaaaaa",
+        &mut emit,
+    );
+    assert!(
+        tcp_payloads(&emit, Toward::Peer)
+            .iter()
+            .all(|(p, _)| p.is_empty()),
+        "no refusal yet"
+    );
+    // ...the second takes the total over it: that flow is refused with 503, not the first.
+    let mut b = Conn::open(&e, 40001);
+    let mut emit = Emit::default();
+    b.send(
+        &e,
+        b"GET /api/items HTTP/1.1\r\nHost: c\r\nX-Pad: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+        &mut emit,
+    );
+    let to_client = tcp_payloads(&emit, Toward::Peer);
+    assert!(
+        to_client
+            .iter()
+            .any(|(p, _)| p.starts_with(b"HTTP/1.1 503")),
+        "{to_client:?}"
+    );
+    assert!(log.tail(1)[0].contains("buffer_full"));
+    // The first flow still completes its head and is allowed.
+    let mut emit = Emit::default();
+    a.send(&e, b"\r\n\r\n", &mut emit);
+    let released: Vec<u8> = tcp_payloads(&emit, Toward::Local)
+        .into_iter()
+        .flat_map(|(p, _)| p)
+        .collect();
+    assert!(
+        released.starts_with(b"GET /api/items"),
+        "{:?}",
+        String::from_utf8_lossy(&released)
+    );
+}
