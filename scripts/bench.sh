@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark: two hosts in network namespaces joined by one veth pair.
 #
-# Rows: the bare underlay link, meshd with a layer-4 policy, meshd with a layer-7
-# policy (HTTP rules on the served port). Figures per row: iperf3 TCP throughput (1 and
+# Rows: the bare underlay link, meshd without policy (the data path alone), meshd with
+# a layer-4 policy, meshd with a layer-7 policy (HTTP rules on the served port). Figures per row: iperf3 TCP throughput (1 and
 # 4 streams), ping latency (avg and p99), HTTP requests/s and p99 latency (wrk against a
 # 1 KiB static file served by nginx), CPU time of the meshd processes, UDP
 # receive-buffer errors and TCP retransmissions. Each figure is the median of RUNS runs.
@@ -11,7 +11,7 @@
 # Usage (root): scripts/bench.sh
 # Environment:
 #   RUNS=3             runs per row (median reported); RUNS=1 for a quick check
-#   ROWS="bare l4 l7"  which rows to measure
+#   ROWS="bare plain l4 l7"  which rows to measure
 #   IPERF_SECS=10      seconds per iperf3 run
 #   WRK_SECS=10        seconds per wrk run
 #   WRK_THREADS=2 WRK_CONNS=32   wrk load shape
@@ -30,7 +30,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-3}"
-ROWS="${ROWS:-bare l4 l7}"
+ROWS="${ROWS:-bare plain l4 l7}"
 IPERF_SECS="${IPERF_SECS:-10}"
 WRK_SECS="${WRK_SECS:-10}"
 WRK_THREADS="${WRK_THREADS:-2}"
@@ -372,7 +372,6 @@ write_host_config() { # write_host_config DIR ME PEER MY_UNDER PEER_UNDER POLICY
     mkdir -p "$dir"
     cp "$WORK/pki/ca.crt" "$WORK/pki/$me.crt" "$WORK/pki/$peer.crt" "$dir/"
     cp "$WORK/pki/$me.key" "$dir/" && chmod 600 "$dir/$me.key"
-    "$policy" >"$dir/policy.toml"
     cat >"$dir/meshd.toml" <<EOF
 [node]
 cert = "$me.crt"
@@ -385,14 +384,19 @@ control_socket = "meshd.sock"
 routes = ["100.64.0.0/10"]
 log_level = "warn"
 
-[policy]
-default = "deny"
-file = "policy.toml"
-
 [[peer]]
 cert = "$peer.crt"
 endpoint = "$theirs:$WG_PORT"
 EOF
+    if [[ -n "$policy" ]]; then
+        "$policy" >"$dir/policy.toml"
+        cat >>"$dir/meshd.toml" <<EOF
+
+[policy]
+default = "deny"
+file = "policy.toml"
+EOF
+    fi
 }
 
 status_ready() { # status_ready SOCKET: ready and, if asked, a completed handshake
@@ -429,6 +433,26 @@ start_meshd() { # start_meshd ROW POLICYFN
     fi
 }
 
+# The layer-7 row must really inspect HTTP: a POST (no rule allows it) is refused
+# with 403 while GET passes.
+http_status() { # http_status METHOD -> the status code nginx or meshd answered
+    # shellcheck disable=SC2016 # the inner script is single-quoted on purpose
+    timeout 5 ip netns exec "$NS_A" bash -c '
+        exec 3<>"/dev/tcp/$1/$2" || exit 1
+        printf "%s /1k.txt HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" "$3" >&3
+        head -n1 <&3' _ "$OVER_B" "$HTTP_PORT" "$1" | awk '{ print $2 }'
+}
+check_l7() {
+    local get post
+    get="$(http_status GET || true)"
+    post="$(http_status POST || true)"
+    if [[ "$get" != 200 || "$post" != 403 ]]; then
+        NOT_AVAILABLE="layer-7 policy not in force: GET answered '${get:-nothing}', POST '${post:-nothing}' (expected 200 and 403)"
+        return 1
+    fi
+    log "l7: GET 200, POST 403: layer-7 policy in force"
+}
+
 stop_meshd() {
     local pid
     for pid in "${MESHD_PIDS[@]}"; do
@@ -449,14 +473,18 @@ LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 for row in $ROWS; do
     case $row in
     bare) dst=$UNDER_B ;;
-    l4 | l7)
+    plain | l4 | l7)
         dst=$OVER_B
         NOT_AVAILABLE=""
         if [[ -z "${PKI_DONE:-}" ]]; then
             ensure_binaries && make_pki && PKI_DONE=1
         fi
         if [[ -z "$NOT_AVAILABLE" ]]; then
-            if [[ $row == l4 ]]; then start_meshd l4 policy_l4 || true; else start_meshd l7 policy_l7 || true; fi
+            case $row in
+            plain) start_meshd plain "" || true ;;
+            l4) start_meshd l4 policy_l4 || true ;;
+            l7) { start_meshd l7 policy_l7 && check_l7; } || true ;;
+            esac
         fi
         if [[ -n "$NOT_AVAILABLE" ]]; then
             ROW_NOTE[$row]="not available: $NOT_AVAILABLE"
@@ -465,7 +493,7 @@ for row in $ROWS; do
             continue
         fi
         ;;
-    *) die "unknown row $row (bare, l4, l7)" ;;
+    *) die "unknown row $row (bare, plain, l4, l7)" ;;
     esac
     for run in $(seq "$RUNS"); do
         M=()
@@ -497,7 +525,7 @@ fmt() { # number formatting per figure
     esac
 }
 
-declare -A ROW_TITLE=([bare]="bare underlay link" [l4]="meshd, layer-4 policy" [l7]="meshd, layer-7 policy")
+declare -A ROW_TITLE=([bare]="bare underlay link" [plain]="meshd, no policy" [l4]="meshd, layer-4 policy" [l7]="meshd, layer-7 policy")
 {
     echo "# meshd benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo

@@ -83,7 +83,14 @@ fn bench_conntrack(c: &mut Criterion) {
     group.finish();
 }
 
-fn tcp_packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool, len: usize) -> Vec<u8> {
+fn tcp_packet(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    syn: bool,
+    len: usize,
+) -> Vec<u8> {
     let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, 1, 64_000);
     b = if syn { b.syn() } else { b.ack(1) };
     let mut out = Vec::new();
@@ -135,7 +142,10 @@ fn bench_l4(c: &mut Criterion) {
     let sport = 10_000 + (FLOWS / 2) as u16;
     let data = tcp_packet(CLIENT, SERVER, sport, 80, false, 1400);
     let reply = tcp_packet(SERVER, CLIENT, 80, sport, false, 1400);
-    assert_eq!(enforcer.inbound(&sender, &data, NOW, WALL), Verdict::Deliver);
+    assert_eq!(
+        enforcer.inbound(&sender, &data, NOW, WALL),
+        Verdict::Deliver
+    );
     assert_eq!(enforcer.outbound(&reply, NOW), Verdict::Deliver);
 
     let mut group = c.benchmark_group("l4");
