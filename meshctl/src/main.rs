@@ -5,6 +5,7 @@
 mod ca;
 mod cert;
 mod key;
+mod policy;
 
 use clap::{Args, Parser, Subcommand};
 use mesh_proto::time::UnixTime;
@@ -52,6 +53,9 @@ enum Command {
     /// Generate x25519 (WireGuard) keys
     #[command(subcommand)]
     Key(key::Command),
+    /// Check, test and explain policy files; apply them to meshd
+    #[command(subcommand)]
+    Policy(policy::Command),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Ca(c) => ca::run(c, &cli.global),
         Command::Cert(c) => cert::run(c, &cli.global),
         Command::Key(c) => key::run(c, &cli.global),
+        Command::Policy(c) => policy::run(c, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

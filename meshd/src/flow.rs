@@ -1,1 +1,321 @@
-//! TCP flow tracking and client→server stream reassembly (sans-IO). (to be written)
+//! TCP flow tracking and client→server stream reassembly (sans-IO).
+//!
+//! Nothing here reads a clock or touches a socket: segments and `now` come in, outcomes go
+//! out. Three pieces:
+//!
+//! - [`SeqNumber`]: TCP sequence numbers, compared and advanced modulo 2³² (RFC 9293
+//!   §3.4). No raw `u32` arithmetic on sequence numbers anywhere else.
+//! - [`TcpFlow`]: per-direction tracking of one connection from its handshake: initial
+//!   sequence numbers, how far each side has sent, what each side has acknowledged, FIN
+//!   and RST. Both directions have a [`Side`] so that later features (rate limits, circuit
+//!   breaking) can read the server→client direction too.
+//! - [`Reassembler`]: a bounded buffer that turns client→server segments into the byte
+//!   stream the enforcer inspects and then delivers *from its own view* (DESIGN.md
+//!   invariant 4). Bytes once buffered are never replaced: a later segment that disagrees
+//!   with them is refused whole ([`InsertError::Conflict`]).
+
+mod reassembler;
+mod seq;
+
+pub use reassembler::{InsertError, Inserted, Reassembler, MAX_RANGES};
+pub use seq::SeqNumber;
+
+use std::time::Duration;
+
+/// A point on the shell's monotonic clock, in milliseconds since an epoch the shell
+/// chooses (e.g. its start). The sans-IO cores only compare and add; they never read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    pub const fn from_millis(ms: u64) -> Timestamp {
+        Timestamp(ms)
+    }
+
+    pub const fn millis(self) -> u64 {
+        self.0
+    }
+
+    /// `self + d`, saturating.
+    pub fn plus(self, d: Duration) -> Timestamp {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Timestamp(self.0.saturating_add(ms))
+    }
+
+    /// Time elapsed from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+/// TCP header flags, with the wire bit values (RFC 9293 §3.1), so the shell can pass the
+/// flags byte of the header unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flags(pub u8);
+
+impl Flags {
+    pub const FIN: Flags = Flags(0x01);
+    pub const SYN: Flags = Flags(0x02);
+    pub const RST: Flags = Flags(0x04);
+    pub const PSH: Flags = Flags(0x08);
+    pub const ACK: Flags = Flags(0x10);
+    pub const URG: Flags = Flags(0x20);
+
+    pub const fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub const fn union(self, other: Flags) -> Flags {
+        Flags(self.0 | other.0)
+    }
+
+    pub const fn without(self, other: Flags) -> Flags {
+        Flags(self.0 & !other.0)
+    }
+}
+
+impl std::ops::BitOr for Flags {
+    type Output = Flags;
+    fn bitor(self, rhs: Flags) -> Flags {
+        self.union(rhs)
+    }
+}
+
+/// The parts of a TCP segment that flow tracking reads. `payload` borrows the shell's
+/// packet buffer; nothing here keeps it beyond the call unless it says so.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    pub seq: SeqNumber,
+    pub ack: SeqNumber,
+    pub flags: Flags,
+    pub window: u16,
+    pub payload: &'a [u8],
+}
+
+impl Segment<'_> {
+    /// Sequence space the segment occupies: payload, plus one each for SYN and FIN.
+    pub fn seq_len(&self) -> usize {
+        self.payload.len()
+            + usize::from(self.flags.contains(Flags::SYN))
+            + usize::from(self.flags.contains(Flags::FIN))
+    }
+}
+
+/// Which way a segment travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the connection's initiator (the peer that sent the first SYN).
+    ClientToServer,
+    ServerToClient,
+}
+
+/// What one side of a connection has sent and acknowledged, as seen in its segments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Side {
+    /// Initial sequence number, from this side's SYN.
+    pub isn: Option<SeqNumber>,
+    /// One past the highest sequence number this side has sent (SYN and FIN count).
+    pub sent_end: Option<SeqNumber>,
+    /// The highest acknowledgement this side has sent: what it has received of the
+    /// other side's stream.
+    pub acked: Option<SeqNumber>,
+    /// Last advertised window (unscaled, as on the wire).
+    pub window: u16,
+    /// Sequence number of this side's FIN, once seen.
+    pub fin: Option<SeqNumber>,
+    /// Payload bytes seen from this side, retransmissions included.
+    pub bytes: u64,
+    pub segments: u64,
+}
+
+impl Side {
+    fn record(&mut self, seg: &Segment<'_>) {
+        self.segments += 1;
+        self.bytes += seg.payload.len() as u64;
+        self.window = seg.window;
+        let end = seg.seq + seg.seq_len();
+        if !matches!(self.sent_end, Some(e) if end <= e) {
+            self.sent_end = Some(end);
+        }
+        if seg.flags.contains(Flags::ACK) && !matches!(self.acked, Some(a) if seg.ack <= a) {
+            self.acked = Some(seg.ack);
+        }
+        if seg.flags.contains(Flags::FIN) && self.fin.is_none() {
+            self.fin =
+                Some(seg.seq + seg.payload.len() + usize::from(seg.flags.contains(Flags::SYN)));
+        }
+    }
+}
+
+/// Connection state as far as an observer in the path can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpState {
+    /// Nothing seen yet.
+    Unseen,
+    /// The client's SYN was seen.
+    SynSent,
+    /// The server answered with SYN-ACK for the client's ISN.
+    Established,
+    /// Both sides sent FIN; the last ACKs may still pass (a flow table may expire the
+    /// flow sooner than an established one).
+    Closing,
+    /// A RST was seen.
+    Closed,
+}
+
+/// How the tracker classifies one segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Track {
+    /// A handshake segment (SYN, SYN-ACK); it carries no stream data to inspect.
+    Handshake,
+    /// A segment of an established connection: process its payload and FIN.
+    Data,
+    /// A RST: the connection is over; pass it on.
+    Reset,
+    /// Refuse the segment (drop it): see the reason.
+    Invalid(InvalidSegment),
+}
+
+/// Why a segment does not fit the tracked connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidSegment {
+    #[error("segment of a connection whose handshake was not seen")]
+    NoHandshake,
+    #[error("SYN with a different initial sequence number on an established connection")]
+    SynMismatch,
+    #[error("SYN-ACK that does not acknowledge the client's SYN")]
+    SynAckMismatch,
+    #[error("segment after the connection closed")]
+    Closed,
+}
+
+/// One TCP connection, both directions, from its handshake.
+#[derive(Clone, Debug)]
+pub struct TcpFlow {
+    pub client: Side,
+    pub server: Side,
+    state: TcpState,
+    last_seen: Timestamp,
+}
+
+impl TcpFlow {
+    pub fn new(now: Timestamp) -> TcpFlow {
+        TcpFlow {
+            client: Side::default(),
+            server: Side::default(),
+            state: TcpState::Unseen,
+            last_seen: now,
+        }
+    }
+
+    pub fn state(&self) -> TcpState {
+        self.state
+    }
+
+    pub fn last_seen(&self) -> Timestamp {
+        self.last_seen
+    }
+
+    /// True when nothing was seen in either direction for `idle`: the flow table may
+    /// evict it (and an enforcer must then treat further segments as [`Track::Invalid`]).
+    pub fn is_idle(&self, now: Timestamp, idle: Duration) -> bool {
+        now.since(self.last_seen) >= idle
+    }
+
+    /// The client's stream starts here (one past its ISN), once its SYN was seen.
+    pub fn client_stream_start(&self) -> Option<SeqNumber> {
+        self.client.isn.map(|isn| isn + 1)
+    }
+
+    /// Tracks one segment; `now` refreshes the idle timer of valid segments.
+    pub fn on_segment(&mut self, dir: Direction, seg: &Segment<'_>, now: Timestamp) -> Track {
+        let track = match dir {
+            Direction::ClientToServer => self.classify_client(seg),
+            Direction::ServerToClient => self.classify_server(seg),
+        };
+        if matches!(track, Track::Invalid(_)) {
+            return track;
+        }
+        self.last_seen = now;
+        match dir {
+            Direction::ClientToServer => self.client.record(seg),
+            Direction::ServerToClient => self.server.record(seg),
+        }
+        if track == Track::Reset {
+            self.state = TcpState::Closed;
+        } else if self.client.fin.is_some()
+            && self.server.fin.is_some()
+            && self.state == TcpState::Established
+        {
+            self.state = TcpState::Closing;
+        }
+        track
+    }
+
+    fn classify_client(&mut self, seg: &Segment<'_>) -> Track {
+        let syn = seg.flags.contains(Flags::SYN);
+        match self.state {
+            TcpState::Closed => Track::Invalid(InvalidSegment::Closed),
+            _ if seg.flags.contains(Flags::RST) => {
+                if self.state == TcpState::Unseen {
+                    Track::Invalid(InvalidSegment::NoHandshake)
+                } else {
+                    Track::Reset
+                }
+            }
+            TcpState::Unseen if syn && !seg.flags.contains(Flags::ACK) => {
+                self.client.isn = Some(seg.seq);
+                self.state = TcpState::SynSent;
+                Track::Handshake
+            }
+            TcpState::Unseen => Track::Invalid(InvalidSegment::NoHandshake),
+            TcpState::SynSent if syn => {
+                // A retransmitted SYN, or a new attempt with a new ISN before any answer.
+                if self.client.isn != Some(seg.seq) {
+                    self.client = Side::default();
+                    self.client.isn = Some(seg.seq);
+                }
+                Track::Handshake
+            }
+            // Data before the SYN-ACK cannot be acknowledged by the server yet; the
+            // client will send it again.
+            TcpState::SynSent => Track::Invalid(InvalidSegment::NoHandshake),
+            TcpState::Established | TcpState::Closing if syn => {
+                if self.client.isn == Some(seg.seq) {
+                    Track::Handshake
+                } else {
+                    Track::Invalid(InvalidSegment::SynMismatch)
+                }
+            }
+            TcpState::Established | TcpState::Closing => Track::Data,
+        }
+    }
+
+    fn classify_server(&mut self, seg: &Segment<'_>) -> Track {
+        let syn = seg.flags.contains(Flags::SYN);
+        match self.state {
+            TcpState::Closed => Track::Invalid(InvalidSegment::Closed),
+            TcpState::Unseen => Track::Invalid(InvalidSegment::NoHandshake),
+            _ if seg.flags.contains(Flags::RST) => Track::Reset,
+            TcpState::SynSent | TcpState::Established | TcpState::Closing if syn => {
+                let expected = self.client.isn.map(|isn| isn + 1);
+                if !seg.flags.contains(Flags::ACK) || Some(seg.ack) != expected {
+                    return Track::Invalid(InvalidSegment::SynAckMismatch);
+                }
+                if self.state != TcpState::SynSent && self.server.isn != Some(seg.seq) {
+                    return Track::Invalid(InvalidSegment::SynMismatch);
+                }
+                self.server.isn = Some(seg.seq);
+                if self.state == TcpState::SynSent {
+                    self.state = TcpState::Established;
+                }
+                Track::Handshake
+            }
+            TcpState::SynSent => Track::Invalid(InvalidSegment::NoHandshake),
+            TcpState::Established | TcpState::Closing => Track::Data,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -8,4 +8,6 @@ pub mod conntrack;
 pub mod decisions;
 pub mod flow;
 pub mod http;
+pub mod inject;
 pub mod l4;
+pub mod l7;

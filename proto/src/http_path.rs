@@ -307,4 +307,28 @@ mod tests {
         assert_eq!(out, "/c");
         assert_eq!(out.as_ptr(), ptr);
     }
+
+    mod arbitrary {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// No input panics; every result is a fixed point with no dot segments,
+            /// empty segments, `?`, `#` or `\`.
+            #[test]
+            fn normalised_is_canonical(target in "[/a-z.%2eEfFcC5?#;\\\\]{0,24}") {
+                if let Ok(path) = normalize(&target) {
+                    prop_assert_eq!(normalize(&path), Ok(path.clone()));
+                    if path != "*" {
+                        prop_assert!(path.starts_with('/'));
+                    }
+                    prop_assert!(!path.contains("//"));
+                    prop_assert!(!path.contains(['?', '#', '\\']));
+                    for seg in path.split('/') {
+                        prop_assert!(seg != "." && seg != "..", "{}", path);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -79,4 +79,33 @@ impl Loaded {
     pub fn tests_passed(&self) -> bool {
         all_passed(&self.results)
     }
+
+    /// One line saying which tests failed, for refusing the policy; `None` if all
+    /// passed. E.g. `policy.toml: 1 of 3 policy tests failed: "post items" (line 30):
+    /// expected allow, got deny`.
+    pub fn failure_summary(&self) -> Option<String> {
+        let failed: Vec<String> = self
+            .results
+            .iter()
+            .filter(|r| !r.passed)
+            .map(|r| {
+                format!(
+                    "{:?} (line {}): {}",
+                    r.name,
+                    r.line,
+                    r.failure.as_deref().unwrap_or("failed")
+                )
+            })
+            .collect();
+        if failed.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "{}: {} of {} policy tests failed: {}",
+            self.compiled.set().source,
+            failed.len(),
+            self.results.len(),
+            failed.join("; ")
+        ))
+    }
 }

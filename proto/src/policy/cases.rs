@@ -55,9 +55,7 @@ pub fn all_passed(results: &[CaseResult]) -> bool {
 }
 
 fn run_case(policy: &CompiledPolicy, t: &TestCase) -> CaseResult {
-    let decision = t
-        .request
-        .with_request(|req| super::eval::evaluate(policy, req));
+    let decision = t.request.decide(policy);
     let got = DecisionSummary::new(policy, &decision);
     let mut diffs = Vec::new();
     let want = if t.expect.allow { "allow" } else { "deny" };

@@ -27,6 +27,8 @@ pub struct CompiledPolicy {
     l7_ports: HashSet<u16>,
     /// `not_ports` lists of layer-7 `to` entries that name no ports.
     l7_any_port_except: Vec<Vec<u16>>,
+    /// First dense rule slot of each policy, then the total.
+    slot_base: Vec<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -110,7 +112,14 @@ impl CompiledPolicy {
             allow_selectors: Vec::new(),
             l7_ports: HashSet::new(),
             l7_any_port_except: Vec::new(),
+            slot_base: Vec::with_capacity(set.policies.len() + 1),
         };
+        let mut total = 0;
+        for p in &set.policies {
+            c.slot_base.push(total);
+            total += p.rules.len();
+        }
+        c.slot_base.push(total);
         for (pi, p) in set.policies.iter().enumerate() {
             if p.action == Action::Allow && !c.allow_selectors.contains(&p.selector) {
                 c.allow_selectors.push(p.selector.clone());
@@ -186,6 +195,42 @@ impl CompiledPolicy {
     pub fn describe(&self, r: RuleRef) -> String {
         let (p, rule) = self.rule_label(r);
         format!("{p}/{rule}")
+    }
+
+    /// Number of rules in all policies: the size of a dense per-rule counter array.
+    pub fn rule_count(&self) -> usize {
+        self.slot_base.last().copied().unwrap_or(0)
+    }
+
+    /// Dense index of a rule in `0..rule_count()`, for per-rule counters.
+    pub fn rule_slot(&self, r: RuleRef) -> usize {
+        self.slot_base[r.policy as usize] + r.rule as usize
+    }
+
+    /// Every rule, in file order, with its `policy/rule` description.
+    pub fn rules(&self) -> impl Iterator<Item = (RuleRef, String)> + '_ {
+        self.set
+            .policies
+            .iter()
+            .enumerate()
+            .flat_map(move |(pi, p)| {
+                (0..p.rules.len()).map(move |ri| {
+                    let r = RuleRef {
+                        policy: pi as u32,
+                        rule: ri as u32,
+                    };
+                    (r, self.describe(r))
+                })
+            })
+    }
+
+    /// How many rules of `action` policies evaluation would look at for `req`
+    /// (the index's work; for tests and benchmarks).
+    pub fn candidates(&self, action: Action, req: &Request<'_>) -> usize {
+        self.candidate_lists(action, req)
+            .iter()
+            .map(|l| l.len())
+            .sum()
     }
 
     pub(crate) fn allow_applies(&self, req: &Request<'_>) -> bool {

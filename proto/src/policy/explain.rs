@@ -58,7 +58,14 @@ pub struct Explanation {
     pub decision: DecisionSummary,
     /// Whether the destination port is inspected at layer 7.
     pub l7: bool,
+    /// The mesh default (`allow` or `deny`).
     pub default: String,
+    /// The path policy matched, when normalisation changed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalized_path: Option<String>,
+    /// Why the path was refused before policy, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_error: Option<String>,
     pub policies: Vec<PolicyTrace>,
 }
 
@@ -85,9 +92,40 @@ pub struct RuleTrace {
     pub why_not: Option<String>,
 }
 
-/// Explains the decision for a described request.
+/// Explains the decision for a described request, after normalising its path as
+/// the enforcer does. A path that cannot be normalised is refused (400) before any
+/// policy is consulted; the explanation then lists no policies.
 pub fn explain(policy: &CompiledPolicy, spec: &RequestSpec) -> Explanation {
-    spec.with_request(|req| explain_request(policy, req))
+    match spec.normalized() {
+        Ok(n) => {
+            let mut e = n.with_request(|req| explain_request(policy, req));
+            if let (Some(raw), Some(norm)) = (&spec.http, &n.http) {
+                if raw.path != norm.path {
+                    e.normalized_path = Some(norm.path.clone());
+                }
+            }
+            e
+        }
+        Err(err) => Explanation {
+            decision: DecisionSummary::new(
+                policy,
+                &Decision::refused(super::eval::DenyReason::MalformedRequest),
+            ),
+            l7: policy.needs_l7(spec.proto, spec.to_port),
+            default: default_name(policy),
+            normalized_path: None,
+            path_error: Some(err.to_string()),
+            policies: Vec::new(),
+        },
+    }
+}
+
+fn default_name(policy: &CompiledPolicy) -> String {
+    match policy.default_action() {
+        super::model::DefaultAction::Allow => "allow",
+        super::model::DefaultAction::Deny => "deny",
+    }
+    .to_string()
 }
 
 /// Explains the decision for a request.
@@ -134,20 +172,10 @@ pub fn explain_request(policy: &CompiledPolicy, req: &Request<'_>) -> Explanatio
     Explanation {
         decision: DecisionSummary::new(policy, &decision),
         l7: policy.needs_l7(req.protocol, req.dst_port),
-        default: match policy.default_action() {
-            super::model::DefaultAction::Allow => "allow",
-            super::model::DefaultAction::Deny => "deny",
-        }
-        .to_string(),
+        default: default_name(policy),
+        normalized_path: None,
+        path_error: None,
         policies,
-    }
-}
-
-/// Is the request's protocol allowed by the entry's `protocols` (absent = all)?
-fn proto_listed(o: &super::model::Operation, req: &Request<'_>) -> bool {
-    match &o.protocols {
-        None => true,
-        Some(p) => p.contains(&req.protocol),
     }
 }
 
@@ -206,7 +234,7 @@ fn describe_miss(rule: &Rule, miss: &RuleMiss, req: &Request<'_>) -> String {
                 .map(|(i, &f)| {
                     let o = &rule.to[i];
                     let detail = match f {
-                        "protocols" if o.is_l7() && proto_listed(o, req) => {
+                        "protocols" if o.is_l7() && o.allows(req.protocol) => {
                             format!("HTTP fields need tcp, request is {}", req.protocol)
                         }
                         "protocols" => format!("{} not in {}", req.protocol, opt(&o.protocols)),
@@ -267,6 +295,7 @@ impl std::fmt::Display for Explanation {
             writeln!(f, "decided by: {p}/{r}")?;
         } else {
             let why = match d.reason.as_str() {
+                "malformed_request" => "the request cannot be parsed",
                 "no_allow_matched" => "allow policies apply to the workload and none matched",
                 "default_deny" => "no policy decided; mesh default is deny",
                 "default_allow" => "no policy decided; mesh default is allow",
@@ -276,6 +305,12 @@ impl std::fmt::Display for Explanation {
         }
         for a in &d.audit {
             writeln!(f, "audit: {a}")?;
+        }
+        if let Some(p) = &self.normalized_path {
+            writeln!(f, "path normalised to: {p}")?;
+        }
+        if let Some(e) = &self.path_error {
+            writeln!(f, "path refused: {e}")?;
         }
         writeln!(
             f,

@@ -140,7 +140,8 @@ impl std::fmt::Display for Pattern {
 
 /// A Host pattern: a hostname pattern (lowercase, wildcards as [`Pattern`]) and an
 /// optional port. Without a port it matches the host with any port or none; with a
-/// port, only that port (a Host header without a port never matches it).
+/// port, only that port, where a Host header without a port means port 80 (RFC 9110
+/// §4.2.1: the scheme's default; only plain HTTP is inspected).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HostPattern {
     pub name: Pattern,
@@ -153,7 +154,7 @@ impl HostPattern {
     pub fn matches(&self, host: &str) -> bool {
         let (name, port) = split_host_port(host);
         if let Some(want) = self.port {
-            if port != Some(want) {
+            if port.unwrap_or(80) != want {
                 return false;
             }
         }
@@ -270,6 +271,14 @@ pub struct Operation {
 }
 
 impl Operation {
+    /// True if `protocols` admits `p` (an absent field admits every protocol).
+    pub fn allows(&self, p: Protocol) -> bool {
+        match &self.protocols {
+            None => true,
+            Some(list) => list.contains(&p),
+        }
+    }
+
     /// True if matching needs HTTP attributes.
     pub fn is_l7(&self) -> bool {
         self.methods.is_some()

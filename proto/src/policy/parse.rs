@@ -500,17 +500,10 @@ impl Cx<'_> {
                         .map_err(|e| self.err(h.span().start, &f("headers"), &e.to_string()))?,
                 );
             }
-            let path = match &rt.path {
-                Some(p) if !p.get_ref().starts_with('/') => {
-                    return Err(self.err(
-                        p.span().start,
-                        &f("path"),
-                        &format!("path must start with \"/\" (got {:?})", p.get_ref()),
-                    ))
-                }
-                Some(p) => p.get_ref().clone(),
-                None => "/".to_string(),
-            };
+            let path = rt
+                .path
+                .as_ref()
+                .map_or_else(|| "/".to_string(), |p| p.get_ref().clone());
             Some(HttpSpec {
                 method: rt.method.clone().unwrap_or_else(|| "GET".to_string()),
                 path,
@@ -554,12 +547,13 @@ impl Cx<'_> {
                 ));
             }
         }
-        const REASONS: [&str; 5] = [
+        const REASONS: [&str; 6] = [
             "explicit_deny",
             "no_allow_matched",
             "default_deny",
             "allow_matched",
             "default_allow",
+            "malformed_request",
         ];
         if let Some(r) = &rt.expect_reason {
             if !REASONS.contains(&r.get_ref().as_str()) {

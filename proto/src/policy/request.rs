@@ -7,7 +7,10 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use super::compile::CompiledPolicy;
+use super::eval::{evaluate, Decision, DenyReason};
 use super::model::Protocol;
+use crate::http_path::{self, PathError};
 
 /// One HTTP request header as the parser saw it (the shape of `httparse::Header`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,8 +105,8 @@ pub enum SpecError {
     BadIdentity(String),
     #[error("workload: {0}")]
     BadWorkload(String),
-    #[error("path must start with \"/\" (got {0:?})")]
-    BadPath(String),
+    #[error("empty path")]
+    EmptyPath,
     #[error("header {0:?}: expected \"name: value\"")]
     BadHeader(String),
     #[error("HTTP attributes need protocol tcp (got {0})")]
@@ -155,14 +158,34 @@ impl RequestSpec {
             if self.proto != Protocol::Tcp {
                 return Err(SpecError::HttpNotTcp(self.proto));
             }
-            if !h.path.starts_with('/') && h.path != "*" {
-                return Err(SpecError::BadPath(h.path.clone()));
+            if h.path.is_empty() {
+                return Err(SpecError::EmptyPath);
             }
         }
         Ok(())
     }
 
-    /// Calls `f` with the borrowed [`Request`] this describes. ICMP gets port 0.
+    /// The same request with its path normalised as the enforcer does
+    /// ([`http_path::normalize`]), so tests and explain see what is enforced.
+    pub fn normalized(&self) -> Result<RequestSpec, PathError> {
+        let mut out = self.clone();
+        if let Some(h) = &mut out.http {
+            h.path = http_path::normalize(&h.path)?;
+        }
+        Ok(out)
+    }
+
+    /// Decides this request as the enforcer would: the path is normalised first, and
+    /// a path that cannot be normalised is refused as a malformed request (400).
+    pub fn decide(&self, policy: &CompiledPolicy) -> Decision {
+        match self.normalized() {
+            Ok(n) => n.with_request(|r| evaluate(policy, r)),
+            Err(_) => Decision::refused(DenyReason::MalformedRequest),
+        }
+    }
+
+    /// Calls `f` with the borrowed [`Request`] this describes, path as written
+    /// (see [`normalized`](Self::normalized)). ICMP gets port 0.
     pub fn with_request<R>(&self, f: impl FnOnce(&Request<'_>) -> R) -> R {
         let headers: Vec<Header<'_>> = self
             .http

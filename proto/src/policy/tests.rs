@@ -220,7 +220,11 @@ action = "allow"
     assert!(all.contains("icmp has no ports"), "{all}");
     assert!(all.contains("case-sensitive"), "{all}");
     assert!(all.contains("policy \"empty\" has no rules"), "{all}");
-    assert_eq!(w.len(), 8, "{all}");
+    assert!(
+        all.contains("p.toml:9: warning: policy[0].rule[2]: HTTP fields without `ports`"),
+        "{all}"
+    );
+    assert_eq!(w.len(), 10, "{all}");
 }
 
 #[test]
@@ -553,6 +557,7 @@ fn hosts_with_ports_case_and_wildcards() {
         ("example.com:8080", "example.com:8080", true),
         ("example.com:8080", "example.com:9090", false),
         ("example.com:8080", "example.com", false),
+        ("example.com:80", "example.com", true),
         ("*.example.com", "api.example.com", true),
         ("*.example.com", "api.example.com:443", true),
         ("*.example.com", "example.com", false),
@@ -764,6 +769,10 @@ expect_reason = \"default_deny\"
         Some("expected reason default_deny, got no_allow_matched")
     );
     assert!(!loaded.tests_passed());
+    assert_eq!(
+        loaded.failure_summary().as_deref(),
+        Some("p.toml: 2 of 3 policy tests failed: \"wrong on purpose\" (line 28): expected allow, got deny; \"reason\" (line 34): expected reason default_deny, got no_allow_matched")
+    );
 }
 
 #[test]
@@ -859,6 +868,19 @@ fn index_skips_unrelated_rules_but_agrees_with_brute_force() {
         }
     }
     assert!(allowed(&c, &RequestSpec::tcp("spiffe://t/w1", 1)));
+    // Only the rules filed under the request's port and identity are looked at: of
+    // 2001 rules, the 10 for exactly s3 on port 1003 (i = 3 mod 200) and the wildcard.
+    RequestSpec::tcp("spiffe://t/s3", 1003).with_request(|req| {
+        let n = c.candidates(Action::Allow, req) + c.candidates(Action::Deny, req);
+        assert_eq!(n, 11);
+    });
+    assert_eq!(c.rule_count(), 2001);
+    let last = RuleRef {
+        policy: 2000,
+        rule: 0,
+    };
+    assert_eq!(c.rule_slot(last), 2000);
+    assert_eq!(c.rules().nth(2000), Some((last, "wild/0".to_string())));
 }
 
 // ---- properties ------------------------------------------------------------------
@@ -990,5 +1012,123 @@ proptest! {
             prop_assert_eq!((d.is_allowed(), d.rule()), brute_force(&c, r));
             Ok(())
         })?;
+    }
+}
+
+#[test]
+fn tests_and_explain_match_the_normalised_path() {
+    let c = compile(
+        r#"
+[[policy]]
+name = "deny-admin"
+action = "deny"
+[[policy.rule]]
+to = [{ paths = ["/admin", "/admin/*"] }]
+
+[[policy]]
+name = "allow-all"
+action = "allow"
+[[policy.rule]]
+
+[[test]]
+name = "dot-dot trick"
+from = "spiffe://t/a"
+to_port = 80
+path = "/public/../admin"
+expect = "deny"
+expect_policy = "deny-admin"
+
+[[test]]
+name = "double slash"
+from = "spiffe://t/a"
+to_port = 80
+path = "//admin/x"
+expect = "deny"
+
+[[test]]
+name = "encoded slash is refused before policy"
+from = "spiffe://t/a"
+to_port = 80
+path = "/admin%2Fx"
+expect = "deny"
+expect_reason = "malformed_request"
+"#,
+    );
+    let results = run_tests(&c);
+    assert!(all_passed(&results), "{results:#?}");
+    let e = explain(&c, &get("spiffe://t/a", 80, "/public/../admin"));
+    assert_eq!(e.normalized_path.as_deref(), Some("/admin"));
+    assert_eq!(e.decision.reason, "explicit_deny");
+    let e = explain(&c, &get("spiffe://t/a", 80, "/admin%2fx"));
+    assert_eq!(
+        (e.decision.reason.as_str(), e.decision.status),
+        ("malformed_request", Some(400))
+    );
+    assert!(e.to_string().contains("path refused: "), "{e}");
+}
+
+#[test]
+fn section_form_equals_inline_form() {
+    let sections = compile(
+        r#"
+[[policy]]
+name = "a"
+action = "allow"
+
+[[policy.rule]]
+name = "r"
+
+[[policy.rule.from]]
+identities = ["spiffe://t/web"]
+
+[[policy.rule.from]]
+groups = ["ops"]
+
+[[policy.rule.to]]
+ports = [8080]
+methods = ["GET"]
+
+[[policy.rule.when]]
+key = "request.headers[x-env]"
+values = ["prod"]
+"#,
+    );
+    let inline = allow_rule(
+        "from = [{ identities = [\"spiffe://t/web\"] }, { groups = [\"ops\"] }]\nto = [{ ports = [8080], methods = [\"GET\"] }]\nwhen = [{ key = \"request.headers[x-env]\", values = [\"prod\"] }]",
+    );
+    let rule = &sections.set().policies[0].rules[0];
+    assert_eq!((rule.from.len(), rule.to.len(), rule.when.len()), (2, 1, 1));
+    assert_eq!(rule.line, 6);
+    for from in ["spiffe://t/web", "spiffe://t/other"] {
+        for env in ["x-env: prod", "x-env: dev"] {
+            let mut r = get(from, 8080, "/");
+            r.http.as_mut().unwrap().headers = vec![parse_header(env).unwrap()];
+            assert_eq!(allowed(&sections, &r), allowed(&inline, &r), "{from} {env}");
+        }
+    }
+    assert!(allowed(&sections, &{
+        let mut r = get("spiffe://t/web", 8080, "/");
+        r.http.as_mut().unwrap().headers = vec![parse_header("x-env: prod").unwrap()];
+        r
+    }));
+}
+
+proptest! {
+    /// Invariant 5: a broken policy file is an error, never a crash. Arbitrary text,
+    /// and a valid file cut or corrupted at any byte, parse to Ok or Err.
+    #[test]
+    fn parse_never_panics(s in "\\PC{0,200}", cut in 0usize..2000, byte in any::<u8>()) {
+        let _ = parse("p.toml", &s);
+        let doc = format!("{ORDER}\n[[test]]\nfrom = \"spiffe://t/a\"\nto_port = 8080\npath = \"/a/../b\"\nexpect = \"allow\"\n");
+        let cut = cut.min(doc.len());
+        let mut bytes = doc.as_bytes()[..cut].to_vec();
+        bytes.push(byte);
+        bytes.extend_from_slice(&doc.as_bytes()[cut..]);
+        if let Ok(text) = String::from_utf8(bytes) {
+            if let Ok(p) = parse("p.toml", &text) {
+                let c = CompiledPolicy::compile(p.set, DefaultAction::Deny);
+                let _ = run_tests(&c);
+            }
+        }
     }
 }

@@ -103,6 +103,20 @@ fn lint_rule(warn: &mut impl FnMut(usize, String, String), at: &str, rule: &Rule
             }
         }
     }
+    let l7_any_port = rule.is_l7()
+        && (rule.to.is_empty()
+            || rule.to.iter().any(|op| {
+                op.ports.is_none()
+                    && (op.is_l7() || !rule.when.is_empty())
+                    && op.allows(Protocol::Tcp)
+            }));
+    if l7_any_port {
+        warn(
+            line,
+            at.to_string(),
+            "HTTP fields without `ports`: every TCP port is inspected at layer 7 and non-HTTP traffic on any port is refused (name the HTTP ports)".into(),
+        );
+    }
     for (i, op) in rule.to.iter().enumerate() {
         lint_operation(
             warn,

@@ -1,0 +1,346 @@
+//! `meshctl policy ...`: check, test and explain policy files offline; apply them to
+//! a running meshd and explain against its live policy over the control socket.
+
+use crate::Global;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use mesh_proto::policy::{
+    self, parse_header, CompiledPolicy, DefaultAction, Explanation, HttpSpec, Protocol, RequestSpec,
+};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Validate a policy file: print errors and warnings
+    #[command(after_help = "Examples:
+  meshctl policy check policy.toml")]
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Run a policy file's [[test]] cases offline; exit 1 if any fails
+    #[command(after_help = "Examples:
+  meshctl policy test policy.toml
+  meshctl policy test --default allow --json policy.toml")]
+    Test {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The mesh default the tests run under (meshd.toml `[policy] default`)
+        #[arg(long, value_enum, default_value_t = Default::Deny)]
+        default: Default,
+    },
+    /// Show the decision for a described request, the rule that made it, and why
+    /// every other policy did not match (offline with --file, else from meshd)
+    #[command(after_help = "Examples:
+  meshctl policy explain --file policy.toml --from spiffe://t/web --to-port 8080
+  meshctl policy explain --file policy.toml --from spiffe://t/web --to-port 8080 \\
+      --method POST --path /api/items --header 'x-env: prod' --json
+  meshctl --socket /run/meshd.sock policy explain --from spiffe://t/web --to-port 5432")]
+    Explain(Box<ExplainArgs>),
+    /// Validate a policy file and send it to meshd, which runs its tests and swaps it
+    /// in atomically (a policy whose tests fail is refused)
+    #[command(after_help = "Examples:
+  meshctl --socket /run/meshd.sock policy apply policy.toml")]
+    Apply {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// The mesh default, as on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Default {
+    Deny,
+    Allow,
+}
+
+impl From<Default> for DefaultAction {
+    fn from(d: Default) -> DefaultAction {
+        match d {
+            Default::Deny => DefaultAction::Deny,
+            Default::Allow => DefaultAction::Allow,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// Policy file to explain against (offline); without it, ask the running meshd
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Mesh default for --file (meshd.toml `[policy] default`)
+    #[arg(long, value_enum, default_value_t = Default::Deny)]
+    default: Default,
+    /// Source identity (SPIFFE ID)
+    #[arg(long, value_name = "SPIFFE_ID")]
+    from: Option<String>,
+    /// A group of the source's certificate (repeatable)
+    #[arg(long = "from-group", value_name = "GROUP")]
+    from_groups: Vec<String>,
+    /// Source overlay address
+    #[arg(long, value_name = "IP")]
+    from_address: Option<std::net::IpAddr>,
+    /// The local workload receiving the request (for policy selectors)
+    #[arg(long, value_name = "SPIFFE_ID")]
+    workload: Option<String>,
+    /// A group of the local workload (repeatable)
+    #[arg(long = "workload-group", value_name = "GROUP")]
+    workload_groups: Vec<String>,
+    /// Destination overlay address
+    #[arg(long, value_name = "IP")]
+    to_address: Option<std::net::IpAddr>,
+    /// Destination port (not for icmp)
+    #[arg(long, value_name = "PORT")]
+    to_port: Option<u16>,
+    /// Transport protocol
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    proto: Proto,
+    /// HTTP method (layer 7)
+    #[arg(long)]
+    method: Option<String>,
+    /// HTTP request path, normalised as the enforcer does (layer 7)
+    #[arg(long)]
+    path: Option<String>,
+    /// HTTP Host header (layer 7)
+    #[arg(long)]
+    host: Option<String>,
+    /// HTTP header `name: value` (repeatable, layer 7)
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+}
+
+pub fn run(cmd: Command, g: &Global) -> Result<()> {
+    match cmd {
+        Command::Check { file } => check(&file, g),
+        Command::Test { file, default } => test(&file, default.into(), g),
+        Command::Explain(args) => explain(*args, g),
+        Command::Apply { file } => apply(&file, g),
+    }
+}
+
+/// Reads and parses a policy file; warnings go to stderr.
+fn load(file: &Path, quiet: bool) -> Result<(String, policy::Parsed)> {
+    let source = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read policy file {}", file.display()))?;
+    let name = file.display().to_string();
+    let parsed = policy::parse(&name, &source)?;
+    if !quiet {
+        for w in &parsed.warnings {
+            eprintln!("{w}");
+        }
+    }
+    Ok((source, parsed))
+}
+
+fn check(file: &Path, g: &Global) -> Result<()> {
+    let (_, parsed) = load(file, g.json)?;
+    if g.json {
+        crate::print_json(&serde_json::json!({
+            "file": file,
+            "policies": parsed.set.policies.len(),
+            "tests": parsed.set.tests.len(),
+            "warnings": parsed.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+        }))
+    } else {
+        println!(
+            "{}: ok: {} policies, {} tests, {} warnings",
+            file.display(),
+            parsed.set.policies.len(),
+            parsed.set.tests.len(),
+            parsed.warnings.len()
+        );
+        Ok(())
+    }
+}
+
+fn test(file: &Path, default: DefaultAction, g: &Global) -> Result<()> {
+    let (_, parsed) = load(file, g.json)?;
+    let warnings: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
+    let compiled = CompiledPolicy::compile(parsed.set, default);
+    let results = policy::run_tests(&compiled);
+    let failed = results.iter().filter(|r| !r.passed).count();
+    if g.json {
+        crate::print_json(&serde_json::json!({
+            "file": file,
+            "passed": results.len() - failed,
+            "failed": failed,
+            "results": results,
+            "warnings": warnings,
+        }))?;
+    } else {
+        for r in &results {
+            let got = &r.got;
+            let by = match (&got.policy, &got.rule) {
+                (Some(p), Some(rule)) => format!(" by {p}/{rule}"),
+                _ => String::new(),
+            };
+            match &r.failure {
+                None => println!(
+                    "PASS  {} (line {}): {} ({}){by}",
+                    r.name, r.line, got.decision, got.reason
+                ),
+                Some(f) => println!(
+                    "FAIL  {} (line {}): {f}; decided {} ({}){by}",
+                    r.name, r.line, got.decision, got.reason
+                ),
+            }
+        }
+        if results.is_empty() {
+            println!("{}: no [[test]] cases", file.display());
+        } else {
+            println!("{} passed, {failed} failed", results.len() - failed);
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{}: {failed} of {} policy tests failed",
+            file.display(),
+            results.len()
+        );
+    }
+    Ok(())
+}
+
+impl ExplainArgs {
+    fn spec(&self) -> Result<RequestSpec> {
+        let proto = match self.proto {
+            Proto::Tcp => Protocol::Tcp,
+            Proto::Udp => Protocol::Udp,
+            Proto::Icmp => Protocol::Icmp,
+        };
+        let to_port = match (self.to_port, proto) {
+            (Some(p), _) => p,
+            (None, Protocol::Icmp) => 0,
+            (None, _) => bail!("--to-port is required for {proto}"),
+        };
+        let has_http = self.method.is_some()
+            || self.path.is_some()
+            || self.host.is_some()
+            || !self.headers.is_empty();
+        let http = if has_http {
+            let headers = self
+                .headers
+                .iter()
+                .map(|h| parse_header(h))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(HttpSpec {
+                method: self.method.clone().unwrap_or_else(|| "GET".into()),
+                path: self.path.clone().unwrap_or_else(|| "/".into()),
+                host: self.host.clone(),
+                headers,
+            })
+        } else {
+            None
+        };
+        let spec = RequestSpec {
+            from: self.from.clone(),
+            from_groups: self.from_groups.clone(),
+            from_address: self.from_address,
+            workload: self.workload.clone(),
+            workload_groups: self.workload_groups.clone(),
+            to_address: self.to_address,
+            to_port,
+            proto,
+            http,
+        };
+        spec.check()?;
+        Ok(spec)
+    }
+}
+
+fn explain(args: ExplainArgs, g: &Global) -> Result<()> {
+    let spec = args.spec()?;
+    let explanation: Explanation = match &args.file {
+        Some(file) => {
+            let (_, parsed) = load(file, true)?;
+            let compiled = CompiledPolicy::compile(parsed.set, args.default.into());
+            policy::explain(&compiled, &spec)
+        }
+        None => {
+            let mut msg = serde_json::to_value(&spec)?;
+            if let Some(obj) = msg.as_object_mut() {
+                obj.insert("op".into(), "explain".into());
+            }
+            let result = call(g, &msg)?;
+            serde_json::from_value(result).context("bad explain reply from meshd")?
+        }
+    };
+    if g.json {
+        crate::print_json(&explanation)
+    } else {
+        print!("{explanation}");
+        Ok(())
+    }
+}
+
+fn apply(file: &Path, g: &Global) -> Result<()> {
+    // Validate here first so errors name the operator's file and line; meshd checks
+    // again, runs the [[test]] cases under its own default, and refuses on failure.
+    let (source, parsed) = load(file, g.json)?;
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| file.display().to_string());
+    let msg = serde_json::json!({"op": "policy_apply", "source": source, "name": name});
+    let result = call(g, &msg)?;
+    if g.json {
+        crate::print_json(&result)
+    } else {
+        println!(
+            "applied {}: {} policies, {} tests passed",
+            file.display(),
+            parsed.set.policies.len(),
+            parsed.set.tests.len()
+        );
+        Ok(())
+    }
+}
+
+/// One request to meshd's control socket: a JSON line out, a JSON line back.
+/// Returns `result` of `{"ok":true,...}`, or the daemon's one-line error.
+fn call(g: &Global, msg: &serde_json::Value) -> Result<serde_json::Value> {
+    let path = g
+        .socket
+        .as_ref()
+        .ok_or_else(|| anyhow!("no control socket: pass --socket PATH or set MESHD_SOCKET"))?;
+    let mut stream = UnixStream::connect(path)
+        .with_context(|| format!("cannot connect to meshd at {}", path.display()))?;
+    // A daemon that never answers must not hang the operator's shell.
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_string(msg)?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .with_context(|| format!("cannot write to meshd at {}", path.display()))?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .with_context(|| format!("no reply from meshd at {}", path.display()))?;
+    if reply.trim().is_empty() {
+        bail!(
+            "meshd at {} closed the connection without a reply",
+            path.display()
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(reply.trim_end()).context("bad reply from meshd")?;
+    if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
+        Ok(v.get("result").cloned().unwrap_or(serde_json::Value::Null))
+    } else {
+        let err = v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("meshd: unknown error");
+        bail!("meshd: {err}")
+    }
+}

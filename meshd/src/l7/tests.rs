@@ -1,0 +1,990 @@
+use super::*;
+
+const CISN: u32 = 7000;
+const SISN: u32 = 90_000;
+
+/// Denies POST and every path under /admin; allows the rest.
+fn policy(req: &Request<'_>) -> Verdict {
+    if req.head.method == "POST" || req.path.starts_with("/admin") {
+        Verdict::Refuse {
+            status: 403,
+            reason: "denied by policy",
+        }
+    } else {
+        Verdict::Allow
+    }
+}
+
+/// One flow, a fake clock and a fake server that receives what the flow delivers and
+/// checks that it arrives in order and never changes.
+struct Net {
+    flow: L7Flow,
+    now: Timestamp,
+    cisn: SeqNumber,
+    /// Client stream as the server received it.
+    server: Vec<u8>,
+    server_fin: bool,
+    decisions: Vec<(String, String)>,
+    refusal: Option<Refusal>,
+}
+
+impl Net {
+    fn new() -> Net {
+        Net::with(Config::default(), CISN)
+    }
+
+    fn with(config: Config, cisn: u32) -> Net {
+        let now = Timestamp::from_millis(1_000);
+        let mut net = Net {
+            flow: L7Flow::new(config, now),
+            now,
+            cisn: SeqNumber(cisn),
+            server: Vec::new(),
+            server_fin: false,
+            decisions: Vec::new(),
+            refusal: None,
+        };
+        let syn = seg(net.cisn, 0, Flags::SYN, b"");
+        assert_eq!(
+            net.flow.on_client_segment(&syn, now, policy).fate,
+            Fate::Forward
+        );
+        let syn_ack = seg(
+            SeqNumber(SISN),
+            cisn.wrapping_add(1),
+            Flags::SYN | Flags::ACK,
+            b"",
+        );
+        assert!(net.flow.on_server_segment(&syn_ack, now));
+        net
+    }
+
+    /// Client stream offset → sequence number.
+    fn at(&self, off: usize) -> SeqNumber {
+        self.cisn + 1 + off
+    }
+
+    /// Sends client bytes at stream offset `off`; applies the outcome to the fake server.
+    fn send(&mut self, off: usize, payload: &[u8]) -> Outcome {
+        self.send_flags(off, payload, Flags::ACK | Flags::PSH)
+    }
+
+    fn send_flags(&mut self, off: usize, payload: &[u8], flags: Flags) -> Outcome {
+        let s = seg(self.at(off), SISN + 1, flags, payload);
+        let decisions = &mut self.decisions;
+        let outcome = self.flow.on_client_segment(&s, self.now, |req| {
+            assert_eq!(req.host(), Some("svc"));
+            assert_eq!(req.headers().next().map(|(n, _)| n), Some("Host"));
+            decisions.push((req.method().to_string(), req.path.to_string()));
+            policy(req)
+        });
+        match outcome.fate {
+            Fate::Forward => self.deliver(s.seq, payload, flags.contains(Flags::FIN)),
+            Fate::Trim { start, end, fin } => {
+                self.deliver(s.seq + start, &payload[start..end], fin)
+            }
+            Fate::Drop(_) => {}
+        }
+        if let Some(r) = outcome.release {
+            let data = self.flow.release_data().to_vec();
+            assert_eq!(data.len(), r.len);
+            self.deliver(r.seq, &data, r.fin);
+        }
+        if let Some(r) = outcome.refusal {
+            assert!(self.refusal.is_none(), "refused twice");
+            self.refusal = Some(r);
+        }
+        outcome
+    }
+
+    fn deliver(&mut self, seq: SeqNumber, data: &[u8], fin: bool) {
+        if data.is_empty() && !fin {
+            // An ACK: the server's TCP answers it, the stream does not change.
+            return;
+        }
+        let off = seq - self.at(0);
+        assert!(off >= 0, "delivered before the stream start");
+        let off = off as usize;
+        assert!(
+            off <= self.server.len(),
+            "delivered out of order: hole before {off}"
+        );
+        assert!(!self.server_fin || data.is_empty(), "data after FIN");
+        let overlap = (self.server.len() - off).min(data.len());
+        assert_eq!(
+            &self.server[off..off + overlap],
+            &data[..overlap],
+            "delivered bytes changed"
+        );
+        self.server.extend_from_slice(&data[overlap..]);
+        if fin {
+            self.server_fin = true;
+        }
+    }
+
+    fn tick(&mut self, ms: u64) {
+        self.now = Timestamp::from_millis(self.now.millis() + ms);
+    }
+}
+
+fn seg(seq: SeqNumber, ack: u32, flags: Flags, payload: &[u8]) -> Segment<'_> {
+    Segment {
+        seq,
+        ack: SeqNumber(ack),
+        flags,
+        window: 65535,
+        payload,
+    }
+}
+
+const GET: &[u8] = b"GET /api/items HTTP/1.1\r\nHost: svc\r\n\r\n";
+const POST: &[u8] = b"POST /api/items HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello";
+
+#[test]
+fn allowed_get_passes_unchanged_and_uncopied() {
+    let mut net = Net::new();
+    let o = net.send(0, GET);
+    assert_eq!(
+        o,
+        Outcome {
+            fate: Fate::Forward,
+            release: None,
+            refusal: None
+        }
+    );
+    assert_eq!(net.server, GET);
+    assert_eq!(
+        net.decisions,
+        [("GET".to_string(), "/api/items".to_string())]
+    );
+    assert_eq!(net.flow.stats().copied, 0);
+    assert_eq!(net.flow.held(), 0);
+    assert!(net.flow.memory() < 64, "no reassembly buffer was allocated");
+}
+
+#[test]
+fn denied_post_is_refused_before_any_byte_is_released() {
+    let mut net = Net::new();
+    // The server sent something first (e.g. nothing; its SYN counts).
+    let o = net.send(0, POST);
+    assert_eq!(o.fate, Fate::Drop(DropReason::Refused));
+    assert_eq!(o.release, None);
+    let r = o.refusal.expect("refused");
+    assert_eq!(
+        r,
+        Refusal {
+            cause: RefuseCause::Policy {
+                status: 403,
+                reason: "denied by policy"
+            },
+            client_seq: SeqNumber(SISN + 1),
+            client_ack: net.at(POST.len()),
+            server_seq: net.at(0),
+            server_ack: SeqNumber(SISN + 1),
+        }
+    );
+    assert_eq!(r.cause.status(), 403);
+    assert!(net.server.is_empty());
+    assert!(net.flow.is_closed());
+    // Whatever else the client sends is dropped; so is the server's side.
+    assert_eq!(
+        net.send(POST.len(), GET).fate,
+        Fate::Drop(DropReason::Refused)
+    );
+    let late = seg(SeqNumber(SISN + 1), 0, Flags::ACK, b"x");
+    assert!(!net.flow.on_server_segment(&late, net.now));
+    assert!(net.server.is_empty());
+}
+
+#[test]
+fn denied_second_request_on_keep_alive() {
+    let mut net = Net::new();
+    assert_eq!(net.send(0, GET).fate, Fate::Forward);
+    // The server answers; the injected response must follow its bytes.
+    let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let s = seg(
+        SeqNumber(SISN + 1),
+        CISN + 1 + GET.len() as u32,
+        Flags::ACK,
+        resp,
+    );
+    assert!(net.flow.on_server_segment(&s, net.now));
+    let o = net.send(GET.len(), POST);
+    assert_eq!(o.fate, Fate::Drop(DropReason::Refused));
+    let r = o.refusal.unwrap();
+    assert_eq!(
+        r.server_seq,
+        net.at(GET.len()),
+        "RST right after the first request"
+    );
+    assert_eq!(r.client_seq, SeqNumber(SISN + 1) + resp.len());
+    assert_eq!(net.server, GET);
+    assert_eq!(net.decisions.len(), 2);
+}
+
+#[test]
+fn pipelined_requests_in_one_segment() {
+    let mut net = Net::new();
+    let mut both = GET.to_vec();
+    both.extend_from_slice(b"GET /admin/users HTTP/1.1\r\nHost: svc\r\n\r\n");
+    let o = net.send(0, &both);
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: GET.len(),
+            fin: false
+        }
+    );
+    assert_eq!(o.refusal.unwrap().server_seq, net.at(GET.len()));
+    assert_eq!(net.server, GET);
+
+    let mut net = Net::new();
+    let three = [GET, GET, GET].concat();
+    assert_eq!(net.send(0, &three).fate, Fate::Forward);
+    assert_eq!(net.decisions.len(), 3);
+}
+
+#[test]
+fn large_body_streams_without_being_held() {
+    let mut net = Net::new();
+    let body_len = 4 << 20;
+    let head = format!("PUT /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: {body_len}\r\n\r\n");
+    assert_eq!(net.send(0, head.as_bytes()).fate, Fate::Forward);
+    let chunk = vec![b'z'; 1400];
+    let mut off = head.len();
+    let mut left = body_len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        let o = net.send(off, &chunk[..n]);
+        assert_eq!(o.fate, Fate::Forward);
+        assert_eq!(net.flow.held(), 0);
+        off += n;
+        left -= n;
+    }
+    // The next request on the connection is still decided.
+    assert_eq!(net.send(off, GET).fate, Fate::Forward);
+    assert_eq!(
+        net.send(off + GET.len(), POST).fate,
+        Fate::Drop(DropReason::Refused)
+    );
+    assert_eq!(net.flow.stats().copied, 0);
+    assert_eq!(net.server.len(), head.len() + body_len + GET.len());
+    assert_eq!(net.decisions.len(), 3);
+}
+
+#[test]
+fn chunked_upload_streams_and_next_head_is_decided() {
+    let mut net = Net::new();
+    let req = b"PUT /u HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert_eq!(net.send(0, req).fate, Fate::Forward);
+    let body = b"4;ext=1\r\nabcd\r\n0\r\nX-T: 1\r\n\r\n";
+    // Split inside the chunk line and the trailers: each piece still forwards.
+    let mut off = req.len();
+    for piece in body.chunks(3) {
+        assert_eq!(net.send(off, piece).fate, Fate::Forward);
+        off += piece.len();
+    }
+    let o = net.send(off, b"GET /admin HTTP/1.1\r\nHost: svc\r\n\r\n");
+    assert_eq!(o.refusal.unwrap().cause.status(), 403);
+    assert_eq!(net.server.len(), req.len() + body.len());
+}
+
+#[test]
+fn head_split_at_every_offset_is_held_then_released() {
+    let mut two = GET.to_vec();
+    two.extend_from_slice(POST);
+    for i in 1..two.len() {
+        let mut net = Net::new();
+        net.send(0, &two[..i]);
+        net.send(i, &two[i..]);
+        // Whatever the split, the GET is delivered and nothing of the POST.
+        assert_eq!(net.server, GET, "split at {i}");
+        let r = net.refusal.expect("POST refused");
+        assert_eq!(r.server_seq, net.at(GET.len()), "split at {i}");
+        assert_eq!(net.decisions.len(), 2, "split at {i}");
+    }
+    for i in 1..GET.len() {
+        let mut net = Net::new();
+        let o = net.send(0, &GET[..i]);
+        assert_eq!(o.fate, Fate::Drop(DropReason::Buffered), "split at {i}");
+        assert!(net.server.is_empty());
+        let o = net.send(i, &GET[i..]);
+        assert_eq!(o.release.map(|r| r.len), Some(GET.len()), "split at {i}");
+        assert_eq!(net.server, GET);
+        assert_eq!(
+            net.flow.held(),
+            GET.len(),
+            "released bytes are kept until the next call"
+        );
+        net.flow.poll(net.now);
+        assert_eq!(net.flow.held(), 0);
+    }
+}
+
+#[test]
+fn byte_by_byte_keep_alive() {
+    let mut net = Net::new();
+    let stream = [
+        GET,
+        GET,
+        b"GET /public/../admin HTTP/1.1\r\nHost: svc\r\n\r\n",
+    ]
+    .concat();
+    for (i, b) in stream.iter().enumerate() {
+        net.send(i, std::slice::from_ref(b));
+    }
+    assert_eq!(net.server, [GET, GET].concat());
+    assert_eq!(net.decisions[2], ("GET".to_string(), "/admin".to_string()));
+    assert_eq!(net.refusal.unwrap().cause.status(), 403);
+}
+
+#[test]
+fn out_of_order_segments_are_buffered_then_released_in_order() {
+    let mut net = Net::new();
+    let (a, rest) = GET.split_at(10);
+    let (b, c) = rest.split_at(10);
+    assert_eq!(net.send(20, c).fate, Fate::Drop(DropReason::Buffered));
+    assert_eq!(net.send(10, b).fate, Fate::Drop(DropReason::Buffered));
+    assert!(net.decisions.is_empty());
+    let o = net.send(0, a);
+    assert_eq!(o.release.unwrap().len, GET.len());
+    assert_eq!(net.server, GET);
+
+    // Out of order inside an allowed body: the in-order segment goes straight through,
+    // the buffered rest follows from the buffer.
+    let mut net = Net::new();
+    let head = b"PUT /u HTTP/1.1\r\nHost: svc\r\nContent-Length: 30\r\n\r\n";
+    net.send(0, head);
+    let body = [b'1'; 30];
+    let h = head.len();
+    assert_eq!(
+        net.send(h + 20, &body[20..]).fate,
+        Fate::Drop(DropReason::Buffered)
+    );
+    assert_eq!(
+        net.send(h + 10, &body[10..20]).fate,
+        Fate::Drop(DropReason::Buffered)
+    );
+    let o = net.send(h, &body[..10]);
+    assert_eq!(
+        o.release.unwrap().len,
+        30,
+        "the whole body, from the buffer"
+    );
+    assert_eq!(net.server.len(), h + 30);
+}
+
+#[test]
+fn duplicates_are_recognised() {
+    let mut net = Net::new();
+    // Duplicate of held bytes: dropped.
+    net.send(0, &GET[..10]);
+    assert_eq!(
+        net.send(0, &GET[..10]).fate,
+        Fate::Drop(DropReason::Duplicate)
+    );
+    net.send(10, &GET[10..]);
+    assert_eq!(net.server, GET);
+    // Duplicate of delivered bytes: sent on without payload, so the server ACKs again.
+    let o = net.send(0, GET);
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: GET.len(),
+            end: GET.len(),
+            fin: false
+        }
+    );
+    assert!(net.flow.stats().retransmitted >= (10 + GET.len()) as u64);
+}
+
+#[test]
+fn overlapping_segment_with_different_bytes_is_never_delivered() {
+    let mut net = Net::new();
+    let allowed = b"GET /public/xx HTTP/1.1\r\nHost: svc\r\n\r\n";
+    let evil = b"GET /admin/xxx HTTP/1.1\r\nHost: svc\r\n\r\n";
+    assert_eq!(allowed.len(), evil.len());
+    net.send(0, &allowed[..12]);
+    // A "retransmission" that rewrites the held bytes and completes the head.
+    let o = net.send(0, evil);
+    assert!(
+        matches!(o.fate, Fate::Drop(DropReason::Conflict(_))),
+        "{o:?}"
+    );
+    assert_eq!(o.release, None);
+    assert!(net.decisions.is_empty());
+    net.send(12, &allowed[12..]);
+    assert_eq!(net.server, allowed);
+    assert_eq!(net.decisions[0].1, "/public/xx");
+    assert_eq!(net.flow.stats().conflicts, 1);
+
+    // Rewriting already delivered bytes: the old part is cut, the new part inspected.
+    let tail = b"GET /admin HTTP/1.1\r\nHost: svc\r\n\r\n";
+    let mut rewrite = evil.to_vec();
+    rewrite.extend_from_slice(tail);
+    let o = net.send(0, &rewrite);
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: evil.len(),
+            end: evil.len(),
+            fin: false
+        }
+    );
+    assert_eq!(o.refusal.unwrap().cause.status(), 403);
+    assert_eq!(
+        net.server, allowed,
+        "the rewritten bytes never reach the server"
+    );
+    assert_eq!(net.decisions[1].1, "/admin");
+}
+
+#[test]
+fn overlap_partly_new_is_trimmed() {
+    let mut net = Net::new();
+    let two = [GET, GET].concat();
+    net.send(0, &two[..20]);
+    net.send(20, &two[20..GET.len()]);
+    // 10 old bytes, then the second GET.
+    let o = net.send(GET.len() - 10, &two[GET.len() - 10..]);
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 10,
+            end: GET.len() + 10,
+            fin: false
+        }
+    );
+    assert_eq!(net.server, two);
+}
+
+#[test]
+fn wrapping_sequence_numbers() {
+    for cisn in [u32::MAX - 5, u32::MAX, u32::MAX - GET.len() as u32] {
+        let mut net = Net::with(Config::default(), cisn);
+        net.send(15, &GET[15..]);
+        net.send(0, &GET[..15]);
+        assert_eq!(net.server, GET, "isn {cisn}");
+        assert_eq!(net.send(GET.len(), GET).fate, Fate::Forward);
+        assert_eq!(net.server, [GET, GET].concat());
+    }
+}
+
+#[test]
+fn fin_after_request_is_delivered_once_in_order() {
+    let mut net = Net::new();
+    let o = net.send_flags(0, GET, Flags::ACK | Flags::FIN);
+    assert_eq!(o.fate, Fate::Forward);
+    assert!(net.server_fin);
+
+    // FIN received before the data it follows.
+    let mut net = Net::new();
+    let o = net.send_flags(GET.len(), b"", Flags::ACK | Flags::FIN);
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: 0,
+            fin: false
+        }
+    );
+    assert!(!net.server_fin);
+    let o = net.send(0, GET);
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: GET.len(),
+            fin: true
+        }
+    );
+    assert!(net.server_fin);
+
+    // Split head, FIN on the last piece: released with the FIN.
+    let mut net = Net::new();
+    net.send(0, &GET[..5]);
+    let o = net.send_flags(5, &GET[5..], Flags::ACK | Flags::FIN);
+    assert!(o.release.unwrap().fin);
+    assert!(net.server_fin);
+    assert_eq!(net.server, GET);
+}
+
+#[test]
+fn fin_in_the_middle() {
+    let mut net = Net::new();
+    net.send_flags(0, &GET[..10], Flags::ACK | Flags::FIN);
+    let r = net.refusal.expect("a head cut by FIN is refused");
+    assert_eq!(r.cause, RefuseCause::Truncated);
+    assert_eq!(r.cause.status(), 400);
+    assert!(net.server.is_empty());
+
+    // Data after an in-order FIN is dropped.
+    let mut net = Net::new();
+    net.send_flags(0, GET, Flags::ACK | Flags::FIN);
+    let o = net.send(GET.len(), GET);
+    assert_eq!(o.fate, Fate::Drop(DropReason::AfterFin));
+    // A FIN that moves is dropped.
+    let o = net.send_flags(0, &GET[..4], Flags::ACK | Flags::FIN);
+    assert_eq!(o.fate, Fate::Drop(DropReason::AfterFin));
+    assert_eq!(net.server, GET);
+}
+
+#[test]
+fn rst_ends_the_flow_and_held_bytes_are_never_delivered() {
+    let mut net = Net::new();
+    net.send(0, &GET[..10]);
+    let o = net.send_flags(10, b"", Flags::RST);
+    assert_eq!(o.fate, Fate::Forward);
+    assert!(net.flow.is_closed());
+    assert_eq!(
+        net.send(10, &GET[10..]).fate,
+        Fate::Drop(DropReason::Refused)
+    );
+    assert!(net.server.is_empty());
+    assert_eq!(net.flow.tcp().state(), crate::flow::TcpState::Closed);
+}
+
+#[test]
+fn incomplete_head_times_out_with_408() {
+    let mut net = Net::new();
+    assert_eq!(net.flow.poll_at(), None);
+    net.send(0, &GET[..10]);
+    let deadline = net.now.plus(Duration::from_secs(10));
+    assert_eq!(net.flow.poll_at(), Some(deadline));
+    // More bytes of the same head do not restart the timer (slow loris).
+    net.tick(5_000);
+    net.send(10, &GET[10..12]);
+    assert_eq!(net.flow.poll_at(), Some(deadline));
+    assert_eq!(
+        net.flow.poll(Timestamp::from_millis(deadline.millis() - 1)),
+        None
+    );
+    let r = net.flow.poll(deadline).expect("408");
+    assert_eq!(r.cause, RefuseCause::Timeout);
+    assert_eq!(r.cause.status(), 408);
+    assert_eq!(r.server_seq, net.at(0));
+    assert!(net.server.is_empty());
+    assert_eq!(net.flow.poll_at(), None);
+
+    // A completed head stops the timer.
+    let mut net = Net::new();
+    net.send(0, &GET[..10]);
+    net.send(10, &GET[10..]);
+    assert_eq!(net.flow.poll_at(), None);
+}
+
+#[test]
+fn non_http_bytes_are_refused_with_400() {
+    let mut net = Net::new();
+    let o = net.send(0, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03");
+    assert_eq!(o.fate, Fate::Drop(DropReason::Refused));
+    let r = o.refusal.unwrap();
+    assert!(matches!(
+        r.cause,
+        RefuseCause::Http(HttpError::Malformed(_))
+    ));
+    assert_eq!(r.cause.status(), 400);
+    assert!(net.server.is_empty());
+    assert!(net.decisions.is_empty());
+}
+
+#[test]
+fn head_too_large_is_refused_with_431() {
+    let mut net = Net::new();
+    let mut off = 0;
+    let start = b"GET / HTTP/1.1\r\nHost: svc\r\n";
+    net.send(0, start);
+    off += start.len();
+    let line = b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    while net.refusal.is_none() {
+        net.send(off, line);
+        off += line.len();
+        assert!(net.flow.held() <= Config::default().limits.max_head + line.len());
+    }
+    assert_eq!(net.refusal.unwrap().cause.status(), 431);
+    assert!(net.server.is_empty());
+}
+
+#[test]
+fn path_tricks_are_decided_on_the_normalised_path() {
+    for (target, decided) in [
+        ("/public/../admin", Some("/admin")),
+        ("//admin", Some("/admin")),
+        ("/%2e%2e/admin", Some("/admin")),
+        ("/a/./b", Some("/a/b")),
+        ("/admin%2F", None),
+    ] {
+        let mut net = Net::new();
+        let req = format!("GET {target} HTTP/1.1\r\nHost: svc\r\n\r\n");
+        let o = net.send(0, req.as_bytes());
+        match decided {
+            Some(path) => assert_eq!(net.decisions, [("GET".to_string(), path.to_string())]),
+            None => {
+                assert!(net.decisions.is_empty());
+                assert_eq!(
+                    o.refusal.unwrap().cause,
+                    RefuseCause::Path(PathError::EncodedSeparator)
+                );
+                assert_eq!(RefuseCause::Path(PathError::EncodedSeparator).status(), 400);
+            }
+        }
+    }
+}
+
+#[test]
+fn untracked_segments_are_dropped() {
+    let mut flow = L7Flow::new(Config::default(), Timestamp::default());
+    let s = seg(SeqNumber(5), 0, Flags::ACK, GET);
+    let o = flow.on_client_segment(&s, Timestamp::default(), policy);
+    assert_eq!(
+        o.fate,
+        Fate::Drop(DropReason::Untracked(InvalidSegment::NoHandshake))
+    );
+}
+
+#[test]
+fn syn_data_is_not_taken() {
+    let mut flow = L7Flow::new(Config::default(), Timestamp::default());
+    let s = seg(SeqNumber(5), 0, Flags::SYN, GET);
+    let o = flow.on_client_segment(&s, Timestamp::default(), |_| {
+        panic!("no decision on SYN data")
+    });
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: 0,
+            fin: false
+        }
+    );
+}
+
+#[test]
+fn pure_acks_pass_even_while_holding() {
+    let mut net = Net::new();
+    net.send(0, &GET[..10]);
+    let o = net.send(10, b"");
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: 0,
+            fin: false
+        }
+    );
+    assert!(net.server.is_empty());
+}
+
+#[test]
+fn out_of_window_segments_are_dropped_not_fatal() {
+    let config = Config {
+        max_held: 20_000,
+        ..Config::default()
+    };
+    let mut net = Net::with(config, CISN);
+    let o = net.send(100_000, b"far ahead");
+    assert_eq!(o.fate, Fate::Drop(DropReason::OutOfWindow));
+    assert!(!net.flow.is_closed());
+    assert_eq!(net.send(0, GET).fate, Fate::Forward);
+}
+
+#[test]
+fn close_sequence_passes() {
+    let mut net = Net::new();
+    let o = net.send_flags(0, GET, Flags::ACK | Flags::FIN);
+    assert_eq!(o.fate, Fate::Forward);
+    let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let fin_ack = CISN + 2 + GET.len() as u32;
+    let s = seg(SeqNumber(SISN + 1), fin_ack, Flags::ACK | Flags::FIN, resp);
+    assert!(net.flow.on_server_segment(&s, net.now));
+    assert_eq!(net.flow.tcp().state(), crate::flow::TcpState::Closing);
+    // The client's last ACK, one past its FIN.
+    let o = net.send_flags(GET.len() + 1, b"", Flags::ACK);
+    assert!(matches!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: 0,
+            fin: false
+        } | Fate::Forward
+    ));
+    // A retransmitted FIN goes out again so that the server ACKs it.
+    let o = net.send_flags(GET.len(), b"", Flags::ACK | Flags::FIN);
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: 0,
+            fin: true
+        }
+    );
+}
+
+#[test]
+fn refused_flow_frees_its_buffer() {
+    let mut net = Net::new();
+    net.send(0, &GET[..10]);
+    assert!(net.flow.memory() >= 10);
+    net.send(10, b"\x00garbage");
+    assert!(net.flow.is_closed());
+    assert_eq!(net.flow.poll(net.now), None);
+    assert_eq!(net.flow.held(), 0);
+    assert!(net.flow.memory() < 64);
+}
+
+mod shuffled {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Requests a client may send; `true` if `policy` allows them.
+    fn request(kind: u8, size: usize) -> (Vec<u8>, bool) {
+        match kind % 5 {
+            0 => (GET.to_vec(), true),
+            1 => (
+                b"GET /public/../admin HTTP/1.1\r\nHost: svc\r\n\r\n".to_vec(),
+                false,
+            ),
+            2 => (POST.to_vec(), false),
+            3 => {
+                let mut r =
+                    format!("PUT /u HTTP/1.1\r\nHost: svc\r\nContent-Length: {size}\r\n\r\n")
+                        .into_bytes();
+                r.extend((0..size).map(|i| b'a' + (i % 26) as u8));
+                (r, true)
+            }
+            _ => {
+                let size = size.max(1);
+                let mut r =
+                    b"PUT /c HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                r.extend(format!("{size:x};e=1\r\n").as_bytes());
+                r.extend(std::iter::repeat_n(b'q', size));
+                r.extend(b"\r\n0\r\nT: 1\r\n\r\n");
+                (r, true)
+            }
+        }
+    }
+
+    /// Heads in `stream` (complete ones), as (method, normalised path).
+    fn heads(stream: &[u8]) -> Vec<(String, String)> {
+        let mut p = RequestStream::default();
+        let mut pos = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match p.parse(&stream[pos..], &mut hdrs) {
+                Ok(Step::Head { head, len }) => {
+                    let path = http_path::normalize(head.target).unwrap();
+                    out.push((head.method.to_string(), path));
+                    pos += len;
+                }
+                Ok(Step::Body { len }) => pos += len,
+                Ok(Step::Partial) | Err(_) => return out,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Send {
+        /// Segment `i` of the true stream.
+        True(usize),
+        /// Forged bytes at a stream offset.
+        Forged(usize, Vec<u8>),
+    }
+
+    type Scenario = (Vec<(u8, usize)>, Vec<usize>, Vec<Send>, bool, bool);
+
+    fn scenario() -> impl Strategy<Value = Scenario> {
+        (
+            proptest::collection::vec((0u8..5, 0usize..3000), 1..6),
+            proptest::collection::vec(1usize..1500, 1..40),
+            proptest::collection::vec(
+                prop_oneof![
+                    4 => (0usize..64).prop_map(Send::True),
+                    1 => (0usize..4000, proptest::collection::vec(any::<u8>(), 1..40))
+                        .prop_map(|(o, b)| Send::Forged(o, b)),
+                ],
+                0..60,
+            ),
+            any::<bool>(),
+            any::<bool>(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever the segmentation, order, duplication and forgery, the bytes the
+        /// server receives are bytes whose every request head was decided and allowed.
+        /// Without forgery, it receives exactly the stream up to the first denied request.
+        #[test]
+        fn delivered_is_inspected(
+            (reqs, cuts, schedule, forge, small) in scenario(),
+        ) {
+            let mut stream = Vec::new();
+            let mut expect_len = None;
+            let mut expect_decisions = Vec::new();
+            for &(kind, size) in &reqs {
+                let (bytes, allowed) = request(kind, size);
+                if expect_len.is_none() {
+                    expect_decisions.extend(heads(&bytes));
+                    if !allowed {
+                        expect_len = Some(stream.len());
+                    }
+                }
+                stream.extend(bytes);
+            }
+            let expect_len = expect_len.unwrap_or(stream.len());
+
+            // Cut the stream into segments of the drawn sizes (the last size repeats).
+            let mut segs = Vec::new();
+            let mut off = 0;
+            let mut i = 0;
+            while off < stream.len() {
+                let n = cuts[i.min(cuts.len() - 1)].min(stream.len() - off);
+                segs.push((off, n));
+                off += n;
+                i += 1;
+            }
+
+            // A small buffer makes out-of-order segments overflow it.
+            let config = if small {
+                Config {
+                    limits: Limits { max_head: 1024, ..Limits::default() },
+                    max_held: 1500,
+                    ..Config::default()
+                }
+            } else {
+                Config::default()
+            };
+            let mut net = Net::with(config, CISN);
+            let send_true = |net: &mut Net, i: usize| {
+                let (off, n) = segs[i % segs.len()];
+                net.send(off, &stream[off..off + n]);
+            };
+            for s in &schedule {
+                match s {
+                    Send::True(i) => send_true(&mut net, *i),
+                    Send::Forged(off, bytes) if forge => {
+                        net.send(*off, bytes);
+                    }
+                    Send::Forged(..) => {}
+                }
+            }
+            // Then everything in order, as TCP retransmission eventually does, until the
+            // server's stream stops growing (bytes cut at a full buffer come again).
+            loop {
+                let before = net.server.len();
+                for i in 0..segs.len() {
+                    send_true(&mut net, i);
+                }
+                if net.server.len() == before {
+                    break;
+                }
+            }
+
+            // Every complete head delivered was decided, and allowed, in order.
+            let delivered = heads(&net.server);
+            prop_assert!(delivered.len() <= net.decisions.len());
+            prop_assert_eq!(&delivered[..], &net.decisions[..delivered.len()]);
+            for (method, path) in &delivered {
+                prop_assert!(method != "POST" && !path.starts_with("/admin"));
+            }
+            if !forge {
+                prop_assert_eq!(net.server.len(), expect_len);
+                prop_assert_eq!(&net.server[..], &stream[..expect_len]);
+                prop_assert_eq!(&net.decisions, &expect_decisions);
+            }
+        }
+    }
+}
+
+#[test]
+fn retransmitted_syn_keeps_the_stream() {
+    let mut net = Net::new();
+    net.send(0, &GET[..10]);
+    let syn = seg(net.cisn, 0, Flags::SYN, b"");
+    assert_eq!(
+        net.flow.on_client_segment(&syn, net.now, policy).fate,
+        Fate::Forward
+    );
+    net.send(10, &GET[10..]);
+    assert_eq!(net.server, GET);
+    let syn = seg(net.cisn + 5, 0, Flags::SYN, b"");
+    let o = net.flow.on_client_segment(&syn, net.now, policy);
+    assert_eq!(
+        o.fate,
+        Fate::Drop(DropReason::Untracked(InvalidSegment::SynMismatch))
+    );
+}
+
+#[test]
+fn refusal_packets_fit_the_connection() {
+    use crate::inject;
+    use etherparse::{SlicedPacket, TransportSlice};
+
+    let mut net = Net::new();
+    net.send(0, GET);
+    let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let s = seg(
+        SeqNumber(SISN + 1),
+        CISN + 1 + GET.len() as u32,
+        Flags::ACK,
+        resp,
+    );
+    assert!(net.flow.on_server_segment(&s, net.now));
+    let r = net.send(GET.len(), POST).refusal.unwrap();
+
+    let ends = inject::Endpoints {
+        client: "100.64.0.1:40000".parse().unwrap(),
+        server: "100.64.0.2:8080".parse().unwrap(),
+    };
+    let (mut text, mut out) = (String::new(), Vec::new());
+    inject::response(&ends, &r, &mut text, &mut out).unwrap();
+    let p = SlicedPacket::from_ip(&out).unwrap();
+    let Some(TransportSlice::Tcp(tcp)) = p.transport else {
+        panic!("not TCP")
+    };
+    // Right after the server's response, acknowledging the whole POST.
+    assert_eq!(tcp.sequence_number(), SISN + 1 + resp.len() as u32);
+    assert_eq!(
+        tcp.acknowledgment_number(),
+        CISN + 1 + (GET.len() + POST.len()) as u32
+    );
+    assert!(tcp.payload().starts_with(b"HTTP/1.1 403 Forbidden\r\n"));
+
+    inject::reset(&ends, &r, &mut out).unwrap();
+    let p = SlicedPacket::from_ip(&out).unwrap();
+    let Some(TransportSlice::Tcp(tcp)) = p.transport else {
+        panic!("not TCP")
+    };
+    // Exactly where the server's stream stops: after the GET, before the POST.
+    assert!(tcp.rst());
+    assert_eq!(tcp.sequence_number(), CISN + 1 + GET.len() as u32);
+    assert_eq!(tcp.acknowledgment_number(), SISN + 1 + resp.len() as u32);
+}
+
+#[test]
+fn urgent_data_is_refused() {
+    let mut net = Net::new();
+    net.send(0, GET);
+    let o = net.send_flags(
+        GET.len(),
+        b"GET /admin HTTP/1.1\r\n",
+        Flags::ACK | Flags::URG,
+    );
+    assert_eq!(o.fate, Fate::Drop(DropReason::Refused));
+    let r = o.refusal.unwrap();
+    assert_eq!(r.cause, RefuseCause::Urgent);
+    assert_eq!(r.server_seq, net.at(GET.len()));
+    assert_eq!(net.server, GET);
+}
+
+#[test]
+fn a_flow_is_small_until_it_holds_bytes() {
+    // 10,000 tracked flows must fit the memory budget (issue 6: under 50 MiB in all).
+    let size = std::mem::size_of::<L7Flow>();
+    assert!(size <= 640, "L7Flow is {size} bytes");
+    let net = Net::new();
+    assert_eq!(net.flow.memory(), 0);
+}
