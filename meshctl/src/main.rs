@@ -6,6 +6,7 @@ mod ca;
 mod cert;
 mod key;
 mod policy;
+mod online;
 
 use clap::{Args, Parser, Subcommand};
 use mesh_proto::time::UnixTime;
@@ -56,6 +57,11 @@ enum Command {
     /// Check, test and explain policy files; apply them to meshd
     #[command(subcommand)]
     Policy(policy::Command),
+    /// Show the running meshd: identity, listen address, peers, handshakes, drops
+    Status,
+    /// Add, remove and list the running meshd's peers
+    #[command(subcommand)]
+    Peer(online::PeerCommand),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +74,8 @@ fn main() -> ExitCode {
         Command::Cert(c) => cert::run(c, &cli.global),
         Command::Key(c) => key::run(c, &cli.global),
         Command::Policy(c) => policy::run(c, &cli.global),
+        Command::Status => online::status(&cli.global),
+        Command::Peer(c) => online::peer(c, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,13 +1,102 @@
 //! meshd: the daemon. `run(config)` is shared by `main` and the tests.
 //!
-//! Sans-IO cores (`wire`, `flow`, `http`, `enforce`, `peers`) take bytes, state and
-//! `now`, and return what the shell must do. The I/O shell (`datapath`, `device`,
-//! `transport`, `control`) is thin.
+//! Sans-IO cores (`wire`, `routing`, `peers`, `enforce`, `flow`, `http`) take bytes,
+//! state and `now`, and return what the shell must do. The I/O shell (`datapath`,
+//! `device`, `transport`, `control`) is thin; `daemon` holds the control-plane state
+//! and `state` the persisted peer changes.
 
 pub mod conntrack;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
 pub mod decisions;
+pub mod device;
+pub mod enforce;
 pub mod flow;
 pub mod http;
 pub mod inject;
 pub mod l4;
 pub mod l7;
+pub mod peers;
+pub mod routing;
+pub mod state;
+pub mod transport;
+pub mod wire;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use mesh_proto::config::{Config, ConfigError};
+
+pub use daemon::{load, Daemon, Loaded, Shutdown};
+
+/// Why `run` failed; Display is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Start(#[from] daemon::StartError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Loads `config` (nothing is touched if that fails), brings the node up and runs
+/// until `shutdown` is triggered. Returns after every thread stopped, the control
+/// socket is removed and the TUN closed (which removes it and its routes).
+pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
+    let loaded = load(config, datapath::unix_now())?;
+    let enforce = Box::new(enforce::DefaultOnly::new(loaded.config.policy.as_ref()));
+    if let Some(p) = &loaded.config.policy {
+        tracing::warn!(
+            default = ?p.default,
+            file = ?p.file,
+            "no policy engine in this build: inbound traffic is {}",
+            if p.file.is_none() && p.default == mesh_proto::config::PolicyDefault::Allow {
+                "allowed (default allow)"
+            } else {
+                "denied (fail closed)"
+            }
+        );
+    }
+    let socket_path = loaded.config.node.control_socket.clone();
+    // First, so that a second meshd on the same socket stops before touching anything.
+    let sock = control::ControlSocket::bind(&socket_path)?;
+    let d = Arc::new(Daemon::start(loaded, enforce, shutdown.clone())?);
+
+    let mut threads = Vec::new();
+    let spawn = |name: &str, f: fn(&Daemon), d: Arc<Daemon>| {
+        #[allow(clippy::disallowed_methods)] // I/O shell: the data-path threads
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || f(&d))
+            .map_err(RunError::Thread)
+    };
+    for (name, f) in [
+        ("tun", datapath::tun_loop as fn(&Daemon)),
+        ("udp", datapath::udp_loop),
+        ("timers", datapath::timer_loop),
+    ] {
+        match spawn(name, f, d.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                shutdown.trigger();
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(e);
+            }
+        }
+    }
+    d.ready.store(true, Ordering::SeqCst);
+    tracing::info!(socket = %socket_path.display(), "ready");
+    control::serve(&sock, d.clone());
+    for t in threads {
+        let _ = t.join();
+    }
+    drop(sock);
+    tracing::info!("stopped");
+    Ok(())
+}

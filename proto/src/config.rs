@@ -1,1 +1,655 @@
-//! (to be written)
+//! The `meshd.toml` schema: parsed with serde (`deny_unknown_fields`), then validated
+//! once into [`Config`], the checked type the daemon takes.
+//!
+//! Every error names the file, the line and the field (`meshd.toml:7: node.mtu: ...`).
+//! Relative paths are resolved against the directory of the config file, so the same
+//! file means the same thing whatever the daemon's working directory.
+//!
+//! ```toml
+//! [node]
+//! cert = "a.crt"
+//! key = "a.key"
+//! ca = "ca.crt"
+//! listen = "198.18.0.1:51820"
+//! tun = "mesh0"              # default "mesh0"
+//! mtu = 1420                 # default 1420
+//! state_dir = "state"
+//! control_socket = "meshd.sock"
+//! routes = ["100.64.0.0/10"] # optional
+//! log_level = "info"         # default "info"
+//!
+//! [policy]                   # optional
+//! default = "deny"
+//! file = "policy.toml"       # optional
+//!
+//! [[peer]]
+//! cert = "b.crt"
+//! endpoint = "198.18.0.2:51820"   # optional
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default TUN device name.
+pub const DEFAULT_TUN: &str = "mesh0";
+/// Default TUN MTU: a 1500-byte underlay minus the IPv6 + UDP + WireGuard overhead (80).
+pub const DEFAULT_MTU: u16 = 1420;
+/// IPv6 requires links of at least 1280 bytes (RFC 8200, section 5).
+pub const MIN_MTU: u16 = 1280;
+/// Upper bound: a jumbo-frame underlay.
+pub const MAX_MTU: u16 = 9000;
+
+/// A validated meshd configuration. Paths are absolute or relative to the process's
+/// working directory (already joined with the config file's directory).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this configuration came from.
+    pub file: PathBuf,
+    pub node: NodeConfig,
+    /// `None` when the file has no `[policy]` table.
+    pub policy: Option<PolicyConfig>,
+    pub peers: Vec<PeerConfig>,
+    /// Line of each field (`node.cert`, `peer[0].endpoint`, ...), for later errors.
+    lines: BTreeMap<String, usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub listen: SocketAddr,
+    pub tun: String,
+    pub mtu: u16,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    /// Routes to send into the TUN; `None` means "derive them" (the CA's address
+    /// constraints, else the peers' addresses).
+    pub routes: Option<Vec<IpNet>>,
+    pub log_level: LogLevel,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub default: PolicyDefault,
+    pub file: Option<PathBuf>,
+}
+
+/// What the mesh does with traffic no policy speaks about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyDefault {
+    Deny,
+    Allow,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub cert: PathBuf,
+    pub endpoint: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// A configuration error: file, line (when known), field (when known) and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+// ---- raw, as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    policy: Option<Spanned<RawPolicy>>,
+    #[serde(default)]
+    peer: Vec<Spanned<RawPeer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    ca: Spanned<String>,
+    listen: Spanned<String>,
+    tun: Option<Spanned<String>>,
+    mtu: Option<Spanned<i64>>,
+    state_dir: Spanned<String>,
+    control_socket: Spanned<String>,
+    routes: Option<Vec<Spanned<String>>>,
+    log_level: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    default: Option<Spanned<String>>,
+    file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    cert: Spanned<String>,
+    endpoint: Option<Spanned<String>>,
+}
+
+impl Config {
+    /// Reads and validates `path`. The only I/O is reading the file itself; the
+    /// certificate and key files it names are not opened here.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            field: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (used for error messages and to resolve
+    /// relative paths).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut v = Validator {
+            file: path,
+            text,
+            base: path.parent().unwrap_or(Path::new("")).to_path_buf(),
+            lines: BTreeMap::new(),
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| v.toml_error(&e))?;
+        v.validate(raw)
+    }
+
+    /// An error about `field` of this configuration, located at the field's line.
+    pub fn error(&self, field: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: self.lines.get(field).copied(),
+            field: Some(field.to_string()),
+            message: message.to_string(),
+        }
+    }
+
+    /// The line on which `field` (e.g. `node.cert`, `peer[1].cert`) was written.
+    pub fn line_of(&self, field: &str) -> Option<usize> {
+        self.lines.get(field).copied()
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    text: &'a str,
+    base: PathBuf,
+    lines: BTreeMap<String, usize>,
+}
+
+impl Validator<'_> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        line_of_offset(self.text, span.start)
+    }
+
+    fn err(&self, span: &Range<usize>, field: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: Some(self.line(span)),
+            field: Some(field.to_string()),
+            message: message.to_string(),
+        }
+    }
+
+    /// A serde/TOML error: the span gives the line; the table header above it (if any)
+    /// names the section, and the message names the key.
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let line = e.span().map(|s| line_of_offset(self.text, s.start));
+        let field = line.and_then(|l| section_at(self.text, l));
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            field,
+            message: e.message().trim().replace('\n', " "),
+        }
+    }
+
+    fn note(&mut self, field: &str, span: &Range<usize>) {
+        let line = self.line(span);
+        self.lines.insert(field.to_string(), line);
+    }
+
+    fn path(&mut self, field: &str, s: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+        self.note(field, &s.span());
+        let value = s.get_ref();
+        if value.is_empty() {
+            return Err(self.err(&s.span(), field, "path may not be empty"));
+        }
+        Ok(self.base.join(value))
+    }
+
+    fn socket_addr(&mut self, field: &str, s: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        self.note(field, &s.span());
+        let addr: SocketAddr = s.get_ref().parse().map_err(|_| {
+            self.err(
+                &s.span(),
+                field,
+                format!(
+                    "{:?} is not an address and port (e.g. \"198.18.0.1:51820\" or \"[fd00:198:18::1]:51820\")",
+                    s.get_ref()
+                ),
+            )
+        })?;
+        if addr.port() == 0 && field != "node.listen" {
+            return Err(self.err(&s.span(), field, "port 0 is not a valid endpoint"));
+        }
+        Ok(addr)
+    }
+
+    fn validate(&mut self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let n = raw.node;
+        let cert = self.path("node.cert", &n.cert)?;
+        let key = self.path("node.key", &n.key)?;
+        let ca = self.path("node.ca", &n.ca)?;
+        let listen = self.socket_addr("node.listen", &n.listen)?;
+        let tun = match &n.tun {
+            None => DEFAULT_TUN.to_string(),
+            Some(t) => {
+                self.note("node.tun", &t.span());
+                check_ifname(t.get_ref()).map_err(|m| self.err(&t.span(), "node.tun", m))?;
+                t.get_ref().clone()
+            }
+        };
+        let mtu = match &n.mtu {
+            None => DEFAULT_MTU,
+            Some(m) => {
+                self.note("node.mtu", &m.span());
+                let v = *m.get_ref();
+                if !(i64::from(MIN_MTU)..=i64::from(MAX_MTU)).contains(&v) {
+                    return Err(self.err(
+                        &m.span(),
+                        "node.mtu",
+                        format!("{v} is out of range {MIN_MTU}..={MAX_MTU}"),
+                    ));
+                }
+                v as u16
+            }
+        };
+        let state_dir = self.path("node.state_dir", &n.state_dir)?;
+        let control_socket = self.path("node.control_socket", &n.control_socket)?;
+        let routes = match &n.routes {
+            None => None,
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for (i, r) in list.iter().enumerate() {
+                    let field = format!("node.routes[{i}]");
+                    self.note(&field, &r.span());
+                    let net =
+                        parse_prefix(r.get_ref()).map_err(|m| self.err(&r.span(), &field, m))?;
+                    out.push(net);
+                }
+                Some(out)
+            }
+        };
+        let log_level = match &n.log_level {
+            None => LogLevel::Info,
+            Some(l) => {
+                self.note("node.log_level", &l.span());
+                match l.get_ref().as_str() {
+                    "error" => LogLevel::Error,
+                    "warn" => LogLevel::Warn,
+                    "info" => LogLevel::Info,
+                    "debug" => LogLevel::Debug,
+                    "trace" => LogLevel::Trace,
+                    other => {
+                        return Err(self.err(
+                            &l.span(),
+                            "node.log_level",
+                            format!("{other:?} is not one of \"error\", \"warn\", \"info\", \"debug\", \"trace\""),
+                        ))
+                    }
+                }
+            }
+        };
+
+        let policy = match raw.policy {
+            None => None,
+            Some(p) => {
+                let span = p.span();
+                self.note("policy", &span);
+                let p = p.into_inner();
+                let default = match &p.default {
+                    None => PolicyDefault::Deny,
+                    Some(d) => {
+                        self.note("policy.default", &d.span());
+                        match d.get_ref().as_str() {
+                            "deny" => PolicyDefault::Deny,
+                            "allow" => PolicyDefault::Allow,
+                            other => {
+                                return Err(self.err(
+                                    &d.span(),
+                                    "policy.default",
+                                    format!("{other:?} is not \"deny\" or \"allow\""),
+                                ))
+                            }
+                        }
+                    }
+                };
+                let file = match &p.file {
+                    None => None,
+                    Some(f) => Some(self.path("policy.file", f)?),
+                };
+                Some(PolicyConfig { default, file })
+            }
+        };
+
+        let mut peers = Vec::with_capacity(raw.peer.len());
+        for (i, p) in raw.peer.iter().enumerate() {
+            self.note(&format!("peer[{i}]"), &p.span());
+            let p = p.get_ref();
+            let cert = self.path(&format!("peer[{i}].cert"), &p.cert)?;
+            let endpoint = match &p.endpoint {
+                None => None,
+                Some(e) => Some(self.socket_addr(&format!("peer[{i}].endpoint"), e)?),
+            };
+            if let Some(j) = peers.iter().position(|q: &PeerConfig| q.cert == cert) {
+                return Err(self.err(
+                    &p.cert.span(),
+                    &format!("peer[{i}].cert"),
+                    format!("same certificate as peer[{j}]"),
+                ));
+            }
+            peers.push(PeerConfig { cert, endpoint });
+        }
+
+        Ok(Config {
+            file: self.file.to_path_buf(),
+            node: NodeConfig {
+                cert,
+                key,
+                ca,
+                listen,
+                tun,
+                mtu,
+                state_dir,
+                control_socket,
+                routes,
+                log_level,
+            },
+            policy,
+            peers,
+            lines: std::mem::take(&mut self.lines),
+        })
+    }
+}
+
+/// A network prefix with no host bits set (`100.64.0.0/10`, not `100.64.0.1/10`).
+pub fn parse_prefix(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a prefix (e.g. \"100.64.0.0/10\")"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{s:?} has host bits set; did you mean \"{}\"?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// Linux interface names: 1..=15 bytes, no '/', no whitespace, not "." or "..".
+fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!("{name:?} must be 1 to 15 bytes long"));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a valid interface name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "{name:?} may contain only letters, digits, '-', '_' and '.' (found {c:?})"
+        ));
+    }
+    Ok(())
+}
+
+/// 1-based line number of byte `offset` in `text`.
+pub fn line_of_offset(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The table header in force at `line` (1-based): `node`, `policy`, `peer[2]`, or
+/// `None` at top level.
+fn section_at(text: &str, line: usize) -> Option<String> {
+    let mut section: Option<String> = None;
+    let mut peer_count = 0usize;
+    for (i, l) in text.lines().enumerate() {
+        if i + 1 > line {
+            break;
+        }
+        let t = l.trim();
+        if let Some(rest) = t.strip_prefix("[[") {
+            let name = rest.split("]]").next().unwrap_or("").trim();
+            if name == "peer" {
+                section = Some(format!("peer[{peer_count}]"));
+                peer_count += 1;
+            } else {
+                section = Some(name.to_string());
+            }
+        } else if let Some(rest) = t.strip_prefix('[') {
+            section = Some(rest.split(']').next().unwrap_or("").trim().to_string());
+        }
+    }
+    section
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+cert = "a.crt"
+key = "a.key"
+ca = "ca.crt"
+listen = "198.18.0.1:51820"
+state_dir = "state"
+control_socket = "meshd.sock"
+
+[[peer]]
+cert = "b.crt"
+endpoint = "198.18.0.2:51820"
+
+[[peer]]
+cert = "/abs/c.crt"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/mesh/meshd.toml"), text)
+    }
+
+    #[test]
+    fn good_config_with_defaults_and_relative_paths() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node.cert, Path::new("/etc/mesh/a.crt"));
+        assert_eq!(c.node.tun, "mesh0");
+        assert_eq!(c.node.mtu, 1420);
+        assert_eq!(c.node.log_level, LogLevel::Info);
+        assert_eq!(c.node.routes, None);
+        assert!(c.policy.is_none());
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(
+            c.peers[0].endpoint,
+            Some("198.18.0.2:51820".parse().unwrap())
+        );
+        assert_eq!(c.peers[1].cert, Path::new("/abs/c.crt"));
+        assert_eq!(c.peers[1].endpoint, None);
+        assert_eq!(c.line_of("peer[1].cert"), Some(15));
+        assert_eq!(
+            c.error("peer[0].cert", "cannot read").to_string(),
+            "/etc/mesh/meshd.toml:11: peer[0].cert: cannot read"
+        );
+    }
+
+    #[test]
+    fn ipv6_listen_routes_policy() {
+        let text = GOOD.replace("198.18.0.1:51820", "[fd00:198:18::1]:51820").replace(
+            "control_socket = \"meshd.sock\"",
+            "control_socket = \"meshd.sock\"\nroutes = [\"100.64.0.0/10\", \"fd00:6d65:7368::/48\"]\nmtu = 1280\n\n[policy]\ndefault = \"allow\"\nfile = \"p.toml\"",
+        );
+        let c = parse(&text).unwrap();
+        assert!(c.node.listen.is_ipv6());
+        assert_eq!(c.node.routes.as_ref().unwrap().len(), 2);
+        assert_eq!(c.node.mtu, 1280);
+        let p = c.policy.unwrap();
+        assert_eq!(p.default, PolicyDefault::Allow);
+        assert_eq!(p.file, Some(PathBuf::from("/etc/mesh/p.toml")));
+    }
+
+    /// Each bad input gives the expected "file:line: field: ..." prefix.
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "listen = \"198.18.0.1:51820\"",
+                "listen = \"198.18.0.1\"",
+                "/etc/mesh/meshd.toml:6: node.listen: ",
+            ),
+            (
+                "state_dir",
+                "lisen = 1\nstate_dir",
+                "/etc/mesh/meshd.toml:7: node: unknown field `lisen`",
+            ),
+            (
+                "endpoint = \"198.18.0.2:51820\"",
+                "endpoint = \"nope\"",
+                "/etc/mesh/meshd.toml:12: peer[0].endpoint: ",
+            ),
+            (
+                "cert = \"/abs/c.crt\"",
+                "cert = \"/abs/c.crt\"\nport = 3",
+                "/etc/mesh/meshd.toml:16: peer[1]: unknown field `port`",
+            ),
+            (
+                "state_dir = \"state\"",
+                "state_dir = \"state\"\nmtu = 100",
+                "/etc/mesh/meshd.toml:8: node.mtu: 100 is out of range",
+            ),
+            (
+                "state_dir = \"state\"",
+                "state_dir = \"state\"\nmtu = \"big\"",
+                "/etc/mesh/meshd.toml:8: node: invalid type",
+            ),
+            (
+                "state_dir = \"state\"",
+                "state_dir = \"state\"\ntun = \"this-name-is-too-long\"",
+                "/etc/mesh/meshd.toml:8: node.tun: ",
+            ),
+            (
+                "state_dir = \"state\"",
+                "state_dir = \"state\"\nroutes = [\"100.64.0.1/10\"]",
+                "/etc/mesh/meshd.toml:8: node.routes[0]: \"100.64.0.1/10\" has host bits set",
+            ),
+            (
+                "state_dir = \"state\"",
+                "state_dir = \"state\"\nlog_level = \"loud\"",
+                "/etc/mesh/meshd.toml:8: node.log_level: ",
+            ),
+            (
+                "cert = \"/abs/c.crt\"",
+                "cert = \"b.crt\"",
+                "/etc/mesh/meshd.toml:15: peer[1].cert: same certificate as peer[0]",
+            ),
+            (
+                "[[peer]]\ncert = \"b.crt\"",
+                "[policy]\ndefault = \"maybe\"\n[[peer]]\ncert = \"b.crt\"",
+                "/etc/mesh/meshd.toml:11: policy.default: ",
+            ),
+            (
+                "cert = \"a.crt\"",
+                "cert = \"\"",
+                "/etc/mesh/meshd.toml:3: node.cert: path may not be empty",
+            ),
+            (
+                "cert = \"a.crt\"\n",
+                "",
+                "/etc/mesh/meshd.toml:2: node: missing field `cert`",
+            ),
+            ("[node]", "[node", "/etc/mesh/meshd.toml:2: "),
+        ];
+        for (from, to, want) in cases {
+            let text = GOOD.replacen(from, to, 1);
+            assert_ne!(text, GOOD, "case {from:?} did not apply");
+            let err = parse(&text).expect_err(to).to_string();
+            assert!(
+                err.starts_with(want),
+                "for {to:?}\n got: {err}\nwant: {want}..."
+            );
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_node_table() {
+        let err = parse("[[peer]]\ncert = \"b.crt\"\n").unwrap_err();
+        assert!(err.to_string().contains("missing field `node`"), "{err}");
+    }
+
+    #[test]
+    fn line_numbers_from_offsets() {
+        assert_eq!(line_of_offset("a\nb\nc", 0), 1);
+        assert_eq!(line_of_offset("a\nb\nc", 2), 2);
+        assert_eq!(line_of_offset("a\nb\nc", 4), 3);
+        assert_eq!(line_of_offset("a\nb\nc", 99), 3);
+    }
+}

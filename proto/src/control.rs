@@ -1,1 +1,319 @@
-//! (to be written)
+//! The control API between `meshctl` and `meshd`: one JSON object per line each way,
+//! over a Unix socket (mode 0600, peer credentials checked by the daemon).
+//!
+//! Requests are tagged by `op`:
+//! `{"op":"status"}`, `{"op":"peer_add","cert":"<pem>","endpoint":"198.18.0.2:51820"}`,
+//! `{"op":"peer_remove","identity":"spiffe://t/b"}`, `{"op":"peer_list"}`,
+//! `{"op":"policy_apply","source":"<toml>","name":"file.toml"}`, `{"op":"policy_get"}`,
+//! `{"op":"explain", ...}`, `{"op":"log","follow":false,"lines":50}`.
+//!
+//! Replies are `{"ok":true,"result":{...}}` or `{"ok":false,"error":"one line"}`.
+//! Identities and keys travel as their canonical strings (SPIFFE ID, base64 key).
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::time::UnixTime;
+
+/// Longest request line the daemon reads (a certificate PEM or policy file fits easily).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// A control request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status(NoArgs),
+    PeerAdd {
+        /// The peer's certificate, PEM.
+        cert: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<SocketAddr>,
+    },
+    PeerRemove {
+        identity: String,
+    },
+    PeerList(NoArgs),
+    PolicyApply {
+        source: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    PolicyGet(NoArgs),
+    /// A described request for `policy explain`; its fields belong to the policy model.
+    Explain(serde_json::Map<String, serde_json::Value>),
+    Log {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lines: Option<u32>,
+    },
+}
+
+/// The arguments of a request that takes none; any field is an error.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoArgs {}
+
+impl Request {
+    /// Parses one request line. The error is one line that says what is wrong.
+    pub fn parse(line: &str) -> Result<Request, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(line.trim_end()).map_err(|e| format!("bad request: {e}"))?;
+        if !v.is_object() {
+            return Err("bad request: expected a JSON object with an \"op\" field".into());
+        }
+        serde_json::from_value(v).map_err(|e| format!("bad request: {e}"))
+    }
+
+    /// The request as one line of JSON (no newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+/// A control reply: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(result: impl Serialize) -> Response {
+        match serde_json::to_value(result) {
+            Ok(v) => Response {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
+            Err(e) => Response::error(format!("internal: cannot encode result: {e}")),
+        }
+    }
+
+    /// An error reply; newlines in `message` are flattened so the reply stays one line.
+    pub fn error(message: impl std::fmt::Display) -> Response {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(message.to_string().replace('\n', " ")),
+        }
+    }
+
+    pub fn parse(line: &str) -> Result<Response, String> {
+        serde_json::from_str(line.trim_end()).map_err(|e| format!("bad reply from meshd: {e}"))
+    }
+
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            String::from(r#"{"ok":false,"error":"internal: cannot encode reply"}"#)
+        })
+    }
+
+    /// The result decoded as `T`, or the daemon's error.
+    pub fn into_result<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        if !self.ok {
+            return Err(self.error.unwrap_or_else(|| "meshd: unknown error".into()));
+        }
+        let v = self.result.unwrap_or(serde_json::Value::Null);
+        serde_json::from_value(v).map_err(|e| format!("bad reply from meshd: {e}"))
+    }
+}
+
+/// Result of `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// True once the TUN is up and the UDP socket bound.
+    pub ready: bool,
+    pub identity: String,
+    pub public_key: String,
+    pub listen: SocketAddr,
+    pub tun: String,
+    pub addresses: Vec<IpNet>,
+    pub peers: Vec<PeerStatus>,
+    pub drops: NodeDrops,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub identity: String,
+    pub public_key: String,
+    pub endpoint: Option<SocketAddr>,
+    pub addresses: Vec<IpNet>,
+    /// Seconds since the epoch of the last completed handshake; `null` before one.
+    pub latest_handshake: Option<UnixTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub drops: PeerDrops,
+}
+
+/// Drops attributed to a peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PeerDrops {
+    /// Decrypted packets whose source address is not in the sender's certificate.
+    pub spoofed_source: u64,
+}
+
+/// Drops that no peer can be blamed for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeDrops {
+    /// Datagrams or TUN packets that do not parse, or fail authentication.
+    pub malformed: u64,
+    /// Datagrams for no known peer (unknown static key or receiver index), and
+    /// handshakes from peers whose certificate is no longer valid.
+    pub unknown_peer: u64,
+    /// TUN packets to an address no peer holds (or whose peer has no endpoint).
+    pub no_route: u64,
+}
+
+/// One entry of `peer_list`, and the result of `peer_add`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub identity: String,
+    pub public_key: String,
+    pub endpoint: Option<SocketAddr>,
+    pub addresses: Vec<IpNet>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub not_after: UnixTime,
+    /// Where this peer comes from: `"config"` (meshd.toml) or `"runtime"` (peer add).
+    pub source: String,
+}
+
+/// Result of `peer_list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerList {
+    pub peers: Vec<PeerInfo>,
+}
+
+/// Result of `peer_remove`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRemoved {
+    pub removed: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_requests() {
+        assert_eq!(
+            Request::parse(r#"{"op":"status"}"#),
+            Ok(Request::Status(NoArgs {}))
+        );
+        assert_eq!(
+            Request::parse(r#"{"op":"peer_add","cert":"PEM","endpoint":"198.18.0.2:51820"}"#),
+            Ok(Request::PeerAdd {
+                cert: "PEM".into(),
+                endpoint: Some("198.18.0.2:51820".parse().unwrap())
+            })
+        );
+        assert_eq!(
+            Request::parse(r#"{"op":"peer_add","cert":"PEM"}"#),
+            Ok(Request::PeerAdd {
+                cert: "PEM".into(),
+                endpoint: None
+            })
+        );
+        assert_eq!(
+            Request::parse(r#"{"op":"peer_remove","identity":"spiffe://t/b"}"#),
+            Ok(Request::PeerRemove {
+                identity: "spiffe://t/b".into()
+            })
+        );
+        assert_eq!(
+            Request::parse("{\"op\":\"peer_list\"}\n"),
+            Ok(Request::PeerList(NoArgs {}))
+        );
+        assert_eq!(
+            Request::parse(r#"{"op":"log","follow":true,"lines":5}"#),
+            Ok(Request::Log {
+                follow: true,
+                lines: Some(5)
+            })
+        );
+        assert!(matches!(
+            Request::parse(r#"{"op":"explain","src":"spiffe://t/a","port":80}"#),
+            Ok(Request::Explain(m)) if m.len() == 2
+        ));
+    }
+
+    #[test]
+    fn round_trips() {
+        for r in [
+            Request::Status(NoArgs {}),
+            Request::PeerList(NoArgs {}),
+            Request::PeerAdd {
+                cert: "x".into(),
+                endpoint: Some("[fd00:198:18::2]:51820".parse().unwrap()),
+            },
+            Request::PeerRemove {
+                identity: "spiffe://t/b".into(),
+            },
+        ] {
+            assert_eq!(Request::parse(&r.to_line()), Ok(r));
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_requests_with_one_line() {
+        for bad in [
+            "",
+            "not json",
+            "{}",
+            r#"{"op":"reboot"}"#,
+            r#"{"op":"status","extra":1}"#,
+            r#"{"op":"peer_add"}"#,
+            r#"{"op":"peer_add","cert":"x","endpoint":"nowhere"}"#,
+            r#"{"op":"peer_remove","identity":5}"#,
+            r#"["status"]"#,
+        ] {
+            let e = Request::parse(bad).expect_err(bad);
+            assert!(e.starts_with("bad request: "), "{e}");
+            let reply = Response::error(e).to_line();
+            assert!(!reply.contains('\n'));
+            assert!(
+                reply.starts_with(r#"{"ok":false,"error":"bad request"#),
+                "{reply}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_json_shape() {
+        let s = Status {
+            ready: true,
+            identity: "spiffe://t/a".into(),
+            public_key: "k".into(),
+            listen: "198.18.0.1:51820".parse().unwrap(),
+            tun: "mesh0".into(),
+            addresses: vec!["100.64.0.1/32".parse().unwrap()],
+            peers: vec![PeerStatus {
+                identity: "spiffe://t/b".into(),
+                public_key: "k2".into(),
+                endpoint: None,
+                addresses: vec!["100.64.0.2/32".parse().unwrap()],
+                latest_handshake: None,
+                rx_bytes: 1,
+                tx_bytes: 2,
+                drops: PeerDrops { spoofed_source: 3 },
+            }],
+            drops: NodeDrops::default(),
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["peers"][0]["latest_handshake"], serde_json::Value::Null);
+        assert_eq!(v["peers"][0]["drops"]["spoofed_source"], 3);
+        assert_eq!(v["drops"]["no_route"], 0);
+        assert_eq!(v["addresses"][0], "100.64.0.1/32");
+        let reply = Response::ok(&s).to_line();
+        let back: Status = Response::parse(&reply).unwrap().into_result().unwrap();
+        assert_eq!(back, s);
+    }
+}

@@ -1,0 +1,305 @@
+//! Commands that talk to a running meshd over its control socket: `status`,
+//! `peer add|remove|list`. One JSON request line out, one reply line back
+//! (`mesh_proto::control`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use clap::Subcommand;
+use mesh_proto::control::{NoArgs, PeerInfo, PeerList, PeerRemoved, Request, Response, Status};
+use mesh_proto::time::UnixTime;
+
+use crate::Global;
+
+/// Where meshctl looks for meshd when neither --socket nor MESHD_SOCKET is given.
+pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
+
+#[derive(Subcommand, Debug)]
+pub enum PeerCommand {
+    /// Add (or replace) a peer by its certificate; meshd verifies it against the CA
+    #[command(after_help = "Examples:
+  meshctl peer add b.crt --endpoint 198.18.0.2:51820
+  meshctl peer add b.crt            # endpoint learned when b connects")]
+    Add {
+        /// The peer's certificate (PEM)
+        #[arg(value_name = "CERT")]
+        cert: PathBuf,
+        /// The peer's underlay address and port
+        #[arg(long, value_name = "ADDR:PORT")]
+        endpoint: Option<SocketAddr>,
+    },
+    /// Remove a peer by identity
+    #[command(after_help = "Example:\n  meshctl peer remove spiffe://example.org/b")]
+    Remove {
+        #[arg(value_name = "SPIFFE_ID")]
+        identity: String,
+    },
+    /// List the configured peers
+    List,
+}
+
+fn socket_path(g: &Global) -> PathBuf {
+    g.socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// Sends one request and returns the reply.
+pub fn call(socket: &Path, req: &Request) -> Result<Response> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach meshd at {} (is it running? set --socket or MESHD_SOCKET)",
+            socket.display()
+        )
+    })?;
+    let mut line = req.to_line();
+    line.push('\n');
+    s.write_all(line.as_bytes())
+        .with_context(|| format!("{}: cannot send request", socket.display()))?;
+    let mut reply = String::new();
+    BufReader::new(&s)
+        .read_line(&mut reply)
+        .with_context(|| format!("{}: cannot read reply", socket.display()))?;
+    if reply.is_empty() {
+        return Err(anyhow!("{}: meshd closed the connection", socket.display()));
+    }
+    Response::parse(&reply).map_err(|e| anyhow!(e))
+}
+
+fn request<T: serde::de::DeserializeOwned>(g: &Global, req: &Request) -> Result<T> {
+    call(&socket_path(g), req)?
+        .into_result()
+        .map_err(|e| anyhow!(e))
+}
+
+pub fn status(g: &Global) -> Result<()> {
+    let sock = socket_path(g);
+    let reply = call(&sock, &Request::Status(NoArgs {}))?;
+    if g.json {
+        if !reply.ok {
+            return Err(anyhow!(reply.error.unwrap_or_default()));
+        }
+        // Exactly the daemon's status object.
+        println!("{}", serde_json::to_string(&reply.result)?);
+        return Ok(());
+    }
+    let s: Status = reply.into_result().map_err(|e| anyhow!(e))?;
+    print!("{}", render_status(&s, crate::now()));
+    Ok(())
+}
+
+pub fn peer(cmd: PeerCommand, g: &Global) -> Result<()> {
+    match cmd {
+        PeerCommand::Add { cert, endpoint } => {
+            let pem =
+                std::fs::read_to_string(&cert).with_context(|| format!("{}", cert.display()))?;
+            let info: PeerInfo = request(
+                g,
+                &Request::PeerAdd {
+                    cert: pem,
+                    endpoint,
+                },
+            )?;
+            if g.json {
+                crate::print_json(&info)?;
+            } else {
+                println!("added {}", info.identity);
+            }
+        }
+        PeerCommand::Remove { identity } => {
+            let r: PeerRemoved = request(g, &Request::PeerRemove { identity })?;
+            if g.json {
+                crate::print_json(&r)?;
+            } else {
+                println!("removed {}", r.removed);
+            }
+        }
+        PeerCommand::List => {
+            let list: PeerList = request(g, &Request::PeerList(NoArgs {}))?;
+            if g.json {
+                crate::print_json(&list)?;
+            } else {
+                print!("{}", render_peer_list(&list));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    if items.is_empty() {
+        return "(none)".into();
+    }
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+fn ago(t: UnixTime, now: UnixTime) -> String {
+    let s = now.secs().saturating_sub(t.secs());
+    match s {
+        0..=59 => format!("{s} seconds ago"),
+        60..=3599 => format!("{} minutes, {} seconds ago", s / 60, s % 60),
+        _ => format!("{} hours, {} minutes ago", s / 3600, (s / 60) % 60),
+    }
+}
+
+/// `wg show`-like text for people.
+pub fn render_status(s: &Status, now: UnixTime) -> String {
+    let mut o = String::new();
+    let ready = if s.ready { "ready" } else { "starting" };
+    o += &format!("identity: {}\n", s.identity);
+    o += &format!("  public key: {}\n", s.public_key);
+    o += &format!("  listening: {} (tun {}, {ready})\n", s.listen, s.tun);
+    o += &format!("  addresses: {}\n", join(&s.addresses));
+    o += &format!(
+        "  drops: malformed {}, unknown_peer {}, no_route {}\n",
+        s.drops.malformed, s.drops.unknown_peer, s.drops.no_route
+    );
+    for p in &s.peers {
+        o += &format!("\npeer: {}\n", p.identity);
+        o += &format!("  public key: {}\n", p.public_key);
+        o += &format!(
+            "  endpoint: {}\n",
+            p.endpoint
+                .map_or("(unknown)".to_string(), |e| e.to_string())
+        );
+        o += &format!("  addresses: {}\n", join(&p.addresses));
+        o += &format!(
+            "  latest handshake: {}\n",
+            p.latest_handshake
+                .map_or("(none)".to_string(), |t| format!("{t} ({})", ago(t, now)))
+        );
+        o += &format!(
+            "  transfer: {} received, {} sent\n",
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes)
+        );
+        o += &format!("  drops: spoofed_source {}\n", p.drops.spoofed_source);
+    }
+    o
+}
+
+pub fn render_peer_list(l: &PeerList) -> String {
+    let rows: Vec<[String; 5]> = l
+        .peers
+        .iter()
+        .map(|p| {
+            [
+                p.identity.clone(),
+                p.endpoint.map_or("-".to_string(), |e| e.to_string()),
+                join(&p.addresses),
+                p.not_after.to_string(),
+                p.source.clone(),
+            ]
+        })
+        .collect();
+    let head = ["IDENTITY", "ENDPOINT", "ADDRESSES", "NOT AFTER", "SOURCE"];
+    let mut w = head.map(str::len);
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i == 4 {
+                s += c;
+            } else {
+                s += &format!("{c:<width$}  ", width = w[i]);
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut o = line(head);
+    for r in &rows {
+        o += &line([&r[0], &r[1], &r[2], &r[3], &r[4]]);
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::control::{NodeDrops, PeerDrops, PeerStatus};
+
+    #[test]
+    fn status_text_names_everything() {
+        let s = Status {
+            ready: true,
+            identity: "spiffe://t/a".into(),
+            public_key: "KA".into(),
+            listen: "198.18.0.1:51820".parse().unwrap(),
+            tun: "mesh0".into(),
+            addresses: vec!["100.64.0.1/32".parse().unwrap()],
+            peers: vec![PeerStatus {
+                identity: "spiffe://t/b".into(),
+                public_key: "KB".into(),
+                endpoint: Some("198.18.0.2:51820".parse().unwrap()),
+                addresses: vec!["100.64.0.2/32".parse().unwrap()],
+                latest_handshake: Some(UnixTime(100)),
+                rx_bytes: 2048,
+                tx_bytes: 10,
+                drops: PeerDrops { spoofed_source: 4 },
+            }],
+            drops: NodeDrops {
+                malformed: 1,
+                unknown_peer: 2,
+                no_route: 3,
+            },
+        };
+        let t = render_status(&s, UnixTime(112));
+        for want in [
+            "identity: spiffe://t/a",
+            "listening: 198.18.0.1:51820 (tun mesh0, ready)",
+            "drops: malformed 1, unknown_peer 2, no_route 3",
+            "peer: spiffe://t/b",
+            "endpoint: 198.18.0.2:51820",
+            "latest handshake: 1970-01-01T00:01:40Z (12 seconds ago)",
+            "transfer: 2.00 KiB received, 10 B sent",
+            "drops: spoofed_source 4",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+    }
+
+    #[test]
+    fn peer_table_is_aligned() {
+        let l = PeerList {
+            peers: vec![PeerInfo {
+                identity: "spiffe://t/b".into(),
+                public_key: "K".into(),
+                endpoint: None,
+                addresses: vec!["100.64.0.2/32".parse().unwrap()],
+                groups: vec![],
+                not_after: UnixTime(0),
+                source: "runtime".into(),
+            }],
+        };
+        let t = render_peer_list(&l);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].find("ENDPOINT"), lines[1].find('-'));
+    }
+}

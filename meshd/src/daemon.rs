@@ -1,0 +1,617 @@
+//! The daemon's state and control-plane operations: loading and checking everything
+//! the configuration names (before anything touches the network), the peer registry
+//! (config peers + persisted runtime changes), status, and the swap of peer-table
+//! snapshots the data path reads.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use mesh_proto::cert::{Ca, Certificate, VerifiedCert, VerifyError};
+use mesh_proto::config::{Config, ConfigError};
+use mesh_proto::control::{PeerInfo, PeerList, PeerStatus, Status};
+use mesh_proto::files;
+use mesh_proto::identity::SpiffeId;
+use mesh_proto::key::{PrivateKey, PublicKey};
+use mesh_proto::time::UnixTime;
+
+use crate::device::{route_needed, Tun};
+use crate::enforce::Enforce;
+use crate::peers::{Node, Peer, PeerSpec, PeerTable};
+use crate::state::{PeerChanges, StoredPeer};
+use crate::transport::Udp;
+
+/// Where a peer comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Config,
+    Runtime,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Runtime => "runtime",
+        }
+    }
+}
+
+/// One peer of the effective set: a certificate the CA signed, and where to reach it.
+#[derive(Clone, Debug)]
+pub struct PeerEntry {
+    pub cert: Certificate,
+    pub spec: PeerSpec,
+    pub endpoint: Option<SocketAddr>,
+    pub source: Source,
+}
+
+/// Everything the configuration names, read and verified. Producing this touches no
+/// network state; `meshd check-config` stops here.
+pub struct Loaded {
+    pub config: Config,
+    pub ca: Ca,
+    pub cert: VerifiedCert,
+    pub key: PrivateKey,
+    pub peers: Vec<PeerEntry>,
+    pub config_peers: Vec<PeerEntry>,
+    pub changes: PeerChanges,
+}
+
+/// What a peer certificate's verification says about it.
+pub fn peer_spec(cert: &Certificate) -> PeerSpec {
+    PeerSpec {
+        identity: cert.identity().clone(),
+        public_key: *cert.public_key(),
+        addresses: cert.addresses().to_vec(),
+        groups: cert.groups().to_vec(),
+        not_before: cert.not_before(),
+        not_after: cert.not_after(),
+    }
+}
+
+/// Verifies a peer certificate. An expired (or not yet valid) certificate that is
+/// otherwise sound is accepted into the registry with `Ok(false)`: it stays listed and
+/// is refused at handshake time with a log line. Anything else is an error.
+pub fn check_peer(
+    ca: &Ca,
+    own: &Certificate,
+    cert: &Certificate,
+    now: UnixTime,
+) -> Result<bool, String> {
+    if cert.identity() == own.identity() {
+        return Err(format!("{} is this node's own identity", cert.identity()));
+    }
+    if cert.public_key() == own.public_key() {
+        return Err("certificate has this node's own public key".into());
+    }
+    if let Some(a) = cert.addresses().iter().find(|a| {
+        own.addresses()
+            .iter()
+            .any(|o| o.contains(*a) || a.contains(o))
+    }) {
+        return Err(format!("address {a} overlaps this node's own addresses"));
+    }
+    match ca.verify(cert, now) {
+        Ok(_) => Ok(true),
+        Err(VerifyError::Expired(_) | VerifyError::NotYetValid(_)) => {
+            // Sound apart from the time: check signature and constraints as of a
+            // moment inside its window.
+            ca.verify(cert, cert.not_after())
+                .map(|_| false)
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Reads the node's CA, certificate and key, the config peers and the persisted peer
+/// changes, and checks them all. Every error names the config field it comes from.
+pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
+    let n = &config.node;
+    let ca_cert =
+        files::read_certificate(&n.ca).map_err(|e| config.error("node.ca", one_line(&e)))?;
+    let ca = Ca::new(ca_cert)
+        .map_err(|e| config.error("node.ca", format!("{}: {e}", n.ca.display())))?;
+    let own =
+        files::read_certificate(&n.cert).map_err(|e| config.error("node.cert", one_line(&e)))?;
+    let cert = ca
+        .verify(&own, now)
+        .map_err(|e| config.error("node.cert", format!("{}: {e}", n.cert.display())))?;
+    let key =
+        files::read_private_key(&n.key).map_err(|e| config.error("node.key", one_line(&e)))?;
+    if key.public_key().as_bytes() != cert.public_key() {
+        return Err(config.error(
+            "node.key",
+            format!(
+                "{} does not match the public key in {}",
+                n.key.display(),
+                n.cert.display()
+            ),
+        ));
+    }
+
+    let mut config_peers = Vec::new();
+    for (i, p) in config.peers.iter().enumerate() {
+        let field = format!("peer[{i}].cert");
+        let c = files::read_certificate(&p.cert).map_err(|e| config.error(&field, one_line(&e)))?;
+        let valid = check_peer(&ca, &cert, &c, now)
+            .map_err(|e| config.error(&field, format!("{}: {e}", p.cert.display())))?;
+        if !valid {
+            tracing::error!(
+                peer = %c.identity(),
+                "peer refused: {}: certificate expired at {} (valid from {})",
+                p.cert.display(), c.not_after(), c.not_before()
+            );
+        }
+        config_peers.push(PeerEntry {
+            spec: peer_spec(&c),
+            cert: c,
+            endpoint: p.endpoint,
+            source: Source::Config,
+        });
+    }
+
+    let changes = PeerChanges::load(&n.state_dir)
+        .map_err(|e| config.error("node.state_dir", one_line(&e)))?;
+    let mut peers: Vec<PeerEntry> = config_peers
+        .iter()
+        .filter(|p| {
+            let id = p.spec.identity.to_string();
+            !changes.removed.contains(&id) && !changes.added.iter().any(|a| a.identity == id)
+        })
+        .cloned()
+        .collect();
+    for s in &changes.added {
+        let c = match Certificate::from_pem(&s.cert) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(peer = %s.identity, "stored peer skipped: {e}");
+                continue;
+            }
+        };
+        match check_peer(&ca, &cert, &c, now) {
+            Ok(valid) => {
+                if !valid {
+                    tracing::error!(peer = %c.identity(), "peer refused: certificate expired at {}", c.not_after());
+                }
+                peers.push(PeerEntry {
+                    spec: peer_spec(&c),
+                    cert: c,
+                    endpoint: s.endpoint,
+                    source: Source::Runtime,
+                });
+            }
+            Err(e) => tracing::error!(peer = %s.identity, "stored peer skipped: {e}"),
+        }
+    }
+    Ok(Loaded {
+        config,
+        ca,
+        cert,
+        key,
+        peers,
+        config_peers,
+        changes,
+    })
+}
+
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().replace('\n', " ")
+}
+
+/// A shutdown flag the loops poll and the timer thread waits on.
+#[derive(Default)]
+pub struct Shutdown {
+    flag: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Shutdown {
+    pub fn new() -> Arc<Shutdown> {
+        Arc::new(Shutdown::default())
+    }
+
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _g = self.lock.lock();
+        self.cv.notify_all();
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Waits up to `d`; true if shutdown was triggered.
+    pub fn wait_timeout(&self, d: Duration) -> bool {
+        let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_set() {
+            return true;
+        }
+        let _ = self.cv.wait_timeout(g, d);
+        self.is_set()
+    }
+}
+
+/// The control plane's view of the peers: entries plus the persisted changes.
+struct Registry {
+    entries: Vec<PeerEntry>,
+    config_peers: Vec<PeerEntry>,
+    changes: PeerChanges,
+    /// Routes currently installed because of peers (when routes are derived from them).
+    peer_routes: BTreeSet<IpNet>,
+}
+
+/// The running daemon, shared by the I/O threads.
+pub struct Daemon {
+    pub node: Node,
+    pub table: ArcSwap<PeerTable>,
+    pub enforce: Box<dyn Enforce>,
+    pub tun: Tun,
+    pub udp: Udp,
+    pub shutdown: Arc<Shutdown>,
+    pub ready: AtomicBool,
+    config: Config,
+    ca: Ca,
+    own: VerifiedCert,
+    registry: Mutex<Registry>,
+    next_index: AtomicU32,
+    /// Routes come from the peers' addresses (no `routes` in the config and no CA
+    /// address constraints): they change with the peer set.
+    dynamic_routes: bool,
+}
+
+/// Why the daemon could not start (after the config checked out).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error(transparent)]
+    Bind(#[from] crate::transport::BindError),
+    #[error("{0}")]
+    Peers(String),
+}
+
+impl Daemon {
+    /// Creates the TUN, binds the socket, installs routes and builds the first peer
+    /// table.
+    pub fn start(
+        loaded: Loaded,
+        enforce: Box<dyn Enforce>,
+        shutdown: Arc<Shutdown>,
+    ) -> Result<Daemon, StartError> {
+        let Loaded {
+            config,
+            ca,
+            cert,
+            key,
+            peers,
+            config_peers,
+            changes,
+        } = loaded;
+        let node = Node::new(*key.as_bytes());
+        let table =
+            build_table(&node, &peers, &PeerTable::default(), 1).map_err(StartError::Peers)?;
+        let own_addrs = cert.addresses().to_vec();
+        let tun = Tun::create(&config.node.tun, config.node.mtu, &own_addrs)?;
+        let udp = Udp::bind(config.node.listen)?;
+
+        let ca_constraints: Vec<IpNet> = ca
+            .cert()
+            .ca_constraints()
+            .map(|c| c.addresses.clone())
+            .unwrap_or_default();
+        let (static_routes, dynamic_routes) = match &config.node.routes {
+            Some(r) => (r.clone(), false),
+            None if !ca_constraints.is_empty() => (ca_constraints, false),
+            None => (Vec::new(), true),
+        };
+        for r in static_routes.iter().filter(|r| route_needed(r, &own_addrs)) {
+            tun.add_route(*r)?;
+        }
+        let mut peer_routes = BTreeSet::new();
+        if dynamic_routes {
+            for r in peer_route_set(&peers, &own_addrs) {
+                tun.add_route(r)?;
+                peer_routes.insert(r);
+            }
+        }
+        tracing::info!(
+            identity = %cert.identity(),
+            tun = tun.name(),
+            listen = %udp.local_addr(),
+            peers = peers.len(),
+            "meshd up"
+        );
+        let next = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
+        Ok(Daemon {
+            node,
+            table: ArcSwap::from_pointee(table),
+            enforce,
+            tun,
+            udp,
+            shutdown,
+            ready: AtomicBool::new(false),
+            config,
+            ca,
+            own: cert,
+            registry: Mutex::new(Registry {
+                entries: peers,
+                config_peers,
+                changes,
+                peer_routes,
+            }),
+            next_index: AtomicU32::new(next),
+            dynamic_routes,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn status(&self) -> Status {
+        let table = self.table.load();
+        let peers = table
+            .peers()
+            .iter()
+            .map(|p| {
+                let s = p.stats();
+                PeerStatus {
+                    identity: p.spec.identity.to_string(),
+                    public_key: PublicKey::from(p.spec.public_key).to_base64(),
+                    endpoint: s.endpoint,
+                    addresses: p.spec.addresses.clone(),
+                    latest_handshake: s.latest_handshake,
+                    rx_bytes: s.rx_bytes,
+                    tx_bytes: s.tx_bytes,
+                    drops: s.drops,
+                }
+            })
+            .collect();
+        Status {
+            ready: self.ready.load(Ordering::SeqCst),
+            identity: self.own.identity().to_string(),
+            public_key: PublicKey::from(self.node.public_key()).to_base64(),
+            listen: self.udp.local_addr(),
+            tun: self.tun.name().to_string(),
+            addresses: self.own.addresses().to_vec(),
+            peers,
+            drops: self.node.drops(),
+        }
+    }
+
+    pub fn peer_list(&self) -> PeerList {
+        let reg = self.lock_registry();
+        let table = self.table.load();
+        PeerList {
+            peers: reg
+                .entries
+                .iter()
+                .map(|e| {
+                    let endpoint = table
+                        .by_identity(&e.spec.identity)
+                        .and_then(|p| p.endpoint())
+                        .or(e.endpoint);
+                    info(e, endpoint)
+                })
+                .collect(),
+        }
+    }
+
+    fn lock_registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates and adds (or replaces) a peer; persisted before it takes effect.
+    pub fn peer_add(
+        &self,
+        pem: &str,
+        endpoint: Option<SocketAddr>,
+        now: UnixTime,
+    ) -> Result<PeerInfo, String> {
+        let cert = Certificate::from_pem(pem).map_err(|e| format!("peer_add: {e}"))?;
+        self.ca
+            .verify(&cert, now)
+            .map_err(|e| format!("peer_add: {}: {e}", cert.identity()))?;
+        check_peer(&self.ca, &self.own, &cert, now)
+            .map_err(|e| format!("peer_add: {}: {e}", cert.identity()))?;
+        let entry = PeerEntry {
+            spec: peer_spec(&cert),
+            cert,
+            endpoint,
+            source: Source::Runtime,
+        };
+        let id = entry.spec.identity.to_string();
+        let mut reg = self.lock_registry();
+        let mut entries = reg.entries.clone();
+        entries.retain(|e| e.spec.identity != entry.spec.identity);
+        entries.push(entry.clone());
+        let mut changes = reg.changes.clone();
+        changes.add(StoredPeer {
+            identity: id.clone(),
+            cert: entry.cert.to_pem(),
+            endpoint,
+        });
+        self.commit(&mut reg, entries, changes)?;
+        if let Some(ep) = endpoint {
+            // An unchanged peer keeps its session; the operator's endpoint still wins.
+            if let Some(p) = self.table.load().by_identity(&entry.spec.identity) {
+                p.set_endpoint(Some(ep));
+            }
+        }
+        tracing::info!(peer = %id, "peer added");
+        Ok(info(&entry, endpoint))
+    }
+
+    /// Removes a peer (config or runtime); persisted before it takes effect.
+    pub fn peer_remove(&self, identity: &str) -> Result<String, String> {
+        let id =
+            SpiffeId::parse(identity).map_err(|e| format!("peer_remove: {identity:?}: {e}"))?;
+        let mut reg = self.lock_registry();
+        let Some(pos) = reg.entries.iter().position(|e| e.spec.identity == id) else {
+            return Err(format!("peer_remove: no peer {id}"));
+        };
+        let mut entries = reg.entries.clone();
+        entries.remove(pos);
+        let from_config = reg.config_peers.iter().any(|e| e.spec.identity == id);
+        let mut changes = reg.changes.clone();
+        changes.remove(&id.to_string(), from_config);
+        self.commit(&mut reg, entries, changes)?;
+        tracing::info!(peer = %id, "peer removed");
+        Ok(id.to_string())
+    }
+
+    /// Builds the new table (validating it), persists the changes, then swaps the
+    /// snapshot and updates routes. Nothing changes if any step before the swap fails.
+    fn commit(
+        &self,
+        reg: &mut Registry,
+        entries: Vec<PeerEntry>,
+        changes: PeerChanges,
+    ) -> Result<(), String> {
+        let old = self.table.load_full();
+        let hint = self.next_index.load(Ordering::Relaxed);
+        let table = build_table(&self.node, &entries, &old, hint)?;
+        changes
+            .save(&self.config.node.state_dir)
+            .map_err(|e| format!("cannot persist peers: {e}"))?;
+        let max = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
+        self.next_index.fetch_max(max, Ordering::Relaxed);
+        self.table.store(Arc::new(table));
+        if self.dynamic_routes {
+            let want = peer_route_set(&entries, self.own.addresses());
+            for r in want.difference(&reg.peer_routes) {
+                if let Err(e) = self.tun.add_route(*r) {
+                    tracing::error!("{e}");
+                }
+            }
+            for r in reg.peer_routes.difference(&want) {
+                if let Err(e) = self.tun.remove_route(*r) {
+                    tracing::warn!("{e}");
+                }
+            }
+            reg.peer_routes = want;
+        }
+        reg.entries = entries;
+        reg.changes = changes;
+        Ok(())
+    }
+}
+
+fn info(e: &PeerEntry, endpoint: Option<SocketAddr>) -> PeerInfo {
+    PeerInfo {
+        identity: e.spec.identity.to_string(),
+        public_key: PublicKey::from(e.spec.public_key).to_base64(),
+        endpoint,
+        addresses: e.spec.addresses.clone(),
+        groups: e.spec.groups.clone(),
+        not_after: e.spec.not_after,
+        source: e.source.as_str().to_string(),
+    }
+}
+
+fn peer_route_set(peers: &[PeerEntry], own: &[IpNet]) -> BTreeSet<IpNet> {
+    peers
+        .iter()
+        .flat_map(|p| p.spec.addresses.iter().map(|a| a.trunc()))
+        .filter(|r| route_needed(r, own))
+        .collect()
+}
+
+/// Builds a table for `entries`, keeping the session (and counters) of every peer
+/// whose certificate facts are unchanged, so a peer change elsewhere does not
+/// interrupt traffic.
+pub fn build_table(
+    node: &Node,
+    entries: &[PeerEntry],
+    old: &PeerTable,
+    mut hint: u32,
+) -> Result<PeerTable, String> {
+    let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(entries.len());
+    let mut fresh: Vec<usize> = Vec::new();
+    for e in entries {
+        match old.by_identity(&e.spec.identity) {
+            Some(p) if p.spec == e.spec => {
+                if let Some(ep) = e.endpoint {
+                    if p.endpoint().is_none() {
+                        p.set_endpoint(Some(ep));
+                    }
+                }
+                peers.push(p.clone())
+            }
+            _ => {
+                fresh.push(peers.len());
+                peers.push(Arc::new(node.new_peer(e.spec.clone(), 0, e.endpoint)));
+            }
+        }
+    }
+    // Give new peers slots unused by both the old and the kept peers.
+    let used: BTreeSet<u32> = peers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !fresh.contains(i))
+        .map(|(_, p)| p.index)
+        .chain(old.peers().iter().map(|p| p.index))
+        .collect();
+    for i in fresh {
+        hint &= crate::peers::INDEX_MASK;
+        while hint == 0 || used.contains(&hint) {
+            hint = (hint + 1) & crate::peers::INDEX_MASK;
+        }
+        let e = &entries[i];
+        peers[i] = Arc::new(node.new_peer(e.spec.clone(), hint, e.endpoint));
+        hint += 1;
+    }
+    PeerTable::new(peers).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::testing::TestCa;
+
+    #[test]
+    fn check_peer_accepts_sound_refuses_foreign_and_self() {
+        let ca = TestCa::new("t");
+        let now = mesh_proto::testing::NOW;
+        let (own, _) = ca.leaf("spiffe://t/a", &["100.64.0.1/32"]);
+        let (b, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        let (old, _) = ca.expired_leaf("spiffe://t/c", &["100.64.0.3/32"]);
+        let (foreign, _) = ca.foreign_leaf("spiffe://t/d", &["100.64.0.4/32"]);
+        let (clash, _) = ca.leaf("spiffe://t/e", &["100.64.0.1/32"]);
+        assert_eq!(check_peer(&ca.ca(), &own, &b, now), Ok(true));
+        assert_eq!(check_peer(&ca.ca(), &own, &old, now), Ok(false));
+        assert!(check_peer(&ca.ca(), &own, &foreign, now).is_err());
+        assert!(check_peer(&ca.ca(), &own, &own, now)
+            .unwrap_err()
+            .contains("own identity"));
+        assert!(check_peer(&ca.ca(), &own, &clash, now)
+            .unwrap_err()
+            .contains("overlaps"));
+    }
+
+    #[test]
+    fn rebuild_keeps_unchanged_peers() {
+        let ca = TestCa::new("t");
+        let (b, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        let (c, _) = ca.leaf("spiffe://t/c", &["100.64.0.3/32"]);
+        let entry = |cert: &Certificate| PeerEntry {
+            spec: peer_spec(cert),
+            cert: cert.clone(),
+            endpoint: None,
+            source: Source::Runtime,
+        };
+        let node = Node::new(*PrivateKey::generate().as_bytes());
+        let t1 = build_table(&node, &[entry(&b)], &PeerTable::default(), 1).unwrap();
+        let t2 = build_table(&node, &[entry(&b), entry(&c)], &t1, 1).unwrap();
+        assert!(Arc::ptr_eq(&t1.peers()[0], &t2.peers()[0]));
+        assert_ne!(t2.peers()[0].index, t2.peers()[1].index);
+        assert!(t2.route("100.64.0.3".parse().unwrap()).is_some());
+    }
+}

@@ -1,0 +1,280 @@
+//! The TUN device (I/O shell): created with tun-rs, addressed from the node's own
+//! certificate, routes for the mesh prefixes added over rtnetlink. The kernel removes
+//! the device, its addresses and its routes when the last descriptor closes, so a
+//! clean shutdown (or a crash) leaves nothing behind.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, RawFd};
+
+use ipnet::IpNet;
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+/// Why the TUN could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot create TUN device {name}: {source}")]
+    Create { name: String, source: io::Error },
+    #[error("cannot add address {addr} to {name}: {source}")]
+    Address {
+        name: String,
+        addr: IpNet,
+        source: io::Error,
+    },
+    #[error("cannot {op} route {net} via {name}: {source}")]
+    Route {
+        op: &'static str,
+        name: String,
+        net: IpNet,
+        source: io::Error,
+    },
+}
+
+/// An up, addressed TUN device in non-blocking mode.
+pub struct Tun {
+    dev: SyncDevice,
+    name: String,
+    index: u32,
+}
+
+impl Tun {
+    /// Creates `name` with `mtu` and the given addresses (each as a host address with
+    /// the prefix from the certificate), and brings it up.
+    pub fn create(name: &str, mtu: u16, addresses: &[IpNet]) -> Result<Tun, DeviceError> {
+        let create = |source| DeviceError::Create {
+            name: name.to_string(),
+            source,
+        };
+        let dev = DeviceBuilder::new()
+            .name(name)
+            .mtu(mtu)
+            .enable(true)
+            .build_sync()
+            .map_err(create)?;
+        for a in addresses {
+            let r = match a {
+                IpNet::V4(n) => dev.add_address_v4(n.addr(), n.prefix_len()),
+                IpNet::V6(n) => dev.add_address_v6(n.addr(), n.prefix_len()),
+            };
+            r.map_err(|source| DeviceError::Address {
+                name: name.to_string(),
+                addr: *a,
+                source,
+            })?;
+        }
+        dev.set_nonblocking(true).map_err(create)?;
+        let index = dev.if_index().map_err(create)?;
+        let name = dev.name().unwrap_or_else(|_| name.to_string());
+        Ok(Tun { dev, name, index })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one packet; `WouldBlock` when none is waiting.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.dev.recv(buf)
+    }
+
+    pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        self.dev.send(packet)
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.dev.as_raw_fd()
+    }
+
+    pub fn add_route(&self, net: IpNet) -> Result<(), DeviceError> {
+        netlink::route(true, net, self.index).map_err(|source| DeviceError::Route {
+            op: "add",
+            name: self.name.clone(),
+            net,
+            source,
+        })
+    }
+
+    pub fn remove_route(&self, net: IpNet) -> Result<(), DeviceError> {
+        netlink::route(false, net, self.index).map_err(|source| DeviceError::Route {
+            op: "remove",
+            name: self.name.clone(),
+            net,
+            source,
+        })
+    }
+}
+
+/// Whether a route for `net` is needed at all: a route that is exactly one of our own
+/// host addresses would only shadow the local route.
+pub fn route_needed(net: &IpNet, own: &[IpNet]) -> bool {
+    !own.iter()
+        .any(|o| o.trunc() == *net && o.prefix_len() == o.max_prefix_len())
+        && !matches!(net.addr(), IpAddr::V4(a) if a.is_unspecified() && net.prefix_len() == 0)
+        && !matches!(net.addr(), IpAddr::V6(a) if a.is_unspecified() && net.prefix_len() == 0)
+}
+
+/// Minimal rtnetlink client: add or delete one route through an interface.
+mod netlink {
+    use std::io;
+    use std::mem;
+
+    use ipnet::IpNet;
+
+    const NLMSG_HDR: usize = 16;
+    const RTMSG: usize = 12;
+
+    fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
+        let len = 4 + data.len();
+        buf.extend_from_slice(&(len as u16).to_ne_bytes());
+        buf.extend_from_slice(&kind.to_ne_bytes());
+        buf.extend_from_slice(data);
+        while !buf.len().is_multiple_of(4) {
+            buf.push(0);
+        }
+    }
+
+    /// The request bytes for RTM_NEWROUTE / RTM_DELROUTE (main table, link scope).
+    pub(super) fn message(add: bool, net: IpNet, oif: u32, seq: u32) -> Vec<u8> {
+        let mut b = Vec::with_capacity(64);
+        let (kind, flags) = if add {
+            (
+                libc::RTM_NEWROUTE,
+                libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE,
+            )
+        } else {
+            (libc::RTM_DELROUTE, libc::NLM_F_REQUEST | libc::NLM_F_ACK)
+        };
+        b.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
+        b.extend_from_slice(&kind.to_ne_bytes());
+        b.extend_from_slice(&(flags as u16).to_ne_bytes());
+        b.extend_from_slice(&seq.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        let family = match net {
+            IpNet::V4(_) => libc::AF_INET,
+            IpNet::V6(_) => libc::AF_INET6,
+        } as u8;
+        b.extend_from_slice(&[
+            family,
+            net.prefix_len(),
+            0,
+            0,
+            libc::RT_TABLE_MAIN,
+            libc::RTPROT_STATIC,
+            libc::RT_SCOPE_LINK,
+            libc::RTN_UNICAST,
+        ]);
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        debug_assert_eq!(b.len(), NLMSG_HDR + RTMSG);
+        match net.trunc() {
+            IpNet::V4(n) => push_attr(&mut b, libc::RTA_DST, &n.addr().octets()),
+            IpNet::V6(n) => push_attr(&mut b, libc::RTA_DST, &n.addr().octets()),
+        }
+        push_attr(&mut b, libc::RTA_OIF, &oif.to_ne_bytes());
+        let len = b.len() as u32;
+        b[..4].copy_from_slice(&len.to_ne_bytes());
+        b
+    }
+
+    pub(super) fn route(add: bool, net: IpNet, oif: u32) -> io::Result<()> {
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let _close = Close(fd);
+        let msg = message(add, net, oif, 1);
+        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: `msg` and `addr` are valid for the lengths passed.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut reply = [0u8; 1024];
+        // SAFETY: `reply` is valid for writes of its length.
+        let n = unsafe { libc::recv(fd, reply.as_mut_ptr().cast(), reply.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n < NLMSG_HDR + 4 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "short netlink reply",
+            ));
+        }
+        let kind = u16::from_ne_bytes([reply[4], reply[5]]);
+        if kind != libc::NLMSG_ERROR as u16 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unexpected netlink reply",
+            ));
+        }
+        let errno = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
+        match errno {
+            0 => Ok(()),
+            // Deleting a route the kernel already removed is fine.
+            e if !add && -e == libc::ESRCH => Ok(()),
+            e => Err(io::Error::from_raw_os_error(-e)),
+        }
+    }
+
+    struct Close(i32);
+    impl Drop for Close {
+        fn drop(&mut self) {
+            // SAFETY: we own this descriptor and close it once.
+            unsafe { libc::close(self.0) };
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn route_message_layout() {
+            let m = super::message(true, "100.64.0.0/10".parse().unwrap(), 7, 1);
+            // header + rtmsg + RTA_DST(4+4) + RTA_OIF(4+4)
+            assert_eq!(m.len(), 16 + 12 + 8 + 8);
+            assert_eq!(
+                u32::from_ne_bytes([m[0], m[1], m[2], m[3]]) as usize,
+                m.len()
+            );
+            assert_eq!(m[16], libc::AF_INET as u8);
+            assert_eq!(m[17], 10);
+            assert_eq!(&m[32..36], &[100, 64, 0, 0]);
+            assert_eq!(u32::from_ne_bytes([m[40], m[41], m[42], m[43]]), 7);
+            let m6 = super::message(false, "fd00:6d65:7368::/48".parse().unwrap(), 3, 2);
+            assert_eq!(m6.len(), 16 + 12 + 20 + 8);
+            assert_eq!(m6[17], 48);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_host_routes_are_skipped() {
+        let own: Vec<IpNet> = vec!["100.64.0.1/32".parse().unwrap()];
+        assert!(!route_needed(&"100.64.0.1/32".parse().unwrap(), &own));
+        assert!(route_needed(&"100.64.0.2/32".parse().unwrap(), &own));
+        assert!(route_needed(&"100.64.0.0/10".parse().unwrap(), &own));
+        assert!(!route_needed(&"0.0.0.0/0".parse().unwrap(), &own));
+    }
+}

@@ -1,0 +1,393 @@
+//! Two (or three) nodes exchanging packets through the sans-IO core over an in-memory
+//! link: handshake on demand, queued packets flushed, secure naming, unknown keys,
+//! expiry, roaming, garbage.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use mesh_proto::key::PrivateKey;
+
+use super::*;
+use crate::enforce::DefaultOnly;
+use crate::wire::build;
+
+const NOW: UnixTime = UnixTime(1_795_673_877);
+
+struct Host {
+    node: Node,
+    table: PeerTable,
+    addr: SocketAddr,
+    delivered: Vec<Vec<u8>>,
+}
+
+fn spec(name: &str, key: &PrivateKey, addrs: &[&str]) -> PeerSpec {
+    PeerSpec {
+        identity: SpiffeId::parse(&format!("spiffe://t/{name}")).unwrap(),
+        public_key: *key.public_key().as_bytes(),
+        addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        groups: vec![],
+        not_before: NOW.saturating_sub(3600),
+        not_after: NOW.saturating_add(3600),
+    }
+}
+
+fn host(key: &PrivateKey, addr: &str, peers: Vec<(PeerSpec, Option<SocketAddr>)>) -> Host {
+    let node = Node::new(*key.as_bytes());
+    let peers = peers
+        .into_iter()
+        .enumerate()
+        .map(|(i, (s, ep))| Arc::new(node.new_peer(s, i as u32 + 1, ep)))
+        .collect();
+    Host {
+        table: PeerTable::new(peers).unwrap(),
+        node,
+        addr: addr.parse().unwrap(),
+        delivered: vec![],
+    }
+}
+
+/// Datagrams in flight: (from, to, bytes).
+type Link = VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>;
+
+fn send_from_tun(h: &Host, packet: &[u8], link: &mut Link) -> Option<DropReason> {
+    let mut dst = vec![0u8; 2048];
+    match outbound(&h.node, &h.table, packet, &mut dst, NOW) {
+        Outbound::Send { to, data } => {
+            link.push_back((h.addr, to, data.to_vec()));
+            None
+        }
+        Outbound::Queued => None,
+        Outbound::Drop(r) => Some(r),
+    }
+}
+
+/// Delivers every datagram in flight to the host that owns its destination; returns
+/// the inbound drops seen.
+fn run(hosts: &mut [&mut Host], link: &mut Link) -> Vec<DropReason> {
+    let mut drops = vec![];
+    let mut dst = vec![0u8; 2048];
+    let mut flushed = vec![0u8; 2048];
+    let enforce = DefaultOnly::allow_all();
+    while let Some((from, to, bytes)) = link.pop_front() {
+        let Some(h) = hosts.iter_mut().find(|h| h.addr == to) else {
+            continue;
+        };
+        match inbound(&h.node, &h.table, &enforce, from, &bytes, &mut dst, NOW) {
+            Inbound::Deliver(p) => h.delivered.push(p.to_vec()),
+            Inbound::Send { to, data, flush: f } => {
+                link.push_back((h.addr, to, data.to_vec()));
+                if let Some(peer) = f {
+                    while let Some(t) = flush(&peer, &mut flushed) {
+                        link.push_back((h.addr, t.to, t.data.to_vec()));
+                    }
+                }
+            }
+            Inbound::Done => {}
+            Inbound::Rehandshake(peer) => {
+                if let Some(t) = initiate(&peer, &mut flushed) {
+                    link.push_back((h.addr, t.to, t.data.to_vec()));
+                }
+            }
+            Inbound::Drop(r) => drops.push(r),
+        }
+    }
+    drops
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+struct Pair {
+    a: Host,
+    b: Host,
+}
+
+fn pair() -> Pair {
+    let ka = PrivateKey::generate();
+    let kb = PrivateKey::generate();
+    let sa = spec("a", &ka, &["100.64.0.1/32", "fd00:6d65:7368::1/128"]);
+    let sb = spec("b", &kb, &["100.64.0.2/32", "fd00:6d65:7368::2/128"]);
+    let a = host(
+        &ka,
+        "198.18.0.1:51820",
+        vec![(sb, Some("198.18.0.2:51820".parse().unwrap()))],
+    );
+    // B does not know A's endpoint: it learns it from the authenticated handshake.
+    let b = host(&kb, "198.18.0.2:51820", vec![(sa, None)]);
+    Pair { a, b }
+}
+
+#[test]
+fn handshake_on_demand_then_data_both_ways_v4_and_v6() {
+    let Pair { mut a, mut b, .. } = pair();
+    let mut link = Link::new();
+    let p1 = build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"first");
+    assert_eq!(send_from_tun(&a, &p1, &mut link), None);
+    // The first packet waits in the queue behind a handshake initiation.
+    assert_eq!(link.len(), 1);
+    assert_eq!(link[0].2.len(), 148);
+    assert_eq!(run(&mut [&mut a, &mut b], &mut link), vec![]);
+    assert_eq!(b.delivered, vec![p1.clone()]);
+
+    let p2 = build::udp(ip("fd00:6d65:7368::2"), ip("fd00:6d65:7368::1"), b"v6 back");
+    assert_eq!(send_from_tun(&b, &p2, &mut link), None);
+    assert_eq!(run(&mut [&mut a, &mut b], &mut link), vec![]);
+    assert_eq!(a.delivered, vec![p2.clone()]);
+
+    let sa = b.table.peers()[0].stats();
+    assert_eq!(sa.endpoint, Some("198.18.0.1:51820".parse().unwrap()));
+    assert_eq!(sa.latest_handshake, Some(NOW));
+    assert_eq!(sa.rx_bytes, p1.len() as u64);
+    assert_eq!(sa.tx_bytes, p2.len() as u64);
+    let sb = a.table.peers()[0].stats();
+    assert_eq!(sb.latest_handshake, Some(NOW));
+    assert_eq!(sb.tx_bytes, p1.len() as u64);
+}
+
+#[test]
+fn spoofed_source_is_dropped_and_counted() {
+    let Pair { mut a, mut b, .. } = pair();
+    let mut link = Link::new();
+    let good = build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"ok");
+    send_from_tun(&a, &good, &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    // A (holding only 100.64.0.1) claims 100.64.0.3.
+    let forged = build::udp(ip("100.64.0.3"), ip("100.64.0.2"), b"forged");
+    send_from_tun(&a, &forged, &mut link);
+    let drops = run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(drops, vec![DropReason::SpoofedSource]);
+    assert_eq!(b.delivered, vec![good]);
+    assert_eq!(b.table.peers()[0].stats().drops.spoofed_source, 1);
+}
+
+#[test]
+fn unknown_key_gets_no_answer() {
+    let Pair { mut b, .. } = pair();
+    // C has B in its table, but B does not know C.
+    let kc = PrivateKey::generate();
+    let sb = PeerSpec {
+        public_key: b.node.public_key(),
+        ..spec("b", &kc, &["100.64.0.2/32"])
+    };
+    let mut c = host(&kc, "198.18.0.3:51820", vec![(sb, Some(b.addr))]);
+    let mut link = Link::new();
+    send_from_tun(
+        &c,
+        &build::udp(ip("100.64.0.9"), ip("100.64.0.2"), b"hi"),
+        &mut link,
+    );
+    let drops = run(&mut [&mut b, &mut c], &mut link);
+    assert_eq!(drops, vec![DropReason::UnknownPeer]);
+    assert!(link.is_empty(), "B must not answer");
+    assert_eq!(b.node.drops().unknown_peer, 1);
+}
+
+#[test]
+fn expired_peer_is_refused() {
+    let Pair { mut a, .. } = pair();
+    let kb = PrivateKey::generate();
+    let mut sa = spec("a", &PrivateKey::generate(), &["100.64.0.1/32"]);
+    sa.public_key = a.node.public_key();
+    sa.not_after = NOW.saturating_sub(CLOCK_SKEW_SECS + 1);
+    let mut b = host(&kb, "198.18.0.2:51820", vec![(sa, None)]);
+    // Point A at this B.
+    let sb = spec("b", &kb, &["100.64.0.2/32"]);
+    a.table = PeerTable::new(vec![Arc::new(a.node.new_peer(sb, 7, Some(b.addr)))]).unwrap();
+    let mut link = Link::new();
+    send_from_tun(
+        &a,
+        &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"x"),
+        &mut link,
+    );
+    assert_eq!(
+        run(&mut [&mut a, &mut b], &mut link),
+        vec![DropReason::PeerExpired]
+    );
+    assert!(b.delivered.is_empty());
+    // And B will not send to A either.
+    assert_eq!(
+        send_from_tun(
+            &b,
+            &build::udp(ip("100.64.0.2"), ip("100.64.0.1"), b"x"),
+            &mut link
+        ),
+        Some(DropReason::PeerExpired)
+    );
+}
+
+#[test]
+fn roaming_follows_authenticated_packets_only() {
+    let Pair { mut a, mut b, .. } = pair();
+    let mut link = Link::new();
+    send_from_tun(
+        &a,
+        &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"1"),
+        &mut link,
+    );
+    run(&mut [&mut a, &mut b], &mut link);
+    // A moves: its next packet arrives from a new underlay address.
+    a.addr = "198.18.1.1:40000".parse().unwrap();
+    send_from_tun(
+        &a,
+        &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"2"),
+        &mut link,
+    );
+    run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(b.delivered.len(), 2);
+    assert_eq!(b.table.peers()[0].endpoint(), Some(a.addr));
+    // Garbage from elsewhere changes nothing.
+    link.push_back((
+        "198.18.9.9:1".parse().unwrap(),
+        b.addr,
+        vec![
+            4, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0,
+        ],
+    ));
+    let drops = run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(drops.len(), 1);
+    assert_eq!(b.table.peers()[0].endpoint(), Some(a.addr));
+}
+
+#[test]
+fn garbage_and_bad_tun_packets_are_counted() {
+    let Pair { a, b, .. } = pair();
+    let mut dst = vec![0u8; 2048];
+    let enforce = DefaultOnly::allow_all();
+    let from: SocketAddr = "198.18.0.9:9".parse().unwrap();
+    let mut seed = 0x1234_5678u32;
+    for n in 0..2000 {
+        let len = n % 200;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                seed as u8
+            })
+            .collect();
+        let r = inbound(&b.node, &b.table, &enforce, from, &bytes, &mut dst, NOW);
+        assert!(matches!(r, Inbound::Drop(_)), "datagram {n} not dropped");
+    }
+    let d = b.node.drops();
+    assert_eq!(d.malformed + d.unknown_peer, 2000);
+
+    assert_eq!(
+        outbound(&a.node, &a.table, &[0x45, 0, 0], &mut dst, NOW).drop_reason(),
+        Some(DropReason::Malformed(Malformed::Ip(WireError::Truncated)))
+    );
+    let p = build::udp(ip("100.64.0.1"), ip("100.64.0.77"), b"x");
+    assert_eq!(
+        outbound(&a.node, &a.table, &p, &mut dst, NOW).drop_reason(),
+        Some(DropReason::NoRoute)
+    );
+    assert_eq!(a.node.drops().malformed, 1);
+    assert_eq!(a.node.drops().no_route, 1);
+}
+
+#[test]
+fn table_rejects_conflicts() {
+    let Pair { a, .. } = pair();
+    let k = PrivateKey::generate();
+    let n = &a.node;
+    let s1 = spec("x", &k, &["100.64.0.5/32"]);
+    let s2 = spec("y", &PrivateKey::generate(), &["100.64.0.5/32"]);
+    let s3 = spec("x", &PrivateKey::generate(), &["100.64.0.6/32"]);
+    let s4 = spec("z", &k, &["100.64.0.7/32"]);
+    let p = |s: &PeerSpec, i| Arc::new(n.new_peer(s.clone(), i, None));
+    assert!(matches!(
+        PeerTable::new(vec![p(&s1, 1), p(&s2, 2)]),
+        Err(TableError::DuplicateAddress { .. })
+    ));
+    assert!(matches!(
+        PeerTable::new(vec![p(&s1, 1), p(&s3, 2)]),
+        Err(TableError::DuplicateIdentity(_))
+    ));
+    assert!(matches!(
+        PeerTable::new(vec![p(&s1, 1), p(&s4, 2)]),
+        Err(TableError::DuplicateKey { .. })
+    ));
+    let t = PeerTable::new(
+        vec![p(&s1, 1), p(&s2.clone(), 2)]
+            .into_iter()
+            .take(1)
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(t.free_index(1), 2);
+    assert_eq!(t.route(ip("100.64.0.5")).map(|p| p.index), Some(1));
+}
+
+impl Outbound<'_> {
+    fn drop_reason(&self) -> Option<DropReason> {
+        match self {
+            Outbound::Drop(r) => Some(*r),
+            _ => None,
+        }
+    }
+}
+
+#[test]
+fn restarted_responder_recovers_without_waiting_for_timers() {
+    let Pair { mut a, mut b, .. } = pair();
+    let mut link = Link::new();
+    let p = |s: &[u8]| build::udp(ip("100.64.0.1"), ip("100.64.0.2"), s);
+    send_from_tun(&a, &p(b"before"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(b.delivered.len(), 1);
+    // B restarts: same key, same peers (and, as after a real restart, the same
+    // slots), but no sessions. B knows A's endpoint from its configuration.
+    let spec_a = b.table.peers()[0].spec.clone();
+    let endpoint = b.table.peers()[0].endpoint();
+    b.table = PeerTable::new(vec![Arc::new(b.node.new_peer(spec_a, 1, endpoint))]).unwrap();
+    // The first packet on the old session is lost, but makes B start a handshake.
+    send_from_tun(&a, &p(b"lost"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    send_from_tun(&a, &p(b"after"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(b.delivered.last(), Some(&p(b"after")));
+}
+
+#[test]
+fn link_local_and_multicast_are_not_counted() {
+    let Pair { a, .. } = pair();
+    let mut dst = vec![0u8; 2048];
+    for d in ["ff02::2", "fe80::1"] {
+        let pkt = build::udp(ip("fd00:6d65:7368::1"), ip(d), b"rs");
+        assert_eq!(
+            outbound(&a.node, &a.table, &pkt, &mut dst, NOW).drop_reason(),
+            Some(DropReason::NotRoutable)
+        );
+    }
+    assert_eq!(a.node.drops().no_route, 0);
+}
+
+#[test]
+fn handshake_flood_gets_cookie_replies() {
+    let Pair { a, b, .. } = pair();
+    let mut link = Link::new();
+    send_from_tun(
+        &a,
+        &build::udp(ip("100.64.0.1"), ip("100.64.0.2"), b"x"),
+        &mut link,
+    );
+    let (from, _, init) = link.pop_front().unwrap();
+    let enforce = DefaultOnly::allow_all();
+    let mut dst = vec![0u8; 2048];
+    let mut cookies = 0;
+    for _ in 0..(HANDSHAKE_RATE_LIMIT + 50) {
+        if let Inbound::Send { to, data, flush } =
+            inbound(&b.node, &b.table, &enforce, from, &init, &mut dst, NOW)
+        {
+            if data.len() == COOKIE_REPLY_LEN {
+                assert_eq!(to, from);
+                assert!(flush.is_none());
+                cookies += 1;
+            }
+        }
+    }
+    // Under load, initiations without a valid MAC2 get only a cookie reply (5.4.7).
+    assert!(cookies >= 50, "{cookies} cookie replies");
+}

@@ -1,0 +1,145 @@
+//! Runtime peer changes, persisted in `<state_dir>/peers.json` (written atomically:
+//! temp file, fsync, rename), so a restart comes back with the same peers.
+//!
+//! The effective peer set is `(config peers − removed) ∪ added`, where an added peer
+//! replaces a config peer of the same identity. Removing a config peer records its
+//! identity in `removed`; adding it back clears that.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use mesh_proto::files;
+use serde::{Deserialize, Serialize};
+
+pub const STATE_FILE: &str = "peers.json";
+const STATE_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerChanges {
+    pub version: u32,
+    /// Peers added at run time, by certificate.
+    pub added: Vec<StoredPeer>,
+    /// Identities of config-file peers removed at run time.
+    pub removed: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredPeer {
+    pub identity: String,
+    pub cert: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}: not a meshd peer state file: {message} (fix or move it away; meshd will not overwrite it)", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Write(#[from] files::FileError),
+    #[error("{}: cannot create: {source}", path.display())]
+    CreateDir { path: PathBuf, source: io::Error },
+}
+
+impl PeerChanges {
+    /// Reads the state file; a missing file means "no changes".
+    pub fn load(state_dir: &Path) -> Result<PeerChanges, StateError> {
+        let path = state_dir.join(STATE_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(PeerChanges {
+                    version: STATE_VERSION,
+                    ..PeerChanges::default()
+                })
+            }
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        let c: PeerChanges = serde_json::from_str(&text).map_err(|e| StateError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if c.version != STATE_VERSION {
+            return Err(StateError::Parse {
+                path,
+                message: format!("version {} (expected {STATE_VERSION})", c.version),
+            });
+        }
+        Ok(c)
+    }
+
+    pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StateError::CreateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let mut text = serde_json::to_string_pretty(self).unwrap_or_default();
+        text.push('\n');
+        files::write_atomic(&state_dir.join(STATE_FILE), text.as_bytes(), 0o600)?;
+        Ok(())
+    }
+
+    /// Records an added (or replaced) peer.
+    pub fn add(&mut self, peer: StoredPeer) {
+        self.removed.retain(|r| *r != peer.identity);
+        self.added.retain(|p| p.identity != peer.identity);
+        self.added.push(peer);
+    }
+
+    /// Records a removal. `from_config`: the identity is a config-file peer.
+    pub fn remove(&mut self, identity: &str, from_config: bool) {
+        self.added.retain(|p| p.identity != identity);
+        if from_config && !self.removed.iter().any(|r| r == identity) {
+            self.removed.push(identity.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(id: &str) -> StoredPeer {
+        StoredPeer {
+            identity: id.into(),
+            cert: format!("PEM of {id}"),
+            endpoint: None,
+        }
+    }
+
+    #[test]
+    fn add_remove_bookkeeping() {
+        let mut c = PeerChanges::default();
+        c.add(stored("spiffe://t/b"));
+        c.add(stored("spiffe://t/b"));
+        assert_eq!(c.added.len(), 1);
+        c.remove("spiffe://t/c", true);
+        c.remove("spiffe://t/c", true);
+        assert_eq!(c.removed, vec!["spiffe://t/c".to_string()]);
+        c.add(stored("spiffe://t/c"));
+        assert!(c.removed.is_empty());
+        c.remove("spiffe://t/b", false);
+        assert_eq!(c.added, vec![stored("spiffe://t/c")]);
+    }
+
+    #[test]
+    fn save_load_round_trip_and_refuse_garbage() {
+        let dir = std::env::temp_dir().join(format!("meshd-state-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(PeerChanges::load(&dir).unwrap().added.len(), 0);
+        let mut c = PeerChanges::load(&dir).unwrap();
+        c.add(stored("spiffe://t/b"));
+        c.remove("spiffe://t/x", true);
+        c.save(&dir).unwrap();
+        assert_eq!(PeerChanges::load(&dir).unwrap(), c);
+        std::fs::write(dir.join(STATE_FILE), "{garbage").unwrap();
+        let e = PeerChanges::load(&dir).unwrap_err().to_string();
+        assert!(e.contains("peers.json: not a meshd peer state file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
