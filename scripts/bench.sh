@@ -399,7 +399,16 @@ EOF
     fi
 }
 
-status_ready() { # status_ready SOCKET: ready and, if asked, a completed handshake
+# The first warning or error meshd logged on either host, without its timestamp, as
+# "; meshd said: ...", for a row marked not available.
+meshd_complaint() { # meshd_complaint ROW
+    local line
+    line="$(cat "$WORK/$1/b/meshd.log" "$WORK/$1/a/meshd.log" 2>/dev/null |
+        grep -m1 -E 'WARN|ERROR|error' | sed -E 's/^[0-9T:.Z-]+ +//' | cut -c1-200 || true)"
+    [[ -z "$line" ]] || printf '; meshd said: %s' "$line"
+}
+
+status_ready() { # status_ready SOCKET: meshd says it is ready
     local s
     s="$("$MESHCTL" --socket "$1" status --json 2>/dev/null)" || return 1
     jq -e '.ready == true' <<<"$s" >/dev/null
@@ -421,14 +430,14 @@ start_meshd() { # start_meshd ROW POLICYFN
     MESHD_PIDS+=("$LAST_PID")
     if ! wait_for "$READY_SECS" "meshd ready (host a)" status_ready "$WORK/$row/a/meshd.sock" ||
         ! wait_for "$READY_SECS" "meshd ready (host b)" status_ready "$WORK/$row/b/meshd.sock"; then
-        NOT_AVAILABLE="meshd did not become ready within ${READY_SECS}s: $(tail -n1 "$WORK/$row/a/meshd.log" "$WORK/$row/b/meshd.log" | grep -v '^==>' | grep . | tail -1)"
+        NOT_AVAILABLE="meshd did not become ready within ${READY_SECS}s$(meshd_complaint "$row")"
         return 1
     fi
     # The first packet starts the handshake.
     in_a ping -c1 -W1 "$OVER_B" >/dev/null 2>&1 || true
     if ! wait_for "$READY_SECS" "WireGuard handshake" handshake_done "$WORK/$row/a/meshd.sock" ||
         ! wait_for "$READY_SECS" "overlay ping" in_a ping -c1 -W1 "$OVER_B"; then
-        NOT_AVAILABLE="no traffic over the overlay within ${READY_SECS}s (see $WORK/$row/*/meshd.log)"
+        NOT_AVAILABLE="no traffic over the overlay within ${READY_SECS}s$(meshd_complaint "$row")"
         return 1
     fi
 }
