@@ -66,6 +66,21 @@ WORK=""
 log() { printf 'bench: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# Still running (not yet exited; an exited child stays a zombie until reaped).
+running() { [[ -r /proc/$1/stat ]] && [[ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]]; }
+
+# Stops a process this script started: SIGTERM, up to 5 s, then SIGKILL; reaps it and
+# forgets its PID (so that a later cleanup never signals a reused PID).
+stop_pid() {
+    local pid=$1 p keep=()
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do running "$pid" || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
 cleanup() {
     local rc=$?
     set +e
@@ -73,9 +88,7 @@ cleanup() {
         kill "$pid" 2>/dev/null
     done
     for pid in "${PIDS[@]}"; do
-        # bounded wait, then force
-        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        kill -9 "$pid" 2>/dev/null
+        stop_pid "$pid"
     done
     ip netns del "$NS_A" 2>/dev/null
     ip netns del "$NS_B" 2>/dev/null
@@ -419,7 +432,7 @@ handshake_done() {
     jq -e '[.peers[] | select(.latest_handshake != null)] | length > 0' <<<"$s" >/dev/null
 }
 
-start_meshd() { # start_meshd ROW POLICYFN
+start_meshd() { # start_meshd DIR POLICYFN (DIR under the work directory, e.g. l4/run1)
     local row=$1 policy=$2
     write_host_config "$WORK/$row/a" a b "$UNDER_A" "$UNDER_B" "$policy"
     write_host_config "$WORK/$row/b" b a "$UNDER_B" "$UNDER_A" "$policy"
@@ -465,9 +478,7 @@ check_l7() {
 stop_meshd() {
     local pid
     for pid in "${MESHD_PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
+        stop_pid "$pid"
     done
     MESHD_PIDS=()
 }
@@ -479,36 +490,40 @@ start_servers
 
 declare -A ROW_NOTE
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
-for row in $ROWS; do
-    case $row in
-    bare) dst=$UNDER_B ;;
-    plain | l4 | l7)
-        dst=$OVER_B
-        NOT_AVAILABLE=""
-        if [[ -z "${PKI_DONE:-}" ]]; then
-            ensure_binaries && make_pki && PKI_DONE=1
-        fi
-        if [[ -z "$NOT_AVAILABLE" ]]; then
-            case $row in
-            plain) start_meshd plain "" || true ;;
-            l4) start_meshd l4 policy_l4 || true ;;
-            l7) { start_meshd l7 policy_l7 && check_l7; } || true ;;
-            esac
-        fi
-        if [[ -n "$NOT_AVAILABLE" ]]; then
-            ROW_NOTE[$row]="not available: $NOT_AVAILABLE"
-            log "$row: ${ROW_NOTE[$row]}"
-            stop_meshd
-            continue
-        fi
-        ;;
-    *) die "unknown row $row (bare, plain, l4, l7)" ;;
-    esac
-    for run in $(seq "$RUNS"); do
+# Rows alternate within each run, so that a change in the machine's load over time
+# (other work on a shared machine) weighs on every row alike. meshd starts afresh for
+# each row and run; a row that cannot run is marked once and skipped.
+for run in $(seq "$RUNS"); do
+    for row in $ROWS; do
+        [[ -z "${ROW_NOTE[$row]:-}" ]] || continue
+        case $row in
+        bare) dst=$UNDER_B ;;
+        plain | l4 | l7)
+            dst=$OVER_B
+            NOT_AVAILABLE=""
+            if [[ -z "${PKI_DONE:-}" ]]; then
+                ensure_binaries && make_pki && PKI_DONE=1
+            fi
+            if [[ -z "$NOT_AVAILABLE" ]]; then
+                case $row in
+                plain) start_meshd "$row/run$run" "" || true ;;
+                l4) start_meshd "$row/run$run" policy_l4 || true ;;
+                l7) { start_meshd "$row/run$run" policy_l7 && check_l7; } || true ;;
+                esac
+            fi
+            if [[ -n "$NOT_AVAILABLE" ]]; then
+                ROW_NOTE[$row]="not available: $NOT_AVAILABLE"
+                log "$row: ${ROW_NOTE[$row]}"
+                stop_meshd
+                continue
+            fi
+            ;;
+        *) die "unknown row $row (bare, plain, l4, l7)" ;;
+        esac
         M=()
         run_once "$row" "$dst" "$run"
+        stop_meshd
     done
-    [[ $row == bare ]] || stop_meshd
 done
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 
