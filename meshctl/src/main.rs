@@ -5,8 +5,9 @@
 mod ca;
 mod cert;
 mod key;
-mod policy;
+mod log;
 mod online;
+mod policy;
 
 use clap::{Args, Parser, Subcommand};
 use mesh_proto::time::UnixTime;
@@ -57,6 +58,8 @@ enum Command {
     /// Check, test and explain policy files; apply them to meshd
     #[command(subcommand)]
     Policy(policy::Command),
+    /// Show the running meshd's decision log (denies and audit matches); -f follows
+    Log(log::LogArgs),
     /// Show the running meshd: identity, listen address, peers, handshakes, drops
     Status,
     /// Add, remove and list the running meshd's peers
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Key(c) => key::run(c, &cli.global),
         Command::Policy(c) => policy::run(c, &cli.global),
         Command::Status => online::status(&cli.global),
+        Command::Log(a) => log::run(a, &cli.global),
         Command::Peer(c) => online::peer(c, &cli.global),
     };
     match result {

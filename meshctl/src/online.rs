@@ -41,7 +41,7 @@ pub enum PeerCommand {
     List,
 }
 
-fn socket_path(g: &Global) -> PathBuf {
+pub fn socket_path(g: &Global) -> PathBuf {
     g.socket
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
@@ -197,6 +197,63 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
         );
         o += &format!("  drops: spoofed_source {}\n", p.drops.spoofed_source);
     }
+    if let Some(e) = &s.enforcement {
+        o += &render_enforcement(e);
+    }
+    o
+}
+
+/// The policy in force and what enforcement did, from status' `enforcement` object.
+fn render_enforcement(e: &serde_json::Value) -> String {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let p = &e["policy"];
+    let c = &e["counters"];
+    let name = p["name"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("(none)");
+    let mut o = format!(
+        "\npolicy: {name} ({}), {} policies, default {}\n",
+        p["origin"].as_str().unwrap_or("?"),
+        n(&p["policies"]),
+        p["default"].as_str().unwrap_or("?")
+    );
+    o += &format!(
+        "  flows: {} tracked ({} inspected at layer 7, {} bytes held), {} evicted\n",
+        n(&c["flows"]),
+        n(&c["l7_flows"]),
+        n(&c["l7_held_bytes"]),
+        n(&c["flows_evicted"])
+    );
+    o += &format!(
+        "  packets delivered: {}; http requests: {} decided, {} refused\n",
+        n(&c["delivered"]),
+        n(&c["http_requests"]),
+        n(&c["http_refused"])
+    );
+    if let Some(drops) = c["drops"].as_object().filter(|d| !d.is_empty()) {
+        let list: Vec<String> = drops.iter().map(|(k, v)| format!("{k} {}", n(v))).collect();
+        o += &format!("  drops: {}\n", list.join(", "));
+    }
+    if let Some(rules) = c["rules"].as_array().filter(|r| !r.is_empty()) {
+        o += "  rules:\n";
+        for r in rules {
+            o += &format!(
+                "    {}/{}: allow {}, deny {}, audit {}\n",
+                r["policy"].as_str().unwrap_or("?"),
+                r["rule"].as_str().unwrap_or("?"),
+                n(&r["allow"]),
+                n(&r["deny"]),
+                n(&r["audit"])
+            );
+        }
+    }
+    let l = &e["decision_log"];
+    o += &format!(
+        "  decision log: {} written, {} suppressed\n",
+        n(&l["written"]),
+        n(&l["suppressed"])
+    );
     o
 }
 
@@ -268,11 +325,20 @@ mod tests {
                 unknown_peer: 2,
                 no_route: 3,
             },
+            enforcement: Some(serde_json::json!({
+                "policy": {"name": "p.toml", "origin": "applied", "policies": 2, "default": "deny"},
+                "counters": {"flows": 3, "l7_flows": 1, "drops": {"no_allow_matched": 7},
+                             "rules": [{"policy": "web", "rule": "0", "allow": 5, "deny": 0, "audit": 0}]},
+                "decision_log": {"written": 7, "suppressed": 0},
+            })),
         };
         let t = render_status(&s, UnixTime(112));
         for want in [
             "identity: spiffe://t/a",
             "listening: 198.18.0.1:51820 (tun mesh0, ready)",
+            "policy: p.toml (applied), 2 policies, default deny",
+            "drops: no_allow_matched 7",
+            "web/0: allow 5, deny 0, audit 0",
             "drops: malformed 1, unknown_peer 2, no_route 3",
             "peer: spiffe://t/b",
             "endpoint: 198.18.0.2:51820",

@@ -20,8 +20,10 @@ use mesh_proto::control::{
 use mesh_proto::time::UnixTime;
 
 use crate::daemon::Daemon;
-use crate::datapath::unix_now;
+use crate::datapath::{send_emitted, unix_now};
+use crate::enforce::Emit;
 use crate::transport::wait_readable;
+use mesh_proto::policy::RequestSpec;
 
 /// Concurrent control connections; more are refused with an error reply.
 const MAX_CLIENTS: usize = 16;
@@ -121,6 +123,21 @@ pub fn serve(sock: &ControlSocket, d: Arc<Daemon>) {
     }
 }
 
+/// Whether the client closed its end (a zero-byte peek without blocking).
+fn peer_closed(s: &UnixStream) -> bool {
+    let mut probe = [0u8; 1];
+    // SAFETY: `probe` is valid for writes of its length; MSG_PEEK leaves the data.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            probe.as_mut_ptr().cast(),
+            probe.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+}
+
 /// The uid of the process at the other end of `s`.
 fn peer_uid(s: &UnixStream) -> io::Result<u32> {
     let mut cred = libc::ucred {
@@ -177,7 +194,16 @@ fn client(stream: UnixStream, d: &Daemon) -> io::Result<()> {
                 )?;
                 return Ok(());
             }
-            Ok(_) => handle(d, &line, unix_now()),
+            Ok(_) => {
+                if let Ok(Request::Log {
+                    follow: true,
+                    lines,
+                }) = Request::parse(&line)
+                {
+                    return follow_log(d, out, lines);
+                }
+                handle(d, &line, unix_now())
+            }
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 Response::error("bad request: not UTF-8")
             }
@@ -185,6 +211,34 @@ fn client(stream: UnixStream, d: &Daemon) -> io::Result<()> {
         };
         writeln!(out, "{}", reply.to_line())?;
     }
+}
+
+/// `log -f`: the last lines as one reply, then every new decision as a line of its
+/// own, until the client goes away or the daemon stops.
+fn follow_log(d: &Daemon, mut out: UnixStream, lines: Option<u32>) -> io::Result<()> {
+    let rx = match d.log.follow() {
+        Ok(rx) => rx,
+        Err(e) => {
+            writeln!(out, "{}", Response::error(e.to_string()).to_line())?;
+            return Ok(());
+        }
+    };
+    let n = lines.map_or(LOG_LINES, |n| n as usize);
+    let first = Response::ok(serde_json::json!({ "lines": log_lines(&d.log.tail(n)) }));
+    writeln!(out, "{}", first.to_line())?;
+    while !d.shutdown.is_set() {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) => writeln!(out, "{line}")?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // Notice a client that went away even when nothing is logged.
+                if peer_closed(&out) {
+                    return Ok(());
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 /// What the control socket asks of the daemon; [`Daemon`] implements it, tests use a
@@ -200,6 +254,17 @@ pub trait Api {
         now: UnixTime,
     ) -> Result<PeerInfo, String>;
     fn peer_remove(&self, identity: &str) -> Result<String, String>;
+    /// Validates, tests, persists and swaps in a policy; cuts flows it forbids.
+    fn policy_apply(
+        &self,
+        source: &str,
+        name: &str,
+        now: UnixTime,
+    ) -> Result<serde_json::Value, String>;
+    fn policy_get(&self) -> serde_json::Value;
+    fn explain(&self, spec: RequestSpec) -> serde_json::Value;
+    /// The last `n` decision-log lines, oldest first.
+    fn log_tail(&self, n: usize) -> Vec<Arc<str>>;
 }
 
 impl Api for Daemon {
@@ -220,6 +285,43 @@ impl Api for Daemon {
     fn peer_remove(&self, identity: &str) -> Result<String, String> {
         Daemon::peer_remove(self, identity)
     }
+    fn policy_apply(
+        &self,
+        source: &str,
+        name: &str,
+        now: UnixTime,
+    ) -> Result<serde_json::Value, String> {
+        let (result, cuts) = Daemon::policy_apply(self, source, name, now)?;
+        if !cuts.is_empty() {
+            let mut emit = Emit::default();
+            for cut in &cuts {
+                cut.resets(&mut emit);
+            }
+            let mut buf = vec![0u8; 2048];
+            send_emitted(self, &emit, &mut buf);
+        }
+        Ok(result)
+    }
+    fn policy_get(&self) -> serde_json::Value {
+        Daemon::policy_get(self)
+    }
+    fn explain(&self, spec: RequestSpec) -> serde_json::Value {
+        Daemon::explain(self, spec)
+    }
+    fn log_tail(&self, n: usize) -> Vec<Arc<str>> {
+        self.log.tail(n)
+    }
+}
+
+/// Default number of lines `log` returns.
+const LOG_LINES: usize = 50;
+
+/// The decision-log lines as JSON values (each line is a JSON object).
+fn log_lines(lines: &[Arc<str>]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Serves one request line at `now`.
@@ -239,11 +341,23 @@ pub fn handle(d: &dyn Api, line: &str, now: UnixTime) -> Response {
             Ok(removed) => Response::ok(PeerRemoved { removed }),
             Err(e) => Response::error(e),
         },
-        Request::PolicyApply { .. }
-        | Request::PolicyGet(_)
-        | Request::Explain(_)
-        | Request::Log { .. } => {
-            Response::error("policy operations are not available in this meshd build")
+        Request::PolicyApply { source, name } => {
+            let name = name.unwrap_or_else(|| "policy.toml".into());
+            match d.policy_apply(&source, &name, now) {
+                Ok(r) => Response::ok(r),
+                Err(e) => Response::error(e),
+            }
+        }
+        Request::PolicyGet(_) => Response::ok(d.policy_get()),
+        Request::Explain(map) => {
+            match serde_json::from_value::<RequestSpec>(serde_json::Value::Object(map)) {
+                Ok(spec) => Response::ok(d.explain(spec)),
+                Err(e) => Response::error(format!("bad request: explain: {e}")),
+            }
+        }
+        Request::Log { lines, .. } => {
+            let n = lines.map_or(LOG_LINES, |n| n as usize);
+            Response::ok(serde_json::json!({ "lines": log_lines(&d.log_tail(n)) }))
         }
     }
 }
@@ -274,6 +388,7 @@ mod tests {
                 addresses: vec![],
                 peers: vec![],
                 drops: NodeDrops::default(),
+                enforcement: None,
             }
         }
         fn peer_list(&self) -> PeerList {
@@ -294,6 +409,31 @@ mod tests {
         fn peer_remove(&self, identity: &str) -> Result<String, String> {
             self.calls.borrow_mut().push(format!("remove {identity}"));
             Ok(identity.into())
+        }
+        fn policy_apply(
+            &self,
+            source: &str,
+            name: &str,
+            _now: UnixTime,
+        ) -> Result<serde_json::Value, String> {
+            self.calls
+                .borrow_mut()
+                .push(format!("apply {name} {}", source.len()));
+            Err("policy_apply: test case 1 failed".into())
+        }
+        fn policy_get(&self) -> serde_json::Value {
+            self.calls.borrow_mut().push("policy_get".into());
+            serde_json::json!({"name": ""})
+        }
+        fn explain(&self, spec: RequestSpec) -> serde_json::Value {
+            self.calls
+                .borrow_mut()
+                .push(format!("explain {}", spec.to_port));
+            serde_json::json!({})
+        }
+        fn log_tail(&self, n: usize) -> Vec<Arc<str>> {
+            self.calls.borrow_mut().push(format!("log {n}"));
+            vec![Arc::from("{\"decision\":\"deny\"}")]
         }
     }
 
@@ -334,14 +474,38 @@ mod tests {
         );
         assert_eq!(r.result.unwrap()["removed"], "spiffe://t/b");
         let r = handle(&f, "{\"op\":\"policy_get\"}", UnixTime(5));
-        assert!(!r.ok);
+        assert!(r.ok);
+        let r = handle(
+            &f,
+            "{\"op\":\"policy_apply\",\"source\":\"x\",\"name\":\"p.toml\"}",
+            UnixTime(5),
+        );
+        assert_eq!(r.error.as_deref(), Some("policy_apply: test case 1 failed"));
+        let r = handle(&f, "{\"op\":\"log\",\"lines\":3}", UnixTime(5));
+        assert_eq!(r.result.unwrap()["lines"][0]["decision"], "deny");
+        let r = handle(
+            &f,
+            "{\"op\":\"explain\",\"from\":\"spiffe://t/a\",\"to_port\":80,\"proto\":\"tcp\"}",
+            UnixTime(5),
+        );
+        assert!(r.ok, "{:?}", r.error);
+        let r = handle(
+            &f,
+            "{\"op\":\"explain\",\"to_port\":\"eighty\"}",
+            UnixTime(5),
+        );
+        assert!(r.error.unwrap().starts_with("bad request"));
         assert_eq!(
             *f.calls.borrow(),
             vec![
                 "status".to_string(),
                 "list".into(),
                 "add x Some(198.18.0.2:51820) 5".into(),
-                "remove spiffe://t/b".into()
+                "remove spiffe://t/b".into(),
+                "policy_get".into(),
+                "apply p.toml 1".into(),
+                "log 3".into(),
+                "explain 80".into(),
             ]
         );
     }

@@ -19,11 +19,13 @@ use mesh_proto::identity::SpiffeId;
 use mesh_proto::key::{PrivateKey, PublicKey};
 use mesh_proto::time::UnixTime;
 
+use crate::decisions::{DecisionLog, LogLimits};
 use crate::device::{route_needed, Tun};
-use crate::enforce::Enforce;
+use crate::enforce::{self, Enforcer, LocalWorkload};
 use crate::peers::{Node, Peer, PeerSpec, PeerTable};
-use crate::state::{PeerChanges, StoredPeer};
+use crate::state::{PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
+use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
 
 /// Where a peer comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +62,103 @@ pub struct Loaded {
     pub peers: Vec<PeerEntry>,
     pub config_peers: Vec<PeerEntry>,
     pub changes: PeerChanges,
+    pub policy: LoadedPolicy,
+}
+
+/// The policy in force at start: the one applied at run time and persisted, else the
+/// config's `[policy] file`, else none (the mesh default alone).
+pub struct LoadedPolicy {
+    pub applied: AppliedPolicy,
+    pub compiled: CompiledPolicy,
+}
+
+/// Which policy is in force, for `policy_get` and status.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AppliedPolicy {
+    /// File name it was applied or configured under; empty when there is none.
+    pub name: String,
+    /// Where it came from: `none`, `config` or `applied`.
+    pub origin: &'static str,
+    pub default: DefaultAction,
+    pub policies: usize,
+    pub tests: usize,
+    #[serde(skip)]
+    pub source: String,
+}
+
+/// The mesh default: deny or allow as configured; with no `[policy]` table at all,
+/// allow (as Istio does with no AuthorizationPolicy), so a mesh without policy still
+/// carries traffic. The README recommends `default = "deny"`.
+pub fn default_action(config: &Config) -> DefaultAction {
+    match config.policy.as_ref().map(|p| p.default) {
+        None | Some(mesh_proto::config::PolicyDefault::Allow) => DefaultAction::Allow,
+        Some(mesh_proto::config::PolicyDefault::Deny) => DefaultAction::Deny,
+    }
+}
+
+/// Parses, compiles and tests a policy; refuses one whose `[[test]]` cases fail.
+pub fn compile_policy(
+    name: &str,
+    source: &str,
+    default: DefaultAction,
+    origin: &'static str,
+) -> Result<LoadedPolicy, String> {
+    let loaded = policy::load(name, source, default).map_err(|e| e.to_string())?;
+    if !loaded.tests_passed() {
+        return Err(loaded
+            .failure_summary()
+            .unwrap_or_else(|| "policy tests failed".into()));
+    }
+    for w in &loaded.warnings {
+        tracing::warn!("{name}: {w}");
+    }
+    let applied = AppliedPolicy {
+        name: name.to_string(),
+        origin,
+        default,
+        policies: loaded.compiled.set().policies.len(),
+        tests: loaded.results.len(),
+        source: source.to_string(),
+    };
+    Ok(LoadedPolicy {
+        applied,
+        compiled: loaded.compiled,
+    })
+}
+
+fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
+    let default = default_action(config);
+    let state_dir = &config.node.state_dir;
+    match StoredPolicy::load(state_dir) {
+        Err(e) => return Err(config.error("node.state_dir", one_line(&e))),
+        Ok(Some(stored)) => {
+            let path = state_dir.join(crate::state::POLICY_FILE);
+            return compile_policy(&stored.name, &stored.source, default, "applied").map_err(|e| {
+                config.error(
+                    "node.state_dir",
+                    format!("{}: applied policy: {e}", path.display()),
+                )
+            });
+        }
+        Ok(None) => {}
+    }
+    let Some(file) = config.policy.as_ref().and_then(|p| p.file.as_ref()) else {
+        return Ok(LoadedPolicy {
+            applied: AppliedPolicy {
+                name: String::new(),
+                origin: "none",
+                default,
+                policies: 0,
+                tests: 0,
+                source: String::new(),
+            },
+            compiled: CompiledPolicy::empty(default),
+        });
+    };
+    let source = std::fs::read_to_string(file)
+        .map_err(|e| config.error("policy.file", format!("{}: {e}", file.display())))?;
+    compile_policy(&file.display().to_string(), &source, default, "config")
+        .map_err(|e| config.error("policy.file", e))
 }
 
 /// What a peer certificate's verification says about it.
@@ -113,10 +212,7 @@ pub fn check_peer(
 /// changes, and checks them all. Every error names the config field it comes from.
 pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
     let n = &config.node;
-    let ca_cert =
-        files::read_certificate(&n.ca).map_err(|e| config.error("node.ca", one_line(&e)))?;
-    let ca = Ca::new(ca_cert)
-        .map_err(|e| config.error("node.ca", format!("{}: {e}", n.ca.display())))?;
+    let ca = files::read_ca(&n.ca).map_err(|e| config.error("node.ca", one_line(&e)))?;
     let own =
         files::read_certificate(&n.cert).map_err(|e| config.error("node.cert", one_line(&e)))?;
     let cert = ca
@@ -189,6 +285,7 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
             Err(e) => tracing::error!(peer = %s.identity, "stored peer skipped: {e}"),
         }
     }
+    let policy = load_policy(&config)?;
     Ok(Loaded {
         config,
         ca,
@@ -197,6 +294,7 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
         peers,
         config_peers,
         changes,
+        policy,
     })
 }
 
@@ -251,7 +349,11 @@ struct Registry {
 pub struct Daemon {
     pub node: Node,
     pub table: ArcSwap<PeerTable>,
-    pub enforce: Box<dyn Enforce>,
+    pub enforce: Enforcer,
+    pub log: Arc<DecisionLog>,
+    /// The shell's monotonic clock starts here.
+    pub epoch: std::time::Instant,
+    applied: Mutex<AppliedPolicy>,
     pub tun: Tun,
     pub udp: Udp,
     pub shutdown: Arc<Shutdown>,
@@ -280,11 +382,7 @@ pub enum StartError {
 impl Daemon {
     /// Creates the TUN, binds the socket, installs routes and builds the first peer
     /// table.
-    pub fn start(
-        loaded: Loaded,
-        enforce: Box<dyn Enforce>,
-        shutdown: Arc<Shutdown>,
-    ) -> Result<Daemon, StartError> {
+    pub fn start(loaded: Loaded, shutdown: Arc<Shutdown>) -> Result<Daemon, StartError> {
         let Loaded {
             config,
             ca,
@@ -293,7 +391,24 @@ impl Daemon {
             peers,
             config_peers,
             changes,
+            policy,
         } = loaded;
+        let log = Arc::new(DecisionLog::new(LogLimits::default()));
+        let enforce = Enforcer::new(
+            LocalWorkload {
+                identity: Some(cert.identity().to_string()),
+                groups: cert.groups().to_vec(),
+            },
+            policy.compiled,
+            enforce::Limits::default(),
+            log.clone(),
+        );
+        tracing::info!(
+            policy = %policy.applied.name,
+            origin = policy.applied.origin,
+            default = ?policy.applied.default,
+            "policy in force"
+        );
         let node = Node::new(*key.as_bytes());
         let table =
             build_table(&node, &peers, &PeerTable::default(), 1).map_err(StartError::Peers)?;
@@ -333,6 +448,10 @@ impl Daemon {
             node,
             table: ArcSwap::from_pointee(table),
             enforce,
+            log,
+            #[allow(clippy::disallowed_methods)] // I/O shell: the monotonic clock's origin
+            epoch: std::time::Instant::now(),
+            applied: Mutex::new(policy.applied),
             tun,
             udp,
             shutdown,
@@ -383,7 +502,61 @@ impl Daemon {
             addresses: self.own.addresses().to_vec(),
             peers,
             drops: self.node.drops(),
+            enforcement: Some(serde_json::json!({
+                "policy": self.policy_get(),
+                "counters": self.enforce.counters(),
+                "decision_log": self.log.counters(),
+            })),
         }
+    }
+
+    /// The monotonic time of the shell.
+    pub fn mono(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    pub fn policy_get(&self) -> serde_json::Value {
+        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v = serde_json::to_value(&*applied).unwrap_or_default();
+        v["source"] = applied.source.clone().into();
+        v
+    }
+
+    /// Validates, tests, persists and swaps in a policy; returns what it did and the
+    /// flows the new policy cuts (the caller resets them).
+    pub fn policy_apply(
+        &self,
+        source: &str,
+        name: &str,
+        now: UnixTime,
+    ) -> Result<(serde_json::Value, Vec<enforce::Cut>), String> {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let loaded = compile_policy(name, source, applied.default, "applied")
+            .map_err(|e| format!("policy_apply: {e}"))?;
+        StoredPolicy::new(name, source)
+            .save(&self.config.node.state_dir)
+            .map_err(|e| format!("policy_apply: cannot persist: {e}"))?;
+        let cuts = self.enforce.set_policy(loaded.compiled, self.mono(), now);
+        *applied = loaded.applied;
+        tracing::info!(policy = %name, policies = applied.policies, cut = cuts.len(), "policy applied");
+        let result = serde_json::json!({
+            "name": name,
+            "policies": applied.policies,
+            "tests": applied.tests,
+            "cut_flows": cuts.len(),
+        });
+        Ok((result, cuts))
+    }
+
+    /// Explains a described request against the policy in force; the workload is
+    /// this node unless the request names one.
+    pub fn explain(&self, mut spec: RequestSpec) -> serde_json::Value {
+        if spec.workload.is_none() {
+            spec.workload = Some(self.own.identity().to_string());
+            spec.workload_groups = self.own.groups().to_vec();
+        }
+        let e = self.enforce.with_policy(|p| policy::explain(p, &spec));
+        serde_json::to_value(e).unwrap_or_default()
     }
 
     pub fn peer_list(&self) -> PeerList {

@@ -13,7 +13,8 @@ use std::time::Duration;
 use mesh_proto::time::UnixTime;
 
 use crate::daemon::Daemon;
-use crate::peers::{self, Inbound, Outbound};
+use crate::enforce::{Emit, Toward, Verdict};
+use crate::peers::{self, Inbound, Now, Outbound};
 use crate::transport::wait_readable;
 
 /// Largest datagram or TUN packet handled.
@@ -55,6 +56,16 @@ pub fn tun_loop(d: &Daemon) {
                 continue;
             }
         };
+        // Policy sees what local workloads send: replies on flows peers opened, and
+        // the flows the workloads open themselves (whose replies then come back in).
+        match d.enforce.outbound(&src[..n], d.mono()) {
+            Verdict::Deliver => {}
+            Verdict::Drop(reason) => {
+                tracing::trace!(reason = reason.name(), "outbound refused");
+                continue;
+            }
+            Verdict::Consumed => continue,
+        }
         let table = d.table.load();
         match peers::outbound(&d.node, &table, &src[..n], &mut dst, unix_now()) {
             Outbound::Send { to, data } => send(d, data, to),
@@ -69,6 +80,7 @@ pub fn udp_loop(d: &Daemon) {
     let mut src = vec![0u8; BUF_LEN];
     let mut dst = vec![0u8; BUF_LEN];
     let mut aux = vec![0u8; BUF_LEN];
+    let mut emit = Emit::default();
     while !d.shutdown.is_set() {
         let (n, from) = match d.udp.recv_from(&mut src) {
             Ok(r) => r,
@@ -86,8 +98,20 @@ pub fn udp_loop(d: &Daemon) {
             }
         };
         let table = d.table.load();
-        let now = unix_now();
-        match peers::inbound(&d.node, &table, &*d.enforce, from, &src[..n], &mut dst, now) {
+        let now = Now {
+            wall: unix_now(),
+            mono: d.mono(),
+        };
+        match peers::inbound(
+            &d.node,
+            &table,
+            &d.enforce,
+            from,
+            &src[..n],
+            &mut dst,
+            now,
+            &mut emit,
+        ) {
             Inbound::Deliver(packet) => {
                 if let Err(e) = d.tun.send(packet) {
                     tracing::debug!("write to TUN failed: {e}");
@@ -109,12 +133,38 @@ pub fn udp_loop(d: &Daemon) {
             }
             Inbound::Drop(reason) => tracing::trace!(?reason, %from, "inbound drop"),
         }
+        if !emit.is_empty() {
+            send_emitted(d, &emit, &mut aux);
+            emit.clear();
+        }
+    }
+}
+
+/// Sends what the enforcer emitted: to local workloads through the TUN, to peers
+/// encrypted through their sessions (routed by destination, without policy: these
+/// are the enforcer's own answers).
+pub fn send_emitted(d: &Daemon, emit: &Emit, aux: &mut [u8]) {
+    let table = d.table.load();
+    for (toward, packet) in emit.packets() {
+        match toward {
+            Toward::Local => {
+                if let Err(e) = d.tun.send(packet) {
+                    tracing::debug!("write to TUN failed: {e}");
+                }
+            }
+            Toward::Peer => match peers::outbound(&d.node, &table, packet, aux, unix_now()) {
+                Outbound::Send { to, data } => send(d, data, to),
+                Outbound::Queued => {}
+                Outbound::Drop(reason) => tracing::debug!(?reason, "injected packet dropped"),
+            },
+        }
     }
 }
 
 /// WireGuard timers for every peer, and the handshake rate limiter's reset.
 pub fn timer_loop(d: &Daemon) {
     let mut dst = vec![0u8; BUF_LEN];
+    let mut emit = Emit::default();
     let mut ticks = 0u64;
     while !d.shutdown.wait_timeout(TIMER_TICK) {
         ticks += 1;
@@ -122,6 +172,12 @@ pub fn timer_loop(d: &Daemon) {
             d.node.reset_rate_limiter();
         }
         let now = unix_now();
+        // Overdue request heads (408) and expired flows.
+        d.enforce.poll(d.mono(), now, &mut emit);
+        if !emit.is_empty() {
+            send_emitted(d, &emit, &mut dst);
+            emit.clear();
+        }
         let table = d.table.load();
         for peer in table.peers() {
             if let Some(t) = peers::tick(&d.node, peer, &mut dst, now) {

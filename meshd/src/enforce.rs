@@ -1,95 +1,1285 @@
-//! Policy enforcement in the packet path (sans-IO): every decrypted inbound packet,
-//! after the secure-naming check, passes through [`Enforce::inbound`] before it is
-//! written to the TUN (invariant 3: policy decides before delivery).
+//! Enforcement in the packet path (invariant 3: policy decides before delivery).
 //!
-//! This module holds the hook and the interim enforcer used until the policy engine
-//! lands (policy issue): it applies only the mesh default. The policy issue replaces
-//! [`DefaultOnly`] with the compiled-policy enforcer (flow tracking, L7) behind the
-//! same trait.
+//! Every packet between a peer and a local workload passes here: inbound after
+//! decryption and the secure-naming check, outbound before encryption. Flows are
+//! tracked ([`crate::conntrack`]):
+//! - a flow a peer opens is decided by policy once, from the identity its key proved;
+//!   the decision is cached with the policy generation and re-evaluated when the
+//!   policy changes ([`Enforcer::set_policy`] cuts flows the new policy forbids);
+//! - replies to a flow a local workload opened pass (policy governs what may reach a
+//!   workload, not its answers);
+//! - ICMP errors pass only when the packet they quote belongs to a tracked flow;
+//! - denied flows are not tracked, so a flood of refused packets cannot fill the table;
+//! - on a port with HTTP rules (`CompiledPolicy::needs_l7`), a TCP flow is inspected at
+//!   layer 7 ([`crate::l7`]): each request head is decided with its method, normalised
+//!   path, host and headers; what is delivered, trimmed, released or refused comes back
+//!   as the verdict plus packets in an [`Emit`] (an injected 4xx towards the peer and a
+//!   reset towards the local server on refusal). A segment of such a flow must carry
+//!   a valid TCP checksum: inspected bytes must be the bytes the server accepts.
+//!
+//! IP fragments are dropped and counted (`fragment`): without ports they cannot be
+//! decided, and nothing in the overlay needs them (its MTU is set for the tunnel).
+//!
+//! Not synchronised by a global lock: the table is split in shards chosen by a hash
+//! that is the same for both directions of a flow, and the policy is an `ArcSwap`
+//! snapshot.
 
-use mesh_proto::config::{PolicyConfig, PolicyDefault};
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use mesh_proto::policy::{
+    AllowReason, CompiledPolicy, Decision, DenyReason, Protocol, Request, RuleRef,
+    Verdict as PolicyVerdict,
+};
 use mesh_proto::time::UnixTime;
+use serde::Serialize;
 
-use crate::peers::PeerSpec;
+use crate::conntrack::{
+    ConnTrack, Dir, FlowKey, Observation, Origin, TcpFlags, TcpSegmentInfo, Timeouts, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+};
+use crate::decisions::{DecisionLog, DecisionRecord, HttpSummary};
+use crate::flow::{Flags, Segment, SeqNumber, Timestamp};
+use crate::inject::{self, Endpoints, TcpSegment};
+use crate::l7::{self, L7Flow, Refusal, RefuseCause};
 
-/// What to do with a decrypted inbound packet.
+/// The authenticated sender of inbound packets: the identity its key proved and its
+/// certificate's groups. Cloned into each flow it opens (reference counts only).
+#[derive(Clone, Debug)]
+pub struct Sender {
+    pub identity: Arc<str>,
+    pub groups: Arc<[String]>,
+}
+
+/// The local workload that policies select (its certificate).
+#[derive(Clone, Debug, Default)]
+pub struct LocalWorkload {
+    pub identity: Option<String>,
+    pub groups: Vec<String>,
+}
+
+/// What to do with a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
+    /// Send it on unchanged.
     Deliver,
-    Drop(DenyReason),
+    /// Do not send it.
+    Drop(Drop),
+    /// Do not send it as it is: the layer-7 inspector took it (held, trimmed,
+    /// released); whatever goes out in its place is in the [`Emit`].
+    Consumed,
 }
 
-/// Why the enforcer refused a packet.
+/// Where an emitted packet goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DenyReason {
-    /// The mesh default is deny and no policy allows the packet.
-    DefaultDeny,
-    /// A policy file is configured but no policy engine is in this build: fail closed.
-    PolicyUnavailable,
+pub enum Toward {
+    /// Written to the TUN: to a local workload.
+    Local,
+    /// Sent through the tunnel to the peer that owns its destination address.
+    Peer,
 }
 
-/// The enforcement hook. `packet` has passed [`crate::wire::IpPacket::new_checked`]
-/// and its source address belongs to `src`.
-pub trait Enforce: Send + Sync {
-    fn inbound(&self, src: &PeerSpec, packet: &[u8], now: UnixTime) -> Verdict;
+/// Packets the enforcer asks the shell to send, in order, besides the verdict on the
+/// packet it was given. Reused: the shell calls [`Emit::clear`] after sending.
+#[derive(Debug, Default)]
+pub struct Emit {
+    buf: Vec<u8>,
+    packets: Vec<(Toward, std::ops::Range<usize>)>,
+    scratch: Vec<u8>,
+    text: String,
 }
 
-/// Applies the mesh default only: no `[policy]` table → deliver (a data plane without
-/// policy); `default = "allow"` → deliver; `default = "deny"`, or a policy file this
-/// build cannot evaluate → drop (fail closed).
-#[derive(Clone, Copy, Debug)]
-pub struct DefaultOnly {
-    verdict: Verdict,
-}
-
-impl DefaultOnly {
-    pub fn new(policy: Option<&PolicyConfig>) -> DefaultOnly {
-        let verdict = match policy {
-            None => Verdict::Deliver,
-            Some(p) if p.file.is_some() => Verdict::Drop(DenyReason::PolicyUnavailable),
-            Some(p) => match p.default {
-                PolicyDefault::Allow => Verdict::Deliver,
-                PolicyDefault::Deny => Verdict::Drop(DenyReason::DefaultDeny),
-            },
-        };
-        DefaultOnly { verdict }
+impl Emit {
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.packets.clear();
     }
 
-    pub fn allow_all() -> DefaultOnly {
-        DefaultOnly {
-            verdict: Verdict::Deliver,
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+
+    /// The packets, in the order they must be sent.
+    pub fn packets(&self) -> impl Iterator<Item = (Toward, &[u8])> + '_ {
+        self.packets.iter().map(|(t, r)| (*t, &self.buf[r.clone()]))
+    }
+
+    fn push_scratch(&mut self, toward: Toward) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&self.scratch);
+        self.packets.push((toward, start..self.buf.len()));
+    }
+
+    fn push(&mut self, toward: Toward, packet: &[u8]) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(packet);
+        self.packets.push((toward, start..self.buf.len()));
+    }
+}
+
+/// Why a packet was not delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drop {
+    /// Refused by policy or a limit; in the decision log.
+    Denied(DenyReason),
+    /// Not a well-formed IPv4/IPv6 packet with a complete transport header.
+    Malformed,
+    /// A TCP segment of no tracked flow on a port inspected at layer 7: its stream
+    /// cannot be inspected from the middle, so it fails closed.
+    Untracked,
+    /// A protocol meshd does not carry (neither TCP, UDP nor ICMP).
+    Protocol,
+    /// A segment of an inspected flow with a wrong TCP checksum.
+    Checksum,
+    /// A segment the layer-7 inspector will not pass (duplicate, conflicting with
+    /// inspected bytes, out of window, after FIN, or of a refused flow).
+    Inspection,
+    /// An ICMP error quoting no tracked flow, or an ICMP message other than echo.
+    StrayIcmp,
+}
+
+impl Drop {
+    pub fn name(self) -> &'static str {
+        match self {
+            Drop::Denied(r) => r.name(),
+            Drop::Malformed => "malformed",
+            Drop::Untracked => "untracked",
+            Drop::Protocol => "protocol",
+            Drop::Checksum => "checksum",
+            Drop::Inspection => "inspection",
+            Drop::StrayIcmp => "stray_icmp",
         }
     }
 }
 
-impl Enforce for DefaultOnly {
-    fn inbound(&self, _src: &PeerSpec, _packet: &[u8], _now: UnixTime) -> Verdict {
-        self.verdict
+/// A flow a new policy forbids: the shell resets both ends (TCP) with these numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// The flow as its opener (the peer) sent it: `src` is the remote client.
+    pub key: FlowKey,
+    /// Next sequence number of the client (for a reset towards the local server).
+    pub client_next_seq: Option<u32>,
+    /// Next sequence number of the server (for a reset towards the client).
+    pub server_next_seq: Option<u32>,
+}
+
+impl Cut {
+    /// The resets that end a cut TCP flow: one to the local server as if from the
+    /// client, one to the client (through the tunnel) as if from the server, each with
+    /// the sequence number its receiver expects next (RFC 9293 §3.10.7.4: a reset is
+    /// accepted when its sequence number is in the window). Other protocols have no
+    /// connection to end; their next packets are refused.
+    pub fn resets(&self, emit: &mut Emit) {
+        if self.key.proto != PROTO_TCP {
+            return;
+        }
+        let client = std::net::SocketAddr::new(self.key.src, self.key.src_port);
+        let server = std::net::SocketAddr::new(self.key.dst, self.key.dst_port);
+        for (seq, src, dst, toward) in [
+            (self.client_next_seq, client, server, Toward::Local),
+            (self.server_next_seq, server, client, Toward::Peer),
+        ] {
+            let Some(seq) = seq else { continue };
+            let rst = TcpSegment {
+                src,
+                dst,
+                seq: SeqNumber(seq),
+                ack: None,
+                flags: Flags::RST,
+                window: 0,
+                payload: &[],
+            };
+            if inject::tcp_packet(&rst, &mut emit.scratch).is_ok() {
+                emit.push_scratch(toward);
+            }
+        }
     }
+}
+
+/// What a flow carries.
+#[derive(Debug)]
+pub struct FlowState {
+    /// Policy generation of the cached decision.
+    gen: u64,
+    allowed: bool,
+    /// Present for flows a peer opened: re-evaluation needs who sent them.
+    sender: Option<Sender>,
+    /// Present for TCP flows a peer opened to a port with HTTP rules.
+    l7: Option<Box<L7Flow>>,
+}
+
+/// Limits of the enforcer.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Flows tracked at most, over all shards.
+    pub flows: usize,
+    pub timeouts: Timeouts,
+    /// Per inspected flow: head size, held bytes, head timeout.
+    pub l7: l7::Config,
+    /// Largest TCP payload of a segment the enforcer builds towards a local workload.
+    pub mss: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            flows: 65_536,
+            timeouts: Timeouts::default(),
+            l7: l7::Config::default(),
+            // TUN MTU 1420 less an IPv6 and a TCP header.
+            mss: 1360,
+        }
+    }
+}
+
+const SHARDS: usize = 16;
+
+struct Active {
+    policy: CompiledPolicy,
+    gen: u64,
+}
+
+/// Per-rule hit counts since the policy was applied.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct RuleCount {
+    pub policy: String,
+    pub rule: String,
+    pub allow: u64,
+    pub deny: u64,
+    pub audit: u64,
+}
+
+/// Counters for `meshctl status`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct L4Counters {
+    pub delivered: u64,
+    pub flows: usize,
+    pub flows_evicted: u64,
+    /// Drops by reason name.
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+    pub rules: Vec<RuleCount>,
+    /// Layer-7 flows being inspected, and bytes they hold.
+    pub l7_flows: usize,
+    pub l7_held_bytes: usize,
+    /// HTTP requests decided, allowed and refused.
+    pub http_requests: u64,
+    pub http_refused: u64,
+}
+
+const DROP_SLOTS: usize = 32;
+
+/// The enforcer of one host.
+pub struct Enforcer {
+    local: LocalWorkload,
+    limits: Limits,
+    http_requests: AtomicU64,
+    http_refused: AtomicU64,
+    active: ArcSwap<Active>,
+    shards: Box<[Mutex<ConnTrack<FlowState>>]>,
+    hasher: std::collections::hash_map::RandomState,
+    log: Arc<DecisionLog>,
+    delivered: AtomicU64,
+    drops: [AtomicU64; DROP_SLOTS],
+    rule_hits: Mutex<HashMap<RuleRef, [u64; 3]>>,
+}
+
+impl std::fmt::Debug for Enforcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enforcer")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The transport facts of one packet.
+#[derive(Clone, Copy, Debug)]
+struct Parsed {
+    key: FlowKey,
+    obs: Observation,
+    protocol: Protocol,
+    kind: Kind,
+    /// TCP: raw flags, window, and where the payload starts in the packet.
+    tcp_raw: Option<TcpRaw>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TcpRaw {
+    flags: u8,
+    window: u16,
+    payload_at: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// TCP, UDP, ICMP echo.
+    Flow,
+    /// An ICMP error; `key` is the quoted packet's flow.
+    IcmpError,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ParseError {
+    Malformed,
+    Fragment,
+    Protocol,
+    StrayIcmp,
+}
+
+impl Enforcer {
+    pub fn new(
+        local: LocalWorkload,
+        policy: CompiledPolicy,
+        limits: Limits,
+        log: Arc<DecisionLog>,
+    ) -> Self {
+        let per_shard = limits.flows.div_ceil(SHARDS).max(1);
+        Enforcer {
+            local,
+            limits,
+            http_requests: AtomicU64::new(0),
+            http_refused: AtomicU64::new(0),
+            active: ArcSwap::from_pointee(Active { policy, gen: 1 }),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(ConnTrack::new(per_shard, limits.timeouts)))
+                .collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            log,
+            delivered: AtomicU64::new(0),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            rule_hits: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// An enforcer with no policies and the default allow (a data plane without
+    /// policy; for tests of other layers).
+    pub fn allow_all() -> Enforcer {
+        Enforcer::new(
+            LocalWorkload::default(),
+            CompiledPolicy::empty(mesh_proto::policy::DefaultAction::Allow),
+            Limits::default(),
+            Arc::new(DecisionLog::new(Default::default())),
+        )
+    }
+
+    /// The policy in force.
+    pub fn with_policy<R>(&self, f: impl FnOnce(&CompiledPolicy) -> R) -> R {
+        f(&self.active.load().policy)
+    }
+
+    /// Decides an inbound packet from `sender` (already decrypted, its source address
+    /// checked against the sender's certificate).
+    pub fn inbound(
+        &self,
+        sender: &Sender,
+        packet: &[u8],
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        let p = match parse(packet) {
+            Ok(p) => p,
+            Err(e) => return self.dropped(parse_drop(e)),
+        };
+        let active = self.active.load();
+        let mut shard = self.shard(&p.key);
+        if p.kind == Kind::IcmpError {
+            // The quoted packet went from here to the sender: a tracked flow either way.
+            let known = shard.get(&p.key).or_else(|| shard.get(&p.key.reversed()));
+            return match known {
+                Some(f) if f.value.allowed => self.deliver(),
+                _ => self.dropped(Drop::StrayIcmp),
+            };
+        }
+        match shard.track(&p.key, &p.obs, now) {
+            Some((Dir::Reply, flow)) if flow.origin == Origin::Local => return self.deliver(),
+            Some((Dir::Original, flow)) if flow.origin == Origin::Remote => {
+                if let Some(l7) = flow.value.l7.as_deref_mut() {
+                    return self.l7_client(&active.policy, sender, &p, packet, l7, now, wall, emit);
+                }
+                if flow.value.gen == active.gen {
+                    return if flow.value.allowed {
+                        self.deliver()
+                    } else {
+                        self.dropped(Drop::Denied(DenyReason::NoAllowMatched))
+                    };
+                }
+                // Policy changed since this flow was decided: decide again.
+                let decision = self.decide(&active.policy, sender, &p);
+                flow.value.gen = active.gen;
+                flow.value.allowed = decision.is_allowed();
+                drop(shard);
+                return self.after_decision(&active.policy, sender, &p, &decision, now, wall);
+            }
+            Some(_) => return self.dropped(Drop::Malformed),
+            None => {}
+        }
+        // A new flow opened by the peer.
+        if p.protocol == Protocol::Tcp && active.policy.needs_l7(Protocol::Tcp, p.key.dst_port) {
+            let opens = p.obs.tcp.is_some_and(|t| t.flags.syn && !t.flags.ack);
+            if !opens {
+                return self.dropped(Drop::Untracked);
+            }
+            // Requests are decided one by one, with their HTTP attributes; the
+            // connection itself is let through to carry them.
+            let mut l7 = Box::new(L7Flow::new(self.limits.l7, stamp(now)));
+            let verdict =
+                self.l7_client(&active.policy, sender, &p, packet, &mut l7, now, wall, emit);
+            let state = FlowState {
+                gen: active.gen,
+                allowed: true,
+                sender: Some(sender.clone()),
+                l7: Some(l7),
+            };
+            if shard
+                .insert(p.key, Origin::Remote, state, &p.obs, now)
+                .is_err()
+            {
+                drop(shard);
+                emit.clear();
+                let full = Decision::refused(DenyReason::FlowTableFull);
+                return self.after_decision(&active.policy, sender, &p, &full, now, wall);
+            }
+            return verdict;
+        }
+        let decision = self.decide(&active.policy, sender, &p);
+        if decision.is_allowed() {
+            let state = FlowState {
+                gen: active.gen,
+                allowed: true,
+                sender: Some(sender.clone()),
+                l7: None,
+            };
+            if shard
+                .insert(p.key, Origin::Remote, state, &p.obs, now)
+                .is_err()
+            {
+                drop(shard);
+                let full = Decision::refused(DenyReason::FlowTableFull);
+                return self.after_decision(&active.policy, sender, &p, &full, now, wall);
+            }
+        }
+        drop(shard);
+        self.after_decision(&active.policy, sender, &p, &decision, now, wall)
+    }
+
+    /// Decides an outbound packet from a local workload (before encryption): replies
+    /// on flows peers opened pass while the flow is allowed; anything else opens or
+    /// continues a flow of the local workload's own.
+    pub fn outbound(&self, packet: &[u8], now: Duration) -> Verdict {
+        let p = match parse(packet) {
+            // A local workload's fragments and ICMP errors are its own business;
+            // only what comes in is policed.
+            Err(ParseError::Fragment | ParseError::StrayIcmp | ParseError::Protocol) => {
+                return self.deliver()
+            }
+            Err(ParseError::Malformed) => return self.dropped(Drop::Malformed),
+            Ok(p) => p,
+        };
+        if p.kind == Kind::IcmpError {
+            return self.deliver();
+        }
+        let mut shard = self.shard(&p.key);
+        match shard.track(&p.key, &p.obs, now) {
+            Some((Dir::Reply, flow)) if flow.origin == Origin::Remote => {
+                if let Some(l7) = flow.value.l7.as_deref_mut() {
+                    let Some(seg) = segment(&p, packet) else {
+                        return self.dropped(Drop::Malformed);
+                    };
+                    return if l7.on_server_segment(&seg, stamp(now)) {
+                        self.deliver()
+                    } else {
+                        self.dropped(Drop::Inspection)
+                    };
+                }
+                if flow.value.allowed {
+                    self.deliver()
+                } else {
+                    self.dropped(Drop::Denied(DenyReason::NoAllowMatched))
+                }
+            }
+            Some(_) => self.deliver(),
+            None => {
+                let state = FlowState {
+                    gen: 0,
+                    allowed: true,
+                    sender: None,
+                    l7: None,
+                };
+                match shard.insert(p.key, Origin::Local, state, &p.obs, now) {
+                    Ok(_) => self.deliver(),
+                    Err(_) => self.dropped(Drop::Denied(DenyReason::FlowTableFull)),
+                }
+            }
+        }
+    }
+
+    /// Swaps in a new policy and re-decides every flow a peer opened; returns the
+    /// flows it now forbids (removed from the table), for the shell to reset.
+    pub fn set_policy(&self, policy: CompiledPolicy, now: Duration, wall: UnixTime) -> Vec<Cut> {
+        let gen = self.active.load().gen + 1;
+        self.active.store(Arc::new(Active { policy, gen }));
+        self.rule_hits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let active = self.active.load();
+        let mut cuts = Vec::new();
+        let mut denied = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            shard.retain(|key, flow| {
+                let Some(sender) = flow.value.sender.clone() else {
+                    return true;
+                };
+                if flow.value.l7.is_some() {
+                    // Decided request by request: the next head meets the new policy.
+                    return true;
+                }
+                let Some(p) = parsed_from_key(key) else {
+                    return true;
+                };
+                let decision = self.decide(&active.policy, &sender, &p);
+                flow.value.gen = active.gen;
+                flow.value.allowed = decision.is_allowed();
+                if decision.is_allowed() {
+                    return true;
+                }
+                cuts.push(Cut {
+                    key: *key,
+                    client_next_seq: flow.next_seq(Dir::Original),
+                    server_next_seq: flow.next_seq(Dir::Reply),
+                });
+                denied.push((sender, p, decision));
+                false
+            });
+        }
+        for (sender, p, decision) in &denied {
+            self.after_decision(&active.policy, sender, p, decision, now, wall);
+        }
+        cuts
+    }
+
+    /// Removes expired flows (the shell calls this periodically).
+    pub fn sweep(&self, now: Duration) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).sweep(now))
+            .sum()
+    }
+
+    pub fn counters(&self) -> L4Counters {
+        let mut c = L4Counters {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            ..L4Counters::default()
+        };
+        c.http_requests = self.http_requests.load(Ordering::Relaxed);
+        c.http_refused = self.http_refused.load(Ordering::Relaxed);
+        for s in self.shards.iter() {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+            c.flows += s.len();
+            c.flows_evicted += s.evicted();
+            s.retain(|_, f| {
+                if let Some(l7) = &f.value.l7 {
+                    c.l7_flows += 1;
+                    c.l7_held_bytes += l7.held();
+                }
+                true
+            });
+        }
+        for (slot, n) in self.drops.iter().enumerate() {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                c.drops.insert(slot_name(slot), n);
+            }
+        }
+        let active = self.active.load();
+        let hits = self.rule_hits.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rules: Vec<_> = hits.iter().collect();
+        rules.sort_by_key(|(r, _)| **r);
+        for (r, [allow, deny, audit]) in rules {
+            let (policy, rule) = active.policy.rule_label(*r);
+            c.rules.push(RuleCount {
+                policy: policy.to_string(),
+                rule,
+                allow: *allow,
+                deny: *deny,
+                audit: *audit,
+            });
+        }
+        c
+    }
+
+    fn shard(&self, key: &FlowKey) -> MutexGuard<'_, ConnTrack<FlowState>> {
+        // Hash the unordered pair of endpoints, so both directions meet in one shard.
+        let a = (key.src, key.src_port);
+        let b = (key.dst, key.dst_port);
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        let i = (self.hasher.hash_one((key.proto, lo, hi)) as usize) % self.shards.len();
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn decide(&self, policy: &CompiledPolicy, sender: &Sender, p: &Parsed) -> Decision {
+        mesh_proto::policy::evaluate(policy, &self.request(sender, p))
+    }
+
+    /// Counts, logs (denies and audit matches) and turns a decision into a verdict.
+    fn after_decision(
+        &self,
+        policy: &CompiledPolicy,
+        sender: &Sender,
+        p: &Parsed,
+        decision: &Decision,
+        now: Duration,
+        wall: UnixTime,
+    ) -> Verdict {
+        self.count_rules(decision);
+        for r in &decision.audit {
+            self.write_log(
+                policy,
+                sender,
+                p,
+                "audit",
+                "audit_matched",
+                Some(*r),
+                None,
+                now,
+                wall,
+            );
+        }
+        match decision.verdict {
+            PolicyVerdict::Allow(_) => self.deliver(),
+            PolicyVerdict::Deny(reason) => {
+                self.write_log(
+                    policy,
+                    sender,
+                    p,
+                    "deny",
+                    reason.name(),
+                    decision.rule(),
+                    None,
+                    now,
+                    wall,
+                );
+                self.dropped(Drop::Denied(reason))
+            }
+        }
+    }
+
+    /// One client→server segment of an inspected flow.
+    #[allow(clippy::too_many_arguments)] // the packet, its flow, and the clock: all needed
+    fn l7_client(
+        &self,
+        policy: &CompiledPolicy,
+        sender: &Sender,
+        p: &Parsed,
+        packet: &[u8],
+        flow: &mut L7Flow,
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        if !tcp_checksum_ok(packet, p) {
+            return self.dropped(Drop::Checksum);
+        }
+        let Some(seg) = segment(p, packet) else {
+            return self.dropped(Drop::Malformed);
+        };
+        let outcome = flow.on_client_segment(&seg, stamp(now), |req| {
+            self.http_requests.fetch_add(1, Ordering::Relaxed);
+            let mut headers = [mesh_proto::policy::Header {
+                name: "",
+                value: b"",
+            }; crate::http::MAX_HEADERS];
+            let n = req.head.headers.len().min(headers.len());
+            for (h, src) in headers.iter_mut().zip(req.head.headers.iter()) {
+                *h = mesh_proto::policy::Header {
+                    name: src.name,
+                    value: src.value,
+                };
+            }
+            let http = mesh_proto::policy::HttpRequest {
+                method: req.method(),
+                path: req.path,
+                host: req.host(),
+                headers: &headers[..n],
+            };
+            let decision = mesh_proto::policy::evaluate(
+                policy,
+                &Request {
+                    http: Some(http),
+                    ..self.request(sender, p)
+                },
+            );
+            let summary = |status| HttpSummary {
+                method: req.method(),
+                path: req.path,
+                host: req.host(),
+                status,
+            };
+            self.count_rules(&decision);
+            for r in &decision.audit {
+                self.write_log(
+                    policy,
+                    sender,
+                    p,
+                    "audit",
+                    "audit_matched",
+                    Some(*r),
+                    Some(summary(None)),
+                    now,
+                    wall,
+                );
+            }
+            match decision.verdict {
+                PolicyVerdict::Allow(_) => l7::Verdict::Allow,
+                PolicyVerdict::Deny(reason) => {
+                    self.http_refused.fetch_add(1, Ordering::Relaxed);
+                    self.drops[drop_slot(Drop::Denied(reason))].fetch_add(1, Ordering::Relaxed);
+                    let status = reason.http_status();
+                    self.write_log(
+                        policy,
+                        sender,
+                        p,
+                        "deny",
+                        reason.name(),
+                        decision.rule(),
+                        Some(summary(Some(status))),
+                        now,
+                        wall,
+                    );
+                    l7::Verdict::Refuse {
+                        status,
+                        reason: reason.name(),
+                    }
+                }
+            }
+        });
+        let ends = endpoints(p);
+        let verdict = match outcome.fate {
+            l7::Fate::Forward => self.deliver(),
+            l7::Fate::Trim { start, end, fin }
+                if start == 0
+                    && end == seg.payload.len()
+                    && fin == seg.flags.contains(Flags::FIN) =>
+            {
+                // Nothing cut: the segment goes as it came.
+                self.deliver()
+            }
+            l7::Fate::Trim { start, end, fin } => {
+                let flags = Flags(seg.flags.0 & !Flags::FIN.0);
+                let piece = TcpSegment {
+                    src: ends.client,
+                    dst: ends.server,
+                    seq: seg.seq + start,
+                    ack: seg.flags.contains(Flags::ACK).then_some(seg.ack),
+                    flags: if fin { flags.union(Flags::FIN) } else { flags },
+                    window: seg.window,
+                    payload: &seg.payload[start..end],
+                };
+                if inject::tcp_packet(&piece, &mut emit.scratch).is_ok() {
+                    emit.push_scratch(Toward::Local);
+                }
+                Verdict::Consumed
+            }
+            l7::Fate::Drop(l7::DropReason::Buffered) => Verdict::Consumed,
+            l7::Fate::Drop(l7::DropReason::Untracked(_)) => self.dropped(Drop::Untracked),
+            l7::Fate::Drop(_) => self.dropped(Drop::Inspection),
+        };
+        if let Some(r) = outcome.release {
+            let seg = TcpSegment {
+                src: ends.client,
+                dst: ends.server,
+                seq: r.seq,
+                ack: r.ack,
+                flags: if r.fin {
+                    Flags::PSH.union(Flags::FIN)
+                } else {
+                    Flags::PSH
+                },
+                window: r.window,
+                payload: flow.release_data(),
+            };
+            let mut scratch = std::mem::take(&mut emit.scratch);
+            let _ = inject::segments(&seg, self.limits.mss, &mut scratch, |pkt| {
+                emit.push(Toward::Local, pkt)
+            });
+            emit.scratch = scratch;
+        }
+        if let Some(refusal) = outcome.refusal {
+            self.refuse(policy, sender, p, &ends, &refusal, now, wall, emit);
+        }
+        verdict
+    }
+
+    /// Injects the answer to a refused client and the reset of the server; logs causes
+    /// that policy did not already log.
+    #[allow(clippy::too_many_arguments)] // the flow, the refusal, and the clock: all needed
+    fn refuse(
+        &self,
+        policy: &CompiledPolicy,
+        sender: &Sender,
+        p: &Parsed,
+        ends: &Endpoints,
+        refusal: &Refusal,
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) {
+        if inject::response(ends, refusal, &mut emit.text, &mut emit.scratch).is_ok() {
+            emit.push_scratch(Toward::Peer);
+        }
+        if inject::reset(ends, refusal, &mut emit.scratch).is_ok() {
+            emit.push_scratch(Toward::Local);
+        }
+        if matches!(refusal.cause, RefuseCause::Policy { .. }) {
+            return;
+        }
+        self.http_refused.fetch_add(1, Ordering::Relaxed);
+        let reason = refusal_reason(&refusal.cause);
+        self.drops[drop_slot(Drop::Denied(reason))].fetch_add(1, Ordering::Relaxed);
+        let detail = refusal.cause.to_string();
+        let summary = HttpSummary {
+            method: "",
+            path: &detail,
+            host: None,
+            status: Some(refusal.cause.status()),
+        };
+        self.write_log(
+            policy,
+            sender,
+            p,
+            "deny",
+            reason.name(),
+            None,
+            Some(summary),
+            now,
+            wall,
+        );
+    }
+
+    /// Refuses inspected flows whose request head is overdue (408) and removes
+    /// expired flows. The shell calls this periodically.
+    pub fn poll(&self, now: Duration, wall: UnixTime, emit: &mut Emit) -> usize {
+        let active = self.active.load();
+        let ts = stamp(now);
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            removed += shard.sweep(now);
+            shard.retain(|key, f| {
+                let (Some(l7), Some(sender)) = (f.value.l7.as_deref_mut(), f.value.sender.as_ref())
+                else {
+                    return true;
+                };
+                if l7.poll_at().is_some_and(|at| at <= ts) {
+                    if let (Some(refusal), Some(p)) = (l7.poll(ts), parsed_from_key(key)) {
+                        self.refuse(
+                            &active.policy,
+                            sender,
+                            &p,
+                            &endpoints(&p),
+                            &refusal,
+                            now,
+                            wall,
+                            emit,
+                        );
+                    }
+                }
+                true
+            });
+        }
+        removed
+    }
+
+    fn request<'a>(&'a self, sender: &'a Sender, p: &Parsed) -> Request<'a> {
+        Request {
+            src_identity: Some(&sender.identity),
+            src_groups: &sender.groups,
+            src_addr: Some(p.key.src),
+            dst_identity: self.local.identity.as_deref(),
+            dst_groups: &self.local.groups,
+            dst_addr: Some(p.key.dst),
+            dst_port: if p.protocol == Protocol::Icmp {
+                0
+            } else {
+                p.key.dst_port
+            },
+            protocol: p.protocol,
+            http: None,
+        }
+    }
+
+    fn count_rules(&self, decision: &Decision) {
+        let mut hits = self.rule_hits.lock().unwrap_or_else(|e| e.into_inner());
+        match decision.verdict {
+            PolicyVerdict::Allow(AllowReason::Matched(r)) => hits.entry(r).or_default()[0] += 1,
+            PolicyVerdict::Deny(DenyReason::ExplicitDeny(r)) => hits.entry(r).or_default()[1] += 1,
+            _ => {}
+        }
+        for r in &decision.audit {
+            hits.entry(*r).or_default()[2] += 1;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // one field each of the log line
+    fn write_log(
+        &self,
+        policy: &CompiledPolicy,
+        sender: &Sender,
+        p: &Parsed,
+        verdict: &str,
+        reason: &str,
+        rule: Option<RuleRef>,
+        http: Option<HttpSummary<'_>>,
+        now: Duration,
+        wall: UnixTime,
+    ) {
+        let label = rule.map(|r| policy.rule_label(r));
+        self.log.record(
+            &DecisionRecord {
+                time: wall.to_string(),
+                src: Some(&sender.identity),
+                src_addr: p.key.src.to_string(),
+                dst: self.local.identity.as_deref(),
+                dst_addr: p.key.dst.to_string(),
+                dst_port: if p.protocol == Protocol::Icmp {
+                    0
+                } else {
+                    p.key.dst_port
+                },
+                proto: p.protocol.as_str(),
+                decision: verdict,
+                reason,
+                policy: label.as_ref().map(|(p, _)| *p),
+                rule: label.as_ref().map(|(_, r)| r.as_str()),
+                http,
+            },
+            now,
+        );
+    }
+
+    fn deliver(&self) -> Verdict {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        Verdict::Deliver
+    }
+
+    fn dropped(&self, d: Drop) -> Verdict {
+        self.drops[drop_slot(d)].fetch_add(1, Ordering::Relaxed);
+        Verdict::Drop(d)
+    }
+}
+
+fn drop_slot(d: Drop) -> usize {
+    match d {
+        Drop::Malformed => 0,
+        Drop::Untracked => 1,
+        Drop::Protocol => 2,
+        Drop::StrayIcmp => 3,
+        Drop::Checksum => DROP_SLOTS - 2,
+        Drop::Inspection => DROP_SLOTS - 1,
+        Drop::Denied(r) => {
+            4 + match r {
+                DenyReason::ExplicitDeny(_) => 0,
+                other => {
+                    1 + DenyReason::PLAIN
+                        .iter()
+                        .position(|x| *x == other)
+                        .unwrap_or(0)
+                }
+            }
+        }
+    }
+}
+
+fn slot_name(slot: usize) -> &'static str {
+    match slot {
+        0 => Drop::Malformed.name(),
+        1 => Drop::Untracked.name(),
+        2 => Drop::Protocol.name(),
+        3 => Drop::StrayIcmp.name(),
+        4 => "explicit_deny",
+        n if n == DROP_SLOTS - 2 => Drop::Checksum.name(),
+        n if n == DROP_SLOTS - 1 => Drop::Inspection.name(),
+        n => DenyReason::PLAIN.get(n - 5).map_or("other", |r| r.name()),
+    }
+}
+
+fn stamp(now: Duration) -> Timestamp {
+    Timestamp::from_millis(u64::try_from(now.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn endpoints(p: &Parsed) -> Endpoints {
+    Endpoints {
+        client: std::net::SocketAddr::new(p.key.src, p.key.src_port),
+        server: std::net::SocketAddr::new(p.key.dst, p.key.dst_port),
+    }
+}
+
+/// The TCP segment of a parsed TCP packet.
+fn segment<'a>(p: &Parsed, packet: &'a [u8]) -> Option<Segment<'a>> {
+    let raw = p.tcp_raw?;
+    let tcp = p.obs.tcp?;
+    let end = raw.payload_at + tcp.payload_len as usize;
+    Some(Segment {
+        seq: SeqNumber(tcp.seq),
+        ack: SeqNumber(tcp.ack),
+        flags: Flags(raw.flags),
+        window: raw.window,
+        payload: packet.get(raw.payload_at..end)?,
+    })
+}
+
+/// Verifies the TCP checksum (RFC 9293 §3.1, with the RFC 8200 §8.1 pseudo-header for
+/// IPv6).
+fn tcp_checksum_ok(packet: &[u8], p: &Parsed) -> bool {
+    let (Some(raw), Some(tcp)) = (p.tcp_raw, p.obs.tcp) else {
+        return false;
+    };
+    let header_len = raw.payload_at - ip_header_len(packet, p);
+    let start = raw.payload_at - header_len;
+    let Some(segment) = packet.get(start..raw.payload_at + tcp.payload_len as usize) else {
+        return false;
+    };
+    let mut sum: u64 = 0;
+    let mut add = |bytes: &[u8]| {
+        let mut chunks = bytes.chunks_exact(2);
+        for c in &mut chunks {
+            sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        if let [last] = chunks.remainder() {
+            sum += u64::from(*last) << 8;
+        }
+    };
+    match (p.key.src, p.key.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            add(&s.octets());
+            add(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            add(&s.octets());
+            add(&d.octets());
+        }
+        _ => return false,
+    }
+    add(&(segment.len() as u32).to_be_bytes());
+    add(&[0, PROTO_TCP]);
+    add(segment);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+/// Length of the IP header (with IPv6 extension headers) before the TCP header.
+fn ip_header_len(packet: &[u8], p: &Parsed) -> usize {
+    let off = match packet.first().map(|b| b >> 4) {
+        Some(4) => usize::from(packet[0] & 0x0f) * 4,
+        _ => {
+            packet.len()
+                - etherparse::IpSlice::from_slice(packet).map_or(0, |ip| ip.payload().payload.len())
+        }
+    };
+    let _ = p;
+    off
+}
+
+/// The reason a layer-7 refusal that policy did not make is logged with.
+fn refusal_reason(cause: &RefuseCause) -> DenyReason {
+    match cause {
+        RefuseCause::Policy { .. } => DenyReason::NoAllowMatched,
+        RefuseCause::Http(crate::http::HttpError::Malformed(_)) => DenyReason::NotHttp,
+        RefuseCause::Http(
+            crate::http::HttpError::HeadTooLarge | crate::http::HttpError::TooManyHeaders,
+        ) => DenyReason::HeadTooLarge,
+        RefuseCause::Http(_)
+        | RefuseCause::Path(_)
+        | RefuseCause::Truncated
+        | RefuseCause::Urgent => DenyReason::MalformedRequest,
+        RefuseCause::Timeout => DenyReason::RequestTimeout,
+        RefuseCause::HoldFull => DenyReason::BufferFull,
+    }
+}
+
+fn parse_drop(e: ParseError) -> Drop {
+    match e {
+        ParseError::Malformed => Drop::Malformed,
+        ParseError::Fragment => Drop::Denied(DenyReason::Fragment),
+        ParseError::Protocol => Drop::Protocol,
+        ParseError::StrayIcmp => Drop::StrayIcmp,
+    }
+}
+
+fn parsed_from_key(key: &FlowKey) -> Option<Parsed> {
+    let protocol = match key.proto {
+        PROTO_TCP => Protocol::Tcp,
+        PROTO_UDP => Protocol::Udp,
+        PROTO_ICMP | PROTO_ICMPV6 => Protocol::Icmp,
+        _ => return None,
+    };
+    Some(Parsed {
+        key: *key,
+        obs: Observation { tcp: None },
+        protocol,
+        kind: Kind::Flow,
+        tcp_raw: None,
+    })
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes([
+        *b.get(at)?,
+        *b.get(at + 1)?,
+        *b.get(at + 2)?,
+        *b.get(at + 3)?,
+    ]))
+}
+
+/// Reads the 5-tuple and TCP facts of an IP packet.
+fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
+    let ip = etherparse::IpSlice::from_slice(packet).map_err(|_| ParseError::Malformed)?;
+    if ip.is_fragmenting_payload() {
+        return Err(ParseError::Fragment);
+    }
+    let (src, dst) = (ip.source_addr(), ip.destination_addr());
+    let proto = ip.payload_ip_number().0;
+    let l4 = ip.payload().payload;
+    let key = |src_port, dst_port| FlowKey {
+        proto,
+        src,
+        dst,
+        src_port,
+        dst_port,
+    };
+    match proto {
+        PROTO_TCP => {
+            let off = usize::from(l4.get(12).ok_or(ParseError::Malformed)? >> 4) * 4;
+            if off < 20 || off > l4.len() {
+                return Err(ParseError::Malformed);
+            }
+            let flags = l4[13];
+            let info = TcpSegmentInfo {
+                flags: TcpFlags {
+                    fin: flags & 0x01 != 0,
+                    syn: flags & 0x02 != 0,
+                    rst: flags & 0x04 != 0,
+                    ack: flags & 0x10 != 0,
+                },
+                seq: be32(l4, 4).ok_or(ParseError::Malformed)?,
+                ack: be32(l4, 8).ok_or(ParseError::Malformed)?,
+                payload_len: (l4.len() - off) as u32,
+            };
+            Ok(Parsed {
+                key: key(be16(l4, 0).unwrap_or(0), be16(l4, 2).unwrap_or(0)),
+                obs: Observation { tcp: Some(info) },
+                protocol: Protocol::Tcp,
+                kind: Kind::Flow,
+                tcp_raw: Some(TcpRaw {
+                    flags,
+                    window: be16(l4, 14).unwrap_or(0),
+                    payload_at: (packet.len() - l4.len()) + off,
+                }),
+            })
+        }
+        PROTO_UDP => {
+            if l4.len() < 8 {
+                return Err(ParseError::Malformed);
+            }
+            Ok(Parsed {
+                key: key(be16(l4, 0).unwrap_or(0), be16(l4, 2).unwrap_or(0)),
+                obs: Observation { tcp: None },
+                protocol: Protocol::Udp,
+                kind: Kind::Flow,
+                tcp_raw: None,
+            })
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => parse_icmp(proto, src, dst, l4),
+        _ => Err(ParseError::Protocol),
+    }
+}
+
+/// ICMP echo (request and reply share the identifier, used as both ports) and the
+/// errors that quote a packet (RFC 792; RFC 4443 §3), whose flow is the quoted one.
+fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, ParseError> {
+    if l4.len() < 8 {
+        return Err(ParseError::Malformed);
+    }
+    let ty = l4[0];
+    let (echo, error) = if proto == PROTO_ICMP {
+        (matches!(ty, 0 | 8), matches!(ty, 3 | 11 | 12))
+    } else {
+        (matches!(ty, 128 | 129), matches!(ty, 1..=4))
+    };
+    if echo {
+        let id = be16(l4, 4).unwrap_or(0);
+        return Ok(Parsed {
+            key: FlowKey {
+                proto,
+                src,
+                dst,
+                src_port: id,
+                dst_port: id,
+            },
+            obs: Observation { tcp: None },
+            protocol: Protocol::Icmp,
+            kind: Kind::Flow,
+            tcp_raw: None,
+        });
+    }
+    if !error {
+        return Err(ParseError::StrayIcmp);
+    }
+    let inner = quoted_key(&l4[8..]).ok_or(ParseError::StrayIcmp)?;
+    Ok(Parsed {
+        key: inner,
+        obs: Observation { tcp: None },
+        protocol: Protocol::Icmp,
+        kind: Kind::IcmpError,
+        tcp_raw: None,
+    })
+}
+
+/// The flow of the (truncated) packet an ICMP error quotes: its IP header and at
+/// least the first 8 bytes of its transport header.
+fn quoted_key(q: &[u8]) -> Option<FlowKey> {
+    let (proto, src, dst, l4): (u8, IpAddr, IpAddr, &[u8]) = match q.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(q[0] & 0x0f) * 4;
+            let src: [u8; 4] = q.get(12..16)?.try_into().ok()?;
+            let dst: [u8; 4] = q.get(16..20)?.try_into().ok()?;
+            (*q.get(9)?, src.into(), dst.into(), q.get(ihl..)?)
+        }
+        6 => {
+            let src: [u8; 16] = q.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = q.get(24..40)?.try_into().ok()?;
+            (*q.get(6)?, src.into(), dst.into(), q.get(40..)?)
+        }
+        _ => return None,
+    };
+    let (sp, dp) = match proto {
+        PROTO_TCP | PROTO_UDP => (be16(l4, 0)?, be16(l4, 2)?),
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let id = be16(l4, 4)?;
+            (id, id)
+        }
+        _ => return None,
+    };
+    Some(FlowKey {
+        proto,
+        src,
+        dst,
+        src_port: sp,
+        dst_port: dp,
+    })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_only_fails_closed() {
-        let none = DefaultOnly::new(None);
-        let allow = DefaultOnly::new(Some(&PolicyConfig {
-            default: PolicyDefault::Allow,
-            file: None,
-        }));
-        let deny = DefaultOnly::new(Some(&PolicyConfig {
-            default: PolicyDefault::Deny,
-            file: None,
-        }));
-        let file = DefaultOnly::new(Some(&PolicyConfig {
-            default: PolicyDefault::Allow,
-            file: Some("p.toml".into()),
-        }));
-        assert_eq!(none.verdict, Verdict::Deliver);
-        assert_eq!(allow.verdict, Verdict::Deliver);
-        assert_eq!(deny.verdict, Verdict::Drop(DenyReason::DefaultDeny));
-        assert_eq!(file.verdict, Verdict::Drop(DenyReason::PolicyUnavailable));
-    }
-}
+mod tests;

@@ -15,7 +15,6 @@ pub mod enforce;
 pub mod flow;
 pub mod http;
 pub mod inject;
-pub mod l4;
 pub mod l7;
 pub mod peers;
 pub mod routing;
@@ -41,6 +40,8 @@ pub enum RunError {
     Control(#[from] control::ControlError),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    #[error("internal error: the {0} thread panicked (see the log)")]
+    Panicked(String),
 }
 
 /// Loads `config` (nothing is touched if that fails), brings the node up and runs
@@ -48,30 +49,22 @@ pub enum RunError {
 /// socket is removed and the TUN closed (which removes it and its routes).
 pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
     let loaded = load(config, datapath::unix_now())?;
-    let enforce = Box::new(enforce::DefaultOnly::new(loaded.config.policy.as_ref()));
-    if let Some(p) = &loaded.config.policy {
-        tracing::warn!(
-            default = ?p.default,
-            file = ?p.file,
-            "no policy engine in this build: inbound traffic is {}",
-            if p.file.is_none() && p.default == mesh_proto::config::PolicyDefault::Allow {
-                "allowed (default allow)"
-            } else {
-                "denied (fail closed)"
-            }
-        );
-    }
     let socket_path = loaded.config.node.control_socket.clone();
     // First, so that a second meshd on the same socket stops before touching anything.
     let sock = control::ControlSocket::bind(&socket_path)?;
-    let d = Arc::new(Daemon::start(loaded, enforce, shutdown.clone())?);
+    let d = Arc::new(Daemon::start(loaded, shutdown.clone())?);
 
     let mut threads = Vec::new();
     let spawn = |name: &str, f: fn(&Daemon), d: Arc<Daemon>| {
         #[allow(clippy::disallowed_methods)] // I/O shell: the data-path threads
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || f(&d))
+            .spawn(move || {
+                // A data-path thread that panics takes the daemon down with it (and
+                // `run` reports it) rather than leaving a half-working node.
+                let _guard = StopOnPanic(d.shutdown.clone());
+                f(&d)
+            })
             .map_err(RunError::Thread)
     };
     for (name, f) in [
@@ -93,10 +86,27 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
     d.ready.store(true, Ordering::SeqCst);
     tracing::info!(socket = %socket_path.display(), "ready");
     control::serve(&sock, d.clone());
+    let mut panicked = None;
     for t in threads {
-        let _ = t.join();
+        let name = t.thread().name().unwrap_or("?").to_string();
+        if t.join().is_err() {
+            panicked = Some(name);
+        }
     }
     drop(sock);
+    if let Some(name) = panicked {
+        return Err(RunError::Panicked(name));
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+struct StopOnPanic(Arc<Shutdown>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.trigger();
+        }
+    }
 }

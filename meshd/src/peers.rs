@@ -31,7 +31,7 @@ use mesh_proto::control::{NodeDrops, PeerDrops};
 use mesh_proto::identity::SpiffeId;
 use mesh_proto::time::UnixTime;
 
-use crate::enforce::{DenyReason, Enforce, Verdict};
+use crate::enforce::{self, Emit, Enforcer, Sender, Verdict};
 use crate::routing::PrefixTable;
 use crate::wire::{IpPacket, WireError};
 
@@ -135,6 +135,10 @@ impl Node {
     pub fn new_peer(&self, spec: PeerSpec, index: u32, endpoint: Option<SocketAddr>) -> Peer {
         let tunn = self.new_tunn(&spec, index);
         Peer {
+            sender: Sender {
+                identity: spec.identity.to_string().into(),
+                groups: spec.groups.clone().into(),
+            },
             spec,
             index,
             state: Mutex::new(PeerState { tunn, endpoint }),
@@ -158,12 +162,22 @@ impl Node {
     }
 }
 
+/// The time of a packet: wall clock (certificates, logs) and the shell's monotonic
+/// clock (flow timeouts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    pub wall: UnixTime,
+    pub mono: std::time::Duration,
+}
+
 /// Peer slots are 24 bits (the top of a 32-bit receiver index).
 pub const INDEX_MASK: u32 = 0x00ff_ffff;
 
 /// A peer: its verified certificate facts, its session and its counters.
 pub struct Peer {
     pub spec: PeerSpec,
+    /// The identity and groups policy sees for this peer's packets.
+    pub sender: Sender,
     pub index: u32,
     state: Mutex<PeerState>,
     rx_bytes: AtomicU64,
@@ -362,7 +376,7 @@ pub enum DropReason {
     /// The decrypted source address is not in the sender's certificate.
     SpoofedSource,
     /// The enforcer refused the packet.
-    Policy(DenyReason),
+    Policy(enforce::Drop),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -505,15 +519,19 @@ fn drop_in(node: &Node, reason: DropReason) -> Inbound<'static> {
 /// Underlay → TUN: authenticate, find the session, decrypt, check the source address
 /// against the sender's certificate, ask the enforcer, deliver.
 /// `dst` must be at least as long as `datagram` and [`MIN_DST_LEN`].
+#[allow(clippy::too_many_arguments)] // state, input, output buffers and clock: all needed
 pub fn inbound<'a>(
     node: &Node,
     table: &PeerTable,
-    enforce: &dyn Enforce,
+    enforce: &Enforcer,
     from: SocketAddr,
     datagram: &[u8],
     dst: &'a mut [u8],
-    now: UnixTime,
+    now: Now,
+    emit: &mut Emit,
 ) -> Inbound<'a> {
+    let mono = now.mono;
+    let now = now.wall;
     // MAC1 is checked for handshake messages, and under load MAC2: without a valid
     // cookie the answer is a cookie reply and nothing else (WireGuard section 5.4.7).
     let mut cookie = [0u8; COOKIE_REPLY_LEN];
@@ -602,22 +620,35 @@ pub fn inbound<'a>(
                 flush: Some(peer.clone()),
             }
         }
-        TunnResult::WriteToTunnelV4(packet, src) => {
-            deliver(node, peer, enforce, IpAddr::V4(src), packet, now)
-        }
-        TunnResult::WriteToTunnelV6(packet, src) => {
-            deliver(node, peer, enforce, IpAddr::V6(src), packet, now)
-        }
+        TunnResult::WriteToTunnelV4(packet, src) => deliver(
+            node,
+            peer,
+            enforce,
+            IpAddr::V4(src),
+            packet,
+            Now { wall: now, mono },
+            emit,
+        ),
+        TunnResult::WriteToTunnelV6(packet, src) => deliver(
+            node,
+            peer,
+            enforce,
+            IpAddr::V6(src),
+            packet,
+            Now { wall: now, mono },
+            emit,
+        ),
     }
 }
 
 fn deliver<'a>(
     node: &Node,
     peer: &Peer,
-    enforce: &dyn Enforce,
+    enforce: &Enforcer,
     src: IpAddr,
     packet: &'a mut [u8],
-    now: UnixTime,
+    now: Now,
+    emit: &mut Emit,
 ) -> Inbound<'a> {
     let packet: &'a [u8] = packet;
     if IpPacket::new_checked(packet).is_err() {
@@ -631,9 +662,11 @@ fn deliver<'a>(
     }
     peer.rx_bytes
         .fetch_add(packet.len() as u64, Ordering::Relaxed);
-    match enforce.inbound(&peer.spec, packet, now) {
+    match enforce.inbound(&peer.sender, packet, now.mono, now.wall, emit) {
         Verdict::Deliver => Inbound::Deliver(packet),
         Verdict::Drop(r) => Inbound::Drop(DropReason::Policy(r)),
+        // The inspector took the packet; what replaces it is in `emit`.
+        Verdict::Consumed => Inbound::Done,
     }
 }
 

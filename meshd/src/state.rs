@@ -143,3 +143,60 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// The policy applied at run time (`meshctl policy apply`), persisted in
+/// `<state_dir>/policy.json` so a restart keeps it. It takes precedence over the
+/// config's `[policy] file`.
+pub const POLICY_FILE: &str = "policy.json";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredPolicy {
+    pub version: u32,
+    /// The name it was applied under (the operator's file name).
+    pub name: String,
+    /// The policy file's text, exactly as applied.
+    pub source: String,
+}
+
+impl StoredPolicy {
+    pub fn new(name: &str, source: &str) -> StoredPolicy {
+        StoredPolicy {
+            version: STATE_VERSION,
+            name: name.to_string(),
+            source: source.to_string(),
+        }
+    }
+
+    /// Reads the stored policy; a missing file means none was applied.
+    pub fn load(state_dir: &Path) -> Result<Option<StoredPolicy>, StateError> {
+        let path = state_dir.join(POLICY_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        let p: StoredPolicy = serde_json::from_str(&text).map_err(|e| StateError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if p.version != STATE_VERSION {
+            return Err(StateError::Parse {
+                path,
+                message: format!("version {} (this meshd reads {STATE_VERSION})", p.version),
+            });
+        }
+        Ok(Some(p))
+    }
+
+    /// Writes atomically (temp file, fsync, rename).
+    pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StateError::CreateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let text = serde_json::to_string_pretty(self).unwrap_or_default();
+        files::write_atomic(&state_dir.join(POLICY_FILE), text.as_bytes(), 0o600)?;
+        Ok(())
+    }
+}

@@ -136,6 +136,10 @@ pub struct Status {
     pub addresses: Vec<IpNet>,
     pub peers: Vec<PeerStatus>,
     pub drops: NodeDrops,
+    /// Policy in force, enforcement counters (per reason, per rule, flows, layer 7)
+    /// and decision-log counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,6 +310,7 @@ mod tests {
                 drops: PeerDrops { spoofed_source: 3 },
             }],
             drops: NodeDrops::default(),
+            enforcement: None,
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["peers"][0]["latest_handshake"], serde_json::Value::Null);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use mesh_proto::key::PrivateKey;
 
 use super::*;
-use crate::enforce::DefaultOnly;
+use crate::enforce::{Emit, Enforcer};
 use crate::wire::build;
 
 const NOW: UnixTime = UnixTime(1_795_673_877);
@@ -68,12 +68,21 @@ fn run(hosts: &mut [&mut Host], link: &mut Link) -> Vec<DropReason> {
     let mut drops = vec![];
     let mut dst = vec![0u8; 2048];
     let mut flushed = vec![0u8; 2048];
-    let enforce = DefaultOnly::allow_all();
+    let enforce = Enforcer::allow_all();
     while let Some((from, to, bytes)) = link.pop_front() {
         let Some(h) = hosts.iter_mut().find(|h| h.addr == to) else {
             continue;
         };
-        match inbound(&h.node, &h.table, &enforce, from, &bytes, &mut dst, NOW) {
+        match inbound(
+            &h.node,
+            &h.table,
+            &enforce,
+            from,
+            &bytes,
+            &mut dst,
+            now(),
+            &mut Emit::default(),
+        ) {
             Inbound::Deliver(p) => h.delivered.push(p.to_vec()),
             Inbound::Send { to, data, flush: f } => {
                 link.push_back((h.addr, to, data.to_vec()));
@@ -255,7 +264,7 @@ fn roaming_follows_authenticated_packets_only() {
 fn garbage_and_bad_tun_packets_are_counted() {
     let Pair { a, b, .. } = pair();
     let mut dst = vec![0u8; 2048];
-    let enforce = DefaultOnly::allow_all();
+    let enforce = Enforcer::allow_all();
     let from: SocketAddr = "198.18.0.9:9".parse().unwrap();
     let mut seed = 0x1234_5678u32;
     for n in 0..2000 {
@@ -268,7 +277,16 @@ fn garbage_and_bad_tun_packets_are_counted() {
                 seed as u8
             })
             .collect();
-        let r = inbound(&b.node, &b.table, &enforce, from, &bytes, &mut dst, NOW);
+        let r = inbound(
+            &b.node,
+            &b.table,
+            &enforce,
+            from,
+            &bytes,
+            &mut dst,
+            now(),
+            &mut Emit::default(),
+        );
         assert!(matches!(r, Inbound::Drop(_)), "datagram {n} not dropped");
     }
     let d = b.node.drops();
@@ -374,13 +392,20 @@ fn handshake_flood_gets_cookie_replies() {
         &mut link,
     );
     let (from, _, init) = link.pop_front().unwrap();
-    let enforce = DefaultOnly::allow_all();
+    let enforce = Enforcer::allow_all();
     let mut dst = vec![0u8; 2048];
     let mut cookies = 0;
     for _ in 0..(HANDSHAKE_RATE_LIMIT + 50) {
-        if let Inbound::Send { to, data, flush } =
-            inbound(&b.node, &b.table, &enforce, from, &init, &mut dst, NOW)
-        {
+        if let Inbound::Send { to, data, flush } = inbound(
+            &b.node,
+            &b.table,
+            &enforce,
+            from,
+            &init,
+            &mut dst,
+            now(),
+            &mut Emit::default(),
+        ) {
             if data.len() == COOKIE_REPLY_LEN {
                 assert_eq!(to, from);
                 assert!(flush.is_none());
@@ -390,4 +415,11 @@ fn handshake_flood_gets_cookie_replies() {
     }
     // Under load, initiations without a valid MAC2 get only a cookie reply (5.4.7).
     assert!(cookies >= 50, "{cookies} cookie replies");
+}
+
+fn now() -> Now {
+    Now {
+        wall: NOW,
+        mono: std::time::Duration::ZERO,
+    }
 }

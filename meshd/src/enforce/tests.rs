@@ -36,9 +36,9 @@ from = [{ identities = ["spiffe://t/a"] }]
 to = [{ ports = [8080] }]
 "#;
 
-fn enforcer(policy_src: &str, flows: usize) -> (L4Enforcer, Arc<DecisionLog>) {
+fn enforcer(policy_src: &str, flows: usize) -> (Enforcer, Arc<DecisionLog>) {
     let log = Arc::new(DecisionLog::new(Default::default()));
-    let e = L4Enforcer::new(
+    let e = Enforcer::new(
         LocalWorkload {
             identity: Some("spiffe://t/c".into()),
             groups: vec![],
@@ -97,14 +97,18 @@ fn denied(r: DenyReason) -> Verdict {
 fn allow_for_one_identity_on_one_port_lets_exactly_that_through() {
     let (e, _) = enforcer(ALLOW_A_8080, 1024);
     let syn = tcp(PEER_A, LOCAL, 40000, 8080, "S", 1, b"");
-    assert_eq!(e.inbound(&sender(A), &syn, t(0), WALL), Verdict::Deliver);
+    assert_eq!(
+        e.inbound(&sender(A), &syn, t(0), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
     // Another identity, same packet shape: refused.
     assert_eq!(
         e.inbound(
             &sender(B),
             &tcp(PEER_A, LOCAL, 40001, 8080, "S", 1, b""),
             t(0),
-            WALL
+            WALL,
+            &mut Emit::default()
         ),
         denied(DenyReason::NoAllowMatched)
     );
@@ -114,13 +118,20 @@ fn allow_for_one_identity_on_one_port_lets_exactly_that_through() {
             &sender(A),
             &tcp(PEER_A, LOCAL, 40002, 22, "S", 1, b""),
             t(0),
-            WALL
+            WALL,
+            &mut Emit::default()
         ),
         denied(DenyReason::NoAllowMatched)
     );
     // UDP to the allowed port is another protocol: the rule names no protocol, so
     // Istio semantics allow it (ports match any protocol).
-    let v = e.inbound(&sender(A), &udp(PEER_A, LOCAL, 5000, 8080), t(0), WALL);
+    let v = e.inbound(
+        &sender(A),
+        &udp(PEER_A, LOCAL, 5000, 8080),
+        t(0),
+        WALL,
+        &mut Emit::default(),
+    );
     assert_eq!(v, Verdict::Deliver);
 }
 
@@ -132,6 +143,7 @@ fn replies_on_allowed_flows_pass_both_ways() {
         &tcp(PEER_A, LOCAL, 40000, 8080, "S", 1, b""),
         t(0),
         WALL,
+        &mut Emit::default(),
     );
     // The server's SYN-ACK and data go out.
     assert_eq!(
@@ -144,7 +156,8 @@ fn replies_on_allowed_flows_pass_both_ways() {
             &sender(A),
             &tcp(PEER_A, LOCAL, 40000, 8080, "A", 2, b"GET"),
             t(2),
-            WALL
+            WALL,
+            &mut Emit::default()
         ),
         Verdict::Deliver
     );
@@ -159,7 +172,8 @@ fn replies_to_local_connections_pass_under_deny_all() {
             &sender(A),
             &tcp(PEER_A, LOCAL, 80, 50000, "SA", 1, b""),
             t(0),
-            WALL
+            WALL,
+            &mut Emit::default()
         ),
         denied(DenyReason::DefaultDeny)
     );
@@ -173,7 +187,8 @@ fn replies_to_local_connections_pass_under_deny_all() {
             &sender(A),
             &tcp(PEER_A, LOCAL, 80, 50000, "SA", 1, b""),
             t(2),
-            WALL
+            WALL,
+            &mut Emit::default()
         ),
         Verdict::Deliver
     );
@@ -190,6 +205,7 @@ fn deny_overrides_allow_and_is_logged_with_its_rule() {
         &tcp(PEER_A, LOCAL, 40000, 8080, "S", 1, b""),
         t(0),
         WALL,
+        &mut Emit::default(),
     );
     assert!(matches!(
         v,
@@ -219,6 +235,7 @@ fn stricter_policy_cuts_established_flow_with_sequence_numbers() {
         &tcp(PEER_A, LOCAL, 40000, 8080, "S", 100, b""),
         t(0),
         WALL,
+        &mut Emit::default(),
     );
     e.outbound(&tcp(LOCAL, PEER_A, 8080, 40000, "SA", 500, b""), t(1));
     e.inbound(
@@ -226,6 +243,7 @@ fn stricter_policy_cuts_established_flow_with_sequence_numbers() {
         &tcp(PEER_A, LOCAL, 40000, 8080, "A", 101, b"hello"),
         t(2),
         WALL,
+        &mut Emit::default(),
     );
     let cuts = e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(3), WALL);
     assert_eq!(cuts.len(), 1);
@@ -233,13 +251,29 @@ fn stricter_policy_cuts_established_flow_with_sequence_numbers() {
     assert_eq!(cuts[0].client_next_seq, Some(106));
     assert_eq!(cuts[0].server_next_seq, Some(501));
     assert!(log.tail(1)[0].contains("default_deny"));
+    let mut emit = Emit::default();
+    cuts[0].resets(&mut emit);
+    let rsts: Vec<(Toward, u32, bool)> = emit
+        .packets()
+        .map(
+            |(t, p)| match etherparse::SlicedPacket::from_ip(p).unwrap().transport {
+                Some(etherparse::TransportSlice::Tcp(tcp)) => (t, tcp.sequence_number(), tcp.rst()),
+                _ => panic!("not TCP"),
+            },
+        )
+        .collect();
+    assert_eq!(
+        rsts,
+        vec![(Toward::Local, 106, true), (Toward::Peer, 501, true)]
+    );
     // Later segments of the cut flow are refused; the server's replies too.
     assert_eq!(
         e.inbound(
             &sender(A),
             &tcp(PEER_A, LOCAL, 40000, 8080, "A", 106, b"more"),
             t(4),
-            WALL
+            WALL,
+            &mut Emit::default()
         ),
         denied(DenyReason::DefaultDeny)
     );
@@ -254,6 +288,7 @@ fn looser_policy_keeps_flows_and_redecides_lazily() {
         &tcp(PEER_A, LOCAL, 40000, 8080, "S", 1, b""),
         t(0),
         WALL,
+        &mut Emit::default(),
     );
     let cuts = e.set_policy(compiled(ALLOW_A_8080, DefaultAction::Allow), t(1), WALL);
     assert!(cuts.is_empty());
@@ -266,7 +301,7 @@ fn fragments_are_dropped_and_counted() {
     let mut p = udp(PEER_A, LOCAL, 5000, 8080);
     p[6] |= 0x20; // more fragments
     assert_eq!(
-        e.inbound(&sender(A), &p, t(0), WALL),
+        e.inbound(&sender(A), &p, t(0), WALL, &mut Emit::default()),
         denied(DenyReason::Fragment)
     );
     assert_eq!(e.counters().drops.get("fragment"), Some(&1));
@@ -288,12 +323,24 @@ fn icmp_errors_pass_only_for_tracked_flows() {
     };
     // No flow yet: stray.
     assert_eq!(
-        e.inbound(&sender(A), &icmp_err(&sent), t(0), WALL),
+        e.inbound(
+            &sender(A),
+            &icmp_err(&sent),
+            t(0),
+            WALL,
+            &mut Emit::default()
+        ),
         Verdict::Drop(Drop::StrayIcmp)
     );
     e.outbound(&sent, t(1));
     assert_eq!(
-        e.inbound(&sender(A), &icmp_err(&sent), t(2), WALL),
+        e.inbound(
+            &sender(A),
+            &icmp_err(&sent),
+            t(2),
+            WALL,
+            &mut Emit::default()
+        ),
         Verdict::Deliver
     );
 }
@@ -312,7 +359,10 @@ fn icmp_echo_is_a_flow_by_identifier() {
         .write(&mut reply, b"ping")
         .unwrap();
     assert_eq!(e.outbound(&req, t(0)), Verdict::Deliver);
-    assert_eq!(e.inbound(&sender(A), &reply, t(1), WALL), Verdict::Deliver);
+    assert_eq!(
+        e.inbound(&sender(A), &reply, t(1), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
     // An echo request from the peer is a new flow, refused by default deny.
     let mut peer_req = Vec::new();
     PacketBuilder::ipv4(PEER_A, LOCAL, 64)
@@ -320,7 +370,7 @@ fn icmp_echo_is_a_flow_by_identifier() {
         .write(&mut peer_req, b"ping")
         .unwrap();
     assert_eq!(
-        e.inbound(&sender(A), &peer_req, t(1), WALL),
+        e.inbound(&sender(A), &peer_req, t(1), WALL, &mut Emit::default()),
         denied(DenyReason::DefaultDeny)
     );
 }
@@ -334,6 +384,7 @@ fn denied_flood_is_not_tracked() {
             &tcp(PEER_A, LOCAL, port, 8080, "S", 1, b""),
             t(0),
             WALL,
+            &mut Emit::default(),
         );
     }
     let c = e.counters();
@@ -355,6 +406,7 @@ fn full_table_refuses_new_flows_and_says_so() {
             &tcp(PEER_A, LOCAL, port, 8080, "S", 1, b""),
             t(0),
             WALL,
+            &mut Emit::default(),
         );
         e.outbound(&tcp(LOCAL, PEER_A, 8080, port, "SA", 1, b""), t(0));
         if v == denied(DenyReason::FlowTableFull) {
@@ -388,7 +440,8 @@ to = [{ ports = [9000] }]
             &sender(A),
             &tcp(PEER_A, LOCAL, 40000, 80, "A", 5, b"GET / HTTP/1.1"),
             t(0),
-            WALL
+            WALL,
+            &mut Emit::default()
         ),
         Verdict::Drop(Drop::Untracked)
     );
@@ -398,7 +451,8 @@ to = [{ ports = [9000] }]
             &sender(A),
             &tcp(PEER_A, LOCAL, 40000, 9000, "A", 5, b"x"),
             t(0),
-            WALL
+            WALL,
+            &mut Emit::default()
         ),
         Verdict::Deliver
     );
@@ -409,7 +463,7 @@ fn malformed_packets_are_counted() {
     let (e, _) = enforcer(ALLOW_A_8080, 1024);
     for bad in [&[][..], &[0x45, 0, 0], &[0x60; 10], &[0xff; 40]] {
         assert_eq!(
-            e.inbound(&sender(A), bad, t(0), WALL),
+            e.inbound(&sender(A), bad, t(0), WALL, &mut Emit::default()),
             Verdict::Drop(Drop::Malformed)
         );
     }
@@ -418,7 +472,7 @@ fn malformed_packets_are_counted() {
     p.truncate(30);
     p[3] = 30;
     assert!(matches!(
-        e.inbound(&sender(A), &p, t(0), WALL),
+        e.inbound(&sender(A), &p, t(0), WALL, &mut Emit::default()),
         Verdict::Drop(_)
     ));
     assert!(e.counters().drops.get("malformed").copied().unwrap_or(0) >= 4);
@@ -441,7 +495,10 @@ fn ipv6_flows_are_tracked() {
         .syn()
         .write(&mut syn, b"")
         .unwrap();
-    assert_eq!(e.inbound(&sender(A), &syn, t(0), WALL), Verdict::Deliver);
+    assert_eq!(
+        e.inbound(&sender(A), &syn, t(0), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
     let mut synack = Vec::new();
     PacketBuilder::ipv6(c6, a6, 64)
         .tcp(8080, 40000, 1, 1000)
@@ -451,4 +508,261 @@ fn ipv6_flows_are_tracked() {
         .unwrap();
     assert_eq!(e.outbound(&synack, t(1)), Verdict::Deliver);
     assert_eq!(e.counters().flows, 1);
+}
+
+const API_POLICY: &str = r#"
+[[policy]]
+name = "api"
+action = "allow"
+[[policy.rule]]
+name = "a-reads"
+from = [{ identities = ["spiffe://t/a"] }]
+to = [{ ports = [80], methods = ["GET"], paths = ["/api/*"] }]
+"#;
+
+/// A client on the peer talking to a server on port 80 of the local workload.
+struct Conn {
+    sport: u16,
+    cseq: u32,
+    sseq: u32,
+}
+
+impl Conn {
+    fn open(e: &Enforcer, sport: u16) -> Conn {
+        let mut c = Conn {
+            sport,
+            cseq: 1000,
+            sseq: 5000,
+        };
+        let mut emit = Emit::default();
+        let syn = c.client("S", b"");
+        assert_eq!(
+            e.inbound(&sender(A), &syn, t(0), WALL, &mut emit),
+            Verdict::Deliver
+        );
+        c.cseq += 1;
+        let synack = c.server("SA", b"");
+        assert_eq!(e.outbound(&synack, t(0)), Verdict::Deliver);
+        c.sseq += 1;
+        let ack = c.client("A", b"");
+        assert_eq!(
+            e.inbound(&sender(A), &ack, t(0), WALL, &mut emit),
+            Verdict::Deliver
+        );
+        c
+    }
+
+    fn client(&self, flags: &str, payload: &[u8]) -> Vec<u8> {
+        let mut b = PacketBuilder::ipv4(PEER_A, LOCAL, 64).tcp(self.sport, 80, self.cseq, 64_000);
+        if flags.contains('S') {
+            b = b.syn();
+        }
+        if flags.contains('A') {
+            b = b.ack(self.sseq);
+        }
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    fn server(&self, flags: &str, payload: &[u8]) -> Vec<u8> {
+        let mut b = PacketBuilder::ipv4(LOCAL, PEER_A, 64).tcp(80, self.sport, self.sseq, 64_000);
+        if flags.contains('S') {
+            b = b.syn();
+        }
+        if flags.contains('A') {
+            b = b.ack(self.cseq);
+        }
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    /// Sends `payload` from the client in one segment.
+    fn send(&mut self, e: &Enforcer, payload: &[u8], emit: &mut Emit) -> Verdict {
+        let pkt = self.client("A", payload);
+        let v = e.inbound(&sender(A), &pkt, t(10), WALL, emit);
+        self.cseq += payload.len() as u32;
+        v
+    }
+}
+
+fn tcp_payloads(emit: &Emit, toward: Toward) -> Vec<(Vec<u8>, bool)> {
+    emit.packets()
+        .filter(|(t, _)| *t == toward)
+        .map(|(_, pkt)| {
+            let sliced = etherparse::SlicedPacket::from_ip(pkt).expect("emitted packet parses");
+            match sliced.transport {
+                Some(etherparse::TransportSlice::Tcp(tcp)) => (tcp.payload().to_vec(), tcp.rst()),
+                other => panic!("not TCP: {other:?}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn l7_allowed_request_is_forwarded_unchanged() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    let v = c.send(&e, b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n", &mut emit);
+    assert_eq!(v, Verdict::Deliver);
+    assert!(emit.is_empty());
+    let counters = e.counters();
+    assert_eq!(counters.http_requests, 1);
+    assert_eq!(counters.l7_flows, 1);
+}
+
+#[test]
+fn l7_denied_request_is_answered_403_and_server_reset() {
+    let (e, log) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    let v = c.send(
+        &e,
+        b"POST /api/items HTTP/1.1\r\nHost: c\r\ncontent-length: 0\r\n\r\n",
+        &mut emit,
+    );
+    // The request never reaches the server.
+    assert_ne!(v, Verdict::Deliver);
+    let to_client = tcp_payloads(&emit, Toward::Peer);
+    assert_eq!(to_client.len(), 1);
+    let text = String::from_utf8_lossy(&to_client[0].0);
+    assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+    assert!(text.contains("connection: close"));
+    let to_server = tcp_payloads(&emit, Toward::Local);
+    assert_eq!(
+        to_server,
+        vec![(vec![], true)],
+        "only a reset reaches the server"
+    );
+    let rec: serde_json::Value = serde_json::from_str(&log.tail(1)[0]).unwrap();
+    assert_eq!(rec["decision"], "deny");
+    assert_eq!(rec["reason"], "no_allow_matched");
+    assert_eq!(rec["http"]["method"], "POST");
+    assert_eq!(rec["http"]["path"], "/api/items");
+    assert_eq!(rec["http"]["status"], 403);
+}
+
+#[test]
+fn l7_second_request_on_keep_alive_is_decided_too() {
+    let (e, log) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    assert_eq!(
+        c.send(&e, b"GET /api/a HTTP/1.1\r\nHost: c\r\n\r\n", &mut emit),
+        Verdict::Deliver
+    );
+    emit.clear();
+    c.send(&e, b"GET /admin HTTP/1.1\r\nHost: c\r\n\r\n", &mut emit);
+    let to_client = tcp_payloads(&emit, Toward::Peer);
+    assert!(String::from_utf8_lossy(&to_client[0].0).starts_with("HTTP/1.1 403"));
+    assert!(log.tail(1)[0].contains("\"/admin\""));
+}
+
+#[test]
+fn l7_path_tricks_are_decided_on_the_normalised_path() {
+    let (e, log) = enforcer(API_POLICY, 1024);
+    for (i, target) in ["/api/../admin", "//api/../admin", "/api/%2e%2e/admin"]
+        .iter()
+        .enumerate()
+    {
+        let mut c = Conn::open(&e, 41000 + i as u16);
+        let mut emit = Emit::default();
+        let req = format!("GET {target} HTTP/1.1\r\nHost: c\r\n\r\n");
+        assert_ne!(
+            c.send(&e, req.as_bytes(), &mut emit),
+            Verdict::Deliver,
+            "{target}"
+        );
+        assert!(
+            log.tail(1)[0].contains("\"path\":\"/admin\""),
+            "{target}: {}",
+            log.tail(1)[0]
+        );
+    }
+    // An encoded slash is refused as malformed (400), whatever the rules say.
+    let mut c = Conn::open(&e, 42000);
+    let mut emit = Emit::default();
+    c.send(
+        &e,
+        b"GET /api%2F..%2Fadmin HTTP/1.1\r\nHost: c\r\n\r\n",
+        &mut emit,
+    );
+    let to_client = tcp_payloads(&emit, Toward::Peer);
+    assert!(String::from_utf8_lossy(&to_client[0].0).starts_with("HTTP/1.1 400"));
+}
+
+#[test]
+fn l7_non_http_bytes_are_refused_400() {
+    let (e, log) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    c.send(
+        &e,
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 hello tls\r\n\r\n",
+        &mut emit,
+    );
+    let to_client = tcp_payloads(&emit, Toward::Peer);
+    assert!(String::from_utf8_lossy(&to_client[0].0).starts_with("HTTP/1.1 400"));
+    assert!(
+        log.tail(1)[0].contains("\"reason\":\"not_http\""),
+        "{}",
+        log.tail(1)[0]
+    );
+}
+
+#[test]
+fn l7_split_head_is_held_then_released_in_order() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    assert_eq!(c.send(&e, b"GET /api/ite", &mut emit), Verdict::Consumed);
+    assert!(emit.is_empty(), "nothing of an undecided head is delivered");
+    assert_eq!(
+        c.send(&e, b"ms HTTP/1.1\r\nHost: c\r\n\r\n", &mut emit),
+        Verdict::Consumed
+    );
+    let released: Vec<u8> = tcp_payloads(&emit, Toward::Local)
+        .into_iter()
+        .flat_map(|(p, _)| p)
+        .collect();
+    assert_eq!(released, b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n");
+}
+
+#[test]
+fn l7_incomplete_head_times_out_with_408() {
+    let (e, log) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    c.send(&e, b"GET /api/items HTTP/1.1\r\n", &mut emit);
+    assert!(emit.is_empty());
+    e.poll(t(10) + Duration::from_secs(11), WALL, &mut emit);
+    let to_client = tcp_payloads(&emit, Toward::Peer);
+    assert!(String::from_utf8_lossy(&to_client[0].0).starts_with("HTTP/1.1 408"));
+    assert!(log.tail(1)[0].contains("request_timeout"));
+}
+
+#[test]
+fn l7_segment_with_bad_checksum_is_dropped() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let c = Conn::open(&e, 40000);
+    let mut pkt = c.client("A", b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n");
+    let last = pkt.len() - 1;
+    pkt[last] ^= 0x20;
+    let v = e.inbound(&sender(A), &pkt, t(10), WALL, &mut Emit::default());
+    assert_eq!(v, Verdict::Drop(Drop::Checksum));
+}
+
+#[test]
+fn l7_mid_stream_without_handshake_fails_closed() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let c = Conn {
+        sport: 40000,
+        cseq: 1,
+        sseq: 1,
+    };
+    let pkt = c.client("A", b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n");
+    let v = e.inbound(&sender(A), &pkt, t(0), WALL, &mut Emit::default());
+    assert_eq!(v, Verdict::Drop(Drop::Untracked));
 }

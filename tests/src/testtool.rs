@@ -1,0 +1,123 @@
+//! `mesh-testtool`: small traffic tools the netns tests run inside hosts.
+//!
+//! - `udp-echo <bind>`: echo every datagram back; prints `listening` once bound.
+//! - `udp-ping <addr:port> <tries>`: send a datagram, expect it back within 1 s per try;
+//!   exit 0 on the first echo, 1 if none came.
+//! - `udp-garbage <addr:port> <count> <seed>`: send `count` random datagrams.
+
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["udp-echo", bind] => udp_echo(bind),
+        ["udp-ping", target, tries] => udp_ping(target, tries),
+        ["udp-garbage", target, count, seed] => udp_garbage(target, count, seed),
+        _ => Err("usage: mesh-testtool udp-echo <bind> | udp-ping <addr:port> <tries> | udp-garbage <addr:port> <count> <seed>".to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-testtool: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|e| format!("bad address {s:?}: {e}"))
+}
+
+fn udp_echo(bind: &str) -> Result<(), String> {
+    let addr = parse_addr(bind)?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false)
+            .map_err(|e| format!("IPV6_V6ONLY: {e}"))?;
+    }
+    sock.bind(&addr.into())
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    let sock: UdpSocket = sock.into();
+    println!("listening on {addr}");
+    let _ = std::io::stdout().flush();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).map_err(|e| format!("recv: {e}"))?;
+        let _ = sock.send_to(&buf[..n], from);
+    }
+}
+
+fn udp_ping(target: &str, tries: &str) -> Result<(), String> {
+    let target = parse_addr(target)?;
+    let tries: u32 = tries.parse().map_err(|e| format!("bad tries: {e}"))?;
+    let bind: SocketAddr = if target.is_ipv6() {
+        "[::]:0".parse().map_err(|e| format!("{e}"))?
+    } else {
+        "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?
+    };
+    let sock = UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| format!("timeout: {e}"))?;
+    let mut buf = [0u8; 2048];
+    for i in 0..tries {
+        let msg = format!("mesh-udp-ping {} {i}", std::process::id());
+        sock.send_to(msg.as_bytes(), target)
+            .map_err(|e| format!("send to {target}: {e}"))?;
+        // Read until our message comes back or the read times out.
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if from == target && &buf[..n] == msg.as_bytes() {
+                println!("echo from {from}");
+                return Ok(());
+            }
+        }
+    }
+    Err(format!("no UDP echo from {target} after {tries} tries"))
+}
+
+fn udp_garbage(target: &str, count: &str, seed: &str) -> Result<(), String> {
+    let target = parse_addr(target)?;
+    let count: u32 = count.parse().map_err(|e| format!("bad count: {e}"))?;
+    let mut state: u64 = seed.parse().map_err(|e| format!("bad seed: {e}"))?;
+    state |= 1;
+    let bind = if target.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let sock = UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
+    let mut buf = vec![0u8; 1400];
+    let mut next = || {
+        // xorshift64*: reproducible garbage from the seed.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    for i in 0..count {
+        let len = 1 + (next() % 1400) as usize;
+        for b in buf[..len].iter_mut() {
+            *b = next() as u8;
+        }
+        sock.send_to(&buf[..len], target)
+            .map_err(|e| format!("send to {target}: {e}"))?;
+        if i % 100 == 99 {
+            pace();
+        }
+    }
+    println!("sent {count} datagrams to {target}");
+    Ok(())
+}
+
+#[allow(clippy::disallowed_methods)] // a traffic generator paces itself so the receiver's socket buffer does not overflow; not synchronisation.
+fn pace() {
+    std::thread::sleep(Duration::from_millis(2));
+}

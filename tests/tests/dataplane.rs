@@ -1,0 +1,603 @@
+//! Data plane scenarios (issue 3, "Must show") with real meshd processes in network
+//! namespaces: reachability, encryption, identity, resilience, bad input, runtime peers.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use mesh_tests::{wait, Host, PeerSet, Validity};
+use sha2::{Digest, Sha256};
+
+mesh_tests::isolate!();
+
+const HTTP: u16 = 8080;
+const UDP_ECHO: u16 = 7000;
+
+/// Each host serves `/<name>.txt` over HTTP and echoes UDP.
+fn serve_all(hosts: &[&Host]) -> Result<()> {
+    for h in hosts {
+        h.write_www(&format!("{}.txt", h.name()), h.name().as_bytes())?;
+        h.serve_http(HTTP)?;
+        h.serve_udp_echo(UDP_ECHO)?;
+    }
+    Ok(())
+}
+
+/// TCP (HTTP), UDP and ICMP from `src` to `dst` over both overlay families.
+fn assert_reaches(src: &Host, dst: &Host) -> Result<()> {
+    for addr in [dst.overlay_v4(), dst.overlay_v6()] {
+        let ctx = || format!("{} -> {} at {addr}", src.name(), dst.name());
+        let r = src
+            .http_get_eventually(addr, HTTP, &format!("/{}.txt", dst.name()))
+            .with_context(ctx)?;
+        ensure!(
+            r.status == 200 && r.body == dst.name().as_bytes(),
+            "{}: got {} {:?}",
+            ctx(),
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        src.udp_echo(addr, UDP_ECHO).with_context(ctx)?;
+        src.ping(addr).with_context(ctx)?;
+    }
+    Ok(())
+}
+
+/// No HTTP, UDP or ICMP from `src` reaches `dst` (each attempt bounded to seconds).
+fn assert_cut_off(src: &Host, dst: IpAddr) -> Result<()> {
+    let r = src.http_get_limit(dst, HTTP, "/", Duration::from_secs(3));
+    ensure!(r.is_err(), "{} reached {dst} over HTTP: {r:?}", src.name());
+    let out = src.udp_echo_once(dst, UDP_ECHO)?;
+    ensure!(!out.success(), "{} got a UDP echo from {dst}", src.name());
+    let out = src.ping_once(dst, 3)?;
+    ensure!(!out.success(), "{} pinged {dst}: {out:?}", src.name());
+    Ok(())
+}
+
+/// Every file under `dir` with its bytes (the daemon's persisted state).
+fn snapshot(
+    dir: &std::path::Path,
+) -> Result<std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries {
+            let p = e?.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn random_bytes(n: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn three_hosts_reach_each_other_over_ipv4_and_ipv6() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b, c] = mesh.hosts(["a", "b", "c"])?;
+    serve_all(&[&a, &b, &c])?;
+    for src in [&a, &b, &c] {
+        for dst in [&a, &b, &c] {
+            if src.name() != dst.name() {
+                assert_reaches(src, dst)?;
+            }
+        }
+    }
+    // The operator's view names every peer.
+    let table = a.meshctl(&["status"])?.check()?.stdout_str();
+    for id in [a.identity(), b.identity(), c.identity()] {
+        assert!(table.contains(id), "`meshctl status` lacks {id}:\n{table}");
+    }
+    // Every host now shows a completed handshake and traffic with both others.
+    for h in [&a, &b, &c] {
+        let s = h.status()?;
+        assert_eq!(s.identity, h.identity());
+        assert_eq!(s.peers.len(), 2, "{}: {s:?}", h.name());
+        for p in &s.peers {
+            assert!(p.latest_handshake.is_some(), "{}: {p:?}", h.name());
+            assert!(p.rx_bytes > 0 && p.tx_bytes > 0, "{}: {p:?}", h.name());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ipv6_underlay_carries_both_overlay_families() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let a = mesh.host("a").ipv6_underlay().up()?;
+    let b = mesh.host("b").ipv6_underlay().up()?;
+    serve_all(&[&a, &b])?;
+    assert_reaches(&a, &b)?;
+    assert_reaches(&b, &a)?;
+    let s = a.status()?;
+    let ep = s.peer(b.identity()).and_then(|p| p.endpoint.clone());
+    assert_eq!(ep, Some(b.endpoint().to_string()), "{s:?}");
+    Ok(())
+}
+
+#[test]
+fn underlay_capture_never_shows_the_overlay_payload() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b] = mesh.hosts(["a", "b"])?;
+    let marker = format!("MESH-MARKER-{}", hex(&random_bytes(8)?));
+    b.write_www("marker.txt", marker.repeat(2000).as_bytes())?;
+    b.serve_http(HTTP)?;
+    b.serve_udp_echo(UDP_ECHO)?;
+    let cap = mesh.capture_underlay("")?;
+    for addr in [b.overlay_v4(), b.overlay_v6()] {
+        let r = a.http_get_eventually(addr, HTTP, "/marker.txt")?;
+        assert_eq!(r.status, 200);
+        assert!(contains(&r.body, marker.as_bytes()));
+    }
+    let pcap_path = cap.path().to_path_buf();
+    // Invariant 1, whole: between hosts, every packet is WireGuard on the mesh port
+    // (apart from neighbour discovery: ARP, IPv6 ND, and link multicast such as MLD).
+    let clear = cap.finish_packets(
+        "not arp and not ether multicast and not ether broadcast and not (udp port 51820) \
+         and not (icmp6 and ip6[40] >= 133 and ip6[40] <= 137)",
+    )?;
+    assert!(
+        clear.is_empty(),
+        "non-WireGuard packets on the underlay:\n{}",
+        clear.join("\n")
+    );
+    let pcap = std::fs::read(&pcap_path)?;
+    // The capture saw the transfer (two copies of ~50 kB went through it)...
+    assert!(
+        pcap.len() > 2 * marker.len() * 2000,
+        "capture too small ({} bytes): did it see the transfer?",
+        pcap.len()
+    );
+    // ...and none of it in clear.
+    assert!(
+        !contains(&pcap, marker.as_bytes()),
+        "the marker crossed the underlay unencrypted"
+    );
+    Ok(())
+}
+
+#[test]
+fn multi_megabyte_transfer_arrives_byte_identical() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b] = mesh.hosts(["a", "b"])?;
+    let data = random_bytes(8 << 20)?;
+    b.write_www("big.bin", &data)?;
+    b.serve_http(HTTP)?;
+    let want = hex(&Sha256::digest(&data));
+    for addr in [b.overlay_v4(), b.overlay_v6()] {
+        // Warm up the session, then time-limit the real transfer generously.
+        a.http_get_eventually(addr, HTTP, "/")?;
+        let r = a.http_get_limit(addr, HTTP, "/big.bin", Duration::from_secs(60))?;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), data.len(), "length over {addr}");
+        assert_eq!(hex(&Sha256::digest(&r.body)), want, "checksum over {addr}");
+    }
+    Ok(())
+}
+
+#[test]
+fn host_certified_by_another_ca_cannot_exchange_traffic() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b] = mesh.hosts(["a", "b"])?;
+    serve_all(&[&a, &b])?;
+    assert_reaches(&a, &b)?;
+    // The outsider runs a real meshd under its own CA, in the mesh's trust domain and
+    // address range; its CA also certifies a's real public key, so the outsider's meshd
+    // happily initiates handshakes towards a.
+    let other = mesh.other_ca("t")?;
+    let evil = mesh
+        .host("evil")
+        .identity("spiffe://t/evil")
+        .ca(&other)
+        .peers(PeerSet::None)
+        .up()?;
+    serve_all(&[&evil])?;
+    let forged_a = other.issue(
+        a.identity(),
+        &[a.overlay_v4(), a.overlay_v6()],
+        &[],
+        Some(&a.public_key()),
+        Validity::Current,
+    )?;
+    let forged_path = evil.dir().join("a-by-other-ca.crt");
+    std::fs::write(&forged_path, &forged_a.cert_pem)?;
+    let ep = a.endpoint().to_string();
+    evil.meshctl(&[
+        "peer",
+        "add",
+        forged_path.to_str().unwrap_or_default(),
+        "--endpoint",
+        &ep,
+    ])?
+    .check()?;
+    // The mesh refuses the outsider's certificate.
+    let evil_cert = evil.cert_path();
+    let out = a.meshctl(&[
+        "peer",
+        "add",
+        evil_cert.to_str().unwrap_or_default(),
+        "--endpoint",
+        &evil.endpoint().to_string(),
+    ])?;
+    assert!(
+        !out.success(),
+        "a accepted a certificate from another CA: {out:?}"
+    );
+    // No traffic either way, over either family; a never answers the outsider's
+    // handshakes (watched on the underlay).
+    let cap = mesh.capture_underlay("")?;
+    for addr in [a.overlay_v4(), a.overlay_v6()] {
+        assert_cut_off(&evil, addr)?;
+    }
+    for addr in [evil.overlay_v4(), evil.overlay_v6()] {
+        assert_cut_off(&a, addr)?;
+    }
+    let to_evil = cap.finish_packets(&format!(
+        "udp and src host {} and dst host {}",
+        a.underlay_v4(),
+        evil.underlay_v4()
+    ))?;
+    assert!(
+        to_evil.is_empty(),
+        "a answered the outsider:\n{}",
+        to_evil.join("\n")
+    );
+    let s = a.status()?;
+    assert!(s.peer(evil.identity()).is_none(), "{s:?}");
+    assert!(
+        s.drops.get("unknown_peer").copied().unwrap_or(0) > 0,
+        "the outsider's handshakes were not counted: {:?}",
+        s.drops
+    );
+    assert!(
+        s.peer(b.identity())
+            .is_some_and(|p| p.drops.values().sum::<u64>() == 0),
+        "{s:?}"
+    );
+    // The mesh still works.
+    assert_reaches(&b, &a)?;
+    Ok(())
+}
+
+#[test]
+fn forged_overlay_source_is_dropped_and_counted() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b, c] = mesh.hosts(["a", "b", "c"])?;
+    serve_all(&[&c])?;
+    // b and c have a session.
+    b.ping(c.overlay_v4())?;
+    b.ping(c.overlay_v6())?;
+    // b claims a's overlay addresses locally and sends from them to c.
+    b.netns().ip(&[
+        "addr",
+        "add",
+        &format!("{}/32", a.overlay_v4()),
+        "dev",
+        "lo",
+    ])?;
+    b.netns().ip(&[
+        "addr",
+        "add",
+        &format!("{}/128", a.overlay_v6()),
+        "dev",
+        "lo",
+        "nodad",
+    ])?;
+    let before = c
+        .status()?
+        .peer(b.identity())
+        .map(|p| p.drops.get("spoofed_source").copied().unwrap_or(0))
+        .unwrap_or(0);
+    for (src, dst) in [
+        (a.overlay_v4(), c.overlay_v4()),
+        (a.overlay_v6(), c.overlay_v6()),
+    ] {
+        let out = b.exec(
+            "ping",
+            &[
+                "-n",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                &src.to_string(),
+                &dst.to_string(),
+            ],
+        )?;
+        assert!(
+            !out.success(),
+            "a forged ping from {src} got an answer: {out:?}"
+        );
+    }
+    let got = wait::until(
+        "c to count b's spoofed packets",
+        Duration::from_secs(10),
+        || {
+            let s = c.status()?;
+            let n = s
+                .peer(b.identity())
+                .map(|p| p.drops.get("spoofed_source").copied().unwrap_or(0))
+                .unwrap_or(0);
+            Ok((n >= before + 6).then_some(n))
+        },
+    )?;
+    assert!(got >= before + 6);
+    // Nothing was credited to a, whose address was forged.
+    let s = c.status()?;
+    let a_peer = s.peer(a.identity()).context("c lists a")?;
+    assert_eq!(a_peer.rx_bytes, 0, "{a_peer:?}");
+    Ok(())
+}
+
+#[test]
+fn expired_peer_certificate_is_refused_with_a_clear_log_line() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let a = mesh.host("a").up()?;
+    let expired = mesh.ca().issue(
+        "spiffe://t/old",
+        &[IpAddr::V4(Ipv4Addr::new(100, 64, 9, 9))],
+        &[],
+        None,
+        Validity::Expired,
+    )?;
+    let path = a.dir().join("old.crt");
+    std::fs::write(&path, &expired.cert_pem)?;
+    let path_s = path.to_str().context("path")?;
+    // At run time: refused, the error says why.
+    let out = a.meshctl(&["peer", "add", path_s, "--endpoint", "198.18.9.9:51820"])?;
+    assert!(!out.success(), "expired certificate accepted: {out:?}");
+    assert!(out.stderr_str().contains("expired"), "{out:?}");
+    assert!(a.status()?.peer("spiffe://t/old").is_none());
+    // From the config file: meshd refuses that peer and logs why.
+    let mut config = std::fs::read_to_string(a.config_path())?;
+    config.push_str("\n[[peer]]\ncert = \"old.crt\"\nendpoint = \"198.18.9.9:51820\"\n");
+    std::fs::write(a.config_path(), config)?;
+    a.stop_meshd()?;
+    let started = a.start();
+    let log = a.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("spiffe://t/old") && l.contains("expired"))
+        .or_else(|| {
+            log.lines()
+                .find(|l| l.contains("old.crt") && l.contains("expired"))
+        });
+    assert!(line.is_some(), "no log line about the expired peer:\n{log}");
+    // Refusing that peer does not take the node down.
+    started?;
+    assert!(a.meshd_alive()?);
+    Ok(())
+}
+
+#[test]
+fn kill_9_and_restart_resumes_traffic() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b, c] = mesh.hosts(["a", "b", "c"])?;
+    serve_all(&[&a, &b, &c])?;
+    assert_reaches(&a, &b)?;
+    assert_reaches(&b, &a)?;
+    assert_reaches(&c, &a)?;
+    b.kill_meshd()?;
+    assert_cut_off(&a, b.overlay_v4())?;
+    b.start()?;
+    assert_reaches(&b, &a)?;
+    assert_reaches(&a, &b)?;
+    assert_reaches(&c, &b)?;
+    // a and c never restarted and still talk.
+    assert_reaches(&c, &a)?;
+    Ok(())
+}
+
+#[test]
+fn moved_host_resumes_traffic() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b] = mesh.hosts(["a", "b"])?;
+    serve_all(&[&a, &b])?;
+    assert_reaches(&a, &b)?;
+    let new = Ipv4Addr::new(198, 19, 0, b.index() as u8);
+    b.move_underlay(new)?;
+    // b speaks first from its new address; a learns it from the authenticated packets.
+    assert_reaches(&b, &a)?;
+    assert_reaches(&a, &b)?;
+    let s = a.status()?;
+    let ep = s.peer(b.identity()).and_then(|p| p.endpoint.clone());
+    assert_eq!(
+        ep.as_deref(),
+        Some(format!("{new}:{}", mesh_tests::mesh::MESH_PORT).as_str())
+    );
+    Ok(())
+}
+
+#[test]
+fn random_datagrams_are_dropped_and_counted() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b] = mesh.hosts(["a", "b"])?;
+    serve_all(&[&a, &b])?;
+    assert_reaches(&b, &a)?;
+    let before = a.status()?.total_drops();
+    const COUNT: u64 = 5000;
+    b.send_garbage(a.endpoint(), COUNT as u32, 0x5eed)?;
+    let after = wait::until("a to count the garbage", Duration::from_secs(10), || {
+        let n = a.status()?.total_drops();
+        Ok((n >= before + COUNT).then_some(n))
+    });
+    let now = a.status()?;
+    assert!(
+        after.is_ok(),
+        "sent {COUNT} random datagrams, drops went from {before} to {}: {:?}",
+        now.total_drops(),
+        now.drops
+    );
+    assert!(a.meshd_alive()?, "meshd died:\n{}", a.log());
+    assert_reaches(&b, &a)?;
+    assert_reaches(&a, &b)?;
+    Ok(())
+}
+
+#[test]
+fn malformed_control_requests_get_an_error_and_change_nothing() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b] = mesh.hosts(["a", "b"])?;
+    serve_all(&[&a, &b])?;
+    assert_reaches(&a, &b)?;
+    let state_before = snapshot(&a.dir().join("state"))?;
+    let peers_before: Vec<String> = a
+        .status()?
+        .peers
+        .iter()
+        .map(|p| p.identity.clone())
+        .collect();
+    let other = mesh.other_ca("t")?;
+    let foreign = other.issue(
+        "spiffe://t/x",
+        &[IpAddr::V4(Ipv4Addr::new(100, 64, 7, 7))],
+        &[],
+        None,
+        Validity::Current,
+    )?;
+    let requests: Vec<Vec<u8>> = vec![
+        b"not json".to_vec(),
+        b"{}".to_vec(),
+        b"[1,2,3]".to_vec(),
+        b"{\"op\":\"no_such_op\"}".to_vec(),
+        b"{\"op\":\"status\",\"extra\":1}".to_vec(),
+        b"{\"op\":\"peer_add\",\"cert\":\"garbage\"}".to_vec(),
+        serde_json::json!({"op": "peer_add", "cert": foreign.cert_pem})
+            .to_string()
+            .into_bytes(),
+        serde_json::json!({"op": "peer_add", "cert": b.cert_pem(), "endpoint": "nowhere"})
+            .to_string()
+            .into_bytes(),
+        b"{\"op\":\"peer_remove\",\"identity\":\"not an id\"}".to_vec(),
+        b"{\"op\":\"peer_remove\",\"identity\":\"spiffe://t/nobody\"}".to_vec(),
+        vec![0xff, 0xfe, 0x00, 0x01],
+    ];
+    for req in &requests {
+        let reply = a.control_raw(req)?;
+        let v: serde_json::Value = serde_json::from_str(&reply).with_context(|| {
+            format!(
+                "reply to {:?} is not JSON: {reply:?}",
+                String::from_utf8_lossy(req)
+            )
+        })?;
+        assert_eq!(
+            v["ok"],
+            false,
+            "request {:?}: {reply}",
+            String::from_utf8_lossy(req)
+        );
+        let err = v["error"].as_str().unwrap_or_default();
+        assert!(
+            !err.is_empty() && !err.contains('\n'),
+            "request {:?}: {reply}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    let peers_after: Vec<String> = a
+        .status()?
+        .peers
+        .iter()
+        .map(|p| p.identity.clone())
+        .collect();
+    assert_eq!(peers_before, peers_after);
+    assert!(
+        state_before == snapshot(&a.dir().join("state"))?,
+        "the persisted state changed"
+    );
+    assert!(a.meshd_alive()?);
+    assert_reaches(&a, &b)?;
+    assert_reaches(&b, &a)?;
+    Ok(())
+}
+
+#[test]
+fn peers_added_and_removed_at_runtime_persist_across_restart() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let a = mesh.host("a").peers(PeerSet::None).up()?;
+    let b = mesh.host("b").peers(PeerSet::None).up()?;
+    serve_all(&[&a, &b])?;
+    assert!(a.status()?.peers.is_empty());
+    assert_cut_off(&a, b.overlay_v4())?;
+    a.peer_add(&b)?;
+    b.peer_add(&a)?;
+    let list = a.meshctl(&["peer", "list"])?.check()?;
+    assert!(list.stdout_str().contains(b.identity()), "{list:?}");
+    assert_reaches(&a, &b)?;
+    // A clean restart keeps the peer (persisted in the state directory, not the config).
+    restart_cleanly(&a)?;
+    assert!(a.status()?.peer(b.identity()).is_some());
+    assert_reaches(&a, &b)?;
+    // Removal cuts traffic and also survives a restart.
+    a.peer_remove(b.identity())?.check()?;
+    assert!(a.status()?.peer(b.identity()).is_none());
+    assert_cut_off(&a, b.overlay_v4())?;
+    restart_cleanly(&a)?;
+    assert!(a.status()?.peer(b.identity()).is_none());
+    assert_cut_off(&a, b.overlay_v4())?;
+    Ok(())
+}
+
+/// SIGTERM: meshd exits and removes its TUN and control socket; then start again.
+fn restart_cleanly(h: &Host) -> Result<()> {
+    h.stop_meshd()?;
+    ensure!(
+        !h.socket_path().exists(),
+        "control socket left behind after SIGTERM"
+    );
+    let out = h.exec("ip", &["link", "show", "mesh0"])?;
+    ensure!(!out.success(), "TUN left behind after SIGTERM: {out:?}");
+    h.start()
+}
+
+#[test]
+fn control_socket_is_owner_only() -> mesh_tests::Result {
+    use std::os::unix::fs::PermissionsExt;
+    let mut mesh = mesh_tests::mesh!();
+    let a = mesh.host("a").up()?;
+    let mode = std::fs::metadata(a.socket_path())?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode {mode:o}");
+    // Another user cannot use it.
+    let meshctl = mesh.bins().meshctl.to_str().unwrap_or_default().to_string();
+    let sock = a.socket_path().to_str().unwrap_or_default().to_string();
+    let out = a.exec(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &meshctl,
+            "--socket",
+            &sock,
+            "status",
+        ],
+    )?;
+    assert!(!out.success(), "another user read the status: {out:?}");
+    assert!(
+        out.stderr_str().contains("ermission denied"),
+        "refused for another reason: {out:?}"
+    );
+    Ok(())
+}
