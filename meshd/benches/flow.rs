@@ -2,9 +2,9 @@
 //!
 //! - `conntrack/*`: `ConnTrack::track` of a packet of an established flow (original
 //!   direction and reply) and of an unknown flow, in tables of 100 and 10,000 flows.
-//! - `l4_inbound/*`: `L4Enforcer::inbound` of a 1400-byte TCP segment on an allowed,
+//! - `l4/inbound_established`: `enforce::Enforcer::inbound` of a 1400-byte TCP segment on an allowed,
 //!   established flow (packet parse, shard lock, lookup, cached decision), with 10,000
-//!   flows tracked; `l4_outbound/reply` is the server's answer on such a flow.
+//!   flows tracked; `l4/outbound_reply` is the server's answer on such a flow.
 //!
 //! Run: `cargo bench -p meshd --bench flow`.
 
@@ -21,7 +21,7 @@ use meshd::conntrack::{
     ConnTrack, FlowKey, Observation, Origin, TcpFlags, TcpSegmentInfo, Timeouts, PROTO_TCP,
 };
 use meshd::decisions::DecisionLog;
-use meshd::l4::{L4Enforcer, Limits, LocalWorkload, Sender, Verdict};
+use meshd::enforce::{Emit, Enforcer, Limits, LocalWorkload, Sender, Verdict};
 
 const CLIENT: [u8; 4] = [100, 64, 0, 1];
 const SERVER: [u8; 4] = [100, 64, 0, 2];
@@ -115,7 +115,7 @@ fn bench_l4(c: &mut Criterion) {
         Ok(p) => CompiledPolicy::compile(p.set, DefaultAction::Deny),
         Err(e) => panic!("bench policy: {e}"),
     };
-    let enforcer = L4Enforcer::new(
+    let enforcer = Enforcer::new(
         LocalWorkload {
             identity: Some("spiffe://bench/server".into()),
             groups: vec![],
@@ -131,10 +131,11 @@ fn bench_l4(c: &mut Criterion) {
         identity: "spiffe://bench/client".into(),
         groups: Vec::<String>::new().into(),
     };
+    let mut emit = Emit::default();
     for i in 0..FLOWS {
         let syn = tcp_packet(CLIENT, SERVER, 10_000 + i as u16, 80, true, 0);
         assert_eq!(
-            enforcer.inbound(&sender, &syn, NOW, WALL),
+            enforcer.inbound(&sender, &syn, NOW, WALL, &mut emit),
             Verdict::Deliver,
             "flow {i} must be allowed"
         );
@@ -143,14 +144,14 @@ fn bench_l4(c: &mut Criterion) {
     let data = tcp_packet(CLIENT, SERVER, sport, 80, false, 1400);
     let reply = tcp_packet(SERVER, CLIENT, 80, sport, false, 1400);
     assert_eq!(
-        enforcer.inbound(&sender, &data, NOW, WALL),
+        enforcer.inbound(&sender, &data, NOW, WALL, &mut emit),
         Verdict::Deliver
     );
     assert_eq!(enforcer.outbound(&reply, NOW), Verdict::Deliver);
 
     let mut group = c.benchmark_group("l4");
     group.bench_function(BenchmarkId::new("inbound_established", FLOWS), |b| {
-        b.iter(|| enforcer.inbound(&sender, black_box(&data), NOW, WALL))
+        b.iter(|| enforcer.inbound(&sender, black_box(&data), NOW, WALL, &mut emit))
     });
     group.bench_function(BenchmarkId::new("outbound_reply", FLOWS), |b| {
         b.iter(|| enforcer.outbound(black_box(&reply), NOW))
