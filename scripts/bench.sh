@@ -464,6 +464,20 @@ http_status() { # http_status METHOD -> the status code nginx or meshd answered
         printf "%s /1k.txt HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" "$3" >&3
         head -n1 <&3' _ "$OVER_B" "$HTTP_PORT" "$1" | awk '{ print $2 }'
 }
+# The layer-4 row must really enforce: the served port answers, a port no rule names
+# gets no answer at all (dropped), where without policy it would be refused (RST).
+check_l4() {
+    local get rc=0
+    get="$(http_status GET || true)"
+    # shellcheck disable=SC2016 # the inner script is single-quoted on purpose
+    timeout 2 ip netns exec "$NS_A" bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$OVER_B" 8081 2>/dev/null || rc=$?
+    if [[ "$get" != 200 || $rc -ne 124 ]]; then
+        NOT_AVAILABLE="layer-4 policy not in force: GET answered '${get:-nothing}', a connection to port 8081 ended with status $rc (expected 200, and 124: no answer)"
+        return 1
+    fi
+    log "l4: GET 200, port 8081 dropped: layer-4 policy in force"
+}
+
 check_l7() {
     local get post
     get="$(http_status GET || true)"
@@ -507,7 +521,7 @@ for run in $(seq "$RUNS"); do
             if [[ -z "$NOT_AVAILABLE" ]]; then
                 case $row in
                 plain) start_meshd "$row/run$run" "" || true ;;
-                l4) start_meshd "$row/run$run" policy_l4 || true ;;
+                l4) { start_meshd "$row/run$run" policy_l4 && check_l4; } || true ;;
                 l7) { start_meshd "$row/run$run" policy_l7 && check_l7; } || true ;;
                 esac
             fi
