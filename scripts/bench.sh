@@ -248,6 +248,7 @@ measure_ping() { # measure_ping DST -> "avg p99" in ms
     local dst=$1 out
     out="$(timeout $((PINGS / 20 + 30)) ip netns exec "$NS_A" \
         ping -n -c "$PINGS" -i "$PING_INTERVAL" -W 1 "$dst")" || true
+    echo "$out" >>"$WORK/ping.log"
     grep -o 'time=[0-9.]*' <<<"$out" | cut -d= -f2 | sort -g | awk '
         { v[NR] = $1; s += $1 }
         END { if (NR == 0) { print "- -"; exit }
