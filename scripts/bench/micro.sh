@@ -27,12 +27,13 @@ LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "| benchmark | median time | throughput |"
     echo "|---|---|---|"
     # Criterion prints "name  time: [lo mid hi]" (the name sometimes on the line
-    # before) and, for some, "thrpt: [lo mid hi]" on the next line.
+    # before) and, for some, "thrpt: [lo mid hi]" on the next line; then, if an
+    # earlier run exists, the change in percent (skipped).
     awk '
         function flush() { if (name != "") printf "| %s | %s | %s |\n", name, t, (thr == "" ? "-" : thr); name = ""; t = ""; thr = "" }
         /^[A-Za-z0-9_]+\/[^ ]+/ && !/^Benchmarking/ { cand = $1 }
-        /time:/ { flush(); name = cand; sub(/.*time: *\[/, ""); split($0, v, " "); t = v[3] " " v[4] }
-        /thrpt:/ { sub(/.*thrpt: *\[/, ""); split($0, v, " "); thr = v[3] " " v[4] }
+        /time:/ && !/%/ { flush(); name = cand; sub(/.*time: *\[/, ""); split($0, v, " "); t = v[3] " " v[4] }
+        /thrpt:/ && !/%/ { sub(/.*thrpt: *\[/, ""); split($0, v, " "); thr = v[3] " " v[4] }
         END { flush() }' "$LOG"
 } >"$OUT"
 cat "$OUT"
