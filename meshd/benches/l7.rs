@@ -9,13 +9,23 @@
 //!   in-order stream: 1400-byte body segments of one large upload (the no-copy
 //!   forward path), and segments that each carry one complete GET head (parse,
 //!   normalise, decide per segment).
+//! - `l7_enforcer/*`: the same two streams as whole IPv4 packets through
+//!   `enforce::Enforcer::inbound` with a compiled layer-7 policy (`GET`/`PUT` on `/*`):
+//!   what the data path pays per client packet on an inspected port (packet parse,
+//!   TCP checksum, flow lookup, the L7 flow, policy evaluation per request head).
 //!
 //! Run: `cargo bench -p meshd --bench l7`.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use etherparse::PacketBuilder;
+use mesh_proto::policy::{parse, CompiledPolicy, DefaultAction};
+use mesh_proto::time::UnixTime;
+use meshd::decisions::DecisionLog;
+use meshd::enforce::{self, Emit, Enforcer, LocalWorkload, Sender};
 use meshd::flow::{Flags, Reassembler, Segment, SeqNumber, Timestamp};
 use meshd::http::{RequestStream, Step, MAX_HEADERS};
 use meshd::l7::{Config, Fate, L7Flow, Request, Verdict};
@@ -171,11 +181,140 @@ fn bench_l7_flow(c: &mut Criterion) {
     group.finish();
 }
 
+const L7_POLICY: &str = r#"
+[[policy]]
+name = "web"
+action = "allow"
+[[policy.rule]]
+from = [{ identities = ["spiffe://bench/client"] }]
+to = [{ ports = [80], methods = ["GET", "PUT"], paths = ["/*"] }]
+"#;
+
+const CLIENT: [u8; 4] = [100, 64, 0, 1];
+const SERVER: [u8; 4] = [100, 64, 0, 2];
+const CPORT: u16 = 40_000;
+
+/// An IPv4 TCP packet with valid checksums. `ack` sets the ACK flag.
+fn packet(to_server: bool, seq: u32, ack: Option<u32>, syn: bool, payload: &[u8]) -> Vec<u8> {
+    let (src, dst, sport, dport) = if to_server {
+        (CLIENT, SERVER, CPORT, 80)
+    } else {
+        (SERVER, CLIENT, 80, CPORT)
+    };
+    let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, seq, 65_535);
+    if syn {
+        b = b.syn();
+    }
+    if let Some(a) = ack {
+        b = b.ack(a);
+    }
+    if !payload.is_empty() {
+        b = b.psh();
+    }
+    let mut out = Vec::with_capacity(40 + payload.len());
+    if let Err(e) = b.write(&mut out, payload) {
+        panic!("cannot build a test packet: {e}");
+    }
+    out
+}
+
+/// An enforcer with one established, inspected flow from the client to port 80:
+/// (enforcer, sender, client's next seq, server's next seq).
+fn inspected_flow(now: Duration, wall: UnixTime) -> (Enforcer, Sender, u32, u32) {
+    let policy = match parse("bench.toml", L7_POLICY) {
+        Ok(p) => CompiledPolicy::compile(p.set, DefaultAction::Deny),
+        Err(e) => panic!("bench policy: {e}"),
+    };
+    let enforcer = Enforcer::new(
+        LocalWorkload {
+            identity: Some("spiffe://bench/server".into()),
+            groups: vec![],
+        },
+        policy,
+        enforce::Limits::default(),
+        Arc::new(DecisionLog::new(Default::default())),
+    );
+    let sender = Sender {
+        identity: "spiffe://bench/client".into(),
+        groups: Vec::<String>::new().into(),
+    };
+    let (cisn, sisn) = (1_000u32, 50_000u32);
+    let mut emit = Emit::default();
+    let deliver = enforce::Verdict::Deliver;
+    let syn = packet(true, cisn, None, true, b"");
+    assert_eq!(
+        enforcer.inbound(&sender, &syn, now, wall, &mut emit),
+        deliver
+    );
+    let syn_ack = packet(false, sisn, Some(cisn + 1), true, b"");
+    assert_eq!(enforcer.outbound(&syn_ack, now), deliver);
+    let ack = packet(true, cisn + 1, Some(sisn + 1), false, b"");
+    assert_eq!(
+        enforcer.inbound(&sender, &ack, now, wall, &mut emit),
+        deliver
+    );
+    (enforcer, sender, cisn + 1, sisn + 1)
+}
+
+fn bench_l7_enforcer(c: &mut Criterion) {
+    let now = Duration::from_secs(100);
+    let wall = UnixTime(1_795_673_877);
+    let mut group = c.benchmark_group("l7_enforcer");
+    let mut emit = Emit::default();
+
+    // Body segments of one large upload. Each packet carries its own sequence number
+    // and checksum, so they are built outside the timed part, in stream order.
+    group.throughput(Throughput::Bytes(SEGMENT as u64));
+    let (enforcer, sender, mut cseq, sseq) = inspected_flow(now, wall);
+    let head = b"PUT /upload HTTP/1.1\r\nHost: server\r\nContent-Length: 1000000000000\r\n\r\n";
+    let put = packet(true, cseq, Some(sseq), false, head);
+    assert_eq!(
+        enforcer.inbound(&sender, &put, now, wall, &mut emit),
+        enforce::Verdict::Deliver,
+        "the upload's head must pass"
+    );
+    cseq += head.len() as u32;
+    let body = vec![0x61u8; SEGMENT];
+    group.bench_function("inbound_body_1400", |b| {
+        b.iter_batched_ref(
+            || {
+                let p = packet(true, cseq, Some(sseq), false, &body);
+                cseq = cseq.wrapping_add(SEGMENT as u32);
+                p
+            },
+            |p| match enforcer.inbound(&sender, black_box(p), now, wall, &mut emit) {
+                enforce::Verdict::Deliver => {}
+                other => panic!("body segment not delivered: {other:?}"),
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    // Keep-alive GETs, one complete head per packet.
+    group.throughput(Throughput::Elements(1));
+    let (enforcer, sender, mut cseq, sseq) = inspected_flow(now, wall);
+    group.bench_function("inbound_get_head", |b| {
+        b.iter_batched_ref(
+            || {
+                let p = packet(true, cseq, Some(sseq), false, SHORT_HEAD);
+                cseq = cseq.wrapping_add(SHORT_HEAD.len() as u32);
+                p
+            },
+            |p| match enforcer.inbound(&sender, black_box(p), now, wall, &mut emit) {
+                enforce::Verdict::Deliver => {}
+                other => panic!("GET not delivered: {other:?}"),
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(500));
-    targets = bench_reassembly, bench_http_parse, bench_l7_flow
+    targets = bench_reassembly, bench_http_parse, bench_l7_flow, bench_l7_enforcer
 }
 criterion_main!(benches);
