@@ -180,6 +180,16 @@ meshd_ticks() {
     echo "$total"
 }
 
+# Peak resident memory (VmHWM, MiB) of the largest meshd process.
+meshd_peak_mib() {
+    local max=0 pid kb
+    for pid in "${MESHD_PIDS[@]}"; do
+        kb="$(awk '$1 == "VmHWM:" { print $2 }' "/proc/$pid/status" 2>/dev/null)" || continue
+        ((${kb:-0} > max)) && max=$kb
+    done
+    awk -v k="$max" 'BEGIN { printf "%.1f", k / 1024 }'
+}
+
 median() { # median of the arguments (numbers; "-" entries ignored)
     printf '%s\n' "$@" | awk '$1 != "-"' | sort -g | awk '
         { v[NR] = $1 }
@@ -286,6 +296,8 @@ run_once() { # run_once ROW DST RUN
     u1="$(snmp_both Udp RcvbufErrors)"; d1="$(snmp_both Udp InDatagrams)"
     r1="$(snmp_both Tcp RetransSegs)"; o1="$(snmp_both Tcp OutSegs)"
     M[cpu1]="$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) / hz }')"
+    # CPU seconds per gigabyte carried: cost independent of the rate reached.
+    M[cpu_gb]="$(awk -v c="${M[cpu1]}" -v g="${M[tcp1]}" -v s="$IPERF_SECS" 'BEGIN { if (g == "-" || g <= 0) print "-"; else printf "%.2f", c / (g * s / 8) }')"
     M[rcvbuf]="$((u1 - u0))"
     M[rcvbuf_pct]="$(awk -v e=$((u1 - u0)) -v d=$((d1 - d0)) 'BEGIN { if (e + d == 0) print 0; else printf "%.3f", 100 * e / (e + d) }')"
     M[retrans_pct]="$(awk -v r=$((r1 - r0)) -v o=$((o1 - o0)) 'BEGIN { if (o == 0) print "-"; else printf "%.3f", 100 * r / o }')"
@@ -305,8 +317,9 @@ run_once() { # run_once ROW DST RUN
     t1="$(meshd_ticks)"
     M[cpu_http]="$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) / hz }')"
 
+    M[rss]="$(meshd_peak_mib)"
     if ((${#MESHD_PIDS[@]} == 0)); then
-        M[cpu1]=-; M[cpu4]=-; M[cpu_http]=-
+        M[cpu1]=-; M[cpu4]=-; M[cpu_http]=-; M[cpu_gb]=-; M[rss]=-
     fi
     local line=""
     for f in "${FIGS[@]}"; do line+="${M[$f]:--}"$'\t'; done
@@ -315,12 +328,12 @@ run_once() { # run_once ROW DST RUN
 }
 
 # Figures: key and column title.
-FIGS=(tcp1 tcp4 ping_avg ping_p99 rps http_p99 cpu1 cpu4 cpu_http rcvbuf rcvbuf_pct retrans_pct load1)
+FIGS=(tcp1 tcp4 ping_avg ping_p99 rps http_p99 cpu1 cpu_gb cpu4 cpu_http rss rcvbuf rcvbuf_pct retrans_pct load1)
 declare -A TITLE=(
     [tcp1]="TCP 1 stream (Gbit/s)" [tcp4]="TCP 4 streams (Gbit/s)"
     [ping_avg]="ping avg (ms)" [ping_p99]="ping p99 (ms)"
     [rps]="HTTP req/s" [http_p99]="HTTP p99 (ms)"
-    [cpu1]="meshd CPU s, 1 stream" [cpu4]="meshd CPU s, 4 streams" [cpu_http]="meshd CPU s, HTTP"
+    [cpu1]="meshd CPU s, 1 stream" [cpu_gb]="meshd CPU s per GB, 1 stream" [rss]="meshd peak RSS (MiB)" [cpu4]="meshd CPU s, 4 streams" [cpu_http]="meshd CPU s, HTTP"
     [rcvbuf]="UDP rcvbuf errors, 1 stream" [rcvbuf_pct]="UDP rcvbuf errors % of datagrams"
     [retrans_pct]="TCP retrans % of segments, 1 stream"
     [load1]="load avg (1 min) at run start"
