@@ -208,16 +208,15 @@ fn render_enforcement(e: &serde_json::Value) -> String {
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     let p = &e["policy"];
     let c = &e["counters"];
-    let name = p["name"]
-        .as_str()
-        .filter(|s| !s.is_empty())
-        .unwrap_or("(none)");
-    let mut o = format!(
-        "\npolicy: {name} ({}), {} policies, default {}\n",
-        p["origin"].as_str().unwrap_or("?"),
-        n(&p["policies"]),
-        p["default"].as_str().unwrap_or("?")
-    );
+    let default = p["default"].as_str().unwrap_or("?");
+    let mut o = match p["name"].as_str().filter(|s| !s.is_empty()) {
+        None => format!("\npolicy: none, default {default}\n"),
+        Some(name) => format!(
+            "\npolicy: {name} ({}), {} policies, default {default}\n",
+            p["origin"].as_str().unwrap_or("?"),
+            n(&p["policies"]),
+        ),
+    };
     o += &format!(
         "  flows: {} tracked ({} inspected at layer 7, {} bytes held), {} evicted\n",
         n(&c["flows"]),
