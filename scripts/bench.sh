@@ -2,11 +2,12 @@
 # Benchmark: two hosts in network namespaces joined by one veth pair.
 #
 # Rows: the bare underlay link, meshd without policy (the data path alone), meshd with
-# a layer-4 policy, meshd with a layer-7 policy (HTTP rules on the served port). Figures per row: iperf3 TCP throughput (1 and
-# 4 streams), ping latency (avg and p99), HTTP requests/s and p99 latency (wrk against a
-# 1 KiB static file served by nginx), CPU time of the meshd processes, UDP
-# receive-buffer errors and TCP retransmissions. Each figure is the median of RUNS runs.
-# Output: a markdown table (stdout and bench-results/<stamp>.md).
+# a layer-4 policy, meshd with a layer-7 policy (HTTP rules on the served port).
+# Figures per row: iperf3 TCP throughput (1 and 4 streams), ping latency (avg and p99),
+# HTTP requests/s and p99 latency (wrk against a 1 KiB static file served by nginx),
+# CPU time and peak memory of the meshd processes, UDP receive-buffer errors and TCP
+# retransmissions. Each figure is the median of RUNS runs. Output: a markdown table
+# (stdout and bench-results/<stamp>.md). See docs/benchmarks.md.
 #
 # Usage (root): scripts/bench.sh
 # Environment:
@@ -21,6 +22,9 @@
 #                      with `cargo build --release` when missing or BUILD=1)
 #   READY_SECS=20      bound on waiting for meshd readiness and the first handshake
 #   KEEP=1             keep the work directory (configs, logs) for inspection
+#   PROFILE=1          sample the meshd processes with `perf record` during the first
+#                      1-stream run of each meshd row; flat profiles (by thread, object,
+#                      symbol) go to bench-results/<stamp>-perf-<row>.txt
 #
 # Bounded in time: every measuring command runs under `timeout`, readiness polls are
 # bounded, and everything started here (namespaces, processes by PID) is removed on
@@ -190,6 +194,24 @@ meshd_peak_mib() {
     awk -v k="$max" 'BEGIN { printf "%.1f", k / 1024 }'
 }
 
+# A flat profile of what perf sampled: share of samples by thread, object and symbol.
+perf_report() { # perf_report ROW
+    local out="$RESULTS/$STAMP-perf-$1.txt"
+    [[ -s "$WORK/perf-$1.data" ]] || return 0
+    local sort
+    {
+        echo "# perf: meshd processes, row $1, first 1-stream run (${IPERF_SECS}s, 999 Hz)"
+        for sort in comm,dso comm,dso,symbol; do
+            echo
+            echo "## samples by $sort (at least 0.5 %)"
+            timeout 120 perf report -i "$WORK/perf-$1.data" --stdio --no-children \
+                --sort "$sort" --percent-limit 0.5 2>/dev/null |
+                grep -v '^#' | grep . | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -50
+        done
+    } >"$out" || true
+    log "profile saved: $out"
+}
+
 median() { # median of the arguments (numbers; "-" entries ignored)
     printf '%s\n' "$@" | awk '$1 != "-"' | sort -g | awk '
         { v[NR] = $1 }
@@ -291,7 +313,19 @@ run_once() { # run_once ROW DST RUN
     t0="$(meshd_ticks)"
     u0="$(snmp_both Udp RcvbufErrors)"; d0="$(snmp_both Udp InDatagrams)"
     r0="$(snmp_both Tcp RetransSegs)"; o0="$(snmp_both Tcp OutSegs)"
+    local perf_pid=""
+    if [[ "${PROFILE:-0}" == 1 && $run == 1 ]] && ((${#MESHD_PIDS[@]})); then
+        timeout $((IPERF_SECS + 30)) perf record -q -F 999 -p "$(IFS=,; echo "${MESHD_PIDS[*]}")" \
+            -o "$WORK/perf-$row.data" -- sleep "$IPERF_SECS" >"$WORK/perf-$row.log" 2>&1 &
+        perf_pid=$!
+        PIDS+=("$perf_pid")
+    fi
     M[tcp1]="$(measure_iperf "$dst" 1)"
+    if [[ -n "$perf_pid" ]]; then
+        wait "$perf_pid" || log "perf record failed: $(tail -1 "$WORK/perf-$row.log")"
+        stop_pid "$perf_pid"
+        perf_report "$row"
+    fi
     t1="$(meshd_ticks)"
     u1="$(snmp_both Udp RcvbufErrors)"; d1="$(snmp_both Udp InDatagrams)"
     r1="$(snmp_both Tcp RetransSegs)"; o1="$(snmp_both Tcp OutSegs)"
