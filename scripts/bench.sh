@@ -117,6 +117,8 @@ command -v wrk >/dev/null || need_pkgs+=(wrk)
 command -v nginx >/dev/null || need_pkgs+=(nginx-light)
 command -v ping >/dev/null || need_pkgs+=(iputils-ping)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v jq >/dev/null || need_pkgs+=(jq)
+if [[ "${PROFILE:-0}" == 1 ]]; then command -v perf >/dev/null || need_pkgs+=(linux-perf); fi
 if ((${#need_pkgs[@]})); then
     log "installing ${need_pkgs[*]}"
     timeout 300 apt-get update -qq >/dev/null
