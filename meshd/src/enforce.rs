@@ -422,6 +422,8 @@ impl Enforcer {
         if p.protocol == Protocol::Tcp && active.policy.needs_l7(Protocol::Tcp, p.key.dst_port) {
             let opens = p.obs.tcp.is_some_and(|t| t.flags.syn && !t.flags.ack);
             if !opens {
+                drop(shard);
+                untracked_resets(&p, packet, emit);
                 return self.dropped(Drop::Untracked);
             }
             // Requests are decided one by one, with their HTTP attributes; the
@@ -536,22 +538,39 @@ impl Enforcer {
                 let Some(sender) = flow.value.sender.clone() else {
                     return true;
                 };
-                if flow.value.l7.is_some() {
-                    // Decided request by request: the next head meets the new policy.
-                    return true;
-                }
                 let Some(p) = parsed_from_key(key) else {
                     return true;
                 };
-                let decision = self.decide(&active.policy, &sender, &p);
+                let decision = if flow.value.l7.is_some() {
+                    // Decided request by request: the next head meets the new policy,
+                    // unless the new policy refuses every request this source could send
+                    // here; then the flow is cut now rather than left to stream the rest
+                    // of a body (regression: netns test l7.rs, upload in progress).
+                    match mesh_proto::policy::deny_every_request(
+                        &active.policy,
+                        &self.request(&sender, &p),
+                    ) {
+                        None => return true,
+                        Some(reason) => Decision::refused(reason),
+                    }
+                } else {
+                    self.decide(&active.policy, &sender, &p)
+                };
                 flow.value.gen = active.gen;
                 flow.value.allowed = decision.is_allowed();
                 if decision.is_allowed() {
                     return true;
                 }
+                // An inspected flow may hold bytes the server never received: the reset
+                // towards the server carries what it expects (regression: netns test
+                // l7.rs, partial head).
+                let client_next_seq = match &flow.value.l7 {
+                    Some(l7) => l7.server_expects().map(|s| s.0),
+                    None => flow.next_seq(Dir::Original),
+                };
                 cuts.push(Cut {
                     key: *key,
-                    client_next_seq: flow.next_seq(Dir::Original),
+                    client_next_seq,
                     server_next_seq: flow.next_seq(Dir::Reply),
                 });
                 denied.push((sender, p, decision));
@@ -813,6 +832,22 @@ impl Enforcer {
         if let Some(refusal) = outcome.refusal {
             self.refuse(policy, sender, p, &ends, &refusal, now, wall, emit);
         }
+        if let Some(a) = outcome.held_ack {
+            // Held head bytes, acknowledged on the server's behalf (l7::HeldAck): without
+            // it a head larger than the client's congestion window never completes.
+            let ack = TcpSegment {
+                src: ends.server,
+                dst: ends.client,
+                seq: a.seq,
+                ack: Some(a.ack),
+                flags: Flags::default(),
+                window: a.window,
+                payload: &[],
+            };
+            if inject::tcp_packet(&ack, &mut emit.scratch).is_ok() {
+                emit.push_scratch(Toward::Peer);
+            }
+        }
         verdict
     }
 
@@ -1011,6 +1046,41 @@ fn slot_name(slot: usize) -> &'static str {
 
 fn stamp(now: Duration) -> Timestamp {
     Timestamp::from_millis(u64::try_from(now.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Resets both ends of a connection whose segment meshd cannot inspect because it
+/// does not track the flow (opened before meshd restarted, or evicted): the segment
+/// is dropped (fail closed), and without the resets both ends would wait for their
+/// timeouts instead of reconnecting at once. Each RST carries the sequence number its
+/// receiver expects (RFC 9293 §3.10.7.1: to the segment's sender, its ACK number; to
+/// the server, the segment's own sequence number). A RST is never answered. The
+/// sender is authenticated and the addresses are its own (secure naming), so it can
+/// only reset its own connections.
+fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit) {
+    let Some(seg) = segment(p, packet) else {
+        return;
+    };
+    if seg.flags.contains(Flags::RST) || !seg.flags.contains(Flags::ACK) {
+        return;
+    }
+    let ends = endpoints(p);
+    for (src, dst, seq, toward) in [
+        (ends.server, ends.client, seg.ack, Toward::Peer),
+        (ends.client, ends.server, seg.seq, Toward::Local),
+    ] {
+        let rst = TcpSegment {
+            src,
+            dst,
+            seq,
+            ack: None,
+            flags: Flags::RST,
+            window: 0,
+            payload: &[],
+        };
+        if inject::tcp_packet(&rst, &mut emit.scratch).is_ok() {
+            emit.push_scratch(toward);
+        }
+    }
 }
 
 fn endpoints(p: &Parsed) -> Endpoints {

@@ -718,7 +718,18 @@ fn l7_split_head_is_held_then_released_in_order() {
     let mut c = Conn::open(&e, 40000);
     let mut emit = Emit::default();
     assert_eq!(c.send(&e, b"GET /api/ite", &mut emit), Verdict::Consumed);
-    assert!(emit.is_empty(), "nothing of an undecided head is delivered");
+    assert!(
+        tcp_payloads(&emit, Toward::Local).is_empty(),
+        "nothing of an undecided head is delivered"
+    );
+    // The held bytes are acknowledged to the client on the server's behalf (a pure
+    // ACK, l7::HeldAck), so the client keeps sending.
+    assert_eq!(
+        tcp_payloads(&emit, Toward::Peer),
+        vec![(Vec::new(), false)],
+        "one pure ACK to the client"
+    );
+    let mut emit = Emit::default();
     assert_eq!(
         c.send(&e, b"ms HTTP/1.1\r\nHost: c\r\n\r\n", &mut emit),
         Verdict::Consumed
@@ -736,7 +747,8 @@ fn l7_incomplete_head_times_out_with_408() {
     let mut c = Conn::open(&e, 40000);
     let mut emit = Emit::default();
     c.send(&e, b"GET /api/items HTTP/1.1\r\n", &mut emit);
-    assert!(emit.is_empty());
+    assert!(tcp_payloads(&emit, Toward::Local).is_empty());
+    let mut emit = Emit::default();
     e.poll(t(10) + Duration::from_secs(11), WALL, &mut emit);
     let to_client = tcp_payloads(&emit, Toward::Peer);
     assert!(String::from_utf8_lossy(&to_client[0].0).starts_with("HTTP/1.1 408"));
@@ -763,6 +775,88 @@ fn l7_mid_stream_without_handshake_fails_closed() {
         sseq: 1,
     };
     let pkt = c.client("A", b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n");
-    let v = e.inbound(&sender(A), &pkt, t(0), WALL, &mut Emit::default());
+    let mut emit = Emit::default();
+    let v = e.inbound(&sender(A), &pkt, t(0), WALL, &mut emit);
     assert_eq!(v, Verdict::Drop(Drop::Untracked));
+    // Both ends are reset so that they reconnect at once (a flow from before a restart
+    // would otherwise hang until its timeouts): each RST at the number its receiver
+    // expects; nothing of the segment is delivered.
+    let rsts: Vec<(Toward, u32, bool, usize)> = emit
+        .packets()
+        .map(
+            |(t, p)| match etherparse::SlicedPacket::from_ip(p).unwrap().transport {
+                Some(etherparse::TransportSlice::Tcp(tcp)) => {
+                    (t, tcp.sequence_number(), tcp.rst(), tcp.payload().len())
+                }
+                _ => panic!("not TCP"),
+            },
+        )
+        .collect();
+    assert_eq!(
+        rsts,
+        vec![
+            (Toward::Peer, c.sseq, true, 0),
+            (Toward::Local, c.cseq, true, 0)
+        ]
+    );
+    // A RST is never answered.
+    let mut emit = Emit::default();
+    let rst = {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(PEER_A, LOCAL, 64)
+            .tcp(40000, 80, 1, 0)
+            .rst()
+            .ack(1)
+            .write(&mut out, b"")
+            .unwrap();
+        out
+    };
+    e.inbound(&sender(A), &rst, t(0), WALL, &mut emit);
+    assert!(emit.is_empty());
+}
+
+#[test]
+fn l7_flow_is_cut_when_the_new_policy_refuses_every_request() {
+    // Regression (netns test l7.rs, upload in progress): an inspected flow streaming
+    // an allowed request's body was left open by a policy that denies its source
+    // outright, until its next request head.
+    let (e, log) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    let get = b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n";
+    assert_eq!(c.send(&e, get, &mut emit), Verdict::Deliver);
+    // A policy that still lets a GET: the open flow stays, requests decide.
+    let still = format!("{API_POLICY}\n[[policy]]\nname = \"no-admin\"\naction = \"deny\"\n[[policy.rule]]\nto = [{{ ports = [80], paths = [\"/admin\"] }}]\n");
+    let cuts = e.set_policy(compiled(&still, DefaultAction::Deny), t(11), WALL);
+    assert!(cuts.is_empty(), "{}", cuts.len());
+    // A policy that denies a whatever it asks: cut now.
+    let quarantine = format!("{still}\n[[policy]]\nname = \"quarantine\"\naction = \"deny\"\n[[policy.rule]]\nfrom = [{{ identities = [\"spiffe://t/a\"] }}]\n");
+    let cuts = e.set_policy(compiled(&quarantine, DefaultAction::Deny), t(12), WALL);
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(cuts[0].key.dst_port, 80);
+    assert!(log.tail(1)[0].contains("quarantine"), "{}", log.tail(1)[0]);
+    // The flow is gone: further segments of it fail closed.
+    let v = c.send(&e, b"more body", &mut Emit::default());
+    assert_ne!(v, Verdict::Deliver);
+}
+
+#[test]
+fn cut_of_an_l7_flow_resets_the_server_at_what_it_received() {
+    // Regression (netns test l7.rs, partial head): the reset towards the server carried
+    // the client's next sequence number, held bytes included; Linux answers such a RST
+    // with a challenge ACK and the server's connection stayed open.
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let start = c.cseq;
+    let mut emit = Emit::default();
+    assert_eq!(c.send(&e, b"GET /api/ite", &mut emit), Verdict::Consumed);
+    let quarantine = format!("{API_POLICY}\n[[policy]]\nname = \"q\"\naction = \"deny\"\n[[policy.rule]]\nfrom = [{{ identities = [\"spiffe://t/a\"] }}]\n");
+    let cuts = e.set_policy(compiled(&quarantine, DefaultAction::Deny), t(12), WALL);
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(
+        cuts[0].client_next_seq,
+        Some(start),
+        "held bytes never reached it"
+    );
+    assert_eq!(cuts[0].server_next_seq, Some(c.sseq));
 }
