@@ -6,6 +6,8 @@
 #   app  and ops reach it with curl across the encrypted overlay;
 #   then a layer-7 policy lets only app GET pages: app's GET passes, its POST and
 #        ops's GET get 403 before web sees them, and web's decision log shows why;
+#   then pods: shop and cron behind app, pay behind web, each with its own identity
+#   and key in its own network namespace; pay takes requests from shop only;
 #   then every host's `meshctl status` is printed.
 #
 # Needs root (network namespaces, TUN). Installs its Debian packages if missing, builds
@@ -19,6 +21,7 @@ PROFILE_DIR="$ROOT/target/debug"
 PORT=51820
 HTTP_PORT=8080
 HOSTS=(web app ops)
+PODS=()
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
@@ -66,7 +69,7 @@ cleanup() {
     local rc=$?
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    for h in "${HOSTS[@]}" ul; do ip netns del "demo-$h" 2>/dev/null || true; done
+    for h in "${HOSTS[@]}" "${PODS[@]}" ul; do ip netns del "demo-$h" 2>/dev/null || true; done
     if ((ok)); then
         rm -rf "$WORK"
         say "done: everything cleaned up"
@@ -279,7 +282,63 @@ echo "   applied, since port $HTTP_PORT is now inspected and a stream cannot be 
 echo "   its middle; lines with one: requests refused with 403)"
 ctl web log | sed 's/^/  /'
 
-say "8. meshctl status on every host"
+say "8. pods: shop and cron behind app, pay behind web, each with its own identity"
+# pod HOST HOST_INDEX POD ADDRESS: what a CNI plugin does (namespace, veth with the
+# tunnel's MTU, address, route, proxy ARP, forwarding), then the operator's part: the
+# pod's certificate, `meshctl workload add` on its host, `meshctl peer add` elsewhere.
+pod() {
+    local host=$1 hi=$2 pod=$3 addr=$4
+    PODS+=("$pod")
+    "$MESHCTL" cert issue --identity "spiffe://demo.mesh/$pod" --ip "$addr" \
+        --ca ca.crt --ca-key ca.key --out "$host/$pod.crt" --key-out "$host/$pod.key" >/dev/null
+    ip netns add "demo-$pod"
+    ip -n "demo-$pod" link set lo up
+    ip -n "demo-$host" link add "p-$pod" mtu 1420 type veth peer name eth0 netns "demo-$pod"
+    ip -n "demo-$host" link set "p-$pod" up
+    ip -n "demo-$pod" addr add "$addr/32" dev eth0
+    ip -n "demo-$pod" link set eth0 mtu 1420 up
+    ip -n "demo-$pod" route add 100.64.0.0/10 dev eth0
+    in_ns "$host" sh -c "echo 1 >/proc/sys/net/ipv4/ip_forward; echo 1 >/proc/sys/net/ipv4/conf/p-$pod/proxy_arp"
+    ctl "$host" workload add "$pod" --cert "$host/$pod.crt" --key "$host/$pod.key" --veth "p-$pod"
+    local j=0 other
+    for other in "${HOSTS[@]}"; do
+        j=$((j + 1))
+        [[ $other == "$host" ]] && continue
+        ctl "$other" peer add "$host/$pod.crt" --endpoint "198.18.0.$hi:$PORT" >/dev/null
+    done
+}
+pod app 2 shop 100.65.2.1
+pod app 2 cron 100.65.2.2
+pod web 1 pay 100.65.1.1
+ctl app workload list
+mkdir -p pay/www
+echo "pay: payment accepted" >pay/www/index.html
+in_ns_bg pay python3 -m http.server "$HTTP_PORT" --bind 0.0.0.0 --directory "$WORK/pay/www" >pay/http.log 2>&1 &
+PIDS+=($!)
+wait_for "pay's HTTP server" 10 bash -c "ip netns exec demo-pay ss -Hltn 'sport = :$HTTP_PORT' | grep -q ."
+cat >pay.toml <<'POLICY'
+# pay takes HTTP from shop only; every other workload keeps the mesh default.
+[[policy]]
+name = "pay-from-shop"
+action = "allow"
+selector = { identities = ["spiffe://demo.mesh/pay"] }
+[[policy.rule]]
+from = [{ identities = ["spiffe://demo.mesh/shop"] }]
+to = [{ ports = [8080] }]
+POLICY
+ctl web policy apply pay.toml
+printf '  shop -> pay (allowed):  '
+in_ns shop curl -sS --retry 5 --retry-connrefused --retry-delay 1 --max-time 10 "http://100.65.1.1:$HTTP_PORT/"
+printf '  cron -> pay (refused):  '
+if in_ns cron curl -sS --max-time 3 "http://100.65.1.1:$HTTP_PORT/" 2>/dev/null; then
+    die "cron reached pay"
+fi
+echo "no answer (shop and cron share a host, but not an identity)"
+echo "  web's decision log, for pay:"
+ctl web log -n 50 | grep -F -- "-> spiffe://demo.mesh/pay" | tail -n 2 | sed 's/^/  /' \
+    || die "cron's refused request is missing from web's decision log"
+
+say "9. meshctl status on every host"
 for h in "${HOSTS[@]}"; do
     echo "--- $h"
     ctl "$h" status

@@ -13,7 +13,7 @@ use std::time::Duration;
 use mesh_proto::time::UnixTime;
 
 use crate::daemon::Daemon;
-use crate::enforce::{Emit, Toward, Verdict};
+use crate::enforce::{Emit, Toward};
 use crate::peers::{self, Inbound, Now, Outbound};
 use crate::transport::wait_readable;
 
@@ -38,6 +38,8 @@ pub fn unix_now() -> UnixTime {
 pub fn tun_loop(d: &Daemon) {
     let mut src = vec![0u8; BUF_LEN];
     let mut dst = vec![0u8; BUF_LEN + peers::WG_OVERHEAD];
+    let mut aux = vec![0u8; BUF_LEN + peers::WG_OVERHEAD];
+    let mut emit = Emit::default();
     while !d.shutdown.is_set() {
         let n = match d.tun.recv(&mut src) {
             Ok(n) => n,
@@ -56,21 +58,33 @@ pub fn tun_loop(d: &Daemon) {
                 continue;
             }
         };
-        // Policy sees what local workloads send: replies on flows peers opened, and
-        // the flows the workloads open themselves (whose replies then come back in).
-        match d.enforce.outbound(&src[..n], d.mono()) {
-            Verdict::Deliver => {}
-            Verdict::Drop(reason) => {
-                tracing::trace!(reason = reason.name(), "outbound refused");
-                continue;
-            }
-            Verdict::Consumed => continue,
-        }
+        // The local workload (by source), policy, then the peer (by destination).
         let table = d.table.load();
-        match peers::outbound(&d.node, &table, &src[..n], &mut dst, unix_now()) {
+        let now = Now {
+            wall: unix_now(),
+            mono: d.mono(),
+        };
+        match peers::from_tun(
+            &d.node,
+            &table,
+            &d.enforce,
+            &src[..n],
+            &mut dst,
+            now,
+            &mut emit,
+        ) {
             Outbound::Send { to, data } => send(d, data, to),
-            Outbound::Queued => {}
+            Outbound::Deliver(packet) => {
+                if let Err(e) = d.tun.send(packet) {
+                    tracing::debug!("write to TUN failed: {e}");
+                }
+            }
+            Outbound::Queued | Outbound::Done => {}
             Outbound::Drop(reason) => tracing::trace!(?reason, "outbound drop"),
+        }
+        if !emit.is_empty() {
+            send_emitted(d, &emit, &mut aux);
+            emit.clear();
         }
     }
 }
@@ -154,7 +168,13 @@ pub fn send_emitted(d: &Daemon, emit: &Emit, aux: &mut [u8]) {
             }
             Toward::Peer => match peers::outbound(&d.node, &table, packet, aux, unix_now()) {
                 Outbound::Send { to, data } => send(d, data, to),
-                Outbound::Queued => {}
+                // Towards a workload of this host.
+                Outbound::Deliver(packet) => {
+                    if let Err(e) = d.tun.send(packet) {
+                        tracing::debug!("write to TUN failed: {e}");
+                    }
+                }
+                Outbound::Queued | Outbound::Done => {}
                 Outbound::Drop(reason) => tracing::debug!(?reason, "injected packet dropped"),
             },
         }
@@ -169,7 +189,7 @@ pub fn timer_loop(d: &Daemon) {
     while !d.shutdown.wait_timeout(TIMER_TICK) {
         ticks += 1;
         if ticks.is_multiple_of(4) {
-            d.node.reset_rate_limiter();
+            d.table.load().reset_rate_limiters();
         }
         let now = unix_now();
         // Overdue request heads (408) and expired flows.

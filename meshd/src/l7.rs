@@ -150,6 +150,9 @@ pub enum RefuseCause {
     Truncated,
     #[error("held bytes over the flow's limit")]
     HoldFull,
+    /// The enforcer as a whole holds as much as it may (all flows together).
+    #[error("meshd is holding too many undecided bytes; try again")]
+    Overload,
     /// Many stacks take the urgent byte out of the stream the application reads, so
     /// what the server would read is not what was inspected.
     #[error("TCP urgent data on an inspected connection")]
@@ -163,6 +166,7 @@ impl RefuseCause {
             RefuseCause::Policy { status, .. } => status,
             RefuseCause::Http(e) => e.status(),
             RefuseCause::Path(_) | RefuseCause::Truncated | RefuseCause::Urgent => 400,
+            RefuseCause::Overload => 503,
             RefuseCause::Timeout => 408,
             RefuseCause::HoldFull => 431,
         }
@@ -386,6 +390,18 @@ impl L7Flow {
             Some(at) if now >= at => Some(self.refuse(RefuseCause::Timeout)),
             _ => None,
         }
+    }
+
+    /// Refuses the flow now because the enforcer is over its total memory budget,
+    /// and frees what it holds (fail closed, invariant 6). `None` if already refused.
+    pub fn shed(&mut self) -> Option<Refusal> {
+        if self.phase == Phase::Refused {
+            return None;
+        }
+        self.finish_release();
+        let refusal = self.refuse(RefuseCause::Overload);
+        self.reasm = None;
+        Some(refusal)
     }
 
     /// Tracks a server→client segment: `true` to forward it, `false` to drop it.

@@ -5,6 +5,7 @@
 //! `device`, `transport`, `control`) is thin; `daemon` holds the control-plane state
 //! and `state` the persisted peer changes.
 
+pub mod attach;
 pub mod conntrack;
 pub mod control;
 pub mod daemon;
@@ -21,6 +22,7 @@ pub mod routing;
 pub mod state;
 pub mod transport;
 pub mod wire;
+pub mod workloads;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -71,6 +73,7 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
         ("tun", datapath::tun_loop as fn(&Daemon)),
         ("udp", datapath::udp_loop),
         ("timers", datapath::timer_loop),
+        ("quarantine", workloads::quarantine_loop),
     ] {
         match spawn(name, f, d.clone()) {
             Ok(t) => threads.push(t),

@@ -48,6 +48,7 @@ pub mod http;
 pub mod isolate;
 pub mod mesh;
 pub mod netns;
+pub mod pod;
 pub mod policy;
 pub mod process;
 pub mod traffic;
@@ -58,6 +59,7 @@ pub use failure::{Failed, Result};
 pub use host::{Host, Status};
 pub use http::{RecordingServer, Session};
 pub use mesh::{Mesh, PeerSet};
+pub use pod::Pod;
 pub use policy::Decisions;
 pub use process::Output;
 

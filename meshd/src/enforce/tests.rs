@@ -41,7 +41,7 @@ fn enforcer(policy_src: &str, flows: usize) -> (Enforcer, Arc<DecisionLog>) {
     let e = Enforcer::new(
         LocalWorkload {
             identity: Some("spiffe://t/c".into()),
-            groups: vec![],
+            groups: Arc::from(Vec::new()),
         },
         compiled(policy_src, DefaultAction::Deny),
         Limits {
@@ -859,4 +859,117 @@ fn cut_of_an_l7_flow_resets_the_server_at_what_it_received() {
         "held bytes never reached it"
     );
     assert_eq!(cuts[0].server_next_seq, Some(c.sseq));
+}
+
+/// Two workloads of one host (as `peers::from_tun` hands them over): the flow is
+/// decided as inbound traffic of its receiver with the sender's identity; replies
+/// pass as the receiver's answers; the other direction is decided on its own; the
+/// decision log names the receiving workload as `dst`.
+#[test]
+fn same_host_flows_are_decided_for_the_receiving_workload() {
+    const PA: [u8; 4] = [100, 65, 1, 1];
+    const PB: [u8; 4] = [100, 65, 1, 2];
+    let src = r#"
+[[policy]]
+name = "pb-from-pa"
+action = "allow"
+selector = { identities = ["spiffe://t/pb"] }
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/pa"] }]
+to = [{ ports = [8080] }]
+"#;
+    let (e, log) = enforcer(src, 1024);
+    let workload = |id: &str| LocalWorkload {
+        identity: Some(id.into()),
+        groups: Arc::from(Vec::new()),
+    };
+    let (pa, pb) = (workload("spiffe://t/pa"), workload("spiffe://t/pb"));
+    let (spa, spb) = (sender("spiffe://t/pa"), sender("spiffe://t/pb"));
+    let mut emit = Emit::default();
+    let syn = tcp(PA, PB, 40000, 8080, "S", 1, b"");
+    assert_eq!(
+        e.between_locals(&spa, &pb, &syn, t(0), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    let syn_ack = tcp(PB, PA, 8080, 40000, "SA", 9, b"");
+    assert_eq!(
+        e.between_locals(&spb, &pa, &syn_ack, t(1), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    let ack = tcp(PA, PB, 40000, 8080, "A", 2, b"");
+    assert_eq!(
+        e.between_locals(&spa, &pb, &ack, t(2), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    // pb opening a flow to pa is pa's to decide: no policy selects pa, so the
+    // mesh default (deny) decides.
+    let back = tcp(PB, PA, 40001, 8080, "S", 1, b"");
+    assert_eq!(
+        e.between_locals(&spb, &pa, &back, t(3), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    let rec: serde_json::Value = serde_json::from_str(&log.tail(1)[0]).unwrap();
+    assert_eq!(rec["src"], "spiffe://t/pb");
+    assert_eq!(rec["dst"], "spiffe://t/pa");
+    assert!(emit.is_empty());
+}
+
+#[test]
+fn l7_total_held_budget_sheds_the_flow_that_grows() {
+    let log = Arc::new(DecisionLog::new(Default::default()));
+    let e = Enforcer::new(
+        LocalWorkload {
+            identity: Some("spiffe://t/c".into()),
+            groups: Arc::from(Vec::new()),
+        },
+        compiled(API_POLICY, DefaultAction::Deny),
+        Limits {
+            l7_total_held: 100,
+            ..Limits::default()
+        },
+        log.clone(),
+    );
+    // Two slow heads of 60 bytes each: the first fits the 100-byte budget...
+    let mut a = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    a.send(&e, &[b'G'; 1][..], &mut emit);
+    a.send(
+        &e,
+        b"ET /api/items HTTP/1.1\r\nHost: c\r\nX-Pad: aaaaaaaaaaaaaaaaaaaa",
+        &mut emit,
+    );
+    assert!(
+        tcp_payloads(&emit, Toward::Peer)
+            .iter()
+            .all(|(p, _)| p.is_empty()),
+        "no refusal yet"
+    );
+    // ...the second takes the total over it: that flow is refused with 503, not the first.
+    let mut b = Conn::open(&e, 40001);
+    let mut emit = Emit::default();
+    b.send(
+        &e,
+        b"GET /api/items HTTP/1.1\r\nHost: c\r\nX-Pad: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+        &mut emit,
+    );
+    let to_client = tcp_payloads(&emit, Toward::Peer);
+    assert!(
+        to_client
+            .iter()
+            .any(|(p, _)| p.starts_with(b"HTTP/1.1 503")),
+        "{to_client:?}"
+    );
+    assert!(log.tail(1)[0].contains("buffer_full"));
+    // The first flow still completes its head and is allowed.
+    let mut emit = Emit::default();
+    a.send(&e, b"\r\n\r\n", &mut emit);
+    let released: Vec<u8> = tcp_payloads(&emit, Toward::Local)
+        .into_iter()
+        .flat_map(|(p, _)| p)
+        .collect();
+    assert!(
+        released.starts_with(b"GET /api/items"),
+        "{:?}",
+        String::from_utf8_lossy(&released)
+    );
 }
