@@ -118,7 +118,7 @@ fn bench_l4(c: &mut Criterion) {
     let enforcer = Enforcer::new(
         LocalWorkload {
             identity: Some("spiffe://bench/server".into()),
-            groups: Vec::new().into(),
+            groups: Vec::<String>::new().into(),
         },
         policy,
         Limits {

@@ -228,7 +228,7 @@ fn inspected_flow(now: Duration, wall: UnixTime) -> (Enforcer, Sender, u32, u32)
     let enforcer = Enforcer::new(
         LocalWorkload {
             identity: Some("spiffe://bench/server".into()),
-            groups: Vec::new().into(),
+            groups: Vec::<String>::new().into(),
         },
         policy,
         enforce::Limits::default(),
