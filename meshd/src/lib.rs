@@ -5,6 +5,7 @@
 //! `device`, `transport`, `control`) is thin; `daemon` holds the control-plane state
 //! and `state` the persisted peer changes.
 
+pub mod batch;
 pub mod conntrack;
 pub mod control;
 pub mod daemon;
