@@ -137,6 +137,12 @@ impl Udp {
             return Err(io::Error::last_os_error());
         }
         let len = n as usize;
+        if msg.msg_flags & libc::MSG_TRUNC != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "datagram truncated",
+            ));
+        }
         let from = sockaddr_to_std(&name).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidData, "datagram from a non-IP address")
         })?;
