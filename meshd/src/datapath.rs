@@ -28,7 +28,7 @@ use crate::daemon::Daemon;
 use crate::device::TUN_READ_LEN;
 use crate::enforce::{Emit, Toward, Verdict};
 use crate::peers::{self, Inbound, Now, Outbound};
-use crate::transport::{wait_readable, GsoBatch, GRO_BUF_LEN};
+use crate::transport::{wait_readable, GsoBatch, GRO_BUF_LEN, GSO_MAX_BYTES};
 
 /// Largest datagram or TUN packet handled.
 const BUF_LEN: usize = 65_536;
@@ -103,8 +103,28 @@ pub fn tun_loop(d: &Daemon) {
                 }
                 Verdict::Consumed => continue,
             }
-            match peers::outbound(&d.node, &table, packet, &mut dst, now) {
-                Outbound::Send { to, data } => out.push(&d.udp, data, to),
+            if packet.len() + peers::WG_OVERHEAD > GSO_MAX_BYTES {
+                // Larger than any UDP datagram: encrypted aside, refused by the socket.
+                match peers::outbound(&d.node, &table, packet, &mut dst, now) {
+                    Outbound::Send { to, data } => out.push(&d.udp, data, to),
+                    Outbound::Queued => {}
+                    Outbound::Drop(reason) => tracing::trace!(?reason, "outbound drop"),
+                }
+                continue;
+            }
+            // Encrypted in place into the GSO batch: the ciphertext is not copied.
+            let space = out.space(
+                &d.udp,
+                (packet.len() + peers::WG_OVERHEAD).max(peers::MIN_DST_LEN),
+            );
+            let start = space.as_ptr();
+            match peers::outbound(&d.node, &table, packet, space, now) {
+                Outbound::Send { to, data } => {
+                    // `peers::outbound` writes its datagram at the start of `dst`.
+                    debug_assert_eq!(data.as_ptr(), start);
+                    let n = data.len();
+                    out.commit(&d.udp, n, to);
+                }
                 Outbound::Queued => {}
                 Outbound::Drop(reason) => tracing::trace!(?reason, "outbound drop"),
             }

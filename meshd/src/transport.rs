@@ -329,19 +329,40 @@ impl GsoBatch {
             send_logged(udp, data, data.len(), to);
             return;
         }
-        let joins = self.to == Some(to)
-            && data.len() <= self.segment
-            // Only the last datagram may be shorter than the segment size.
-            && self.len == self.count * self.segment
-            && self.count < GSO_MAX_SEGMENTS
-            && self.len + data.len() <= self.buf.len();
-        if !joins {
+        let space = self.space(udp, data.len());
+        space[..data.len()].copy_from_slice(data);
+        self.commit(udp, data.len(), to);
+    }
+
+    /// Room for the next datagram, of up to `len` bytes (at most [`GSO_MAX_BYTES`]),
+    /// to be written in place and kept with [`GsoBatch::commit`]. Sends what is
+    /// queued first if `len` more bytes would not fit.
+    pub fn space(&mut self, udp: &Udp, len: usize) -> &mut [u8] {
+        if self.len + len > self.buf.len() || self.count >= GSO_MAX_SEGMENTS {
             self.flush(udp);
-            self.segment = data.len();
+        }
+        &mut self.buf[self.len..]
+    }
+
+    /// Keeps the `n` bytes just written at [`GsoBatch::space`] as a datagram for
+    /// `to`. If it cannot join the queued ones (another destination, or a size GSO
+    /// cannot express), those are sent first.
+    pub fn commit(&mut self, udp: &Udp, n: usize, to: SocketAddr) {
+        let joins = self.to == Some(to)
+            && n <= self.segment
+            // Only the last datagram may be shorter than the segment size.
+            && self.len == self.count * self.segment;
+        if !joins {
+            if let Some(queued) = self.to.filter(|_| self.count > 0) {
+                send_logged(udp, &self.buf[..self.len], self.segment, queued);
+                self.buf.copy_within(self.len..self.len + n, 0);
+            }
+            self.len = 0;
+            self.count = 0;
+            self.segment = n;
             self.to = Some(to);
         }
-        self.buf[self.len..self.len + data.len()].copy_from_slice(data);
-        self.len += data.len();
+        self.len += n;
         self.count += 1;
     }
 
