@@ -3,7 +3,8 @@
 # FLOWS tracked flows. Two hosts in namespaces; host b lists PEERS peers (one real: a;
 # the rest certificates with no endpoint), a opens FLOWS UDP flows to b (one datagram
 # to each of FLOWS ports through the overlay; no policy, so every flow is tracked).
-# Prints b's VmRSS/VmHWM before and after, and the flow count meshd reports.
+# Then a 3-second iperf3 bulk transfer a -> b (buffers the data path touches only
+# under load). Prints b's VmRSS/VmHWM at each stage and the flow count meshd reports.
 #
 # Usage (root): scripts/memtest.sh      Environment: PEERS=1000 FLOWS=10000
 # Bounded in time; everything started here is removed on exit. Underlay 198.18.0.0/15,
@@ -92,4 +93,11 @@ PY
 sleep 1
 FL="$("$MESHCTL" --socket "$WORK/b/meshd.sock" status --json | jq '.enforcement.counters.flows')"
 log "b after $FLOWS flows (meshd reports $FL tracked): $(rss)"
+if command -v iperf3 >/dev/null; then
+    ip netns exec "$NS_B" iperf3 -s -1 -p 5201 >/dev/null 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 50); do ip netns exec "$NS_B" ss -Hltn "sport = :5201" | grep -q LISTEN && break; sleep 0.1; done
+    ip netns exec "$NS_A" timeout 20 iperf3 -c 100.64.0.2 -p 5201 -t 3 >/dev/null 2>&1 || log "iperf3 failed"
+    log "b after a 3 s bulk transfer: $(rss)"
+fi
 echo "peers=$PEERS flows_sent=$FLOWS flows_tracked=$FL $(rss)"

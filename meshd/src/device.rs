@@ -62,19 +62,24 @@ impl Tun {
             name: name.to_string(),
             source,
         };
-        let build = |offload: bool| {
+        // Multi-queue so that each data-path worker can have its own queue
+        // ([`Tun::open_queue`]); a single queue behaves as a plain TUN.
+        let build = |offload: bool, multi_queue: bool| {
             DeviceBuilder::new()
                 .name(name)
                 .mtu(mtu)
                 .offload(offload)
+                .multi_queue(multi_queue)
                 .enable(true)
                 .build_sync()
         };
-        let dev = match build(true) {
+        let dev = match build(true, true) {
             Ok(dev) => dev,
             Err(e) => {
                 tracing::warn!("TUN offload unavailable ({e}): one packet per read and write");
-                build(false).map_err(create)?
+                build(false, true)
+                    .or_else(|_| build(false, false))
+                    .map_err(create)?
             }
         };
         for a in addresses {
@@ -108,6 +113,20 @@ impl Tun {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Another queue of the same device, non-blocking, for another worker thread.
+    /// The kernel spreads the packets it hands to the TUN over the queues by flow
+    /// hash, so one flow always comes out of one queue.
+    pub fn open_queue(&self) -> io::Result<Tun> {
+        let dev = self.dev.try_clone()?;
+        dev.set_nonblocking(true)?;
+        Ok(Tun {
+            dev,
+            name: self.name.clone(),
+            index: self.index,
+            offload: self.offload,
+        })
     }
 
     /// Whether reads and writes carry the virtio-net header (TSO/GRO).

@@ -56,7 +56,7 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
     let d = Arc::new(Daemon::start(loaded, shutdown.clone())?);
 
     let mut threads = Vec::new();
-    let spawn = |name: &str, f: fn(&Daemon), d: Arc<Daemon>| {
+    let spawn = |name: &str, f: Box<dyn FnOnce(&Daemon) + Send>, d: Arc<Daemon>| {
         #[allow(clippy::disallowed_methods)] // I/O shell: the data-path threads
         std::thread::Builder::new()
             .name(name.to_string())
@@ -68,12 +68,8 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
             })
             .map_err(RunError::Thread)
     };
-    for (name, f) in [
-        ("tun", datapath::tun_loop as fn(&Daemon)),
-        ("udp", datapath::udp_loop),
-        ("timers", datapath::timer_loop),
-    ] {
-        match spawn(name, f, d.clone()) {
+    for (name, f) in datapath::threads() {
+        match spawn(&name, f, d.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 shutdown.trigger();

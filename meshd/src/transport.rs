@@ -60,7 +60,24 @@ pub struct Received {
 }
 
 impl Udp {
+    /// Binds `addr`. The socket allows siblings ([`Udp::open_sibling`]), but the
+    /// address must be free: a port another process holds, even one that also allows
+    /// sharing (a second meshd), is refused as before.
     pub fn bind(addr: SocketAddr) -> Result<Udp, BindError> {
+        let err = |source| BindError { addr, source };
+        if addr.port() != 0 {
+            // A probe without SO_REUSEPORT fails if anyone holds the port.
+            let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+                .map_err(err)?;
+            if addr.is_ipv6() {
+                probe.set_only_v6(false).map_err(err)?;
+            }
+            probe.bind(&addr.into()).map_err(err)?;
+        }
+        Udp::bind_shared(addr)
+    }
+
+    fn bind_shared(addr: SocketAddr) -> Result<Udp, BindError> {
         let err = |source| BindError { addr, source };
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
             .map_err(err)?;
@@ -82,6 +99,10 @@ impl Udp {
                 false
             }
         };
+        // Workers may open sibling sockets on the same address ([`Udp::open_sibling`]);
+        // the kernel keeps each remote address on one of them. Only the same user
+        // can join the group.
+        let _ = socket.set_reuse_port(true);
         socket.set_nonblocking(true).map_err(err)?;
         socket.bind(&addr.into()).map_err(err)?;
         let socket: UdpSocket = socket.into();
@@ -97,6 +118,12 @@ impl Udp {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// Another socket on the same address (`SO_REUSEPORT`), for another worker. The
+    /// kernel steers each remote address to one socket of the group.
+    pub fn open_sibling(&self) -> io::Result<Udp> {
+        Udp::bind_shared(self.local).map_err(|e| e.source)
     }
 
     /// Receives one datagram; `WouldBlock` when none is waiting.
@@ -420,6 +447,31 @@ pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
     Ok(r > 0)
 }
 
+/// Waits until either descriptor is readable or `timeout_ms` passes.
+pub fn wait_readable2(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<()> {
+    let mut p = [
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `p` is two valid pollfds for the duration of the call.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,6 +506,14 @@ mod tests {
     /// Three datagrams queued for one destination leave as one GSO send and arrive
     /// as the same three datagrams, whether the receiver gets them coalesced (GRO)
     /// or one by one; a datagram for another destination is sent separately.
+    #[test]
+    fn a_held_port_is_refused_siblings_share_it() {
+        let a = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(Udp::bind(a.local_addr()).is_err());
+        let b = a.open_sibling().unwrap();
+        assert_eq!(b.local_addr(), a.local_addr());
+    }
+
     #[test]
     fn gso_batch_round_trip_with_gro() {
         let tx = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
