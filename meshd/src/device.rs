@@ -73,7 +73,10 @@ impl Tun {
                 .enable(true)
                 .build_sync()
         };
-        let dev = match build(true, true) {
+        // MESHD_OFFLOAD=0 turns offload off (to compare, or to work around a kernel
+        // that mishandles it); the data path is the same, one packet per call.
+        let want_offload = std::env::var("MESHD_OFFLOAD").map_or(true, |v| v != "0");
+        let dev = match build(want_offload, true) {
             Ok(dev) => dev,
             Err(e) => {
                 tracing::warn!("TUN offload unavailable ({e}): one packet per read and write");
