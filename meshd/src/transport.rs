@@ -26,6 +26,11 @@ const SOCKET_BUFFER: usize = 16 << 20;
 const SO_SNDBUFFORCE: libc::c_int = 32;
 const SO_RCVBUFFORCE: libc::c_int = 33;
 
+/// How long a send waits, in all, for room in a full socket buffer before the
+/// datagram is dropped, and the step of each wait.
+const SEND_WAIT_MS: i32 = 100;
+const SEND_WAIT_STEP_MS: i32 = 10;
+
 /// Most datagrams one GSO send may carry (the kernel's `UDP_MAX_SEGMENTS`).
 pub const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes one GSO send may carry (a UDP datagram's length field is 16 bits).
@@ -199,7 +204,27 @@ impl Udp {
     /// `AddrNotAvailable` error (an IPv4-only socket cannot reach an IPv6 peer).
     pub fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
         let to = self.family(to)?;
-        self.socket.send_to(data, to)
+        self.pushing_back(|| self.socket.send_to(data, to))
+    }
+
+    /// Backpressure instead of drops: while the send buffer is full, waits for room
+    /// (the worker stops reading, so the TUN and the local senders slow down), up to
+    /// [`SEND_WAIT_MS`] in all.
+    fn pushing_back<T>(&self, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+        let mut waited = 0;
+        loop {
+            match op() {
+                Err(e)
+                    if (e.kind() == io::ErrorKind::WouldBlock
+                        || e.raw_os_error() == Some(libc::ENOBUFS))
+                        && waited < SEND_WAIT_MS =>
+                {
+                    wait_writable(self.socket.as_raw_fd(), SEND_WAIT_STEP_MS)?;
+                    waited += SEND_WAIT_STEP_MS;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Sends `data` as datagrams of `segment` bytes each (the last may be shorter) to
@@ -210,7 +235,7 @@ impl Udp {
         }
         let to = self.family(to)?;
         if self.gso.load(Ordering::Relaxed) {
-            match self.send_gso(data, segment, to) {
+            match self.pushing_back(|| self.send_gso(data, segment, to)) {
                 Ok(()) => return Ok(()),
                 // EIO: the device cannot checksum/segment; EINVAL: no UDP_SEGMENT.
                 Err(e)
@@ -227,7 +252,7 @@ impl Udp {
         }
         let mut last = Ok(());
         for chunk in data.chunks(segment) {
-            if let Err(e) = self.socket.send_to(chunk, to) {
+            if let Err(e) = self.pushing_back(|| self.socket.send_to(chunk, to)) {
                 last = Err(e);
             }
         }
@@ -445,6 +470,24 @@ pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
         return Err(e);
     }
     Ok(r > 0)
+}
+
+/// Waits until `fd` is writable or `timeout_ms` passes.
+fn wait_writable(fd: RawFd, timeout_ms: i32) -> io::Result<()> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Waits until either descriptor is readable or `timeout_ms` passes.
