@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The README's main command: a three-host mesh in network namespaces.
 #
-#   web  serves HTTP (a real python3 http.server) on its overlay address;
+#   web  serves HTTP (a real python3 http.server) on its overlay address, under
+#        default-deny policy;
 #   app  and ops reach it with curl across the encrypted overlay;
+#   then a layer-7 policy lets only app GET pages: app's GET passes, its POST and
+#        ops's GET get 403 before web sees them, and web's decision log shows why;
+#   then pods: shop and cron behind app, pay behind web, each with its own identity
+#   and key in its own network namespace; pay takes requests from shop only;
 #   then every host's `meshctl status` is printed.
 #
 # Needs root (network namespaces, TUN). Installs its Debian packages if missing, builds
@@ -16,6 +21,7 @@ PROFILE_DIR="$ROOT/target/debug"
 PORT=51820
 HTTP_PORT=8080
 HOSTS=(web app ops)
+PODS=()
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
@@ -63,7 +69,7 @@ cleanup() {
     local rc=$?
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    for h in "${HOSTS[@]}" ul; do ip netns del "demo-$h" 2>/dev/null || true; done
+    for h in "${HOSTS[@]}" "${PODS[@]}" ul; do ip netns del "demo-$h" 2>/dev/null || true; done
     if ((ok)); then
         rm -rf "$WORK"
         say "done: everything cleaned up"
@@ -125,6 +131,24 @@ for h in "${HOSTS[@]}"; do
 done
 
 say "3. meshd on every host, each knowing the others as peers"
+cat >web/policy.toml <<EOF
+[[policy]]
+name = "web-clients"
+action = "allow"
+[[policy.rule]]
+from = [{ identities = ["spiffe://demo.mesh/app", "spiffe://demo.mesh/ops"] }]
+to = [{ ports = [$HTTP_PORT], protocols = ["tcp"] }]
+
+[[test]]
+from = "spiffe://demo.mesh/ops"
+to_port = $HTTP_PORT
+expect = "allow"
+
+[[test]]
+from = "spiffe://demo.mesh/ops"
+to_port = 22
+expect = "deny"
+EOF
 i=0
 for h in "${HOSTS[@]}"; do
     i=$((i + 1))
@@ -133,7 +157,11 @@ for h in "${HOSTS[@]}"; do
         printf 'listen = "198.18.0.%s:%s"\ntun = "mesh0"\nstate_dir = "state"\n' "$i" "$PORT"
         printf 'control_socket = "meshd.sock"\nroutes = ["100.64.0.0/10", "fd00:6d65:7368::/48"]\n'
         printf 'log_level = "info"\n'
-        # --- policy: with issue 4 a [policy] table goes here (default = "deny") ---
+        # web runs under the recommended default deny; its start-up policy lets app
+        # and ops open TCP connections to the HTTP port (layer 4), nothing else.
+        if [[ $h == web ]]; then
+            printf '\n[policy]\ndefault = "deny"\nfile = "policy.toml"\n'
+        fi
         j=0
         for p in "${HOSTS[@]}"; do
             j=$((j + 1))
@@ -189,10 +217,128 @@ if grep -qa "hello from web" "$WORK/underlay.pcap"; then
 fi
 echo "  the page's text appears nowhere in the capture"
 
-# --- policy allow/deny arrives with issue 4: apply a policy that lets app in and
-# --- keeps ops out, and show both curls.
+say "7. policy: only app may GET pages from web (layer 7), checked before web sees a byte"
+cat >web/policy-l7.toml <<EOF
+[[policy]]
+name = "web"
+action = "allow"
 
-say "7. meshctl status on every host"
+[[policy.rule]]
+name = "app-reads"
+from = [{ identities = ["spiffe://demo.mesh/app"] }]
+to = [{ ports = [$HTTP_PORT], methods = ["GET", "HEAD"], paths = ["/", "/index.html", "/api/*"] }]
+
+[[test]]
+name = "app reads the page"
+from = "spiffe://demo.mesh/app"
+to_port = $HTTP_PORT
+method = "GET"
+path = "/"
+expect = "allow"
+
+[[test]]
+name = "app may not POST"
+from = "spiffe://demo.mesh/app"
+to_port = $HTTP_PORT
+method = "POST"
+path = "/"
+expect = "deny"
+
+[[test]]
+name = "ops is out"
+from = "spiffe://demo.mesh/ops"
+to_port = $HTTP_PORT
+method = "GET"
+path = "/"
+expect = "deny"
+expect_reason = "no_allow_matched"
+EOF
+sed 's/^/  | /' web/policy-l7.toml
+echo "  \$ meshctl policy test web/policy-l7.toml"
+"$MESHCTL" policy test web/policy-l7.toml | sed 's/^/  /'
+echo "  \$ meshctl policy apply web/policy-l7.toml     (meshd runs the tests again, then swaps)"
+ctl web policy apply web/policy-l7.toml | sed 's/^/  /'
+
+# expect_status HOST WANT METHOD: one curl to web's page; its status must be WANT.
+expect_status() {
+    local h=$1 want=$2 method=$3 got
+    got=$(in_ns "$h" curl -s -o /dev/null -w '%{http_code}' --max-time 10 -X "$method" \
+        "http://100.64.0.1:$HTTP_PORT/") || true
+    printf '  %-3s %-4s http://100.64.0.1:%s/  ->  %s\n' "$h" "$method" "$HTTP_PORT" "$got"
+    [[ $got == "$want" ]] || die "$h $method: expected HTTP $want, got $got"
+}
+expect_status app 200 GET
+expect_status app 403 POST
+expect_status ops 403 GET
+echo "  the last requests in web's server log: app's GET; the refused ones never reached it"
+grep -E '"(GET|POST|HEAD|PUT|DELETE) ' web/http.log | tail -n 2 | sed 's/^/  | /'
+
+echo "  \$ meshctl policy explain --from spiffe://demo.mesh/ops --to-port $HTTP_PORT --method GET --path /   (asks web's meshd)"
+ctl web policy explain --from spiffe://demo.mesh/ops --to-port "$HTTP_PORT" --method GET --path / | sed 's/^/  /'
+
+echo "  \$ meshctl log   (on web: every deny, who, what and why)"
+echo "  (lines without a request: connections tracked under the old policy, cut when it was"
+echo "   applied, since port $HTTP_PORT is now inspected and a stream cannot be inspected from"
+echo "   its middle; lines with one: requests refused with 403)"
+ctl web log | sed 's/^/  /'
+
+say "8. pods: shop and cron behind app, pay behind web, each with its own identity"
+# pod HOST HOST_INDEX POD ADDRESS: what a CNI plugin does (namespace, veth with the
+# tunnel's MTU, address, route, proxy ARP, forwarding), then the operator's part: the
+# pod's certificate, `meshctl workload add` on its host, `meshctl peer add` elsewhere.
+pod() {
+    local host=$1 hi=$2 pod=$3 addr=$4
+    PODS+=("$pod")
+    "$MESHCTL" cert issue --identity "spiffe://demo.mesh/$pod" --ip "$addr" \
+        --ca ca.crt --ca-key ca.key --out "$host/$pod.crt" --key-out "$host/$pod.key" >/dev/null
+    ip netns add "demo-$pod"
+    ip -n "demo-$pod" link set lo up
+    ip -n "demo-$host" link add "p-$pod" mtu 1420 type veth peer name eth0 netns "demo-$pod"
+    ip -n "demo-$host" link set "p-$pod" up
+    ip -n "demo-$pod" addr add "$addr/32" dev eth0
+    ip -n "demo-$pod" link set eth0 mtu 1420 up
+    ip -n "demo-$pod" route add 100.64.0.0/10 dev eth0
+    in_ns "$host" sh -c "echo 1 >/proc/sys/net/ipv4/ip_forward; echo 1 >/proc/sys/net/ipv4/conf/p-$pod/proxy_arp"
+    ctl "$host" workload add "$pod" --cert "$host/$pod.crt" --key "$host/$pod.key" --veth "p-$pod"
+    local j=0 other
+    for other in "${HOSTS[@]}"; do
+        j=$((j + 1))
+        [[ $other == "$host" ]] && continue
+        ctl "$other" peer add "$host/$pod.crt" --endpoint "198.18.0.$hi:$PORT" >/dev/null
+    done
+}
+pod app 2 shop 100.65.2.1
+pod app 2 cron 100.65.2.2
+pod web 1 pay 100.65.1.1
+ctl app workload list
+mkdir -p pay/www
+echo "pay: payment accepted" >pay/www/index.html
+in_ns_bg pay python3 -m http.server "$HTTP_PORT" --bind 0.0.0.0 --directory "$WORK/pay/www" >pay/http.log 2>&1 &
+PIDS+=($!)
+wait_for "pay's HTTP server" 10 bash -c "ip netns exec demo-pay ss -Hltn 'sport = :$HTTP_PORT' | grep -q ."
+cat >pay.toml <<'POLICY'
+# pay takes HTTP from shop only; every other workload keeps the mesh default.
+[[policy]]
+name = "pay-from-shop"
+action = "allow"
+selector = { identities = ["spiffe://demo.mesh/pay"] }
+[[policy.rule]]
+from = [{ identities = ["spiffe://demo.mesh/shop"] }]
+to = [{ ports = [8080] }]
+POLICY
+ctl web policy apply pay.toml
+printf '  shop -> pay (allowed):  '
+in_ns shop curl -sS --retry 5 --retry-connrefused --retry-delay 1 --max-time 10 "http://100.65.1.1:$HTTP_PORT/"
+printf '  cron -> pay (refused):  '
+if in_ns cron curl -sS --max-time 3 "http://100.65.1.1:$HTTP_PORT/" 2>/dev/null; then
+    die "cron reached pay"
+fi
+echo "no answer (shop and cron share a host, but not an identity)"
+echo "  web's decision log, for pay:"
+ctl web log -n 50 | grep -F -- "-> spiffe://demo.mesh/pay" | tail -n 2 | sed 's/^/  /' \
+    || die "cron's refused request is missing from web's decision log"
+
+say "9. meshctl status on every host"
 for h in "${HOSTS[@]}"; do
     echo "--- $h"
     ctl "$h" status

@@ -82,19 +82,27 @@ fn print_record(out: &mut impl Write, rec: &serde_json::Value, json: bool) -> Re
 }
 
 /// One decision as a line for people:
-/// `TIME DECISION REASON SRC (ADDR) -> DST:PORT/PROTO [policy/rule] [METHOD PATH -> STATUS]`.
+/// `TIME DECISION REASON SRC (ADDR) -> [DST (]ADDR:PORT/PROTO[)] [policy/rule]
+/// [METHOD PATH -> STATUS]`, where DST is the receiving workload's identity.
 pub fn render(r: &serde_json::Value) -> String {
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let to = format!(
+        "{}:{}/{}",
+        s(&r["dst_addr"]),
+        r["dst_port"].as_u64().unwrap_or(0),
+        s(&r["proto"])
+    );
+    let to = match r["dst"].as_str() {
+        Some(dst) => format!("{dst} ({to})"),
+        None => to,
+    };
     let mut line = format!(
-        "{} {} {} {} ({}) -> {}:{}/{}",
+        "{} {} {} {} ({}) -> {to}",
         s(&r["time"]),
         s(&r["decision"]),
         s(&r["reason"]),
         s(&r["src"]),
         s(&r["src_addr"]),
-        s(&r["dst_addr"]),
-        r["dst_port"].as_u64().unwrap_or(0),
-        s(&r["proto"]),
     );
     if let (Some(p), Some(rule)) = (r["policy"].as_str(), r["rule"].as_str()) {
         line += &format!(" {p}/{rule}");
@@ -125,5 +133,8 @@ mod tests {
         let l7 = serde_json::json!({"time":"t","src":"spiffe://t/a","src_addr":"a","dst_addr":"b","dst_port":80,
             "proto":"tcp","decision":"deny","reason":"no_allow_matched","http":{"method":"POST","path":"/api","status":403}});
         assert!(render(&l7).ends_with("-> b:80/tcp POST /api -> 403"));
+        let to_pod = serde_json::json!({"time":"t","src":"spiffe://t/a","src_addr":"a","dst":"spiffe://t/pc",
+            "dst_addr":"b","dst_port":80,"proto":"tcp","decision":"deny","reason":"default_deny"});
+        assert!(render(&to_pod).ends_with("(a) -> spiffe://t/pc (b:80/tcp)"));
     }
 }

@@ -8,6 +8,7 @@ mod key;
 mod log;
 mod online;
 mod policy;
+mod workload;
 
 use clap::{Args, Parser, Subcommand};
 use mesh_proto::time::UnixTime;
@@ -65,6 +66,9 @@ enum Command {
     /// Add, remove and list the running meshd's peers
     #[command(subcommand)]
     Peer(online::PeerCommand),
+    /// Add, remove and list the running meshd's local workloads (pods)
+    #[command(subcommand)]
+    Workload(workload::Command),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         Command::Status => online::status(&cli.global),
         Command::Log(a) => log::run(a, &cli.global),
         Command::Peer(c) => online::peer(c, &cli.global),
+        Command::Workload(c) => workload::run(c, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

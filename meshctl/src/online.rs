@@ -173,11 +173,24 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
     o += &format!("  listening: {} (tun {}, {ready})\n", s.listen, s.tun);
     o += &format!("  addresses: {}\n", join(&s.addresses));
     o += &format!(
-        "  drops: malformed {}, unknown_peer {}, no_route {}\n",
-        s.drops.malformed, s.drops.unknown_peer, s.drops.no_route
+        "  drops: malformed {}, unknown_peer {}, no_route {}, forged_source {}, misdirected {}\n",
+        s.drops.malformed,
+        s.drops.unknown_peer,
+        s.drops.no_route,
+        s.drops.forged_source,
+        s.drops.misdirected
     );
+    for w in s.workloads.iter().filter(|w| w.source != "node") {
+        o += &format!("\nworkload: {} ({})\n", w.identity, w.name);
+        o += &format!("  public key: {}\n", w.public_key);
+        o += &format!("  addresses: {}\n", join(&w.addresses));
+        o += &format!("  attach: {} ({})\n", w.attach, w.source);
+    }
     for p in &s.peers {
         o += &format!("\npeer: {}\n", p.identity);
+        if let Some(l) = p.local.as_ref().filter(|l| **l != s.identity) {
+            o += &format!("  local workload: {l}\n");
+        }
         o += &format!("  public key: {}\n", p.public_key);
         o += &format!(
             "  endpoint: {}\n",
@@ -208,16 +221,15 @@ fn render_enforcement(e: &serde_json::Value) -> String {
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     let p = &e["policy"];
     let c = &e["counters"];
-    let name = p["name"]
-        .as_str()
-        .filter(|s| !s.is_empty())
-        .unwrap_or("(none)");
-    let mut o = format!(
-        "\npolicy: {name} ({}), {} policies, default {}\n",
-        p["origin"].as_str().unwrap_or("?"),
-        n(&p["policies"]),
-        p["default"].as_str().unwrap_or("?")
-    );
+    let default = p["default"].as_str().unwrap_or("?");
+    let mut o = match p["name"].as_str().filter(|s| !s.is_empty()) {
+        None => format!("\npolicy: none, default {default}\n"),
+        Some(name) => format!(
+            "\npolicy: {name} ({}), {} policies, default {default}\n",
+            p["origin"].as_str().unwrap_or("?"),
+            n(&p["policies"]),
+        ),
+    };
     o += &format!(
         "  flows: {} tracked ({} inspected at layer 7, {} bytes held), {} evicted\n",
         n(&c["flows"]),
@@ -312,6 +324,7 @@ mod tests {
             addresses: vec!["100.64.0.1/32".parse().unwrap()],
             peers: vec![PeerStatus {
                 identity: "spiffe://t/b".into(),
+                local: Some("spiffe://t/web".into()),
                 public_key: "KB".into(),
                 endpoint: Some("198.18.0.2:51820".parse().unwrap()),
                 addresses: vec!["100.64.0.2/32".parse().unwrap()],
@@ -324,7 +337,19 @@ mod tests {
                 malformed: 1,
                 unknown_peer: 2,
                 no_route: 3,
+                forged_source: 4,
+                misdirected: 0,
             },
+            workloads: vec![mesh_proto::control::WorkloadInfo {
+                name: "web".into(),
+                identity: "spiffe://t/web".into(),
+                public_key: "KW".into(),
+                addresses: vec!["100.65.1.1/32".parse().unwrap()],
+                groups: vec![],
+                not_after: UnixTime(0),
+                attach: "veth:p-web".into(),
+                source: "runtime".into(),
+            }],
             enforcement: Some(serde_json::json!({
                 "policy": {"name": "p.toml", "origin": "applied", "policies": 2, "default": "deny"},
                 "counters": {"flows": 3, "l7_flows": 1, "drops": {"no_allow_matched": 7},
@@ -339,7 +364,10 @@ mod tests {
             "policy: p.toml (applied), 2 policies, default deny",
             "drops: no_allow_matched 7",
             "web/0: allow 5, deny 0, audit 0",
-            "drops: malformed 1, unknown_peer 2, no_route 3",
+            "drops: malformed 1, unknown_peer 2, no_route 3, forged_source 4",
+            "workload: spiffe://t/web (web)",
+            "attach: veth:p-web (runtime)",
+            "local workload: spiffe://t/web",
             "peer: spiffe://t/b",
             "endpoint: 198.18.0.2:51820",
             "latest handshake: 1970-01-01T00:01:40Z (12 seconds ago)",

@@ -118,7 +118,7 @@ fn bench_l4(c: &mut Criterion) {
     let enforcer = Enforcer::new(
         LocalWorkload {
             identity: Some("spiffe://bench/server".into()),
-            groups: vec![],
+            groups: Vec::new().into(),
         },
         policy,
         Limits {

@@ -15,7 +15,8 @@ use std::time::Duration;
 use std::net::SocketAddr;
 
 use mesh_proto::control::{
-    PeerInfo, PeerList, PeerRemoved, Request, Response, Status, MAX_REQUEST_BYTES,
+    PeerInfo, PeerList, PeerRemoved, Request, Response, Status, WorkloadInfo, WorkloadList,
+    WorkloadRemoved, MAX_REQUEST_BYTES,
 };
 use mesh_proto::time::UnixTime;
 
@@ -23,6 +24,7 @@ use crate::daemon::Daemon;
 use crate::datapath::{send_emitted, unix_now};
 use crate::enforce::Emit;
 use crate::transport::wait_readable;
+use crate::workloads::WorkloadSpec;
 use mesh_proto::policy::RequestSpec;
 
 /// Concurrent control connections; more are refused with an error reply.
@@ -265,6 +267,9 @@ pub trait Api {
     fn explain(&self, spec: RequestSpec) -> serde_json::Value;
     /// The last `n` decision-log lines, oldest first.
     fn log_tail(&self, n: usize) -> Vec<Arc<str>>;
+    fn workload_list(&self) -> WorkloadList;
+    fn workload_add(&self, spec: WorkloadSpec, now: UnixTime) -> Result<WorkloadInfo, String>;
+    fn workload_remove(&self, name: &str) -> Result<String, String>;
 }
 
 impl Api for Daemon {
@@ -310,6 +315,15 @@ impl Api for Daemon {
     }
     fn log_tail(&self, n: usize) -> Vec<Arc<str>> {
         self.log.tail(n)
+    }
+    fn workload_list(&self) -> WorkloadList {
+        Daemon::workload_list(self)
+    }
+    fn workload_add(&self, spec: WorkloadSpec, now: UnixTime) -> Result<WorkloadInfo, String> {
+        Daemon::workload_add(self, spec, now)
+    }
+    fn workload_remove(&self, name: &str) -> Result<String, String> {
+        Daemon::workload_remove(self, name)
     }
 }
 
@@ -359,6 +373,28 @@ pub fn handle(d: &dyn Api, line: &str, now: UnixTime) -> Response {
             let n = lines.map_or(LOG_LINES, |n| n as usize);
             Response::ok(serde_json::json!({ "lines": log_lines(&d.log_tail(n)) }))
         }
+        Request::WorkloadList(_) => Response::ok(d.workload_list()),
+        Request::WorkloadAdd {
+            name,
+            cert,
+            key,
+            veth,
+        } => {
+            let spec = WorkloadSpec {
+                name,
+                cert: cert.into(),
+                key: key.into(),
+                veth,
+            };
+            match d.workload_add(spec, now) {
+                Ok(info) => Response::ok(info),
+                Err(e) => Response::error(e),
+            }
+        }
+        Request::WorkloadRemove { name } => match d.workload_remove(&name) {
+            Ok(removed) => Response::ok(WorkloadRemoved { removed }),
+            Err(e) => Response::error(e),
+        },
     }
 }
 
@@ -388,6 +424,7 @@ mod tests {
                 addresses: vec![],
                 peers: vec![],
                 drops: NodeDrops::default(),
+                workloads: vec![],
                 enforcement: None,
             }
         }
@@ -434,6 +471,22 @@ mod tests {
         fn log_tail(&self, n: usize) -> Vec<Arc<str>> {
             self.calls.borrow_mut().push(format!("log {n}"));
             vec![Arc::from("{\"decision\":\"deny\"}")]
+        }
+        fn workload_list(&self) -> WorkloadList {
+            self.calls.borrow_mut().push("workload_list".into());
+            WorkloadList { workloads: vec![] }
+        }
+        fn workload_add(&self, spec: WorkloadSpec, _now: UnixTime) -> Result<WorkloadInfo, String> {
+            self.calls
+                .borrow_mut()
+                .push(format!("workload_add {} {:?}", spec.name, spec.veth));
+            Err("workload_add: web: no such file".into())
+        }
+        fn workload_remove(&self, name: &str) -> Result<String, String> {
+            self.calls
+                .borrow_mut()
+                .push(format!("workload_remove {name}"));
+            Ok(name.into())
         }
     }
 

@@ -21,10 +21,11 @@ use mesh_proto::time::UnixTime;
 
 use crate::decisions::{DecisionLog, LogLimits};
 use crate::device::{route_needed, Tun};
-use crate::enforce::{self, Enforcer, LocalWorkload};
-use crate::peers::{Node, Peer, PeerSpec, PeerTable};
+use crate::enforce::{self, Enforcer};
+use crate::peers::{Local, Node, Peer, PeerSpec, PeerTable};
 use crate::state::{PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
+use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
 
 /// Where a peer comes from.
@@ -63,6 +64,10 @@ pub struct Loaded {
     pub config_peers: Vec<PeerEntry>,
     pub changes: PeerChanges,
     pub policy: LoadedPolicy,
+    /// The local workloads, the node's own first.
+    pub workloads: Vec<Workload>,
+    pub config_workloads: Vec<WorkloadSpec>,
+    pub workload_changes: WorkloadChanges,
 }
 
 /// The policy in force at start: the one applied at run time and persisted, else the
@@ -286,6 +291,8 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
         }
     }
     let policy = load_policy(&config)?;
+    let (workloads, config_workloads, workload_changes) =
+        crate::workloads::load(&config, &ca, &cert, &key, now)?;
     Ok(Loaded {
         config,
         ca,
@@ -295,10 +302,13 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
         config_peers,
         changes,
         policy,
+        workloads,
+        config_workloads,
+        workload_changes,
     })
 }
 
-fn one_line(e: &dyn std::fmt::Display) -> String {
+pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
     e.to_string().replace('\n', " ")
 }
 
@@ -336,13 +346,26 @@ impl Shutdown {
     }
 }
 
-/// The control plane's view of the peers: entries plus the persisted changes.
-struct Registry {
-    entries: Vec<PeerEntry>,
+/// The control plane's view of the peers and local workloads: entries plus the
+/// persisted changes.
+pub(crate) struct Registry {
+    pub(crate) entries: Vec<PeerEntry>,
     config_peers: Vec<PeerEntry>,
     changes: PeerChanges,
     /// Routes currently installed because of peers (when routes are derived from them).
     peer_routes: BTreeSet<IpNet>,
+    /// The local workloads, the node's own first.
+    pub(crate) workloads: Vec<Workload>,
+    pub(crate) config_workloads: Vec<WorkloadSpec>,
+    pub(crate) workload_changes: WorkloadChanges,
+    /// Pod plumbing, made when the first workload behind a veth arrives.
+    pub(crate) pods: Option<crate::workloads::Pods>,
+}
+
+impl Registry {
+    pub(crate) fn locals(&self) -> Vec<Arc<Local>> {
+        self.workloads.iter().map(|w| w.local.clone()).collect()
+    }
 }
 
 /// The running daemon, shared by the I/O threads.
@@ -358,14 +381,18 @@ pub struct Daemon {
     pub udp: Udp,
     pub shutdown: Arc<Shutdown>,
     pub ready: AtomicBool,
-    config: Config,
-    ca: Ca,
+    pub(crate) config: Config,
+    pub(crate) ca: Ca,
     own: VerifiedCert,
-    registry: Mutex<Registry>,
-    next_index: AtomicU32,
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) next_index: AtomicU32,
     /// Routes come from the peers' addresses (no `routes` in the config and no CA
     /// address constraints): they change with the peer set.
     dynamic_routes: bool,
+    /// Routes into the TUN from the config or the CA's constraints.
+    pub(crate) static_routes: Vec<IpNet>,
+    /// The quarantine device's packets: read by the `quarantine` thread.
+    pub(crate) quarantine: ArcSwap<Option<Arc<Tun>>>,
 }
 
 /// Why the daemon could not start (after the config checked out).
@@ -387,18 +414,18 @@ impl Daemon {
             config,
             ca,
             cert,
-            key,
+            key: _,
             peers,
             config_peers,
             changes,
             policy,
+            workloads,
+            config_workloads,
+            workload_changes,
         } = loaded;
         let log = Arc::new(DecisionLog::new(LogLimits::default()));
         let enforce = Enforcer::new(
-            LocalWorkload {
-                identity: Some(cert.identity().to_string()),
-                groups: cert.groups().to_vec(),
-            },
+            workloads[0].local.workload.clone(),
             policy.compiled,
             enforce::Limits::default(),
             log.clone(),
@@ -409,9 +436,10 @@ impl Daemon {
             default = ?policy.applied.default,
             "policy in force"
         );
-        let node = Node::new(*key.as_bytes());
+        let node = Node::new();
+        let locals: Vec<Arc<Local>> = workloads.iter().map(|w| w.local.clone()).collect();
         let table =
-            build_table(&node, &peers, &PeerTable::default(), 1).map_err(StartError::Peers)?;
+            build_table(&locals, &peers, &PeerTable::default(), 1).map_err(StartError::Peers)?;
         let own_addrs = cert.addresses().to_vec();
         let tun = Tun::create(&config.node.tun, config.node.mtu, &own_addrs)?;
         let udp = Udp::bind(config.node.listen)?;
@@ -426,6 +454,7 @@ impl Daemon {
             None if !ca_constraints.is_empty() => (ca_constraints, false),
             None => (Vec::new(), true),
         };
+        let static_routes_kept = static_routes.clone();
         for r in static_routes.iter().filter(|r| route_needed(r, &own_addrs)) {
             tun.add_route(*r)?;
         }
@@ -444,7 +473,7 @@ impl Daemon {
             "meshd up"
         );
         let next = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
-        Ok(Daemon {
+        let d = Daemon {
             node,
             table: ArcSwap::from_pointee(table),
             enforce,
@@ -464,10 +493,18 @@ impl Daemon {
                 config_peers,
                 changes,
                 peer_routes,
+                workloads: Vec::new(),
+                config_workloads,
+                workload_changes,
+                pods: None,
             }),
             next_index: AtomicU32::new(next),
             dynamic_routes,
-        })
+            static_routes: static_routes_kept,
+            quarantine: ArcSwap::from_pointee(None),
+        };
+        d.attach_all(workloads).map_err(StartError::Peers)?;
+        Ok(d)
     }
 
     pub fn config(&self) -> &Config {
@@ -483,6 +520,7 @@ impl Daemon {
                 let s = p.stats();
                 PeerStatus {
                     identity: p.spec.identity.to_string(),
+                    local: Some(p.local.spec.identity.to_string()),
                     public_key: PublicKey::from(p.spec.public_key).to_base64(),
                     endpoint: s.endpoint,
                     addresses: p.spec.addresses.clone(),
@@ -496,12 +534,13 @@ impl Daemon {
         Status {
             ready: self.ready.load(Ordering::SeqCst),
             identity: self.own.identity().to_string(),
-            public_key: PublicKey::from(self.node.public_key()).to_base64(),
+            public_key: PublicKey::from(*self.own.public_key()).to_base64(),
             listen: self.udp.local_addr(),
             tun: self.tun.name().to_string(),
             addresses: self.own.addresses().to_vec(),
             peers,
             drops: self.node.drops(),
+            workloads: self.workload_list().workloads,
             enforcement: Some(serde_json::json!({
                 "policy": self.policy_get(),
                 "counters": self.enforce.counters(),
@@ -577,7 +616,7 @@ impl Daemon {
         }
     }
 
-    fn lock_registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+    pub(crate) fn lock_registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -614,7 +653,7 @@ impl Daemon {
         self.commit(&mut reg, entries, changes)?;
         if let Some(ep) = endpoint {
             // An unchanged peer keeps its session; the operator's endpoint still wins.
-            if let Some(p) = self.table.load().by_identity(&entry.spec.identity) {
+            for p in self.table.load().sessions_of(&entry.spec.identity) {
                 p.set_endpoint(Some(ep));
             }
         }
@@ -650,7 +689,7 @@ impl Daemon {
     ) -> Result<(), String> {
         let old = self.table.load_full();
         let hint = self.next_index.load(Ordering::Relaxed);
-        let table = build_table(&self.node, &entries, &old, hint)?;
+        let table = build_table(&reg.locals(), &entries, &old, hint)?;
         changes
             .save(&self.config.node.state_dir)
             .map_err(|e| format!("cannot persist peers: {e}"))?;
@@ -697,51 +736,54 @@ fn peer_route_set(peers: &[PeerEntry], own: &[IpNet]) -> BTreeSet<IpNet> {
         .collect()
 }
 
-/// Builds a table for `entries`, keeping the session (and counters) of every peer
-/// whose certificate facts are unchanged, so a peer change elsewhere does not
-/// interrupt traffic.
+/// Builds a table of one session per (local workload, peer), keeping the session (and
+/// counters) of every pair whose local workload and peer certificate facts are
+/// unchanged, so a change elsewhere does not interrupt traffic.
 pub fn build_table(
-    node: &Node,
+    locals: &[Arc<Local>],
     entries: &[PeerEntry],
     old: &PeerTable,
     mut hint: u32,
 ) -> Result<PeerTable, String> {
-    let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(entries.len());
-    let mut fresh: Vec<usize> = Vec::new();
-    for e in entries {
-        match old.by_identity(&e.spec.identity) {
-            Some(p) if p.spec == e.spec => {
-                if let Some(ep) = e.endpoint {
-                    if p.endpoint().is_none() {
-                        p.set_endpoint(Some(ep));
+    let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(entries.len() * locals.len());
+    let mut fresh: Vec<(usize, usize, usize)> = Vec::new();
+    for (ei, e) in entries.iter().enumerate() {
+        for (li, local) in locals.iter().enumerate() {
+            match old.by_keys(&local.spec.public_key, &e.spec.public_key) {
+                Some(p) if p.spec == e.spec && Arc::ptr_eq(&p.local, local) => {
+                    if let Some(ep) = e.endpoint {
+                        if p.endpoint().is_none() {
+                            p.set_endpoint(Some(ep));
+                        }
                     }
+                    peers.push(p.clone())
                 }
-                peers.push(p.clone())
-            }
-            _ => {
-                fresh.push(peers.len());
-                peers.push(Arc::new(node.new_peer(e.spec.clone(), 0, e.endpoint)));
+                _ => {
+                    fresh.push((peers.len(), ei, li));
+                    peers.push(Arc::new(Peer::new(local, e.spec.clone(), 0, e.endpoint)));
+                }
             }
         }
     }
-    // Give new peers slots unused by both the old and the kept peers.
+    // Give new sessions slots unused by both the old and the kept sessions.
+    let fresh_at: BTreeSet<usize> = fresh.iter().map(|f| f.0).collect();
     let used: BTreeSet<u32> = peers
         .iter()
         .enumerate()
-        .filter(|(i, _)| !fresh.contains(i))
+        .filter(|(i, _)| !fresh_at.contains(i))
         .map(|(_, p)| p.index)
         .chain(old.peers().iter().map(|p| p.index))
         .collect();
-    for i in fresh {
+    for (i, ei, li) in fresh {
         hint &= crate::peers::INDEX_MASK;
         while hint == 0 || used.contains(&hint) {
             hint = (hint + 1) & crate::peers::INDEX_MASK;
         }
-        let e = &entries[i];
-        peers[i] = Arc::new(node.new_peer(e.spec.clone(), hint, e.endpoint));
+        let e = &entries[ei];
+        peers[i] = Arc::new(Peer::new(&locals[li], e.spec.clone(), hint, e.endpoint));
         hint += 1;
     }
-    PeerTable::new(peers).map_err(|e| e.to_string())
+    PeerTable::with_locals(locals.to_vec(), peers).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -780,9 +822,10 @@ mod tests {
             endpoint: None,
             source: Source::Runtime,
         };
-        let node = Node::new(*PrivateKey::generate().as_bytes());
-        let t1 = build_table(&node, &[entry(&b)], &PeerTable::default(), 1).unwrap();
-        let t2 = build_table(&node, &[entry(&b), entry(&c)], &t1, 1).unwrap();
+        let (a, ka) = ca.leaf("spiffe://t/a", &["100.64.0.1/32"]);
+        let locals = vec![Arc::new(Local::new(peer_spec(&a), *ka.as_bytes()))];
+        let t1 = build_table(&locals, &[entry(&b)], &PeerTable::default(), 1).unwrap();
+        let t2 = build_table(&locals, &[entry(&b), entry(&c)], &t1, 1).unwrap();
         assert!(Arc::ptr_eq(&t1.peers()[0], &t2.peers()[0]));
         assert_ne!(t2.peers()[0].index, t2.peers()[1].index);
         assert!(t2.route("100.64.0.3".parse().unwrap()).is_some());

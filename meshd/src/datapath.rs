@@ -26,7 +26,7 @@ use mesh_proto::time::UnixTime;
 use crate::batch::TunBatch;
 use crate::daemon::Daemon;
 use crate::device::{Tun, TUN_READ_LEN};
-use crate::enforce::{Emit, Toward, Verdict};
+use crate::enforce::{Emit, Toward};
 use crate::peers::{self, Inbound, Now, Outbound};
 use crate::transport::{wait_readable, wait_readable2, GsoBatch, Udp, GRO_BUF_LEN, GSO_MAX_BYTES};
 
@@ -40,6 +40,8 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 const SPLIT_MAX: usize = 128;
 /// Packets written to the TUN in one batch (one UDP GRO read carries up to 64).
 const TUN_BATCH: usize = 64;
+/// Packets between two workloads of this host written back to the TUN in one batch.
+const LOCAL_BATCH: usize = 16;
 
 /// Wall-clock seconds. The I/O shell is where the clock is read.
 #[allow(clippy::disallowed_methods)] // I/O shell: the one place `now` comes from
@@ -69,6 +71,10 @@ struct ToPeers {
     sizes: Vec<usize>,
     dst: Vec<u8>,
     out: GsoBatch,
+    /// Packets between two workloads of this host, back to the TUN.
+    local: TunBatch,
+    emit: Emit,
+    aux: Vec<u8>,
 }
 
 impl ToPeers {
@@ -83,6 +89,9 @@ impl ToPeers {
             sizes: vec![0usize; SPLIT_MAX],
             dst: vec![0u8; BUF_LEN + peers::WG_OVERHEAD],
             out: GsoBatch::default(),
+            local: TunBatch::new(LOCAL_BATCH),
+            emit: Emit::default(),
+            aux: vec![0u8; BUF_LEN + peers::WG_OVERHEAD],
         }
     }
 
@@ -106,44 +115,56 @@ impl ToPeers {
             }
         };
         let table = d.table.load();
-        let now = unix_now();
-        let mono = d.mono();
+        let now = Now {
+            wall: unix_now(),
+            mono: d.mono(),
+        };
+        let (out, dst, local, emit, aux) = (
+            &mut self.out,
+            &mut self.dst,
+            &mut self.local,
+            &mut self.emit,
+            &mut self.aux,
+        );
         for (seg, &len) in self.segs.iter().zip(&self.sizes).take(n) {
             let packet = &seg[..len];
-            // Policy sees what local workloads send: replies on flows peers opened, and
-            // the flows the workloads open themselves (whose replies then come back in).
-            match d.enforce.outbound(packet, mono) {
-                Verdict::Deliver => {}
-                Verdict::Drop(reason) => {
-                    tracing::trace!(reason = reason.name(), "outbound refused");
-                    continue;
-                }
-                Verdict::Consumed => continue,
-            }
-            if packet.len() + peers::WG_OVERHEAD > GSO_MAX_BYTES {
-                // Larger than any UDP datagram: encrypted aside, refused by the socket.
-                match peers::outbound(&d.node, &table, packet, &mut self.dst, now) {
-                    Outbound::Send { to, data } => self.out.push(udp, data, to),
-                    Outbound::Queued => {}
-                    Outbound::Drop(reason) => tracing::trace!(?reason, "outbound drop"),
-                }
-                continue;
-            }
+            // The local workload (by source), policy, then the peer (by destination).
             // Encrypted in place into the GSO batch: the ciphertext is not copied.
-            let want = (packet.len() + peers::WG_OVERHEAD).max(peers::MIN_DST_LEN);
-            let space = self.out.space(udp, want);
+            let want = (len + peers::WG_OVERHEAD).max(peers::MIN_DST_LEN);
+            let aside = want > GSO_MAX_BYTES;
+            let space: &mut [u8] = if aside {
+                // Larger than any UDP datagram: encrypted aside, refused by the socket.
+                &mut dst[..]
+            } else {
+                out.space(udp, want)
+            };
             let start = space.as_ptr();
-            match peers::outbound(&d.node, &table, packet, space, now) {
+            match peers::from_tun(&d.node, &table, &d.enforce, packet, space, now, emit) {
+                Outbound::Send { to, data } if aside => send_on(udp, data, to),
                 Outbound::Send { to, data } => {
-                    // `peers::outbound` writes its datagram at the start of `dst`.
+                    // `peers::from_tun` writes its datagram at the start of `dst`.
                     debug_assert_eq!(data.as_ptr(), start);
                     let n = data.len();
-                    self.out.commit(udp, n, to);
+                    out.commit(udp, n, to);
                 }
-                Outbound::Queued => {}
+                // To another workload of this host: back into the TUN, coalesced.
+                Outbound::Deliver(p) => local.push(tun, p),
+                Outbound::Queued | Outbound::Done => {}
                 Outbound::Drop(reason) => tracing::trace!(?reason, "outbound drop"),
             }
+            if !emit.is_empty() {
+                // The enforcer's packets go after what is already queued.
+                out.flush(udp);
+                for (toward, p) in emit.packets() {
+                    match toward {
+                        Toward::Local => local.push(tun, p),
+                        Toward::Peer => send_to_peer(d, &table, p, aux),
+                    }
+                }
+                emit.clear();
+            }
         }
+        local.flush(tun);
         Step::Busy
     }
 
@@ -391,7 +412,13 @@ pub fn send_emitted(d: &Daemon, emit: &Emit, aux: &mut [u8]) {
 fn send_to_peer(d: &Daemon, table: &peers::PeerTable, packet: &[u8], aux: &mut [u8]) {
     match peers::outbound(&d.node, table, packet, aux, unix_now()) {
         Outbound::Send { to, data } => send(d, data, to),
-        Outbound::Queued => {}
+        // Towards a workload of this host.
+        Outbound::Deliver(packet) => {
+            if let Err(e) = d.tun.send(packet) {
+                tracing::debug!("write to TUN failed: {e}");
+            }
+        }
+        Outbound::Queued | Outbound::Done => {}
         Outbound::Drop(reason) => tracing::debug!(?reason, "injected packet dropped"),
     }
 }
@@ -404,7 +431,7 @@ pub fn timer_loop(d: &Daemon) {
     while !d.shutdown.wait_timeout(TIMER_TICK) {
         ticks += 1;
         if ticks.is_multiple_of(4) {
-            d.node.reset_rate_limiter();
+            d.table.load().reset_rate_limiters();
         }
         let now = unix_now();
         // Overdue request heads (408) and expired flows.

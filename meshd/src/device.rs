@@ -4,7 +4,7 @@
 //! clean shutdown (or a crash) leaves nothing behind.
 
 use std::io;
-use std::io::IoSlice;
+use std::io::{IoSlice, IoSliceMut};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -135,6 +135,21 @@ impl Tun {
     /// Whether reads and writes carry the virtio-net header (TSO/GRO).
     pub fn offload(&self) -> bool {
         self.offload
+    }
+
+    /// Reads one packet; `WouldBlock` when none is waiting. With offload a TSO
+    /// segment comes back whole, as one packet (cut at `buf.len()`): for readers that
+    /// only look at headers or count (the quarantine device). The data path uses
+    /// [`Tun::recv_segments`].
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.offload {
+            return self.dev.recv(buf);
+        }
+        let mut hdr = [0u8; TUN_OFFSET];
+        let n = self
+            .dev
+            .recv_vectored(&mut [IoSliceMut::new(&mut hdr), IoSliceMut::new(buf)])?;
+        Ok(n.saturating_sub(TUN_OFFSET))
     }
 
     /// Reads one packet or one TSO segment, split into MTU-sized packets:

@@ -56,11 +56,28 @@ pub struct Sender {
     pub groups: Arc<[String]>,
 }
 
-/// The local workload that policies select (its certificate).
-#[derive(Clone, Debug, Default)]
+/// The local workload that policies select (its certificate): the receiver of inbound
+/// packets, `dst` in the decision log. Cloned into each flow (reference counts only).
+#[derive(Clone, Debug)]
 pub struct LocalWorkload {
-    pub identity: Option<String>,
-    pub groups: Vec<String>,
+    pub identity: Option<Arc<str>>,
+    pub groups: Arc<[String]>,
+}
+
+impl Default for LocalWorkload {
+    fn default() -> Self {
+        LocalWorkload {
+            identity: None,
+            groups: Arc::from(Vec::new()),
+        }
+    }
+}
+
+/// Both ends of a flow being decided: who sent it, and the local workload receiving it.
+#[derive(Clone, Copy, Debug)]
+struct Who<'a> {
+    sender: &'a Sender,
+    receiver: &'a LocalWorkload,
 }
 
 /// What to do with a packet.
@@ -209,6 +226,8 @@ pub struct FlowState {
     allowed: bool,
     /// Present for flows a peer opened: re-evaluation needs who sent them.
     sender: Option<Sender>,
+    /// The local workload that received the flow a peer opened.
+    receiver: Option<LocalWorkload>,
     /// Present for TCP flows a peer opened to a port with HTTP rules.
     l7: Option<Box<L7Flow>>,
 }
@@ -223,6 +242,9 @@ pub struct Limits {
     pub l7: l7::Config,
     /// Largest TCP payload of a segment the enforcer builds towards a local workload.
     pub mss: usize,
+    /// Bytes all inspected flows together may hold; past it, the flow that grows is
+    /// refused (503) and its bytes freed.
+    pub l7_total_held: usize,
 }
 
 impl Default for Limits {
@@ -233,6 +255,7 @@ impl Default for Limits {
             l7: l7::Config::default(),
             // TUN MTU 1420 less an IPv6 and a TCP header.
             mss: 1360,
+            l7_total_held: 64 << 20,
         }
     }
 }
@@ -279,6 +302,8 @@ pub struct Enforcer {
     limits: Limits,
     http_requests: AtomicU64,
     http_refused: AtomicU64,
+    /// Bytes held by all inspected flows (recounted exactly at each `poll`).
+    held_total: std::sync::atomic::AtomicUsize,
     active: ArcSwap<Active>,
     shards: Box<[Mutex<ConnTrack<FlowState>>]>,
     hasher: std::collections::hash_map::RandomState,
@@ -343,6 +368,7 @@ impl Enforcer {
             limits,
             http_requests: AtomicU64::new(0),
             http_refused: AtomicU64::new(0),
+            held_total: std::sync::atomic::AtomicUsize::new(0),
             active: ArcSwap::from_pointee(Active { policy, gen: 1 }),
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(ConnTrack::new(per_shard, limits.timeouts)))
@@ -372,7 +398,7 @@ impl Enforcer {
     }
 
     /// Decides an inbound packet from `sender` (already decrypted, its source address
-    /// checked against the sender's certificate).
+    /// checked against the sender's certificate) to the enforcer's own workload.
     pub fn inbound(
         &self,
         sender: &Sender,
@@ -381,6 +407,49 @@ impl Enforcer {
         wall: UnixTime,
         emit: &mut Emit,
     ) -> Verdict {
+        self.inbound_to(&self.local, sender, packet, now, wall, emit)
+    }
+
+    /// Decides a packet between two local workloads: the reply direction of a flow
+    /// the receiver opened passes as that flow's outbound traffic; anything else is
+    /// inbound traffic of `receiver` from `sender`, decided by policy.
+    pub fn between_locals(
+        &self,
+        sender: &Sender,
+        receiver: &LocalWorkload,
+        packet: &[u8],
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        let reply = match parse(packet) {
+            Ok(p) if p.kind == Kind::Flow => {
+                let shard = self.shard(&p.key);
+                shard.get(&p.key).is_none()
+                    && shard
+                        .get(&p.key.reversed())
+                        .is_some_and(|f| f.origin == Origin::Remote)
+            }
+            _ => false,
+        };
+        if reply {
+            self.outbound(packet, now)
+        } else {
+            self.inbound_to(receiver, sender, packet, now, wall, emit)
+        }
+    }
+
+    /// Decides an inbound packet from `sender` to the local workload `receiver`.
+    pub fn inbound_to(
+        &self,
+        receiver: &LocalWorkload,
+        sender: &Sender,
+        packet: &[u8],
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        let who = Who { sender, receiver };
         let p = match parse(packet) {
             Ok(p) => p,
             Err(e) => return self.dropped(parse_drop(e)),
@@ -399,7 +468,7 @@ impl Enforcer {
             Some((Dir::Reply, flow)) if flow.origin == Origin::Local => return self.deliver(),
             Some((Dir::Original, flow)) if flow.origin == Origin::Remote => {
                 if let Some(l7) = flow.value.l7.as_deref_mut() {
-                    return self.l7_client(&active.policy, sender, &p, packet, l7, now, wall, emit);
+                    return self.l7_client(&active.policy, who, &p, packet, l7, now, wall, emit);
                 }
                 if flow.value.gen == active.gen {
                     return if flow.value.allowed {
@@ -409,11 +478,11 @@ impl Enforcer {
                     };
                 }
                 // Policy changed since this flow was decided: decide again.
-                let decision = self.decide(&active.policy, sender, &p);
+                let decision = self.decide(&active.policy, who, &p);
                 flow.value.gen = active.gen;
                 flow.value.allowed = decision.is_allowed();
                 drop(shard);
-                return self.after_decision(&active.policy, sender, &p, &decision, now, wall);
+                return self.after_decision(&active.policy, who, &p, &decision, now, wall);
             }
             Some(_) => return self.dropped(Drop::Malformed),
             None => {}
@@ -422,17 +491,19 @@ impl Enforcer {
         if p.protocol == Protocol::Tcp && active.policy.needs_l7(Protocol::Tcp, p.key.dst_port) {
             let opens = p.obs.tcp.is_some_and(|t| t.flags.syn && !t.flags.ack);
             if !opens {
+                drop(shard);
+                untracked_resets(&p, packet, emit);
                 return self.dropped(Drop::Untracked);
             }
             // Requests are decided one by one, with their HTTP attributes; the
             // connection itself is let through to carry them.
             let mut l7 = Box::new(L7Flow::new(self.limits.l7, stamp(now)));
-            let verdict =
-                self.l7_client(&active.policy, sender, &p, packet, &mut l7, now, wall, emit);
+            let verdict = self.l7_client(&active.policy, who, &p, packet, &mut l7, now, wall, emit);
             let state = FlowState {
                 gen: active.gen,
                 allowed: true,
                 sender: Some(sender.clone()),
+                receiver: Some(receiver.clone()),
                 l7: Some(l7),
             };
             if shard
@@ -442,16 +513,17 @@ impl Enforcer {
                 drop(shard);
                 emit.clear();
                 let full = Decision::refused(DenyReason::FlowTableFull);
-                return self.after_decision(&active.policy, sender, &p, &full, now, wall);
+                return self.after_decision(&active.policy, who, &p, &full, now, wall);
             }
             return verdict;
         }
-        let decision = self.decide(&active.policy, sender, &p);
+        let decision = self.decide(&active.policy, who, &p);
         if decision.is_allowed() {
             let state = FlowState {
                 gen: active.gen,
                 allowed: true,
                 sender: Some(sender.clone()),
+                receiver: Some(receiver.clone()),
                 l7: None,
             };
             if shard
@@ -460,11 +532,11 @@ impl Enforcer {
             {
                 drop(shard);
                 let full = Decision::refused(DenyReason::FlowTableFull);
-                return self.after_decision(&active.policy, sender, &p, &full, now, wall);
+                return self.after_decision(&active.policy, who, &p, &full, now, wall);
             }
         }
         drop(shard);
-        self.after_decision(&active.policy, sender, &p, &decision, now, wall)
+        self.after_decision(&active.policy, who, &p, &decision, now, wall)
     }
 
     /// Decides an outbound packet from a local workload (before encryption): replies
@@ -508,6 +580,7 @@ impl Enforcer {
                     gen: 0,
                     allowed: true,
                     sender: None,
+                    receiver: None,
                     l7: None,
                 };
                 match shard.insert(p.key, Origin::Local, state, &p.obs, now) {
@@ -533,33 +606,57 @@ impl Enforcer {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             shard.retain(|key, flow| {
-                let Some(sender) = flow.value.sender.clone() else {
+                let (Some(sender), Some(receiver)) =
+                    (flow.value.sender.clone(), flow.value.receiver.clone())
+                else {
                     return true;
                 };
-                if flow.value.l7.is_some() {
-                    // Decided request by request: the next head meets the new policy.
-                    return true;
-                }
                 let Some(p) = parsed_from_key(key) else {
                     return true;
                 };
-                let decision = self.decide(&active.policy, &sender, &p);
+                let who = Who {
+                    sender: &sender,
+                    receiver: &receiver,
+                };
+                let decision = if flow.value.l7.is_some() {
+                    // Decided request by request: the next head meets the new policy,
+                    // unless the new policy refuses every request this source could send
+                    // here; then the flow is cut now rather than left to stream the rest
+                    // of a body (regression: netns test l7.rs, upload in progress).
+                    match mesh_proto::policy::deny_every_request(
+                        &active.policy,
+                        &self.request(who, &p),
+                    ) {
+                        None => return true,
+                        Some(reason) => Decision::refused(reason),
+                    }
+                } else {
+                    self.decide(&active.policy, who, &p)
+                };
                 flow.value.gen = active.gen;
                 flow.value.allowed = decision.is_allowed();
                 if decision.is_allowed() {
                     return true;
                 }
+                // An inspected flow may hold bytes the server never received: the reset
+                // towards the server carries what it expects (regression: netns test
+                // l7.rs, partial head).
+                let client_next_seq = match &flow.value.l7 {
+                    Some(l7) => l7.server_expects().map(|s| s.0),
+                    None => flow.next_seq(Dir::Original),
+                };
                 cuts.push(Cut {
                     key: *key,
-                    client_next_seq: flow.next_seq(Dir::Original),
+                    client_next_seq,
                     server_next_seq: flow.next_seq(Dir::Reply),
                 });
-                denied.push((sender, p, decision));
+                denied.push((sender, receiver, p, decision));
                 false
             });
         }
-        for (sender, p, decision) in &denied {
-            self.after_decision(&active.policy, sender, p, decision, now, wall);
+        for (sender, receiver, p, decision) in &denied {
+            let who = Who { sender, receiver };
+            self.after_decision(&active.policy, who, p, decision, now, wall);
         }
         cuts
     }
@@ -623,15 +720,15 @@ impl Enforcer {
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn decide(&self, policy: &CompiledPolicy, sender: &Sender, p: &Parsed) -> Decision {
-        mesh_proto::policy::evaluate(policy, &self.request(sender, p))
+    fn decide(&self, policy: &CompiledPolicy, who: Who<'_>, p: &Parsed) -> Decision {
+        mesh_proto::policy::evaluate(policy, &self.request(who, p))
     }
 
     /// Counts, logs (denies and audit matches) and turns a decision into a verdict.
     fn after_decision(
         &self,
         policy: &CompiledPolicy,
-        sender: &Sender,
+        who: Who<'_>,
         p: &Parsed,
         decision: &Decision,
         now: Duration,
@@ -641,7 +738,7 @@ impl Enforcer {
         for r in &decision.audit {
             self.write_log(
                 policy,
-                sender,
+                who,
                 p,
                 "audit",
                 "audit_matched",
@@ -656,7 +753,7 @@ impl Enforcer {
             PolicyVerdict::Deny(reason) => {
                 self.write_log(
                     policy,
-                    sender,
+                    who,
                     p,
                     "deny",
                     reason.name(),
@@ -675,7 +772,7 @@ impl Enforcer {
     fn l7_client(
         &self,
         policy: &CompiledPolicy,
-        sender: &Sender,
+        who: Who<'_>,
         p: &Parsed,
         packet: &[u8],
         flow: &mut L7Flow,
@@ -689,6 +786,7 @@ impl Enforcer {
         let Some(seg) = segment(p, packet) else {
             return self.dropped(Drop::Malformed);
         };
+        let held_before = flow.held();
         let outcome = flow.on_client_segment(&seg, stamp(now), |req| {
             self.http_requests.fetch_add(1, Ordering::Relaxed);
             let mut headers = [mesh_proto::policy::Header {
@@ -712,7 +810,7 @@ impl Enforcer {
                 policy,
                 &Request {
                     http: Some(http),
-                    ..self.request(sender, p)
+                    ..self.request(who, p)
                 },
             );
             let summary = |status| HttpSummary {
@@ -725,7 +823,7 @@ impl Enforcer {
             for r in &decision.audit {
                 self.write_log(
                     policy,
-                    sender,
+                    who,
                     p,
                     "audit",
                     "audit_matched",
@@ -743,7 +841,7 @@ impl Enforcer {
                     let status = reason.http_status();
                     self.write_log(
                         policy,
-                        sender,
+                        who,
                         p,
                         "deny",
                         reason.name(),
@@ -811,9 +909,64 @@ impl Enforcer {
             emit.scratch = scratch;
         }
         if let Some(refusal) = outcome.refusal {
-            self.refuse(policy, sender, p, &ends, &refusal, now, wall, emit);
+            self.refuse(policy, who, p, &ends, &refusal, now, wall, emit);
         }
+        if let Some(a) = outcome.held_ack {
+            // Held head bytes, acknowledged on the server's behalf (l7::HeldAck): without
+            // it a head larger than the client's congestion window never completes.
+            let ack = TcpSegment {
+                src: ends.server,
+                dst: ends.client,
+                seq: a.seq,
+                ack: Some(a.ack),
+                flags: Flags::default(),
+                window: a.window,
+                payload: &[],
+            };
+            if inject::tcp_packet(&ack, &mut emit.scratch).is_ok() {
+                emit.push_scratch(Toward::Peer);
+            }
+        }
+        self.charge_held(flow, held_before, policy, who, p, now, wall, emit);
         verdict
+    }
+
+    /// Accounts what `flow` holds now against the budget of all inspected flows; over
+    /// budget, the flow that grew is refused (503) and its bytes freed (invariant 6:
+    /// a flood of slow heads degrades service, never the host).
+    #[allow(clippy::too_many_arguments)] // the flow, its decision context and the clock
+    fn charge_held(
+        &self,
+        flow: &mut L7Flow,
+        before: usize,
+        policy: &CompiledPolicy,
+        who: Who<'_>,
+        p: &Parsed,
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) {
+        let after = flow.held();
+        if after <= before {
+            self.uncharge(before - after);
+            return;
+        }
+        let total = self.held_total.fetch_add(after - before, Ordering::Relaxed) + (after - before);
+        if total <= self.limits.l7_total_held {
+            return;
+        }
+        if let Some(refusal) = flow.shed() {
+            self.refuse(policy, who, p, &endpoints(p), &refusal, now, wall, emit);
+        }
+        self.uncharge(after);
+    }
+
+    fn uncharge(&self, n: usize) {
+        let _ = self
+            .held_total
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(n))
+            });
     }
 
     /// Injects the answer to a refused client and the reset of the server; logs causes
@@ -822,7 +975,7 @@ impl Enforcer {
     fn refuse(
         &self,
         policy: &CompiledPolicy,
-        sender: &Sender,
+        who: Who<'_>,
         p: &Parsed,
         ends: &Endpoints,
         refusal: &Refusal,
@@ -851,7 +1004,7 @@ impl Enforcer {
         };
         self.write_log(
             policy,
-            sender,
+            who,
             p,
             "deny",
             reason.name(),
@@ -868,19 +1021,25 @@ impl Enforcer {
         let active = self.active.load();
         let ts = stamp(now);
         let mut removed = 0;
+        let mut held = 0;
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             removed += shard.sweep(now);
             shard.retain(|key, f| {
-                let (Some(l7), Some(sender)) = (f.value.l7.as_deref_mut(), f.value.sender.as_ref())
-                else {
+                held += f.value.l7.as_deref().map_or(0, L7Flow::held);
+                let (Some(l7), Some(sender), Some(receiver)) = (
+                    f.value.l7.as_deref_mut(),
+                    f.value.sender.as_ref(),
+                    f.value.receiver.as_ref(),
+                ) else {
                     return true;
                 };
+                let who = Who { sender, receiver };
                 if l7.poll_at().is_some_and(|at| at <= ts) {
                     if let (Some(refusal), Some(p)) = (l7.poll(ts), parsed_from_key(key)) {
                         self.refuse(
                             &active.policy,
-                            sender,
+                            who,
                             &p,
                             &endpoints(&p),
                             &refusal,
@@ -893,16 +1052,18 @@ impl Enforcer {
                 true
             });
         }
+        // Deltas charged meanwhile by other threads are within one tick's traffic.
+        self.held_total.store(held, Ordering::Relaxed);
         removed
     }
 
-    fn request<'a>(&'a self, sender: &'a Sender, p: &Parsed) -> Request<'a> {
+    fn request<'a>(&'a self, who: Who<'a>, p: &Parsed) -> Request<'a> {
         Request {
-            src_identity: Some(&sender.identity),
-            src_groups: &sender.groups,
+            src_identity: Some(&who.sender.identity),
+            src_groups: &who.sender.groups,
             src_addr: Some(p.key.src),
-            dst_identity: self.local.identity.as_deref(),
-            dst_groups: &self.local.groups,
+            dst_identity: who.receiver.identity.as_deref(),
+            dst_groups: &who.receiver.groups,
             dst_addr: Some(p.key.dst),
             dst_port: if p.protocol == Protocol::Icmp {
                 0
@@ -930,7 +1091,7 @@ impl Enforcer {
     fn write_log(
         &self,
         policy: &CompiledPolicy,
-        sender: &Sender,
+        who: Who<'_>,
         p: &Parsed,
         verdict: &str,
         reason: &str,
@@ -943,9 +1104,9 @@ impl Enforcer {
         self.log.record(
             &DecisionRecord {
                 time: wall.to_string(),
-                src: Some(&sender.identity),
+                src: Some(&who.sender.identity),
                 src_addr: p.key.src.to_string(),
-                dst: self.local.identity.as_deref(),
+                dst: who.receiver.identity.as_deref(),
                 dst_addr: p.key.dst.to_string(),
                 dst_port: if p.protocol == Protocol::Icmp {
                     0
@@ -1011,6 +1172,41 @@ fn slot_name(slot: usize) -> &'static str {
 
 fn stamp(now: Duration) -> Timestamp {
     Timestamp::from_millis(u64::try_from(now.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Resets both ends of a connection whose segment meshd cannot inspect because it
+/// does not track the flow (opened before meshd restarted, or evicted): the segment
+/// is dropped (fail closed), and without the resets both ends would wait for their
+/// timeouts instead of reconnecting at once. Each RST carries the sequence number its
+/// receiver expects (RFC 9293 §3.10.7.1: to the segment's sender, its ACK number; to
+/// the server, the segment's own sequence number). A RST is never answered. The
+/// sender is authenticated and the addresses are its own (secure naming), so it can
+/// only reset its own connections.
+fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit) {
+    let Some(seg) = segment(p, packet) else {
+        return;
+    };
+    if seg.flags.contains(Flags::RST) || !seg.flags.contains(Flags::ACK) {
+        return;
+    }
+    let ends = endpoints(p);
+    for (src, dst, seq, toward) in [
+        (ends.server, ends.client, seg.ack, Toward::Peer),
+        (ends.client, ends.server, seg.seq, Toward::Local),
+    ] {
+        let rst = TcpSegment {
+            src,
+            dst,
+            seq,
+            ack: None,
+            flags: Flags::RST,
+            window: 0,
+            payload: &[],
+        };
+        if inject::tcp_packet(&rst, &mut emit.scratch).is_ok() {
+            emit.push_scratch(toward);
+        }
+    }
 }
 
 fn endpoints(p: &Parsed) -> Endpoints {
@@ -1101,7 +1297,7 @@ fn refusal_reason(cause: &RefuseCause) -> DenyReason {
         | RefuseCause::Truncated
         | RefuseCause::Urgent => DenyReason::MalformedRequest,
         RefuseCause::Timeout => DenyReason::RequestTimeout,
-        RefuseCause::HoldFull => DenyReason::BufferFull,
+        RefuseCause::HoldFull | RefuseCause::Overload => DenyReason::BufferFull,
     }
 }
 

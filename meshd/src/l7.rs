@@ -53,8 +53,8 @@
 //!   and the connection stalls until a timeout: safe (the server never reads other
 //!   bytes than those inspected), not live. Fix: keep delivered bytes until the server
 //!   ACKs them ([`TcpFlow`] already tracks `server.acked`), at the cost of a copy.
-//! - A held head is not acknowledged to the client. A client that writes its head in
-//!   pieces with Nagle's algorithm on waits for that ACK: it gets a 408.
+//! - Held head bytes are acknowledged to the client on the server's behalf
+//!   ([`HeldAck`]) with the server's last window, not reduced by what is held.
 //! - With pipelining, a refusal answers the oldest request the server has not answered
 //!   yet (responses are not parsed), and ends the connection.
 //! - After `101 Switching Protocols` (WebSocket, h2c) the bytes are not HTTP/1.x and are
@@ -150,6 +150,9 @@ pub enum RefuseCause {
     Truncated,
     #[error("held bytes over the flow's limit")]
     HoldFull,
+    /// The enforcer as a whole holds as much as it may (all flows together).
+    #[error("meshd is holding too many undecided bytes; try again")]
+    Overload,
     /// Many stacks take the urgent byte out of the stream the application reads, so
     /// what the server would read is not what was inspected.
     #[error("TCP urgent data on an inspected connection")]
@@ -163,6 +166,7 @@ impl RefuseCause {
             RefuseCause::Policy { status, .. } => status,
             RefuseCause::Http(e) => e.status(),
             RefuseCause::Path(_) | RefuseCause::Truncated | RefuseCause::Urgent => 400,
+            RefuseCause::Overload => 503,
             RefuseCause::Timeout => 408,
             RefuseCause::HoldFull => 431,
         }
@@ -226,12 +230,35 @@ pub struct Release {
     pub window: u16,
 }
 
-/// The answer to one client segment. Apply in field order: fate, release, refusal.
+/// A pure ACK to send to the client on the server's behalf, acknowledging the bytes of
+/// an undecided head that the flow holds.
+///
+/// Why: held bytes never reach the server, so the server never acknowledges them. A
+/// sender stops at its congestion window (about 10 segments on a fresh Linux
+/// connection) and then only retransmits: a head larger than that never completes and
+/// ends in 408 instead of being decided (or refused with 431), and a client that writes
+/// its head in pieces with Nagle's algorithm waits for an ACK that never comes. The
+/// flow owns the bytes once it holds them (they are released to the server or the flow
+/// is refused), so acknowledging them is what a proxy would do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldAck {
+    /// The server's next sequence number.
+    pub seq: SeqNumber,
+    /// One past the last client byte held in order.
+    pub ack: SeqNumber,
+    /// The server's last advertised window (as on the wire).
+    pub window: u16,
+}
+
+/// The answer to one client segment. Apply in field order: fate, release, refusal,
+/// held_ack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub fate: Fate,
     pub release: Option<Release>,
     pub refusal: Option<Refusal>,
+    /// Acknowledge held bytes to the client (see [`HeldAck`]).
+    pub held_ack: Option<HeldAck>,
 }
 
 impl Outcome {
@@ -240,6 +267,7 @@ impl Outcome {
             fate,
             release: None,
             refusal: None,
+            held_ack: None,
         }
     }
 }
@@ -317,6 +345,18 @@ impl L7Flow {
         self.phase == Phase::Refused
     }
 
+    /// The client sequence number the server expects next: the end of the stream this
+    /// flow delivered to it, held bytes excluded. A reset towards the server must carry
+    /// exactly this number: Linux answers any other in-window RST with a challenge ACK
+    /// and keeps the connection (RFC 5961 §3.2).
+    pub fn server_expects(&self) -> Option<SeqNumber> {
+        let start = self.tcp.client_stream_start()?;
+        Some(match &self.reasm {
+            Some(r) => r.base() + self.releasing,
+            None => start,
+        })
+    }
+
     /// Bytes buffered now (for a total limit across flows).
     pub fn held(&self) -> usize {
         self.reasm.as_ref().map_or(0, Reassembler::buffered)
@@ -350,6 +390,18 @@ impl L7Flow {
             Some(at) if now >= at => Some(self.refuse(RefuseCause::Timeout)),
             _ => None,
         }
+    }
+
+    /// Refuses the flow now because the enforcer is over its total memory budget,
+    /// and frees what it holds (fail closed, invariant 6). `None` if already refused.
+    pub fn shed(&mut self) -> Option<Refusal> {
+        if self.phase == Phase::Refused {
+            return None;
+        }
+        self.finish_release();
+        let refusal = self.refuse(RefuseCause::Overload);
+        self.reasm = None;
+        Some(refusal)
     }
 
     /// Tracks a server→client segment: `true` to forward it, `false` to drop it.
@@ -411,6 +463,7 @@ impl L7Flow {
                 fate: Fate::Drop(DropReason::Refused),
                 release: None,
                 refusal: Some(refusal),
+                held_ack: None,
             };
         }
         let forwarded = self.stats.forwarded + self.stats.released;
@@ -458,6 +511,7 @@ impl L7Flow {
             fate,
             release: None,
             refusal,
+            held_ack: None,
         };
         if self.releasing > 0 {
             let reasm = self.reasm.as_ref().expect("checked above");
@@ -474,8 +528,26 @@ impl L7Flow {
         }
         if let Some(refusal) = &mut outcome.refusal {
             *refusal = self.refuse(refusal.cause);
+        } else {
+            outcome.held_ack = self.held_ack();
         }
         outcome
+    }
+
+    /// An ACK for the bytes held in order beyond those being released now, if any (see
+    /// [`HeldAck`]). Out-of-order bytes are not acknowledged: the client must fill the
+    /// hole first.
+    fn held_ack(&self) -> Option<HeldAck> {
+        let reasm = self.reasm.as_ref()?;
+        let in_order = reasm.contiguous().len();
+        if in_order <= self.releasing || self.phase == Phase::Refused {
+            return None;
+        }
+        Some(HeldAck {
+            seq: self.tcp.server.sent_end?,
+            ack: reasm.base() + in_order,
+            window: self.tcp.server.window,
+        })
     }
 
     /// The segment starts at or before the stream position, nothing is buffered: inspect

@@ -5,6 +5,7 @@
 //! `device`, `transport`, `control`) is thin; `daemon` holds the control-plane state
 //! and `state` the persisted peer changes.
 
+pub mod attach;
 pub mod batch;
 pub mod conntrack;
 pub mod control;
@@ -22,6 +23,7 @@ pub mod routing;
 pub mod state;
 pub mod transport;
 pub mod wire;
+pub mod workloads;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -68,7 +70,9 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
             })
             .map_err(RunError::Thread)
     };
-    for (name, f) in datapath::threads() {
+    let mut list = datapath::threads();
+    list.push(("quarantine".into(), Box::new(workloads::quarantine_loop)));
+    for (name, f) in list {
         match spawn(&name, f, d.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {

@@ -3,19 +3,34 @@
 //! The I/O shell hands this module buffers and `now` and gets back what to do
 //! ([`Outbound`], [`Inbound`], [`Transmit`]); it never touches a socket here.
 //!
+//! Workloads: a host holds several local workloads ([`Local`]: the node's own identity
+//! and its pods), each with its own certificate and static key. A peer is a remote
+//! workload. A session ([`Peer`]) joins one local and one remote workload and is keyed
+//! by their two keys, so traffic from pod A to remote pod C is encrypted under A's and
+//! C's keys. One UDP port carries every session; the wire format is plain WireGuard.
+//!
 //! Identity (DESIGN.md invariant 2): a peer exists in the table only with a certificate
 //! the CA verified; its WireGuard session is built for exactly that certificate's key,
 //! so a handshake completes only for the key the certificate names. A handshake
-//! initiation is matched to a peer by the static key it proves
-//! (`parse_handshake_anon`), everything else by the receiver index we chose. After
-//! decryption, the packet's source address must be one of the certificate's addresses
-//! (secure naming), else it is dropped and counted.
+//! initiation names its responder only through MAC1, keyed by the responder's public
+//! key (WireGuard paper, section 5.4.4): each local workload's precomputed MAC1 key
+//! (its `RateLimiter`) is tried in turn, which costs one keyed BLAKE2s per local key and
+//! no Diffie-Hellman. The matching local's key then recovers the initiator's static key
+//! (`parse_handshake_anon`), which picks the session. Everything else is matched by the
+//! receiver index we chose. After decryption, the packet's source address must be one
+//! of the remote certificate's addresses (secure naming) and its destination one of the
+//! local workload's, else it is dropped and counted.
+//!
+//! Outbound, the source address of a packet from the TUN picks the local workload (a
+//! packet whose source no local certificate holds is dropped and counted), the
+//! destination picks the remote one. A packet between two local workloads is not
+//! encrypted: it goes through the enforcer as inbound traffic of its receiver and back
+//! to the TUN ([`from_tun`]).
 //!
 //! Concurrency: the table is an immutable snapshot (swapped whole by the control
 //! plane, read without locks through `ArcSwap`); each peer's session sits behind its own
 //! `Mutex`, so two peers never contend and there is no global lock per packet.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,9 +46,11 @@ use mesh_proto::control::{NodeDrops, PeerDrops};
 use mesh_proto::identity::SpiffeId;
 use mesh_proto::time::UnixTime;
 
-use crate::enforce::{self, Emit, Enforcer, Sender, Verdict};
-use crate::routing::PrefixTable;
+use crate::enforce::{self, Emit, Enforcer, LocalWorkload, Sender, Verdict};
+
+mod table;
 use crate::wire::{IpPacket, WireError};
+pub use table::{PeerTable, TableError};
 
 /// Handshake initiations and responses per second above which the node answers with
 /// cookie replies instead of doing Diffie-Hellman (WireGuard paper, section 5.3).
@@ -74,11 +91,68 @@ impl PeerSpec {
     }
 }
 
-/// This node's static key and handshake rate limiter.
-pub struct Node {
+/// A local workload: its verified certificate facts and its static key, with the MAC1
+/// key and handshake rate limiter derived from its public key.
+pub struct Local {
+    pub spec: PeerSpec,
+    /// What policy sees when this workload receives (selectors, `dst` in the log).
+    pub workload: LocalWorkload,
+    /// What policy sees when this workload sends to another local workload.
+    pub sender: Sender,
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
     rate_limiter: Arc<RateLimiter>,
+}
+
+impl std::fmt::Debug for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Local")
+            .field("identity", &self.spec.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Local {
+    /// `spec.public_key` must be the public key of `private_key` (the shell checked the
+    /// certificate against the key file).
+    pub fn new(spec: PeerSpec, private_key: [u8; 32]) -> Local {
+        let secret = x25519::StaticSecret::from(private_key);
+        let public = x25519::PublicKey::from(&secret);
+        Local {
+            workload: LocalWorkload {
+                identity: Some(spec.identity.to_string().into()),
+                groups: spec.groups.clone().into(),
+            },
+            sender: Sender {
+                identity: spec.identity.to_string().into(),
+                groups: spec.groups.clone().into(),
+            },
+            spec,
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+        }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        *self.public.as_bytes()
+    }
+
+    fn new_tunn(&self, remote: &PeerSpec, index: u32) -> Tunn {
+        Tunn::new(
+            self.secret.clone(),
+            x25519::PublicKey::from(remote.public_key),
+            None,
+            None,
+            index & INDEX_MASK,
+            Some(self.rate_limiter.clone()),
+        )
+    }
+}
+
+/// Node-wide state of the core: the drop counters no peer can be blamed for.
+#[derive(Default, Debug)]
+pub struct Node {
     drops: DropCounters,
 }
 
@@ -88,27 +162,13 @@ pub struct DropCounters {
     pub malformed: AtomicU64,
     pub unknown_peer: AtomicU64,
     pub no_route: AtomicU64,
+    pub forged_source: AtomicU64,
+    pub misdirected: AtomicU64,
 }
 
 impl Node {
-    pub fn new(private_key: [u8; 32]) -> Node {
-        let secret = x25519::StaticSecret::from(private_key);
-        let public = x25519::PublicKey::from(&secret);
-        Node {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
-            secret,
-            public,
-            drops: DropCounters::default(),
-        }
-    }
-
-    pub fn public_key(&self) -> [u8; 32] {
-        *self.public.as_bytes()
-    }
-
-    /// Resets the handshake rate limiter's count; call about once a second.
-    pub fn reset_rate_limiter(&self) {
-        self.rate_limiter.reset_count();
+    pub fn new() -> Node {
+        Node::default()
     }
 
     pub fn drops(&self) -> NodeDrops {
@@ -116,7 +176,15 @@ impl Node {
             malformed: self.drops.malformed.load(Ordering::Relaxed),
             unknown_peer: self.drops.unknown_peer.load(Ordering::Relaxed),
             no_route: self.drops.no_route.load(Ordering::Relaxed),
+            forged_source: self.drops.forged_source.load(Ordering::Relaxed),
+            misdirected: self.drops.misdirected.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a packet with a forged source that never reached the TUN (the shell
+    /// caught it elsewhere, e.g. on the quarantine device).
+    pub fn count_forged(&self) {
+        self.drops.forged_source.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a packet the shell could not even hand to the core (a TUN segment
@@ -130,41 +198,12 @@ impl Node {
             DropReason::Malformed(_) | DropReason::Crypto(_) => &self.drops.malformed,
             DropReason::UnknownPeer | DropReason::PeerExpired => &self.drops.unknown_peer,
             DropReason::NoRoute | DropReason::NoEndpoint => &self.drops.no_route,
+            DropReason::ForgedSource => &self.drops.forged_source,
+            DropReason::Misdirected => &self.drops.misdirected,
             // Counted on the peer / by the enforcer.
             DropReason::SpoofedSource | DropReason::Policy(_) | DropReason::NotRoutable => return,
         };
         c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Builds the session for a peer. `index` is the peer's 24-bit slot: boringtun
-    /// numbers its sessions `index << 8 | n`, so a receiver index names its peer.
-    pub fn new_peer(&self, spec: PeerSpec, index: u32, endpoint: Option<SocketAddr>) -> Peer {
-        let tunn = self.new_tunn(&spec, index);
-        Peer {
-            sender: Sender {
-                identity: spec.identity.to_string().into(),
-                groups: spec.groups.clone().into(),
-            },
-            spec,
-            index,
-            state: Mutex::new(PeerState { tunn, endpoint }),
-            rx_bytes: AtomicU64::new(0),
-            tx_bytes: AtomicU64::new(0),
-            spoofed_source: AtomicU64::new(0),
-            latest_handshake: AtomicU64::new(0),
-            refused_logged: AtomicBool::new(false),
-        }
-    }
-
-    fn new_tunn(&self, spec: &PeerSpec, index: u32) -> Tunn {
-        Tunn::new(
-            self.secret.clone(),
-            x25519::PublicKey::from(spec.public_key),
-            None,
-            None,
-            index & INDEX_MASK,
-            Some(self.rate_limiter.clone()),
-        )
     }
 }
 
@@ -179,9 +218,12 @@ pub struct Now {
 /// Peer slots are 24 bits (the top of a 32-bit receiver index).
 pub const INDEX_MASK: u32 = 0x00ff_ffff;
 
-/// A peer: its verified certificate facts, its session and its counters.
+/// A session between a local workload and a peer (a remote workload): the peer's
+/// verified certificate facts, the WireGuard session and its counters.
 pub struct Peer {
     pub spec: PeerSpec,
+    /// The local end of the session.
+    pub local: Arc<Local>,
     /// The identity and groups policy sees for this peer's packets.
     pub sender: Sender,
     pub index: u32,
@@ -211,6 +253,33 @@ pub struct PeerStats {
 }
 
 impl Peer {
+    /// The session between `local` and the peer `spec`. `index` is the session's 24-bit
+    /// slot: boringtun numbers its sessions `index << 8 | n`, so a receiver index names
+    /// its session.
+    pub fn new(
+        local: &Arc<Local>,
+        spec: PeerSpec,
+        index: u32,
+        endpoint: Option<SocketAddr>,
+    ) -> Peer {
+        let tunn = local.new_tunn(&spec, index);
+        Peer {
+            sender: Sender {
+                identity: spec.identity.to_string().into(),
+                groups: spec.groups.clone().into(),
+            },
+            local: local.clone(),
+            spec,
+            index,
+            state: Mutex::new(PeerState { tunn, endpoint }),
+            rx_bytes: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            spoofed_source: AtomicU64::new(0),
+            latest_handshake: AtomicU64::new(0),
+            refused_logged: AtomicBool::new(false),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, PeerState> {
         // A panic while holding the lock leaves a session that is at worst stale;
         // keep forwarding rather than poisoning the data path.
@@ -240,7 +309,7 @@ impl Peer {
 
     /// Whether the certificate is valid at `now`. The first time it is not, the
     /// refusal is logged and the sessions are dropped.
-    fn admit(&self, node: &Node, now: UnixTime) -> bool {
+    fn admit(&self, now: UnixTime) -> bool {
         if self.spec.is_valid_at(now) {
             return true;
         }
@@ -251,113 +320,15 @@ impl Peer {
                 self.spec.not_after,
                 self.spec.not_before
             );
-            self.reset_sessions(node);
+            self.reset_sessions();
         }
         false
     }
 
     /// Drops every session (used when the certificate stops being valid).
-    pub fn reset_sessions(&self, node: &Node) {
+    pub fn reset_sessions(&self) {
         let mut st = self.lock();
-        st.tunn = node.new_tunn(&self.spec, self.index);
-    }
-}
-
-/// An immutable snapshot of the peers, indexed three ways.
-#[derive(Default)]
-pub struct PeerTable {
-    peers: Vec<Arc<Peer>>,
-    by_key: HashMap<[u8; 32], usize>,
-    by_index: HashMap<u32, usize>,
-    routes: PrefixTable<usize>,
-}
-
-/// Why a set of peers cannot form a table.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TableError {
-    #[error("{0} appears twice")]
-    DuplicateIdentity(SpiffeId),
-    #[error("{a} and {b} have the same public key")]
-    DuplicateKey { a: SpiffeId, b: SpiffeId },
-    #[error("address {net} of {b} is already held by {a}")]
-    DuplicateAddress {
-        net: IpNet,
-        a: SpiffeId,
-        b: SpiffeId,
-    },
-    #[error("peer slot {0} used twice")]
-    DuplicateIndex(u32),
-}
-
-impl PeerTable {
-    /// Builds a table; peers keep their sessions (they are shared with the previous
-    /// snapshot through `Arc`).
-    pub fn new(peers: Vec<Arc<Peer>>) -> Result<PeerTable, TableError> {
-        let mut t = PeerTable {
-            peers: Vec::with_capacity(peers.len()),
-            ..PeerTable::default()
-        };
-        for p in peers {
-            let i = t.peers.len();
-            if let Some(&j) = t.by_key.get(&p.spec.public_key) {
-                return Err(TableError::DuplicateKey {
-                    a: t.peers[j].spec.identity.clone(),
-                    b: p.spec.identity.clone(),
-                });
-            }
-            if let Some(q) = t.peers.iter().find(|q| q.spec.identity == p.spec.identity) {
-                return Err(TableError::DuplicateIdentity(q.spec.identity.clone()));
-            }
-            if t.by_index.insert(p.index, i).is_some() {
-                return Err(TableError::DuplicateIndex(p.index));
-            }
-            t.by_key.insert(p.spec.public_key, i);
-            for net in &p.spec.addresses {
-                if let Err(dup) = t.routes.insert(*net, i) {
-                    let a = t
-                        .routes
-                        .lookup(dup.0.addr())
-                        .map(|&j| t.peers[j].spec.identity.clone())
-                        .unwrap_or_else(|| p.spec.identity.clone());
-                    return Err(TableError::DuplicateAddress {
-                        net: dup.0,
-                        a,
-                        b: p.spec.identity.clone(),
-                    });
-                }
-            }
-            t.peers.push(p);
-        }
-        Ok(t)
-    }
-
-    pub fn peers(&self) -> &[Arc<Peer>] {
-        &self.peers
-    }
-
-    pub fn by_identity(&self, id: &SpiffeId) -> Option<&Arc<Peer>> {
-        self.peers.iter().find(|p| &p.spec.identity == id)
-    }
-
-    /// Cryptokey routing: the peer whose certificate holds the longest prefix
-    /// containing `dst`.
-    pub fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
-        self.routes.lookup(dst).map(|&i| &self.peers[i])
-    }
-
-    fn by_receiver_index(&self, receiver_index: u32) -> Option<&Arc<Peer>> {
-        self.by_index
-            .get(&(receiver_index >> 8))
-            .map(|&i| &self.peers[i])
-    }
-
-    /// A slot not used by this table, starting the search at `hint`.
-    pub fn free_index(&self, hint: u32) -> u32 {
-        let mut i = hint & INDEX_MASK;
-        while self.by_index.contains_key(&i) {
-            i = (i + 1) & INDEX_MASK;
-        }
-        i
+        st.tunn = self.local.new_tunn(&self.spec, self.index);
     }
 }
 
@@ -381,6 +352,11 @@ pub enum DropReason {
     NoEndpoint,
     /// The decrypted source address is not in the sender's certificate.
     SpoofedSource,
+    /// A TUN packet whose source address no local workload's certificate holds (a
+    /// workload sending as its neighbour, or as nobody).
+    ForgedSource,
+    /// A decrypted packet whose destination is not the session's local workload.
+    Misdirected,
     /// The enforcer refused the packet.
     Policy(enforce::Drop),
 }
@@ -428,6 +404,12 @@ pub enum Outbound<'a> {
     },
     /// Queued while a handshake is in flight; nothing to send now.
     Queued,
+    /// Write `packet` back to the TUN: it goes from one local workload to another and
+    /// the enforcer let it through (never encrypted, never on the underlay).
+    Deliver(&'a [u8]),
+    /// The enforcer took the packet (layer-7 inspection); what replaces it is in the
+    /// [`Emit`].
+    Done,
     Drop(DropReason),
 }
 
@@ -458,12 +440,77 @@ pub struct Transmit<'a> {
     pub data: &'a [u8],
 }
 
-/// TUN → underlay: route by destination address, encrypt for that peer.
+/// TUN → underlay, with policy: the source address picks the local workload; a
+/// packet to another local workload (from a source a local workload holds; else it is
+/// dropped and counted) is decided by the enforcer as inbound traffic of its receiver and
+/// comes back as [`Outbound::Deliver`]; anything else passes the enforcer's outbound
+/// check and is encrypted for the session of that local workload with the peer that
+/// holds the destination.
+/// `dst` must hold `packet.len() + WG_OVERHEAD` and at least [`MIN_DST_LEN`] bytes.
+#[allow(clippy::too_many_arguments)] // state, input, output buffers and clock: all needed
+pub fn from_tun<'a>(
+    node: &Node,
+    table: &PeerTable,
+    enforce: &Enforcer,
+    packet: &'a [u8],
+    dst: &'a mut [u8],
+    now: Now,
+    emit: &mut Emit,
+) -> Outbound<'a> {
+    let ip = match IpPacket::new_checked(packet) {
+        Ok(ip) => ip,
+        Err(e) => return drop_out(node, DropReason::Malformed(Malformed::Ip(e))),
+    };
+    if !is_routable(ip.dst_addr()) {
+        return Outbound::Drop(DropReason::NotRoutable);
+    }
+    let from = table.local_for(ip.src_addr());
+    if let Some(to) = table.local_for(ip.dst_addr()) {
+        // Between two workloads of this host: policy decides as for a peer's packet,
+        // with the sender's identity; nothing is encrypted.
+        let Some(from) = from else {
+            return drop_out(node, DropReason::ForgedSource);
+        };
+        let (from, to) = (&table.locals()[from], &table.locals()[to]);
+        return match enforce.between_locals(
+            &from.sender,
+            &to.workload,
+            packet,
+            now.mono,
+            now.wall,
+            emit,
+        ) {
+            Verdict::Deliver => Outbound::Deliver(packet),
+            Verdict::Drop(r) => Outbound::Drop(DropReason::Policy(r)),
+            Verdict::Consumed => Outbound::Done,
+        };
+    }
+    // Policy sees what local workloads send: replies on flows peers opened, and the
+    // flows the workloads open themselves (whose replies then come back in).
+    match enforce.outbound(packet, now.mono) {
+        Verdict::Deliver => {}
+        Verdict::Drop(r) => return Outbound::Drop(DropReason::Policy(r)),
+        Verdict::Consumed => return Outbound::Done,
+    }
+    encrypt(
+        node,
+        table,
+        from,
+        ip.dst_addr(),
+        ip.as_bytes(),
+        dst,
+        now.wall,
+    )
+}
+
+/// TUN → underlay without policy (the enforcer's own packets: injected responses and
+/// resets): routed like [`from_tun`], a packet for a local workload comes back as
+/// [`Outbound::Deliver`].
 /// `dst` must hold `packet.len() + WG_OVERHEAD` and at least [`MIN_DST_LEN`] bytes.
 pub fn outbound<'a>(
     node: &Node,
     table: &PeerTable,
-    packet: &[u8],
+    packet: &'a [u8],
     dst: &'a mut [u8],
     now: UnixTime,
 ) -> Outbound<'a> {
@@ -476,13 +523,36 @@ pub fn outbound<'a>(
         // solicitations, MLD): not for the mesh, not worth a counter.
         return Outbound::Drop(DropReason::NotRoutable);
     }
-    let Some(peer) = table.route(ip.dst_addr()) else {
+    let from = table.local_for(ip.src_addr());
+    if table.local_for(ip.dst_addr()).is_some() {
+        if from.is_none() {
+            return drop_out(node, DropReason::ForgedSource);
+        }
+        return Outbound::Deliver(packet);
+    }
+    encrypt(node, table, from, ip.dst_addr(), ip.as_bytes(), dst, now)
+}
+
+/// Encrypts `packet` for the session of `from` with the peer holding `to`. A source no
+/// local workload holds (`from` is `None`; only the host itself can send such a packet,
+/// pods are held to their own addresses by [`crate::attach`]) goes out under the
+/// first local workload, the node's own identity, and the receiver drops and counts it
+/// (secure naming), as before there were workloads.
+fn encrypt<'a>(
+    node: &Node,
+    table: &PeerTable,
+    from: Option<usize>,
+    to_addr: IpAddr,
+    packet: &[u8],
+    dst: &'a mut [u8],
+    now: UnixTime,
+) -> Outbound<'a> {
+    let Some(peer) = table.route_from(from, to_addr) else {
         return drop_out(node, DropReason::NoRoute);
     };
-    if !peer.admit(node, now) {
+    if !peer.admit(now) {
         return drop_out(node, DropReason::PeerExpired);
     }
-    let packet = ip.as_bytes();
     let mut st = peer.lock();
     let Some(to) = st.endpoint else {
         return drop_out(node, DropReason::NoEndpoint);
@@ -505,7 +575,7 @@ pub fn outbound<'a>(
     }
 }
 
-fn is_routable(dst: IpAddr) -> bool {
+pub(crate) fn is_routable(dst: IpAddr) -> bool {
     match dst {
         IpAddr::V4(a) => !(a.is_multicast() || a.is_broadcast() || a.is_link_local()),
         IpAddr::V6(a) => !(a.is_multicast() || (a.segments()[0] & 0xffc0) == 0xfe80),
@@ -538,42 +608,51 @@ pub fn inbound<'a>(
 ) -> Inbound<'a> {
     let mono = now.mono;
     let now = now.wall;
-    // MAC1 is checked for handshake messages, and under load MAC2: without a valid
-    // cookie the answer is a cookie reply and nothing else (WireGuard section 5.4.7).
-    let mut cookie = [0u8; COOKIE_REPLY_LEN];
-    let packet = match node
-        .rate_limiter
-        .verify_packet(Some(from.ip()), datagram, &mut cookie)
-    {
+    let packet = match Tunn::parse_incoming_packet(datagram) {
         Ok(p) => p,
-        Err(TunnResult::WriteToNetwork(reply)) => {
-            let n = reply.len();
-            dst[..n].copy_from_slice(reply);
-            return Inbound::Send {
-                to: from,
-                data: &dst[..n],
-                flush: None,
-            };
-        }
-        Err(TunnResult::Err(WireGuardError::InvalidPacket)) => {
-            return drop_in(node, DropReason::Malformed(Malformed::WireGuard))
-        }
-        Err(TunnResult::Err(e)) => return drop_in(node, DropReason::Crypto((&e).into())),
         Err(_) => return drop_in(node, DropReason::Malformed(Malformed::WireGuard)),
     };
+    // MAC1 is checked for handshake messages, and under load MAC2: without a valid
+    // cookie the answer is a cookie reply and nothing else (WireGuard section 5.4.7).
+    // MAC1 is keyed by the responder's public key, so for an initiation the local
+    // workload whose key verifies it is the one addressed.
+    let mut cookie = [0u8; COOKIE_REPLY_LEN];
     let (peer, handshake) = match &packet {
         Packet::HandshakeInit(p) => {
+            let mut found = None;
+            for local in table.locals() {
+                match check_macs(local, from, datagram, &mut cookie) {
+                    Macs::Valid => {
+                        found = Some(local);
+                        break;
+                    }
+                    Macs::OtherKey => continue,
+                    Macs::Answer(reply) => return cookie_reply(reply, from, dst),
+                    Macs::Drop(reason) => return drop_in(node, reason),
+                }
+            }
+            let Some(local) = found else {
+                return drop_in(node, DropReason::Crypto(CryptoError::InvalidMac));
+            };
             // Only the static key the initiator proves can pick the peer.
-            let Ok(half) = parse_handshake_anon(&node.secret, &node.public, p) else {
+            let Ok(half) = parse_handshake_anon(&local.secret, &local.public, p) else {
                 return drop_in(node, DropReason::Crypto(CryptoError::Other));
             };
-            match table.by_key.get(&half.peer_static_public) {
-                Some(&i) => (&table.peers[i], true),
+            match table.by_keys(&local.spec.public_key, &half.peer_static_public) {
+                Some(peer) => (peer, true),
                 None => return drop_in(node, DropReason::UnknownPeer),
             }
         }
         Packet::HandshakeResponse(p) => match table.by_receiver_index(p.receiver_idx) {
-            Some(peer) => (peer, true),
+            // Addressed to the session's local workload: its MAC1 key.
+            Some(peer) => match check_macs(&peer.local, from, datagram, &mut cookie) {
+                Macs::Valid => (peer, true),
+                Macs::OtherKey => {
+                    return drop_in(node, DropReason::Crypto(CryptoError::InvalidMac))
+                }
+                Macs::Answer(reply) => return cookie_reply(reply, from, dst),
+                Macs::Drop(reason) => return drop_in(node, reason),
+            },
             None => return drop_in(node, DropReason::UnknownPeer),
         },
         Packet::PacketCookieReply(p) => match table.by_receiver_index(p.receiver_idx) {
@@ -587,7 +666,7 @@ pub fn inbound<'a>(
     };
     let authenticates = !matches!(packet, Packet::PacketCookieReply(_));
     let is_data = matches!(packet, Packet::PacketData(_));
-    if !peer.admit(node, now) {
+    if !peer.admit(now) {
         return drop_in(node, DropReason::PeerExpired);
     }
 
@@ -647,6 +726,44 @@ pub fn inbound<'a>(
     }
 }
 
+/// What the MACs of a handshake message say, checked with one local workload's key.
+enum Macs<'c> {
+    Valid,
+    /// MAC1 is not keyed by this workload's public key: addressed to another one.
+    OtherKey,
+    /// Under load without a valid MAC2: answer with this cookie reply only.
+    Answer(&'c [u8]),
+    Drop(DropReason),
+}
+
+fn check_macs<'c>(
+    local: &Local,
+    from: SocketAddr,
+    datagram: &[u8],
+    cookie: &'c mut [u8; COOKIE_REPLY_LEN],
+) -> Macs<'c> {
+    match local
+        .rate_limiter
+        .verify_packet(Some(from.ip()), datagram, cookie)
+    {
+        Ok(_) => Macs::Valid,
+        Err(TunnResult::Err(WireGuardError::InvalidMac)) => Macs::OtherKey,
+        Err(TunnResult::WriteToNetwork(reply)) => Macs::Answer(reply),
+        Err(TunnResult::Err(e)) => Macs::Drop(DropReason::Crypto((&e).into())),
+        Err(_) => Macs::Drop(DropReason::Malformed(Malformed::WireGuard)),
+    }
+}
+
+fn cookie_reply<'a>(reply: &[u8], to: SocketAddr, dst: &'a mut [u8]) -> Inbound<'a> {
+    let n = reply.len();
+    dst[..n].copy_from_slice(reply);
+    Inbound::Send {
+        to,
+        data: &dst[..n],
+        flush: None,
+    }
+}
+
 fn deliver<'a>(
     node: &Node,
     peer: &Peer,
@@ -666,9 +783,22 @@ fn deliver<'a>(
         peer.spoofed_source.fetch_add(1, Ordering::Relaxed);
         return Inbound::Drop(DropReason::SpoofedSource);
     }
+    // The session is with one local workload: it may only carry that workload's
+    // traffic (policy decides with that workload's identity).
+    let to = IpPacket::new_checked(packet).map(|ip| ip.dst_addr());
+    if !to.is_ok_and(|a| peer.local.spec.owns_source(a)) {
+        return drop_in(node, DropReason::Misdirected);
+    }
     peer.rx_bytes
         .fetch_add(packet.len() as u64, Ordering::Relaxed);
-    match enforce.inbound(&peer.sender, packet, now.mono, now.wall, emit) {
+    match enforce.inbound_to(
+        &peer.local.workload,
+        &peer.sender,
+        packet,
+        now.mono,
+        now.wall,
+        emit,
+    ) {
         Verdict::Deliver => Inbound::Deliver(packet),
         Verdict::Drop(r) => Inbound::Drop(DropReason::Policy(r)),
         // The inspector took the packet; what replaces it is in `emit`.
@@ -705,12 +835,12 @@ pub fn initiate<'a>(peer: &Peer, dst: &'a mut [u8]) -> Option<Transmit<'a>> {
 /// Timers (rekey, retransmit, keepalive, expiry) for one peer; call every ~250 ms.
 /// Also drops the sessions of a peer whose certificate is no longer valid.
 pub fn tick<'a>(
-    node: &Node,
+    _node: &Node,
     peer: &Peer,
     dst: &'a mut [u8],
     now: UnixTime,
 ) -> Option<Transmit<'a>> {
-    if !peer.admit(node, now) {
+    if !peer.admit(now) {
         return None;
     }
     let mut st = peer.lock();

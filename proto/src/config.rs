@@ -25,6 +25,12 @@
 //! [[peer]]
 //! cert = "b.crt"
 //! endpoint = "198.18.0.2:51820"   # optional
+//!
+//! [[workload]]               # a local workload with its own identity and key
+//! name = "web"               # label: 1-32 of [a-z0-9-], not "node"
+//! cert = "web.crt"
+//! key = "web.key"
+//! veth = "p-web"             # optional: host end of the pod's veth
 //! ```
 
 use std::collections::BTreeMap;
@@ -56,6 +62,7 @@ pub struct Config {
     /// `None` when the file has no `[policy]` table.
     pub policy: Option<PolicyConfig>,
     pub peers: Vec<PeerConfig>,
+    pub workloads: Vec<WorkloadConfig>,
     /// Line of each field (`node.cert`, `peer[0].endpoint`, ...), for later errors.
     lines: BTreeMap<String, usize>,
 }
@@ -94,6 +101,46 @@ pub enum PolicyDefault {
 pub struct PeerConfig {
     pub cert: PathBuf,
     pub endpoint: Option<SocketAddr>,
+}
+
+/// A local workload: its own certificate and key, and how its traffic reaches meshd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadConfig {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The host end of the veth pair whose other end is in the workload's network
+    /// namespace. `None`: the workload's addresses are routed into the TUN by the
+    /// operator (processes of the host itself).
+    pub veth: Option<String>,
+}
+
+/// The name the node's own identity goes by among the workloads.
+pub const NODE_WORKLOAD: &str = "node";
+
+/// A workload label: 1 to 32 of `[a-z0-9-]`, not starting with '-', not `node`.
+pub fn check_workload_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 32 {
+        return Err(format!("{name:?} must be 1 to 32 bytes long"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        || name.starts_with('-')
+    {
+        return Err(format!(
+            "{name:?} may contain only a-z, 0-9 and '-' (not first)"
+        ));
+    }
+    if name == NODE_WORKLOAD {
+        return Err(format!("{name:?} is the node's own identity"));
+    }
+    Ok(())
+}
+
+/// A Linux interface name (1..=15 bytes of letters, digits, '-', '_', '.').
+pub fn check_interface_name(name: &str) -> Result<(), String> {
+    check_ifname(name)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
@@ -149,6 +196,17 @@ struct RawConfig {
     policy: Option<Spanned<RawPolicy>>,
     #[serde(default)]
     peer: Vec<Spanned<RawPeer>>,
+    #[serde(default)]
+    workload: Vec<Spanned<RawWorkload>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    name: Spanned<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    veth: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -404,6 +462,59 @@ impl Validator<'_> {
             peers.push(PeerConfig { cert, endpoint });
         }
 
+        let mut workloads: Vec<WorkloadConfig> = Vec::with_capacity(raw.workload.len());
+        for (i, w) in raw.workload.iter().enumerate() {
+            self.note(&format!("workload[{i}]"), &w.span());
+            let w = w.get_ref();
+            let field = format!("workload[{i}].name");
+            self.note(&field, &w.name.span());
+            let name = w.name.get_ref().clone();
+            check_workload_name(&name).map_err(|m| self.err(&w.name.span(), &field, m))?;
+            if let Some(j) = workloads.iter().position(|q| q.name == name) {
+                return Err(self.err(
+                    &w.name.span(),
+                    &field,
+                    format!("same name as workload[{j}]"),
+                ));
+            }
+            let cert = self.path(&format!("workload[{i}].cert"), &w.cert)?;
+            let key = self.path(&format!("workload[{i}].key"), &w.key)?;
+            if cert == self.base.join(n.cert.get_ref()) || workloads.iter().any(|q| q.cert == cert)
+            {
+                return Err(self.err(
+                    &w.cert.span(),
+                    &format!("workload[{i}].cert"),
+                    "certificate already used by the node or another workload",
+                ));
+            }
+            let veth = match &w.veth {
+                None => None,
+                Some(v) => {
+                    let field = format!("workload[{i}].veth");
+                    self.note(&field, &v.span());
+                    check_ifname(v.get_ref()).map_err(|m| self.err(&v.span(), &field, m))?;
+                    if *v.get_ref() == tun
+                        || workloads
+                            .iter()
+                            .any(|q| q.veth.as_ref() == Some(v.get_ref()))
+                    {
+                        return Err(self.err(
+                            &v.span(),
+                            &field,
+                            format!("{:?} is used already", v.get_ref()),
+                        ));
+                    }
+                    Some(v.get_ref().clone())
+                }
+            };
+            workloads.push(WorkloadConfig {
+                name,
+                cert,
+                key,
+                veth,
+            });
+        }
+
         Ok(Config {
             file: self.file.to_path_buf(),
             node: NodeConfig {
@@ -420,6 +531,7 @@ impl Validator<'_> {
             },
             policy,
             peers,
+            workloads,
             lines: std::mem::take(&mut self.lines),
         })
     }
@@ -473,6 +585,7 @@ pub fn line_of_offset(text: &str, offset: usize) -> usize {
 fn section_at(text: &str, line: usize) -> Option<String> {
     let mut section: Option<String> = None;
     let mut peer_count = 0usize;
+    let mut workload_count = 0usize;
     for (i, l) in text.lines().enumerate() {
         if i + 1 > line {
             break;
@@ -483,6 +596,9 @@ fn section_at(text: &str, line: usize) -> Option<String> {
             if name == "peer" {
                 section = Some(format!("peer[{peer_count}]"));
                 peer_count += 1;
+            } else if name == "workload" {
+                section = Some(format!("workload[{workload_count}]"));
+                workload_count += 1;
             } else {
                 section = Some(name.to_string());
             }
@@ -636,6 +752,50 @@ cert = "/abs/c.crt"
                 "for {to:?}\n got: {err}\nwant: {want}..."
             );
             assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn workloads_parse_and_errors_name_the_field() {
+        let text = format!(
+            "{GOOD}\n[[workload]]\nname = \"web\"\ncert = \"web.crt\"\nkey = \"web.key\"\nveth = \"p-web\"\n\n[[workload]]\nname = \"db\"\ncert = \"db.crt\"\nkey = \"db.key\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.workloads.len(), 2);
+        assert_eq!(c.workloads[0].cert, Path::new("/etc/mesh/web.crt"));
+        assert_eq!(c.workloads[0].veth.as_deref(), Some("p-web"));
+        assert_eq!(c.workloads[1].veth, None);
+        for (from, to, want) in [
+            (
+                "name = \"db\"",
+                "name = \"web\"",
+                "workload[1].name: same name as workload[0]",
+            ),
+            (
+                "name = \"db\"",
+                "name = \"node\"",
+                "workload[1].name: \"node\" is the node's own identity",
+            ),
+            ("name = \"db\"", "name = \"DB\"", "workload[1].name: "),
+            (
+                "veth = \"p-web\"",
+                "veth = \"mesh0\"",
+                "workload[0].veth: \"mesh0\" is used already",
+            ),
+            (
+                "cert = \"db.crt\"",
+                "cert = \"a.crt\"",
+                "workload[1].cert: certificate already used",
+            ),
+            (
+                "key = \"db.key\"",
+                "key = \"db.key\"\nport = 1",
+                "workload[1]: unknown field `port`",
+            ),
+        ] {
+            let bad = text.replacen(from, to, 1);
+            let err = parse(&bad).expect_err(to).to_string();
+            assert!(err.contains(want), "for {to:?}: {err}");
         }
     }
 

@@ -5,7 +5,9 @@
 //! `{"op":"status"}`, `{"op":"peer_add","cert":"<pem>","endpoint":"198.18.0.2:51820"}`,
 //! `{"op":"peer_remove","identity":"spiffe://t/b"}`, `{"op":"peer_list"}`,
 //! `{"op":"policy_apply","source":"<toml>","name":"file.toml"}`, `{"op":"policy_get"}`,
-//! `{"op":"explain", ...}`, `{"op":"log","follow":false,"lines":50}`.
+//! `{"op":"explain", ...}`, `{"op":"log","follow":false,"lines":50}`,
+//! `{"op":"workload_add","name":"web","cert":"/abs/web.crt","key":"/abs/web.key","veth":"p-web"}`,
+//! `{"op":"workload_remove","name":"web"}`, `{"op":"workload_list"}`.
 //!
 //! Replies are `{"ok":true,"result":{...}}` or `{"ok":false,"error":"one line"}`.
 //! Identities and keys travel as their canonical strings (SPIFFE ID, base64 key).
@@ -49,6 +51,20 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lines: Option<u32>,
     },
+    /// Adds (or replaces) a local workload. `cert` and `key` are absolute paths on the
+    /// daemon's host (the key never travels over the socket); `veth` is the host end
+    /// of the pod's veth, absent for a workload whose addresses the operator routes.
+    WorkloadAdd {
+        name: String,
+        cert: String,
+        key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        veth: Option<String>,
+    },
+    WorkloadRemove {
+        name: String,
+    },
+    WorkloadList(NoArgs),
 }
 
 /// The arguments of a request that takes none; any field is an error.
@@ -136,15 +152,22 @@ pub struct Status {
     pub addresses: Vec<IpNet>,
     pub peers: Vec<PeerStatus>,
     pub drops: NodeDrops,
+    /// The local workloads (the node's own identity first, named `node`).
+    #[serde(default)]
+    pub workloads: Vec<WorkloadInfo>,
     /// Policy in force, enforcement counters (per reason, per rule, flows, layer 7)
     /// and decision-log counters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<serde_json::Value>,
 }
 
+/// One session: a remote workload (`identity`) and the local workload it talks to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub identity: String,
+    /// The local workload's identity (the node's own one on a host without workloads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<String>,
     pub public_key: String,
     pub endpoint: Option<SocketAddr>,
     pub addresses: Vec<IpNet>,
@@ -174,6 +197,42 @@ pub struct NodeDrops {
     pub unknown_peer: u64,
     /// TUN packets to an address no peer holds (or whose peer has no endpoint).
     pub no_route: u64,
+    /// Packets from a local workload with a source address its certificate does not
+    /// hold (a pod sending as its neighbour, or as no workload at all).
+    pub forged_source: u64,
+    /// Decrypted packets addressed to a local address other than the session's
+    /// workload's.
+    pub misdirected: u64,
+}
+
+/// One local workload, in `status`, `workload_list` and the result of `workload_add`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadInfo {
+    /// The operator's label; `node` is the node's own identity.
+    pub name: String,
+    pub identity: String,
+    pub public_key: String,
+    pub addresses: Vec<IpNet>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub not_after: UnixTime,
+    /// How it is attached: `veth:<interface>`, or `tun` (addresses on, or routed to,
+    /// meshd's TUN).
+    pub attach: String,
+    /// `node`, `config` (meshd.toml) or `runtime` (workload add).
+    pub source: String,
+}
+
+/// Result of `workload_list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadList {
+    pub workloads: Vec<WorkloadInfo>,
+}
+
+/// Result of `workload_remove`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadRemoved {
+    pub removed: String,
 }
 
 /// One entry of `peer_list`, and the result of `peer_add`.
@@ -243,6 +302,22 @@ mod tests {
                 lines: Some(5)
             })
         );
+        assert_eq!(
+            Request::parse(
+                r#"{"op":"workload_add","name":"web","cert":"/w.crt","key":"/w.key","veth":"p-web"}"#
+            ),
+            Ok(Request::WorkloadAdd {
+                name: "web".into(),
+                cert: "/w.crt".into(),
+                key: "/w.key".into(),
+                veth: Some("p-web".into()),
+            })
+        );
+        assert_eq!(
+            Request::parse(r#"{"op":"workload_remove","name":"web"}"#),
+            Ok(Request::WorkloadRemove { name: "web".into() })
+        );
+        assert!(Request::parse(r#"{"op":"workload_add","name":"web","cert":"/w.crt"}"#).is_err());
         assert!(matches!(
             Request::parse(r#"{"op":"explain","src":"spiffe://t/a","port":80}"#),
             Ok(Request::Explain(m)) if m.len() == 2
@@ -301,6 +376,7 @@ mod tests {
             addresses: vec!["100.64.0.1/32".parse().unwrap()],
             peers: vec![PeerStatus {
                 identity: "spiffe://t/b".into(),
+                local: Some("spiffe://t/a".into()),
                 public_key: "k2".into(),
                 endpoint: None,
                 addresses: vec!["100.64.0.2/32".parse().unwrap()],
@@ -310,6 +386,7 @@ mod tests {
                 drops: PeerDrops { spoofed_source: 3 },
             }],
             drops: NodeDrops::default(),
+            workloads: vec![],
             enforcement: None,
         };
         let v = serde_json::to_value(&s).unwrap();

@@ -43,7 +43,7 @@ mod tests;
 
 pub use cases::{all_passed, run_tests, CaseResult, Expect, TestCase};
 pub use compile::CompiledPolicy;
-pub use eval::{evaluate, AllowReason, Decision, DenyReason, RuleRef, Verdict};
+pub use eval::{deny_every_request, evaluate, AllowReason, Decision, DenyReason, RuleRef, Verdict};
 pub use explain::{explain, explain_request, DecisionSummary, Explanation, PolicyTrace, RuleTrace};
 pub use model::{
     Action, Condition, DefaultAction, HostPattern, Operation, Pattern, Policy, PolicySet, Protocol,

@@ -16,6 +16,16 @@
 //! # fn main() { let _ = http_across_the_mesh(); }
 //! ```
 //!
+//! Policy tests drive meshd as an operator would: [`Host::apply_policy`] (`meshctl
+//! policy apply`), [`Host::decisions`] (`meshctl log --json`, with
+//! [`Decisions::assert_contains`]), [`Host::enforcement`] and [`Host::rule_count`]
+//! (`meshctl status --json`), [`Host::explain`]. Layer-7 tests use
+//! [`Host::serve_recording`], an HTTP/1.1 server that records every request and every
+//! byte it reads (so a test can prove a refused request never reached it), and
+//! [`Host::http_session`] (several requests on one kept-alive connection),
+//! [`Host::send_raw`], [`Host::curl`], [`Host::hold_tcp`] and
+//! [`Host::trickle_upload`] (long-lived connections whose end is reported).
+//!
 //! Running: as root, `cargo build --workspace --bins && cargo test -p mesh-tests`
 //! (the tests run the real `meshd` and `meshctl` from `target/debug/` and refuse stale
 //! ones). Needs iproute2, curl, iputils-ping, tcpdump and python3.
@@ -34,9 +44,12 @@ pub mod ca;
 pub mod capture;
 pub mod failure;
 pub mod host;
+pub mod http;
 pub mod isolate;
 pub mod mesh;
 pub mod netns;
+pub mod pod;
+pub mod policy;
 pub mod process;
 pub mod traffic;
 pub mod wait;
@@ -44,7 +57,10 @@ pub mod wait;
 pub use ca::{TestCa, Validity};
 pub use failure::{Failed, Result};
 pub use host::{Host, Status};
+pub use http::{RecordingServer, Session};
 pub use mesh::{Mesh, PeerSet};
+pub use pod::Pod;
+pub use policy::Decisions;
 pub use process::Output;
 
 #[doc(hidden)]

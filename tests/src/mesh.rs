@@ -92,11 +92,11 @@ pub fn is_skip(e: &anyhow::Error) -> bool {
 /// (then it prints each meshd's last log lines and keeps the directory).
 pub struct Mesh {
     test: String,
-    prefix: String,
+    pub(crate) prefix: String,
     dir: PathBuf,
-    bins: Arc<Bins>,
+    pub(crate) bins: Arc<Bins>,
     ca: Arc<TestCa>,
-    hosts: Vec<Host>,
+    pub(crate) hosts: Vec<Host>,
     captures: Vec<Arc<Mutex<Option<Background>>>>,
     // Dropped after the hosts (see Drop).
     underlay: Option<Netns>,
@@ -621,7 +621,7 @@ pub fn underlay_v4(index: u32, second: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, second, (index >> 8) as u8, index as u8))
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -197,7 +197,7 @@ impl Host {
 }
 
 /// `python3`'s full path (pyenv shims included), so it runs the same inside a host.
-fn which(tool: &str) -> Result<std::path::PathBuf> {
+pub(crate) fn which(tool: &str) -> Result<std::path::PathBuf> {
     std::env::var_os("PATH")
         .and_then(|p| {
             std::env::split_paths(&p)

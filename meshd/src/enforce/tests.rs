@@ -41,7 +41,7 @@ fn enforcer(policy_src: &str, flows: usize) -> (Enforcer, Arc<DecisionLog>) {
     let e = Enforcer::new(
         LocalWorkload {
             identity: Some("spiffe://t/c".into()),
-            groups: vec![],
+            groups: Arc::from(Vec::new()),
         },
         compiled(policy_src, DefaultAction::Deny),
         Limits {
@@ -718,7 +718,18 @@ fn l7_split_head_is_held_then_released_in_order() {
     let mut c = Conn::open(&e, 40000);
     let mut emit = Emit::default();
     assert_eq!(c.send(&e, b"GET /api/ite", &mut emit), Verdict::Consumed);
-    assert!(emit.is_empty(), "nothing of an undecided head is delivered");
+    assert!(
+        tcp_payloads(&emit, Toward::Local).is_empty(),
+        "nothing of an undecided head is delivered"
+    );
+    // The held bytes are acknowledged to the client on the server's behalf (a pure
+    // ACK, l7::HeldAck), so the client keeps sending.
+    assert_eq!(
+        tcp_payloads(&emit, Toward::Peer),
+        vec![(Vec::new(), false)],
+        "one pure ACK to the client"
+    );
+    let mut emit = Emit::default();
     assert_eq!(
         c.send(&e, b"ms HTTP/1.1\r\nHost: c\r\n\r\n", &mut emit),
         Verdict::Consumed
@@ -736,7 +747,8 @@ fn l7_incomplete_head_times_out_with_408() {
     let mut c = Conn::open(&e, 40000);
     let mut emit = Emit::default();
     c.send(&e, b"GET /api/items HTTP/1.1\r\n", &mut emit);
-    assert!(emit.is_empty());
+    assert!(tcp_payloads(&emit, Toward::Local).is_empty());
+    let mut emit = Emit::default();
     e.poll(t(10) + Duration::from_secs(11), WALL, &mut emit);
     let to_client = tcp_payloads(&emit, Toward::Peer);
     assert!(String::from_utf8_lossy(&to_client[0].0).starts_with("HTTP/1.1 408"));
@@ -763,6 +775,201 @@ fn l7_mid_stream_without_handshake_fails_closed() {
         sseq: 1,
     };
     let pkt = c.client("A", b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n");
-    let v = e.inbound(&sender(A), &pkt, t(0), WALL, &mut Emit::default());
+    let mut emit = Emit::default();
+    let v = e.inbound(&sender(A), &pkt, t(0), WALL, &mut emit);
     assert_eq!(v, Verdict::Drop(Drop::Untracked));
+    // Both ends are reset so that they reconnect at once (a flow from before a restart
+    // would otherwise hang until its timeouts): each RST at the number its receiver
+    // expects; nothing of the segment is delivered.
+    let rsts: Vec<(Toward, u32, bool, usize)> = emit
+        .packets()
+        .map(
+            |(t, p)| match etherparse::SlicedPacket::from_ip(p).unwrap().transport {
+                Some(etherparse::TransportSlice::Tcp(tcp)) => {
+                    (t, tcp.sequence_number(), tcp.rst(), tcp.payload().len())
+                }
+                _ => panic!("not TCP"),
+            },
+        )
+        .collect();
+    assert_eq!(
+        rsts,
+        vec![
+            (Toward::Peer, c.sseq, true, 0),
+            (Toward::Local, c.cseq, true, 0)
+        ]
+    );
+    // A RST is never answered.
+    let mut emit = Emit::default();
+    let rst = {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(PEER_A, LOCAL, 64)
+            .tcp(40000, 80, 1, 0)
+            .rst()
+            .ack(1)
+            .write(&mut out, b"")
+            .unwrap();
+        out
+    };
+    e.inbound(&sender(A), &rst, t(0), WALL, &mut emit);
+    assert!(emit.is_empty());
+}
+
+#[test]
+fn l7_flow_is_cut_when_the_new_policy_refuses_every_request() {
+    // Regression (netns test l7.rs, upload in progress): an inspected flow streaming
+    // an allowed request's body was left open by a policy that denies its source
+    // outright, until its next request head.
+    let (e, log) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    let get = b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n";
+    assert_eq!(c.send(&e, get, &mut emit), Verdict::Deliver);
+    // A policy that still lets a GET: the open flow stays, requests decide.
+    let still = format!("{API_POLICY}\n[[policy]]\nname = \"no-admin\"\naction = \"deny\"\n[[policy.rule]]\nto = [{{ ports = [80], paths = [\"/admin\"] }}]\n");
+    let cuts = e.set_policy(compiled(&still, DefaultAction::Deny), t(11), WALL);
+    assert!(cuts.is_empty(), "{}", cuts.len());
+    // A policy that denies a whatever it asks: cut now.
+    let quarantine = format!("{still}\n[[policy]]\nname = \"quarantine\"\naction = \"deny\"\n[[policy.rule]]\nfrom = [{{ identities = [\"spiffe://t/a\"] }}]\n");
+    let cuts = e.set_policy(compiled(&quarantine, DefaultAction::Deny), t(12), WALL);
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(cuts[0].key.dst_port, 80);
+    assert!(log.tail(1)[0].contains("quarantine"), "{}", log.tail(1)[0]);
+    // The flow is gone: further segments of it fail closed.
+    let v = c.send(&e, b"more body", &mut Emit::default());
+    assert_ne!(v, Verdict::Deliver);
+}
+
+#[test]
+fn cut_of_an_l7_flow_resets_the_server_at_what_it_received() {
+    // Regression (netns test l7.rs, partial head): the reset towards the server carried
+    // the client's next sequence number, held bytes included; Linux answers such a RST
+    // with a challenge ACK and the server's connection stayed open.
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let start = c.cseq;
+    let mut emit = Emit::default();
+    assert_eq!(c.send(&e, b"GET /api/ite", &mut emit), Verdict::Consumed);
+    let quarantine = format!("{API_POLICY}\n[[policy]]\nname = \"q\"\naction = \"deny\"\n[[policy.rule]]\nfrom = [{{ identities = [\"spiffe://t/a\"] }}]\n");
+    let cuts = e.set_policy(compiled(&quarantine, DefaultAction::Deny), t(12), WALL);
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(
+        cuts[0].client_next_seq,
+        Some(start),
+        "held bytes never reached it"
+    );
+    assert_eq!(cuts[0].server_next_seq, Some(c.sseq));
+}
+
+/// Two workloads of one host (as `peers::from_tun` hands them over): the flow is
+/// decided as inbound traffic of its receiver with the sender's identity; replies
+/// pass as the receiver's answers; the other direction is decided on its own; the
+/// decision log names the receiving workload as `dst`.
+#[test]
+fn same_host_flows_are_decided_for_the_receiving_workload() {
+    const PA: [u8; 4] = [100, 65, 1, 1];
+    const PB: [u8; 4] = [100, 65, 1, 2];
+    let src = r#"
+[[policy]]
+name = "pb-from-pa"
+action = "allow"
+selector = { identities = ["spiffe://t/pb"] }
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/pa"] }]
+to = [{ ports = [8080] }]
+"#;
+    let (e, log) = enforcer(src, 1024);
+    let workload = |id: &str| LocalWorkload {
+        identity: Some(id.into()),
+        groups: Arc::from(Vec::new()),
+    };
+    let (pa, pb) = (workload("spiffe://t/pa"), workload("spiffe://t/pb"));
+    let (spa, spb) = (sender("spiffe://t/pa"), sender("spiffe://t/pb"));
+    let mut emit = Emit::default();
+    let syn = tcp(PA, PB, 40000, 8080, "S", 1, b"");
+    assert_eq!(
+        e.between_locals(&spa, &pb, &syn, t(0), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    let syn_ack = tcp(PB, PA, 8080, 40000, "SA", 9, b"");
+    assert_eq!(
+        e.between_locals(&spb, &pa, &syn_ack, t(1), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    let ack = tcp(PA, PB, 40000, 8080, "A", 2, b"");
+    assert_eq!(
+        e.between_locals(&spa, &pb, &ack, t(2), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    // pb opening a flow to pa is pa's to decide: no policy selects pa, so the
+    // mesh default (deny) decides.
+    let back = tcp(PB, PA, 40001, 8080, "S", 1, b"");
+    assert_eq!(
+        e.between_locals(&spb, &pa, &back, t(3), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    let rec: serde_json::Value = serde_json::from_str(&log.tail(1)[0]).unwrap();
+    assert_eq!(rec["src"], "spiffe://t/pb");
+    assert_eq!(rec["dst"], "spiffe://t/pa");
+    assert!(emit.is_empty());
+}
+
+#[test]
+fn l7_total_held_budget_sheds_the_flow_that_grows() {
+    let log = Arc::new(DecisionLog::new(Default::default()));
+    let e = Enforcer::new(
+        LocalWorkload {
+            identity: Some("spiffe://t/c".into()),
+            groups: Arc::from(Vec::new()),
+        },
+        compiled(API_POLICY, DefaultAction::Deny),
+        Limits {
+            l7_total_held: 100,
+            ..Limits::default()
+        },
+        log.clone(),
+    );
+    // Two slow heads of 60 bytes each: the first fits the 100-byte budget...
+    let mut a = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    a.send(&e, &[b'G'; 1][..], &mut emit);
+    a.send(
+        &e,
+        b"ET /api/items HTTP/1.1\r\nHost: c\r\nX-Pad: aaaaaaaaaaaaaaaaaaaa",
+        &mut emit,
+    );
+    assert!(
+        tcp_payloads(&emit, Toward::Peer)
+            .iter()
+            .all(|(p, _)| p.is_empty()),
+        "no refusal yet"
+    );
+    // ...the second takes the total over it: that flow is refused with 503, not the first.
+    let mut b = Conn::open(&e, 40001);
+    let mut emit = Emit::default();
+    b.send(
+        &e,
+        b"GET /api/items HTTP/1.1\r\nHost: c\r\nX-Pad: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+        &mut emit,
+    );
+    let to_client = tcp_payloads(&emit, Toward::Peer);
+    assert!(
+        to_client
+            .iter()
+            .any(|(p, _)| p.starts_with(b"HTTP/1.1 503")),
+        "{to_client:?}"
+    );
+    assert!(log.tail(1)[0].contains("buffer_full"));
+    // The first flow still completes its head and is allowed.
+    let mut emit = Emit::default();
+    a.send(&e, b"\r\n\r\n", &mut emit);
+    let released: Vec<u8> = tcp_payloads(&emit, Toward::Local)
+        .into_iter()
+        .flat_map(|(p, _)| p)
+        .collect();
+    assert!(
+        released.starts_with(b"GET /api/items"),
+        "{:?}",
+        String::from_utf8_lossy(&released)
+    );
 }

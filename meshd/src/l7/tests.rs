@@ -149,7 +149,8 @@ fn allowed_get_passes_unchanged_and_uncopied() {
         Outcome {
             fate: Fate::Forward,
             release: None,
-            refusal: None
+            refusal: None,
+            held_ack: None,
         }
     );
     assert_eq!(net.server, GET);
@@ -987,4 +988,41 @@ fn a_flow_is_small_until_it_holds_bytes() {
     assert!(size <= 640, "L7Flow is {size} bytes");
     let net = Net::new();
     assert_eq!(net.flow.memory(), 0);
+}
+
+#[test]
+fn held_head_bytes_are_acknowledged_to_the_client() {
+    // Regression (netns test l7.rs, large heads): held bytes never reach the server, so
+    // without this ACK a sender stops at its congestion window and a head larger than
+    // it ends in 408 instead of being decided.
+    let mut net = Net::new();
+    let head = b"GET /api/items HTTP/1.1\r\nHost: svc\r\nX-Big: ";
+    let o = net.send(0, head);
+    assert_eq!(o.fate, Fate::Drop(DropReason::Buffered));
+    assert_eq!(
+        o.held_ack,
+        Some(HeldAck {
+            seq: SeqNumber(SISN + 1),
+            ack: net.at(head.len()),
+            window: 65535,
+        })
+    );
+    // A retransmission (our ACK was lost) is acknowledged again.
+    let o = net.send(0, head);
+    assert_eq!(o.fate, Fate::Drop(DropReason::Duplicate));
+    assert_eq!(o.held_ack.map(|a| a.ack), Some(net.at(head.len())));
+    // Out of order: only the in-order part is acknowledged.
+    let o = net.send(head.len() + 10, b"zzzz");
+    assert_eq!(o.held_ack.map(|a| a.ack), Some(net.at(head.len())));
+    // Once the head completes and is released, nothing is left to acknowledge: the
+    // server's own ACK follows the delivered bytes.
+    let o = net.send(head.len(), b"0123456789zzzz\r\n\r\n");
+    assert!(o.release.is_some());
+    assert_eq!(o.held_ack, None);
+    assert!(net.server.starts_with(head));
+    // A refused flow acknowledges nothing more.
+    let mut net = Net::new();
+    let o = net.send(0, b"POST /api/items HTTP/1.1\r\nHost: svc\r\n\r\n");
+    assert!(o.refusal.is_some());
+    assert_eq!(o.held_ack, None);
 }

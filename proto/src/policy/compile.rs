@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::eval::{rule_matches, selector_mismatch, RuleRef};
+use super::eval::{rule_matches_leniency, selector_mismatch, RuleRef};
 use super::model::{Action, DefaultAction, Pattern, PolicySet, Protocol, Rule, Selector};
 use super::request::Request;
 
@@ -273,13 +273,24 @@ impl CompiledPolicy {
 
     /// The first rule (in file order) of `action` policies that matches.
     pub(crate) fn first_match(&self, action: Action, req: &Request<'_>) -> Option<RuleRef> {
+        self.first_match_leniency(action, req, action == Action::Deny)
+    }
+
+    /// [`first_match`](Self::first_match) where `lenient` says whether layer-7 fields
+    /// match a request without HTTP attributes (see `eval::deny_every_request`).
+    pub(crate) fn first_match_leniency(
+        &self,
+        action: Action,
+        req: &Request<'_>,
+        lenient: bool,
+    ) -> Option<RuleRef> {
         let mut best: Option<RuleRef> = None;
         for list in self.candidate_lists(action, req) {
             for &r in list {
                 if best.is_some_and(|b| r >= b) {
                     break;
                 }
-                if self.rule_matches(r, req) {
+                if self.rule_matches_leniency(r, req, lenient) {
                     best = Some(r);
                     break;
                 }
@@ -290,13 +301,18 @@ impl CompiledPolicy {
 
     /// Does rule `r` match, including its policy's selector?
     pub(crate) fn rule_matches(&self, r: RuleRef, req: &Request<'_>) -> bool {
+        let action = self.set.policies[r.policy as usize].action;
+        self.rule_matches_leniency(r, req, action == Action::Deny)
+    }
+
+    fn rule_matches_leniency(&self, r: RuleRef, req: &Request<'_>, lenient: bool) -> bool {
         let p = &self.set.policies[r.policy as usize];
         if let Some(sel) = &p.selector {
             if selector_mismatch(sel, req).is_some() {
                 return false;
             }
         }
-        rule_matches(&p.rules[r.rule as usize], p.action, req)
+        rule_matches_leniency(&p.rules[r.rule as usize], req, lenient)
     }
 }
 

@@ -237,6 +237,34 @@ pub fn evaluate(policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
     Decision { verdict, audit }
 }
 
+/// For a connection on a port inspected at layer 7, whose requests are decided one by
+/// one: the reason every request `req`'s source could send would be denied, if there
+/// is one; `None` when some request could still be allowed. `req` carries no HTTP
+/// attributes; this reads the rules the other way round from [`evaluate`] without
+/// them: a deny rule counts only if it matches without HTTP fields (it denies whatever
+/// the request), an allow rule counts if it could match some request (HTTP fields
+/// ignored).
+///
+/// The enforcer uses it when the policy changes: a connection that the new policy
+/// refuses whatever it asks is cut at once (issue 4: "a flow the new policy forbids
+/// is cut"), not left to stream the rest of a body until its next request head.
+pub fn deny_every_request(policy: &CompiledPolicy, req: &Request<'_>) -> Option<DenyReason> {
+    debug_assert!(req.http.is_none());
+    if let Some(r) = policy.first_match_leniency(Action::Deny, req, false) {
+        return Some(DenyReason::ExplicitDeny(r));
+    }
+    if policy.allow_applies(req) {
+        return match policy.first_match_leniency(Action::Allow, req, true) {
+            Some(_) => None,
+            None => Some(DenyReason::NoAllowMatched),
+        };
+    }
+    match policy.default_action() {
+        super::model::DefaultAction::Allow => None,
+        super::model::DefaultAction::Deny => Some(DenyReason::DefaultDeny),
+    }
+}
+
 // ---- matchers -------------------------------------------------------------------
 //
 // Each returns the name of the first field that fails (`None` = matches), so the
@@ -458,9 +486,10 @@ pub(crate) fn rule_mismatch(rule: &Rule, action: Action, req: &Request<'_>) -> O
     None
 }
 
-/// Hot-path form of [`rule_mismatch`]: no allocation.
-pub(crate) fn rule_matches(rule: &Rule, action: Action, req: &Request<'_>) -> bool {
-    let lenient = action == Action::Deny;
+/// Hot-path form of [`rule_mismatch`] (no allocation), where `lenient` says whether
+/// layer-7 fields match a request without HTTP attributes (`action == Deny` for
+/// [`evaluate`]; the other way round for [`deny_every_request`]).
+pub(crate) fn rule_matches_leniency(rule: &Rule, req: &Request<'_>, lenient: bool) -> bool {
     (rule.from.is_empty() || rule.from.iter().any(|s| source_mismatch(s, req).is_none()))
         && (rule.to.is_empty()
             || rule

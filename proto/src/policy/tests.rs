@@ -1132,3 +1132,57 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn deny_every_request_reads_rules_for_a_whole_inspected_connection() {
+    // Used when policy changes under an open layer-7 connection: cut it only if no
+    // request it could send would be allowed.
+    let c = compile(
+        r#"
+[[policy]]
+name = "no-admin"
+action = "deny"
+[[policy.rule]]
+to = [{ ports = [8080], paths = ["/admin/*"] }]
+
+[[policy]]
+name = "api"
+action = "allow"
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/a", "spiffe://t/q"] }]
+to = [{ ports = [8080], methods = ["GET"] }]
+
+[[policy]]
+name = "quarantine"
+action = "deny"
+[[policy.rule]]
+name = "q"
+from = [{ identities = ["spiffe://t/q"] }]
+"#,
+    );
+    let every = |from: &str, port: u16| {
+        RequestSpec::tcp(from, port).with_request(|r| deny_every_request(&c, r))
+    };
+    // a may still GET: an allow rule with HTTP fields could match, and the deny with a
+    // path cannot refuse every request.
+    assert_eq!(every("spiffe://t/a", 8080), None);
+    // q is denied whatever it asks, even though an earlier deny rule has HTTP fields.
+    let q = every("spiffe://t/q", 8080);
+    assert!(matches!(q, Some(DenyReason::ExplicitDeny(_))), "{q:?}");
+    // b matches no allow rule at all.
+    assert_eq!(
+        every("spiffe://t/b", 8080),
+        Some(DenyReason::NoAllowMatched)
+    );
+    // evaluate() without HTTP attributes is stricter (fail closed): the path deny
+    // matches; this is why the enforcer asks deny_every_request for open L7 flows.
+    let d = decide(&c, &RequestSpec::tcp("spiffe://t/a", 8080));
+    assert!(!d.is_allowed());
+    // Mesh defaults when no allow policy applies.
+    let none = compile_with("policy = []\n", DefaultAction::Deny);
+    let r = RequestSpec::tcp("spiffe://t/a", 80).with_request(|r| deny_every_request(&none, r));
+    assert_eq!(r, Some(DenyReason::DefaultDeny));
+    let open = compile_with("policy = []\n", DefaultAction::Allow);
+    let r = RequestSpec::tcp("spiffe://t/a", 80).with_request(|r| deny_every_request(&open, r));
+    assert_eq!(r, None);
+}
