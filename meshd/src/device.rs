@@ -4,11 +4,20 @@
 //! clean shutdown (or a crash) leaves nothing behind.
 
 use std::io;
+use std::io::{IoSlice, IoSliceMut};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
 use ipnet::IpNet;
-use tun_rs::{DeviceBuilder, SyncDevice};
+use tun_rs::{DeviceBuilder, ExpandBuffer, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+
+/// Bytes reserved in front of every packet written with [`Tun::send_batch`]: the
+/// virtio-net header when offload is on (10 bytes here; tun-rs' docs say 12, its
+/// constant is the struct's real size).
+pub const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
+
+/// Largest packet a TUN read returns: a 64 KiB TSO segment behind its header.
+pub const TUN_READ_LEN: usize = TUN_OFFSET + 65_535;
 
 /// Why the TUN could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -31,26 +40,51 @@ pub enum DeviceError {
 }
 
 /// An up, addressed TUN device in non-blocking mode.
+///
+/// With offload (`IFF_VNET_HDR` plus TSO/USO), every read and write carries a
+/// virtio-net header: the kernel hands over TCP segments of up to 64 KiB, which
+/// [`Tun::recv_segments`] splits into MTU-sized packets, and takes back coalesced
+/// ones ([`Tun::send_batch`]). Without offload (the device refused it) the same calls
+/// carry one plain packet each.
 pub struct Tun {
     dev: SyncDevice,
     name: String,
     index: u32,
+    offload: bool,
 }
 
 impl Tun {
     /// Creates `name` with `mtu` and the given addresses (each as a host address with
-    /// the prefix from the certificate), and brings it up.
+    /// the prefix from the certificate), and brings it up. Offload is asked for; a
+    /// device that refuses it is used without (with a log line).
     pub fn create(name: &str, mtu: u16, addresses: &[IpNet]) -> Result<Tun, DeviceError> {
         let create = |source| DeviceError::Create {
             name: name.to_string(),
             source,
         };
-        let dev = DeviceBuilder::new()
-            .name(name)
-            .mtu(mtu)
-            .enable(true)
-            .build_sync()
-            .map_err(create)?;
+        // Multi-queue so that each data-path worker can have its own queue
+        // ([`Tun::open_queue`]); a single queue behaves as a plain TUN.
+        let build = |offload: bool, multi_queue: bool| {
+            DeviceBuilder::new()
+                .name(name)
+                .mtu(mtu)
+                .offload(offload)
+                .multi_queue(multi_queue)
+                .enable(true)
+                .build_sync()
+        };
+        // MESHD_OFFLOAD=0 turns offload off (to compare, or to work around a kernel
+        // that mishandles it); the data path is the same, one packet per call.
+        let want_offload = std::env::var("MESHD_OFFLOAD").map_or(true, |v| v != "0");
+        let dev = match build(want_offload, true) {
+            Ok(dev) => dev,
+            Err(e) => {
+                tracing::warn!("TUN offload unavailable ({e}): one packet per read and write");
+                build(false, true)
+                    .or_else(|_| build(false, false))
+                    .map_err(create)?
+            }
+        };
         for a in addresses {
             let r = match a {
                 IpNet::V4(n) => dev.add_address_v4(n.addr(), n.prefix_len()),
@@ -65,20 +99,93 @@ impl Tun {
         dev.set_nonblocking(true).map_err(create)?;
         let index = dev.if_index().map_err(create)?;
         let name = dev.name().unwrap_or_else(|_| name.to_string());
-        Ok(Tun { dev, name, index })
+        let offload = dev.tcp_gso();
+        tracing::info!(
+            tun = %name,
+            tso = offload,
+            uso = dev.udp_gso(),
+            "TUN offload"
+        );
+        Ok(Tun {
+            dev,
+            name,
+            index,
+            offload,
+        })
     }
 
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// Reads one packet; `WouldBlock` when none is waiting.
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.dev.recv(buf)
+    /// Another queue of the same device, non-blocking, for another worker thread.
+    /// The kernel spreads the packets it hands to the TUN over the queues by flow
+    /// hash, so one flow always comes out of one queue.
+    pub fn open_queue(&self) -> io::Result<Tun> {
+        let dev = self.dev.try_clone()?;
+        dev.set_nonblocking(true)?;
+        Ok(Tun {
+            dev,
+            name: self.name.clone(),
+            index: self.index,
+            offload: self.offload,
+        })
     }
 
+    /// Whether reads and writes carry the virtio-net header (TSO/GRO).
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+
+    /// Reads one packet; `WouldBlock` when none is waiting. With offload a TSO
+    /// segment comes back whole, as one packet (cut at `buf.len()`): for readers that
+    /// only look at headers or count (the quarantine device). The data path uses
+    /// [`Tun::recv_segments`].
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.offload {
+            return self.dev.recv(buf);
+        }
+        let mut hdr = [0u8; TUN_OFFSET];
+        let n = self
+            .dev
+            .recv_vectored(&mut [IoSliceMut::new(&mut hdr), IoSliceMut::new(buf)])?;
+        Ok(n.saturating_sub(TUN_OFFSET))
+    }
+
+    /// Reads one packet or one TSO segment, split into MTU-sized packets:
+    /// `segments[i][..sizes[i]]` for `i < n`. `raw` holds [`TUN_READ_LEN`] bytes;
+    /// `segments[0]` must hold a whole packet, the others an MTU each. A segment that
+    /// needs more packets than `segments` has is an `InvalidInput` error (dropped).
+    pub fn recv_segments<B: AsRef<[u8]> + AsMut<[u8]>>(
+        &self,
+        raw: &mut [u8],
+        segments: &mut [B],
+        sizes: &mut [usize],
+    ) -> io::Result<usize> {
+        self.dev.recv_multiple(raw, segments, sizes, 0)
+    }
+
+    /// Writes one packet.
     pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        self.dev.send(packet)
+        if !self.offload {
+            return self.dev.send(packet);
+        }
+        // A zeroed virtio-net header: no segmentation, checksum complete.
+        let hdr = [0u8; TUN_OFFSET];
+        let n = self
+            .dev
+            .send_vectored(&[IoSlice::new(&hdr), IoSlice::new(packet)])?;
+        Ok(n.saturating_sub(TUN_OFFSET))
+    }
+
+    /// Writes a batch of packets, each at [`TUN_OFFSET`] in its buffer; with offload,
+    /// consecutive segments of one TCP (or UDP) flow are coalesced into one write.
+    pub fn send_batch<B: ExpandBuffer>(
+        &self,
+        gro: &mut GROTable,
+        bufs: &mut [B],
+    ) -> io::Result<()> {
+        self.dev.send_multiple(gro, bufs, TUN_OFFSET).map(|_| ())
     }
 
     pub fn fd(&self) -> RawFd {

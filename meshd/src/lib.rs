@@ -6,6 +6,7 @@
 //! and `state` the persisted peer changes.
 
 pub mod attach;
+pub mod batch;
 pub mod conntrack;
 pub mod control;
 pub mod daemon;
@@ -57,7 +58,7 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
     let d = Arc::new(Daemon::start(loaded, shutdown.clone())?);
 
     let mut threads = Vec::new();
-    let spawn = |name: &str, f: fn(&Daemon), d: Arc<Daemon>| {
+    let spawn = |name: &str, f: Box<dyn FnOnce(&Daemon) + Send>, d: Arc<Daemon>| {
         #[allow(clippy::disallowed_methods)] // I/O shell: the data-path threads
         std::thread::Builder::new()
             .name(name.to_string())
@@ -69,13 +70,10 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
             })
             .map_err(RunError::Thread)
     };
-    for (name, f) in [
-        ("tun", datapath::tun_loop as fn(&Daemon)),
-        ("udp", datapath::udp_loop),
-        ("timers", datapath::timer_loop),
-        ("quarantine", workloads::quarantine_loop),
-    ] {
-        match spawn(name, f, d.clone()) {
+    let mut list = datapath::threads();
+    list.push(("quarantine".into(), Box::new(workloads::quarantine_loop)));
+    for (name, f) in list {
+        match spawn(&name, f, d.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 shutdown.trigger();

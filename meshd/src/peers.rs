@@ -187,6 +187,12 @@ impl Node {
         self.drops.forged_source.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a packet the shell could not even hand to the core (a TUN segment
+    /// that could not be split).
+    pub fn count_malformed(&self) {
+        self.drops.malformed.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn count(&self, reason: DropReason) {
         let c = match reason {
             DropReason::Malformed(_) | DropReason::Crypto(_) => &self.drops.malformed,
