@@ -13,7 +13,7 @@ use mesh_proto::files;
 use serde::{Deserialize, Serialize};
 
 pub const STATE_FILE: &str = "peers.json";
-const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 1;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,7 +38,7 @@ pub struct StoredPeer {
 pub enum StateError {
     #[error("{}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
-    #[error("{}: not a meshd peer state file: {message} (fix or move it away; meshd will not overwrite it)", path.display())]
+    #[error("{}: not a meshd state file: {message} (fix or move it away; meshd will not overwrite it)", path.display())]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
     Write(#[from] files::FileError),
@@ -46,42 +46,69 @@ pub enum StateError {
     CreateDir { path: PathBuf, source: io::Error },
 }
 
+/// A versioned JSON file in the state directory (peers, workloads, policy): read whole,
+/// written atomically (temp file, fsync, rename) with mode 0600, never overwritten
+/// when it cannot be read back.
+pub trait StateFile: Serialize + serde::de::DeserializeOwned {
+    /// File name inside the state directory.
+    const FILE: &'static str;
+    fn version(&self) -> u32;
+}
+
+/// Reads `T`'s file; `None` when there is none yet.
+pub fn read<T: StateFile>(state_dir: &Path) -> Result<Option<T>, StateError> {
+    let path = state_dir.join(T::FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateError::Read { path, source }),
+    };
+    let value: T = serde_json::from_str(&text).map_err(|e| StateError::Parse {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    if value.version() != STATE_VERSION {
+        return Err(StateError::Parse {
+            path,
+            message: format!(
+                "version {} (this meshd reads {STATE_VERSION})",
+                value.version()
+            ),
+        });
+    }
+    Ok(Some(value))
+}
+
+/// Writes `value` to its file atomically, creating the state directory if needed.
+pub fn write<T: StateFile>(state_dir: &Path, value: &T) -> Result<(), StateError> {
+    std::fs::create_dir_all(state_dir).map_err(|source| StateError::CreateDir {
+        path: state_dir.to_path_buf(),
+        source,
+    })?;
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    files::write_atomic(&state_dir.join(T::FILE), text.as_bytes(), 0o600)?;
+    Ok(())
+}
+
+impl StateFile for PeerChanges {
+    const FILE: &'static str = STATE_FILE;
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
 impl PeerChanges {
     /// Reads the state file; a missing file means "no changes".
     pub fn load(state_dir: &Path) -> Result<PeerChanges, StateError> {
-        let path = state_dir.join(STATE_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok(PeerChanges {
-                    version: STATE_VERSION,
-                    ..PeerChanges::default()
-                })
-            }
-            Err(source) => return Err(StateError::Read { path, source }),
-        };
-        let c: PeerChanges = serde_json::from_str(&text).map_err(|e| StateError::Parse {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        if c.version != STATE_VERSION {
-            return Err(StateError::Parse {
-                path,
-                message: format!("version {} (expected {STATE_VERSION})", c.version),
-            });
-        }
-        Ok(c)
+        Ok(read(state_dir)?.unwrap_or(PeerChanges {
+            version: STATE_VERSION,
+            ..PeerChanges::default()
+        }))
     }
 
     pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StateError::CreateDir {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
-        let mut text = serde_json::to_string_pretty(self).unwrap_or_default();
-        text.push('\n');
-        files::write_atomic(&state_dir.join(STATE_FILE), text.as_bytes(), 0o600)?;
-        Ok(())
+        write(state_dir, self)
     }
 
     /// Records an added (or replaced) peer.
@@ -139,7 +166,7 @@ mod tests {
         assert_eq!(PeerChanges::load(&dir).unwrap(), c);
         std::fs::write(dir.join(STATE_FILE), "{garbage").unwrap();
         let e = PeerChanges::load(&dir).unwrap_err().to_string();
-        assert!(e.contains("peers.json: not a meshd peer state file"), "{e}");
+        assert!(e.contains("peers.json: not a meshd state file"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
@@ -159,6 +186,13 @@ pub struct StoredPolicy {
     pub source: String,
 }
 
+impl StateFile for StoredPolicy {
+    const FILE: &'static str = POLICY_FILE;
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
 impl StoredPolicy {
     pub fn new(name: &str, source: &str) -> StoredPolicy {
         StoredPolicy {
@@ -170,33 +204,37 @@ impl StoredPolicy {
 
     /// Reads the stored policy; a missing file means none was applied.
     pub fn load(state_dir: &Path) -> Result<Option<StoredPolicy>, StateError> {
-        let path = state_dir.join(POLICY_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Read { path, source }),
-        };
-        let p: StoredPolicy = serde_json::from_str(&text).map_err(|e| StateError::Parse {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        if p.version != STATE_VERSION {
-            return Err(StateError::Parse {
-                path,
-                message: format!("version {} (this meshd reads {STATE_VERSION})", p.version),
-            });
-        }
-        Ok(Some(p))
+        read(state_dir)
     }
 
     /// Writes atomically (temp file, fsync, rename).
     pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StateError::CreateDir {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
-        let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        files::write_atomic(&state_dir.join(POLICY_FILE), text.as_bytes(), 0o600)?;
-        Ok(())
+        write(state_dir, self)
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    #[test]
+    fn stored_policy_round_trips_and_refuses_another_version() {
+        let dir = std::env::temp_dir().join(format!("meshd-policy-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(StoredPolicy::load(&dir).unwrap(), None);
+        let p = StoredPolicy::new("p.toml", "policy = []\n");
+        p.save(&dir).unwrap();
+        assert_eq!(StoredPolicy::load(&dir).unwrap(), Some(p));
+        std::fs::write(
+            dir.join(POLICY_FILE),
+            r#"{"version":9,"name":"p.toml","source":""}"#,
+        )
+        .unwrap();
+        let e = StoredPolicy::load(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("policy.json: not a meshd state file: version 9"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -37,7 +37,7 @@ use crate::state::StateError;
 use crate::transport::wait_readable;
 
 pub const STATE_FILE: &str = "workloads.json";
-const STATE_VERSION: u32 = 1;
+use crate::state::STATE_VERSION;
 
 /// Where a workload comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,43 +142,25 @@ pub struct WorkloadChanges {
     pub removed: Vec<String>,
 }
 
+impl crate::state::StateFile for WorkloadChanges {
+    const FILE: &'static str = STATE_FILE;
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
 impl WorkloadChanges {
     /// Reads the state file; a missing file means "no changes".
     pub fn load(state_dir: &Path) -> Result<WorkloadChanges, StateError> {
-        let path = state_dir.join(STATE_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok(WorkloadChanges {
-                    version: STATE_VERSION,
-                    ..WorkloadChanges::default()
-                })
-            }
-            Err(source) => return Err(StateError::Read { path, source }),
-        };
-        let c: WorkloadChanges = serde_json::from_str(&text).map_err(|e| StateError::Parse {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        if c.version != STATE_VERSION {
-            return Err(StateError::Parse {
-                path,
-                message: format!("version {} (expected {STATE_VERSION})", c.version),
-            });
-        }
-        Ok(c)
+        Ok(crate::state::read(state_dir)?.unwrap_or(WorkloadChanges {
+            version: STATE_VERSION,
+            ..WorkloadChanges::default()
+        }))
     }
 
     /// Writes atomically (temp file, fsync, rename), mode 0600.
     pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StateError::CreateDir {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
-        let mut text = serde_json::to_string_pretty(self).unwrap_or_default();
-        text.push('\n');
-        files::write_atomic(&state_dir.join(STATE_FILE), text.as_bytes(), 0o600)?;
-        Ok(())
+        crate::state::write(state_dir, self)
     }
 
     /// Records an added (or replaced) workload.
