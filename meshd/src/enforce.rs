@@ -24,7 +24,6 @@
 //! that is the same for both directions of a flow, and the policy is an `ArcSwap`
 //! snapshot.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -265,6 +264,24 @@ const SHARDS: usize = 16;
 struct Active {
     policy: CompiledPolicy,
     gen: u64,
+    /// Allow, deny and audit hits per rule (`CompiledPolicy::rule_slot`), since this
+    /// policy was applied: atomics, so counting a decision takes no lock.
+    hits: Box<[[AtomicU64; 3]]>,
+}
+
+impl Active {
+    fn new(policy: CompiledPolicy, gen: u64) -> Active {
+        let hits = (0..policy.rule_count())
+            .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+            .collect();
+        Active { policy, gen, hits }
+    }
+
+    fn hit(&self, r: RuleRef, kind: usize) {
+        if let Some(h) = self.hits.get(self.policy.rule_slot(r)) {
+            h[kind].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Per-rule hit counts since the policy was applied.
@@ -310,7 +327,6 @@ pub struct Enforcer {
     log: Arc<DecisionLog>,
     delivered: AtomicU64,
     drops: [AtomicU64; DROP_SLOTS],
-    rule_hits: Mutex<HashMap<RuleRef, [u64; 3]>>,
 }
 
 impl std::fmt::Debug for Enforcer {
@@ -369,7 +385,7 @@ impl Enforcer {
             http_requests: AtomicU64::new(0),
             http_refused: AtomicU64::new(0),
             held_total: std::sync::atomic::AtomicUsize::new(0),
-            active: ArcSwap::from_pointee(Active { policy, gen: 1 }),
+            active: ArcSwap::from_pointee(Active::new(policy, 1)),
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(ConnTrack::new(per_shard, limits.timeouts)))
                 .collect(),
@@ -377,7 +393,6 @@ impl Enforcer {
             log,
             delivered: AtomicU64::new(0),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
-            rule_hits: Mutex::new(HashMap::new()),
         }
     }
 
@@ -595,11 +610,7 @@ impl Enforcer {
     /// flows it now forbids (removed from the table), for the shell to reset.
     pub fn set_policy(&self, policy: CompiledPolicy, now: Duration, wall: UnixTime) -> Vec<Cut> {
         let gen = self.active.load().gen + 1;
-        self.active.store(Arc::new(Active { policy, gen }));
-        self.rule_hits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.active.store(Arc::new(Active::new(policy, gen)));
         let active = self.active.load();
         let mut cuts = Vec::new();
         let mut denied = Vec::new();
@@ -695,17 +706,20 @@ impl Enforcer {
             }
         }
         let active = self.active.load();
-        let hits = self.rule_hits.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rules: Vec<_> = hits.iter().collect();
-        rules.sort_by_key(|(r, _)| **r);
-        for (r, [allow, deny, audit]) in rules {
-            let (policy, rule) = active.policy.rule_label(*r);
+        for (r, _) in active.policy.rules() {
+            let [allow, deny, audit] = active.hits[active.policy.rule_slot(r)]
+                .each_ref()
+                .map(|n| n.load(Ordering::Relaxed));
+            if allow + deny + audit == 0 {
+                continue;
+            }
+            let (policy, rule) = active.policy.rule_label(r);
             c.rules.push(RuleCount {
                 policy: policy.to_string(),
                 rule,
-                allow: *allow,
-                deny: *deny,
-                audit: *audit,
+                allow,
+                deny,
+                audit,
             });
         }
         c
@@ -734,7 +748,7 @@ impl Enforcer {
         now: Duration,
         wall: UnixTime,
     ) -> Verdict {
-        self.count_rules(decision);
+        self.count_rules(policy, decision);
         for r in &decision.audit {
             self.write_log(
                 policy,
@@ -819,7 +833,7 @@ impl Enforcer {
                 host: req.host(),
                 status,
             };
-            self.count_rules(&decision);
+            self.count_rules(policy, &decision);
             for r in &decision.audit {
                 self.write_log(
                     policy,
@@ -1075,15 +1089,21 @@ impl Enforcer {
         }
     }
 
-    fn count_rules(&self, decision: &Decision) {
-        let mut hits = self.rule_hits.lock().unwrap_or_else(|e| e.into_inner());
+    /// Counts a decision `policy` made against its rules. A decision made under a
+    /// policy that has just been replaced is not counted (the counters restart with
+    /// each policy).
+    fn count_rules(&self, policy: &CompiledPolicy, decision: &Decision) {
+        let active = self.active.load();
+        if !std::ptr::eq(&active.policy, policy) {
+            return;
+        }
         match decision.verdict {
-            PolicyVerdict::Allow(AllowReason::Matched(r)) => hits.entry(r).or_default()[0] += 1,
-            PolicyVerdict::Deny(DenyReason::ExplicitDeny(r)) => hits.entry(r).or_default()[1] += 1,
+            PolicyVerdict::Allow(AllowReason::Matched(r)) => active.hit(r, 0),
+            PolicyVerdict::Deny(DenyReason::ExplicitDeny(r)) => active.hit(r, 1),
             _ => {}
         }
         for r in &decision.audit {
-            hits.entry(*r).or_default()[2] += 1;
+            active.hit(*r, 2);
         }
     }
 
