@@ -284,16 +284,22 @@ pub fn render_peer_list(l: &PeerList) -> String {
         })
         .collect();
     let head = ["IDENTITY", "ENDPOINT", "ADDRESSES", "NOT AFTER", "SOURCE"];
+    table(head, &rows)
+}
+
+/// A table for people: a header row, then columns padded to their widest cell (the
+/// last column unpadded), like `wg show` and `ip` print.
+pub fn table<const N: usize>(head: [&str; N], rows: &[[String; N]]) -> String {
     let mut w = head.map(str::len);
-    for r in &rows {
+    for r in rows {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.len());
         }
     }
-    let line = |cells: [&str; 5]| {
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
         let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i == 4 {
+        for (i, c) in cells.enumerate() {
+            if i + 1 == N {
                 s += c;
             } else {
                 s += &format!("{c:<width$}  ", width = w[i]);
@@ -301,9 +307,9 @@ pub fn render_peer_list(l: &PeerList) -> String {
         }
         s.trim_end().to_string() + "\n"
     };
-    let mut o = line(head);
-    for r in &rows {
-        o += &line([&r[0], &r[1], &r[2], &r[3], &r[4]]);
+    let mut o = line(&mut head.iter().copied());
+    for r in rows {
+        o += &line(&mut r.iter().map(String::as_str));
     }
     o
 }

@@ -127,28 +127,7 @@ pub fn render_list(l: &WorkloadList) -> String {
         })
         .collect();
     let head = ["NAME", "IDENTITY", "ADDRESSES", "ATTACH", "SOURCE"];
-    let mut w = head.map(str::len);
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.len());
-        }
-    }
-    let line = |cells: [&str; 5]| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i == 4 {
-                s += c;
-            } else {
-                s += &format!("{c:<width$}  ", width = w[i]);
-            }
-        }
-        s.trim_end().to_string() + "\n"
-    };
-    let mut o = line(head);
-    for r in &rows {
-        o += &line([&r[0], &r[1], &r[2], &r[3], &r[4]]);
-    }
-    o
+    crate::online::table(head, &rows)
 }
 
 #[cfg(test)]
