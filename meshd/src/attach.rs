@@ -393,7 +393,7 @@ fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
 }
 
 /// Sends one request and reads its acknowledgement (an `NLMSG_ERROR` with errno 0).
-fn request(msg: &[u8]) -> io::Result<()> {
+pub(crate) fn request(msg: &[u8]) -> io::Result<()> {
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe {
         libc::socket(

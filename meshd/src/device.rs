@@ -223,7 +223,6 @@ pub fn route_needed(net: &IpNet, own: &[IpNet]) -> bool {
 /// Minimal rtnetlink client: add or delete one route through an interface.
 mod netlink {
     use std::io;
-    use std::mem;
 
     use ipnet::IpNet;
 
@@ -282,71 +281,12 @@ mod netlink {
         b
     }
 
+    /// Adds or deletes one route through the shared netlink request in `attach`.
     pub(super) fn route(add: bool, net: IpNet, oif: u32) -> io::Result<()> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let _close = Close(fd);
-        let msg = message(add, net, oif, 1);
-        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: `msg` and `addr` are valid for the lengths passed.
-        let n = unsafe {
-            libc::sendto(
-                fd,
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut reply = [0u8; 1024];
-        // SAFETY: `reply` is valid for writes of its length.
-        let n = unsafe { libc::recv(fd, reply.as_mut_ptr().cast(), reply.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        if n < NLMSG_HDR + 4 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "short netlink reply",
-            ));
-        }
-        let kind = u16::from_ne_bytes([reply[4], reply[5]]);
-        if kind != libc::NLMSG_ERROR as u16 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "unexpected netlink reply",
-            ));
-        }
-        let errno = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
-        match errno {
-            0 => Ok(()),
+        match crate::attach::request(&message(add, net, oif, 1)) {
             // Deleting a route the kernel already removed is fine.
-            e if !add && -e == libc::ESRCH => Ok(()),
-            e => Err(io::Error::from_raw_os_error(-e)),
-        }
-    }
-
-    struct Close(i32);
-    impl Drop for Close {
-        fn drop(&mut self) {
-            // SAFETY: we own this descriptor and close it once.
-            unsafe { libc::close(self.0) };
+            Err(e) if !add && e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            r => r,
         }
     }
 
