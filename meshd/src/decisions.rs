@@ -30,7 +30,7 @@ pub struct DecisionRecord<'a> {
     /// Stable snake_case reason (`DenyReason`'s name), e.g. `no_allow_matched`.
     pub reason: &'a str,
     pub policy: Option<&'a str>,
-    pub rule: Option<&'a str>,
+    pub rule: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSummary<'a>>,
 }
@@ -116,7 +116,13 @@ impl DecisionLog {
 
     /// Records one decision at monotonic time `now`. Returns the line written, or
     /// `None` when the per-second budget is spent.
-    pub fn record(&self, rec: &DecisionRecord<'_>, now: Duration) -> Option<Arc<str>> {
+    /// `build` runs only within the budget, so a flood of refusals costs a counter
+    /// increment each, not the formatting of a line.
+    pub fn record<'a>(
+        &self,
+        now: Duration,
+        build: impl FnOnce() -> DecisionRecord<'a>,
+    ) -> Option<Arc<str>> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if now.saturating_sub(inner.window) >= Duration::from_secs(1) {
             inner.window = now;
@@ -128,7 +134,7 @@ impl DecisionLog {
         }
         inner.in_window += 1;
         // Serialising plain strings and numbers cannot fail.
-        let line: Arc<str> = serde_json::to_string(rec).unwrap_or_default().into();
+        let line: Arc<str> = serde_json::to_string(&build()).unwrap_or_default().into();
         if inner.ring.len() == self.limits.ring {
             inner.ring.pop_front();
         }
@@ -200,7 +206,7 @@ mod tests {
     #[test]
     fn lines_are_json_with_the_fields_that_matter() {
         let log = DecisionLog::new(LogLimits::default());
-        let line = log.record(&rec(22), Duration::ZERO).unwrap();
+        let line = log.record(Duration::ZERO, || rec(22)).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["src"], "spiffe://t/a");
         assert_eq!(v["dst_port"], 22);
@@ -216,7 +222,7 @@ mod tests {
             ..LogLimits::default()
         });
         for p in 1..=5 {
-            log.record(&rec(p), Duration::ZERO);
+            log.record(Duration::ZERO, || rec(p));
         }
         let ports: Vec<u64> = log
             .tail(10)
@@ -238,12 +244,12 @@ mod tests {
             ..LogLimits::default()
         });
         for _ in 0..100 {
-            log.record(&rec(1), Duration::from_millis(500));
+            log.record(Duration::from_millis(500), || rec(1));
         }
         assert_eq!(log.counters().written, 10);
         assert_eq!(log.counters().suppressed, 90);
         // A new second, a new budget.
-        assert!(log.record(&rec(1), Duration::from_millis(1600)).is_some());
+        assert!(log.record(Duration::from_millis(1600), || rec(1)).is_some());
     }
 
     #[test]
@@ -252,17 +258,17 @@ mod tests {
             follower_buffer: 2,
             ..LogLimits::default()
         });
-        log.record(&rec(1), Duration::ZERO);
+        log.record(Duration::ZERO, || rec(1));
         let rx = log.follow().unwrap();
         for p in 2..=5 {
-            log.record(&rec(p), Duration::ZERO);
+            log.record(Duration::ZERO, || rec(p));
         }
         let got: Vec<_> = rx.try_iter().collect();
         assert_eq!(got.len(), 2, "bounded buffer");
         assert!(got[0].contains("\"dst_port\":2"));
         assert_eq!(log.counters().follower_lost, 2);
         drop(rx);
-        log.record(&rec(6), Duration::ZERO);
+        log.record(Duration::ZERO, || rec(6));
         assert_eq!(log.inner.lock().unwrap().followers.len(), 0);
     }
 }

@@ -1120,9 +1120,9 @@ impl Enforcer {
         now: Duration,
         wall: UnixTime,
     ) {
-        let label = rule.map(|r| policy.rule_label(r));
-        self.log.record(
-            &DecisionRecord {
+        self.log.record(now, || {
+            let (policy, rule) = rule.map(|r| policy.rule_label(r)).unzip();
+            DecisionRecord {
                 time: wall.to_string(),
                 src: Some(&who.sender.identity),
                 src_addr: p.key.src.to_string(),
@@ -1136,12 +1136,11 @@ impl Enforcer {
                 proto: p.protocol.as_str(),
                 decision: verdict,
                 reason,
-                policy: label.as_ref().map(|(p, _)| *p),
-                rule: label.as_ref().map(|(_, r)| r.as_str()),
+                policy,
+                rule,
                 http,
-            },
-            now,
-        );
+            }
+        });
     }
 
     fn deliver(&self) -> Verdict {
