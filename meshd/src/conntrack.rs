@@ -273,6 +273,11 @@ impl<V> ConnTrack<V> {
         Some((dir, flow))
     }
 
+    /// Every tracked flow, in no particular order.
+    pub fn flows(&self) -> impl Iterator<Item = &Flow<V>> {
+        self.flows.values()
+    }
+
     /// The flow stored under exactly `key` (its original direction), without
     /// recording anything.
     pub fn get(&self, key: &FlowKey) -> Option<&Flow<V>> {

@@ -688,16 +688,13 @@ impl Enforcer {
         c.http_requests = self.http_requests.load(Ordering::Relaxed);
         c.http_refused = self.http_refused.load(Ordering::Relaxed);
         for s in self.shards.iter() {
-            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+            let s = s.lock().unwrap_or_else(|e| e.into_inner());
             c.flows += s.len();
             c.flows_evicted += s.evicted();
-            s.retain(|_, f| {
-                if let Some(l7) = &f.value.l7 {
-                    c.l7_flows += 1;
-                    c.l7_held_bytes += l7.held();
-                }
-                true
-            });
+            for l7 in s.flows().filter_map(|f| f.value.l7.as_deref()) {
+                c.l7_flows += 1;
+                c.l7_held_bytes += l7.held();
+            }
         }
         for (slot, n) in self.drops.iter().enumerate() {
             let n = n.load(Ordering::Relaxed);
