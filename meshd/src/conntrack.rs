@@ -15,10 +15,19 @@
 //!
 //! Time is an argument: `now` is a [`Duration`] since an arbitrary, fixed epoch chosen
 //! by the shell (its start).
+//!
+//! One hash per packet: a [`FlowHash`] is computed over the unordered pair of
+//! endpoints, so a packet and its reply hash alike. The caller computes it once
+//! (the enforcer also picks its shard with it) and the table finds the flow in
+//! either direction without hashing again. The hash is keyed per process
+//! ([`FlowHasher`]), so that peers cannot choose 5-tuples that collide.
 
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::time::Duration;
+
+use hashbrown::hash_table::{Entry, HashTable};
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -45,6 +54,33 @@ impl FlowKey {
             src_port: self.dst_port,
             dst_port: self.src_port,
         }
+    }
+}
+
+/// A flow's hash, the same for both directions ([`FlowHasher::hash`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowHash(u64);
+
+impl FlowHash {
+    /// A shard index below `n` (n > 0) for this flow.
+    pub fn shard(self, n: usize) -> usize {
+        // The high bits: the table itself uses the low ones to place the flow.
+        ((self.0 >> 32) as usize) % n
+    }
+}
+
+/// Hashes flow keys with a key chosen at random per process (SipHash), so that
+/// nobody outside can predict which 5-tuples collide. Clones hash alike.
+#[derive(Clone, Debug, Default)]
+pub struct FlowHasher(RandomState);
+
+impl FlowHasher {
+    /// The hash of `key`'s flow: the same for `key` and `key.reversed()`.
+    pub fn hash(&self, key: &FlowKey) -> FlowHash {
+        let a = (key.src, key.src_port);
+        let b = (key.dst, key.dst_port);
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        FlowHash(self.0.hash_one((key.proto, lo, hi)))
     }
 }
 
@@ -198,10 +234,20 @@ pub struct TableFull {
     pub capacity: usize,
 }
 
+/// A flow stored under its original key, with its hash (to move it when the table
+/// rehashes and to remove it without hashing again).
+#[derive(Debug)]
+struct Slot<V> {
+    key: FlowKey,
+    hash: FlowHash,
+    flow: Flow<V>,
+}
+
 /// The connection table. Not synchronised: the shell shards it.
 #[derive(Debug)]
 pub struct ConnTrack<V> {
-    flows: HashMap<FlowKey, Flow<V>>,
+    flows: HashTable<Slot<V>>,
+    hasher: FlowHasher,
     capacity: usize,
     timeouts: Timeouts,
     evicted: u64,
@@ -216,8 +262,15 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 impl<V> ConnTrack<V> {
     /// A table of at most `capacity` flows; its memory is reserved up front.
     pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
+        ConnTrack::with_hasher(capacity, timeouts, FlowHasher::default())
+    }
+
+    /// As [`ConnTrack::new`], hashing with `hasher`: the `*_hashed` methods take
+    /// hashes made by it (or a clone).
+    pub fn with_hasher(capacity: usize, timeouts: Timeouts, hasher: FlowHasher) -> Self {
         ConnTrack {
-            flows: HashMap::with_capacity(capacity),
+            flows: HashTable::with_capacity(capacity),
+            hasher,
             capacity,
             timeouts,
             evicted: 0,
@@ -243,45 +296,59 @@ impl<V> ConnTrack<V> {
     }
 
     /// Finds the flow of a packet with 5-tuple `key`, records what the packet shows,
-    /// and tells in which direction it travels. An expired flow is not found.
+    /// and tells in which direction it travels. An expired flow is not found (and is
+    /// removed).
     pub fn track(
         &mut self,
         key: &FlowKey,
         obs: &Observation,
         now: Duration,
     ) -> Option<(Dir, &mut Flow<V>)> {
-        let (dir, k) = if self.flows.contains_key(key) {
-            (Dir::Original, *key)
-        } else {
-            let r = key.reversed();
-            if !self.flows.contains_key(&r) {
-                return None;
+        let h = self.hasher.hash(key);
+        self.track_hashed(h, key, obs, now)
+    }
+
+    /// [`ConnTrack::track`] with the flow's hash already computed.
+    pub fn track_hashed(
+        &mut self,
+        h: FlowHash,
+        key: &FlowKey,
+        obs: &Observation,
+        now: Duration,
+    ) -> Option<(Dir, &mut Flow<V>)> {
+        // The original direction first: if both a flow and its mirror image exist
+        // (two ends that opened the same 5-tuple), the packet belongs to its own.
+        let (dir, entry) = match self.flows.find_entry(h.0, |s| s.key == *key) {
+            Ok(e) => (Dir::Original, e),
+            Err(absent) => {
+                let r = key.reversed();
+                let e = absent.into_table().find_entry(h.0, |s| s.key == r).ok()?;
+                (Dir::Reply, e)
             }
-            (Dir::Reply, r)
         };
-        let timeouts = self.timeouts;
-        let expired = self
-            .flows
-            .get(&k)
-            .is_some_and(|f| f.expired(k.proto, &timeouts, now));
-        if expired {
-            self.flows.remove(&k);
+        if entry.get().flow.expired(key.proto, &self.timeouts, now) {
+            entry.remove();
             return None;
         }
-        let flow = self.flows.get_mut(&k)?;
+        let flow = &mut entry.into_mut().flow;
         flow.observe(dir, obs, now);
         Some((dir, flow))
     }
 
     /// Every tracked flow, in no particular order.
     pub fn flows(&self) -> impl Iterator<Item = &Flow<V>> {
-        self.flows.values()
+        self.flows.iter().map(|s| &s.flow)
     }
 
     /// The flow stored under exactly `key` (its original direction), without
     /// recording anything.
     pub fn get(&self, key: &FlowKey) -> Option<&Flow<V>> {
-        self.flows.get(key)
+        self.get_hashed(self.hasher.hash(key), key)
+    }
+
+    /// [`ConnTrack::get`] with the flow's hash already computed.
+    pub fn get_hashed(&self, h: FlowHash, key: &FlowKey) -> Option<&Flow<V>> {
+        self.flows.find(h.0, |s| s.key == *key).map(|s| &s.flow)
     }
 
     /// Starts tracking a flow opened by a packet with 5-tuple `key`. Makes room if
@@ -294,13 +361,33 @@ impl<V> ConnTrack<V> {
         obs: &Observation,
         now: Duration,
     ) -> Result<&mut Flow<V>, TableFull> {
-        if !self.flows.contains_key(&key) && self.flows.len() >= self.capacity {
+        let h = self.hasher.hash(&key);
+        self.insert_hashed(h, key, origin, value, obs, now)
+    }
+
+    /// [`ConnTrack::insert`] with the flow's hash already computed.
+    pub fn insert_hashed(
+        &mut self,
+        h: FlowHash,
+        key: FlowKey,
+        origin: Origin,
+        value: V,
+        obs: &Observation,
+        now: Duration,
+    ) -> Result<&mut Flow<V>, TableFull> {
+        let exists = self.flows.find(h.0, |s| s.key == key).is_some();
+        if !exists && self.flows.len() >= self.capacity {
             self.make_room(now)?;
         }
         let mut flow = Flow::new(origin, value, now);
         flow.observe(Dir::Original, obs, now);
-        let slot = self.flows.entry(key).or_insert(flow);
-        Ok(slot)
+        // Capacity was reserved up front, so this does not rehash in practice; when
+        // it does, each slot carries its hash.
+        let slot = match self.flows.entry(h.0, |s| s.key == key, |s| s.hash.0) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Slot { key, hash: h, flow }).into_mut(),
+        };
+        Ok(&mut slot.flow)
     }
 
     fn make_room(&mut self, now: Duration) -> Result<(), TableFull> {
@@ -310,19 +397,19 @@ impl<V> ConnTrack<V> {
         if due && self.sweep(now) > 0 {
             return Ok(());
         }
-        // Oldest flow that never saw a reply, among a sample (the map's order is
-        // randomised per table): half-open floods evict each other, never an
+        // Oldest flow that never saw a reply, among a sample (the table's order
+        // follows the keyed hash): half-open floods evict each other, never an
         // established connection.
         let victim = self
             .flows
             .iter()
             .take(EVICTION_SAMPLE)
-            .filter(|(_, f)| !f.replied)
-            .min_by_key(|(_, f)| f.last_seen)
-            .map(|(k, _)| *k);
+            .filter(|s| !s.flow.replied)
+            .min_by_key(|s| s.flow.last_seen)
+            .map(|s| (s.hash, s.key));
         match victim {
-            Some(k) => {
-                self.flows.remove(&k);
+            Some((h, k)) => {
+                self.remove_hashed(h, &k);
                 self.evicted += 1;
                 Ok(())
             }
@@ -338,18 +425,24 @@ impl<V> ConnTrack<V> {
         let before = self.flows.len();
         let timeouts = self.timeouts;
         self.flows
-            .retain(|k, f| !f.expired(k.proto, &timeouts, now));
+            .retain(|s| !s.flow.expired(s.key.proto, &timeouts, now));
         before - self.flows.len()
     }
 
     /// Visits every flow (e.g. to re-evaluate cached decisions after a policy change);
     /// flows for which `f` returns false are removed.
     pub fn retain(&mut self, mut f: impl FnMut(&FlowKey, &mut Flow<V>) -> bool) {
-        self.flows.retain(|k, v| f(k, v));
+        self.flows.retain(|s| f(&s.key, &mut s.flow));
     }
 
     pub fn remove(&mut self, key: &FlowKey) -> Option<Flow<V>> {
-        self.flows.remove(key)
+        self.remove_hashed(self.hasher.hash(key), key)
+    }
+
+    /// [`ConnTrack::remove`] with the flow's hash already computed.
+    pub fn remove_hashed(&mut self, h: FlowHash, key: &FlowKey) -> Option<Flow<V>> {
+        let entry = self.flows.find_entry(h.0, |s| s.key == *key).ok()?;
+        Some(entry.remove().0.flow)
     }
 }
 
@@ -382,6 +475,39 @@ mod tests {
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
+    }
+
+    #[test]
+    fn both_directions_hash_alike_and_clones_agree() {
+        let h = FlowHasher::default();
+        let k = key(40000, 80);
+        assert_eq!(h.hash(&k), h.hash(&k.reversed()));
+        assert_eq!(h.clone().hash(&k), h.hash(&k));
+        assert_ne!(h.hash(&k), h.hash(&key(40001, 80)));
+        // A table given the shared hasher finds what the hashed calls stored.
+        let mut ct = ConnTrack::with_hasher(8, Timeouts::default(), h.clone());
+        ct.insert_hashed(h.hash(&k), k, Origin::Local, 1u8, &NONE, secs(0))
+            .unwrap();
+        assert!(ct.get(&k).is_some());
+        let (dir, _) = ct.track(&k.reversed(), &NONE, secs(1)).unwrap();
+        assert_eq!(dir, Dir::Reply);
+        assert!(ct.remove_hashed(h.hash(&k), &k).is_some());
+        assert!(ct.is_empty());
+    }
+
+    /// Two ends that opened the same 5-tuple towards each other: each packet belongs
+    /// to the flow of its own direction.
+    #[test]
+    fn mirror_image_flows_stay_apart() {
+        let mut ct = ConnTrack::new(8, Timeouts::default());
+        let k = key(7, 7);
+        ct.insert(k, Origin::Local, 'l', &NONE, secs(0)).unwrap();
+        ct.insert(k.reversed(), Origin::Remote, 'r', &NONE, secs(0))
+            .unwrap();
+        let (dir, f) = ct.track(&k, &NONE, secs(1)).unwrap();
+        assert_eq!((dir, f.value), (Dir::Original, 'l'));
+        let (dir, f) = ct.track(&k.reversed(), &NONE, secs(1)).unwrap();
+        assert_eq!((dir, f.value), (Dir::Original, 'r'));
     }
 
     #[test]

@@ -24,7 +24,6 @@
 //! that is the same for both directions of a flow, and the policy is an `ArcSwap`
 //! snapshot.
 
-use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,8 +38,8 @@ use mesh_proto::time::UnixTime;
 use serde::Serialize;
 
 use crate::conntrack::{
-    ConnTrack, Dir, FlowKey, Observation, Origin, TcpFlags, TcpSegmentInfo, Timeouts, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    ConnTrack, Dir, FlowHash, FlowHasher, FlowKey, Observation, Origin, TcpFlags, TcpSegmentInfo,
+    Timeouts, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 use crate::decisions::{DecisionLog, DecisionRecord, HttpSummary};
 use crate::flow::{Flags, Segment, SeqNumber, Timestamp};
@@ -323,7 +322,7 @@ pub struct Enforcer {
     held_total: std::sync::atomic::AtomicUsize,
     active: ArcSwap<Active>,
     shards: Box<[Mutex<ConnTrack<FlowState>>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: FlowHasher,
     log: Arc<DecisionLog>,
     delivered: AtomicU64,
     drops: [AtomicU64; DROP_SLOTS],
@@ -379,6 +378,7 @@ impl Enforcer {
         log: Arc<DecisionLog>,
     ) -> Self {
         let per_shard = limits.flows.div_ceil(SHARDS).max(1);
+        let hasher = FlowHasher::default();
         Enforcer {
             local,
             limits,
@@ -387,9 +387,15 @@ impl Enforcer {
             held_total: std::sync::atomic::AtomicUsize::new(0),
             active: ArcSwap::from_pointee(Active::new(policy, 1)),
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(ConnTrack::new(per_shard, limits.timeouts)))
+                .map(|_| {
+                    Mutex::new(ConnTrack::with_hasher(
+                        per_shard,
+                        limits.timeouts,
+                        hasher.clone(),
+                    ))
+                })
                 .collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher,
             log,
             delivered: AtomicU64::new(0),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -439,10 +445,11 @@ impl Enforcer {
     ) -> Verdict {
         let reply = match parse(packet) {
             Ok(p) if p.kind == Kind::Flow => {
-                let shard = self.shard(&p.key);
-                shard.get(&p.key).is_none()
+                let h = self.hasher.hash(&p.key);
+                let shard = self.shard(h);
+                shard.get_hashed(h, &p.key).is_none()
                     && shard
-                        .get(&p.key.reversed())
+                        .get_hashed(h, &p.key.reversed())
                         .is_some_and(|f| f.origin == Origin::Remote)
             }
             _ => false,
@@ -470,16 +477,19 @@ impl Enforcer {
             Err(e) => return self.dropped(parse_drop(e)),
         };
         let active = self.active.load();
-        let mut shard = self.shard(&p.key);
+        let h = self.hasher.hash(&p.key);
+        let mut shard = self.shard(h);
         if p.kind == Kind::IcmpError {
             // The quoted packet went from here to the sender: a tracked flow either way.
-            let known = shard.get(&p.key).or_else(|| shard.get(&p.key.reversed()));
+            let known = shard
+                .get_hashed(h, &p.key)
+                .or_else(|| shard.get_hashed(h, &p.key.reversed()));
             return match known {
                 Some(f) if f.value.allowed => self.deliver(),
                 _ => self.dropped(Drop::StrayIcmp),
             };
         }
-        match shard.track(&p.key, &p.obs, now) {
+        match shard.track_hashed(h, &p.key, &p.obs, now) {
             Some((Dir::Reply, flow)) if flow.origin == Origin::Local => return self.deliver(),
             Some((Dir::Original, flow)) if flow.origin == Origin::Remote => {
                 if let Some(l7) = flow.value.l7.as_deref_mut() {
@@ -522,7 +532,7 @@ impl Enforcer {
                 l7: Some(l7),
             };
             if shard
-                .insert(p.key, Origin::Remote, state, &p.obs, now)
+                .insert_hashed(h, p.key, Origin::Remote, state, &p.obs, now)
                 .is_err()
             {
                 drop(shard);
@@ -542,7 +552,7 @@ impl Enforcer {
                 l7: None,
             };
             if shard
-                .insert(p.key, Origin::Remote, state, &p.obs, now)
+                .insert_hashed(h, p.key, Origin::Remote, state, &p.obs, now)
                 .is_err()
             {
                 drop(shard);
@@ -570,8 +580,9 @@ impl Enforcer {
         if p.kind == Kind::IcmpError {
             return self.deliver();
         }
-        let mut shard = self.shard(&p.key);
-        match shard.track(&p.key, &p.obs, now) {
+        let h = self.hasher.hash(&p.key);
+        let mut shard = self.shard(h);
+        match shard.track_hashed(h, &p.key, &p.obs, now) {
             Some((Dir::Reply, flow)) if flow.origin == Origin::Remote => {
                 if let Some(l7) = flow.value.l7.as_deref_mut() {
                     let Some(seg) = segment(&p, packet) else {
@@ -598,7 +609,7 @@ impl Enforcer {
                     receiver: None,
                     l7: None,
                 };
-                match shard.insert(p.key, Origin::Local, state, &p.obs, now) {
+                match shard.insert_hashed(h, p.key, Origin::Local, state, &p.obs, now) {
                     Ok(_) => self.deliver(),
                     Err(_) => self.dropped(Drop::Denied(DenyReason::FlowTableFull)),
                 }
@@ -722,13 +733,11 @@ impl Enforcer {
         c
     }
 
-    fn shard(&self, key: &FlowKey) -> MutexGuard<'_, ConnTrack<FlowState>> {
-        // Hash the unordered pair of endpoints, so both directions meet in one shard.
-        let a = (key.src, key.src_port);
-        let b = (key.dst, key.dst_port);
-        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-        let i = (self.hasher.hash_one((key.proto, lo, hi)) as usize) % self.shards.len();
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    /// The shard of a flow: both directions hash alike, so they meet in one shard.
+    fn shard(&self, h: FlowHash) -> MutexGuard<'_, ConnTrack<FlowState>> {
+        self.shards[h.shard(self.shards.len())]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn decide(&self, policy: &CompiledPolicy, who: Who<'_>, p: &Parsed) -> Decision {
