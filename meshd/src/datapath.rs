@@ -324,15 +324,24 @@ pub fn worker_loop(d: &Daemon, index: usize) {
     let udp = own_udp.as_ref().unwrap_or(&d.udp);
     let mut to = ToPeers::new(d);
     let mut from = FromPeers::new();
+    // Whether the socket may hold datagrams. After a wake-up that poll reports for
+    // the TUN alone (a local workload sending), the socket is not read first: that
+    // read would only return EAGAIN, and after an idle spell it is one of the
+    // slowest system calls of the round trip (several µs with cold caches).
+    let mut udp_ready = true;
     while !d.shutdown.is_set() {
         let mut busy = false;
         let mut failed = false;
         for _ in 0..WORKER_ROUND {
+            if !udp_ready {
+                break;
+            }
             match from.step(d, tun, udp) {
                 Step::Busy => busy = true,
                 Step::Drained | Step::Failed => break,
             }
         }
+        udp_ready = true;
         from.flush(tun);
         for _ in 0..WORKER_ROUND {
             match to.step(d, tun, udp) {
@@ -349,8 +358,9 @@ pub fn worker_loop(d: &Daemon, index: usize) {
             break;
         }
         if !busy {
-            if let Err(e) = wait_readable2(tun.fd(), udp.fd(), IDLE_POLL_MS) {
-                tracing::error!("poll failed: {e}");
+            match wait_readable2(tun.fd(), udp.fd(), IDLE_POLL_MS) {
+                Ok((tun_ready, udp_now)) => udp_ready = udp_now || !tun_ready,
+                Err(e) => tracing::error!("poll failed: {e}"),
             }
         }
     }

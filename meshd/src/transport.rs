@@ -490,8 +490,10 @@ fn wait_writable(fd: RawFd, timeout_ms: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits until either descriptor is readable or `timeout_ms` passes.
-pub fn wait_readable2(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<()> {
+/// Waits until either descriptor is readable or `timeout_ms` passes; says which
+/// are (an error or hang-up counts, so that the next read reports it). Interrupted:
+/// both `false`.
+pub fn wait_readable2(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<(bool, bool)> {
     let mut p = [
         libc::pollfd {
             fd: a,
@@ -512,7 +514,7 @@ pub fn wait_readable2(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<()> {
             return Err(e);
         }
     }
-    Ok(())
+    Ok((p[0].revents != 0, p[1].revents != 0))
 }
 
 #[cfg(test)]
