@@ -8,8 +8,11 @@
 //! - `l7_same_port`: as `same_port`, with HTTP methods and paths, asked with an HTTP
 //!   request;
 //! - `prefix_sources`: other identity *prefixes* (`spiffe://bench/svc-7/*`) on the same
-//!   port, which an exact-identity index cannot file away: the shape to avoid, shown
-//!   so its cost is known.
+//!   port; the matching rule names the client exactly;
+//! - `prefix_match`: as `prefix_sources`, but the matching rule is a prefix too
+//!   (`spiffe://bench/cli*`);
+//! - `suffix_match`: other identity *suffixes* (`*/svc-7`) on the same port; the
+//!   matching rule is a suffix too (`*/client`).
 //!
 //! Run: `cargo bench -p mesh-proto --bench policy`.
 
@@ -30,6 +33,8 @@ enum Shape {
     SamePort,
     L7SamePort,
     PrefixSources,
+    PrefixMatch,
+    SuffixMatch,
 }
 
 impl Shape {
@@ -39,6 +44,8 @@ impl Shape {
             Shape::SamePort => "same_port",
             Shape::L7SamePort => "l7_same_port",
             Shape::PrefixSources => "prefix_sources",
+            Shape::PrefixMatch => "prefix_match",
+            Shape::SuffixMatch => "suffix_match",
         }
     }
 }
@@ -49,14 +56,20 @@ fn policy_source(shape: Shape, n: usize) -> String {
     for i in 0..n {
         s.push_str("[[policy.rule]]\n");
         let matching = i == n / 2;
-        let (from, port) = if matching {
-            (format!("\"{CLIENT}\""), 80)
-        } else {
-            match shape {
-                Shape::OtherPorts => (format!("\"spiffe://bench/svc-{i}\""), 1_000 + i % 60_000),
-                Shape::SamePort | Shape::L7SamePort => (format!("\"spiffe://bench/svc-{i}\""), 80),
-                Shape::PrefixSources => (format!("\"spiffe://bench/svc-{i}/*\""), 80),
+        let (from, port) = match (shape, matching) {
+            (Shape::PrefixMatch, true) => ("\"spiffe://bench/cli*\"".to_string(), 80),
+            (Shape::SuffixMatch, true) => ("\"*/client\"".to_string(), 80),
+            (_, true) => (format!("\"{CLIENT}\""), 80),
+            (Shape::OtherPorts, false) => {
+                (format!("\"spiffe://bench/svc-{i}\""), 1_000 + i % 60_000)
             }
+            (Shape::SamePort | Shape::L7SamePort, false) => {
+                (format!("\"spiffe://bench/svc-{i}\""), 80)
+            }
+            (Shape::PrefixSources | Shape::PrefixMatch, false) => {
+                (format!("\"spiffe://bench/svc-{i}/*\""), 80)
+            }
+            (Shape::SuffixMatch, false) => (format!("\"*/svc-{i}\""), 80),
         };
         s.push_str(&format!("from = [{{ identities = [{from}] }}]\n"));
         match shape {
@@ -100,6 +113,8 @@ fn bench_policy(c: &mut Criterion) {
         Shape::SamePort,
         Shape::L7SamePort,
         Shape::PrefixSources,
+        Shape::PrefixMatch,
+        Shape::SuffixMatch,
     ] {
         for n in SIZES {
             let policy = compile(shape, n);

@@ -4,9 +4,38 @@
 //!
 //! Index shape, per action: destination port → source identity → rules. A rule is
 //! filed under each port it names when every `to` entry names ports, else under
-//! "any port"; within that, under each exact identity when every `from` entry lists
-//! only exact identities, else under "any source". A lookup visits at most four
-//! short, ordered lists.
+//! "any port". Within that, a rule is filed under the identity keys of its `from`
+//! entries when every entry constrains the source identity, else under "any
+//! source". An entry constrains the identity through `identities` without `*`
+//! (exact IDs, `prefix*`, `*suffix`), else through `trust_domains` (trust domain
+//! `td` is the exact key `spiffe://td` plus the prefix key `spiffe://td/`).
+//! Negations (`not_identities`, ...) only narrow what an entry matches, so they
+//! neither make a rule indexable nor stop it being filed under its positive keys.
+//! An `identities = []` entry matches nothing and adds no key.
+//!
+//! Identity keys, per (action, port) bucket:
+//! - exact IDs: a hash map, one lookup;
+//! - prefixes: a hash map from the prefix to its rules, plus the sorted set of
+//!   distinct prefix lengths. A request looks up its identity cut at each of those
+//!   lengths (no longer than the identity), so it visits only the rules whose
+//!   prefix is a prefix of its identity. The number of lookups is the number of
+//!   distinct prefix lengths, at most the identity's length and in practice a
+//!   handful (prefixes are written per trust domain or path segment), never the
+//!   number of rules. A byte trie would bound the work by the identity's length
+//!   alone but costs a node per byte of every prefix; a sorted list searched by
+//!   binary search grows with the number of prefixes. The map keeps the exact-ID
+//!   path's lookup cost and adds nothing when a bucket holds no prefixes;
+//! - suffixes: the same, keyed by suffix and cutting the identity from its end;
+//! - `*`, and rules that do not constrain the identity: one "any source" list,
+//!   which every request with that port visits.
+//!
+//! Every list is in file order (by [`RuleRef`]). A lookup visits several lists
+//! (per port bucket: the exact list, each matching prefix and suffix list, the
+//! any-source list); the first match in file order is the least matching
+//! [`RuleRef`] over all of them, found by stopping each list at the best so far.
+//! One rule may sit in several visited lists (say under `spiffe://t/a*` and
+//! `*/b`, both matching `spiffe://t/a/b`), so a visitor that collects matches
+//! (audit) removes repeats.
 
 use std::collections::{HashMap, HashSet};
 
@@ -42,17 +71,22 @@ struct ActionIndex {
 #[derive(Debug, Default)]
 struct SourceIndex {
     by_identity: HashMap<Box<str>, Vec<RuleRef>>,
+    by_prefix: AffixIndex,
+    by_suffix: AffixIndex,
     any_source: Vec<RuleRef>,
 }
 
 impl SourceIndex {
     fn insert(&mut self, rule: &Rule, r: RuleRef) {
-        match exact_identities(rule) {
-            Some(ids) => {
-                for id in ids {
-                    let list = self.by_identity.entry(id.into()).or_default();
-                    if list.last() != Some(&r) {
-                        list.push(r);
+        match identity_keys(rule) {
+            Some(keys) => {
+                for key in keys {
+                    match key {
+                        IdKey::Exact(id) => {
+                            push_once(self.by_identity.entry(id.into()).or_default(), r)
+                        }
+                        IdKey::Prefix(p) => self.by_prefix.insert(p, r),
+                        IdKey::Suffix(s) => self.by_suffix.insert(s, r),
                     }
                 }
             }
@@ -60,27 +94,108 @@ impl SourceIndex {
         }
     }
 
-    fn lists<'a>(&'a self, id: Option<&str>) -> [&'a [RuleRef]; 2] {
-        let by_id = id
-            .and_then(|id| self.by_identity.get(id))
-            .map_or(&[][..], |v| &v[..]);
-        [by_id, &self.any_source]
+    /// Calls `f` with every list that may hold a rule matching a source with
+    /// identity `id`: for no identity, only the any-source list.
+    fn for_each_list<'a>(&'a self, id: Option<&str>, f: &mut impl FnMut(&'a [RuleRef])) {
+        if let Some(id) = id {
+            if let Some(list) = self.by_identity.get(id) {
+                f(list);
+            }
+            self.by_prefix.for_each_match(id, End::Start, f);
+            self.by_suffix.for_each_match(id, End::End, f);
+        }
+        if !self.any_source.is_empty() {
+            f(&self.any_source);
+        }
     }
 }
 
-/// The exact identities a rule is limited to, if every `from` entry lists only
-/// exact identities.
-fn exact_identities(rule: &Rule) -> Option<Vec<&str>> {
+/// Appends `r` unless it is already last (a rule naming one key twice).
+fn push_once(list: &mut Vec<RuleRef>, r: RuleRef) {
+    if list.last() != Some(&r) {
+        list.push(r);
+    }
+}
+
+/// Which end of the identity an [`AffixIndex`] matches.
+#[derive(Clone, Copy)]
+enum End {
+    Start,
+    End,
+}
+
+/// Rules filed under identity prefixes (or suffixes), by the pattern's literal.
+#[derive(Debug, Default)]
+struct AffixIndex {
+    by_literal: HashMap<Box<str>, Vec<RuleRef>>,
+    /// The distinct literal lengths, ascending.
+    lens: Vec<usize>,
+}
+
+impl AffixIndex {
+    fn insert(&mut self, literal: String, r: RuleRef) {
+        if let Err(i) = self.lens.binary_search(&literal.len()) {
+            self.lens.insert(i, literal.len());
+        }
+        push_once(self.by_literal.entry(literal.into()).or_default(), r);
+    }
+
+    /// Calls `f` with the list of each literal that `id` starts (or ends) with.
+    fn for_each_match<'a>(&'a self, id: &str, end: End, f: &mut impl FnMut(&'a [RuleRef])) {
+        for &len in &self.lens {
+            if len > id.len() {
+                break;
+            }
+            // `get` is `None` off a character boundary, where no literal can match.
+            let part = match end {
+                End::Start => id.get(..len),
+                End::End => id.get(id.len() - len..),
+            };
+            if let Some(list) = part.and_then(|p| self.by_literal.get(p)) {
+                f(list);
+            }
+        }
+    }
+}
+
+/// A key a rule is filed under: an identity pattern other than `*`.
+enum IdKey {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+}
+
+/// The identity keys a rule is filed under, if every `from` entry constrains the
+/// source identity; `None` files it under any source. A rule matches only when one
+/// of its entries does, and an entry only identities that match one of its keys, so
+/// a request whose identity matches none of the keys cannot match the rule.
+fn identity_keys(rule: &Rule) -> Option<Vec<IdKey>> {
     if rule.from.is_empty() {
         return None;
     }
     let mut out = Vec::new();
     for s in &rule.from {
-        for p in s.identities.as_ref()? {
-            match p {
-                Pattern::Exact(id) => out.push(id.as_str()),
-                _ => return None,
+        match (&s.identities, &s.trust_domains) {
+            (Some(ids), _) if !ids.contains(&Pattern::Any) => {
+                for p in ids {
+                    out.push(match p {
+                        Pattern::Exact(id) => IdKey::Exact(id.clone()),
+                        Pattern::Prefix(p) => IdKey::Prefix(p.clone()),
+                        Pattern::Suffix(s) => IdKey::Suffix(s.clone()),
+                        Pattern::Any => return None,
+                    });
+                }
             }
+            // As `source_mismatch` reads it, the trust domain of `spiffe://td` and of
+            // `spiffe://td/...` is `td` (a checked trust domain has no `/` and is not
+            // empty), and of nothing else.
+            (_, Some(tds)) => {
+                for td in tds {
+                    out.push(IdKey::Exact(format!("spiffe://{td}")));
+                    out.push(IdKey::Prefix(format!("spiffe://{td}/")));
+                }
+            }
+            _ => return None,
         }
     }
     Some(out)
@@ -225,12 +340,12 @@ impl CompiledPolicy {
     }
 
     /// How many rules of `action` policies evaluation would look at for `req`
-    /// (the index's work; for tests and benchmarks).
+    /// (the index's work; for tests and benchmarks). A rule filed under several
+    /// keys that all match `req` counts once per key.
     pub fn candidates(&self, action: Action, req: &Request<'_>) -> usize {
-        self.candidate_lists(action, req)
-            .iter()
-            .map(|l| l.len())
-            .sum()
+        let mut n = 0;
+        self.for_each_list(action, req, |l| n += l.len());
+        n
     }
 
     pub(crate) fn allow_applies(&self, req: &Request<'_>) -> bool {
@@ -248,27 +363,33 @@ impl CompiledPolicy {
         }
     }
 
-    /// The (up to four) candidate lists for a request.
-    fn candidate_lists<'a>(&'a self, action: Action, req: &Request<'_>) -> [&'a [RuleRef]; 4] {
+    /// Calls `f` with each candidate list for a request: those of the request's
+    /// port (never for ICMP, which has none), then those of "any port".
+    fn for_each_list<'a>(
+        &'a self,
+        action: Action,
+        req: &Request<'_>,
+        mut f: impl FnMut(&'a [RuleRef]),
+    ) {
         let idx = self.index(action);
-        let [a, b] = idx
-            .by_port
-            .get(&req.dst_port)
-            .filter(|_| req.protocol != Protocol::Icmp)
-            .map_or([&[][..], &[][..]], |s| s.lists(req.src_identity));
-        let [c, d] = idx.any_port.lists(req.src_identity);
-        [a, b, c, d]
+        if req.protocol != Protocol::Icmp {
+            if let Some(s) = idx.by_port.get(&req.dst_port) {
+                s.for_each_list(req.src_identity, &mut f);
+            }
+        }
+        idx.any_port.for_each_list(req.src_identity, &mut f);
     }
 
+    /// Calls `f` with every rule of `action` policies that could match `req`, not
+    /// in file order, and a rule more than once if it is filed under several keys
+    /// that match (callers that collect matches sort and dedup).
     pub(crate) fn for_each_candidate(
         &self,
         action: Action,
         req: &Request<'_>,
         mut f: impl FnMut(RuleRef),
     ) {
-        for list in self.candidate_lists(action, req) {
-            list.iter().copied().for_each(&mut f);
-        }
+        self.for_each_list(action, req, |list| list.iter().copied().for_each(&mut f));
     }
 
     /// The first rule (in file order) of `action` policies that matches.
@@ -284,8 +405,10 @@ impl CompiledPolicy {
         req: &Request<'_>,
         lenient: bool,
     ) -> Option<RuleRef> {
+        // Each list is in file order: the first match in a list is its best, and a
+        // list can stop at the best found so far in earlier lists.
         let mut best: Option<RuleRef> = None;
-        for list in self.candidate_lists(action, req) {
+        self.for_each_list(action, req, |list| {
             for &r in list {
                 if best.is_some_and(|b| r >= b) {
                     break;
@@ -295,7 +418,7 @@ impl CompiledPolicy {
                     break;
                 }
             }
-        }
+        });
         best
     }
 

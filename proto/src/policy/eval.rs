@@ -212,7 +212,10 @@ pub fn evaluate(policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
         }
     });
     if audit.len() > 1 {
+        // Candidates come list by list, and a rule filed under two keys that both
+        // match (a prefix and a suffix) comes twice.
         audit.sort_unstable();
+        audit.dedup();
     }
     // Step 1: any matching deny wins.
     if let Some(r) = policy.first_match(Action::Deny, req) {
