@@ -235,8 +235,13 @@ impl CompiledPolicy {
             total += p.rules.len();
         }
         c.slot_base.push(total);
+        // Hash sets beside the lists, which keep first-seen order: comparing each
+        // new selector (or not_ports list) with every one before it was quadratic in
+        // the number of policies (or rules).
+        let mut selectors_seen: HashSet<&Option<Selector>> = HashSet::new();
+        let mut l7_seen = L7Seen::default();
         for (pi, p) in set.policies.iter().enumerate() {
-            if p.action == Action::Allow && !c.allow_selectors.contains(&p.selector) {
+            if p.action == Action::Allow && selectors_seen.insert(&p.selector) {
                 c.allow_selectors.push(p.selector.clone());
             }
             let index = match p.action {
@@ -257,7 +262,7 @@ impl CompiledPolicy {
                     }
                     None => index.any_port.insert(rule, r),
                 }
-                note_l7(&mut c.l7_ports, &mut c.l7_any_port_except, rule);
+                l7_seen.note(&mut c.l7_ports, &mut c.l7_any_port_except, rule);
             }
         }
         c.set = set;
@@ -439,32 +444,44 @@ impl CompiledPolicy {
     }
 }
 
-fn note_l7(ports: &mut HashSet<u16>, any_except: &mut Vec<Vec<u16>>, rule: &Rule) {
-    if !rule.is_l7() {
-        return;
-    }
-    // Header conditions make every `to` entry of the rule layer 7.
-    let whole_rule = !rule.when.is_empty();
-    if rule.to.is_empty() {
-        any_except.push(Vec::new());
-        return;
-    }
-    for op in &rule.to {
-        if !(whole_rule || op.is_l7()) {
-            continue;
+/// The `not_ports` lists already in `l7_any_port_except`, while compiling.
+#[derive(Default)]
+struct L7Seen<'a> {
+    any_except: HashSet<&'a [u16]>,
+}
+
+impl<'a> L7Seen<'a> {
+    /// Records where layer-7 rule `rule` needs inspection: the ports it names, or
+    /// every port but its `not_ports` (each distinct list once).
+    fn note(&mut self, ports: &mut HashSet<u16>, any_except: &mut Vec<Vec<u16>>, rule: &'a Rule) {
+        if !rule.is_l7() {
+            return;
         }
-        if op
-            .protocols
-            .as_ref()
-            .is_some_and(|p| !p.contains(&Protocol::Tcp))
-        {
-            continue;
+        // Header conditions make every `to` entry of the rule layer 7.
+        let whole_rule = !rule.when.is_empty();
+        if rule.to.is_empty() {
+            if self.any_except.insert(&[]) {
+                any_except.push(Vec::new());
+            }
+            return;
         }
-        match &op.ports {
-            Some(p) => ports.extend(p.iter().copied().filter(|p| !op.not_ports.contains(p))),
-            None => {
-                if !any_except.contains(&op.not_ports) {
-                    any_except.push(op.not_ports.clone());
+        for op in &rule.to {
+            if !(whole_rule || op.is_l7()) {
+                continue;
+            }
+            if op
+                .protocols
+                .as_ref()
+                .is_some_and(|p| !p.contains(&Protocol::Tcp))
+            {
+                continue;
+            }
+            match &op.ports {
+                Some(p) => ports.extend(p.iter().copied().filter(|p| !op.not_ports.contains(p))),
+                None => {
+                    if self.any_except.insert(&op.not_ports) {
+                        any_except.push(op.not_ports.clone());
+                    }
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! Policy files: TOML → raw serde structs (unknown fields are errors) → the checked
 //! model. Every error names the file, the line and the field.
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -147,7 +148,10 @@ struct RawTest {
 
 /// Parses and checks a policy file. `file` names it in messages.
 pub fn parse(file: &str, source: &str) -> Result<Parsed, PolicyError> {
-    let cx = Cx { file, source };
+    let cx = Cx {
+        file,
+        lines: Lines::new(source),
+    };
     let raw: RawFile = toml::from_str(source).map_err(|e| cx.toml_error(&e))?;
     let Some(raw_policies) = raw.policy else {
         return Err(cx.err(
@@ -160,43 +164,84 @@ pub fn parse(file: &str, source: &str) -> Result<Parsed, PolicyError> {
         source: file.to_string(),
         ..PolicySet::default()
     };
+    // Policy name → line of its first `[[policy]]`, for duplicates and test cases.
+    let mut names: HashMap<String, usize> = HashMap::with_capacity(raw_policies.len());
     for (pi, rp) in raw_policies.into_iter().enumerate() {
         let line = cx.line(rp.span().start);
         let p = cx.policy(pi, rp.into_inner(), line)?;
-        if let Some(prev) = set.policies.iter().find(|q| q.name == p.name) {
+        if let Some(first) = names.get(&p.name) {
             return Err(cx.err_line(
                 line,
                 &format!("policy[{pi}].name"),
-                &format!(
-                    "duplicate policy name {:?} (first at line {})",
-                    p.name, prev.line
-                ),
+                &format!("duplicate policy name {:?} (first at line {first})", p.name),
             ));
         }
+        names.insert(p.name.clone(), line);
         set.policies.push(p);
     }
     for (ti, rt) in raw.test.into_iter().enumerate() {
         let line = cx.line(rt.span().start);
-        let t = cx.test(ti, rt.into_inner(), line, &set)?;
+        let t = cx.test(ti, rt.into_inner(), line, &names)?;
         set.tests.push(t);
     }
     let warnings = lint(&set);
     Ok(Parsed { set, warnings })
 }
 
+/// Where each line of a source starts, found once per file, so that the line of a
+/// span costs a binary search: a file of n rules asks for about n lines, and counting
+/// newlines from the start of the file each time made parsing quadratic.
+struct Lines<'a> {
+    source: &'a str,
+    /// Byte offset of the start of each line; `starts[0] == 0`.
+    starts: Vec<usize>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(source: &'a str) -> Lines<'a> {
+        let starts = std::iter::once(0)
+            .chain(
+                source
+                    .bytes()
+                    .enumerate()
+                    .filter(|&(_, b)| b == b'\n')
+                    .map(|(i, _)| i + 1),
+            )
+            .collect();
+        Lines { source, starts }
+    }
+
+    /// The 1-based line holding byte `offset` (offsets past the end count as the
+    /// end): one more than the number of newlines before it.
+    fn line(&self, offset: usize) -> usize {
+        let offset = offset.min(self.source.len());
+        self.starts.partition_point(|&s| s <= offset)
+    }
+
+    /// The text of 1-based `line` as `str::lines` gives it: without its `\n` or
+    /// `\r\n`; empty past the end.
+    fn text(&self, line: usize) -> &'a str {
+        let Some(&start) = line.checked_sub(1).and_then(|i| self.starts.get(i)) else {
+            return "";
+        };
+        match self.starts.get(line) {
+            Some(&next) => {
+                let text = &self.source[start..next - 1];
+                text.strip_suffix('\r').unwrap_or(text)
+            }
+            None => &self.source[start..],
+        }
+    }
+}
+
 struct Cx<'a> {
     file: &'a str,
-    source: &'a str,
+    lines: Lines<'a>,
 }
 
 impl Cx<'_> {
     fn line(&self, offset: usize) -> usize {
-        let end = offset.min(self.source.len());
-        self.source.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+        self.lines.line(offset)
     }
 
     fn err(&self, offset: usize, field: &str, message: &str) -> PolicyError {
@@ -217,7 +262,7 @@ impl Cx<'_> {
     fn toml_error(&self, e: &toml::de::Error) -> PolicyError {
         let offset = e.span().map_or(0, |s| s.start);
         let line = self.line(offset);
-        let text = self.source.lines().nth(line - 1).unwrap_or("");
+        let text = self.lines.text(line);
         let field = text
             .split_once('=')
             .map(|(k, _)| k.trim())
@@ -259,12 +304,13 @@ impl Cx<'_> {
                 })
             }
         };
-        let mut rules = Vec::new();
+        let mut rules = Vec::with_capacity(rp.rule.len());
+        let mut rule_names = HashSet::new();
         for (ri, rr) in rp.rule.into_iter().enumerate() {
             let rline = self.line(rr.span().start);
             let rule = self.rule(&format!("{at}.rule[{ri}]"), rr.into_inner(), rline)?;
             if let Some(n) = &rule.name {
-                if rules.iter().any(|r: &Rule| r.name.as_ref() == Some(n)) {
+                if !rule_names.insert(n.clone()) {
                     return Err(self.err_line(
                         rline,
                         &format!("{at}.rule[{ri}].name"),
@@ -447,7 +493,7 @@ impl Cx<'_> {
         ti: usize,
         rt: RawTest,
         line: usize,
-        set: &PolicySet,
+        policies: &HashMap<String, usize>,
     ) -> Result<TestCase, PolicyError> {
         let at = format!("test[{ti}]");
         let f = |name: &str| format!("{at}.{name}");
@@ -539,7 +585,7 @@ impl Cx<'_> {
             }
         };
         if let Some(p) = &rt.expect_policy {
-            if !set.policies.iter().any(|q| &q.name == p) {
+            if !policies.contains_key(p) {
                 return Err(self.err_line(
                     line,
                     &f("expect_policy"),
@@ -653,4 +699,42 @@ fn host(v: &str) -> Result<HostPattern, String> {
         name: Pattern::parse(name),
         port,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lines;
+
+    /// [`Lines`] gives what the definitions it replaces gave: the line is one more
+    /// than the newlines before the offset, the text is `str::lines`' item.
+    #[test]
+    fn lines_agree_with_counting_from_the_start() {
+        for src in [
+            "",
+            "\n",
+            "a",
+            "a\n",
+            "a\nb",
+            "a\n\nb\n",
+            "x = 1\r\ny = 2\r\n",
+            "x = 1\r\ny\r",
+            "\r\n\r\n",
+            "é = \"ü\"\n→\n",
+        ] {
+            let lines = Lines::new(src);
+            for offset in 0..src.len() + 3 {
+                let want = src.as_bytes()[..offset.min(src.len())]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1;
+                assert_eq!(lines.line(offset), want, "{src:?} at {offset}");
+            }
+            for line in 1..src.len() + 3 {
+                let want = src.lines().nth(line - 1).unwrap_or("");
+                assert_eq!(lines.text(line), want, "{src:?} line {line}");
+            }
+            assert_eq!(lines.text(0), "");
+        }
+    }
 }

@@ -235,6 +235,175 @@ fn clean_policy_has_no_warnings() {
     assert!(w.is_empty(), "{w:?}");
 }
 
+// ---- large files -----------------------------------------------------------------
+
+/// A generated file: policy "head", then policy "big" of `BIG_RULES` rules (rule `i`
+/// named `r{i}`, its body `body(i)` when that gives one), then `tail`. Keeps the
+/// line of each `[[policy.rule]]`, of big's `[[policy]]` and of the tail's start.
+struct BigFile {
+    src: String,
+    big_line: usize,
+    rule_line: Vec<usize>,
+    tail_line: usize,
+}
+
+const BIG_RULES: usize = 20_000;
+
+fn big_file(body: impl Fn(usize) -> Option<String>, tail: &str) -> BigFile {
+    let mut lines: Vec<String> = vec![
+        "[[policy]]".into(),
+        "name = \"head\"".into(),
+        "action = \"deny\"".into(),
+        "[[policy.rule]]".into(),
+        "from = [{ trust_domains = [\"evil\"] }]".into(),
+        String::new(),
+    ];
+    let big_line = lines.len() + 1;
+    lines.extend(["[[policy]]", "name = \"big\"", "action = \"allow\""].map(String::from));
+    let mut rule_line = Vec::with_capacity(BIG_RULES);
+    for i in 0..BIG_RULES {
+        rule_line.push(lines.len() + 1);
+        lines.push("[[policy.rule]]".into());
+        let body = body(i).unwrap_or_else(|| {
+            format!(
+                "name = \"r{i}\"\nfrom = [{{ identities = [\"spiffe://t/svc-{i}\"] }}]\nto = [{{ ports = [{}] }}]",
+                1_000 + i
+            )
+        });
+        lines.extend(body.lines().map(String::from));
+    }
+    lines.push(String::new());
+    let tail_line = lines.len() + 1;
+    let mut src = lines.join("\n");
+    src.push('\n');
+    src.push_str(tail);
+    BigFile {
+        src,
+        big_line,
+        rule_line,
+        tail_line,
+    }
+}
+
+/// Line numbers stay exact in a file of 20,000 rules: errors and warnings about its
+/// last rules, a duplicate policy after them, a test case at the end. (Finding a
+/// line used to count newlines from the start of the file for every rule, and the
+/// duplicate-name checks compared every pair: a file this size took minutes.)
+#[test]
+fn large_file_reports_exact_lines() {
+    let last = BIG_RULES - 1;
+    let rule = |i: usize, extra: &str| {
+        Some(format!(
+            "name = \"r{i}\"\nfrom = [{{ identities = [\"spiffe://t/svc-{i}\"] }}]\n{extra}"
+        ))
+    };
+
+    // A valid file: warnings on rules at the end, in file order; its test passes.
+    let f = big_file(
+        |i| match i {
+            7 => rule(i, "to = [{ ports = [] }]"),
+            i if i == last - 1 => rule(i, "to = [{ ports = [80], methods = [\"get\"] }]"),
+            i if i == last => rule(
+                i,
+                "to = [{ ports = [80] }]\nwhen = [{ key = \"request.headers[host]\", values = [\"a\"] }]",
+            ),
+            _ => None,
+        },
+        "[[test]]\nfrom = \"spiffe://t/svc-19990\"\nto_port = 20990\nexpect = \"allow\"\nexpect_policy = \"big\"\nexpect_rule = \"r19990\"\n",
+    );
+    let loaded = load("big.toml", &f.src, DefaultAction::Deny).unwrap_or_else(|e| panic!("{e}"));
+    let got: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(
+        got,
+        [
+            format!("big.toml:{}: warning: policy[1].rule[7].to[0].ports: empty list matches nothing: this can never match (remove the field to match anything)", f.rule_line[7]),
+            format!("big.toml:{}: warning: policy[1].rule[{}].to[0].methods: methods are case-sensitive: \"get\" never matches \"GET\"", f.rule_line[last - 1], last - 1),
+            format!("big.toml:{}: warning: policy[1].rule[{last}].when[0].key: use `hosts` in `to` for the Host header (it handles ports and case)", f.rule_line[last]),
+        ]
+    );
+    assert_eq!(loaded.results.len(), 1);
+    assert!(loaded.tests_passed(), "{:?}", loaded.results);
+    assert_eq!(loaded.results[0].line, f.tail_line);
+    let big = &loaded.compiled.set().policies[1];
+    assert_eq!(big.line, f.big_line);
+    assert_eq!(big.rules.len(), BIG_RULES);
+    assert!(big
+        .rules
+        .iter()
+        .zip(&f.rule_line)
+        .all(|(r, &line)| r.line == line));
+
+    let fails = |f: &BigFile| match parse("big.toml", &f.src) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    };
+    // A duplicate rule name near the end.
+    let f = big_file(|i| (i == last - 1).then(|| "name = \"r7\"".to_string()), "");
+    assert_eq!(
+        fails(&f),
+        format!(
+            "big.toml:{}: policy[1].rule[{}].name: duplicate rule name \"r7\" in policy \"big\"",
+            f.rule_line[last - 1],
+            last - 1
+        )
+    );
+    // A duplicate policy name after the big policy.
+    let f = big_file(|_| None, "[[policy]]\nname = \"big\"\naction = \"deny\"\n");
+    assert_eq!(
+        fails(&f),
+        format!(
+            "big.toml:{}: policy[2].name: duplicate policy name \"big\" (first at line {})",
+            f.tail_line, f.big_line
+        )
+    );
+    // A bad value in the last rule: the line of the value.
+    let f = big_file(
+        |i| {
+            (i == last)
+                .then(|| rule(i, "to = [{ ports = [0] }]"))
+                .flatten()
+        },
+        "",
+    );
+    assert_eq!(
+        fails(&f),
+        format!(
+            "big.toml:{}: policy[1].rule[{last}].to[0].ports: port 0 is not in 1-65535",
+            f.rule_line[last] + 3
+        )
+    );
+    // A TOML error in the last rule: its line and the key written on it.
+    let f = big_file(
+        |i| {
+            (i == last)
+                .then(|| rule(i, "to = [{ ports = [80] }]\nprots = [80]"))
+                .flatten()
+        },
+        "",
+    );
+    let e = parse("big.toml", &f.src)
+        .err()
+        .unwrap_or_else(|| panic!("expected an error"));
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (f.rule_line[last] + 4, "prots"),
+        "{e}"
+    );
+    assert!(e.message.contains("unknown field `prots`"), "{e}");
+    // A test case naming a policy the file does not have.
+    let f = big_file(
+        |_| None,
+        "[[test]]\nfrom = \"spiffe://t/a\"\nto_port = 80\nexpect = \"deny\"\nexpect_policy = \"nope\"\n",
+    );
+    assert_eq!(
+        fails(&f),
+        format!(
+            "big.toml:{}: test[0].expect_policy: no policy named \"nope\" in this file",
+            f.tail_line
+        )
+    );
+}
+
 // ---- evaluation order ----------------------------------------------------------
 
 const ORDER: &str = r#"
