@@ -21,13 +21,19 @@
 //! (the enforcer also picks its shard with it) and the table finds the flow in
 //! either direction without hashing again. The hash is keyed per process
 //! ([`FlowHasher`]), so that peers cannot choose 5-tuples that collide.
+//!
+//! Memory follows the flows in use: the hash index holds only keys and slot numbers
+//! (44 bytes a flow, reserved up front for the capacity), the flows themselves live
+//! in a slab that fills from the front and reuses freed slots, so a host with a few
+//! thousand flows does not touch the pages a full table would.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use hashbrown::hash_table::{Entry, HashTable};
+use hashbrown::hash_table::HashTable;
+use slab::Slab;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -234,20 +240,14 @@ pub struct TableFull {
     pub capacity: usize,
 }
 
-/// A flow stored under its original key. Its hash is not stored: the table reserves
-/// its capacity up front and never rehashes in practice, and the few cold paths that
-/// need it (eviction, a rehash) compute it again; 8 bytes per slot of a table whose
-/// every page a busy host touches.
-#[derive(Debug)]
-struct Slot<V> {
-    key: FlowKey,
-    flow: Flow<V>,
-}
-
 /// The connection table. Not synchronised: the shell shards it.
 #[derive(Debug)]
 pub struct ConnTrack<V> {
-    flows: HashTable<Slot<V>>,
+    /// Original key → slot in `flows`. The hash is not stored: the index reserves
+    /// its capacity up front and does not rehash in practice, and the cold paths
+    /// that need a flow's hash (eviction, a rehash) compute it again.
+    index: HashTable<(FlowKey, u32)>,
+    flows: Slab<Flow<V>>,
     hasher: FlowHasher,
     capacity: usize,
     timeouts: Timeouts,
@@ -261,7 +261,8 @@ const EVICTION_SAMPLE: usize = 64;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl<V> ConnTrack<V> {
-    /// A table of at most `capacity` flows; its memory is reserved up front.
+    /// A table of at most `capacity` flows (at most `u32::MAX`); its memory is
+    /// reserved up front.
     pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
         ConnTrack::with_hasher(capacity, timeouts, FlowHasher::default())
     }
@@ -269,8 +270,10 @@ impl<V> ConnTrack<V> {
     /// As [`ConnTrack::new`], hashing with `hasher`: the `*_hashed` methods take
     /// hashes made by it (or a clone).
     pub fn with_hasher(capacity: usize, timeouts: Timeouts, hasher: FlowHasher) -> Self {
+        let capacity = capacity.min(u32::MAX as usize);
         ConnTrack {
-            flows: HashTable::with_capacity(capacity),
+            index: HashTable::with_capacity(capacity),
+            flows: Slab::with_capacity(capacity),
             hasher,
             capacity,
             timeouts,
@@ -319,26 +322,28 @@ impl<V> ConnTrack<V> {
     ) -> Option<(Dir, &mut Flow<V>)> {
         // The original direction first: if both a flow and its mirror image exist
         // (two ends that opened the same 5-tuple), the packet belongs to its own.
-        let (dir, entry) = match self.flows.find_entry(h.0, |s| s.key == *key) {
+        let (dir, entry) = match self.index.find_entry(h.0, |(k, _)| k == key) {
             Ok(e) => (Dir::Original, e),
             Err(absent) => {
                 let r = key.reversed();
-                let e = absent.into_table().find_entry(h.0, |s| s.key == r).ok()?;
+                let e = absent.into_table().find_entry(h.0, |(k, _)| *k == r).ok()?;
                 (Dir::Reply, e)
             }
         };
-        if entry.get().flow.expired(key.proto, &self.timeouts, now) {
+        let slot = entry.get().1 as usize;
+        if self.flows[slot].expired(key.proto, &self.timeouts, now) {
             entry.remove();
+            self.flows.remove(slot);
             return None;
         }
-        let flow = &mut entry.into_mut().flow;
+        let flow = &mut self.flows[slot];
         flow.observe(dir, obs, now);
         Some((dir, flow))
     }
 
     /// Every tracked flow, in no particular order.
     pub fn flows(&self) -> impl Iterator<Item = &Flow<V>> {
-        self.flows.iter().map(|s| &s.flow)
+        self.flows.iter().map(|(_, f)| f)
     }
 
     /// The flow stored under exactly `key` (its original direction), without
@@ -349,11 +354,13 @@ impl<V> ConnTrack<V> {
 
     /// [`ConnTrack::get`] with the flow's hash already computed.
     pub fn get_hashed(&self, h: FlowHash, key: &FlowKey) -> Option<&Flow<V>> {
-        self.flows.find(h.0, |s| s.key == *key).map(|s| &s.flow)
+        let &(_, slot) = self.index.find(h.0, |(k, _)| k == key)?;
+        Some(&self.flows[slot as usize])
     }
 
     /// Starts tracking a flow opened by a packet with 5-tuple `key`. Makes room if
-    /// needed (see the module docs); refuses with [`TableFull`] otherwise.
+    /// needed (see the module docs); refuses with [`TableFull`] otherwise. A flow
+    /// already tracked under `key` is kept as it is.
     pub fn insert(
         &mut self,
         key: FlowKey,
@@ -376,19 +383,20 @@ impl<V> ConnTrack<V> {
         obs: &Observation,
         now: Duration,
     ) -> Result<&mut Flow<V>, TableFull> {
-        let exists = self.flows.find(h.0, |s| s.key == key).is_some();
-        if !exists && self.flows.len() >= self.capacity {
+        if let Some(&(_, slot)) = self.index.find(h.0, |(k, _)| *k == key) {
+            return Ok(&mut self.flows[slot as usize]);
+        }
+        if self.flows.len() >= self.capacity {
             self.make_room(now)?;
         }
         let mut flow = Flow::new(origin, value, now);
         flow.observe(Dir::Original, obs, now);
+        let slot = self.flows.insert(flow);
         let hasher = &self.hasher;
-        let rehash = |s: &Slot<V>| hasher.hash(&s.key).0;
-        let slot = match self.flows.entry(h.0, |s| s.key == key, rehash) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(Slot { key, flow }).into_mut(),
-        };
-        Ok(&mut slot.flow)
+        let rehash = |(k, _): &(FlowKey, u32)| hasher.hash(k).0;
+        // Absent (looked up above); `slot` < capacity <= u32::MAX.
+        self.index.insert_unique(h.0, (key, slot as u32), rehash);
+        Ok(&mut self.flows[slot])
     }
 
     fn make_room(&mut self, now: Duration) -> Result<(), TableFull> {
@@ -398,16 +406,18 @@ impl<V> ConnTrack<V> {
         if due && self.sweep(now) > 0 {
             return Ok(());
         }
-        // Oldest flow that never saw a reply, among a sample (the table's order
+        // Oldest flow that never saw a reply, among a sample (the index's order
         // follows the keyed hash): half-open floods evict each other, never an
         // established connection.
+        let flows = &self.flows;
         let victim = self
-            .flows
+            .index
             .iter()
             .take(EVICTION_SAMPLE)
-            .filter(|s| !s.flow.replied)
-            .min_by_key(|s| s.flow.last_seen)
-            .map(|s| s.key);
+            .map(|&(k, slot)| (k, &flows[slot as usize]))
+            .filter(|(_, f)| !f.replied)
+            .min_by_key(|(_, f)| f.last_seen)
+            .map(|(k, _)| k);
         match victim {
             Some(k) => {
                 self.remove(&k);
@@ -423,17 +433,23 @@ impl<V> ConnTrack<V> {
     /// Removes expired flows; returns how many.
     pub fn sweep(&mut self, now: Duration) -> usize {
         self.last_sweep = Some(now);
-        let before = self.flows.len();
         let timeouts = self.timeouts;
-        self.flows
-            .retain(|s| !s.flow.expired(s.key.proto, &timeouts, now));
+        let before = self.flows.len();
+        self.retain(|k, f| !f.expired(k.proto, &timeouts, now));
         before - self.flows.len()
     }
 
     /// Visits every flow (e.g. to re-evaluate cached decisions after a policy change);
     /// flows for which `f` returns false are removed.
     pub fn retain(&mut self, mut f: impl FnMut(&FlowKey, &mut Flow<V>) -> bool) {
-        self.flows.retain(|s| f(&s.key, &mut s.flow));
+        let flows = &mut self.flows;
+        self.index.retain(|(k, slot)| {
+            let keep = f(k, &mut flows[*slot as usize]);
+            if !keep {
+                flows.remove(*slot as usize);
+            }
+            keep
+        });
     }
 
     pub fn remove(&mut self, key: &FlowKey) -> Option<Flow<V>> {
@@ -442,8 +458,9 @@ impl<V> ConnTrack<V> {
 
     /// [`ConnTrack::remove`] with the flow's hash already computed.
     pub fn remove_hashed(&mut self, h: FlowHash, key: &FlowKey) -> Option<Flow<V>> {
-        let entry = self.flows.find_entry(h.0, |s| s.key == *key).ok()?;
-        Some(entry.remove().0.flow)
+        let entry = self.index.find_entry(h.0, |(k, _)| k == key).ok()?;
+        let ((_, slot), _) = entry.remove();
+        Some(self.flows.remove(slot as usize))
     }
 }
 
