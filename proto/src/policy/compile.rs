@@ -1,21 +1,22 @@
 //! The compiled form: the checked [`PolicySet`] plus an index per action, so that
-//! evaluation looks only at rules that could match the request's destination port
-//! and source identity (as nebula's firewall compiles rules into a lookup tree).
+//! evaluation looks only at rules that could match the request's receiving workload,
+//! destination port and source identity (as nebula's firewall compiles rules into a
+//! lookup tree).
 //!
 //! Index shape, per action: receiving workload → destination port → source identity
 //! → rules. A policy's rules are filed under the workload keys of its selector (see
-//! below). Within that, a rule is
-//! filed under each port it names when every `to` entry names ports, else under
-//! "any port". Within that, a rule is filed under the identity keys of its `from`
-//! entries when every entry constrains the source identity, else under "any
-//! source". An entry constrains the identity through `identities` without `*`
-//! (exact IDs, `prefix*`, `*suffix`), else through `trust_domains` (trust domain
-//! `td` is the exact key `spiffe://td` plus the prefix key `spiffe://td/`).
+//! below). Within that, a rule is filed under each port it names when every `to`
+//! entry names ports, else under "any port". Within that, a rule is filed under the
+//! identity keys of its `from` entries when every entry constrains the source
+//! identity, else under "any source". An entry constrains the identity through
+//! `identities` without `*` (exact IDs, `prefix*`, `*suffix`), else through
+//! `trust_domains` (trust domain `td` is the exact key `spiffe://td` plus the prefix
+//! key `spiffe://td/`).
 //! Negations (`not_identities`, ...) only narrow what an entry matches, so they
 //! neither make a rule indexable nor stop it being filed under its positive keys.
 //! An `identities = []` entry matches nothing and adds no key.
 //!
-//! Identity keys, per (action, port) bucket:
+//! Identity keys, per (action, workload key, port) bucket:
 //! - exact IDs: a hash map, one lookup;
 //! - prefixes: a hash map from the prefix to its rules, plus the sorted set of
 //!   distinct prefix lengths. A request looks up its identity cut at each of those
