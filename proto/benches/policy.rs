@@ -14,6 +14,12 @@
 //! - `suffix_match`: other identity *suffixes* (`*/svc-7`) on the same port; the
 //!   matching rule is a suffix too (`*/client`).
 //!
+//! `selected_policies/<n>`: `n` allow policies, each selecting its own workload
+//! (`selector = { identities = ["spiffe://bench/svc-<i>"] }`, one policy per service)
+//! and admitting the client on port 80; the request goes to the workload of policy
+//! `n / 2`. Every rule is filed under the same port and source, so only the selector
+//! tells them apart.
+//!
 //! Run: `cargo bench -p mesh-proto --bench policy`.
 
 use std::hint::black_box;
@@ -82,8 +88,26 @@ fn policy_source(shape: Shape, n: usize) -> String {
     s
 }
 
+/// `n` allow policies, policy `i` selecting workload `svc-<i>` and admitting the client.
+fn selected_source(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        s.push_str(&format!(
+            "[[policy]]\nname = \"svc-{i}\"\naction = \"allow\"\n\
+             selector = {{ identities = [\"spiffe://bench/svc-{i}\"] }}\n\
+             [[policy.rule]]\nfrom = [{{ identities = [\"{CLIENT}\"] }}]\n\
+             to = [{{ ports = [80] }}]\n"
+        ));
+    }
+    s
+}
+
 fn compile(shape: Shape, n: usize) -> CompiledPolicy {
-    let parsed = match parse("bench.toml", &policy_source(shape, n)) {
+    compile_source(&policy_source(shape, n))
+}
+
+fn compile_source(src: &str) -> CompiledPolicy {
+    let parsed = match parse("bench.toml", src) {
         Ok(p) => p,
         Err(e) => panic!("bench policy does not parse: {e}"),
     };
@@ -138,6 +162,30 @@ fn bench_policy(c: &mut Criterion) {
                 b.iter(|| evaluate(black_box(&policy), black_box(req)))
             });
         }
+    }
+    for n in SIZES {
+        let policy = compile_source(&selected_source(n));
+        let workload = format!("spiffe://bench/svc-{}", n / 2);
+        let req = Request {
+            src_identity: Some(CLIENT),
+            src_groups: &[],
+            src_addr: None,
+            dst_identity: Some(&workload),
+            dst_groups: &[],
+            dst_addr: None,
+            dst_port: 80,
+            protocol: Protocol::Tcp,
+            http: None,
+        };
+        let d = evaluate(&policy, &req);
+        assert!(
+            d.is_allowed() && d.rule().is_some_and(|r| r.policy as usize == n / 2),
+            "selected_policies with {n} policies must allow by policy {}",
+            n / 2
+        );
+        group.bench_with_input(BenchmarkId::new("selected_policies", n), &req, |b, req| {
+            b.iter(|| evaluate(black_box(&policy), black_box(req)))
+        });
     }
     group.finish();
 }

@@ -1,19 +1,22 @@
 //! The compiled form: the checked [`PolicySet`] plus an index per action, so that
-//! evaluation looks only at rules that could match the request's destination port
-//! and source identity (as nebula's firewall compiles rules into a lookup tree).
+//! evaluation looks only at rules that could match the request's receiving workload,
+//! destination port and source identity (as nebula's firewall compiles rules into a
+//! lookup tree).
 //!
-//! Index shape, per action: destination port → source identity → rules. A rule is
-//! filed under each port it names when every `to` entry names ports, else under
-//! "any port". Within that, a rule is filed under the identity keys of its `from`
-//! entries when every entry constrains the source identity, else under "any
-//! source". An entry constrains the identity through `identities` without `*`
-//! (exact IDs, `prefix*`, `*suffix`), else through `trust_domains` (trust domain
-//! `td` is the exact key `spiffe://td` plus the prefix key `spiffe://td/`).
+//! Index shape, per action: receiving workload → destination port → source identity
+//! → rules. A policy's rules are filed under the workload keys of its selector (see
+//! below). Within that, a rule is filed under each port it names when every `to`
+//! entry names ports, else under "any port". Within that, a rule is filed under the
+//! identity keys of its `from` entries when every entry constrains the source
+//! identity, else under "any source". An entry constrains the identity through
+//! `identities` without `*` (exact IDs, `prefix*`, `*suffix`), else through
+//! `trust_domains` (trust domain `td` is the exact key `spiffe://td` plus the prefix
+//! key `spiffe://td/`).
 //! Negations (`not_identities`, ...) only narrow what an entry matches, so they
 //! neither make a rule indexable nor stop it being filed under its positive keys.
 //! An `identities = []` entry matches nothing and adds no key.
 //!
-//! Identity keys, per (action, port) bucket:
+//! Identity keys, per (action, workload key, port) bucket:
 //! - exact IDs: a hash map, one lookup;
 //! - prefixes: a hash map from the prefix to its rules, plus the sorted set of
 //!   distinct prefix lengths. A request looks up its identity cut at each of those
@@ -29,13 +32,32 @@
 //! - `*`, and rules that do not constrain the identity: one "any source" list,
 //!   which every request with that port visits.
 //!
+//! Workload keys, from a policy's selector (which must hold for any of its rules to
+//! match, and for an allow policy to make the workload default-deny). Selector
+//! fields AND, so a selector is filed under the keys of one field, the one likely
+//! to pick fewest workloads:
+//! - `identities` naming only exact IDs: each ID;
+//! - else `groups`: each group (a hash map, one lookup per group of the workload);
+//! - else `identities` without `*`: exact IDs, prefixes and suffixes, looked up as
+//!   for sources (prefix and suffix tables with their distinct lengths);
+//! - else (no selector, an empty one, or `identities` with `*` and no `groups`):
+//!   "any workload", which every request visits.
+//!
+//! A written `[]` in the chosen field adds no key: that selector picks nothing. The
+//! key is a necessary condition only; each candidate is still checked against its
+//! whole selector (`selector_mismatch`), so a selector naming both identities and
+//! groups costs its groups check only when its identity key (or group) matched. The
+//! same workload index, holding selector numbers, answers "does any allow policy
+//! select this workload" (step 2 of the evaluation order) without scanning every
+//! allow policy.
+//!
 //! Every list is in file order (by [`RuleRef`]). A lookup visits several lists
-//! (per port bucket: the exact list, each matching prefix and suffix list, the
-//! any-source list); the first match in file order is the least matching
-//! [`RuleRef`] over all of them, found by stopping each list at the best so far.
-//! One rule may sit in several visited lists (say under `spiffe://t/a*` and
-//! `*/b`, both matching `spiffe://t/a/b`), so a visitor that collects matches
-//! (audit) removes repeats.
+//! (per matching workload key and port bucket: the exact list, each matching prefix
+//! and suffix list, the any-source list); the first match in file order is the
+//! least matching [`RuleRef`] over all of them, found by stopping each list at the
+//! best so far. One rule may sit in several visited lists (say under `spiffe://t/a*`
+//! and `*/b`, both matching `spiffe://t/a/b`, as a source or as the workload), so a
+//! visitor that collects matches (audit) removes repeats.
 
 use std::collections::{HashMap, HashSet};
 
@@ -53,6 +75,8 @@ pub struct CompiledPolicy {
     audit: ActionIndex,
     /// Distinct selectors of allow policies; `None` = an allow policy selecting all.
     allow_selectors: Vec<Option<Selector>>,
+    /// Positions in `allow_selectors`, by the workload keys of each selector.
+    allow_by_workload: WorkloadIndex<Vec<u32>>,
     l7_ports: HashSet<u16>,
     /// `not_ports` lists of layer-7 `to` entries that name no ports.
     l7_any_port_except: Vec<Vec<u16>>,
@@ -60,10 +84,133 @@ pub struct CompiledPolicy {
     slot_base: Vec<usize>,
 }
 
+/// Rules of one action, by the receiving workload, then port, then source.
+type ActionIndex = WorkloadIndex<PortIndex>;
+
+/// Values (rule indexes, selector numbers) filed under the workload keys of a
+/// selector; see the module doc for which keys a selector gets.
 #[derive(Debug, Default)]
-struct ActionIndex {
+struct WorkloadIndex<T> {
+    by_identity: HashMap<Box<str>, T>,
+    by_prefix: AffixIndex<T>,
+    by_suffix: AffixIndex<T>,
+    by_group: HashMap<Box<str>, T>,
+    any_workload: T,
+}
+
+impl<T: Default> WorkloadIndex<T> {
+    /// The value filed under `key`, created empty if new.
+    fn slot(&mut self, key: WorkloadKey) -> &mut T {
+        match key {
+            WorkloadKey::Identity(IdKey::Exact(id)) => {
+                self.by_identity.entry(id.into()).or_default()
+            }
+            WorkloadKey::Identity(IdKey::Prefix(p)) => self.by_prefix.slot(p),
+            WorkloadKey::Identity(IdKey::Suffix(s)) => self.by_suffix.slot(s),
+            WorkloadKey::Group(g) => self.by_group.entry(g.into()).or_default(),
+            WorkloadKey::Any => &mut self.any_workload,
+        }
+    }
+}
+
+impl<T> WorkloadIndex<T> {
+    /// Calls `f` with every value filed under a key that the workload with identity
+    /// `id` and `groups` matches: its exact ID, each prefix and suffix of it, each
+    /// of its groups, and "any workload". A workload without an identity matches no
+    /// identity key (no identity selector picks it). Repeated groups visit twice.
+    fn for_each_match<'a>(
+        &'a self,
+        id: Option<&str>,
+        groups: &[String],
+        f: &mut impl FnMut(&'a T),
+    ) {
+        if let Some(id) = id {
+            if let Some(v) = self.by_identity.get(id) {
+                f(v);
+            }
+            self.by_prefix.for_each_match(id, End::Start, f);
+            self.by_suffix.for_each_match(id, End::End, f);
+        }
+        if !self.by_group.is_empty() {
+            for g in groups {
+                if let Some(v) = self.by_group.get(g.as_str()) {
+                    f(v);
+                }
+            }
+        }
+        f(&self.any_workload);
+    }
+}
+
+/// A key a selector is filed under.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum WorkloadKey {
+    Identity(IdKey),
+    Group(String),
+    Any,
+}
+
+/// The workload keys of a policy's selector (`None` = no selector), without
+/// repeats; empty for a selector that picks no workload. Any workload the selector
+/// picks matches one of the keys: every field of a selector must match.
+fn workload_keys(sel: Option<&Selector>) -> Vec<WorkloadKey> {
+    let Some(sel) = sel else {
+        return vec![WorkloadKey::Any];
+    };
+    let ids = sel
+        .identities
+        .as_ref()
+        .filter(|ids| !ids.contains(&Pattern::Any));
+    let id_key = |p: &Pattern| {
+        WorkloadKey::Identity(match p {
+            Pattern::Exact(id) => IdKey::Exact(id.clone()),
+            Pattern::Prefix(p) => IdKey::Prefix(p.clone()),
+            Pattern::Suffix(s) => IdKey::Suffix(s.clone()),
+            // Filtered out above; "any workload" would be right anyway.
+            Pattern::Any => return WorkloadKey::Any,
+        })
+    };
+    let exact_only = ids.is_some_and(|ids| ids.iter().all(|p| matches!(p, Pattern::Exact(_))));
+    let mut keys: Vec<WorkloadKey> = match (ids, &sel.groups) {
+        (Some(ids), _) if exact_only => ids.iter().map(id_key).collect(),
+        (_, Some(groups)) => groups.iter().cloned().map(WorkloadKey::Group).collect(),
+        (Some(ids), None) => ids.iter().map(id_key).collect(),
+        (None, None) => vec![WorkloadKey::Any],
+    };
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// Rules of one action and workload key, by destination port, then source.
+#[derive(Debug, Default)]
+struct PortIndex {
     by_port: HashMap<u16, SourceIndex>,
     any_port: SourceIndex,
+}
+
+impl PortIndex {
+    fn insert(&mut self, rule: &Rule, r: RuleRef) {
+        match rule_ports(rule) {
+            Some(ports) => {
+                for port in ports {
+                    self.by_port.entry(port).or_default().insert(rule, r);
+                }
+            }
+            None => self.any_port.insert(rule, r),
+        }
+    }
+
+    /// Calls `f` with each candidate list for a request: those of the request's
+    /// port (never for ICMP, which has none), then those of "any port".
+    fn for_each_list<'a>(&'a self, req: &Request<'_>, f: &mut impl FnMut(&'a [RuleRef])) {
+        if req.protocol != Protocol::Icmp {
+            if let Some(s) = self.by_port.get(&req.dst_port) {
+                s.for_each_list(req.src_identity, f);
+            }
+        }
+        self.any_port.for_each_list(req.src_identity, f);
+    }
 }
 
 /// Rule lists are in file order (by [`RuleRef`]), so the first match is the
@@ -71,8 +218,8 @@ struct ActionIndex {
 #[derive(Debug, Default)]
 struct SourceIndex {
     by_identity: HashMap<Box<str>, Vec<RuleRef>>,
-    by_prefix: AffixIndex,
-    by_suffix: AffixIndex,
+    by_prefix: AffixIndex<Vec<RuleRef>>,
+    by_suffix: AffixIndex<Vec<RuleRef>>,
     any_source: Vec<RuleRef>,
 }
 
@@ -85,8 +232,8 @@ impl SourceIndex {
                         IdKey::Exact(id) => {
                             push_once(self.by_identity.entry(id.into()).or_default(), r)
                         }
-                        IdKey::Prefix(p) => self.by_prefix.insert(p, r),
-                        IdKey::Suffix(s) => self.by_suffix.insert(s, r),
+                        IdKey::Prefix(p) => push_once(self.by_prefix.slot(p), r),
+                        IdKey::Suffix(s) => push_once(self.by_suffix.slot(s), r),
                     }
                 }
             }
@@ -101,8 +248,10 @@ impl SourceIndex {
             if let Some(list) = self.by_identity.get(id) {
                 f(list);
             }
-            self.by_prefix.for_each_match(id, End::Start, f);
-            self.by_suffix.for_each_match(id, End::End, f);
+            self.by_prefix
+                .for_each_match(id, End::Start, &mut |l: &'a Vec<RuleRef>| f(l));
+            self.by_suffix
+                .for_each_match(id, End::End, &mut |l: &'a Vec<RuleRef>| f(l));
         }
         if !self.any_source.is_empty() {
             f(&self.any_source);
@@ -124,24 +273,37 @@ enum End {
     End,
 }
 
-/// Rules filed under identity prefixes (or suffixes), by the pattern's literal.
-#[derive(Debug, Default)]
-struct AffixIndex {
-    by_literal: HashMap<Box<str>, Vec<RuleRef>>,
+/// Values (rule lists, selector numbers) filed under identity prefixes (or
+/// suffixes), by the pattern's literal.
+#[derive(Debug)]
+struct AffixIndex<T> {
+    by_literal: HashMap<Box<str>, T>,
     /// The distinct literal lengths, ascending.
     lens: Vec<usize>,
 }
 
-impl AffixIndex {
-    fn insert(&mut self, literal: String, r: RuleRef) {
+impl<T> Default for AffixIndex<T> {
+    fn default() -> Self {
+        AffixIndex {
+            by_literal: HashMap::new(),
+            lens: Vec::new(),
+        }
+    }
+}
+
+impl<T: Default> AffixIndex<T> {
+    /// The value filed under `literal`, created empty if new.
+    fn slot(&mut self, literal: String) -> &mut T {
         if let Err(i) = self.lens.binary_search(&literal.len()) {
             self.lens.insert(i, literal.len());
         }
-        push_once(self.by_literal.entry(literal.into()).or_default(), r);
+        self.by_literal.entry(literal.into()).or_default()
     }
+}
 
-    /// Calls `f` with the list of each literal that `id` starts (or ends) with.
-    fn for_each_match<'a>(&'a self, id: &str, end: End, f: &mut impl FnMut(&'a [RuleRef])) {
+impl<T> AffixIndex<T> {
+    /// Calls `f` with the value of each literal that `id` starts (or ends) with.
+    fn for_each_match<'a>(&'a self, id: &str, end: End, f: &mut impl FnMut(&'a T)) {
         for &len in &self.lens {
             if len > id.len() {
                 break;
@@ -158,7 +320,8 @@ impl AffixIndex {
     }
 }
 
-/// A key a rule is filed under: an identity pattern other than `*`.
+/// A key a rule (or selector) is filed under: an identity pattern other than `*`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum IdKey {
     Exact(String),
     Prefix(String),
@@ -225,6 +388,7 @@ impl CompiledPolicy {
             allow: ActionIndex::default(),
             audit: ActionIndex::default(),
             allow_selectors: Vec::new(),
+            allow_by_workload: WorkloadIndex::default(),
             l7_ports: HashSet::new(),
             l7_any_port_except: Vec::new(),
             slot_base: Vec::with_capacity(set.policies.len() + 1),
@@ -241,27 +405,30 @@ impl CompiledPolicy {
         let mut selectors_seen: HashSet<&Option<Selector>> = HashSet::new();
         let mut l7_seen = L7Seen::default();
         for (pi, p) in set.policies.iter().enumerate() {
+            let keys = workload_keys(p.selector.as_ref());
             if p.action == Action::Allow && selectors_seen.insert(&p.selector) {
+                let n = c.allow_selectors.len() as u32;
                 c.allow_selectors.push(p.selector.clone());
+                for key in &keys {
+                    c.allow_by_workload.slot(key.clone()).push(n);
+                }
             }
             let index = match p.action {
                 Action::Deny => &mut c.deny,
                 Action::Allow => &mut c.allow,
                 Action::Audit => &mut c.audit,
             };
-            for (ri, rule) in p.rules.iter().enumerate() {
-                let r = RuleRef {
-                    policy: pi as u32,
-                    rule: ri as u32,
-                };
-                match rule_ports(rule) {
-                    Some(ports) => {
-                        for port in ports {
-                            index.by_port.entry(port).or_default().insert(rule, r);
-                        }
-                    }
-                    None => index.any_port.insert(rule, r),
+            for key in keys {
+                let ports = index.slot(key);
+                for (ri, rule) in p.rules.iter().enumerate() {
+                    let r = RuleRef {
+                        policy: pi as u32,
+                        rule: ri as u32,
+                    };
+                    ports.insert(rule, r);
                 }
+            }
+            for rule in &p.rules {
                 l7_seen.note(&mut c.l7_ports, &mut c.l7_any_port_except, rule);
             }
         }
@@ -353,11 +520,40 @@ impl CompiledPolicy {
         n
     }
 
+    /// How many allow-policy selectors evaluation would check for `req` to decide
+    /// whether an allow policy selects the receiving workload (the workload index's
+    /// work, for tests and benchmarks; a selector filed under several keys that all
+    /// match counts once per key). Checking stops at the first that selects.
+    pub fn selector_candidates(&self, req: &Request<'_>) -> usize {
+        let mut n = 0;
+        self.allow_selected(req, |_| n += 1);
+        n
+    }
+
+    /// Does any allow policy select the receiving workload (step 2)? Checks only the
+    /// selectors filed under the workload's keys.
     pub(crate) fn allow_applies(&self, req: &Request<'_>) -> bool {
-        self.allow_selectors.iter().any(|s| match s {
-            None => true,
-            Some(s) => selector_mismatch(s, req).is_none(),
-        })
+        self.allow_selected(req, |_| ())
+    }
+
+    /// [`allow_applies`](Self::allow_applies), calling `visit` with each selector
+    /// checked.
+    fn allow_selected(&self, req: &Request<'_>, mut visit: impl FnMut(u32)) -> bool {
+        let mut found = false;
+        self.allow_by_workload
+            .for_each_match(req.dst_identity, req.dst_groups, &mut |list| {
+                for &i in list {
+                    if found {
+                        return;
+                    }
+                    visit(i);
+                    found = match &self.allow_selectors[i as usize] {
+                        None => true,
+                        Some(s) => selector_mismatch(s, req).is_none(),
+                    };
+                }
+            });
+        found
     }
 
     fn index(&self, action: Action) -> &ActionIndex {
@@ -368,21 +564,20 @@ impl CompiledPolicy {
         }
     }
 
-    /// Calls `f` with each candidate list for a request: those of the request's
-    /// port (never for ICMP, which has none), then those of "any port".
+    /// Calls `f` with each candidate list for a request: per workload key the
+    /// receiving workload matches, those of the request's port (never for ICMP,
+    /// which has none), then those of "any port".
     fn for_each_list<'a>(
         &'a self,
         action: Action,
         req: &Request<'_>,
         mut f: impl FnMut(&'a [RuleRef]),
     ) {
-        let idx = self.index(action);
-        if req.protocol != Protocol::Icmp {
-            if let Some(s) = idx.by_port.get(&req.dst_port) {
-                s.for_each_list(req.src_identity, &mut f);
-            }
-        }
-        idx.any_port.for_each_list(req.src_identity, &mut f);
+        self.index(action).for_each_match(
+            req.dst_identity,
+            req.dst_groups,
+            &mut |ports: &'a PortIndex| ports.for_each_list(req, &mut f),
+        );
     }
 
     /// Calls `f` with every rule of `action` policies that could match `req`, not

@@ -202,8 +202,9 @@ impl Decision {
     }
 }
 
-/// Decides `req` under `policy`. Cost depends on the rules indexed under the
-/// request's port and source identity, not on unrelated rules.
+/// Decides `req` under `policy`. Cost depends on the rules and allow selectors
+/// indexed under the request's receiving workload, port and source identity, not on
+/// unrelated rules or policies.
 pub fn evaluate(policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
     let mut audit = Vec::new();
     policy.for_each_candidate(Action::Audit, req, |r| {

@@ -1260,6 +1260,230 @@ fn unrelated_prefix_and_suffix_rules_are_not_visited() {
     }
 }
 
+/// Does any allow policy select the workload, by scanning every allow policy?
+fn allow_applies_by_scan(c: &CompiledPolicy, req: &Request<'_>) -> bool {
+    c.set()
+        .policies
+        .iter()
+        .any(|p| p.action == Action::Allow && selected(p, req))
+}
+
+/// A request from `spiffe://t/client` to port 80 of workload `id` with `groups`.
+fn to_workload(id: Option<&str>, groups: &[&str]) -> RequestSpec {
+    let mut spec = RequestSpec::tcp("spiffe://t/client", 80);
+    spec.workload = id.map(String::from);
+    spec.workload_groups = groups.iter().map(|g| g.to_string()).collect();
+    spec
+}
+
+/// A receiving workload: identity (or none) and groups.
+type Workload = (Option<&'static str>, &'static [&'static str]);
+
+#[test]
+fn selector_index_picks_workloads_like_the_scan() {
+    // One allow policy per selector, whose only rule matches nothing the client
+    // sends: a selected workload is then `no_allow_matched`, an unselected one falls
+    // to the mesh default (allow).
+    // (selector, [(workload, selected?)])
+    let table: &[(&str, &[(Workload, bool)])] = &[
+        (
+            r#"identities = ["spiffe://t/api"]"#,
+            &[
+                ((Some("spiffe://t/api"), &[]), true),
+                ((Some("spiffe://t/api2"), &[]), false),
+                ((Some("spiffe://t/ap"), &[]), false),
+                ((None, &["spiffe://t/api"]), false),
+            ],
+        ),
+        (
+            r#"identities = ["spiffe://t/ns/*", "*/db"]"#,
+            &[
+                ((Some("spiffe://t/ns/"), &[]), true),
+                ((Some("spiffe://t/ns/web"), &[]), true),
+                ((Some("spiffe://t/ns"), &[]), false),
+                ((Some("spiffe://u/db"), &[]), true),
+                ((Some("spiffe://t/ns/db"), &[]), true),
+                ((Some("spiffe://t/xdb"), &[]), false),
+                ((None, &[]), false),
+            ],
+        ),
+        (
+            r#"groups = ["db", "cache"]"#,
+            &[
+                ((None, &["cache"]), true),
+                ((Some("spiffe://t/a"), &["web", "db"]), true),
+                ((Some("spiffe://t/a"), &["web"]), false),
+                ((Some("spiffe://t/a"), &[]), false),
+            ],
+        ),
+        // Fields AND: filed under the exact ID, the groups checked on the candidate.
+        (
+            r#"identities = ["spiffe://t/api"], groups = ["db"]"#,
+            &[
+                ((Some("spiffe://t/api"), &["db"]), true),
+                ((Some("spiffe://t/api"), &["web"]), false),
+                ((Some("spiffe://t/other"), &["db"]), false),
+                ((None, &["db"]), false),
+            ],
+        ),
+        // A prefix with groups: filed under the groups, the prefix checked.
+        (
+            r#"identities = ["spiffe://t/ns/*"], groups = ["db"]"#,
+            &[
+                ((Some("spiffe://t/ns/a"), &["db"]), true),
+                ((Some("spiffe://t/other"), &["db"]), false),
+                ((Some("spiffe://t/ns/a"), &[]), false),
+            ],
+        ),
+        // `*` is any workload with an identity.
+        (
+            r#"identities = ["*"]"#,
+            &[
+                ((Some("spiffe://t/a"), &[]), true),
+                ((Some(""), &[]), true),
+                ((None, &["db"]), false),
+            ],
+        ),
+        (
+            r#"identities = ["*", "spiffe://t/a"], groups = ["db"]"#,
+            &[
+                ((Some("spiffe://t/b"), &["db"]), true),
+                ((Some("spiffe://t/b"), &[]), false),
+                ((None, &["db"]), false),
+            ],
+        ),
+        // An empty selector selects every workload; `[]` selects none.
+        (
+            "",
+            &[((None, &[]), true), ((Some("spiffe://t/a"), &["db"]), true)],
+        ),
+        (
+            r#"identities = []"#,
+            &[((Some("spiffe://t/a"), &[]), false), ((None, &[]), false)],
+        ),
+        (
+            r#"identities = ["*"], groups = []"#,
+            &[((Some("spiffe://t/a"), &["db"]), false)],
+        ),
+        (
+            r#"identities = [], groups = ["db"]"#,
+            &[((Some("spiffe://t/a"), &["db"]), false)],
+        ),
+    ];
+    for &(selector, cases) in table {
+        let cases = cases.iter().map(|&((id, groups), want)| (id, groups, want));
+        let c = compile_with(
+            &format!(
+                "[[policy]]\nname = \"p\"\naction = \"allow\"\nselector = {{ {selector} }}\n\
+                 [[policy.rule]]\nfrom = [{{ identities = [\"spiffe://t/nobody\"] }}]\n"
+            ),
+            DefaultAction::Allow,
+        );
+        for (id, groups, want) in cases {
+            let spec = to_workload(id, groups);
+            let why = format!("selector {{ {selector} }}, workload {id:?} {groups:?}");
+            spec.with_request(|r| {
+                assert_eq!(c.allow_applies(r), want, "{why}");
+                assert_eq!(allow_applies_by_scan(&c, r), want, "{why}");
+            });
+            let reason = if want {
+                "no_allow_matched"
+            } else {
+                "default_allow"
+            };
+            assert_eq!(decide(&c, &spec).reason_name(), reason, "{why}");
+        }
+    }
+}
+
+#[test]
+fn policies_for_other_workloads_are_not_visited() {
+    // One allow policy per service, 10,000 each of: an exact workload ID, a workload
+    // group, a workload ID prefix, each admitting the same client on the same port,
+    // so that only the selector tells them apart. Built as a model, not parsed (see
+    // above).
+    let client = |name: &str| Rule {
+        name: Some(name.into()),
+        from: vec![Source {
+            identities: Some(vec![Pattern::parse("spiffe://t/client")]),
+            ..Source::default()
+        }],
+        to: vec![Operation {
+            ports: Some(vec![80]),
+            ..Operation::default()
+        }],
+        ..Rule::default()
+    };
+    let policy = |name: String, selector: Selector| Policy {
+        rules: vec![client(&name)],
+        name,
+        action: Action::Allow,
+        selector: Some(selector),
+        line: 1,
+    };
+    let mut policies = Vec::new();
+    for i in 0..10_000 {
+        policies.push(policy(
+            format!("svc-{i}"),
+            Selector {
+                identities: Some(vec![Pattern::parse(&format!("spiffe://t/svc-{i}"))]),
+                groups: None,
+            },
+        ));
+        policies.push(policy(
+            format!("grp-{i}"),
+            Selector {
+                identities: None,
+                groups: Some(vec![format!("grp-{i}")]),
+            },
+        ));
+        policies.push(policy(
+            format!("ns-{i}"),
+            Selector {
+                identities: Some(vec![Pattern::parse(&format!("spiffe://t/ns-{i}/*"))]),
+                groups: None,
+            },
+        ));
+    }
+    let set = PolicySet {
+        policies,
+        ..PolicySet::default()
+    };
+    let c = CompiledPolicy::compile(set, DefaultAction::Allow);
+    // (workload, groups) → (selectors checked, allow rules looked at, deciding policy)
+    let table: &[(Workload, usize, usize, Option<&str>)] = &[
+        ((Some("spiffe://t/svc-4242"), &[]), 1, 1, Some("svc-4242")),
+        ((None, &["grp-7"]), 1, 1, Some("grp-7")),
+        ((Some("spiffe://t/ns-99/db"), &[]), 1, 1, Some("ns-99")),
+        // Selected three ways: the three policies' rules, in file order.
+        (
+            (Some("spiffe://t/svc-5"), &["grp-3", "grp-9999"]),
+            1,
+            3,
+            Some("grp-3"),
+        ),
+        // Selected by none: the mesh default, after looking at nothing.
+        ((Some("spiffe://t/other"), &["web"]), 0, 0, None),
+        ((None, &[]), 0, 0, None),
+    ];
+    for &((id, groups), selectors, rules, want) in table {
+        let spec = to_workload(id, groups);
+        spec.with_request(|r| {
+            assert_eq!(c.selector_candidates(r), selectors, "{id:?} {groups:?}");
+            assert_eq!(c.candidates(Action::Allow, r), rules, "{id:?} {groups:?}");
+            assert_eq!(c.allow_applies(r), want.is_some());
+        });
+        let d = decide(&c, &spec);
+        let by = d.rule().map(|r| c.rule_label(r).0.to_string());
+        assert_eq!(by.as_deref(), want, "{id:?} {groups:?}");
+        assert!(d.is_allowed(), "{id:?} {groups:?}");
+    }
+    // Another source is refused by the policy that selects the workload.
+    let mut spec = to_workload(Some("spiffe://t/svc-1"), &[]);
+    spec.from = Some("spiffe://t/intruder".into());
+    assert_eq!(decide(&c, &spec).reason_name(), "no_allow_matched");
+}
+
 // ---- properties ------------------------------------------------------------------
 
 /// Identity patterns: exact IDs, overlapping prefixes, suffixes, `*`, in and out of
@@ -1341,6 +1565,43 @@ fn arb_rule() -> impl Strategy<Value = String> {
         })
 }
 
+/// A `selector = ...` line, or none: identity patterns (exact, prefix, suffix, `*`,
+/// `[]`), groups (`[]` too), both, neither.
+fn arb_selector() -> impl Strategy<Value = String> {
+    let ids = prop::option::of(prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 0..3));
+    let groups = prop::option::of(prop::sample::subsequence(vec!["web", "db", "api"], 0..3));
+    prop::option::weighted(0.7, (ids, groups)).prop_map(|sel| {
+        let Some((ids, groups)) = sel else {
+            return String::new();
+        };
+        let mut f = Vec::new();
+        if let Some(ids) = ids {
+            f.push(format!("identities = {ids:?}"));
+        }
+        if let Some(groups) = groups {
+            f.push(format!("groups = {groups:?}"));
+        }
+        format!("selector = {{ {} }}\n", f.join(", "))
+    })
+}
+
+/// The receiving workload: an identity (or none) and groups (repeats allowed).
+fn arb_workload() -> impl Strategy<Value = (Option<&'static str>, Vec<&'static str>)> {
+    (
+        prop::sample::select(vec![
+            Some("spiffe://t/a"),
+            Some("spiffe://t/b"),
+            Some("spiffe://t/ab"),
+            Some("spiffe://t/abc"),
+            Some("spiffe://t/a/c"),
+            Some("spiffe://t"),
+            Some("spiffe://u/a"),
+            None,
+        ]),
+        prop::collection::vec(prop::sample::select(vec!["web", "db", "api", "x"]), 0..3),
+    )
+}
+
 fn arb_request() -> impl Strategy<Value = RequestSpec> {
     (
         prop::sample::select(vec![
@@ -1362,10 +1623,13 @@ fn arb_request() -> impl Strategy<Value = RequestSpec> {
             prop::sample::select(vec!["/api/x", "/a.png", "/admin", "/"]),
         )),
         any::<bool>(),
+        arb_workload(),
     )
-        .prop_map(|(from, groups, port, http, near)| {
+        .prop_map(|(from, groups, port, http, near, (wl, wl_groups))| {
             let mut r = RequestSpec::tcp("spiffe://t/a", port);
             r.from = from.map(String::from);
+            r.workload = wl.map(String::from);
+            r.workload_groups = wl_groups.into_iter().map(String::from).collect();
             r.from_groups = groups.into_iter().map(String::from).collect();
             r.from_address = Some(
                 if near { "100.64.3.4" } else { "100.65.3.4" }
@@ -1439,7 +1703,11 @@ proptest! {
     #[test]
     fn index_agrees_with_a_scan_of_every_rule(
         policies in prop::collection::vec(
-            (prop::sample::select(vec!["allow", "deny", "audit"]), prop::collection::vec(arb_rule(), 0..4)),
+            (
+                prop::sample::select(vec!["allow", "deny", "audit"]),
+                arb_selector(),
+                prop::collection::vec(arb_rule(), 0..4),
+            ),
             0..6,
         ),
         reqs in prop::collection::vec(arb_request(), 1..6),
@@ -1447,7 +1715,7 @@ proptest! {
         let src: String = policies
             .iter()
             .enumerate()
-            .map(|(i, (action, rules))| format!("[[policy]]\nname = \"p{i}\"\naction = \"{action}\"\n{}", rules.concat()))
+            .map(|(i, (action, selector, rules))| format!("[[policy]]\nname = \"p{i}\"\naction = \"{action}\"\n{selector}{}", rules.concat()))
             .collect();
         let c = compile_with(if src.is_empty() { "policy = []\n" } else { &src }, DefaultAction::Deny);
         for spec in &reqs {
@@ -1461,9 +1729,41 @@ proptest! {
                         );
                     }
                 }
+                prop_assert_eq!(c.allow_applies(r), allow_applies_by_scan(&c, r), "{:?}", spec);
                 let d = evaluate(&c, r);
                 prop_assert_eq!(&d.audit, &scan(&c, Action::Audit, r, false));
                 prop_assert_eq!((d.is_allowed(), d.rule()), brute_force(&c, r));
+                Ok(())
+            })?;
+        }
+    }
+}
+
+proptest! {
+    /// "Does any allow policy select the workload", through the workload index,
+    /// equals a scan of every allow policy's selector; deny and audit policies (also
+    /// filed by selector) do not count.
+    #[test]
+    fn selector_index_agrees_with_a_scan(
+        policies in prop::collection::vec(
+            (prop::sample::select(vec!["allow", "allow", "deny", "audit"]), arb_selector()),
+            0..12,
+        ),
+        workloads in prop::collection::vec(arb_workload(), 1..8),
+    ) {
+        let src: String = policies
+            .iter()
+            .enumerate()
+            .map(|(i, (action, selector))| format!("[[policy]]\nname = \"p{i}\"\naction = \"{action}\"\n{selector}[[policy.rule]]\n"))
+            .collect();
+        let c = compile_with(if src.is_empty() { "policy = []\n" } else { &src }, DefaultAction::Deny);
+        for (id, groups) in &workloads {
+            to_workload(*id, groups).with_request(|r| {
+                let want = allow_applies_by_scan(&c, r);
+                prop_assert_eq!(c.allow_applies(r), want, "{:?} {:?}", id, groups);
+                // Every policy's one rule is empty: allowed exactly when selected by an
+                // allow policy and by no deny policy, as the scan says.
+                prop_assert_eq!((evaluate(&c, r).is_allowed(), evaluate(&c, r).rule()), brute_force(&c, r));
                 Ok(())
             })?;
         }
