@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark: two hosts in network namespaces joined by one veth pair.
 #
-# Rows: the bare underlay link, meshd without policy (the data path alone), meshd with
+# Rows: the bare underlay link, a reference userspace WireGuard tunnel (wireguard-go,
+# Debian's package, no policy), meshd without policy (the data path alone), meshd with
 # a layer-4 policy, meshd with a layer-7 policy (HTTP rules on the served port).
 # Figures per row: iperf3 TCP throughput (1 and 4 streams), ping latency (avg and p99),
 # HTTP requests/s and p99 latency (wrk against a 1 KiB static file served by nginx),
@@ -12,7 +13,7 @@
 # Usage (root): scripts/bench.sh
 # Environment:
 #   RUNS=3             runs per row (median reported); RUNS=1 for a quick check
-#   ROWS="bare plain l4 l7"  which rows to measure
+#   ROWS="bare wggo plain l4 l7"  which rows to measure
 #   IPERF_SECS=10      seconds per iperf3 run
 #   WRK_SECS=10        seconds per wrk run
 #   WRK_THREADS=2 WRK_CONNS=32   wrk load shape
@@ -34,7 +35,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-3}"
-ROWS="${ROWS:-bare plain l4 l7}"
+ROWS="${ROWS:-bare wggo plain l4 l7}"
 IPERF_SECS="${IPERF_SECS:-10}"
 WRK_SECS="${WRK_SECS:-10}"
 WRK_THREADS="${WRK_THREADS:-2}"
@@ -119,6 +120,10 @@ command -v ping >/dev/null || need_pkgs+=(iputils-ping)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v jq >/dev/null || need_pkgs+=(jq)
 if [[ "${PROFILE:-0}" == 1 ]]; then command -v perf >/dev/null || need_pkgs+=(linux-perf); fi
+if [[ " $ROWS " == *" wggo "* ]]; then
+    command -v wireguard-go >/dev/null || need_pkgs+=(wireguard-go)
+    command -v wg >/dev/null || need_pkgs+=(wireguard-tools)
+fi
 if ((${#need_pkgs[@]})); then
     log "installing ${need_pkgs[*]}"
     timeout 300 apt-get update -qq >/dev/null
@@ -411,6 +416,43 @@ to = [{ protocols = ["icmp"] }]
 EOF
 }
 
+# ---- reference row: wireguard-go ----------------------------------------------------
+# The same two hosts joined by wireguard-go (userspace WireGuard, no policy), configured
+# with `wg`; its UAPI sockets live in /var/run/wireguard under names unique to this run.
+WG_A="${TAG}wa"
+WG_B="${TAG}wb"
+
+start_wggo() { # start_wggo DIR (under the work directory)
+    local dir="$WORK/$1"
+    mkdir -p "$dir"
+    (umask 077 && wg genkey >"$dir/a.key" && wg genkey >"$dir/b.key") ||
+        { NOT_AVAILABLE="wg genkey failed"; return 1; }
+    MESHD_PIDS=()
+    spawn "$NS_A" "$dir/a.log" env WG_PROCESS_FOREGROUND=1 wireguard-go "$WG_A"
+    MESHD_PIDS+=("$LAST_PID")
+    spawn "$NS_B" "$dir/b.log" env WG_PROCESS_FOREGROUND=1 wireguard-go "$WG_B"
+    MESHD_PIDS+=("$LAST_PID")
+    if ! wait_for "$READY_SECS" "wireguard-go (host a)" test -S "/var/run/wireguard/$WG_A.sock" ||
+        ! wait_for "$READY_SECS" "wireguard-go (host b)" test -S "/var/run/wireguard/$WG_B.sock"; then
+        NOT_AVAILABLE="wireguard-go did not start: $(tail -1 "$dir/a.log")"
+        return 1
+    fi
+    if ! {
+        in_a wg set "$WG_A" listen-port "$WG_PORT" private-key "$dir/a.key" \
+            peer "$(wg pubkey <"$dir/b.key")" endpoint "$UNDER_B:$WG_PORT" allowed-ips "$OVER_B/32" &&
+            in_b wg set "$WG_B" listen-port "$WG_PORT" private-key "$dir/b.key" \
+                peer "$(wg pubkey <"$dir/a.key")" endpoint "$UNDER_A:$WG_PORT" allowed-ips "$OVER_A/32" &&
+            ip -n "$NS_A" addr add "$OVER_A/10" dev "$WG_A" && ip -n "$NS_A" link set "$WG_A" up &&
+            ip -n "$NS_B" addr add "$OVER_B/10" dev "$WG_B" && ip -n "$NS_B" link set "$WG_B" up
+    }; then
+        NOT_AVAILABLE="configuring wireguard-go failed"
+        return 1
+    fi
+    in_a ping -c1 -W1 "$OVER_B" >/dev/null 2>&1 || true
+    wait_for "$READY_SECS" "overlay ping (wireguard-go)" in_a ping -c1 -W1 "$OVER_B" ||
+        { NOT_AVAILABLE="no traffic over wireguard-go within ${READY_SECS}s"; return 1; }
+}
+
 ensure_binaries() {
     if [[ "${BUILD:-0}" == 1 || ! -x "$MESHD" || ! -x "$MESHCTL" ]]; then
         log "building meshd and meshctl (release)"
@@ -562,6 +604,16 @@ for run in $(seq "$RUNS"); do
         [[ -z "${ROW_NOTE[$row]:-}" ]] || continue
         case $row in
         bare) dst=$UNDER_B ;;
+        wggo)
+            dst=$OVER_B
+            NOT_AVAILABLE=""
+            if ! start_wggo "$row/run$run"; then
+                ROW_NOTE[$row]="not available: $NOT_AVAILABLE"
+                log "$row: ${ROW_NOTE[$row]}"
+                stop_meshd
+                continue
+            fi
+            ;;
         plain | l4 | l7)
             dst=$OVER_B
             NOT_AVAILABLE=""
@@ -582,7 +634,7 @@ for run in $(seq "$RUNS"); do
                 continue
             fi
             ;;
-        *) die "unknown row $row (bare, plain, l4, l7)" ;;
+        *) die "unknown row $row (bare, wggo, plain, l4, l7)" ;;
         esac
         M=()
         run_once "$row" "$dst" "$run"
@@ -613,14 +665,14 @@ fmt() { # number formatting per figure
     esac
 }
 
-declare -A ROW_TITLE=([bare]="bare underlay link" [plain]="meshd, no policy" [l4]="meshd, layer-4 policy" [l7]="meshd, layer-7 policy")
+declare -A ROW_TITLE=([bare]="bare underlay link" [wggo]="reference: wireguard-go, no policy" [plain]="meshd, no policy" [l4]="meshd, layer-4 policy" [l7]="meshd, layer-7 policy")
 {
     echo "# meshd benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "Host: $(nproc) CPUs ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r)."
     echo "Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER."
     echo "Median of $RUNS run(s). iperf3 ${IPERF_SECS}s; ping $PINGS x ${PING_INTERVAL}s; wrk -t$WRK_THREADS -c$WRK_CONNS ${WRK_SECS}s, 1 KiB file, nginx $NGINX_WORKERS worker(s)."
-    echo "Ratios (×) compare a meshd figure with the bare link's. meshd CPU: seconds of CPU (user+system) used by both meshd processes during that test. UDP errors and TCP retransmissions: during the 1-stream test, both namespaces."
+    echo "Ratios (×) compare a meshd figure with the bare link's. meshd CPU: seconds of CPU (user+system) used by both meshd processes during that test (by both wireguard-go processes in the reference row). UDP errors and TCP retransmissions: during the 1-stream test, both namespaces."
     echo
     hdr="| row |"; sep="|---|"
     for f in "${FIGS[@]}"; do hdr+=" ${TITLE[$f]} |"; sep+="---|"; done
