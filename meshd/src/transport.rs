@@ -548,6 +548,24 @@ mod tests {
         assert_eq!(&buf[..n], b"back");
     }
 
+    /// The worker loop reads only what poll reports: readiness per descriptor.
+    #[test]
+    fn wait_readable2_says_which_descriptor_is_readable() {
+        let a = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sender = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        // Nothing waiting: the timeout passes, neither is readable.
+        assert_eq!(wait_readable2(a.fd(), b.fd(), 10).unwrap(), (false, false));
+        sender.send_to(b"to b", b.local_addr()).unwrap();
+        assert_eq!(wait_readable2(a.fd(), b.fd(), 5000).unwrap(), (false, true));
+        sender.send_to(b"to a", a.local_addr()).unwrap();
+        assert!(wait_readable(a.fd(), 5000).unwrap());
+        assert_eq!(wait_readable2(a.fd(), b.fd(), 5000).unwrap(), (true, true));
+        let mut buf = [0u8; 16];
+        b.recv_from(&mut buf).unwrap();
+        assert_eq!(wait_readable2(a.fd(), b.fd(), 5000).unwrap(), (true, false));
+    }
+
     /// Three datagrams queued for one destination leave as one GSO send and arrive
     /// as the same three datagrams, whether the receiver gets them coalesced (GRO)
     /// or one by one; a datagram for another destination is sent separately.
