@@ -642,9 +642,13 @@ mod tests {
     #[test]
     fn never_exceeds_capacity_under_flood() {
         let mut ct = ConnTrack::new(64, Timeouts::default());
+        let reserved = (ct.flows.capacity(), ct.index.capacity());
         for p in 0..10_000u16 {
             let _ = ct.insert(key(p, 80), Origin::Remote, (), &NONE, secs(0));
             assert!(ct.len() <= 64);
+            // Freed slots are reused: neither the slab nor the index grows.
+            assert_eq!((ct.flows.capacity(), ct.index.capacity()), reserved);
+            assert_eq!(ct.index.len(), ct.flows.len());
         }
     }
 
