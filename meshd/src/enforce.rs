@@ -24,7 +24,7 @@
 //! that is the same for both directions of a flow, and the policy is an `ArcSwap`
 //! snapshot.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -135,6 +135,22 @@ impl Emit {
         self.buf.extend_from_slice(packet);
         self.packets.push((toward, start..self.buf.len()));
     }
+
+    /// A bare RST from `src` to `dst` carrying `seq`, sent `toward` its receiver.
+    fn push_reset(&mut self, src: SocketAddr, dst: SocketAddr, seq: SeqNumber, toward: Toward) {
+        let rst = TcpSegment {
+            src,
+            dst,
+            seq,
+            ack: None,
+            flags: Flags::RST,
+            window: 0,
+            payload: &[],
+        };
+        if inject::tcp_packet(&rst, &mut self.scratch).is_ok() {
+            self.push_scratch(toward);
+        }
+    }
 }
 
 /// Why a packet was not delivered.
@@ -193,24 +209,14 @@ impl Cut {
         if self.key.proto != PROTO_TCP {
             return;
         }
-        let client = std::net::SocketAddr::new(self.key.src, self.key.src_port);
-        let server = std::net::SocketAddr::new(self.key.dst, self.key.dst_port);
+        let client = SocketAddr::new(self.key.src, self.key.src_port);
+        let server = SocketAddr::new(self.key.dst, self.key.dst_port);
         for (seq, src, dst, toward) in [
             (self.client_next_seq, client, server, Toward::Local),
             (self.server_next_seq, server, client, Toward::Peer),
         ] {
-            let Some(seq) = seq else { continue };
-            let rst = TcpSegment {
-                src,
-                dst,
-                seq: SeqNumber(seq),
-                ack: None,
-                flags: Flags::RST,
-                window: 0,
-                payload: &[],
-            };
-            if inject::tcp_packet(&rst, &mut emit.scratch).is_ok() {
-                emit.push_scratch(toward);
+            if let Some(seq) = seq {
+                emit.push_reset(src, dst, SeqNumber(seq), toward);
             }
         }
     }
@@ -1219,25 +1225,14 @@ fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit) {
         (ends.server, ends.client, seg.ack, Toward::Peer),
         (ends.client, ends.server, seg.seq, Toward::Local),
     ] {
-        let rst = TcpSegment {
-            src,
-            dst,
-            seq,
-            ack: None,
-            flags: Flags::RST,
-            window: 0,
-            payload: &[],
-        };
-        if inject::tcp_packet(&rst, &mut emit.scratch).is_ok() {
-            emit.push_scratch(toward);
-        }
+        emit.push_reset(src, dst, seq, toward);
     }
 }
 
 fn endpoints(p: &Parsed) -> Endpoints {
     Endpoints {
-        client: std::net::SocketAddr::new(p.key.src, p.key.src_port),
-        server: std::net::SocketAddr::new(p.key.dst, p.key.dst_port),
+        client: SocketAddr::new(p.key.src, p.key.src_port),
+        server: SocketAddr::new(p.key.dst, p.key.dst_port),
     }
 }
 
