@@ -317,6 +317,28 @@ fn route(
     table: u32,
     src: Option<IpAddr>,
 ) -> Result<(), AttachError> {
+    match request(&route_message(add, net, oif, Some(table), src)) {
+        Ok(()) => Ok(()),
+        Err(e) if !add && e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        Err(source) => Err(AttachError::Netlink {
+            what: format!(
+                "{} route {net} table {table}",
+                if add { "add" } else { "delete" }
+            ),
+            source,
+        }),
+    }
+}
+
+/// The RTM_NEWROUTE / RTM_DELROUTE request for `net dev <oif>` with link scope, in
+/// `table` (`None`: the main table) and with preferred source `src`.
+pub(crate) fn route_message(
+    add: bool,
+    net: IpNet,
+    oif: u32,
+    table: Option<u32>,
+    src: Option<IpAddr>,
+) -> Vec<u8> {
     let (kind, flags) = if add {
         (
             libc::RTM_NEWROUTE,
@@ -331,12 +353,17 @@ fn route(
         IpNet::V6(_) => libc::AF_INET6,
     } as u8;
     // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+    // Tables past 255 only fit the RTA_TABLE attribute.
     b.extend_from_slice(&[
         family,
         net.prefix_len(),
         0,
         0,
-        libc::RT_TABLE_UNSPEC,
+        if table.is_some() {
+            libc::RT_TABLE_UNSPEC
+        } else {
+            libc::RT_TABLE_MAIN
+        },
         libc::RTPROT_STATIC,
         libc::RT_SCOPE_LINK,
         libc::RTN_UNICAST,
@@ -347,24 +374,16 @@ fn route(
         IpNet::V6(n) => push_attr(&mut b, libc::RTA_DST, &n.addr().octets()),
     }
     push_attr(&mut b, libc::RTA_OIF, &oif.to_ne_bytes());
-    push_attr(&mut b, libc::RTA_TABLE, &table.to_ne_bytes());
+    if let Some(table) = table {
+        push_attr(&mut b, libc::RTA_TABLE, &table.to_ne_bytes());
+    }
     match src {
         Some(IpAddr::V4(a)) => push_attr(&mut b, libc::RTA_PREFSRC, &a.octets()),
         Some(IpAddr::V6(a)) => push_attr(&mut b, libc::RTA_PREFSRC, &a.octets()),
         None => {}
     }
     finish(&mut b);
-    match request(&b) {
-        Ok(()) => Ok(()),
-        Err(e) if !add && e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-        Err(source) => Err(AttachError::Netlink {
-            what: format!(
-                "{} route {net} table {table}",
-                if add { "add" } else { "delete" }
-            ),
-            source,
-        }),
-    }
+    b
 }
 
 fn header(kind: u16, flags: u16) -> Vec<u8> {

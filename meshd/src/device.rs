@@ -226,64 +226,14 @@ mod netlink {
 
     use ipnet::IpNet;
 
-    const NLMSG_HDR: usize = 16;
-    const RTMSG: usize = 12;
-
-    fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
-        let len = 4 + data.len();
-        buf.extend_from_slice(&(len as u16).to_ne_bytes());
-        buf.extend_from_slice(&kind.to_ne_bytes());
-        buf.extend_from_slice(data);
-        while !buf.len().is_multiple_of(4) {
-            buf.push(0);
-        }
-    }
-
     /// The request bytes for RTM_NEWROUTE / RTM_DELROUTE (main table, link scope).
-    pub(super) fn message(add: bool, net: IpNet, oif: u32, seq: u32) -> Vec<u8> {
-        let mut b = Vec::with_capacity(64);
-        let (kind, flags) = if add {
-            (
-                libc::RTM_NEWROUTE,
-                libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE,
-            )
-        } else {
-            (libc::RTM_DELROUTE, libc::NLM_F_REQUEST | libc::NLM_F_ACK)
-        };
-        b.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
-        b.extend_from_slice(&kind.to_ne_bytes());
-        b.extend_from_slice(&(flags as u16).to_ne_bytes());
-        b.extend_from_slice(&seq.to_ne_bytes());
-        b.extend_from_slice(&0u32.to_ne_bytes());
-        let family = match net {
-            IpNet::V4(_) => libc::AF_INET,
-            IpNet::V6(_) => libc::AF_INET6,
-        } as u8;
-        b.extend_from_slice(&[
-            family,
-            net.prefix_len(),
-            0,
-            0,
-            libc::RT_TABLE_MAIN,
-            libc::RTPROT_STATIC,
-            libc::RT_SCOPE_LINK,
-            libc::RTN_UNICAST,
-        ]);
-        b.extend_from_slice(&0u32.to_ne_bytes());
-        debug_assert_eq!(b.len(), NLMSG_HDR + RTMSG);
-        match net.trunc() {
-            IpNet::V4(n) => push_attr(&mut b, libc::RTA_DST, &n.addr().octets()),
-            IpNet::V6(n) => push_attr(&mut b, libc::RTA_DST, &n.addr().octets()),
-        }
-        push_attr(&mut b, libc::RTA_OIF, &oif.to_ne_bytes());
-        let len = b.len() as u32;
-        b[..4].copy_from_slice(&len.to_ne_bytes());
-        b
+    pub(super) fn message(add: bool, net: IpNet, oif: u32) -> Vec<u8> {
+        crate::attach::route_message(add, net, oif, None, None)
     }
 
     /// Adds or deletes one route through the shared netlink request in `attach`.
     pub(super) fn route(add: bool, net: IpNet, oif: u32) -> io::Result<()> {
-        match crate::attach::request(&message(add, net, oif, 1)) {
+        match crate::attach::request(&message(add, net, oif)) {
             // Deleting a route the kernel already removed is fine.
             Err(e) if !add && e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             r => r,
@@ -294,7 +244,7 @@ mod netlink {
     mod tests {
         #[test]
         fn route_message_layout() {
-            let m = super::message(true, "100.64.0.0/10".parse().unwrap(), 7, 1);
+            let m = super::message(true, "100.64.0.0/10".parse().unwrap(), 7);
             // header + rtmsg + RTA_DST(4+4) + RTA_OIF(4+4)
             assert_eq!(m.len(), 16 + 12 + 8 + 8);
             assert_eq!(
@@ -303,11 +253,24 @@ mod netlink {
             );
             assert_eq!(m[16], libc::AF_INET as u8);
             assert_eq!(m[17], 10);
+            assert_eq!(m[20], libc::RT_TABLE_MAIN);
             assert_eq!(&m[32..36], &[100, 64, 0, 0]);
             assert_eq!(u32::from_ne_bytes([m[40], m[41], m[42], m[43]]), 7);
-            let m6 = super::message(false, "fd00:6d65:7368::/48".parse().unwrap(), 3, 2);
+            let m6 = super::message(false, "fd00:6d65:7368::/48".parse().unwrap(), 3);
             assert_eq!(m6.len(), 16 + 12 + 20 + 8);
             assert_eq!(m6[17], 48);
+            // Another table: unspecified in rtmsg, named by RTA_TABLE (4+4 more).
+            let t = crate::attach::route_message(
+                true,
+                "100.64.0.0/10".parse().unwrap(),
+                7,
+                Some(1000),
+                None,
+            );
+            assert_eq!(t.len(), m.len() + 8);
+            assert_eq!(t[20], libc::RT_TABLE_UNSPEC);
+            assert_eq!(u16::from_ne_bytes([t[46], t[47]]), libc::RTA_TABLE);
+            assert_eq!(u32::from_ne_bytes([t[48], t[49], t[50], t[51]]), 1000);
         }
     }
 }
