@@ -457,15 +457,11 @@ pub fn from_tun<'a>(
     now: Now,
     emit: &mut Emit,
 ) -> Outbound<'a> {
-    let ip = match IpPacket::new_checked(packet) {
-        Ok(ip) => ip,
-        Err(e) => return drop_out(node, DropReason::Malformed(Malformed::Ip(e))),
+    let Placed { ip, from, to } = match place(node, table, packet) {
+        Ok(placed) => placed,
+        Err(drop) => return drop,
     };
-    if !is_routable(ip.dst_addr()) {
-        return Outbound::Drop(DropReason::NotRoutable);
-    }
-    let from = table.local_for(ip.src_addr());
-    if let Some(to) = table.local_for(ip.dst_addr()) {
+    if let Some(to) = to {
         // Between two workloads of this host: policy decides as for a peer's packet,
         // with the sender's identity; nothing is encrypted.
         let Some(from) = from else {
@@ -514,23 +510,45 @@ pub fn outbound<'a>(
     dst: &'a mut [u8],
     now: UnixTime,
 ) -> Outbound<'a> {
-    let ip = match IpPacket::new_checked(packet) {
-        Ok(ip) => ip,
-        Err(e) => return drop_out(node, DropReason::Malformed(Malformed::Ip(e))),
+    let Placed { ip, from, to } = match place(node, table, packet) {
+        Ok(placed) => placed,
+        Err(drop) => return drop,
     };
-    if !is_routable(ip.dst_addr()) {
-        // Multicast and link-local traffic the kernel emits on any interface (router
-        // solicitations, MLD): not for the mesh, not worth a counter.
-        return Outbound::Drop(DropReason::NotRoutable);
-    }
-    let from = table.local_for(ip.src_addr());
-    if table.local_for(ip.dst_addr()).is_some() {
+    if to.is_some() {
         if from.is_none() {
             return drop_out(node, DropReason::ForgedSource);
         }
         return Outbound::Deliver(packet);
     }
     encrypt(node, table, from, ip.dst_addr(), ip.as_bytes(), dst, now)
+}
+
+/// A packet from the TUN, checked and placed: its local sender and its local receiver
+/// (indices into the table's local workloads), if any.
+struct Placed<'p> {
+    ip: IpPacket<&'p [u8]>,
+    from: Option<usize>,
+    to: Option<usize>,
+}
+
+/// Checks and places a packet from the TUN, or says why it goes nowhere.
+fn place<'a, 'p>(
+    node: &Node,
+    table: &PeerTable,
+    packet: &'p [u8],
+) -> Result<Placed<'p>, Outbound<'a>> {
+    let ip = match IpPacket::new_checked(packet) {
+        Ok(ip) => ip,
+        Err(e) => return Err(drop_out(node, DropReason::Malformed(Malformed::Ip(e)))),
+    };
+    if !is_routable(ip.dst_addr()) {
+        // Multicast and link-local traffic the kernel emits on any interface (router
+        // solicitations, MLD): not for the mesh, not worth a counter.
+        return Err(Outbound::Drop(DropReason::NotRoutable));
+    }
+    let from = table.local_for(ip.src_addr());
+    let to = table.local_for(ip.dst_addr());
+    Ok(Placed { ip, from, to })
 }
 
 /// Encrypts `packet` for the session of `from` with the peer holding `to`. A source no
