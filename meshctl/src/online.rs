@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
 use mesh_proto::control::{NoArgs, PeerInfo, PeerList, PeerRemoved, Request, Response, Status};
-use mesh_proto::time::UnixTime;
+use mesh_proto::time::{span, Term, UnixTime};
 
 use crate::Global;
 
@@ -156,11 +156,28 @@ fn bytes(n: u64) -> String {
 }
 
 fn ago(t: UnixTime, now: UnixTime) -> String {
-    let s = now.secs().saturating_sub(t.secs());
-    match s {
-        0..=59 => format!("{s} seconds ago"),
-        60..=3599 => format!("{} minutes, {} seconds ago", s / 60, s % 60),
-        _ => format!("{} hours, {} minutes ago", s / 3600, (s / 60) % 60),
+    format!("{} ago", span(now.secs().saturating_sub(t.secs())))
+}
+
+/// A certificate's validity for people: when it ends, how far off that is, and what
+/// follows when it is outside its window (`refused`: who refuses it then).
+fn validity(not_before: UnixTime, not_after: UnixTime, now: UnixTime, refused: &str) -> String {
+    if not_after == UnixTime(0) {
+        return "(not reported by this meshd)".into();
+    }
+    match Term::at(not_before, not_after, now) {
+        Term::NotYetValid { starts_in } => format!(
+            "NOT YET VALID, from {not_before} (in {}): {refused} until then",
+            span(starts_in)
+        ),
+        Term::Valid { left } => format!("valid until {not_after} ({} left)", span(left)),
+        Term::RenewSoon { left } => format!(
+            "expires {not_after} (in {}): renew it (meshctl cert issue)",
+            span(left)
+        ),
+        Term::Expired { ago } => {
+            format!("EXPIRED {not_after} ({} ago): {refused}", span(ago))
+        }
     }
 }
 
@@ -172,6 +189,12 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
     o += &format!("  public key: {}\n", s.public_key);
     o += &format!("  listening: {} (tun {}, {ready})\n", s.listen, s.tun);
     o += &format!("  addresses: {}\n", join(&s.addresses));
+    if let Some(node) = s.workloads.iter().find(|w| w.source == "node") {
+        o += &format!(
+            "  certificate: {}\n",
+            validity(node.not_before, node.not_after, now, "peers refuse it")
+        );
+    }
     o += &format!(
         "  drops: malformed {}, unknown_peer {}, no_route {}, forged_source {}, misdirected {}\n",
         s.drops.malformed,
@@ -185,6 +208,10 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
         o += &format!("  public key: {}\n", w.public_key);
         o += &format!("  addresses: {}\n", join(&w.addresses));
         o += &format!("  attach: {} ({})\n", w.attach, w.source);
+        o += &format!(
+            "  certificate: {}\n",
+            validity(w.not_before, w.not_after, now, "peers refuse it")
+        );
     }
     for p in &s.peers {
         o += &format!("\npeer: {}\n", p.identity);
@@ -198,6 +225,10 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
                 .map_or("(unknown)".to_string(), |e| e.to_string())
         );
         o += &format!("  addresses: {}\n", join(&p.addresses));
+        o += &format!(
+            "  certificate: {}\n",
+            validity(p.not_before, p.not_after, now, "its handshakes are refused")
+        );
         o += &format!(
             "  latest handshake: {}\n",
             p.latest_handshake
@@ -338,6 +369,8 @@ mod tests {
                 rx_bytes: 2048,
                 tx_bytes: 10,
                 drops: PeerDrops { spoofed_source: 4 },
+                not_before: UnixTime(0),
+                not_after: UnixTime(100),
             }],
             drops: NodeDrops {
                 malformed: 1,
@@ -346,16 +379,30 @@ mod tests {
                 forged_source: 4,
                 misdirected: 0,
             },
-            workloads: vec![mesh_proto::control::WorkloadInfo {
-                name: "web".into(),
-                identity: "spiffe://t/web".into(),
-                public_key: "KW".into(),
-                addresses: vec!["100.65.1.1/32".parse().unwrap()],
-                groups: vec![],
-                not_after: UnixTime(0),
-                attach: "veth:p-web".into(),
-                source: "runtime".into(),
-            }],
+            workloads: vec![
+                mesh_proto::control::WorkloadInfo {
+                    name: "node".into(),
+                    identity: "spiffe://t/a".into(),
+                    public_key: "KA".into(),
+                    addresses: vec!["100.64.0.1/32".parse().unwrap()],
+                    groups: vec![],
+                    not_before: UnixTime(0),
+                    not_after: UnixTime(112 + 3 * 86_400 + 7200),
+                    attach: "tun".into(),
+                    source: "node".into(),
+                },
+                mesh_proto::control::WorkloadInfo {
+                    name: "web".into(),
+                    identity: "spiffe://t/web".into(),
+                    public_key: "KW".into(),
+                    addresses: vec!["100.65.1.1/32".parse().unwrap()],
+                    groups: vec![],
+                    not_before: UnixTime(0),
+                    not_after: UnixTime(120),
+                    attach: "veth:p-web".into(),
+                    source: "runtime".into(),
+                },
+            ],
             enforcement: Some(serde_json::json!({
                 "policy": {"name": "p.toml", "origin": "applied", "policies": 2, "default": "deny"},
                 "counters": {"flows": 3, "l7_flows": 1, "drops": {"no_allow_matched": 7},
@@ -379,6 +426,12 @@ mod tests {
             "latest handshake: 1970-01-01T00:01:40Z (12 seconds ago)",
             "transfer: 2.00 KiB received, 10 B sent",
             "drops: spoofed_source 4",
+            // The node's 3-day window: more than a fifth of it left.
+            "certificate: valid until 1970-01-04T02:01:52Z (3 days, 2 hours left)",
+            // The workload's 2-minute window, 8 seconds left: inside its notice (24 s).
+            "certificate: expires 1970-01-01T00:02:00Z (in 8 seconds): renew it",
+            // The peer's ended 12 seconds ago.
+            "certificate: EXPIRED 1970-01-01T00:01:40Z (12 seconds ago): its handshakes are refused",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
         }

@@ -17,15 +17,16 @@ use mesh_proto::control::{PeerInfo, PeerList, PeerStatus, Status};
 use mesh_proto::files;
 use mesh_proto::identity::SpiffeId;
 use mesh_proto::key::{PrivateKey, PublicKey};
-use mesh_proto::time::UnixTime;
+use mesh_proto::time::{span, Term, UnixTime};
 
 use crate::decisions::{DecisionLog, LogLimits};
 use crate::device::{route_needed, Tun};
 use crate::enforce::{self, Enforcer};
+use crate::expiry::ExpiryWatch;
 use crate::peers::{Local, Node, Peer, PeerSpec, PeerTable};
 use crate::state::{PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
-use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
+use crate::workloads::{Origin, Workload, WorkloadChanges, WorkloadSpec};
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
 
 /// Where a peer comes from.
@@ -393,6 +394,8 @@ pub struct Daemon {
     pub(crate) static_routes: Vec<IpNet>,
     /// The quarantine device's packets: read by the `quarantine` thread.
     pub(crate) quarantine: ArcSwap<Option<Arc<Tun>>>,
+    /// Renewal warnings given for the local certificates (timer thread).
+    expiry: Mutex<ExpiryWatch>,
 }
 
 /// Why the daemon could not start (after the config checked out).
@@ -502,6 +505,7 @@ impl Daemon {
             dynamic_routes,
             static_routes: static_routes_kept,
             quarantine: ArcSwap::from_pointee(None),
+            expiry: Mutex::new(ExpiryWatch::default()),
         };
         d.attach_all(workloads).map_err(StartError::Peers)?;
         Ok(d)
@@ -528,6 +532,8 @@ impl Daemon {
                     rx_bytes: s.rx_bytes,
                     tx_bytes: s.tx_bytes,
                     drops: s.drops,
+                    not_before: p.spec.not_before,
+                    not_after: p.spec.not_after,
                 }
             })
             .collect();
@@ -547,6 +553,47 @@ impl Daemon {
                 "decision_log": self.log.counters(),
             })),
         }
+    }
+
+    /// Logs each local certificate (the node's, the workloads') that has entered its
+    /// renewal notice or ended since the last look: peers refuse an ended one, so this
+    /// is the operator's only warning on this node.
+    pub fn check_certificates(&self, now: UnixTime) {
+        let reg = self.lock_registry();
+        let mut watch = self.expiry.lock().unwrap_or_else(|p| p.into_inner());
+        let certs = reg.workloads.iter().map(|w| {
+            (
+                w.spec.name.as_str(),
+                w.cert.not_before(),
+                w.cert.not_after(),
+            )
+        });
+        watch.check(certs, now, |name, term| {
+            let Some(w) = reg.workloads.iter().find(|w| w.spec.name == name) else {
+                return;
+            };
+            let identity = w.cert.identity();
+            let renew = if w.origin == Origin::Node {
+                "issue a new certificate (meshctl cert issue) and restart meshd with it"
+            } else {
+                "issue a new certificate (meshctl cert issue) and add the workload again (meshctl workload add)"
+            };
+            match term {
+                Term::RenewSoon { left } => tracing::warn!(
+                    workload = name,
+                    "certificate of {identity} expires at {} (in {}); peers will refuse it then: {renew}",
+                    w.cert.not_after(),
+                    span(left)
+                ),
+                Term::Expired { ago } => tracing::error!(
+                    workload = name,
+                    "certificate of {identity} expired at {} ({} ago): peers refuse its handshakes and traffic; {renew}",
+                    w.cert.not_after(),
+                    span(ago)
+                ),
+                Term::NotYetValid { .. } | Term::Valid { .. } => {}
+            }
+        });
     }
 
     /// The monotonic time of the shell.

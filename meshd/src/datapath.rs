@@ -442,10 +442,11 @@ pub fn timer_loop(d: &Daemon) {
     let mut ticks = 0u64;
     while !d.shutdown.wait_timeout(TIMER_TICK) {
         ticks += 1;
+        let now = unix_now();
         if ticks.is_multiple_of(4) {
             d.table.load().reset_rate_limiters();
+            d.check_certificates(now);
         }
-        let now = unix_now();
         // Overdue request heads (408) and expired flows.
         d.enforce.poll(d.mono(), now, &mut emit);
         if !emit.is_empty() {

@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod decisions;
 pub mod device;
 pub mod enforce;
+pub mod expiry;
 pub mod flow;
 pub mod http;
 pub mod inject;

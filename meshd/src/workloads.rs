@@ -100,6 +100,7 @@ impl Workload {
             public_key: PublicKey::from(*self.cert.public_key()).to_base64(),
             addresses: self.cert.addresses().to_vec(),
             groups: self.cert.groups().to_vec(),
+            not_before: self.cert.not_before(),
             not_after: self.cert.not_after(),
             attach: match &self.spec.veth {
                 Some(v) => format!("veth:{v}"),

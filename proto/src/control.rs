@@ -176,6 +176,11 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub drops: PeerDrops,
+    /// The peer's certificate validity window (0 from a daemon that predates them).
+    #[serde(default)]
+    pub not_before: UnixTime,
+    #[serde(default)]
+    pub not_after: UnixTime,
 }
 
 /// Drops attributed to a peer.
@@ -215,6 +220,9 @@ pub struct WorkloadInfo {
     pub addresses: Vec<IpNet>,
     #[serde(default)]
     pub groups: Vec<String>,
+    /// Start of its certificate's validity window (0 from a daemon that predates it).
+    #[serde(default)]
+    pub not_before: UnixTime,
     pub not_after: UnixTime,
     /// How it is attached: `veth:<interface>`, or `tun` (addresses on, or routed to,
     /// meshd's TUN).
@@ -384,6 +392,8 @@ mod tests {
                 rx_bytes: 1,
                 tx_bytes: 2,
                 drops: PeerDrops { spoofed_source: 3 },
+                not_before: UnixTime(10),
+                not_after: UnixTime(20),
             }],
             drops: NodeDrops::default(),
             workloads: vec![],
@@ -397,5 +407,16 @@ mod tests {
         let reply = Response::ok(&s).to_line();
         let back: Status = Response::parse(&reply).unwrap().into_result().unwrap();
         assert_eq!(back, s);
+        assert_eq!(v["peers"][0]["not_before"], 10);
+        assert_eq!(v["peers"][0]["not_after"], 20);
+        // A daemon from before the validity fields: they read as 0, nothing fails.
+        let mut old = v.clone();
+        old["peers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("not_before");
+        old["peers"][0].as_object_mut().unwrap().remove("not_after");
+        let back: Status = serde_json::from_value(old).unwrap();
+        assert_eq!(back.peers[0].not_after, UnixTime(0));
     }
 }

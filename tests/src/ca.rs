@@ -20,6 +20,9 @@ pub enum Validity {
     Current,
     /// Expired: valid from two days ago until a day ago.
     Expired,
+    /// Valid from an hour ago until this many seconds from now (inside its renewal
+    /// notice from the start, for less than about 12 minutes).
+    EndsIn(u64),
 }
 
 /// A mesh CA for one test (or an outsider's CA in an identity test). The CA is valid
@@ -74,6 +77,7 @@ impl TestCa {
         let (issued_at, validity_secs) = match validity {
             Validity::Current => (now().saturating_sub(HOUR), DAY),
             Validity::Expired => (now().saturating_sub(2 * DAY), DAY),
+            Validity::EndsIn(secs) => (now().saturating_sub(HOUR), HOUR + secs),
         };
         let params = LeafParams {
             identity: SpiffeId::parse(identity)

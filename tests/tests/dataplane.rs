@@ -393,6 +393,44 @@ fn expired_peer_certificate_is_refused_with_a_clear_log_line() -> mesh_tests::Re
 }
 
 #[test]
+fn own_certificate_nearing_and_past_its_end_is_announced() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    // Ends 10 s from now: inside its renewal notice from the start.
+    let a = mesh.host("a").validity(Validity::EndsIn(10)).up()?;
+    let line_with = |words: &[&str]| {
+        let log = a.log();
+        Ok(log
+            .lines()
+            .find(|l| words.iter().all(|w| l.contains(w)))
+            .map(str::to_string))
+    };
+    let warning = wait::until("the renewal warning", Duration::from_secs(10), || {
+        line_with(&["WARN", "certificate of spiffe://t/a expires at"])
+    })
+    .with_context(|| a.log())?;
+    assert!(
+        warning.contains("meshctl cert issue") && warning.contains("restart meshd"),
+        "{warning}"
+    );
+    let status = a.meshctl(&["status"])?.stdout_str();
+    assert!(status.contains("certificate: expires"), "{status}");
+    // Then, once it has ended: an error, once, and status says so.
+    let error = wait::until("the expiry error", Duration::from_secs(40), || {
+        line_with(&["ERROR", "certificate of spiffe://t/a expired at"])
+    })
+    .with_context(|| a.log())?;
+    assert!(error.contains("peers refuse"), "{error}");
+    let status = a.meshctl(&["status"])?.stdout_str();
+    assert!(status.contains("certificate: EXPIRED"), "{status}");
+    // Said once each, and the daemon carries on (peers decide what to refuse).
+    let log = a.log();
+    assert_eq!(log.matches("expires at").count(), 1, "{log}");
+    assert_eq!(log.matches("expired at").count(), 1, "{log}");
+    assert!(a.meshd_alive()?);
+    Ok(())
+}
+
+#[test]
 fn kill_9_and_restart_resumes_traffic() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b, c] = mesh.hosts(["a", "b", "c"])?;
