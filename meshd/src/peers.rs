@@ -238,7 +238,10 @@ pub struct Peer {
 }
 
 struct PeerState {
-    tunn: Tunn,
+    /// The WireGuard state machine, made on first use ([`Peer::session`]): a
+    /// `Tunn` is 11 KB, and most of the peers a host lists (every local workload ×
+    /// every remote one) may never exchange a packet.
+    tunn: Option<Box<Tunn>>,
     endpoint: Option<SocketAddr>,
 }
 
@@ -262,7 +265,6 @@ impl Peer {
         index: u32,
         endpoint: Option<SocketAddr>,
     ) -> Peer {
-        let tunn = local.new_tunn(&spec, index);
         Peer {
             sender: Sender {
                 identity: spec.identity.to_string().into(),
@@ -271,13 +273,28 @@ impl Peer {
             local: local.clone(),
             spec,
             index,
-            state: Mutex::new(PeerState { tunn, endpoint }),
+            state: Mutex::new(PeerState {
+                tunn: None,
+                endpoint,
+            }),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
             spoofed_source: AtomicU64::new(0),
             latest_handshake: AtomicU64::new(0),
             refused_logged: AtomicBool::new(false),
         }
+    }
+
+    /// The session state in `st` (this peer's, locked), made now if this is its
+    /// first use.
+    fn session<'s>(&self, st: &'s mut PeerState) -> &'s mut Tunn {
+        st.tunn
+            .get_or_insert_with(|| Box::new(self.local.new_tunn(&self.spec, self.index)))
+    }
+
+    /// Whether the WireGuard state has been made (tests, memory checks).
+    pub fn has_session_state(&self) -> bool {
+        self.lock().tunn.is_some()
     }
 
     fn lock(&self) -> MutexGuard<'_, PeerState> {
@@ -327,8 +344,7 @@ impl Peer {
 
     /// Drops every session (used when the certificate stops being valid).
     pub fn reset_sessions(&self) {
-        let mut st = self.lock();
-        st.tunn = self.local.new_tunn(&self.spec, self.index);
+        self.lock().tunn = None;
     }
 }
 
@@ -575,7 +591,7 @@ fn encrypt<'a>(
     let Some(to) = st.endpoint else {
         return drop_out(node, DropReason::NoEndpoint);
     };
-    match st.tunn.encapsulate(packet, dst) {
+    match peer.session(&mut st).encapsulate(packet, dst) {
         TunnResult::WriteToNetwork(data) => {
             // A handshake initiation is 148 bytes and carries no payload; a data
             // packet is exactly the payload plus the overhead.
@@ -689,7 +705,9 @@ pub fn inbound<'a>(
     }
 
     let mut st = peer.lock();
-    let result = st.tunn.decapsulate(Some(from.ip()), datagram, dst);
+    let result = peer
+        .session(&mut st)
+        .decapsulate(Some(from.ip()), datagram, dst);
     if !matches!(result, TunnResult::Err(_)) && authenticates {
         // Roaming: an authenticated packet from a new address moves the peer there
         // (WireGuard section 2.1).
@@ -828,7 +846,8 @@ fn deliver<'a>(
 pub fn flush<'a>(peer: &Peer, dst: &'a mut [u8]) -> Option<Transmit<'a>> {
     let mut st = peer.lock();
     let to = st.endpoint?;
-    match st.tunn.decapsulate(None, &[], dst) {
+    // Only after a handshake, which made the session state.
+    match st.tunn.as_mut()?.decapsulate(None, &[], dst) {
         TunnResult::WriteToNetwork(data) => {
             peer.tx_bytes.fetch_add(
                 data.len().saturating_sub(WG_OVERHEAD) as u64,
@@ -844,7 +863,10 @@ pub fn flush<'a>(peer: &Peer, dst: &'a mut [u8]) -> Option<Transmit<'a>> {
 pub fn initiate<'a>(peer: &Peer, dst: &'a mut [u8]) -> Option<Transmit<'a>> {
     let mut st = peer.lock();
     let to = st.endpoint?;
-    match st.tunn.format_handshake_initiation(dst, false) {
+    match peer
+        .session(&mut st)
+        .format_handshake_initiation(dst, false)
+    {
         TunnResult::WriteToNetwork(data) => Some(Transmit { to, data }),
         _ => None,
     }
@@ -863,7 +885,9 @@ pub fn tick<'a>(
     }
     let mut st = peer.lock();
     let endpoint = st.endpoint;
-    match st.tunn.update_timers(dst) {
+    // A peer that never exchanged a packet has nothing to time.
+    let tunn = st.tunn.as_mut()?;
+    match tunn.update_timers(dst) {
         TunnResult::WriteToNetwork(data) => endpoint.map(|to| Transmit { to, data }),
         _ => None,
     }

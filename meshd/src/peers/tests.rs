@@ -246,6 +246,11 @@ fn sessions_per_workload_pair_found_by_mac1() {
     };
     let mut h1 = mk([0, 1], [2, 3], "198.18.0.1:51820", Some("198.18.0.2:51820"));
     let mut h2 = mk([2, 3], [0, 1], "198.18.0.2:51820", None);
+    // No WireGuard state before a pair exchanges a packet (4 pairs per host here;
+    // a host lists every local × remote workload pair).
+    for h in [&h1, &h2] {
+        assert!(h.table.peers().iter().all(|p| !p.has_session_state()));
+    }
     let mut link = Link::new();
     // pb -> pd, then pa -> pc: each its own handshake, to its own responder key.
     let bd = build::udp(ip("100.65.1.2"), ip("100.65.2.2"), b"b to d");
@@ -264,6 +269,27 @@ fn sessions_per_workload_pair_found_by_mac1() {
     assert!(session(&h2, 3, 1).latest_handshake.is_some());
     assert!(session(&h2, 2, 0).latest_handshake.is_some());
     assert!(session(&h2, 2, 1).latest_handshake.is_none());
+    // State was made for the two pairs that talked only, and timers make none.
+    let made = |h: &Host, l: usize, r: usize| {
+        h.table
+            .by_keys(&specs[l].public_key, &specs[r].public_key)
+            .unwrap()
+            .has_session_state()
+    };
+    let mut buf = vec![0u8; 2048];
+    for h in [&h1, &h2] {
+        for p in h.table.peers() {
+            tick(&h.node, p, &mut buf, NOW);
+        }
+    }
+    assert!(made(&h2, 3, 1) && made(&h2, 2, 0) && made(&h1, 1, 3) && made(&h1, 0, 2));
+    assert!(!made(&h2, 2, 1) && !made(&h2, 3, 0) && !made(&h1, 0, 3) && !made(&h1, 1, 2));
+    // Dropping the sessions drops the state.
+    h2.table
+        .by_keys(&specs[3].public_key, &specs[1].public_key)
+        .unwrap()
+        .reset_sessions();
+    assert!(!made(&h2, 3, 1));
     // Answers go back through the same sessions.
     let ca = build::udp(ip("100.65.2.1"), ip("100.65.1.1"), b"c to a");
     send_from_tun(&h2, &ca, &mut link);
