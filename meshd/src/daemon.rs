@@ -3,7 +3,7 @@
 //! (config peers + persisted runtime changes), status, and the swap of peer-table
 //! snapshots the data path reads.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -24,7 +24,7 @@ use crate::device::{route_needed, Tun};
 use crate::enforce::{self, Enforcer};
 use crate::expiry::ExpiryWatch;
 use crate::peers::{Local, Node, Peer, PeerSpec, PeerTable};
-use crate::state::{PeerChanges, StoredPeer, StoredPolicy};
+use crate::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
 use crate::workloads::{Origin, Workload, WorkloadChanges, WorkloadSpec};
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
@@ -396,6 +396,8 @@ pub struct Daemon {
     pub(crate) quarantine: ArcSwap<Option<Arc<Tun>>>,
     /// Renewal warnings given for the local certificates (timer thread).
     expiry: Mutex<ExpiryWatch>,
+    /// The learned endpoints last written to the state directory.
+    learned: Mutex<LearnedEndpoints>,
 }
 
 /// Why the daemon could not start (after the config checked out).
@@ -443,6 +445,7 @@ impl Daemon {
         let locals: Vec<Arc<Local>> = workloads.iter().map(|w| w.local.clone()).collect();
         let table =
             build_table(&locals, &peers, &PeerTable::default(), 1).map_err(StartError::Peers)?;
+        let learned = restore_learned_endpoints(&config.node.state_dir, &peers, &table);
         let own_addrs = cert.addresses().to_vec();
         let tun = Tun::create(&config.node.tun, config.node.mtu, &own_addrs)?;
         let udp = Udp::bind(config.node.listen)?;
@@ -506,6 +509,7 @@ impl Daemon {
             static_routes: static_routes_kept,
             quarantine: ArcSwap::from_pointee(None),
             expiry: Mutex::new(ExpiryWatch::default()),
+            learned: Mutex::new(learned),
         };
         d.attach_all(workloads).map_err(StartError::Peers)?;
         Ok(d)
@@ -594,6 +598,31 @@ impl Daemon {
                 Term::NotYetValid { .. } | Term::Valid { .. } => {}
             }
         });
+    }
+
+    /// Writes the endpoints learned from peers' packets (where they differ from the
+    /// configured ones) to the state directory, when they changed since the last
+    /// write: from the timer every few seconds, and at shutdown.
+    pub fn save_learned_endpoints(&self) {
+        let current = {
+            let reg = self.lock_registry();
+            let configured = configured_endpoints(&reg.entries);
+            let table = self.table.load();
+            LearnedEndpoints::from_peers(table.peers().iter().filter_map(|p| {
+                let configured = configured.get(&p.spec.identity).copied().flatten();
+                let current = p.endpoint();
+                (current.is_some() && current != configured)
+                    .then(|| (&p.spec.identity, configured, current))
+            }))
+        };
+        let mut last = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == current {
+            return;
+        }
+        match crate::state::write(&self.config.node.state_dir, &current) {
+            Ok(()) => *last = current,
+            Err(e) => tracing::warn!("cannot save the peers' learned endpoints: {e}"),
+        }
     }
 
     /// The monotonic time of the shell.
@@ -780,6 +809,53 @@ fn peer_route_set(peers: &[PeerEntry], own: &[IpNet]) -> BTreeSet<IpNet> {
         .iter()
         .flat_map(|p| p.spec.addresses.iter().map(|a| a.trunc()))
         .filter(|r| route_needed(r, own))
+        .collect()
+}
+
+/// Points the sessions of each peer at the endpoint it was last heard from before the
+/// restart, where that was learned under the endpoint still configured (see
+/// [`LearnedEndpoints`]). An unreadable file is a lost cache: logged and ignored. Returns
+/// what the file holds, so that an unchanged set is not written again.
+fn restore_learned_endpoints(
+    state_dir: &std::path::Path,
+    entries: &[PeerEntry],
+    table: &PeerTable,
+) -> LearnedEndpoints {
+    let learned = match crate::state::read::<LearnedEndpoints>(state_dir) {
+        Ok(l) => l.unwrap_or_else(LearnedEndpoints::empty),
+        Err(e) => {
+            tracing::warn!(
+                "ignoring the learned peer endpoints (a cache, replaced when one is next learned): {e}"
+            );
+            return LearnedEndpoints::empty();
+        }
+    };
+    if learned.peers.is_empty() {
+        return learned;
+    }
+    let configured = configured_endpoints(entries);
+    let mut restored = 0;
+    for p in table.peers() {
+        let configured = configured.get(&p.spec.identity).copied().flatten();
+        if let Some(ep) = learned.usable(&p.spec.identity.to_string(), configured) {
+            p.set_endpoint(Some(ep));
+            restored += 1;
+        }
+    }
+    if restored > 0 {
+        tracing::info!(
+            sessions = restored,
+            "endpoints learned before the restart restored"
+        );
+    }
+    learned
+}
+
+/// Each peer's configured endpoint (meshd.toml or `peer add`), by identity.
+fn configured_endpoints(entries: &[PeerEntry]) -> HashMap<&SpiffeId, Option<SocketAddr>> {
+    entries
+        .iter()
+        .map(|e| (&e.spec.identity, e.endpoint))
         .collect()
 }
 

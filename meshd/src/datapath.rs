@@ -435,6 +435,9 @@ fn send_to_peer(d: &Daemon, table: &peers::PeerTable, packet: &[u8], aux: &mut [
     }
 }
 
+/// Learned peer endpoints are saved (when changed) every this many ticks: 10 s.
+const SAVE_ENDPOINTS_TICKS: u64 = 40;
+
 /// WireGuard timers for every peer, and the handshake rate limiter's reset.
 pub fn timer_loop(d: &Daemon) {
     let mut dst = vec![0u8; BUF_LEN];
@@ -446,6 +449,9 @@ pub fn timer_loop(d: &Daemon) {
         if ticks.is_multiple_of(4) {
             d.table.load().reset_rate_limiters();
             d.check_certificates(now);
+        }
+        if ticks.is_multiple_of(SAVE_ENDPOINTS_TICKS) {
+            d.save_learned_endpoints();
         }
         // Overdue request heads (408) and expired flows.
         d.enforce.poll(d.mono(), now, &mut emit);

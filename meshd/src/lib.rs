@@ -96,6 +96,7 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
         }
     }
     drop(sock);
+    d.save_learned_endpoints();
     if let Some(name) = panicked {
         return Err(RunError::Panicked(name));
     }

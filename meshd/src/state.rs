@@ -238,3 +238,136 @@ mod policy_tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+
+/// Where peers were last heard from, for the peers whose address differs from what
+/// the configuration (or `peer add`) says: typically peers with no configured
+/// endpoint, which call in first. A cache, kept so that a restarted node can reach
+/// them before they speak again; losing it loses nothing configured.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnedEndpoints {
+    pub version: u32,
+    pub peers: Vec<LearnedEndpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnedEndpoint {
+    pub identity: String,
+    /// The source address of the peer's last authenticated packet.
+    pub endpoint: SocketAddr,
+    /// The endpoint configured for the peer when this one was learned. If the
+    /// operator has changed it since, the operator's wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configured: Option<SocketAddr>,
+}
+
+impl StateFile for LearnedEndpoints {
+    const FILE: &'static str = ENDPOINTS_FILE;
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
+impl LearnedEndpoints {
+    /// None learned (what a missing file means).
+    pub fn empty() -> LearnedEndpoints {
+        LearnedEndpoints {
+            version: STATE_VERSION,
+            peers: Vec::new(),
+        }
+    }
+
+    /// From `(identity, configured endpoint, current endpoint)` per peer: the peers
+    /// whose current endpoint is known and is not the configured one, by identity.
+    pub fn from_peers<I: ToString>(
+        peers: impl IntoIterator<Item = (I, Option<SocketAddr>, Option<SocketAddr>)>,
+    ) -> LearnedEndpoints {
+        let mut learned: Vec<LearnedEndpoint> = peers
+            .into_iter()
+            .filter_map(|(identity, configured, current)| {
+                let endpoint = current.filter(|c| Some(*c) != configured)?;
+                Some(LearnedEndpoint {
+                    identity: identity.to_string(),
+                    endpoint,
+                    configured,
+                })
+            })
+            .collect();
+        learned.sort_by(|a, b| a.identity.cmp(&b.identity));
+        learned.dedup_by(|a, b| a.identity == b.identity);
+        LearnedEndpoints {
+            peers: learned,
+            ..LearnedEndpoints::empty()
+        }
+    }
+
+    /// The endpoint learned for `identity`, if it was learned while the configured
+    /// endpoint was the same as `configured` now.
+    /// (Sorted by identity, as [`LearnedEndpoints::from_peers`] keeps them; a file
+    /// edited out of order only loses its unsorted entries.)
+    pub fn usable(&self, identity: &str, configured: Option<SocketAddr>) -> Option<SocketAddr> {
+        let i = self
+            .peers
+            .binary_search_by(|l| l.identity.as_str().cmp(identity))
+            .ok()?;
+        let l = &self.peers[i];
+        (l.configured == configured).then_some(l.endpoint)
+    }
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+
+    fn ep(s: &str) -> Option<SocketAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn only_endpoints_that_differ_from_the_configuration_are_kept() {
+        let l = LearnedEndpoints::from_peers([
+            ("spiffe://t/c", None, ep("198.18.0.3:51820")),
+            ("spiffe://t/a", None, None),
+            (
+                "spiffe://t/b",
+                ep("198.18.0.2:51820"),
+                ep("198.18.0.2:51820"),
+            ),
+            (
+                "spiffe://t/d",
+                ep("198.18.0.4:51820"),
+                ep("198.18.9.4:40000"),
+            ),
+            // A second session with the same peer (another local workload).
+            ("spiffe://t/c", None, ep("198.18.0.3:51820")),
+        ]);
+        let ids: Vec<&str> = l.peers.iter().map(|p| p.identity.as_str()).collect();
+        assert_eq!(ids, ["spiffe://t/c", "spiffe://t/d"]);
+        assert_eq!(l.usable("spiffe://t/c", None), ep("198.18.0.3:51820"));
+        assert_eq!(
+            l.usable("spiffe://t/d", ep("198.18.0.4:51820")),
+            ep("198.18.9.4:40000")
+        );
+        // The operator has configured another endpoint since: theirs wins.
+        assert_eq!(l.usable("spiffe://t/d", ep("198.18.0.5:51820")), None);
+        assert_eq!(l.usable("spiffe://t/c", ep("198.18.0.3:51820")), None);
+        assert_eq!(l.usable("spiffe://t/a", None), None);
+    }
+
+    #[test]
+    fn round_trips_through_the_state_directory() {
+        let dir = std::env::temp_dir().join(format!("meshd-endpoints-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(read::<LearnedEndpoints>(&dir).unwrap(), None);
+        let l =
+            LearnedEndpoints::from_peers([("spiffe://t/c", None, ep("[fd00:198:18::3]:51820"))]);
+        write(&dir, &l).unwrap();
+        assert_eq!(read::<LearnedEndpoints>(&dir).unwrap(), Some(l));
+        std::fs::write(dir.join(ENDPOINTS_FILE), "{not json").unwrap();
+        assert!(read::<LearnedEndpoints>(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -431,6 +431,43 @@ fn own_certificate_nearing_and_past_its_end_is_announced() -> mesh_tests::Result
 }
 
 #[test]
+fn endpoint_learned_from_a_peer_survives_a_restart() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let b = mesh.host("b").peers(PeerSet::None).up()?;
+    let a = mesh.host("a").peers(PeerSet::None).up()?;
+    a.peer_add(&b)?;
+    // b has a's certificate but no endpoint for it: it learns one from a's handshake.
+    let cert = b.dir().join("a.crt");
+    std::fs::write(&cert, a.cert_pem())?;
+    b.meshctl(&["peer", "add", cert.to_str().context("path")?])?
+        .check()?;
+    let endpoint_of_a = |h: &Host| -> Result<Option<String>> {
+        Ok(h.status()?
+            .peer(a.identity())
+            .context("b lists a")?
+            .endpoint
+            .clone())
+    };
+    assert_eq!(endpoint_of_a(&b)?, None);
+    a.ping(b.overlay_v4())?;
+    let learned = Some(a.endpoint().to_string());
+    assert_eq!(endpoint_of_a(&b)?, learned);
+    restart_cleanly(&b)?;
+    assert_eq!(endpoint_of_a(&b)?, learned, "{}", b.log());
+    // b speaks first: only the endpoint it learned before the restart can carry it.
+    b.ping(a.overlay_v4())?;
+    // An endpoint the operator sets since wins over the learned one (here: the same
+    // address, so the learned entry no longer applies and traffic still flows).
+    b.peer_add(&a)?;
+    restart_cleanly(&b)?;
+    assert_eq!(endpoint_of_a(&b)?, learned);
+    let state = std::fs::read_to_string(b.dir().join("state/endpoints.json"))?;
+    assert!(!state.contains("spiffe://t/a"), "{state}");
+    b.ping(a.overlay_v4())?;
+    Ok(())
+}
+
+#[test]
 fn kill_9_and_restart_resumes_traffic() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b, c] = mesh.hosts(["a", "b", "c"])?;
