@@ -15,6 +15,7 @@ pub mod decisions;
 pub mod device;
 pub mod enforce;
 pub mod flow;
+pub mod gro;
 pub mod http;
 pub mod inject;
 pub mod l7;
