@@ -273,7 +273,14 @@ impl Coalescer {
 
     /// Appends buffer `i`'s payload to run `r` if the kernel would split it back out
     /// unchanged; false (and `r` closed) otherwise.
-    fn try_join<B>(&mut self, bufs: &mut [B], r: usize, i: usize, seg: &Segment, offset: usize) -> bool
+    fn try_join<B>(
+        &mut self,
+        bufs: &mut [B],
+        r: usize,
+        i: usize,
+        seg: &Segment,
+        offset: usize,
+    ) -> bool
     where
         B: AsRef<[u8]> + AsMut<[u8]> + Resizable,
     {
@@ -366,7 +373,8 @@ fn classify(pkt: &[u8], udp_gso: bool) -> Class {
             key.dst[..4].copy_from_slice(&pkt[16..20]);
             // Options, more fragments to come, or a length that disagrees with the
             // buffer: the kernel gets the packet as it is.
-            let plain = ihl == IPV4_HDR && frag & 0x2000 == 0 && usize::from(be16(pkt, 2)) == pkt.len();
+            let plain =
+                ihl == IPV4_HDR && frag & 0x2000 == 0 && usize::from(be16(pkt, 2)) == pkt.len();
             (key, ihl, be16(pkt, 4), plain)
         }
         6 => {
@@ -431,9 +439,7 @@ fn classify(pkt: &[u8], udp_gso: bool) -> Class {
         // The UDP length must be the packet's, and a checksum present: segmentation
         // always computes one, so a datagram sent without (or with the 0 that IPv6
         // forbids) would not come back byte for byte.
-        if l4.len() <= UDP_HDR
-            || usize::from(be16(l4, 4)) != l4.len()
-            || be16(l4, UDP_CSUM_AT) == 0
+        if l4.len() <= UDP_HDR || usize::from(be16(l4, 4)) != l4.len() || be16(l4, UDP_CSUM_AT) == 0
         {
             return Class::Lone(key);
         }
@@ -458,7 +464,9 @@ fn same_headers(head: &[u8], pkt: &[u8], run: &Run, seg: &Segment) -> bool {
     } else {
         // Everything but total length, ID and checksum; the ID must be the next one
         // (segmentation numbers the segments head ID + i; no FIXEDID over virtio).
-        head[0..2] == pkt[0..2] && head[6..10] == pkt[6..10] && head[12..20] == pkt[12..20]
+        head[0..2] == pkt[0..2]
+            && head[6..10] == pkt[6..10]
+            && head[12..20] == pkt[12..20]
             && seg.id == run.next_id
     };
     if !ip_ok {
