@@ -151,6 +151,21 @@ mod tests {
     }
 
     #[test]
+    fn a_full_batch_of_segments_merges_into_one_buffer() {
+        use crate::gro::tests::{bulk, resegment};
+        let segments = bulk(false, &[1400; 32]);
+        let mut t = TunBatch::new(32);
+        for s in &segments {
+            t.slot()[..s.len()].copy_from_slice(s);
+            t.commit(s.len());
+        }
+        assert!(t.is_full());
+        let written = t.gro.coalesce(&mut t.bufs[..t.count], TUN_OFFSET, false).to_vec();
+        assert_eq!(written, vec![0]);
+        assert_eq!(resegment(t.bufs[0].as_ref()), segments);
+    }
+
+    #[test]
     fn batch_slots_fill_in_order() {
         let mut t = TunBatch::new(2);
         assert!(t.is_empty());

@@ -573,4 +573,4 @@ fn finish(buf: &mut [u8], run: &Run, offset: usize) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -212,7 +212,7 @@ fn le16(b: &[u8], at: usize) -> usize {
 /// Splits one written buffer (virtio-net header + packet) the way the kernel's GSO
 /// does (`tcp_gso_segment`, `__udp_gso_segment`, `inet_gso_segment`,
 /// `ipv6_gso_segment`), checking on the way that the header is one it accepts.
-fn resegment(out: &[u8]) -> Vec<Vec<u8>> {
+pub(crate) fn resegment(out: &[u8]) -> Vec<Vec<u8>> {
     let (hdr, pkt) = out.split_at(VNET_HDR_LEN);
     if hdr == [0; VNET_HDR_LEN] {
         return vec![pkt.to_vec()];
@@ -319,6 +319,11 @@ fn shape(pkts: &[Pkt]) -> Vec<usize> {
         "resegmented output differs from the input"
     );
     out.iter().map(|o| resegment(o).len()).collect()
+}
+
+/// In-order TCP segments of one flow, as bytes (for other modules' tests).
+pub(crate) fn bulk(v6: bool, sizes: &[usize]) -> Vec<Vec<u8>> {
+    seqs(v6, sizes).iter().map(Pkt::bytes).collect()
 }
 
 fn seqs(v6: bool, sizes: &[usize]) -> Vec<Pkt> {
