@@ -160,7 +160,10 @@ mod tests {
             t.commit(s.len());
         }
         assert!(t.is_full());
-        let written = t.gro.coalesce(&mut t.bufs[..t.count], TUN_OFFSET, false).to_vec();
+        let written = t
+            .gro
+            .coalesce(&mut t.bufs[..t.count], TUN_OFFSET, false)
+            .to_vec();
         assert_eq!(written, vec![0]);
         assert_eq!(resegment(t.bufs[0].as_ref()), segments);
     }

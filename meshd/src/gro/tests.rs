@@ -564,7 +564,7 @@ fn flows_interleave_and_keep_their_order() {
         .map(|p| p.with(|p| p.sport = 40_001))
         .collect();
     let c = seqs(true, &[900, 900]);
-    let pkts = vec![
+    let pkts = [
         a[0].clone(),
         b[0].clone(),
         c[0].clone(),
