@@ -144,6 +144,8 @@ pub struct Coalescer {
     runs: Vec<Run>,
     /// Open-addressed flow index: run index + 1, 0 for an empty slot.
     slots: Vec<u32>,
+    /// The slot [`Coalescer::slot_of`] found last (`usize::MAX`: none).
+    recent: usize,
     out: Vec<usize>,
 }
 
@@ -155,6 +157,7 @@ impl Coalescer {
         Coalescer {
             runs: Vec::with_capacity(cap),
             slots: vec![0; slot_count(cap)],
+            recent: usize::MAX,
             out: Vec::with_capacity(cap),
         }
     }
@@ -181,6 +184,7 @@ impl Coalescer {
             self.slots.resize(slot_count(bufs.len()), 0);
         }
         self.slots.fill(0);
+        self.recent = usize::MAX;
 
         for i in 0..bufs.len() {
             let Some(pkt) = bufs[i].as_ref().get(offset..) else {
@@ -229,20 +233,30 @@ impl Coalescer {
     }
 
     /// The slot of `key`'s run, or of the empty slot where it would go.
-    fn slot_of(&self, key: &FlowKey) -> usize {
+    fn slot_of(&mut self, key: &FlowKey) -> usize {
+        // Bulk traffic comes in stretches of one flow: try the previous packet's
+        // flow before hashing.
+        if let Some(&r) = self.slots.get(self.recent) {
+            if r != 0 && self.runs[r as usize - 1].key == *key {
+                return self.recent;
+            }
+        }
         let mask = self.slots.len() - 1;
         let mut s = key.hash() as usize & mask;
         loop {
             match self.slots[s] {
-                0 => return s,
-                r if self.runs[r as usize - 1].key == *key => return s,
+                0 => break,
+                r if self.runs[r as usize - 1].key == *key => break,
                 _ => s = (s + 1) & mask,
             }
         }
+        self.recent = s;
+        s
     }
 
-    fn lookup(&self, key: &FlowKey) -> Option<usize> {
-        match self.slots[self.slot_of(key)] {
+    fn lookup(&mut self, key: &FlowKey) -> Option<usize> {
+        let s = self.slot_of(key);
+        match self.slots[s] {
             0 => None,
             r => Some(r as usize - 1),
         }

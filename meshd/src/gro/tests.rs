@@ -826,7 +826,17 @@ mod random {
             }
             next_seq[s.flow] = p.seq.wrapping_add(p.payload.len() as u32);
             next_id[s.flow] = p.id.wrapping_add(1);
-            out.push(p.bytes());
+            let mut bytes = p.bytes();
+            if s.tweak == 238 {
+                // A packet of the flow the coalescer cannot place: an IPv6 extension
+                // header, an IPv4 non-first fragment.
+                if v6 {
+                    bytes[6] = 0;
+                } else {
+                    bytes[7] = 0x10;
+                }
+            }
+            out.push(bytes);
         }
         out
     }
