@@ -18,6 +18,9 @@ use crate::gro::{Coalescer, Resizable, VNET_HDR_LEN};
 /// is not asked for `num_buffers`).
 pub const TUN_OFFSET: usize = VNET_HDR_LEN;
 
+// Reads go through tun-rs, which sizes the header itself: both must agree.
+const _: () = assert!(VNET_HDR_LEN == tun_rs::VIRTIO_NET_HDR_LEN);
+
 /// Largest packet a TUN read returns: a 64 KiB TSO segment behind its header.
 pub const TUN_READ_LEN: usize = TUN_OFFSET + 65_535;
 
