@@ -482,8 +482,10 @@ fn same_headers(head: &[u8], pkt: &[u8], run: &Run, seg: &Segment) -> bool {
         // Version, traffic class, flow label; then next header, hop limit, addresses.
         head[0..4] == pkt[0..4] && head[6..40] == pkt[6..40]
     } else {
-        // Everything but total length, ID and checksum; the ID must be the next one
-        // (segmentation numbers the segments head ID + i; no FIXEDID over virtio).
+        // Everything but total length, ID and checksum; the ID must be the next one:
+        // `inet_gso_segment` numbers the segments head ID + i, for TCP and for
+        // UDP_L4 alike (only the old UFO type fragments instead), and virtio-net
+        // has no FIXEDID type to keep a fixed ID.
         head[0..2] == pkt[0..2]
             && head[6..10] == pkt[6..10]
             && head[12..20] == pkt[12..20]
