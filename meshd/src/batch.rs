@@ -1,20 +1,19 @@
 //! Reusable packet buffers for batched TUN writes (I/O shell).
 //!
 //! A [`TunBatch`] collects decrypted, policy-approved packets, each written in place
-//! behind [`TUN_OFFSET`] free bytes, and hands them to the TUN in one call, where
-//! tun-rs coalesces consecutive segments of a flow (GRO) into one write. Buffers are
-//! allocated once, at the 64 KiB a coalesced packet can reach; memory the kernel
-//! never touched stays unbacked, so the footprint follows the traffic.
-
-use tun_rs::{ExpandBuffer, GROTable};
+//! behind [`TUN_OFFSET`] free bytes, and hands them to the TUN in one call, where our
+//! [`Coalescer`] merges consecutive segments of a flow (software GRO) into one write.
+//! Buffers are allocated once, at the 64 KiB a coalesced packet can reach; memory the
+//! kernel never touched stays unbacked, so the footprint follows the traffic.
 
 use crate::device::{Tun, TUN_OFFSET};
+use crate::gro::{Coalescer, Resizable};
 
-/// Room for one coalesced packet: 64 KiB plus the header space GRO asks for.
+/// Room for one coalesced packet: 64 KiB behind the virtio-net header.
 const COALESCED_LEN: usize = 65_535 + 2 * TUN_OFFSET;
 
-/// A fixed-capacity byte buffer whose length tun-rs may change (`ExpandBuffer`)
-/// without ever reallocating.
+/// A fixed-capacity byte buffer whose length the coalescer may change without ever
+/// reallocating.
 pub struct PacketBuf {
     mem: Box<[u8]>,
     len: usize,
@@ -33,6 +32,7 @@ impl PacketBuf {
         &mut self.mem
     }
 
+    /// Keeps the first `len` bytes (clamped to the capacity).
     pub fn set_len(&mut self, len: usize) {
         self.len = len.min(self.mem.len());
     }
@@ -50,25 +50,15 @@ impl AsMut<[u8]> for PacketBuf {
     }
 }
 
-impl ExpandBuffer for PacketBuf {
-    fn buf_capacity(&self) -> usize {
+impl Resizable for PacketBuf {
+    fn capacity(&self) -> usize {
         self.mem.len()
     }
 
-    // tun-rs checks `buf_capacity` before growing a buffer; the clamps only keep a
-    // violated assumption from panicking.
-    fn buf_resize(&mut self, new_len: usize, value: u8) {
-        let new_len = new_len.min(self.mem.len());
-        if new_len > self.len {
-            self.mem[self.len..new_len].fill(value);
-        }
-        self.len = new_len;
-    }
-
-    fn buf_extend_from_slice(&mut self, src: &[u8]) {
-        let n = src.len().min(self.mem.len() - self.len);
-        self.mem[self.len..self.len + n].copy_from_slice(&src[..n]);
-        self.len += n;
+    // The coalescer checks the capacity before growing a buffer; the clamp only
+    // keeps a violated assumption from panicking.
+    fn set_len(&mut self, len: usize) {
+        PacketBuf::set_len(self, len);
     }
 }
 
@@ -76,18 +66,19 @@ impl ExpandBuffer for PacketBuf {
 pub struct TunBatch {
     bufs: Vec<PacketBuf>,
     count: usize,
-    gro: GROTable,
+    gro: Coalescer,
 }
 
 impl TunBatch {
     /// A batch of up to `capacity` packets.
     pub fn new(capacity: usize) -> TunBatch {
+        let capacity = capacity.max(1);
         TunBatch {
-            bufs: (0..capacity.max(1))
+            bufs: (0..capacity)
                 .map(|_| PacketBuf::new(COALESCED_LEN))
                 .collect(),
             count: 0,
-            gro: GROTable::new(),
+            gro: Coalescer::new(capacity),
         }
     }
 
@@ -150,13 +141,31 @@ mod tests {
         b.space()[..3].copy_from_slice(b"abc");
         b.set_len(3);
         assert_eq!(b.as_ref(), b"abc");
-        b.buf_extend_from_slice(b"defghijk");
+        Resizable::set_len(&mut b, 20);
+        assert_eq!(b.as_ref().len(), 8);
+        b.as_mut()[3..].copy_from_slice(b"defgh");
         assert_eq!(b.as_ref(), b"abcdefgh");
-        b.buf_resize(2, 0);
+        Resizable::set_len(&mut b, 2);
         assert_eq!(b.as_ref(), b"ab");
-        b.buf_resize(4, 7);
-        assert_eq!(b.as_ref(), &[b'a', b'b', 7, 7]);
-        assert_eq!(b.buf_capacity(), 8);
+        assert_eq!(b.capacity(), 8);
+    }
+
+    #[test]
+    fn a_full_batch_of_segments_merges_into_one_buffer() {
+        use crate::gro::tests::{bulk, resegment};
+        let segments = bulk(false, &[1400; 32]);
+        let mut t = TunBatch::new(32);
+        for s in &segments {
+            t.slot()[..s.len()].copy_from_slice(s);
+            t.commit(s.len());
+        }
+        assert!(t.is_full());
+        let written = t
+            .gro
+            .coalesce(&mut t.bufs[..t.count], TUN_OFFSET, false)
+            .to_vec();
+        assert_eq!(written, vec![0]);
+        assert_eq!(resegment(t.bufs[0].as_ref()), segments);
     }
 
     #[test]

@@ -9,12 +9,17 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
 use ipnet::IpNet;
-use tun_rs::{DeviceBuilder, ExpandBuffer, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+use crate::gro::{Coalescer, Resizable, VNET_HDR_LEN};
 
 /// Bytes reserved in front of every packet written with [`Tun::send_batch`]: the
-/// virtio-net header when offload is on (10 bytes here; tun-rs' docs say 12, its
-/// constant is the struct's real size).
-pub const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
+/// virtio-net header when offload is on (`struct virtio_net_hdr`, 10 bytes: the TUN
+/// is not asked for `num_buffers`).
+pub const TUN_OFFSET: usize = VNET_HDR_LEN;
+
+// Reads go through tun-rs, which sizes the header itself: both must agree.
+const _: () = assert!(VNET_HDR_LEN == tun_rs::VIRTIO_NET_HDR_LEN);
 
 /// Largest packet a TUN read returns: a 64 KiB TSO segment behind its header.
 pub const TUN_READ_LEN: usize = TUN_OFFSET + 65_535;
@@ -43,14 +48,16 @@ pub enum DeviceError {
 ///
 /// With offload (`IFF_VNET_HDR` plus TSO/USO), every read and write carries a
 /// virtio-net header: the kernel hands over TCP segments of up to 64 KiB, which
-/// [`Tun::recv_segments`] splits into MTU-sized packets, and takes back coalesced
-/// ones ([`Tun::send_batch`]). Without offload (the device refused it) the same calls
+/// [`Tun::recv_segments`] splits into MTU-sized packets, and takes back the packets
+/// our [`Coalescer`] merged ([`Tun::send_batch`]). Without offload (the device refused it) the same calls
 /// carry one plain packet each.
 pub struct Tun {
     dev: SyncDevice,
     name: String,
     index: u32,
     offload: bool,
+    /// The device took UDP segmentation offload too: UDP datagrams may be merged.
+    udp_gso: bool,
 }
 
 impl Tun {
@@ -100,17 +107,14 @@ impl Tun {
         let index = dev.if_index().map_err(create)?;
         let name = dev.name().unwrap_or_else(|_| name.to_string());
         let offload = dev.tcp_gso();
-        tracing::info!(
-            tun = %name,
-            tso = offload,
-            uso = dev.udp_gso(),
-            "TUN offload"
-        );
+        let udp_gso = offload && dev.udp_gso();
+        tracing::info!(tun = %name, tso = offload, uso = udp_gso, "TUN offload");
         Ok(Tun {
             dev,
             name,
             index,
             offload,
+            udp_gso,
         })
     }
 
@@ -129,12 +133,19 @@ impl Tun {
             name: self.name.clone(),
             index: self.index,
             offload: self.offload,
+            udp_gso: self.udp_gso,
         })
     }
 
     /// Whether reads and writes carry the virtio-net header (TSO/GRO).
     pub fn offload(&self) -> bool {
         self.offload
+    }
+
+    /// Whether the device also takes UDP segmentation offload (USO), so that UDP
+    /// datagrams of a flow may be written merged.
+    pub fn udp_gso(&self) -> bool {
+        self.udp_gso
     }
 
     /// Reads one packet; `WouldBlock` when none is waiting. With offload a TSO
@@ -179,13 +190,40 @@ impl Tun {
     }
 
     /// Writes a batch of packets, each at [`TUN_OFFSET`] in its buffer; with offload,
-    /// consecutive segments of one TCP (or UDP) flow are coalesced into one write.
-    pub fn send_batch<B: ExpandBuffer>(
-        &self,
-        gro: &mut GROTable,
-        bufs: &mut [B],
-    ) -> io::Result<()> {
-        self.dev.send_multiple(gro, bufs, TUN_OFFSET).map(|_| ())
+    /// `gro` first merges consecutive segments of one TCP (or UDP) flow, and each
+    /// resulting packet goes out with its virtio-net header in one write. Every
+    /// packet is attempted; the error returned is the last one seen (a closed device
+    /// stops the batch at once).
+    pub fn send_batch<B>(&self, gro: &mut Coalescer, bufs: &mut [B]) -> io::Result<()>
+    where
+        B: AsRef<[u8]> + AsMut<[u8]> + Resizable,
+    {
+        let mut result = Ok(());
+        let mut write = |bytes: &[u8]| match self.dev.send(bytes) {
+            Ok(_) => true,
+            Err(e) => {
+                let closed = e.raw_os_error() == Some(libc::EBADFD);
+                result = Err(e);
+                !closed
+            }
+        };
+        if !self.offload {
+            for b in bufs.iter() {
+                if let Some(packet) = b.as_ref().get(TUN_OFFSET..) {
+                    if !write(packet) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            for &i in gro.coalesce(bufs, TUN_OFFSET, self.udp_gso) {
+                // The coalescer put the header just before the packet.
+                if !write(&bufs[i].as_ref()[TUN_OFFSET - VNET_HDR_LEN..]) {
+                    break;
+                }
+            }
+        }
+        result
     }
 
     pub fn fd(&self) -> RawFd {

@@ -16,6 +16,7 @@ pub mod device;
 pub mod enforce;
 pub mod expiry;
 pub mod flow;
+pub mod gro;
 pub mod http;
 pub mod inject;
 pub mod l7;
