@@ -196,12 +196,14 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
         );
     }
     o += &format!(
-        "  drops: malformed {}, unknown_peer {}, no_route {}, forged_source {}, misdirected {}\n",
+        "  drops: malformed {}, unknown_peer {}, no_route {}, forged_source {}, misdirected {}, tun_write {}, udp_send {}\n",
         s.drops.malformed,
         s.drops.unknown_peer,
         s.drops.no_route,
         s.drops.forged_source,
-        s.drops.misdirected
+        s.drops.misdirected,
+        s.drops.tun_write,
+        s.drops.udp_send
     );
     for w in s.workloads.iter().filter(|w| w.source != "node") {
         o += &format!("\nworkload: {} ({})\n", w.identity, w.name);
@@ -378,6 +380,8 @@ mod tests {
                 no_route: 3,
                 forged_source: 4,
                 misdirected: 0,
+                tun_write: 5,
+                udp_send: 6,
             },
             workloads: vec![
                 mesh_proto::control::WorkloadInfo {
@@ -417,7 +421,7 @@ mod tests {
             "policy: p.toml (applied), 2 policies, default deny",
             "drops: no_allow_matched 7",
             "web/0: allow 5, deny 0, audit 0",
-            "drops: malformed 1, unknown_peer 2, no_route 3, forged_source 4",
+            "drops: malformed 1, unknown_peer 2, no_route 3, forged_source 4, misdirected 0, tun_write 5, udp_send 6",
             "workload: spiffe://t/web (web)",
             "attach: veth:p-web (runtime)",
             "local workload: spiffe://t/web",

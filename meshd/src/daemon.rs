@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use mesh_proto::cert::{Ca, Certificate, VerifiedCert, VerifyError};
 use mesh_proto::config::{Config, ConfigError};
-use mesh_proto::control::{PeerInfo, PeerList, PeerStatus, Status};
+use mesh_proto::control::{NodeDrops, PeerInfo, PeerList, PeerStatus, Status};
 use mesh_proto::files;
 use mesh_proto::identity::SpiffeId;
 use mesh_proto::key::{PrivateKey, PublicKey};
@@ -549,7 +549,11 @@ impl Daemon {
             tun: self.tun.name().to_string(),
             addresses: self.own.addresses().to_vec(),
             peers,
-            drops: self.node.drops(),
+            drops: NodeDrops {
+                tun_write: self.tun.write_failures(),
+                udp_send: self.udp.send_failures(),
+                ..self.node.drops()
+            },
             workloads: self.workload_list().workloads,
             enforcement: Some(serde_json::json!({
                 "policy": self.policy_get(),

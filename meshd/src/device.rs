@@ -7,6 +7,8 @@ use std::io;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use tun_rs::{DeviceBuilder, SyncDevice};
@@ -58,6 +60,8 @@ pub struct Tun {
     offload: bool,
     /// The device took UDP segmentation offload too: UDP datagrams may be merged.
     udp_gso: bool,
+    /// Writes the kernel refused (shared by every queue of the device).
+    write_failures: Arc<AtomicU64>,
 }
 
 impl Tun {
@@ -115,6 +119,7 @@ impl Tun {
             index,
             offload,
             udp_gso,
+            write_failures: Arc::default(),
         })
     }
 
@@ -134,6 +139,7 @@ impl Tun {
             index: self.index,
             offload: self.offload,
             udp_gso: self.udp_gso,
+            write_failures: self.write_failures.clone(),
         })
     }
 
@@ -178,15 +184,25 @@ impl Tun {
 
     /// Writes one packet.
     pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        if !self.offload {
-            return self.dev.send(packet);
+        let result = if !self.offload {
+            self.dev.send(packet)
+        } else {
+            // A zeroed virtio-net header: no segmentation, checksum complete.
+            let hdr = [0u8; TUN_OFFSET];
+            self.dev
+                .send_vectored(&[IoSlice::new(&hdr), IoSlice::new(packet)])
+                .map(|n| n.saturating_sub(TUN_OFFSET))
+        };
+        if result.is_err() {
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
         }
-        // A zeroed virtio-net header: no segmentation, checksum complete.
-        let hdr = [0u8; TUN_OFFSET];
-        let n = self
-            .dev
-            .send_vectored(&[IoSlice::new(&hdr), IoSlice::new(packet)])?;
-        Ok(n.saturating_sub(TUN_OFFSET))
+        result
+    }
+
+    /// Writes the kernel refused so far, on every queue of this device (a write
+    /// carries one packet or one merged run of segments).
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
     }
 
     /// Writes a batch of packets, each at [`TUN_OFFSET`] in its buffer; with offload,
@@ -202,6 +218,7 @@ impl Tun {
         let mut write = |bytes: &[u8]| match self.dev.send(bytes) {
             Ok(_) => true,
             Err(e) => {
+                self.write_failures.fetch_add(1, Ordering::Relaxed);
                 let closed = e.raw_os_error() == Some(libc::EBADFD);
                 result = Err(e);
                 !closed

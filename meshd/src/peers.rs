@@ -178,6 +178,9 @@ impl Node {
             no_route: self.drops.no_route.load(Ordering::Relaxed),
             forged_source: self.drops.forged_source.load(Ordering::Relaxed),
             misdirected: self.drops.misdirected.load(Ordering::Relaxed),
+            // Counted by the shell's devices (the daemon's status fills them in).
+            tun_write: 0,
+            udp_send: 0,
         }
     }
 

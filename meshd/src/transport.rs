@@ -11,7 +11,8 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -46,6 +47,9 @@ pub struct Udp {
     gro: bool,
     /// UDP GSO works (cleared, with a log line, the first time the kernel refuses it).
     gso: AtomicBool,
+    /// Datagrams not sent (refused, or the send buffer stayed full past the
+    /// backpressure wait); shared by the sibling sockets.
+    send_failures: Arc<AtomicU64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +122,7 @@ impl Udp {
             local,
             gro,
             gso: AtomicBool::new(true),
+            send_failures: Arc::default(),
         })
     }
 
@@ -128,7 +133,19 @@ impl Udp {
     /// Another socket on the same address (`SO_REUSEPORT`), for another worker. The
     /// kernel steers each remote address to one socket of the group.
     pub fn open_sibling(&self) -> io::Result<Udp> {
-        Udp::bind_shared(self.local).map_err(|e| e.source)
+        let mut sibling = Udp::bind_shared(self.local).map_err(|e| e.source)?;
+        sibling.send_failures = self.send_failures.clone();
+        Ok(sibling)
+    }
+
+    /// Datagrams not sent so far, by this socket and its siblings.
+    pub fn send_failures(&self) -> u64 {
+        self.send_failures.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, datagrams: usize) {
+        self.send_failures
+            .fetch_add(datagrams as u64, Ordering::Relaxed);
     }
 
     /// Receives one datagram; `WouldBlock` when none is waiting.
@@ -203,8 +220,13 @@ impl Udp {
     /// Sends one datagram. A destination of the other family than the socket is an
     /// `AddrNotAvailable` error (an IPv4-only socket cannot reach an IPv6 peer).
     pub fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
-        let to = self.family(to)?;
-        self.pushing_back(|| self.socket.send_to(data, to))
+        let result = self
+            .family(to)
+            .and_then(|to| self.pushing_back(|| self.socket.send_to(data, to)));
+        if result.is_err() {
+            self.failed(1);
+        }
+        result
     }
 
     /// Backpressure instead of drops: while the send buffer is full, waits for room
@@ -233,7 +255,13 @@ impl Udp {
         if data.len() <= segment {
             return self.send_to(data, to).map(|_| ());
         }
-        let to = self.family(to)?;
+        let to = match self.family(to) {
+            Ok(to) => to,
+            Err(e) => {
+                self.failed(data.len().div_ceil(segment.max(1)));
+                return Err(e);
+            }
+        };
         if self.gso.load(Ordering::Relaxed) {
             match self.pushing_back(|| self.send_gso(data, segment, to)) {
                 Ok(()) => return Ok(()),
@@ -247,12 +275,16 @@ impl Udp {
                     tracing::warn!("UDP GSO refused ({e}): one datagram per send from now on");
                     self.gso.store(false, Ordering::Relaxed);
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.failed(data.len().div_ceil(segment));
+                    return Err(e);
+                }
             }
         }
         let mut last = Ok(());
         for chunk in data.chunks(segment) {
             if let Err(e) = self.pushing_back(|| self.socket.send_to(chunk, to)) {
+                self.failed(1);
                 last = Err(e);
             }
         }
@@ -569,6 +601,25 @@ mod tests {
     /// Three datagrams queued for one destination leave as one GSO send and arrive
     /// as the same three datagrams, whether the receiver gets them coalesced (GRO)
     /// or one by one; a datagram for another destination is sent separately.
+    #[test]
+    fn unsent_datagrams_are_counted_for_the_whole_group() {
+        let a = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = a.open_sibling().unwrap();
+        let peer = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        // Sent: not counted.
+        a.send_to(b"ok", peer.local_addr()).unwrap();
+        a.send_segments(&[7u8; 300], 100, peer.local_addr())
+            .unwrap();
+        assert_eq!(a.send_failures(), 0);
+        // An IPv4 socket cannot reach an IPv6 peer: one datagram, then three
+        // segments' worth, lost and counted, on either socket of the group.
+        let v6: SocketAddr = "[::1]:9".parse().unwrap();
+        assert!(a.send_to(b"lost", v6).is_err());
+        assert!(b.send_segments(&[7u8; 250], 100, v6).is_err());
+        assert_eq!(a.send_failures(), 4);
+        assert_eq!(b.send_failures(), 4);
+    }
+
     #[test]
     fn a_held_port_is_refused_siblings_share_it() {
         let a = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();

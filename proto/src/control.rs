@@ -208,6 +208,12 @@ pub struct NodeDrops {
     /// Decrypted packets addressed to a local address other than the session's
     /// workload's.
     pub misdirected: u64,
+    /// Writes to the TUN the kernel refused (one packet, or one merged run of a
+    /// flow's segments, each).
+    pub tun_write: u64,
+    /// Datagrams to peers not sent: refused by the kernel, or the socket's send
+    /// buffer stayed full past the backpressure wait.
+    pub udp_send: u64,
 }
 
 /// One local workload, in `status`, `workload_list` and the result of `workload_add`.
