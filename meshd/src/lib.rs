@@ -87,7 +87,12 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
         }
     }
     d.ready.store(true, Ordering::SeqCst);
-    tracing::info!(socket = %socket_path.display(), "ready");
+    let names: Vec<&str> = threads.iter().filter_map(|t| t.thread().name()).collect();
+    tracing::info!(
+        socket = %socket_path.display(),
+        threads = %names.join(","),
+        "ready"
+    );
     control::serve(&sock, d.clone());
     let mut panicked = None;
     for t in threads {

@@ -121,6 +121,8 @@ pub struct HostInner {
     pub(crate) cert_pem: Mutex<String>,
     pub(crate) public_key: Mutex<String>,
     pub(crate) meshd: Mutex<Option<Background>>,
+    /// Environment for the next meshd started here ([`Host::set_meshd_env`]).
+    pub(crate) meshd_env: Mutex<Vec<(String, String)>>,
     pub(crate) background: Mutex<Vec<Background>>,
     pub(crate) ns: Netns,
 }
@@ -294,6 +296,14 @@ impl Host {
 
     // ---- meshd lifecycle ----
 
+    /// Sets `key=value` in the environment of the meshd started next in this host
+    /// (e.g. `MESHD_OFFLOAD=0`); takes effect at the next [`Host::start`].
+    pub fn set_meshd_env(&self, key: &str, value: &str) {
+        let mut env = lock(&self.0.meshd_env);
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.to_string()));
+    }
+
     /// Starts meshd (`meshd --config meshd.toml`) and waits until it reports ready.
     pub fn start(&self) -> Result<()> {
         self.spawn_meshd()?;
@@ -311,7 +321,8 @@ impl Host {
             cmd.arg("--config")
                 .arg(self.config_path())
                 .current_dir(&self.0.dir)
-                .env("RUST_BACKTRACE", "1");
+                .env("RUST_BACKTRACE", "1")
+                .envs(lock(&self.0.meshd_env).iter().map(|(k, v)| (k, v)));
             let log = self.log_path();
             *slot = Some(Background::spawn_to(cmd, "meshd", log.clone(), log)?);
         }

@@ -233,6 +233,7 @@ impl Mesh {
             cert_pem: Mutex::new(String::new()),
             public_key: Mutex::new(public_key),
             meshd: Mutex::new(None),
+            meshd_env: Mutex::new(Vec::new()),
             background: Mutex::new(Vec::new()),
             ns,
         }));

@@ -283,6 +283,50 @@ fn udp_bulk_arrives_intact_and_in_order() -> mesh_tests::Result {
 }
 
 #[test]
+fn fallback_data_paths_carry_traffic_intact() -> mesh_tests::Result {
+    // The configurations meshd falls back to, or that an operator may choose: a TUN
+    // without offload (a kernel that refuses it: one packet per read and write), and
+    // one thread per direction instead of workers. Both must carry the same traffic.
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b] = mesh.hosts(["a", "b"])?;
+    serve_all(&[&a, &b])?;
+    let data = random_bytes(4 << 20)?;
+    b.write_www("big.bin", &data)?;
+    let want = hex(&Sha256::digest(&data));
+    for (key, value, offload, threads) in [
+        ("MESHD_OFFLOAD", "0", "tso=false", "worker0,worker1,"),
+        ("MESHD_WORKERS", "0", "tso=true", "tun,udp,"),
+    ] {
+        for h in [&a, &b] {
+            h.set_meshd_env("MESHD_OFFLOAD", "1");
+            h.set_meshd_env(key, value);
+            restart_cleanly(h)?;
+            // What this meshd (the last lines of the log) says it runs.
+            let log = h.log();
+            let said = |what: &str| log.lines().rev().find(|l| l.contains(what));
+            let device = said("TUN offload");
+            assert!(
+                device.is_some_and(|l| l.contains(offload)),
+                "{key}={value}: {device:?}"
+            );
+            let ready = said("ready");
+            let want = format!("threads={threads}");
+            assert!(
+                ready.is_some_and(|l| l.contains(&want)),
+                "{key}={value}: {ready:?}"
+            );
+        }
+        assert_reaches(&a, &b)?;
+        assert_reaches(&b, &a)?;
+        let addr = b.overlay_v4();
+        let r = a.http_get_limit(addr, HTTP, "/big.bin", Duration::from_secs(60))?;
+        assert_eq!(r.status, 200, "{key}={value}");
+        assert_eq!(hex(&Sha256::digest(&r.body)), want, "{key}={value}");
+    }
+    Ok(())
+}
+
+#[test]
 fn host_certified_by_another_ca_cannot_exchange_traffic() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
     let [a, b] = mesh.hosts(["a", "b"])?;
