@@ -582,9 +582,9 @@ impl Daemon {
             };
             let identity = w.cert.identity();
             let renew = if w.origin == Origin::Node {
-                "issue a new certificate (meshctl cert issue) and restart meshd with it"
+                "issue a new certificate (meshctl cert issue), restart meshd with it and give it to the peers (meshctl peer add)"
             } else {
-                "issue a new certificate (meshctl cert issue) and add the workload again (meshctl workload add)"
+                "issue a new certificate (meshctl cert issue), add the workload again (meshctl workload add) and give it to the peers (meshctl peer add)"
             };
             match term {
                 Term::RenewSoon { left } => tracing::warn!(
