@@ -396,8 +396,9 @@ pub struct Daemon {
     pub(crate) quarantine: ArcSwap<Option<Arc<Tun>>>,
     /// Renewal warnings given for the local certificates (timer thread).
     expiry: Mutex<ExpiryWatch>,
-    /// The learned endpoints last written to the state directory.
-    learned: Mutex<LearnedEndpoints>,
+    /// The learned endpoints last written to the state directory, and whether the
+    /// last attempt to write them failed (logged once until a write succeeds).
+    learned: Mutex<(LearnedEndpoints, bool)>,
 }
 
 /// Why the daemon could not start (after the config checked out).
@@ -509,7 +510,7 @@ impl Daemon {
             static_routes: static_routes_kept,
             quarantine: ArcSwap::from_pointee(None),
             expiry: Mutex::new(ExpiryWatch::default()),
-            learned: Mutex::new(learned),
+            learned: Mutex::new((learned, false)),
         };
         d.attach_all(workloads).map_err(StartError::Peers)?;
         Ok(d)
@@ -619,13 +620,22 @@ impl Daemon {
                     .then(|| (&p.spec.identity, configured, current))
             }))
         };
-        let mut last = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, failing) = &mut *guard;
         if *last == current {
             return;
         }
         match crate::state::write(&self.config.node.state_dir, &current) {
-            Ok(()) => *last = current,
-            Err(e) => tracing::warn!("cannot save the peers' learned endpoints: {e}"),
+            Ok(()) => {
+                *last = current;
+                *failing = false;
+            }
+            // Retried at every save; said once, not every 10 s.
+            Err(e) if !*failing => {
+                *failing = true;
+                tracing::warn!("cannot save the peers' learned endpoints (retrying): {e}");
+            }
+            Err(e) => tracing::debug!("cannot save the peers' learned endpoints: {e}"),
         }
     }
 
