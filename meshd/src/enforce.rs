@@ -37,6 +37,7 @@ use mesh_proto::policy::{
 use mesh_proto::time::UnixTime;
 use serde::Serialize;
 
+use crate::checksum;
 use crate::conntrack::{
     ConnTrack, Dir, FlowHash, FlowHasher, FlowKey, Observation, Origin, TcpFlags, TcpSegmentInfo,
     Timeouts, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
@@ -1261,34 +1262,19 @@ fn tcp_checksum_ok(packet: &[u8], p: &Parsed) -> bool {
     let Some(segment) = packet.get(start..raw.payload_at + tcp.payload_len as usize) else {
         return false;
     };
-    let mut sum: u64 = 0;
-    let mut add = |bytes: &[u8]| {
-        let mut chunks = bytes.chunks_exact(2);
-        for c in &mut chunks {
-            sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
-        }
-        if let [last] = chunks.remainder() {
-            sum += u64::from(*last) << 8;
-        }
-    };
-    match (p.key.src, p.key.dst) {
+    // The pseudo-header: addresses, protocol and TCP length (end-around carries make
+    // adding the length whole the same as adding its two 16-bit words).
+    let pseudo = segment.len() as u64 + u64::from(PROTO_TCP);
+    let pseudo = match (p.key.src, p.key.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            add(&s.octets());
-            add(&d.octets());
+            checksum::sum(&d.octets(), checksum::sum(&s.octets(), pseudo))
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            add(&s.octets());
-            add(&d.octets());
+            checksum::sum(&d.octets(), checksum::sum(&s.octets(), pseudo))
         }
         _ => return false,
-    }
-    add(&(segment.len() as u32).to_be_bytes());
-    add(&[0, PROTO_TCP]);
-    add(segment);
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum == 0xffff
+    };
+    checksum::fold(checksum::sum(segment, pseudo)) == 0xffff
 }
 
 /// Length of the IP header (with IPv6 extension headers) before the TCP header.

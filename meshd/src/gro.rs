@@ -22,6 +22,8 @@
 //!
 //! Memory: all state is allocated in [`Coalescer::new`]; a call allocates nothing.
 
+use crate::checksum::{fold, sum};
+
 /// Size of the virtio-net header (`struct virtio_net_hdr`, without `num_buffers`).
 pub const VNET_HDR_LEN: usize = 10;
 
@@ -522,57 +524,6 @@ fn checksums_ok(pkt: &[u8], ip_len: usize, proto: u8) -> bool {
 fn pseudo_header(pkt: &[u8], v6: bool, proto: u8, l4_len: usize) -> u64 {
     let addrs = if v6 { &pkt[8..40] } else { &pkt[12..20] };
     sum(addrs, u64::from(proto) + l4_len as u64)
-}
-
-/// One's-complement sum of `data` as big-endian 16-bit words (RFC 1071), unfolded,
-/// plus `initial`.
-fn sum(data: &[u8], initial: u64) -> u64 {
-    // RFC 1071 §2(B): the sum is byte-order independent, so the bulk is summed as
-    // native-order 32-bit words (no byte swaps) and the folded result swapped once.
-    let bulk = data.len() & !3;
-    let mut acc = initial + u64::from(u16::from_be(fold(sum_words(&data[..bulk]))));
-    let mut rest = data[bulk..].chunks_exact(2);
-    for c in &mut rest {
-        acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = rest.remainder() {
-        acc += u64::from(*last) << 8;
-    }
-    acc
-}
-
-/// Sum of `data` (a multiple of 4 bytes) as native-order 32-bit words: with AVX2
-/// where the CPU has it, as this one loop is most of the coalescer's time (verifying
-/// every merged segment's checksum).
-fn sum_words(data: &[u8]) -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { sum_words_avx2(data) };
-    }
-    sum_words_portable(data)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn sum_words_avx2(data: &[u8]) -> u64 {
-    // The same loop, compiled for AVX2 (the compiler vectorizes it).
-    sum_words_portable(data)
-}
-
-#[inline(always)]
-fn sum_words_portable(data: &[u8]) -> u64 {
-    // A 64-bit accumulator of 32-bit words cannot overflow below 2^32 words.
-    data.chunks_exact(4)
-        .map(|c| u64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
-        .sum()
-}
-
-fn fold(mut acc: u64) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
 }
 
 /// Turns a run's head buffer into the merged packet: lengths, IPv4 header checksum,

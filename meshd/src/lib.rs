@@ -7,6 +7,7 @@
 
 pub mod attach;
 pub mod batch;
+pub mod checksum;
 pub mod conntrack;
 pub mod control;
 pub mod daemon;
