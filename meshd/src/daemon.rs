@@ -570,16 +570,10 @@ impl Daemon {
     pub fn check_certificates(&self, now: UnixTime) {
         let reg = self.lock_registry();
         let mut watch = self.expiry.lock().unwrap_or_else(|p| p.into_inner());
-        let certs = reg.workloads.iter().map(|w| {
-            (
-                w.spec.name.as_str(),
-                w.cert.not_before(),
-                w.cert.not_after(),
-            )
-        });
-        watch.check(certs, now, |name, term| {
-            let Some(w) = reg.workloads.iter().find(|w| w.spec.name == name) else {
-                return;
+        for w in &reg.workloads {
+            let (name, not_after) = (w.spec.name.as_str(), w.cert.not_after());
+            let Some(term) = watch.observe(name, w.cert.not_before(), not_after, now) else {
+                continue;
             };
             let identity = w.cert.identity();
             let renew = if w.origin == Origin::Node {
@@ -590,19 +584,18 @@ impl Daemon {
             match term {
                 Term::RenewSoon { left } => tracing::warn!(
                     workload = name,
-                    "certificate of {identity} expires at {} (in {}); peers will refuse it then: {renew}",
-                    w.cert.not_after(),
+                    "certificate of {identity} expires at {not_after} (in {}); peers will refuse it then: {renew}",
                     span(left)
                 ),
                 Term::Expired { ago } => tracing::error!(
                     workload = name,
-                    "certificate of {identity} expired at {} ({} ago): peers refuse its handshakes and traffic; {renew}",
-                    w.cert.not_after(),
+                    "certificate of {identity} expired at {not_after} ({} ago): peers refuse its handshakes and traffic; {renew}",
                     span(ago)
                 ),
                 Term::NotYetValid { .. } | Term::Valid { .. } => {}
             }
-        });
+        }
+        watch.end_round();
     }
 
     /// Writes the endpoints learned from peers' packets (where they differ from the

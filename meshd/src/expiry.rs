@@ -1,10 +1,10 @@
 //! Renewal warnings for the local certificates (sans-IO).
 //!
 //! A workload whose certificate has ended is refused by every peer, so the traffic of
-//! a node that misses a renewal stops without a word on that node. The timer hands
-//! [`ExpiryWatch::check`] the local certificates now and then and logs what it
-//! reports: once when a certificate enters its renewal notice
-//! ([`Term::renewal_notice`]), once when it ends. A renewed certificate (another end
+//! a node that misses a renewal stops without a word on that node. Now and then the
+//! timer shows [`ExpiryWatch::observe`] each local certificate, then calls
+//! [`ExpiryWatch::end_round`], and logs what it reports: once when a certificate
+//! enters its renewal notice ([`Term::renewal_notice`]), once when it ends. A renewed certificate (another end
 //! date) starts over; a removed workload is forgotten.
 
 use std::collections::HashMap;
@@ -33,46 +33,60 @@ impl Stage {
 /// node's own certificate).
 #[derive(Debug, Default)]
 pub struct ExpiryWatch {
-    /// Workload → (end of the certificate last seen, stage reported for it).
-    told: HashMap<String, (UnixTime, Stage)>,
-    /// Workloads seen in the current round (reused between calls).
-    seen: Vec<String>,
+    told: HashMap<String, Told>,
+    /// Counts [`ExpiryWatch::end_round`] calls.
+    round: u64,
+}
+
+#[derive(Debug)]
+struct Told {
+    /// End of the certificate last seen.
+    end: UnixTime,
+    /// Stage reported for it.
+    stage: Stage,
+    /// Round in which the workload was last seen.
+    round: u64,
 }
 
 impl ExpiryWatch {
-    /// Looks at every local certificate (workload, not before, not after) at `now` and
-    /// calls `notify` for each that has newly entered its renewal notice or ended.
-    pub fn check<'a>(
+    /// Looks at one local certificate at `now`: `Some` when it has newly entered its
+    /// renewal notice or ended (say so), `None` when nothing new is to be said.
+    pub fn observe(
         &mut self,
-        certs: impl IntoIterator<Item = (&'a str, UnixTime, UnixTime)>,
+        name: &str,
+        not_before: UnixTime,
+        not_after: UnixTime,
         now: UnixTime,
-        mut notify: impl FnMut(&str, Term),
-    ) {
-        self.seen.clear();
-        for (name, not_before, not_after) in certs {
-            let term = Term::at(not_before, not_after, now);
-            let stage = Stage::of(term);
-            let told = match self.told.get_mut(name) {
-                Some(t) => t,
-                None => self
-                    .told
-                    .entry(name.to_string())
-                    .or_insert((not_after, Stage::Fine)),
-            };
-            if told.0 != not_after {
-                // Renewed (or replaced): whatever was said was about the old one.
-                *told = (not_after, Stage::Fine);
-            }
-            if stage > told.1 {
-                told.1 = stage;
-                notify(name, term);
-            }
-            self.seen.push(name.to_string());
+    ) -> Option<Term> {
+        let term = Term::at(not_before, not_after, now);
+        let stage = Stage::of(term);
+        let round = self.round;
+        let told = match self.told.get_mut(name) {
+            Some(t) => t,
+            None => self.told.entry(name.to_string()).or_insert(Told {
+                end: not_after,
+                stage: Stage::Fine,
+                round,
+            }),
+        };
+        told.round = round;
+        if told.end != not_after {
+            // Renewed (or replaced): whatever was said was about the old one.
+            told.end = not_after;
+            told.stage = Stage::Fine;
         }
-        if self.told.len() > self.seen.len() {
-            let seen = &self.seen;
-            self.told.retain(|id, _| seen.iter().any(|s| s == id));
-        }
+        (stage > told.stage).then(|| {
+            told.stage = stage;
+            term
+        })
+    }
+
+    /// Ends a look at every local certificate: the workloads not observed since the
+    /// last call are forgotten (removed; reported afresh if they come back).
+    pub fn end_round(&mut self) {
+        let round = self.round;
+        self.told.retain(|_, t| t.round == round);
+        self.round += 1;
     }
 }
 
@@ -83,14 +97,14 @@ mod tests {
     const DAY: u64 = 86_400;
 
     fn run(w: &mut ExpiryWatch, certs: &[(&str, u64, u64)], now: u64) -> Vec<(String, Term)> {
-        let mut out = Vec::new();
-        w.check(
-            certs
-                .iter()
-                .map(|&(id, nb, na)| (id, UnixTime(nb), UnixTime(na))),
-            UnixTime(now),
-            |id, t| out.push((id.to_string(), t)),
-        );
+        let out = certs
+            .iter()
+            .filter_map(|&(id, nb, na)| {
+                let term = w.observe(id, UnixTime(nb), UnixTime(na), UnixTime(now))?;
+                Some((id.to_string(), term))
+            })
+            .collect();
+        w.end_round();
         out
     }
 
