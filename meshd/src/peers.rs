@@ -295,8 +295,9 @@ impl Peer {
             .get_or_insert_with(|| Box::new(self.local.new_tunn(&self.spec, self.index)))
     }
 
-    /// Whether the WireGuard state has been made (tests, memory checks).
-    pub fn has_session_state(&self) -> bool {
+    /// Whether the WireGuard state has been made.
+    #[cfg(test)]
+    pub(crate) fn has_session_state(&self) -> bool {
         self.lock().tunn.is_some()
     }
 

@@ -255,13 +255,9 @@ impl Udp {
         if data.len() <= segment {
             return self.send_to(data, to).map(|_| ());
         }
-        let to = match self.family(to) {
-            Ok(to) => to,
-            Err(e) => {
-                self.failed(data.len().div_ceil(segment.max(1)));
-                return Err(e);
-            }
-        };
+        // Here `segment` < `data.len()`, so at least one byte: the datagrams at stake.
+        let datagrams = data.len().div_ceil(segment.max(1));
+        let to = self.family(to).inspect_err(|_| self.failed(datagrams))?;
         if self.gso.load(Ordering::Relaxed) {
             match self.pushing_back(|| self.send_gso(data, segment, to)) {
                 Ok(()) => return Ok(()),
@@ -276,7 +272,7 @@ impl Udp {
                     self.gso.store(false, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    self.failed(data.len().div_ceil(segment));
+                    self.failed(datagrams);
                     return Err(e);
                 }
             }
