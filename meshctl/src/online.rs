@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
-use mesh_proto::control::{NoArgs, PeerInfo, PeerList, PeerRemoved, Request, Response, Status};
+use mesh_proto::control::{
+    CpuLatencyState, NoArgs, PeerInfo, PeerList, PeerRemoved, Request, Response, Status,
+};
 use mesh_proto::time::{span, Term, UnixTime};
 
 use crate::Global;
@@ -205,6 +207,17 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
         s.drops.tun_write,
         s.drops.udp_send
     );
+    if let Some(c) = s.cpu_latency {
+        let now = match c.state {
+            CpuLatencyState::Held => "held now",
+            CpuLatencyState::Released => "not held now: no recent traffic",
+            CpuLatencyState::Failed => "REFUSED by the kernel (see meshd's log)",
+        };
+        o += &format!(
+            "  cpu wake-up latency: {} µs requested while traffic flows ({now})\n",
+            c.requested_us
+        );
+    }
     for w in s.workloads.iter().filter(|w| w.source != "node") {
         o += &format!("\nworkload: {} ({})\n", w.identity, w.name);
         o += &format!("  public key: {}\n", w.public_key);
@@ -413,6 +426,10 @@ mod tests {
                              "rules": [{"policy": "web", "rule": "0", "allow": 5, "deny": 0, "audit": 0}]},
                 "decision_log": {"written": 7, "suppressed": 0},
             })),
+            cpu_latency: Some(mesh_proto::control::CpuLatencyStatus {
+                requested_us: 0,
+                state: CpuLatencyState::Held,
+            }),
         };
         let t = render_status(&s, UnixTime(112));
         for want in [
@@ -422,6 +439,7 @@ mod tests {
             "drops: no_allow_matched 7",
             "web/0: allow 5, deny 0, audit 0",
             "drops: malformed 1, unknown_peer 2, no_route 3, forged_source 4, misdirected 0, tun_write 5, udp_send 6",
+            "cpu wake-up latency: 0 µs requested while traffic flows (held now)",
             "workload: spiffe://t/web (web)",
             "attach: veth:p-web (runtime)",
             "local workload: spiffe://t/web",

@@ -426,6 +426,7 @@ mod tests {
                 drops: NodeDrops::default(),
                 workloads: vec![],
                 enforcement: None,
+                cpu_latency: None,
             }
         }
         fn peer_list(&self) -> PeerList {

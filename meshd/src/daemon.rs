@@ -19,6 +19,7 @@ use mesh_proto::identity::SpiffeId;
 use mesh_proto::key::{PrivateKey, PublicKey};
 use mesh_proto::time::{span, Term, UnixTime};
 
+use crate::cpu_latency::CpuLatency;
 use crate::decisions::{DecisionLog, LogLimits};
 use crate::device::{route_needed, Tun};
 use crate::enforce::{self, Enforcer};
@@ -399,6 +400,9 @@ pub struct Daemon {
     /// The learned endpoints last written to the state directory, and whether the
     /// last attempt to write them failed (logged once until a write succeeds).
     learned: Mutex<(LearnedEndpoints, bool)>,
+    /// The CPU wake-up latency request (`node.cpu_latency_us`), held while traffic
+    /// flows: marked by the data-path threads, withdrawn by the timer thread.
+    pub cpu_latency: CpuLatency,
 }
 
 /// Why the daemon could not start (after the config checked out).
@@ -479,8 +483,14 @@ impl Daemon {
             peers = peers.len(),
             "meshd up"
         );
+        if let Some(us) = config.node.cpu_latency_us {
+            tracing::info!(
+                "requesting a CPU wake-up latency of {us} µs while traffic flows (node.cpu_latency_us)"
+            );
+        }
         let next = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         let d = Daemon {
+            cpu_latency: CpuLatency::new(config.node.cpu_latency_us),
             node,
             table: ArcSwap::from_pointee(table),
             enforce,
@@ -561,6 +571,7 @@ impl Daemon {
                 "counters": self.enforce.counters(),
                 "decision_log": self.log.counters(),
             })),
+            cpu_latency: self.cpu_latency.status(),
         }
     }
 

@@ -264,7 +264,7 @@ pub fn tun_loop(d: &Daemon) {
     let mut s = ToPeers::new(d);
     while !d.shutdown.is_set() {
         match s.step(d, &d.tun, &d.udp) {
-            Step::Busy => {}
+            Step::Busy => d.cpu_latency.traffic(),
             Step::Drained => {
                 s.flush(&d.udp);
                 if let Err(e) = wait_readable(d.tun.fd(), IDLE_POLL_MS) {
@@ -286,7 +286,7 @@ pub fn udp_loop(d: &Daemon) {
     let mut s = FromPeers::new();
     while !d.shutdown.is_set() {
         match s.step(d, &d.tun, &d.udp) {
-            Step::Busy => {}
+            Step::Busy => d.cpu_latency.traffic(),
             Step::Drained | Step::Failed => {
                 s.flush(&d.tun);
                 if let Err(e) = wait_readable(d.udp.fd(), IDLE_POLL_MS) {
@@ -354,6 +354,9 @@ pub fn worker_loop(d: &Daemon, index: usize) {
             }
         }
         to.flush(udp);
+        if busy {
+            d.cpu_latency.traffic();
+        }
         if failed && d.shutdown.wait_timeout(Duration::from_millis(100)) {
             break;
         }
@@ -445,6 +448,7 @@ pub fn timer_loop(d: &Daemon) {
     let mut ticks = 0u64;
     while !d.shutdown.wait_timeout(TIMER_TICK) {
         ticks += 1;
+        d.cpu_latency.tick();
         let now = unix_now();
         if ticks.is_multiple_of(4) {
             d.table.load().reset_rate_limiters();

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod checksum;
 pub mod conntrack;
 pub mod control;
+pub mod cpu_latency;
 pub mod daemon;
 pub mod datapath;
 pub mod decisions;

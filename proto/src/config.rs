@@ -17,6 +17,7 @@
 //! control_socket = "meshd.sock"
 //! routes = ["100.64.0.0/10"] # optional
 //! log_level = "info"         # default "info"
+//! cpu_latency_us = 0         # optional: CPU wake-up latency to request while traffic flows
 //!
 //! [policy]                   # optional
 //! default = "deny"
@@ -81,7 +82,15 @@ pub struct NodeConfig {
     /// constraints, else the peers' addresses).
     pub routes: Option<Vec<IpNet>>,
     pub log_level: LogLevel,
+    /// The CPU wake-up latency (µs) meshd asks the kernel for while traffic flows
+    /// (the CPU latency QoS, `/dev/cpu_dma_latency`); `None`: no request, the
+    /// machine's idle states as configured.
+    pub cpu_latency_us: Option<u32>,
 }
+
+/// Upper bound of `node.cpu_latency_us`: a request above 100 ms would not keep any
+/// idle state out, so it is a mistake.
+pub const MAX_CPU_LATENCY_US: u32 = 100_000;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyConfig {
@@ -222,6 +231,7 @@ struct RawNode {
     control_socket: Spanned<String>,
     routes: Option<Vec<Spanned<String>>>,
     log_level: Option<Spanned<String>>,
+    cpu_latency_us: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -411,6 +421,21 @@ impl Validator<'_> {
                 }
             }
         };
+        let cpu_latency_us = match &n.cpu_latency_us {
+            None => None,
+            Some(c) => {
+                self.note("node.cpu_latency_us", &c.span());
+                let v = *c.get_ref();
+                if !(0..=i64::from(MAX_CPU_LATENCY_US)).contains(&v) {
+                    return Err(self.err(
+                        &c.span(),
+                        "node.cpu_latency_us",
+                        format!("{v} is out of range 0..={MAX_CPU_LATENCY_US} (microseconds)"),
+                    ));
+                }
+                Some(v as u32)
+            }
+        };
 
         let policy = match raw.policy {
             None => None,
@@ -528,6 +553,7 @@ impl Validator<'_> {
                 control_socket,
                 routes,
                 log_level,
+                cpu_latency_us,
             },
             policy,
             peers,
@@ -642,6 +668,7 @@ cert = "/abs/c.crt"
         assert_eq!(c.node.mtu, 1420);
         assert_eq!(c.node.log_level, LogLevel::Info);
         assert_eq!(c.node.routes, None);
+        assert_eq!(c.node.cpu_latency_us, None);
         assert!(c.policy.is_none());
         assert_eq!(c.peers.len(), 2);
         assert_eq!(
@@ -661,12 +688,13 @@ cert = "/abs/c.crt"
     fn ipv6_listen_routes_policy() {
         let text = GOOD.replace("198.18.0.1:51820", "[fd00:198:18::1]:51820").replace(
             "control_socket = \"meshd.sock\"",
-            "control_socket = \"meshd.sock\"\nroutes = [\"100.64.0.0/10\", \"fd00:6d65:7368::/48\"]\nmtu = 1280\n\n[policy]\ndefault = \"allow\"\nfile = \"p.toml\"",
+            "control_socket = \"meshd.sock\"\nroutes = [\"100.64.0.0/10\", \"fd00:6d65:7368::/48\"]\nmtu = 1280\ncpu_latency_us = 0\n\n[policy]\ndefault = \"allow\"\nfile = \"p.toml\"",
         );
         let c = parse(&text).unwrap();
         assert!(c.node.listen.is_ipv6());
         assert_eq!(c.node.routes.as_ref().unwrap().len(), 2);
         assert_eq!(c.node.mtu, 1280);
+        assert_eq!(c.node.cpu_latency_us, Some(0));
         let p = c.policy.unwrap();
         assert_eq!(p.default, PolicyDefault::Allow);
         assert_eq!(p.file, Some(PathBuf::from("/etc/mesh/p.toml")));
@@ -720,6 +748,16 @@ cert = "/abs/c.crt"
                 "state_dir = \"state\"",
                 "state_dir = \"state\"\nlog_level = \"loud\"",
                 "/etc/mesh/meshd.toml:8: node.log_level: ",
+            ),
+            (
+                "state_dir = \"state\"",
+                "state_dir = \"state\"\ncpu_latency_us = -1",
+                "/etc/mesh/meshd.toml:8: node.cpu_latency_us: -1 is out of range 0..=100000 (microseconds)",
+            ),
+            (
+                "state_dir = \"state\"",
+                "state_dir = \"state\"\ncpu_latency_us = 100001",
+                "/etc/mesh/meshd.toml:8: node.cpu_latency_us: 100001 is out of range",
             ),
             (
                 "cert = \"/abs/c.crt\"",

@@ -159,6 +159,27 @@ pub struct Status {
     /// and decision-log counters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enforcement: Option<serde_json::Value>,
+    /// The CPU wake-up latency request (`node.cpu_latency_us`); `None` without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_latency: Option<CpuLatencyStatus>,
+}
+
+/// meshd's CPU wake-up latency request: held while traffic flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuLatencyStatus {
+    pub requested_us: u32,
+    pub state: CpuLatencyState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuLatencyState {
+    /// Held now (traffic in the last timer tick).
+    Held,
+    /// Not held: no recent traffic.
+    Released,
+    /// The kernel refused it (logged); not tried again until restart.
+    Failed,
 }
 
 /// One session: a remote workload (`identity`) and the local workload it talks to.
@@ -404,8 +425,16 @@ mod tests {
             drops: NodeDrops::default(),
             workloads: vec![],
             enforcement: None,
+            cpu_latency: Some(CpuLatencyStatus {
+                requested_us: 0,
+                state: CpuLatencyState::Released,
+            }),
         };
         let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            v["cpu_latency"],
+            serde_json::json!({"requested_us": 0, "state": "released"})
+        );
         assert_eq!(v["peers"][0]["latest_handshake"], serde_json::Value::Null);
         assert_eq!(v["peers"][0]["drops"]["spoofed_source"], 3);
         assert_eq!(v["drops"]["no_route"], 0);
@@ -422,7 +451,9 @@ mod tests {
             .unwrap()
             .remove("not_before");
         old["peers"][0].as_object_mut().unwrap().remove("not_after");
+        old.as_object_mut().unwrap().remove("cpu_latency");
         let back: Status = serde_json::from_value(old).unwrap();
         assert_eq!(back.peers[0].not_after, UnixTime(0));
+        assert_eq!(back.cpu_latency, None);
     }
 }

@@ -18,8 +18,14 @@ use crate::process::{last_lines, run_with_limit, Background, Output};
 use crate::wait;
 
 impl Host {
-    /// Writes meshd.toml (format of the brief) with `peers` and extra TOML.
-    pub(crate) fn write_config(&self, peers: &[&Host], extra: &str) -> Result<()> {
+    /// Writes meshd.toml (format of the brief) with `peers`, extra keys of `[node]`
+    /// (`node_extra`) and extra TOML after the peers (`extra`).
+    pub(crate) fn write_config(
+        &self,
+        peers: &[&Host],
+        node_extra: &str,
+        extra: &str,
+    ) -> Result<()> {
         let dir = &self.0.dir;
         let mut config = String::new();
         // Wildcard, so a host keeps its socket when it moves to another address.
@@ -33,7 +39,7 @@ impl Host {
             "[node]\ncert = \"host.crt\"\nkey = \"host.key\"\nca = \"ca.crt\"\n\
              listen = \"{listen}\"\ntun = \"mesh0\"\nstate_dir = \"state\"\n\
              control_socket = \"meshd.sock\"\nroutes = [\"{OVERLAY_V4}\", \"{OVERLAY_V6}\"]\n\
-             log_level = \"debug\"\n"
+             log_level = \"debug\"\n{node_extra}"
         );
         std::fs::create_dir_all(dir.join("peers"))?;
         for p in peers {

@@ -182,6 +182,7 @@ impl Mesh {
             meshd: true,
             peers: PeerSet::All,
             extra_config: String::new(),
+            node_config: String::new(),
             ipv6_underlay: false,
             policy: None,
             mesh: self,
@@ -203,6 +204,7 @@ impl Mesh {
                 meshd: true,
                 peers: PeerSet::All,
                 extra_config: String::new(),
+                node_config: String::new(),
                 ipv6_underlay: false,
                 policy: None,
             })
@@ -345,6 +347,7 @@ pub struct HostBuilder<'m> {
     meshd: bool,
     peers: PeerSet,
     extra_config: String,
+    node_config: String,
     ipv6_underlay: bool,
     policy: Option<(String, String)>,
 }
@@ -398,6 +401,13 @@ impl HostBuilder<'_> {
         self
     }
 
+    /// Extra keys of meshd.toml's `[node]` table (e.g. `cpu_latency_us = 0`).
+    pub fn node_config(mut self, toml: &str) -> Self {
+        self.node_config.push_str(toml);
+        self.node_config.push('\n');
+        self
+    }
+
     /// Only the namespace and underlay link, no certificate and no meshd (harness
     /// self-tests, plain traffic).
     pub fn without_meshd(mut self) -> Self {
@@ -420,6 +430,7 @@ impl HostBuilder<'_> {
             meshd,
             peers,
             extra_config,
+            node_config,
             ipv6_underlay,
             policy,
         } = self;
@@ -434,6 +445,7 @@ impl HostBuilder<'_> {
             meshd,
             peers,
             extra_config,
+            node_config,
         };
         let mut hosts = mesh.bring_up(vec![settings])?;
         hosts.pop().context("internal: no host")
@@ -450,6 +462,7 @@ struct HostSettings {
     meshd: bool,
     peers: PeerSet,
     extra_config: String,
+    node_config: String,
     ipv6_underlay: bool,
     policy: Option<(String, String)>,
 }
@@ -496,7 +509,7 @@ impl Mesh {
                 ));
             }
             extra.push_str(&settings.extra_config);
-            host.write_config(&peers, &extra)?;
+            host.write_config(&peers, &settings.node_config, &extra)?;
         }
         for (settings, host) in batch.iter().zip(&new) {
             if settings.meshd {

@@ -561,6 +561,71 @@ fn own_certificate_nearing_and_past_its_end_is_announced() -> mesh_tests::Result
     Ok(())
 }
 
+/// The kernel's CPU latency QoS: the smallest latency any process requests now (µs).
+fn cpu_latency_in_force() -> Result<i32> {
+    let bytes = std::fs::read("/dev/cpu_dma_latency").context("read /dev/cpu_dma_latency")?;
+    let value: [u8; 4] = bytes.as_slice().try_into().context("not 4 bytes")?;
+    Ok(i32::from_ne_bytes(value))
+}
+
+/// `node.cpu_latency_us`: meshd requests the CPU wake-up latency while traffic flows
+/// (the kernel's aggregate drops to it) and withdraws it once traffic stops.
+#[test]
+fn cpu_latency_request_is_held_while_traffic_flows() -> mesh_tests::Result {
+    const US: i32 = 3;
+    let mut mesh = mesh_tests::mesh!();
+    let b = mesh.host("b").up()?;
+    let a = mesh.host("a").node_config("cpu_latency_us = 3").up()?;
+    let state = |h: &Host| -> Result<String> {
+        let s = h.meshctl(&["status", "--json"])?.check()?.stdout_str();
+        let v: serde_json::Value = serde_json::from_str(&s)?;
+        Ok(v["cpu_latency"]["state"]
+            .as_str()
+            .unwrap_or("none")
+            .to_string())
+    };
+    let released = |h: &Host| -> Result<Option<()>> {
+        Ok((state(h)? == "released" && cpu_latency_in_force()? != US).then_some(()))
+    };
+    wait::until("no request before traffic", Duration::from_secs(10), || {
+        released(&a)
+    })?;
+    let before = cpu_latency_in_force()?;
+    (before > US).then_some(()).with_context(|| {
+        format!(
+            "another process holds a CPU latency request of {before} µs: meshd's cannot be seen"
+        )
+    })?;
+    assert_eq!(state(&b)?, "none", "b has no cpu_latency_us");
+    assert!(
+        a.log().contains("requesting a CPU wake-up latency of 3 µs"),
+        "{}",
+        a.log()
+    );
+    // 5 s of pings: held while they flow.
+    std::thread::scope(|s| -> Result<()> {
+        let pings = s.spawn(|| a.ping_once(b.overlay_v4(), 25)?.check().map(|_| ()));
+        let held = wait::until(
+            "the request while pings flow",
+            Duration::from_secs(5),
+            || Ok((state(&a)? == "held" && cpu_latency_in_force()? == US).then_some(())),
+        );
+        pings.join().expect("ping thread")?;
+        held.with_context(|| a.log())
+    })?;
+    let status = a.meshctl(&["status"])?.stdout_str();
+    assert!(
+        status.contains("cpu wake-up latency: 3 µs requested while traffic flows"),
+        "{status}"
+    );
+    // Withdrawn once they stop (a tick without traffic: 250-500 ms).
+    wait::until("the request withdrawn", Duration::from_secs(10), || {
+        released(&a)
+    })
+    .with_context(|| a.log())?;
+    Ok(())
+}
+
 #[test]
 fn endpoint_learned_from_a_peer_survives_a_restart() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
