@@ -23,6 +23,11 @@
 #                      with `cargo build --release` when missing or BUILD=1)
 #   READY_SECS=20      bound on waiting for meshd readiness and the first handshake
 #   KEEP=1             keep the work directory (configs, logs) for inspection
+#   CPU_LATENCY_US=N   measure every row under a CPU wake-up latency request of N µs
+#                      (the kernel's CPU latency QoS; 0 keeps idle CPUs polling): meshd
+#                      rows set node.cpu_latency_us = N (meshd holds it while traffic
+#                      flows), the other rows run while the bench holds the same
+#                      request. Unset (default): no request, the machine's idle states.
 #   PROFILE=1          sample the meshd processes with `perf record` during the first
 #                      1-stream run of each meshd row; flat profiles (by thread, object,
 #                      symbol) go to bench-results/<stamp>-perf-<row>.txt
@@ -43,6 +48,7 @@ WRK_CONNS="${WRK_CONNS:-32}"
 PINGS="${PINGS:-200}"
 PING_INTERVAL="${PING_INTERVAL:-0.01}"
 NGINX_WORKERS="${NGINX_WORKERS:-1}"
+CPU_LATENCY_US="${CPU_LATENCY_US:-}"
 READY_SECS="${READY_SECS:-20}"
 MESHD="${MESHD:-$ROOT/target/release/meshd}"
 MESHCTL="${MESHCTL:-$ROOT/target/release/meshctl}"
@@ -110,6 +116,11 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 [[ $(id -u) -eq 0 ]] || die "needs root (network namespaces); run as root"
+if [[ -n "$CPU_LATENCY_US" ]]; then
+    [[ "$CPU_LATENCY_US" =~ ^[0-9]+$ ]] && ((CPU_LATENCY_US <= 100000)) ||
+        die "CPU_LATENCY_US=$CPU_LATENCY_US: want microseconds, 0 to 100000"
+    [[ -w /dev/cpu_dma_latency ]] || die "CPU_LATENCY_US needs /dev/cpu_dma_latency (the kernel's CPU latency QoS)"
+fi
 
 # ---- packages ----------------------------------------------------------------------
 need_pkgs=()
@@ -227,6 +238,26 @@ median() { # median of the arguments (numbers; "-" entries ignored)
 }
 
 # ---- the two hosts -----------------------------------------------------------------
+# The CPU latency QoS in force: the smallest request of any process (µs).
+cpu_latency_now() { od -An -td4 /dev/cpu_dma_latency | tr -d ' '; }
+
+# For the rows without meshd under CPU_LATENCY_US: the bench's own request, held by a
+# process of its own while the row runs (the open file is the request).
+LATENCY_PID=""
+hold_cpu_latency() {
+    [[ -n "$CPU_LATENCY_US" ]] || return 0
+    # Nine bytes, read by the kernel as a hex string (four would be read as binary).
+    (exec 9>/dev/cpu_dma_latency && printf '%08x\n' "$CPU_LATENCY_US" >&9 && exec sleep infinity) &
+    LATENCY_PID=$!
+    PIDS+=("$LATENCY_PID")
+    wait_for 5 "the CPU latency request" eval '(($(cpu_latency_now) <= CPU_LATENCY_US))'
+}
+release_cpu_latency() {
+    [[ -n "$LATENCY_PID" ]] || return 0
+    stop_pid "$LATENCY_PID"
+    LATENCY_PID=""
+}
+
 make_hosts() {
     ip netns add "$NS_A"
     ip netns add "$NS_B"
@@ -488,6 +519,7 @@ state_dir = "state"
 control_socket = "meshd.sock"
 routes = ["100.64.0.0/10"]
 log_level = "warn"
+$([[ -z "$CPU_LATENCY_US" ]] || echo "cpu_latency_us = $CPU_LATENCY_US")
 
 [[peer]]
 cert = "$peer.crt"
@@ -637,7 +669,9 @@ for run in $(seq "$RUNS"); do
         *) die "unknown row $row (bare, wggo, plain, l4, l7)" ;;
         esac
         M=()
+        [[ $row == bare || $row == wggo ]] && hold_cpu_latency
         run_once "$row" "$dst" "$run"
+        release_cpu_latency
         stop_meshd
     done
 done
@@ -672,6 +706,11 @@ declare -A ROW_TITLE=([bare]="bare underlay link" [wggo]="reference: wireguard-g
     echo "Host: $(nproc) CPUs ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r)."
     echo "Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER."
     echo "Median of $RUNS run(s). iperf3 ${IPERF_SECS}s; ping $PINGS x ${PING_INTERVAL}s; wrk -t$WRK_THREADS -c$WRK_CONNS ${WRK_SECS}s, 1 KiB file, nginx $NGINX_WORKERS worker(s)."
+    if [[ -n "$CPU_LATENCY_US" ]]; then
+        echo "CPU wake-up latency request: $CPU_LATENCY_US µs in every row (meshd rows: node.cpu_latency_us, held by meshd while traffic flows; other rows: held by the bench)."
+    else
+        echo "CPU wake-up latency request: none (the machine's idle states; see CPU_LATENCY_US)."
+    fi
     echo "Ratios (×) compare a meshd figure with the bare link's. meshd CPU: seconds of CPU (user+system) used by both meshd processes during that test (by both wireguard-go processes in the reference row). UDP errors and TCP retransmissions: during the 1-stream test, both namespaces."
     echo
     hdr="| row |"; sep="|---|"
