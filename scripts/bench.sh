@@ -577,6 +577,19 @@ start_meshd() { # start_meshd DIR POLICYFN (DIR under the work directory, e.g. l
         NOT_AVAILABLE="no traffic over the overlay within ${READY_SECS}s$(meshd_complaint "$row")"
         return 1
     fi
+    # Under CPU_LATENCY_US the overlay ping above made both meshds take the request:
+    # a row measured without it would not be what the table says.
+    if [[ -n "$CPU_LATENCY_US" ]]; then
+        local h st
+        for h in a b; do
+            st="$("$MESHCTL" --socket "$WORK/$row/$h/meshd.sock" status --json |
+                jq -r '.cpu_latency.state // "none"')" || st="?"
+            if [[ $st != held && $st != released ]]; then
+                NOT_AVAILABLE="meshd on host $h holds no CPU latency request (state: $st)$(meshd_complaint "$row")"
+                return 1
+            fi
+        done
+    fi
 }
 
 # The layer-7 row must really inspect HTTP: a POST (no rule allows it) is refused
