@@ -68,6 +68,15 @@ fn check(config: Config) -> ExitCode {
                 l.config.node.listen,
                 l.peers.len()
             );
+            if let Some(us) = l.config.node.cpu_latency_us {
+                // Opening without writing requests nothing (the kernel's default).
+                let device = meshd::cpu_latency::DEVICE;
+                if let Err(e) = std::fs::OpenOptions::new().write(true).open(device) {
+                    println!(
+                        "warning: node.cpu_latency_us = {us}: cannot open {device} ({e}); meshd would run without the request"
+                    );
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

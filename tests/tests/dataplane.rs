@@ -626,6 +626,47 @@ fn cpu_latency_request_is_held_while_traffic_flows() -> mesh_tests::Result {
     Ok(())
 }
 
+/// `meshd check-config` verifies a configuration (certificates, keys, policy) without
+/// touching anything: beside a running meshd on the same files it neither fails nor
+/// disturbs it; a bad field is one line naming file, line and field, exit code 1.
+#[test]
+fn check_config_verifies_without_touching_the_running_node() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b] = mesh.hosts(["a", "b"])?;
+    let meshd = mesh.bins().meshd.to_str().context("path")?.to_string();
+    let config = a.config_path();
+    let ok = a.exec(
+        &meshd,
+        &["check-config", "--config", config.to_str().context("path")?],
+    )?;
+    assert_eq!(ok.code, Some(0), "{ok:?}");
+    let out = ok.stdout_str();
+    assert!(
+        out.contains(": ok: spiffe://t/a on ") && out.contains("1 peer(s)"),
+        "{out}"
+    );
+    a.ping(b.overlay_v4())?;
+
+    let text = std::fs::read_to_string(&config)?;
+    let broken = a.dir().join("broken.toml");
+    std::fs::write(&broken, text.replacen("[node]\n", "[node]\nmtu = 100\n", 1))?;
+    let bad = a.exec(
+        &meshd,
+        &["check-config", "--config", broken.to_str().context("path")?],
+    )?;
+    assert_eq!(bad.code, Some(1), "{bad:?}");
+    let err = bad.stderr_str();
+    assert!(
+        err.trim_end()
+            .ends_with("broken.toml:2: node.mtu: 100 is out of range 1280..=9000")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(a.meshd_alive()?);
+    a.ping(b.overlay_v4())?;
+    Ok(())
+}
+
 #[test]
 fn endpoint_learned_from_a_peer_survives_a_restart() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
