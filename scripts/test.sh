@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests run: command -> package.
 declare -A PKG=(
   [ip]=iproute2 [ping]=iputils-ping [curl]=curl [tcpdump]=tcpdump
-  [python3]=python3 [sha256sum]=coreutils
+  [python3]=python3 [sha256sum]=coreutils [nft]=nftables
 )
 missing=()
 for cmd in "${!PKG[@]}"; do

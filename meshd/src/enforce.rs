@@ -1304,6 +1304,7 @@ fn refusal_reason(cause: &RefuseCause) -> DenyReason {
         | RefuseCause::Urgent => DenyReason::MalformedRequest,
         RefuseCause::Timeout => DenyReason::RequestTimeout,
         RefuseCause::HoldFull | RefuseCause::Overload => DenyReason::BufferFull,
+        RefuseCause::Undelivered => DenyReason::DeliveryLost,
     }
 }
 

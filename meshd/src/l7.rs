@@ -49,10 +49,13 @@
 //! # Known limits
 //!
 //! - Bytes are delivered once. If a delivered segment is lost between the enforcer and
-//!   the server (a full TUN backlog), the client's retransmission is cut to an empty ACK
-//!   and the connection stalls until a timeout: safe (the server never reads other
-//!   bytes than those inspected), not live. Fix: keep delivered bytes until the server
-//!   ACKs them ([`TcpFlow`] already tracks `server.acked`), at the cost of a copy.
+//!   the server (a full TUN backlog), the client's retransmission is cut to an empty ACK:
+//!   the flow keeps no copy to compare it with, so it cannot tell the same bytes from
+//!   other ones. Rather than let the connection stall until the client gives up
+//!   (minutes), the flow counts such retransmissions of bytes the server has not
+//!   acknowledged; after [`LOST_AFTER`] in a row without the server's acknowledgement
+//!   moving, it refuses the flow ([`RefuseCause::Undelivered`], 502, the server reset
+//!   at the point it acknowledged): safe and live, at the price of that connection.
 //! - Held head bytes are acknowledged to the client on the server's behalf
 //!   ([`HeldAck`]) with the server's last window, not reduced by what is held.
 //! - With pipelining, a refusal answers the oldest request the server has not answered
@@ -135,6 +138,14 @@ pub enum Verdict {
     },
 }
 
+/// Retransmissions of delivered bytes that the server has not acknowledged, in a row
+/// and without its acknowledgement moving, after which those bytes count as lost on the
+/// way to the server. A spurious retransmission (the server's ACK late or lost on the
+/// way back) is followed by that ACK; a lost segment is retransmitted once by fast
+/// retransmit and then at each RTO (about 0.2, 0.4, 0.8 s): three of them take a
+/// second or two.
+pub const LOST_AFTER: u8 = 3;
+
 /// Why a flow was refused. Feeds the decision log and counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RefuseCause {
@@ -157,6 +168,9 @@ pub enum RefuseCause {
     /// what the server would read is not what was inspected.
     #[error("TCP urgent data on an inspected connection")]
     Urgent,
+    /// Delivered bytes lost between meshd and the server (see [`LOST_AFTER`]).
+    #[error("request bytes were lost on the way to the server")]
+    Undelivered,
 }
 
 impl RefuseCause {
@@ -169,6 +183,7 @@ impl RefuseCause {
             RefuseCause::Overload => 503,
             RefuseCause::Timeout => 408,
             RefuseCause::HoldFull => 431,
+            RefuseCause::Undelivered => 502,
         }
     }
 }
@@ -313,6 +328,9 @@ pub struct L7Flow {
     held_since: Option<Timestamp>,
     path: String,
     stats: Stats,
+    /// Retransmissions of delivered bytes the server has not acknowledged, in a row,
+    /// and the server's acknowledgement when the last one came (see [`LOST_AFTER`]).
+    unacked_retransmits: (u8, Option<SeqNumber>),
 }
 
 impl L7Flow {
@@ -328,6 +346,7 @@ impl L7Flow {
             held_since: None,
             path: String::new(),
             stats: Stats::default(),
+            unacked_retransmits: (0, None),
         }
     }
 
@@ -626,6 +645,12 @@ impl L7Flow {
             self.stats.out_of_window += 1;
         }
         if inserted.new == 0 {
+            if inserted.old > 0 && self.delivery_lost(seg) {
+                return Ok((
+                    Fate::Drop(DropReason::Refused),
+                    Some(placeholder(RefuseCause::Undelivered)),
+                ));
+            }
             let fate = if inserted.duplicate > 0 {
                 Fate::Drop(DropReason::Duplicate)
             } else {
@@ -650,6 +675,22 @@ impl L7Flow {
         self.releasing = allowed;
         self.stats.released += allowed as u64;
         Ok((Fate::Drop(DropReason::Buffered), cause.map(placeholder)))
+    }
+
+    /// Counts a retransmission of delivered bytes; true once [`LOST_AFTER`] of them came
+    /// for bytes the server has not acknowledged, with its acknowledgement standing
+    /// still.
+    fn delivery_lost(&mut self, seg: &Segment<'_>) -> bool {
+        let acked = self.tcp.server.acked;
+        let end = seg.seq + seg.payload.len();
+        let (count, at) = self.unacked_retransmits;
+        self.unacked_retransmits = match acked {
+            // The server has all of it: a spurious retransmission.
+            Some(a) if end - a <= 0 => (0, None),
+            _ if count > 0 && at == acked => (count.saturating_add(1), acked),
+            _ => (1, acked),
+        };
+        self.unacked_retransmits.0 >= LOST_AFTER
     }
 
     /// Puts the stream's FIN on the last bytes sent, once everything before it is sent.
@@ -718,11 +759,17 @@ impl L7Flow {
         // Acknowledge all the client sent (it is going away) so that it accepts the answer.
         let client_sent = self.tcp.client.sent_end.unwrap_or(start);
         let server_next = self.tcp.server.sent_end.unwrap_or_default();
+        // Bytes lost on the way: the server expects the first of them, what it
+        // acknowledged (a reset at any other number only earns a challenge ACK).
+        let server_seq = match (cause, self.tcp.server.acked) {
+            (RefuseCause::Undelivered, Some(acked)) => acked,
+            _ => delivered,
+        };
         Refusal {
             cause,
             client_seq: server_next,
             client_ack: client_sent,
-            server_seq: delivered,
+            server_seq,
             server_ack: server_next,
         }
     }

@@ -663,6 +663,7 @@ fn check_tools() -> Result<()> {
         ("curl", "curl"),
         ("ping", "iputils-ping"),
         ("tcpdump", "tcpdump"),
+        ("nft", "nftables"),
         ("python3", "python3"),
     ]
     .into_iter()

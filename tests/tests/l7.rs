@@ -420,6 +420,42 @@ fn a_connection_from_before_a_restart_is_reset_not_left_hanging() -> mesh_tests:
     Ok(())
 }
 
+/// A request meshd delivered but the server's host lost (here: an nftables rule on `c`
+/// drops it after meshd's TUN write). meshd keeps no copy to check the client's
+/// retransmissions against, so it cuts them; after three the client gets 502 and the
+/// log says `delivery_lost`, within seconds, instead of a connection that hangs until
+/// curl's 20 s limit.
+#[test]
+fn a_request_lost_after_delivery_gets_502_instead_of_hanging() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let (a, c, server) = setup(&mut mesh)?;
+    c.run(
+        "nft",
+        &[
+            "add table inet lose; add chain inet lose in { type filter hook input priority 0; }; \
+           add rule inet lose in tcp dport 8080 tcp flags & psh == psh counter drop",
+        ],
+    )?;
+    assert_eq!(curl(&a, &c, "GET", "/api/lost", &[])?, 502);
+    assert!(!server.saw("GET", "/api/lost")?, "{:?}", server.requests()?);
+    let rules = c.run("nft", &["list table inet lose"])?.stdout_str();
+    assert!(
+        !rules.contains("packets 0 "),
+        "the rule dropped the request: {rules}"
+    );
+    c.wait_decision(&[
+        ("src", "spiffe://t/a"),
+        ("decision", "deny"),
+        ("reason", "delivery_lost"),
+        ("http.status", "502"),
+    ])?;
+    // Nothing else is affected: without the rule, the same request passes.
+    c.run("nft", &["delete table inet lose"])?;
+    assert_eq!(curl(&a, &c, "GET", "/api/lost", &[])?, 200);
+    assert!(server.saw("GET", "/api/lost")?);
+    Ok(())
+}
+
 #[test]
 fn path_tricks_are_decided_by_the_normalised_path() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();

@@ -755,6 +755,55 @@ fn l7_incomplete_head_times_out_with_408() {
     assert!(log.tail(1)[0].contains("request_timeout"));
 }
 
+/// A delivered request lost before the server read it (client retransmissions the
+/// server never acknowledges): after `LOST_AFTER` of them the client gets 502, the
+/// server a reset at the point it acknowledged, and the log says `delivery_lost`.
+#[test]
+fn l7_request_lost_before_the_server_ends_in_502_not_a_stall() {
+    let (e, log) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    let get = b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n";
+    assert_eq!(c.send(&e, get, &mut emit), Verdict::Deliver);
+    assert_eq!(e.outbound(&c.server("A", b""), t(10)), Verdict::Deliver);
+    let lost_at = c.cseq;
+    assert_eq!(c.send(&e, get, &mut emit), Verdict::Deliver);
+    for k in 1..=crate::l7::LOST_AFTER {
+        c.cseq = lost_at;
+        emit.clear();
+        let v = c.send(&e, get, &mut emit);
+        if k < crate::l7::LOST_AFTER {
+            assert_eq!(v, Verdict::Consumed, "retransmission {k}: cut to an ACK");
+            let to_server = tcp_payloads(&emit, Toward::Local);
+            assert_eq!(to_server, vec![(vec![], false)], "retransmission {k}");
+        }
+    }
+    let to_client = tcp_payloads(&emit, Toward::Peer);
+    let text = String::from_utf8_lossy(&to_client[0].0);
+    assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{text}");
+    let resets: Vec<u32> = emit
+        .packets()
+        .filter(|(t, _)| *t == Toward::Local)
+        .filter_map(
+            |(_, pkt)| match etherparse::SlicedPacket::from_ip(pkt).ok()?.transport {
+                Some(etherparse::TransportSlice::Tcp(tcp)) if tcp.rst() => {
+                    Some(tcp.sequence_number())
+                }
+                _ => None,
+            },
+        )
+        .collect();
+    assert_eq!(
+        resets,
+        vec![lost_at],
+        "the reset goes where the server stopped"
+    );
+    let rec: serde_json::Value = serde_json::from_str(&log.tail(1)[0]).unwrap();
+    assert_eq!(rec["reason"], "delivery_lost");
+    assert_eq!(rec["http"]["status"], 502);
+    assert_eq!(e.counters().drops.get("delivery_lost"), Some(&1));
+}
+
 #[test]
 fn l7_segment_with_bad_checksum_is_dropped() {
     let (e, _) = enforcer(API_POLICY, 1024);

@@ -120,6 +120,17 @@ impl Net {
         if fin {
             self.server_fin = true;
         }
+        // The server's TCP acknowledges what it received in order.
+        self.server_ack();
+    }
+
+    /// The server acknowledges the client bytes it has (its FIN counted); a refused
+    /// flow drops the ACK.
+    fn server_ack(&mut self) {
+        let ack = self.at(self.server.len() + usize::from(self.server_fin));
+        let s = seg(SeqNumber(SISN + 1), ack.0, Flags::ACK, b"");
+        let forwarded = self.flow.on_server_segment(&s, self.now);
+        assert_eq!(forwarded, !self.flow.is_closed());
     }
 
     fn tick(&mut self, ms: u64) {
@@ -898,6 +909,72 @@ mod shuffled {
             }
         }
     }
+}
+
+/// A delivered segment lost before the server read it: the client retransmits it, the
+/// flow cannot tell the same bytes from others (no copy) and cuts them; after
+/// LOST_AFTER retransmissions with the server's acknowledgement standing still, the flow
+/// is refused (502) and the server reset where it stopped, instead of stalling.
+#[test]
+fn bytes_lost_on_the_way_to_the_server_end_the_flow_instead_of_stalling() {
+    let mut net = Net::new();
+    net.send(0, GET);
+    assert_eq!(net.server, GET);
+    // The second request goes out but never reaches the server (its backlog was full).
+    let n = GET.len();
+    let lost = seg(net.at(n), SISN + 1, Flags::ACK | Flags::PSH, GET);
+    assert_eq!(
+        net.flow.on_client_segment(&lost, net.now, policy).fate,
+        Fate::Forward
+    );
+    for k in 1..LOST_AFTER {
+        net.tick(200 << k);
+        let o = net.send(n, GET);
+        assert_eq!(o.refusal, None, "retransmission {k}");
+        assert!(matches!(o.fate, Fate::Trim { start, end, .. } if start == end));
+    }
+    net.tick(1600);
+    let o = net.send(n, GET);
+    assert_eq!(o.fate, Fate::Drop(DropReason::Refused));
+    let r = o.refusal.expect("refused");
+    assert_eq!(r.cause, RefuseCause::Undelivered);
+    assert_eq!(r.cause.status(), 502);
+    // The reset goes where the server stopped; the client hears back for all it sent.
+    assert_eq!(r.server_seq, net.at(n));
+    assert_eq!(r.client_ack, net.at(2 * n));
+    assert!(net.flow.is_closed());
+    assert_eq!(net.server, GET, "nothing else was delivered");
+}
+
+/// Retransmissions of bytes the server has (its ACK late or lost on the way back) are
+/// cut and never end the flow; a count in progress starts over when the server's
+/// acknowledgement moves.
+#[test]
+fn spurious_retransmissions_are_not_taken_for_loss() {
+    let mut net = Net::new();
+    net.send(0, GET);
+    assert_eq!(net.server, GET);
+    for _ in 0..2 * LOST_AFTER {
+        let o = net.send(0, GET);
+        assert_eq!(o.refusal, None);
+        assert!(matches!(o.fate, Fate::Trim { start, end, .. } if start == end));
+    }
+    // Unacknowledged for a while, then acknowledged: the count starts over.
+    let mut net = Net::new();
+    let s = seg(net.at(0), SISN + 1, Flags::ACK | Flags::PSH, GET);
+    assert_eq!(
+        net.flow.on_client_segment(&s, net.now, policy).fate,
+        Fate::Forward
+    );
+    for _ in 1..LOST_AFTER {
+        assert_eq!(net.send(0, GET).refusal, None);
+    }
+    net.server.extend_from_slice(GET);
+    net.server_ack();
+    for _ in 0..LOST_AFTER {
+        assert_eq!(net.send(0, GET).refusal, None);
+    }
+    assert!(!net.flow.is_closed());
 }
 
 #[test]

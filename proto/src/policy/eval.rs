@@ -57,11 +57,15 @@ pub enum DenyReason {
     RateLimited,
     /// A circuit breaker is open.
     CircuitOpen,
+    /// Request bytes meshd delivered were lost before the workload read them, and it
+    /// keeps no copy to send them again: the connection is reset rather than left to
+    /// stall.
+    DeliveryLost,
 }
 
 impl DenyReason {
     /// Every reason without a rule, in counter order (for `meshctl status`).
-    pub const PLAIN: [DenyReason; 12] = [
+    pub const PLAIN: [DenyReason; 13] = [
         DenyReason::NoAllowMatched,
         DenyReason::DefaultDeny,
         DenyReason::MalformedRequest,
@@ -74,6 +78,7 @@ impl DenyReason {
         DenyReason::FlowEvicted,
         DenyReason::RateLimited,
         DenyReason::CircuitOpen,
+        DenyReason::DeliveryLost,
     ];
 
     /// Stable snake_case name (log field `reason`, counter label, test expectation).
@@ -92,6 +97,7 @@ impl DenyReason {
             DenyReason::FlowEvicted => "flow_evicted",
             DenyReason::RateLimited => "rate_limited",
             DenyReason::CircuitOpen => "circuit_open",
+            DenyReason::DeliveryLost => "delivery_lost",
         }
     }
 
@@ -107,6 +113,7 @@ impl DenyReason {
             DenyReason::RateLimited => 429,
             DenyReason::FlowTableFull | DenyReason::BufferFull | DenyReason::FlowEvicted => 503,
             DenyReason::CircuitOpen => 503,
+            DenyReason::DeliveryLost => 502,
         }
     }
 

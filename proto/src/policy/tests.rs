@@ -964,6 +964,7 @@ fn deny_reasons_have_stable_names_and_statuses() {
         (DenyReason::FlowEvicted, "flow_evicted", 503),
         (DenyReason::RateLimited, "rate_limited", 429),
         (DenyReason::CircuitOpen, "circuit_open", 503),
+        (DenyReason::DeliveryLost, "delivery_lost", 502),
     ];
     for (r, name, status) in table {
         assert_eq!((r.name(), r.http_status()), (name, status));
