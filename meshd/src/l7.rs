@@ -56,6 +56,10 @@
 //!   acknowledged; after [`LOST_AFTER`] in a row without the server's acknowledgement
 //!   moving, it refuses the flow ([`RefuseCause::Undelivered`], 502, the server reset
 //!   at the point it acknowledged): safe and live, at the price of that connection.
+//!   Bytes released from the flow's buffer (a held head) were in part acknowledged to
+//!   the client already ([`HeldAck`]), and the client never sends those again: as a
+//!   backstop, released bytes the server has not acknowledged [`RELEASE_ACK_TIMEOUT`]
+//!   after they went out (with no progress meanwhile) refuse the flow the same way.
 //! - Held head bytes are acknowledged to the client on the server's behalf
 //!   ([`HeldAck`]) with the server's last window, not reduced by what is held.
 //! - With pipelining, a refusal answers the oldest request the server has not answered
@@ -145,6 +149,12 @@ pub enum Verdict {
 /// retransmit and then at each RTO (about 0.2, 0.4, 0.8 s): three of them take a
 /// second or two.
 pub const LOST_AFTER: u8 = 3;
+
+/// How long released bytes may stay unacknowledged by the server, with its
+/// acknowledgement standing still, before they count as lost (see the module's known
+/// limits). A server's TCP acknowledges within its delayed-ACK time (at most 200 ms on
+/// Linux) even when its application does not read.
+pub const RELEASE_ACK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a flow was refused. Feeds the decision log and counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -331,6 +341,9 @@ pub struct L7Flow {
     /// Retransmissions of delivered bytes the server has not acknowledged, in a row,
     /// and the server's acknowledgement when the last one came (see [`LOST_AFTER`]).
     unacked_retransmits: (u8, Option<SeqNumber>),
+    /// End of the bytes released from the buffer that the server has not acknowledged,
+    /// and since when its acknowledgement has not moved.
+    unacked_release: Option<(SeqNumber, Timestamp)>,
 }
 
 impl L7Flow {
@@ -347,6 +360,7 @@ impl L7Flow {
             path: String::new(),
             stats: Stats::default(),
             unacked_retransmits: (0, None),
+            unacked_release: None,
         }
     }
 
@@ -397,17 +411,38 @@ impl L7Flow {
     /// When [`poll`](Self::poll) must next be called, if at all.
     pub fn poll_at(&self) -> Option<Timestamp> {
         match self.phase {
-            Phase::Open => self.held_since.map(|t| t.plus(self.config.head_timeout)),
+            Phase::Open => [self.head_deadline(), self.release_deadline()]
+                .into_iter()
+                .flatten()
+                .min(),
             Phase::Refused => None,
         }
     }
 
-    /// Refuses the flow with 408 if bytes have been held longer than `head_timeout`.
+    fn head_deadline(&self) -> Option<Timestamp> {
+        self.held_since.map(|t| t.plus(self.config.head_timeout))
+    }
+
+    fn release_deadline(&self) -> Option<Timestamp> {
+        self.unacked_release
+            .map(|(_, since)| since.plus(RELEASE_ACK_TIMEOUT))
+    }
+
+    /// Refuses the flow with 502 if released bytes stayed unacknowledged by the server
+    /// for [`RELEASE_ACK_TIMEOUT`], with 408 if bytes have been held longer than
+    /// `head_timeout`.
     pub fn poll(&mut self, now: Timestamp) -> Option<Refusal> {
         self.finish_release();
-        match self.poll_at() {
-            Some(at) if now >= at => Some(self.refuse(RefuseCause::Timeout)),
-            _ => None,
+        if self.phase == Phase::Refused {
+            return None;
+        }
+        let due = |at: Option<Timestamp>| at.is_some_and(|at| now >= at);
+        if due(self.release_deadline()) {
+            Some(self.refuse(RefuseCause::Undelivered))
+        } else if due(self.head_deadline()) {
+            Some(self.refuse(RefuseCause::Timeout))
+        } else {
+            None
         }
     }
 
@@ -425,11 +460,25 @@ impl L7Flow {
 
     /// Tracks a server→client segment: `true` to forward it, `false` to drop it.
     pub fn on_server_segment(&mut self, seg: &Segment<'_>, now: Timestamp) -> bool {
-        self.phase == Phase::Open
-            && !matches!(
-                self.tcp.on_segment(Direction::ServerToClient, seg, now),
-                Track::Invalid(_)
-            )
+        if self.phase != Phase::Open {
+            return false;
+        }
+        let acked_before = self.tcp.server.acked;
+        if matches!(
+            self.tcp.on_segment(Direction::ServerToClient, seg, now),
+            Track::Invalid(_)
+        ) {
+            return false;
+        }
+        if let (Some((end, _)), Some(acked)) = (self.unacked_release, self.tcp.server.acked) {
+            if end - acked <= 0 {
+                self.unacked_release = None;
+            } else if Some(acked) != acked_before {
+                // Progress: the server is taking the released bytes.
+                self.unacked_release = Some((end, now));
+            }
+        }
+        true
     }
 
     /// Processes one client→server segment; `decide` is called once per complete request
@@ -489,6 +538,10 @@ impl L7Flow {
         let outcome = self.on_data(seg, &mut decide);
         let progressed = self.stats.forwarded + self.stats.released > forwarded;
         self.update_held_since(now, progressed);
+        if let (Some(r), None) = (outcome.release, outcome.refusal) {
+            let since = self.unacked_release.map_or(now, |(_, since)| since);
+            self.unacked_release = Some((r.seq + r.len, since));
+        }
         outcome
     }
 

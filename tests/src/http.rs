@@ -237,21 +237,34 @@ impl Host {
         data: &[u8],
         limit: Duration,
     ) -> Result<RawReply> {
+        self.send_raw_pieces(addr, port, &[data], limit)
+    }
+
+    /// [`Host::send_raw`] in pieces: each goes out as its own segment once the previous
+    /// one was acknowledged (by the server, or by meshd holding it).
+    pub fn send_raw_pieces(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        pieces: &[&[u8]],
+        limit: Duration,
+    ) -> Result<RawReply> {
         let (python, tool) = self.httptool()?;
         let python = python.to_str().context("path is not UTF-8")?.to_string();
         let tool_s = tool.to_str().context("path is not UTF-8")?;
-        let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+        let hex: Vec<String> = pieces
+            .iter()
+            .map(|p| p.iter().map(|b| format!("{b:02x}")).collect())
+            .collect();
         let (a, p, t) = (
             addr.to_string(),
             port.to_string(),
             format!("{}", limit.as_secs_f64()),
         );
+        let mut args = vec![tool_s, "raw", &a, &p, &t];
+        args.extend(hex.iter().map(String::as_str));
         let out = self
-            .exec_timeout(
-                &python,
-                &[tool_s, "raw", &a, &p, &t, &hex],
-                limit + Duration::from_secs(5),
-            )?
+            .exec_timeout(&python, &args, limit + Duration::from_secs(5))?
             .check()?;
         serde_json::from_slice(&out.stdout).with_context(|| format!("{out:?}"))
     }

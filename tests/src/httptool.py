@@ -15,9 +15,10 @@ session ADDR PORT TIMEOUT REQUEST...
     separated by "|") in turn, waiting for its response before the next. Prints one
     JSON line per response ({"status":..,"body":..}), then {"end": "closed"|"reset"|
     "timeout"|"done"} when the connection ends or every request was answered.
-raw ADDR PORT TIMEOUT HEX
+raw ADDR PORT TIMEOUT HEX...
     Connects, sends the bytes, and prints what came back as one JSON line:
-    {"received": <text>, "end": "closed"|"reset"|"timeout"}.
+    {"received": <text>, "end": "closed"|"reset"|"timeout"}. Several HEX pieces go out
+    as separate segments: each once the previous one was acknowledged.
 reuse ADDR PORT TRIGGER
     GET /api/first on a new connection and prints "first <status>"; once the file
     TRIGGER exists, GET /api/second on the same connection and prints
@@ -32,11 +33,14 @@ hold ADDR PORT
     connection is reset or closed.
 """
 
+import fcntl
 import hashlib
 import json
 import os
 import socket
+import struct
 import sys
+import termios
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -219,12 +223,26 @@ def session(addr, port, timeout, requests):
     print(json.dumps({"end": end}), flush=True)
 
 
-def raw(addr, port, timeout, data):
+def acked(s, limit):
+    """Waits until the socket's send queue is empty (all sent bytes acknowledged)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        queued = struct.unpack("i", fcntl.ioctl(s, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        if queued == 0:
+            return
+        time.sleep(0.005)
+
+
+def raw(addr, port, timeout, pieces):
     s = connect(addr, port, timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     got = b""
     end = "closed"
     try:
-        s.sendall(data)
+        for i, data in enumerate(pieces):
+            if i > 0:
+                acked(s, timeout)
+            s.sendall(data)
         while True:
             d = s.recv(65536)
             if not d:
@@ -311,7 +329,7 @@ def main(argv):
     elif cmd == "session":
         session(argv[2], int(argv[3]), float(argv[4]), argv[5:])
     elif cmd == "raw":
-        raw(argv[2], int(argv[3]), float(argv[4]), bytes.fromhex(argv[5]))
+        raw(argv[2], int(argv[3]), float(argv[4]), [bytes.fromhex(h) for h in argv[5:]])
     elif cmd == "hold":
         hold(argv[2], int(argv[3]))
     elif cmd == "reuse":

@@ -424,7 +424,8 @@ fn a_connection_from_before_a_restart_is_reset_not_left_hanging() -> mesh_tests:
 /// drops it after meshd's TUN write). meshd keeps no copy to check the client's
 /// retransmissions against, so it cuts them; after three the client gets 502 and the
 /// log says `delivery_lost`, within seconds, instead of a connection that hangs until
-/// curl's 20 s limit.
+/// curl's 20 s limit. The same for a head meshd held (acknowledging its first piece to
+/// the client) and released when the second came: 502.
 #[test]
 fn a_request_lost_after_delivery_gets_502_instead_of_hanging() -> mesh_tests::Result {
     let mut mesh = mesh_tests::mesh!();
@@ -449,10 +450,34 @@ fn a_request_lost_after_delivery_gets_502_instead_of_hanging() -> mesh_tests::Re
         ("reason", "delivery_lost"),
         ("http.status", "502"),
     ])?;
-    // Nothing else is affected: without the rule, the same request passes.
+    // A head in two pieces: the first held and acknowledged by meshd, both released
+    // when the second comes, and lost.
+    let reply = a.send_raw_pieces(
+        c.overlay_v4(),
+        HTTP,
+        &[b"GET /api/held HTTP/1.1\r\nHo", b"st: c\r\n\r\n"],
+        Duration::from_secs(20),
+    )?;
+    assert!(
+        reply.received.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
+        "{reply:?}"
+    );
+    assert!(!server.saw("GET", "/api/held")?);
+    // Nothing else is affected: without the rule, the same requests pass.
     c.run("nft", &["delete table inet lose"])?;
     assert_eq!(curl(&a, &c, "GET", "/api/lost", &[])?, 200);
     assert!(server.saw("GET", "/api/lost")?);
+    let reply = a.send_raw_pieces(
+        c.overlay_v4(),
+        HTTP,
+        &[
+            b"GET /api/held HTTP/1.1\r\nHo",
+            b"st: c\r\nConnection: close\r\n\r\n",
+        ],
+        Duration::from_secs(20),
+    )?;
+    assert!(reply.received.starts_with("HTTP/1.1 200"), "{reply:?}");
+    assert!(server.saw("GET", "/api/held")?);
     Ok(())
 }
 

@@ -946,6 +946,54 @@ fn bytes_lost_on_the_way_to_the_server_end_the_flow_instead_of_stalling() {
     assert_eq!(net.server, GET, "nothing else was delivered");
 }
 
+/// A held head, acknowledged to the client on the server's behalf, released and then
+/// lost before the server read it: the client will not send it again, so the flow gives
+/// the server RELEASE_ACK_TIMEOUT (restarted whenever its acknowledgement moves), then
+/// refuses with 502 and resets the server where it stopped.
+#[test]
+fn released_bytes_the_server_never_acknowledges_end_the_flow() {
+    let mut net = Net::new();
+    net.send(0, GET);
+    let n = GET.len();
+    let head = seg(net.at(n), SISN + 1, Flags::ACK | Flags::PSH, &GET[..10]);
+    let o = net.flow.on_client_segment(&head, net.now, policy);
+    assert_eq!(o.held_ack.map(|a| a.ack), Some(net.at(n + 10)));
+    // The rest completes the head: all of it is released, and lost on the way.
+    let rest = seg(
+        net.at(n + 10),
+        SISN + 1,
+        Flags::ACK | Flags::PSH,
+        &GET[10..],
+    );
+    let o = net.flow.on_client_segment(&rest, net.now, policy);
+    assert_eq!(o.release.map(|r| (r.seq, r.len)), Some((net.at(n), n)));
+    let sent = net.now;
+    assert_eq!(net.flow.poll_at(), Some(sent.plus(RELEASE_ACK_TIMEOUT)));
+    // The server takes a part after 2 s: the clock starts over from there.
+    net.tick(2_000);
+    let part = seg(SeqNumber(SISN + 1), net.at(n + 5).0, Flags::ACK, b"");
+    assert!(net.flow.on_server_segment(&part, net.now));
+    let deadline = net.now.plus(RELEASE_ACK_TIMEOUT);
+    assert_eq!(net.flow.poll_at(), Some(deadline));
+    assert_eq!(
+        net.flow.poll(Timestamp::from_millis(deadline.millis() - 1)),
+        None
+    );
+    let r = net.flow.poll(deadline).expect("refused");
+    assert_eq!(r.cause, RefuseCause::Undelivered);
+    assert_eq!(r.server_seq, net.at(n + 5), "where the server stopped");
+    assert!(net.flow.is_closed());
+
+    // Acknowledged in time: no deadline is left.
+    let mut net = Net::new();
+    net.send(0, &GET[..10]);
+    net.send(10, &GET[10..]);
+    assert_eq!(net.server, GET);
+    assert_eq!(net.flow.poll_at(), None);
+    net.tick(10 * RELEASE_ACK_TIMEOUT.as_millis() as u64);
+    assert_eq!(net.flow.poll(net.now), None);
+}
+
 /// Retransmissions of bytes the server has (its ACK late or lost on the way back) are
 /// cut and never end the flow; a count in progress starts over when the server's
 /// acknowledgement moves.
