@@ -634,11 +634,14 @@ fn check_config_verifies_without_touching_the_running_node() -> mesh_tests::Resu
     let mut mesh = mesh_tests::mesh!();
     let [a, b] = mesh.hosts(["a", "b"])?;
     let meshd = mesh.bins().meshd.to_str().context("path")?.to_string();
+    let check = |config: &std::path::Path| -> Result<mesh_tests::Output> {
+        a.exec(
+            &meshd,
+            &["check-config", "--config", config.to_str().context("path")?],
+        )
+    };
     let config = a.config_path();
-    let ok = a.exec(
-        &meshd,
-        &["check-config", "--config", config.to_str().context("path")?],
-    )?;
+    let ok = check(&config)?;
     assert_eq!(ok.code, Some(0), "{ok:?}");
     let out = ok.stdout_str();
     assert!(
@@ -650,10 +653,7 @@ fn check_config_verifies_without_touching_the_running_node() -> mesh_tests::Resu
     let text = std::fs::read_to_string(&config)?;
     let broken = a.dir().join("broken.toml");
     std::fs::write(&broken, text.replacen("[node]\n", "[node]\nmtu = 100\n", 1))?;
-    let bad = a.exec(
-        &meshd,
-        &["check-config", "--config", broken.to_str().context("path")?],
-    )?;
+    let bad = check(&broken)?;
     assert_eq!(bad.code, Some(1), "{bad:?}");
     let err = bad.stderr_str();
     assert!(
