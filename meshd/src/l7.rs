@@ -496,9 +496,19 @@ impl L7Flow {
         match self.tcp.on_segment(Direction::ClientToServer, seg, now) {
             Track::Invalid(why) => return Outcome::fate(Fate::Drop(DropReason::Untracked(why))),
             Track::Reset => {
-                // The client aborts: the server may know. Held bytes are never delivered.
+                // The client aborts: the server may know. Held bytes are never delivered,
+                // and neither are bytes on the RST itself (RFC 9293 §3.5.3 lets a
+                // reset carry data; no stack should read it, and none gets the chance).
                 self.phase = Phase::Refused;
-                return Outcome::fate(Fate::Forward);
+                return Outcome::fate(if seg.payload.is_empty() {
+                    Fate::Forward
+                } else {
+                    Fate::Trim {
+                        start: 0,
+                        end: 0,
+                        fin: false,
+                    }
+                });
             }
             Track::Handshake => {
                 // A new ISN (a new attempt before the SYN-ACK) starts a new stream; a

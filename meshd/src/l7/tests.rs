@@ -557,6 +557,28 @@ fn rst_ends_the_flow_and_held_bytes_are_never_delivered() {
     assert_eq!(net.flow.tcp().state(), crate::flow::TcpState::Closed);
 }
 
+/// Found by the l7_flow fuzz target: a client RST carrying payload went out whole.
+/// The reset still reaches the server; its bytes do not.
+#[test]
+fn a_reset_with_payload_goes_out_without_it() {
+    let mut net = Net::new();
+    net.send(0, &GET[..10]);
+    let o = net.send_flags(10, b"GET /admin HTTP/1.1\r\n\r\n", Flags::RST | Flags::ACK);
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: 0,
+            fin: false
+        }
+    );
+    assert!(net.server.is_empty());
+    assert!(net.flow.is_closed());
+    // Without payload it goes as it came.
+    let mut net = Net::new();
+    assert_eq!(net.send_flags(0, b"", Flags::RST).fate, Fate::Forward);
+}
+
 #[test]
 fn incomplete_head_times_out_with_408() {
     let mut net = Net::new();
