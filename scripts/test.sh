@@ -29,8 +29,14 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fuzz targets (run with `cargo +nightly fuzz run TARGET`, see fuzz/README.md)
+# must keep compiling against the code they drive; libFuzzer itself is not built here.
+echo "== fuzz targets compile"
+CARGO_TARGET_DIR=target/fuzz-check cargo clippy --manifest-path fuzz/Cargo.toml --locked \
+  --no-default-features --bins -- -D warnings
 echo "== build binaries (the netns tests run them)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
