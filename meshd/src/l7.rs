@@ -688,6 +688,8 @@ impl L7Flow {
     ) -> Result<(Fate, Option<Refusal>), Fate> {
         let reasm = self.reasm.as_mut().expect("caller checked");
         let payload = seg.payload;
+        // Bytes before this were delivered (or skipped); from here on they are held.
+        let delivered_end = reasm.base();
         let inserted = match reasm.insert(seg.seq, payload) {
             Ok(inserted) => inserted,
             Err(InsertError::Conflict { seq }) => {
@@ -708,7 +710,7 @@ impl L7Flow {
             self.stats.out_of_window += 1;
         }
         if inserted.new == 0 {
-            if inserted.old > 0 && self.delivery_lost(seg) {
+            if inserted.old > 0 && self.delivery_lost(seg, delivered_end) {
                 return Ok((
                     Fate::Drop(DropReason::Refused),
                     Some(placeholder(RefuseCause::Undelivered)),
@@ -740,12 +742,18 @@ impl L7Flow {
         Ok((Fate::Drop(DropReason::Buffered), cause.map(placeholder)))
     }
 
-    /// Counts a retransmission of delivered bytes; true once [`LOST_AFTER`] of them came
-    /// for bytes the server has not acknowledged, with its acknowledgement standing
-    /// still.
-    fn delivery_lost(&mut self, seg: &Segment<'_>) -> bool {
+    /// Counts a retransmission of delivered bytes (those before `delivered_end`; the
+    /// rest of the segment may be held bytes, which the server has not seen by design);
+    /// true once [`LOST_AFTER`] of them came for delivered bytes the server has not
+    /// acknowledged, with its acknowledgement standing still.
+    fn delivery_lost(&mut self, seg: &Segment<'_>, delivered_end: SeqNumber) -> bool {
         let acked = self.tcp.server.acked;
-        let end = seg.seq + seg.payload.len();
+        let seg_end = seg.seq + seg.payload.len();
+        let end = if seg_end - delivered_end > 0 {
+            delivered_end
+        } else {
+            seg_end
+        };
         let (count, at) = self.unacked_retransmits;
         self.unacked_retransmits = match acked {
             // The server has all of it: a spurious retransmission.
