@@ -32,23 +32,9 @@ const PEER: [u8; 4] = [100, 64, 0, 1];
 const LOCAL: [u8; 4] = [100, 64, 0, 3];
 const WALL: UnixTime = UnixTime(1_795_673_877);
 
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn u8(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from(self.u8().unwrap_or(0)) << 8 | u16::from(self.u8().unwrap_or(0))
-    }
-    fn bytes(&mut self, n: usize) -> &'a [u8] {
-        let (b, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        b
-    }
-}
+#[path = "common/input.rs"]
+mod input;
+use input::Input;
 
 fn compiled(default: DefaultAction) -> CompiledPolicy {
     // Parsed once: the fuzzer's time goes to the enforcer, not to TOML.

@@ -11,23 +11,9 @@ use meshd::l7::{Config, Fate, L7Flow, Request, Verdict};
 const CISN: u32 = 4_294_960_000; // wraps within the first few KiB
 const SISN: u32 = 90_000;
 
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn u8(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from(self.u8().unwrap_or(0)) << 8 | u16::from(self.u8().unwrap_or(0))
-    }
-    fn bytes(&mut self, n: usize) -> &'a [u8] {
-        let (b, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        b
-    }
-}
+#[path = "common/input.rs"]
+mod input;
+use input::Input;
 
 fn decide(req: &Request<'_>) -> Verdict {
     if req.path.starts_with("/admin") {

@@ -500,15 +500,7 @@ impl L7Flow {
                 // and neither are bytes on the RST itself (RFC 9293 §3.5.3 lets a
                 // reset carry data; no stack should read it, and none gets the chance).
                 self.phase = Phase::Refused;
-                return Outcome::fate(if seg.payload.is_empty() {
-                    Fate::Forward
-                } else {
-                    Fate::Trim {
-                        start: 0,
-                        end: 0,
-                        fin: false,
-                    }
-                });
+                return Outcome::fate(without_payload(seg));
             }
             Track::Handshake => {
                 // A new ISN (a new attempt before the SYN-ACK) starts a new stream; a
@@ -523,15 +515,7 @@ impl L7Flow {
                 }
                 // Data on a SYN (TCP Fast Open) is not taken: without it acknowledged,
                 // the client sends it again after the handshake.
-                return Outcome::fate(if seg.payload.is_empty() {
-                    Fate::Forward
-                } else {
-                    Fate::Trim {
-                        start: 0,
-                        end: 0,
-                        fin: false,
-                    }
-                });
+                return Outcome::fate(without_payload(seg));
             }
             Track::Data => {}
         }
@@ -842,6 +826,19 @@ impl L7Flow {
             client_ack: client_sent,
             server_seq,
             server_ack: server_next,
+        }
+    }
+}
+
+/// The segment as it came if it carries no payload, else the same without it.
+fn without_payload(seg: &Segment<'_>) -> Fate {
+    if seg.payload.is_empty() {
+        Fate::Forward
+    } else {
+        Fate::Trim {
+            start: 0,
+            end: 0,
+            fin: false,
         }
     }
 }
