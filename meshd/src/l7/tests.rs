@@ -148,6 +148,13 @@ fn seg(seq: SeqNumber, ack: u32, flags: Flags, payload: &[u8]) -> Segment<'_> {
     }
 }
 
+/// The segment goes out without its payload (an ACK, so that the server answers it).
+const ACK_ONLY: Fate = Fate::Trim {
+    start: 0,
+    end: 0,
+    fin: false,
+};
+
 const GET: &[u8] = b"GET /api/items HTTP/1.1\r\nHost: svc\r\n\r\n";
 const POST: &[u8] = b"POST /api/items HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello";
 
@@ -493,14 +500,7 @@ fn fin_after_request_is_delivered_once_in_order() {
     // FIN received before the data it follows.
     let mut net = Net::new();
     let o = net.send_flags(GET.len(), b"", Flags::ACK | Flags::FIN);
-    assert_eq!(
-        o.fate,
-        Fate::Trim {
-            start: 0,
-            end: 0,
-            fin: false
-        }
-    );
+    assert_eq!(o.fate, ACK_ONLY);
     assert!(!net.server_fin);
     let o = net.send(0, GET);
     assert_eq!(
@@ -564,14 +564,7 @@ fn a_reset_with_payload_goes_out_without_it() {
     let mut net = Net::new();
     net.send(0, &GET[..10]);
     let o = net.send_flags(10, b"GET /admin HTTP/1.1\r\n\r\n", Flags::RST | Flags::ACK);
-    assert_eq!(
-        o.fate,
-        Fate::Trim {
-            start: 0,
-            end: 0,
-            fin: false
-        }
-    );
+    assert_eq!(o.fate, ACK_ONLY);
     assert!(net.server.is_empty());
     assert!(net.flow.is_closed());
     // Without payload it goes as it came.
@@ -684,14 +677,7 @@ fn syn_data_is_not_taken() {
     let o = flow.on_client_segment(&s, Timestamp::default(), |_| {
         panic!("no decision on SYN data")
     });
-    assert_eq!(
-        o.fate,
-        Fate::Trim {
-            start: 0,
-            end: 0,
-            fin: false
-        }
-    );
+    assert_eq!(o.fate, ACK_ONLY);
 }
 
 #[test]
@@ -699,14 +685,7 @@ fn pure_acks_pass_even_while_holding() {
     let mut net = Net::new();
     net.send(0, &GET[..10]);
     let o = net.send(10, b"");
-    assert_eq!(
-        o.fate,
-        Fate::Trim {
-            start: 0,
-            end: 0,
-            fin: false
-        }
-    );
+    assert_eq!(o.fate, ACK_ONLY);
     assert!(net.server.is_empty());
 }
 
@@ -735,14 +714,7 @@ fn close_sequence_passes() {
     assert_eq!(net.flow.tcp().state(), crate::flow::TcpState::Closing);
     // The client's last ACK, one past its FIN.
     let o = net.send_flags(GET.len() + 1, b"", Flags::ACK);
-    assert!(matches!(
-        o.fate,
-        Fate::Trim {
-            start: 0,
-            end: 0,
-            fin: false
-        } | Fate::Forward
-    ));
+    assert!(matches!(o.fate, ACK_ONLY | Fate::Forward));
     // A retransmitted FIN goes out again so that the server ACKs it.
     let o = net.send_flags(GET.len(), b"", Flags::ACK | Flags::FIN);
     assert_eq!(
