@@ -142,6 +142,12 @@ impl CpuLatency {
     }
 }
 
+/// Whether the kernel's device can be opened for a request (`meshd check-config`).
+/// Opening without writing requests nothing: the kernel's default.
+pub fn probe() -> std::io::Result<()> {
+    OpenOptions::new().write(true).open(DEVICE).map(drop)
+}
+
 /// Opens `device` and writes the request: a 32-bit integer in native byte order
 /// (the device takes four bytes as binary, anything else as a hex string).
 fn open_request(device: &Path, us: u32) -> std::io::Result<File> {

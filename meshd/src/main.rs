@@ -69,11 +69,10 @@ fn check(config: Config) -> ExitCode {
                 l.peers.len()
             );
             if let Some(us) = l.config.node.cpu_latency_us {
-                // Opening without writing requests nothing (the kernel's default).
-                let device = meshd::cpu_latency::DEVICE;
-                if let Err(e) = std::fs::OpenOptions::new().write(true).open(device) {
+                if let Err(e) = meshd::cpu_latency::probe() {
                     println!(
-                        "warning: node.cpu_latency_us = {us}: cannot open {device} ({e}); meshd would run without the request"
+                        "warning: node.cpu_latency_us = {us}: cannot open {} ({e}); meshd would run without the request",
+                        meshd::cpu_latency::DEVICE
                     );
                 }
             }
