@@ -385,7 +385,11 @@ pub struct Daemon {
     pub ready: AtomicBool,
     pub(crate) config: Config,
     pub(crate) ca: Ca,
-    own: VerifiedCert,
+    /// The node's certificate in force: replaced when `node.cert` is renewed
+    /// ([`Daemon::check_node_files`]).
+    pub(crate) own: ArcSwap<VerifiedCert>,
+    /// The bytes of `node.cert` and `node.key` when last looked at (timer thread).
+    pub(crate) node_files: Mutex<Option<(Vec<u8>, Vec<u8>)>>,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) next_index: AtomicU32,
     /// Routes come from the peers' addresses (no `routes` in the config and no CA
@@ -504,7 +508,8 @@ impl Daemon {
             ready: AtomicBool::new(false),
             config,
             ca,
-            own: cert,
+            own: ArcSwap::from_pointee(cert),
+            node_files: Mutex::new(None),
             registry: Mutex::new(Registry {
                 entries: peers,
                 config_peers,
@@ -552,13 +557,14 @@ impl Daemon {
                 }
             })
             .collect();
+        let own = self.own.load();
         Status {
             ready: self.ready.load(Ordering::SeqCst),
-            identity: self.own.identity().to_string(),
-            public_key: PublicKey::from(*self.own.public_key()).to_base64(),
+            identity: own.identity().to_string(),
+            public_key: PublicKey::from(*own.public_key()).to_base64(),
             listen: self.udp.local_addr(),
             tun: self.tun.name().to_string(),
-            addresses: self.own.addresses().to_vec(),
+            addresses: own.addresses().to_vec(),
             peers,
             drops: NodeDrops {
                 tun_write: self.tun.write_failures(),
@@ -588,7 +594,7 @@ impl Daemon {
             };
             let identity = w.cert.identity();
             let renew = if w.origin == Origin::Node {
-                "issue a new certificate (meshctl cert issue), restart meshd with it and give it to the peers (meshctl peer add)"
+                "issue a new certificate (meshctl cert issue, with --pub of the node's key), write it over node.cert (meshd takes it within seconds) and give it to the peers (meshctl peer add)"
             } else {
                 "issue a new certificate (meshctl cert issue), add the workload again (meshctl workload add) and give it to the peers (meshctl peer add)"
             };
@@ -685,8 +691,9 @@ impl Daemon {
     /// this node unless the request names one.
     pub fn explain(&self, mut spec: RequestSpec) -> serde_json::Value {
         if spec.workload.is_none() {
-            spec.workload = Some(self.own.identity().to_string());
-            spec.workload_groups = self.own.groups().to_vec();
+            let own = self.own.load();
+            spec.workload = Some(own.identity().to_string());
+            spec.workload_groups = own.groups().to_vec();
         }
         let e = self.enforce.with_policy(|p| policy::explain(p, &spec));
         serde_json::to_value(e).unwrap_or_default()
@@ -725,7 +732,7 @@ impl Daemon {
         self.ca
             .verify(&cert, now)
             .map_err(|e| format!("peer_add: {}: {e}", cert.identity()))?;
-        check_peer(&self.ca, &self.own, &cert, now)
+        check_peer(&self.ca, &self.own.load(), &cert, now)
             .map_err(|e| format!("peer_add: {}: {e}", cert.identity()))?;
         let entry = PeerEntry {
             spec: peer_spec(&cert),
@@ -791,7 +798,7 @@ impl Daemon {
         self.next_index.fetch_max(max, Ordering::Relaxed);
         self.table.store(Arc::new(table));
         if self.dynamic_routes {
-            let want = peer_route_set(&entries, self.own.addresses());
+            let want = peer_route_set(&entries, self.own.load().addresses());
             for r in want.difference(&reg.peer_routes) {
                 if let Err(e) = self.tun.add_route(*r) {
                     tracing::error!("{e}");
@@ -878,8 +885,8 @@ fn configured_endpoints(entries: &[PeerEntry]) -> HashMap<&SpiffeId, Option<Sock
 }
 
 /// Builds a table of one session per (local workload, peer), keeping the session (and
-/// counters) of every pair whose local workload and peer certificate facts are
-/// unchanged, so a change elsewhere does not interrupt traffic.
+/// counters) of every pair whose two static keys are unchanged, so a change elsewhere,
+/// or a certificate renewed for the same key, does not interrupt traffic.
 pub fn build_table(
     locals: &[Arc<Local>],
     entries: &[PeerEntry],
@@ -891,15 +898,22 @@ pub fn build_table(
     for (ei, e) in entries.iter().enumerate() {
         for (li, local) in locals.iter().enumerate() {
             match old.by_keys(&local.spec.public_key, &e.spec.public_key) {
-                Some(p) if p.spec == e.spec && Arc::ptr_eq(&p.local, local) => {
+                Some(p) => {
+                    let kept = if p.spec == e.spec && Arc::ptr_eq(&p.local, local) {
+                        p.clone()
+                    } else {
+                        // The same two keys under a renewed certificate (either
+                        // side's): the session carries on, in its slot.
+                        Arc::new(Peer::succeed(p, local, e.spec.clone()))
+                    };
                     if let Some(ep) = e.endpoint {
-                        if p.endpoint().is_none() {
-                            p.set_endpoint(Some(ep));
+                        if kept.endpoint().is_none() {
+                            kept.set_endpoint(Some(ep));
                         }
                     }
-                    peers.push(p.clone())
+                    peers.push(kept)
                 }
-                _ => {
+                None => {
                     fresh.push((peers.len(), ei, li));
                     peers.push(Arc::new(Peer::new(local, e.spec.clone(), 0, e.endpoint)));
                 }
@@ -970,5 +984,66 @@ mod tests {
         assert!(Arc::ptr_eq(&t1.peers()[0], &t2.peers()[0]));
         assert_ne!(t2.peers()[0].index, t2.peers()[1].index);
         assert!(t2.route("100.64.0.3".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn rebuild_after_renewal_keeps_the_session_for_the_same_keys_only() {
+        let ca = TestCa::new("t");
+        let entry = |cert: &Certificate| PeerEntry {
+            spec: peer_spec(cert),
+            cert: cert.clone(),
+            endpoint: None,
+            source: Source::Runtime,
+        };
+        // A certificate for the same key as `cert`, ending a day later.
+        let renew = |cert: &Certificate, groups: &[&str]| {
+            let params = mesh_proto::cert::LeafParams {
+                identity: cert.identity().clone(),
+                addresses: cert.addresses().to_vec(),
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                public_key: mesh_proto::key::PublicKey::from(*cert.public_key()),
+                validity_secs: cert.not_after().0 - cert.not_before().0 + 86_400,
+            };
+            ca.signer().issue(params, cert.not_before()).unwrap()
+        };
+        let (a, ka) = ca.leaf("spiffe://t/a", &["100.64.0.1/32"]);
+        let (b, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        let local = |cert: &Certificate, key: &PrivateKey| {
+            vec![Arc::new(Local::new(peer_spec(cert), *key.as_bytes()))]
+        };
+        let t1 = build_table(&local(&a, &ka), &[entry(&b)], &PeerTable::default(), 1).unwrap();
+        let old = t1.peers()[0].clone();
+        old.set_endpoint(Some("198.18.0.2:51820".parse().unwrap()));
+
+        // The peer's certificate renewed for its key: a successor in the same slot,
+        // on the same session state, with the new facts.
+        let b2 = renew(&b, &["db"]);
+        let t2 = build_table(&local(&a, &ka), &[entry(&b2)], &t1, 7).unwrap();
+        let p2 = &t2.peers()[0];
+        assert!(!Arc::ptr_eq(&old, p2));
+        assert_eq!(p2.index, old.index);
+        assert_eq!(p2.spec.not_after, b2.not_after());
+        assert_eq!(p2.sender.groups.as_ref(), ["db".to_string()]);
+        assert_eq!(p2.endpoint(), old.endpoint());
+        old.set_endpoint(Some("198.18.0.9:51820".parse().unwrap()));
+        assert_eq!(p2.endpoint(), old.endpoint(), "state not shared");
+
+        // The node's own certificate renewed for its key: likewise.
+        let a2 = renew(&a, &["web"]);
+        let t3 = build_table(&local(&a2, &ka), &[entry(&b2)], &t2, 7).unwrap();
+        let p3 = &t3.peers()[0];
+        assert_eq!(p3.index, old.index);
+        assert_eq!(p3.local.spec.not_after, a2.not_after());
+        assert_eq!(p3.endpoint(), old.endpoint());
+
+        // A new key on either side is a new session in a new slot.
+        let (b3, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        let t4 = build_table(&local(&a2, &ka), &[entry(&b3)], &t3, 7).unwrap();
+        assert_ne!(t4.peers()[0].index, old.index);
+        assert_eq!(t4.peers()[0].endpoint(), None);
+        let (a3, ka3) = ca.leaf("spiffe://t/a", &["100.64.0.1/32"]);
+        let t5 = build_table(&local(&a3, &ka3), &[entry(&b2)], &t3, 7).unwrap();
+        assert_ne!(t5.peers()[0].index, old.index);
+        assert_eq!(t5.peers()[0].endpoint(), None);
     }
 }

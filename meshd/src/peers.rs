@@ -230,7 +230,10 @@ pub struct Peer {
     /// The identity and groups policy sees for this peer's packets.
     pub sender: Sender,
     pub index: u32,
-    state: Mutex<PeerState>,
+    /// Shared with the peer's successor when a certificate is renewed for the same
+    /// keys ([`Peer::succeed`]), so a packet still on its way through the old table
+    /// works on the same session as the new table's.
+    state: Arc<Mutex<PeerState>>,
     rx_bytes: AtomicU64,
     tx_bytes: AtomicU64,
     spoofed_source: AtomicU64,
@@ -276,16 +279,38 @@ impl Peer {
             local: local.clone(),
             spec,
             index,
-            state: Mutex::new(PeerState {
+            state: Arc::new(Mutex::new(PeerState {
                 tunn: None,
                 endpoint,
-            }),
+            })),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
             spoofed_source: AtomicU64::new(0),
             latest_handshake: AtomicU64::new(0),
             refused_logged: AtomicBool::new(false),
         }
+    }
+
+    /// The same session under renewed certificate facts: `local` or `spec` differs
+    /// from `old`'s but neither static key does, so the WireGuard state (its keys and
+    /// its receiver index), the endpoint and the counters carry over, and traffic
+    /// goes on without a handshake. Policy sees the new facts from the first packet
+    /// that finds the new table; an expiry already logged for the old certificate is
+    /// forgotten.
+    pub fn succeed(old: &Peer, local: &Arc<Local>, spec: PeerSpec) -> Peer {
+        debug_assert_eq!(old.local.spec.public_key, local.spec.public_key);
+        debug_assert_eq!(old.spec.public_key, spec.public_key);
+        let mut p = Peer::new(local, spec, old.index, None);
+        p.state = old.state.clone();
+        for (to, from) in [
+            (&p.rx_bytes, &old.rx_bytes),
+            (&p.tx_bytes, &old.tx_bytes),
+            (&p.spoofed_source, &old.spoofed_source),
+            (&p.latest_handshake, &old.latest_handshake),
+        ] {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        p
     }
 
     /// The session state in `st` (this peer's, locked), made now if this is its

@@ -372,6 +372,103 @@ impl Daemon {
         self.static_routes.iter().any(|r| r.contains(net))
     }
 
+    /// Looks at `node.cert` and `node.key` (from the timer, every second) and, once
+    /// their bytes change, takes a renewed certificate for the node
+    /// ([`Daemon::renew_node`]), logging what happened once per change: a refused
+    /// one leaves the certificate in force as it was.
+    pub fn check_node_files(&self, now: UnixTime) {
+        let n = &self.config.node;
+        let seen = (
+            std::fs::read(&n.cert).unwrap_or_default(),
+            std::fs::read(&n.key).unwrap_or_default(),
+        );
+        {
+            let mut last = self.node_files.lock().unwrap_or_else(|p| p.into_inner());
+            if last.as_ref() == Some(&seen) {
+                return;
+            }
+            *last = Some(seen);
+        }
+        let before = self.own.load_full();
+        match self.renew_node(now) {
+            Ok(None) => {}
+            Ok(Some(renewed)) => {
+                tracing::info!(
+                    identity = %renewed.identity(),
+                    "node certificate renewed from {}: valid until {} (was {})",
+                    n.cert.display(),
+                    renewed.not_after(),
+                    before.not_after()
+                );
+                if renewed.public_key() != before.public_key() {
+                    tracing::warn!(
+                        "the renewed node certificate has a new key: sessions start over, and each peer reaches this node only once it holds this certificate (meshctl peer add)"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(
+                "node certificate not renewed from {}: {e}; the one in force stays (valid until {})",
+                n.cert.display(),
+                before.not_after()
+            ),
+        }
+    }
+
+    /// Reads the node's certificate and key again and, when they are a renewal of
+    /// the certificate in force (the same identity and addresses; a new validity,
+    /// groups or key), puts them in force: sessions under an unchanged key carry on
+    /// ([`crate::peers::Peer::succeed`]), and policy sees the new facts. `None`: the
+    /// files hold the certificate already in force.
+    pub(crate) fn renew_node(&self, now: UnixTime) -> Result<Option<Arc<VerifiedCert>>, String> {
+        let mut reg = self.lock_registry();
+        let spec = reg.workloads[0].spec.clone();
+        debug_assert!(is_node(&spec.name));
+        let (cert, key) = read(&self.ca, &spec, now)?;
+        let own = self.own.load_full();
+        if cert == **own {
+            return Ok(None);
+        }
+        if cert.identity() != own.identity() {
+            return Err(format!(
+                "it names {}, not this node's {}: a node changes identity only by a restart",
+                cert.identity(),
+                own.identity()
+            ));
+        }
+        if cert.addresses() != own.addresses() {
+            return Err(format!(
+                "its addresses ({}) are not the node's ({}): addresses change only by a restart",
+                list(cert.addresses()),
+                list(own.addresses())
+            ));
+        }
+        if let Some(p) = reg
+            .entries
+            .iter()
+            .find(|e| e.spec.public_key == *cert.public_key())
+        {
+            return Err(format!("its key is peer {}'s", p.spec.identity));
+        }
+        let verified = Arc::new(
+            self.ca
+                .verify(&cert, now)
+                .map_err(|e| format!("{}: {e}", spec.cert.display()))?,
+        );
+        let mut workloads = reg.workloads.clone();
+        workloads[0] = Workload {
+            local: Arc::new(Local::new(peer_spec(&cert), *key.as_bytes())),
+            cert,
+            spec,
+            origin: Origin::Node,
+        };
+        let locals: Vec<Arc<Local>> = workloads.iter().map(|x| x.local.clone()).collect();
+        let table = self.table_for(&reg, &locals)?;
+        self.install(table);
+        reg.workloads = workloads;
+        self.own.store(verified.clone());
+        Ok(Some(verified))
+    }
+
     /// Validates and adds (or replaces) a local workload; attached, then persisted,
     /// then in force. Nothing changes if a step fails.
     pub fn workload_add(&self, spec: WorkloadSpec, now: UnixTime) -> Result<WorkloadInfo, String> {
@@ -482,6 +579,12 @@ impl Daemon {
         self.next_index.fetch_max(max, Ordering::Relaxed);
         self.table.store(Arc::new(table));
     }
+}
+
+/// Addresses for a message: `100.64.0.1/32, fd00::1/128`.
+fn list(addresses: &[IpNet]) -> String {
+    let all: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+    all.join(", ")
 }
 
 /// Name, veth and addresses of every workload behind a veth.

@@ -119,6 +119,8 @@ fn ip(s: &str) -> IpAddr {
 struct Pair {
     a: Host,
     b: Host,
+    /// A's static key.
+    ka: PrivateKey,
 }
 
 fn pair() -> Pair {
@@ -134,7 +136,7 @@ fn pair() -> Pair {
     );
     // B does not know A's endpoint: it learns it from the authenticated handshake.
     let b = host(sb, &kb, "198.18.0.2:51820", vec![(sa, None)]);
-    Pair { a, b }
+    Pair { a, b, ka }
 }
 
 #[test]
@@ -555,6 +557,56 @@ fn restarted_responder_recovers_without_waiting_for_timers() {
     send_from_tun(&a, &p(b"after"), &mut link);
     run(&mut [&mut a, &mut b], &mut link);
     assert_eq!(b.delivered.last(), Some(&p(b"after")));
+}
+
+#[test]
+fn renewed_certificates_for_the_same_keys_keep_the_session() {
+    let Pair { mut a, mut b, ka } = pair();
+    let mut link = Link::new();
+    let p = |s: &[u8]| build::udp(ip("100.64.0.1"), ip("100.64.0.2"), s);
+    send_from_tun(&a, &p(b"before"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(b.delivered, vec![p(b"before")]);
+    let later = |s: &PeerSpec, group: &str| PeerSpec {
+        not_after: s.not_after.saturating_add(86_400),
+        groups: vec![group.into()],
+        ..s.clone()
+    };
+    // A renews its own certificate (a new local, the same key); B takes A's renewed
+    // certificate as its peer's.
+    let old_a = a.table.peers()[0].clone();
+    let renewed = Arc::new(Local::new(later(&a.local.spec, "web"), *ka.as_bytes()));
+    let succeeded = Arc::new(Peer::succeed(&old_a, &renewed, old_a.spec.clone()));
+    a.table = PeerTable::with_locals(vec![renewed.clone()], vec![succeeded]).unwrap();
+    a.local = renewed;
+    let old_b = b.table.peers()[0].clone();
+    let spec_a = later(&old_b.spec, "web");
+    let succeeded = Arc::new(Peer::succeed(&old_b, &b.local, spec_a));
+    b.table = PeerTable::with_locals(vec![b.local.clone()], vec![succeeded]).unwrap();
+
+    // The next packet goes on the same session: no handshake, nothing lost.
+    send_from_tun(&a, &p(b"after"), &mut link);
+    assert_eq!(link.len(), 1);
+    assert_ne!(
+        link[0].2[0], 1,
+        "a handshake initiation: the session did not carry over"
+    );
+    assert_eq!(run(&mut [&mut a, &mut b], &mut link), vec![]);
+    assert_eq!(b.delivered, vec![p(b"before"), p(b"after")]);
+    let back = build::udp(ip("100.64.0.2"), ip("100.64.0.1"), b"back");
+    send_from_tun(&b, &back, &mut link);
+    assert_eq!(run(&mut [&mut a, &mut b], &mut link), vec![]);
+    assert_eq!(a.delivered, vec![back.clone()]);
+    // The new facts are the ones in force; slot, endpoint and counters carry over.
+    let (pa, pb) = (&a.table.peers()[0], &b.table.peers()[0]);
+    assert_eq!(pa.local.workload.groups.as_ref(), ["web".to_string()]);
+    assert_eq!(pb.sender.groups.as_ref(), ["web".to_string()]);
+    assert_eq!((pa.index, pb.index), (old_a.index, old_b.index));
+    let s = pb.stats();
+    assert_eq!(s.endpoint, Some("198.18.0.1:51820".parse().unwrap()));
+    assert_eq!(s.latest_handshake, Some(NOW));
+    assert_eq!(s.rx_bytes, (p(b"before").len() + p(b"after").len()) as u64);
+    assert_eq!(s.tx_bytes, back.len() as u64);
 }
 
 #[test]
