@@ -388,8 +388,10 @@ pub struct Daemon {
     /// The node's certificate in force: replaced when `node.cert` is renewed
     /// ([`Daemon::check_node_files`]).
     pub(crate) own: ArcSwap<VerifiedCert>,
-    /// The bytes of `node.cert` and `node.key` when last looked at (timer thread).
-    pub(crate) node_files: Mutex<Option<(Vec<u8>, Vec<u8>)>>,
+    /// A keyed digest of `node.cert` and `node.key` as last looked at (timer thread),
+    /// to notice a change without keeping a copy of the key.
+    pub(crate) node_files: Mutex<Option<u64>>,
+    pub(crate) node_files_hasher: std::hash::RandomState,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) next_index: AtomicU32,
     /// Routes come from the peers' addresses (no `routes` in the config and no CA
@@ -510,6 +512,7 @@ impl Daemon {
             ca,
             own: ArcSwap::from_pointee(cert),
             node_files: Mutex::new(None),
+            node_files_hasher: std::hash::RandomState::new(),
             registry: Mutex::new(Registry {
                 entries: peers,
                 config_peers,

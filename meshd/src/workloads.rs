@@ -377,11 +377,12 @@ impl Daemon {
     /// ([`Daemon::renew_node`]), logging what happened once per change: a refused
     /// one leaves the certificate in force as it was.
     pub fn check_node_files(&self, now: UnixTime) {
+        use std::hash::BuildHasher;
         let n = &self.config.node;
-        let seen = (
+        let seen = self.node_files_hasher.hash_one((
             std::fs::read(&n.cert).unwrap_or_default(),
             std::fs::read(&n.key).unwrap_or_default(),
-        );
+        ));
         {
             let mut last = self.node_files.lock().unwrap_or_else(|p| p.into_inner());
             if last.as_ref() == Some(&seen) {

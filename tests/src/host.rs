@@ -11,11 +11,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
 use crate::bins::Bins;
-use crate::ca::TestCa;
+use crate::ca::{TestCa, Validity};
 use crate::mesh::{lock, COMMAND_TIMEOUT, MESH_PORT, OVERLAY_V4, OVERLAY_V6, READY_TIMEOUT};
 use crate::netns::Netns;
 use crate::process::{last_lines, run_with_limit, Background, Output};
 use crate::wait;
+use mesh_proto::time::UnixTime;
 
 impl Host {
     /// Writes meshd.toml (format of the brief) with `peers`, extra keys of `[node]`
@@ -77,6 +78,18 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     #[serde(default)]
     pub drops: BTreeMap<String, u64>,
+    /// The local workloads, the node's own (`node`) first.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadStatus>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct WorkloadStatus {
+    pub name: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// End of its certificate's validity (Unix seconds).
+    pub not_after: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -94,11 +107,19 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     #[serde(default)]
     pub drops: BTreeMap<String, u64>,
+    /// End of the peer's certificate's validity (Unix seconds).
+    #[serde(default)]
+    pub not_after: u64,
 }
 
 impl Status {
     pub fn peer(&self, identity: &str) -> Option<&PeerStatus> {
         self.peers.iter().find(|p| p.identity == identity)
+    }
+
+    /// The node's own workload (`node`): its certificate's facts.
+    pub fn node(&self) -> Option<&WorkloadStatus> {
+        self.workloads.iter().find(|w| w.name == "node")
     }
 
     /// Sum of the top-level drop counters.
@@ -192,6 +213,28 @@ impl Host {
 
     pub fn cert_pem(&self) -> String {
         lock(&self.0.cert_pem).clone()
+    }
+
+    /// Issues this host a new certificate for the same identity, addresses and key,
+    /// with `groups` and `validity`, and puts it in place of `host.crt` the way an
+    /// operator should (written beside it, then renamed over it), where a running
+    /// meshd takes it from. [`Host::cert_pem`] is the new one from then on. Returns
+    /// the new certificate's end.
+    pub fn renew_cert(&self, groups: &[&str], validity: Validity) -> Result<UnixTime> {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let issued = self.0.ca.issue(
+            &self.0.identity,
+            &[self.0.overlay_v4, self.0.overlay_v6],
+            &groups,
+            Some(&self.public_key()),
+            validity,
+        )?;
+        let next = self.0.dir.join("host.crt.new");
+        std::fs::write(&next, &issued.cert_pem)?;
+        std::fs::rename(&next, self.cert_path())
+            .with_context(|| format!("rename over {}", self.cert_path().display()))?;
+        *lock(&self.0.cert_pem) = issued.cert_pem;
+        Ok(issued.cert.not_after())
     }
 
     /// Its x25519 public key, base64.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use mesh_tests::Host;
+use mesh_tests::{wait, Host};
 
 mesh_tests::isolate!();
 
@@ -620,5 +620,78 @@ from = [{ identities = ["spiffe://t/b"] }]
         ("reason", "explicit_deny"),
         ("policy", "quarantine"),
     ])?;
+    Ok(())
+}
+
+#[test]
+fn renewed_certificates_take_effect_on_the_running_session() -> mesh_tests::Result {
+    use mesh_tests::ca::Validity;
+    let mut mesh = mesh_tests::mesh!();
+    let policy = r#"
+[[policy]]
+name = "ops-in"
+action = "allow"
+[[policy.rule]]
+from = [{ groups = ["ops"] }]
+to = [{ ports = [8080] }]
+"#;
+    let c = mesh.host("c").policy("deny", policy).up()?;
+    let a = mesh.host("a").up()?;
+    serve(&c, HTTP)?;
+    // A session between them; a's certificate names no group, so c refuses it.
+    c.ping(a.overlay_v4())?;
+    assert_http_blocked(&a, c.overlay_v4(), HTTP)?;
+    let before = a.status()?.node().context("no node workload")?.not_after;
+
+    // a's certificate renewed for its key, now in group ops and ending two days on:
+    // a takes it from its file, c with `peer add`. No new handshake on the way.
+    let handshakes = mesh.capture_underlay("udp")?;
+    let end = a.renew_cert(&["ops"], Validity::EndsIn(2 * 86_400))?;
+    assert!(end.0 != before, "the renewal did not change the end");
+    c.peer_add(&a)?;
+    wait::until(
+        "a and c to hold the renewed certificate",
+        Duration::from_secs(10),
+        || {
+            let on_a = a.status()?.node().map(|n| n.not_after) == Some(end.0);
+            let on_c = c.status()?.peer(a.identity()).map(|p| p.not_after) == Some(end.0);
+            Ok((on_a && on_c).then_some(()))
+        },
+    )
+    .with_context(|| a.log())?;
+    assert_http_ok(&a, &c, HTTP)?;
+    let node = a.status()?.node().cloned().context("no node workload")?;
+    assert!(node.groups == ["ops"], "{node:?}");
+    assert!(
+        a.log().contains("node certificate renewed"),
+        "no log line:\n{}",
+        a.log()
+    );
+    // WireGuard handshake initiations: message type 1, the first byte after the UDP header.
+    let initiations = handshakes.finish_packets("udp[8] = 1")?;
+    assert!(initiations.is_empty(), "new handshakes: {initiations:?}");
+
+    // A certificate for another identity written over a's: refused, logged, and the
+    // renewed one stays in force.
+    let other = mesh.ca().issue(
+        "spiffe://t/z",
+        &[a.overlay_v4(), a.overlay_v6()],
+        &[],
+        Some(&a.public_key()),
+        Validity::Current,
+    )?;
+    std::fs::write(a.cert_path(), &other.cert_pem)?;
+    let line = wait::until("the refusal in a's log", Duration::from_secs(10), || {
+        Ok(a.log()
+            .lines()
+            .find(|l| l.contains("node certificate not renewed"))
+            .map(str::to_string))
+    })?;
+    assert!(
+        line.contains("names spiffe://t/z, not this node's spiffe://t/a"),
+        "{line}"
+    );
+    assert!(a.status()?.node().map(|n| n.not_after) == Some(end.0));
+    assert_http_ok(&a, &c, HTTP)?;
     Ok(())
 }
