@@ -691,6 +691,22 @@ to = [{ ports = [8080] }]
         line.contains("names spiffe://t/z, not this node's spiffe://t/a"),
         "{line}"
     );
+    // So is one with other addresses.
+    let moved = mesh.ca().issue(
+        "spiffe://t/a",
+        &[a.overlay_v4()],
+        &["ops".to_string()],
+        Some(&a.public_key()),
+        Validity::Current,
+    )?;
+    std::fs::write(a.cert_path(), &moved.cert_pem)?;
+    let line = wait::until("the second refusal", Duration::from_secs(10), || {
+        Ok(a.log()
+            .lines()
+            .find(|l| l.contains("node certificate not renewed") && l.contains("addresses"))
+            .map(str::to_string))
+    })?;
+    assert!(line.contains("change only by a restart"), "{line}");
     assert!(a.status()?.node().map(|n| n.not_after) == Some(end.0));
     assert_http_ok(&a, &c, HTTP)?;
     Ok(())
