@@ -21,8 +21,7 @@ use mesh_proto::control::{
 use mesh_proto::time::UnixTime;
 
 use crate::daemon::Daemon;
-use crate::datapath::{send_emitted, unix_now};
-use crate::enforce::Emit;
+use crate::datapath::unix_now;
 use crate::transport::wait_readable;
 use crate::workloads::WorkloadSpec;
 use mesh_proto::policy::RequestSpec;
@@ -297,14 +296,7 @@ impl Api for Daemon {
         now: UnixTime,
     ) -> Result<serde_json::Value, String> {
         let (result, cuts) = Daemon::policy_apply(self, source, name, now)?;
-        if !cuts.is_empty() {
-            let mut emit = Emit::default();
-            for cut in &cuts {
-                cut.resets(&mut emit);
-            }
-            let mut buf = vec![0u8; 2048];
-            send_emitted(self, &emit, &mut buf);
-        }
+        self.cut_flows(&cuts);
         Ok(result)
     }
     fn policy_get(&self) -> serde_json::Value {

@@ -657,6 +657,46 @@ impl Daemon {
         self.epoch.elapsed()
     }
 
+    /// Resets both ends of each cut TCP flow (the enforcer removed them already).
+    pub fn cut_flows(&self, cuts: &[enforce::Cut]) {
+        if cuts.is_empty() {
+            return;
+        }
+        let mut emit = enforce::Emit::default();
+        for cut in cuts {
+            cut.resets(&mut emit);
+        }
+        let mut buf = vec![0u8; 2048];
+        crate::datapath::send_emitted(self, &emit, &mut buf);
+    }
+
+    /// After the peer table changed: flows opened under groups that a renewed
+    /// certificate (kept session) no longer names are decided again under the policy
+    /// in force, and those it now forbids are cut, as after a policy change.
+    pub(crate) fn refresh_flow_groups(&self) {
+        let table = self.table.load();
+        let mut groups: HashMap<&str, Arc<[String]>> = HashMap::new();
+        for p in table.peers() {
+            groups.insert(&p.sender.identity, p.sender.groups.clone());
+        }
+        for l in table.locals() {
+            if let Some(id) = &l.workload.identity {
+                groups.insert(id, l.workload.groups.clone());
+            }
+        }
+        let now = crate::datapath::unix_now();
+        let cuts = self
+            .enforce
+            .refresh_groups(|id| groups.get(id).cloned(), self.mono(), now);
+        if !cuts.is_empty() {
+            tracing::info!(
+                cut = cuts.len(),
+                "flows cut: renewed certificates name other groups, and the policy in force no longer allows them"
+            );
+            self.cut_flows(&cuts);
+        }
+    }
+
     pub fn policy_get(&self) -> serde_json::Value {
         let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
         let mut v = serde_json::to_value(&*applied).unwrap_or_default();
@@ -800,6 +840,7 @@ impl Daemon {
         let max = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         self.next_index.fetch_max(max, Ordering::Relaxed);
         self.table.store(Arc::new(table));
+        self.refresh_flow_groups();
         if self.dynamic_routes {
             let want = peer_route_set(&entries, self.own.load().addresses());
             for r in want.difference(&reg.peer_routes) {

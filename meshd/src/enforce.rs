@@ -629,12 +629,61 @@ impl Enforcer {
     pub fn set_policy(&self, policy: CompiledPolicy, now: Duration, wall: UnixTime) -> Vec<Cut> {
         let gen = self.active.load().gen + 1;
         self.active.store(Arc::new(Active::new(policy, gen)));
+        self.redecide(now, wall, |_| true)
+    }
+
+    /// Re-decides, under the policy in force, every flow a peer opened whose sender
+    /// or receiver now has other groups (a certificate renewed for the same key keeps
+    /// its session, and its flows): `groups_of` gives an identity's groups now, `None`
+    /// for an identity it does not know (left as it was). Returns the flows now
+    /// forbidden (removed from the table), for the shell to reset, as
+    /// [`Enforcer::set_policy`] does.
+    pub fn refresh_groups(
+        &self,
+        groups_of: impl Fn(&str) -> Option<Arc<[String]>>,
+        now: Duration,
+        wall: UnixTime,
+    ) -> Vec<Cut> {
+        let renew = |identity: &str, groups: &mut Arc<[String]>| match groups_of(identity) {
+            Some(g) if g != *groups => {
+                *groups = g;
+                true
+            }
+            _ => false,
+        };
+        self.redecide(now, wall, |flow| {
+            let sender = match &mut flow.sender {
+                Some(s) => renew(&s.identity, &mut s.groups),
+                None => false,
+            };
+            let receiver = match &mut flow.receiver {
+                Some(LocalWorkload {
+                    identity: Some(id),
+                    groups,
+                }) => renew(id, groups),
+                _ => false,
+            };
+            sender || receiver
+        })
+    }
+
+    /// Decides again each flow a peer opened that `pick` selects (and may update),
+    /// under the policy in force; removes and returns those it now forbids.
+    fn redecide(
+        &self,
+        now: Duration,
+        wall: UnixTime,
+        mut pick: impl FnMut(&mut FlowState) -> bool,
+    ) -> Vec<Cut> {
         let active = self.active.load();
         let mut cuts = Vec::new();
         let mut denied = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             shard.retain(|key, flow| {
+                if !pick(&mut flow.value) {
+                    return true;
+                }
                 let (Some(sender), Some(receiver)) =
                     (flow.value.sender.clone(), flow.value.receiver.clone())
                 else {

@@ -633,7 +633,7 @@ name = "ops-in"
 action = "allow"
 [[policy.rule]]
 from = [{ groups = ["ops"] }]
-to = [{ ports = [8080] }]
+to = [{ ports = [8080, 9000] }]
 "#;
     let c = mesh.host("c").policy("deny", policy).up()?;
     let a = mesh.host("a").up()?;
@@ -709,5 +709,18 @@ to = [{ ports = [8080] }]
     assert!(line.contains("change only by a restart"), "{line}");
     assert!(a.status()?.node().map(|n| n.not_after) == Some(end.0));
     assert_http_ok(&a, &c, HTTP)?;
+
+    // Renewed once more, without ops: the connection a holds open is cut once c takes
+    // the certificate, as after a policy change, and new ones are refused.
+    c.serve_tcp_echo(ECHO)?;
+    a.hold_tcp("held", c.overlay_v4(), ECHO)?;
+    let end = a.renew_cert(&[], Validity::EndsIn(3 * 86_400))?;
+    c.peer_add(&a)?;
+    a.wait_background_output("held", "ended: reset")?;
+    assert_eq!(
+        c.status()?.peer(a.identity()).map(|p| p.not_after),
+        Some(end.0)
+    );
+    assert_http_blocked(&a, c.overlay_v4(), HTTP)?;
     Ok(())
 }

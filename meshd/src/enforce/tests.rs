@@ -281,6 +281,46 @@ fn stricter_policy_cuts_established_flow_with_sequence_numbers() {
 }
 
 #[test]
+fn renewed_groups_redecide_established_flows() {
+    const OPS_8080: &str = r#"
+[[policy]]
+name = "ops"
+action = "allow"
+[[policy.rule]]
+from = [{ groups = ["ops"] }]
+to = [{ ports = [8080] }]
+"#;
+    let (e, log) = enforcer(OPS_8080, 1024);
+    let ops = |id: &str| Sender {
+        identity: id.into(),
+        groups: vec!["ops".to_string()].into(),
+    };
+    for (port, from) in [(40000, ops(A)), (40001, ops(B))] {
+        let syn = tcp(PEER_A, LOCAL, port, 8080, "S", 100, b"");
+        let d = e.inbound(&from, &syn, t(0), WALL, &mut Emit::default());
+        assert_eq!(d, Verdict::Deliver, "{port}");
+    }
+    let groups = |a: &[&str]| -> Arc<[String]> { a.iter().map(|g| g.to_string()).collect() };
+    // Nothing changed, or an identity the caller does not know: nothing re-decided.
+    let same = e.refresh_groups(|id| (id == A).then(|| groups(&["ops"])), t(1), WALL);
+    assert!(same.is_empty());
+    assert_eq!(e.counters().flows, 2);
+    // A's certificate renewed without ops: its flow is cut, B's stays.
+    let cuts = e.refresh_groups(|id| (id == A).then(|| groups(&["web"])), t(2), WALL);
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(cuts[0].key.src_port, 40000);
+    assert_eq!(cuts[0].client_next_seq, Some(101));
+    assert_eq!(e.counters().flows, 1);
+    assert!(log.tail(1)[0].contains("spiffe://t/a"), "{:?}", log.tail(1));
+    // And given ops back, A opens flows again.
+    let syn = tcp(PEER_A, LOCAL, 40002, 8080, "S", 7, b"");
+    assert_eq!(
+        e.inbound(&ops(A), &syn, t(3), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+}
+
+#[test]
 fn looser_policy_keeps_flows_and_redecides_lazily() {
     let (e, _) = enforcer(ALLOW_A_8080, 1024);
     e.inbound(
