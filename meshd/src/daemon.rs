@@ -388,9 +388,9 @@ pub struct Daemon {
     /// The node's certificate in force: replaced when `node.cert` is renewed
     /// ([`Daemon::check_node_files`]).
     pub(crate) own: ArcSwap<VerifiedCert>,
-    /// A keyed digest of `node.cert` and `node.key` as last looked at (timer thread),
-    /// to notice a change without keeping a copy of the key.
-    pub(crate) node_files: Mutex<Option<u64>>,
+    /// When to try `node.cert` and `node.key` again (timer thread); they are told
+    /// apart by a keyed digest, so no copy of the key is kept.
+    pub(crate) node_files: Mutex<crate::workloads::NodeFileWatch>,
     pub(crate) node_files_hasher: std::hash::RandomState,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) next_index: AtomicU32,
@@ -511,7 +511,7 @@ impl Daemon {
             config,
             ca,
             own: ArcSwap::from_pointee(cert),
-            node_files: Mutex::new(None),
+            node_files: Mutex::new(Default::default()),
             node_files_hasher: std::hash::RandomState::new(),
             registry: Mutex::new(Registry {
                 entries: peers,

@@ -117,9 +117,10 @@ pub fn read(
     ca: &Ca,
     spec: &WorkloadSpec,
     now: UnixTime,
-) -> Result<(Certificate, PrivateKey), String> {
+) -> Result<(VerifiedCert, PrivateKey), String> {
     let cert = files::read_certificate(&spec.cert).map_err(|e| e.to_string())?;
-    ca.verify(&cert, now)
+    let cert = ca
+        .verify(&cert, now)
         .map_err(|e| format!("{}: {e}", spec.cert.display()))?;
     let key = files::read_private_key(&spec.key).map_err(|e| e.to_string())?;
     if key.public_key().as_bytes() != cert.public_key() {
@@ -237,7 +238,7 @@ pub(crate) fn load(
         match crate::workloads::read(ca, &spec, now) {
             Ok((c, k)) => workloads.push(Workload {
                 local: Arc::new(Local::new(peer_spec(&c), *k.as_bytes())),
-                cert: c,
+                cert: c.into_inner(),
                 spec,
                 origin,
             }),
@@ -374,8 +375,10 @@ impl Daemon {
 
     /// Looks at `node.cert` and `node.key` (from the timer, every second) and, once
     /// their bytes change, takes a renewed certificate for the node
-    /// ([`Daemon::renew_node`]), logging what happened once per change: a refused
-    /// one leaves the certificate in force as it was.
+    /// ([`Daemon::renew_node`]), logging what happened: a refused one leaves the
+    /// certificate in force as it was, and is tried again every minute while the files
+    /// stay as they are (a certificate not yet valid may be by then; see
+    /// [`NodeFileWatch`]).
     pub fn check_node_files(&self, now: UnixTime) {
         use std::hash::BuildHasher;
         let n = &self.config.node;
@@ -383,15 +386,16 @@ impl Daemon {
             std::fs::read(&n.cert).unwrap_or_default(),
             std::fs::read(&n.key).unwrap_or_default(),
         ));
-        {
-            let mut last = self.node_files.lock().unwrap_or_else(|p| p.into_inner());
-            if last.as_ref() == Some(&seen) {
-                return;
-            }
-            *last = Some(seen);
+        let mut watch = self.node_files.lock().unwrap_or_else(|p| p.into_inner());
+        if !watch.due(seen, now) {
+            return;
         }
         let before = self.own.load_full();
-        match self.renew_node(now) {
+        let result = self.renew_node(now);
+        if result.is_ok() {
+            watch.taken();
+        }
+        match result {
             Ok(None) => {}
             Ok(Some(renewed)) => {
                 tracing::info!(
@@ -407,11 +411,15 @@ impl Daemon {
                     );
                 }
             }
-            Err(e) => tracing::error!(
-                "node certificate not renewed from {}: {e}; the one in force stays (valid until {})",
-                n.cert.display(),
-                before.not_after()
-            ),
+            Err(e) => {
+                if watch.refused(&e, now) {
+                    tracing::error!(
+                        "node certificate not renewed from {}: {e}; the one in force stays (valid until {})",
+                        n.cert.display(),
+                        before.not_after()
+                    );
+                }
+            }
         }
     }
 
@@ -426,7 +434,7 @@ impl Daemon {
         debug_assert!(is_node(&spec.name));
         let (cert, key) = read(&self.ca, &spec, now)?;
         let own = self.own.load_full();
-        if cert == **own {
+        if cert == *own {
             return Ok(None);
         }
         if cert.identity() != own.identity() {
@@ -450,15 +458,11 @@ impl Daemon {
         {
             return Err(format!("its key is peer {}'s", p.spec.identity));
         }
-        let verified = Arc::new(
-            self.ca
-                .verify(&cert, now)
-                .map_err(|e| format!("{}: {e}", spec.cert.display()))?,
-        );
+        let verified = Arc::new(cert);
         let mut workloads = reg.workloads.clone();
         workloads[0] = Workload {
-            local: Arc::new(Local::new(peer_spec(&cert), *key.as_bytes())),
-            cert,
+            local: Arc::new(Local::new(peer_spec(&verified), *key.as_bytes())),
+            cert: (**verified).clone(),
             spec,
             origin: Origin::Node,
         };
@@ -478,7 +482,7 @@ impl Daemon {
         let (cert, key) = read(&self.ca, &spec, now).map_err(fail)?;
         let w = Workload {
             local: Arc::new(Local::new(peer_spec(&cert), *key.as_bytes())),
-            cert,
+            cert: cert.into_inner(),
             spec: spec.clone(),
             origin: Origin::Runtime,
         };
@@ -583,6 +587,42 @@ impl Daemon {
     }
 }
 
+/// When to try the node's certificate files: at once when their digest changes, and
+/// again a minute after a refusal of the same files. Logs a refusal only when its
+/// reason is new.
+#[derive(Debug, Default)]
+pub struct NodeFileWatch {
+    seen: Option<u64>,
+    /// The last refusal of the files as they are, and when.
+    refused: Option<(String, UnixTime)>,
+}
+
+impl NodeFileWatch {
+    const RETRY_SECS: u64 = 60;
+
+    /// Whether to try the files, whose digest is `digest`, now.
+    fn due(&mut self, digest: u64, now: UnixTime) -> bool {
+        if self.seen != Some(digest) {
+            self.seen = Some(digest);
+            self.refused = None;
+            return true;
+        }
+        matches!(&self.refused, Some((_, at)) if now.0 >= at.0.saturating_add(Self::RETRY_SECS))
+    }
+
+    /// The files were refused for `why`; whether that is news worth a log line.
+    fn refused(&mut self, why: &str, now: UnixTime) -> bool {
+        let news = self.refused.as_ref().is_none_or(|(last, _)| last != why);
+        self.refused = Some((why.to_string(), now));
+        news
+    }
+
+    /// The files hold the certificate in force (taken now, or already).
+    fn taken(&mut self) {
+        self.refused = None;
+    }
+}
+
 /// Addresses for a message: `100.64.0.1/32, fd00::1/128`.
 fn list(addresses: &[IpNet]) -> String {
     let all: Vec<String> = addresses.iter().map(ToString::to_string).collect();
@@ -680,6 +720,36 @@ mod tests {
         assert!(c.removed.is_empty());
         c.remove("c", false);
         assert_eq!(c.added.len(), 2);
+    }
+
+    #[test]
+    fn node_files_are_tried_on_change_and_a_minute_after_a_refusal() {
+        let t = UnixTime;
+        let mut w = NodeFileWatch::default();
+        // First look (at start): tried; taken (the certificate in force).
+        assert!(w.due(1, t(100)));
+        w.taken();
+        assert!(!w.due(1, t(101)));
+        assert!(!w.due(1, t(10_000)));
+        // Changed files: tried at once; refused, logged once per reason.
+        assert!(w.due(2, t(200)));
+        assert!(w.refused("not yet valid", t(200)));
+        assert!(!w.due(2, t(201)));
+        assert!(!w.due(2, t(259)));
+        assert!(w.due(2, t(260)), "a minute later, the same files again");
+        assert!(
+            !w.refused("not yet valid", t(260)),
+            "same reason, logged already"
+        );
+        assert!(!w.due(2, t(300)));
+        assert!(w.due(2, t(320)));
+        assert!(w.refused("expired", t(320)), "a new reason is news");
+        // Other files while refused: at once, and their refusal is news again.
+        assert!(w.due(3, t(321)));
+        assert!(w.refused("expired", t(321)));
+        assert!(w.due(3, t(381)));
+        w.taken();
+        assert!(!w.due(3, t(1_000)));
     }
 
     #[test]
