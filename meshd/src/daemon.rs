@@ -670,10 +670,11 @@ impl Daemon {
         crate::datapath::send_emitted(self, &emit, &mut buf);
     }
 
-    /// After the peer table changed: flows opened under groups that a renewed
-    /// certificate (kept session) no longer names are decided again under the policy
-    /// in force, and those it now forbids are cut, as after a policy change.
-    pub(crate) fn refresh_flow_groups(&self) {
+    /// After the peer table changed: flows opened by an identity no longer in it
+    /// (a removed peer or workload) are cut, and flows opened under groups that a
+    /// renewed certificate (kept session) no longer names are decided again under
+    /// the policy in force and cut if it now forbids them, as after a policy change.
+    pub(crate) fn refresh_flows(&self) {
         let table = self.table.load();
         let mut groups: HashMap<&str, Arc<[String]>> = HashMap::new();
         for p in table.peers() {
@@ -687,11 +688,11 @@ impl Daemon {
         let now = crate::datapath::unix_now();
         let cuts = self
             .enforce
-            .refresh_groups(|id| groups.get(id).cloned(), self.mono(), now);
+            .refresh_identities(|id| groups.get(id).cloned(), self.mono(), now);
         if !cuts.is_empty() {
             tracing::info!(
                 cut = cuts.len(),
-                "flows cut: renewed certificates name other groups, and the policy in force no longer allows them"
+                "flows cut: their identity left the mesh, or its renewed certificate names groups the policy in force does not allow"
             );
             self.cut_flows(&cuts);
         }
@@ -840,7 +841,7 @@ impl Daemon {
         let max = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         self.next_index.fetch_max(max, Ordering::Relaxed);
         self.table.store(Arc::new(table));
-        self.refresh_flow_groups();
+        self.refresh_flows();
         if self.dynamic_routes {
             let want = peer_route_set(&entries, self.own.load().addresses());
             for r in want.difference(&reg.peer_routes) {

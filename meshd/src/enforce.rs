@@ -237,6 +237,17 @@ pub struct FlowState {
     l7: Option<Box<L7Flow>>,
 }
 
+/// What [`Enforcer::redecide`] does with a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Redo {
+    /// Leave it (and its cached decision) as it is.
+    Keep,
+    /// Decide it again under the policy in force.
+    Decide,
+    /// Refuse it, whatever the policy says.
+    Refuse(DenyReason),
+}
+
 /// Limits of the enforcer.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -629,51 +640,57 @@ impl Enforcer {
     pub fn set_policy(&self, policy: CompiledPolicy, now: Duration, wall: UnixTime) -> Vec<Cut> {
         let gen = self.active.load().gen + 1;
         self.active.store(Arc::new(Active::new(policy, gen)));
-        self.redecide(now, wall, |_| true)
+        self.redecide(now, wall, |_| Redo::Decide)
     }
 
-    /// Re-decides, under the policy in force, every flow a peer opened whose sender
-    /// or receiver now has other groups (a certificate renewed for the same key keeps
-    /// its session, and its flows): `groups_of` gives an identity's groups now, `None`
-    /// for an identity it does not know (left as it was). Returns the flows now
-    /// forbidden (removed from the table), for the shell to reset, as
+    /// Brings the flows peers opened up to date with the identities in the mesh now:
+    /// `groups_of` gives each identity's groups, `None` for one no longer in the mesh.
+    /// A flow whose sender is gone is cut (`identity_removed`); one whose sender or
+    /// receiver now has other groups (a certificate renewed for the same key keeps its
+    /// session, and its flows) is decided again under the policy in force. Returns
+    /// the flows cut (removed from the table), for the shell to reset, as
     /// [`Enforcer::set_policy`] does.
-    pub fn refresh_groups(
+    pub fn refresh_identities(
         &self,
         groups_of: impl Fn(&str) -> Option<Arc<[String]>>,
         now: Duration,
         wall: UnixTime,
     ) -> Vec<Cut> {
-        let renew = |identity: &str, groups: &mut Arc<[String]>| match groups_of(identity) {
-            Some(g) if g != *groups => {
-                *groups = g;
-                true
-            }
-            _ => false,
+        let renew = |groups: &mut Arc<[String]>, now: Arc<[String]>| {
+            let changed = now != *groups;
+            *groups = now;
+            changed
         };
         self.redecide(now, wall, |flow| {
             let sender = match &mut flow.sender {
-                Some(s) => renew(&s.identity, &mut s.groups),
+                Some(s) => match groups_of(&s.identity) {
+                    None => return Redo::Refuse(DenyReason::IdentityRemoved),
+                    Some(g) => renew(&mut s.groups, g),
+                },
                 None => false,
             };
             let receiver = match &mut flow.receiver {
                 Some(LocalWorkload {
                     identity: Some(id),
                     groups,
-                }) => renew(id, groups),
+                }) => groups_of(id).is_some_and(|g| renew(groups, g)),
                 _ => false,
             };
-            sender || receiver
+            if sender || receiver {
+                Redo::Decide
+            } else {
+                Redo::Keep
+            }
         })
     }
 
-    /// Decides again each flow a peer opened that `pick` selects (and may update),
-    /// under the policy in force; removes and returns those it now forbids.
+    /// Decides again each flow a peer opened as `pick` says (it may update the flow's
+    /// facts first), under the policy in force; removes and returns those now refused.
     fn redecide(
         &self,
         now: Duration,
         wall: UnixTime,
-        mut pick: impl FnMut(&mut FlowState) -> bool,
+        mut pick: impl FnMut(&mut FlowState) -> Redo,
     ) -> Vec<Cut> {
         let active = self.active.load();
         let mut cuts = Vec::new();
@@ -681,7 +698,8 @@ impl Enforcer {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             shard.retain(|key, flow| {
-                if !pick(&mut flow.value) {
+                let redo = pick(&mut flow.value);
+                if redo == Redo::Keep {
                     return true;
                 }
                 let (Some(sender), Some(receiver)) =
@@ -696,7 +714,9 @@ impl Enforcer {
                     sender: &sender,
                     receiver: &receiver,
                 };
-                let decision = if flow.value.l7.is_some() {
+                let decision = if let Redo::Refuse(reason) = redo {
+                    Decision::refused(reason)
+                } else if flow.value.l7.is_some() {
                     // Decided request by request: the next head meets the new policy,
                     // unless the new policy refuses every request this source could send
                     // here; then the flow is cut now rather than left to stream the rest

@@ -583,7 +583,7 @@ impl Daemon {
         let max = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         self.next_index.fetch_max(max, Ordering::Relaxed);
         self.table.store(Arc::new(table));
-        self.refresh_flow_groups();
+        self.refresh_flows();
     }
 }
 

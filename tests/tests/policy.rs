@@ -724,3 +724,27 @@ to = [{ ports = [8080, 9000] }]
     assert_http_blocked(&a, c.overlay_v4(), HTTP)?;
     Ok(())
 }
+
+#[test]
+fn removing_a_peer_resets_the_connections_it_opened() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let c = mesh.host("c").up()?;
+    let a = mesh.host("a").up()?;
+    c.serve_tcp_echo(ECHO)?;
+    a.hold_tcp("held", c.overlay_v4(), ECHO)?;
+    // The server's end, as c's kernel sees it.
+    let established = || -> Result<usize> {
+        let filter = format!("( sport = :{ECHO} )");
+        let out = c.run("ss", &["-Htn", "state", "established", &filter])?;
+        Ok(out.stdout_str().lines().count())
+    };
+    assert_eq!(established()?, 1);
+    c.peer_remove(a.identity())?.check()?;
+    // No packet of a's can reach c any more; c resets its server's end at once rather
+    // than leave it to a keepalive, and logs why.
+    wait::until("c's end to be reset", Duration::from_secs(10), || {
+        Ok((established()? == 0).then_some(()))
+    })?;
+    c.wait_decision(&[("src", "spiffe://t/a"), ("reason", "identity_removed")])?;
+    Ok(())
+}

@@ -281,7 +281,7 @@ fn stricter_policy_cuts_established_flow_with_sequence_numbers() {
 }
 
 #[test]
-fn renewed_groups_redecide_established_flows() {
+fn renewed_groups_and_removed_identities_redecide_established_flows() {
     const OPS_8080: &str = r#"
 [[policy]]
 name = "ops"
@@ -295,29 +295,48 @@ to = [{ ports = [8080] }]
         identity: id.into(),
         groups: vec!["ops".to_string()].into(),
     };
-    for (port, from) in [(40000, ops(A)), (40001, ops(B))] {
+    let open = |port: u16, from: &Sender| {
         let syn = tcp(PEER_A, LOCAL, port, 8080, "S", 100, b"");
-        let d = e.inbound(&from, &syn, t(0), WALL, &mut Emit::default());
-        assert_eq!(d, Verdict::Deliver, "{port}");
+        e.inbound(from, &syn, t(0), WALL, &mut Emit::default())
+    };
+    assert_eq!(open(40000, &ops(A)), Verdict::Deliver);
+    assert_eq!(open(40001, &ops(B)), Verdict::Deliver);
+    fn groups(a: &[&str]) -> Arc<[String]> {
+        a.iter().map(|g| g.to_string()).collect()
     }
-    let groups = |a: &[&str]| -> Arc<[String]> { a.iter().map(|g| g.to_string()).collect() };
-    // Nothing changed, or an identity the caller does not know: nothing re-decided.
-    let same = e.refresh_groups(|id| (id == A).then(|| groups(&["ops"])), t(1), WALL);
-    assert!(same.is_empty());
+    /// The identities in the mesh and their groups: A's and B's as given (`None`:
+    /// gone), everyone else's none.
+    type Groups = Option<&'static [&'static str]>;
+    fn mesh(a: Groups, b: Groups) -> impl Fn(&str) -> Option<Arc<[String]>> {
+        move |id: &str| match id {
+            A => a.map(groups),
+            B => b.map(groups),
+            _ => Some(groups(&[])),
+        }
+    }
+    // Nothing changed: nothing re-decided.
+    let cuts = e.refresh_identities(mesh(Some(&["ops"]), Some(&["ops"])), t(1), WALL);
+    assert!(cuts.is_empty());
     assert_eq!(e.counters().flows, 2);
     // A's certificate renewed without ops: its flow is cut, B's stays.
-    let cuts = e.refresh_groups(|id| (id == A).then(|| groups(&["web"])), t(2), WALL);
+    let cuts = e.refresh_identities(mesh(Some(&["web"]), Some(&["ops"])), t(2), WALL);
     assert_eq!(cuts.len(), 1);
     assert_eq!(cuts[0].key.src_port, 40000);
     assert_eq!(cuts[0].client_next_seq, Some(101));
     assert_eq!(e.counters().flows, 1);
     assert!(log.tail(1)[0].contains("spiffe://t/a"), "{:?}", log.tail(1));
-    // And given ops back, A opens flows again.
-    let syn = tcp(PEER_A, LOCAL, 40002, 8080, "S", 7, b"");
-    assert_eq!(
-        e.inbound(&ops(A), &syn, t(3), WALL, &mut Emit::default()),
-        Verdict::Deliver
+    // B removed from the mesh: its flow is cut whatever the policy says.
+    let cuts = e.refresh_identities(mesh(Some(&["ops"]), None), t(3), WALL);
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(cuts[0].key.src_port, 40001);
+    assert_eq!(e.counters().flows, 0);
+    let line = &log.tail(1)[0];
+    assert!(
+        line.contains("identity_removed") && line.contains("spiffe://t/b"),
+        "{line}"
     );
+    // A, given ops back, opens flows again.
+    assert_eq!(open(40002, &ops(A)), Verdict::Deliver);
 }
 
 #[test]

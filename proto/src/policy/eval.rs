@@ -61,11 +61,14 @@ pub enum DenyReason {
     /// keeps no copy to send them again: the connection is reset rather than left to
     /// stall.
     DeliveryLost,
+    /// The identity that opened the flow is no longer in the mesh (its peer or
+    /// workload was removed): the flow is cut.
+    IdentityRemoved,
 }
 
 impl DenyReason {
     /// Every reason without a rule, in counter order (for `meshctl status`).
-    pub const PLAIN: [DenyReason; 13] = [
+    pub const PLAIN: [DenyReason; 14] = [
         DenyReason::NoAllowMatched,
         DenyReason::DefaultDeny,
         DenyReason::MalformedRequest,
@@ -79,6 +82,7 @@ impl DenyReason {
         DenyReason::RateLimited,
         DenyReason::CircuitOpen,
         DenyReason::DeliveryLost,
+        DenyReason::IdentityRemoved,
     ];
 
     /// Stable snake_case name (log field `reason`, counter label, test expectation).
@@ -98,6 +102,7 @@ impl DenyReason {
             DenyReason::RateLimited => "rate_limited",
             DenyReason::CircuitOpen => "circuit_open",
             DenyReason::DeliveryLost => "delivery_lost",
+            DenyReason::IdentityRemoved => "identity_removed",
         }
     }
 
@@ -112,7 +117,7 @@ impl DenyReason {
             DenyReason::RequestTimeout => 408,
             DenyReason::RateLimited => 429,
             DenyReason::FlowTableFull | DenyReason::BufferFull | DenyReason::FlowEvicted => 503,
-            DenyReason::CircuitOpen => 503,
+            DenyReason::CircuitOpen | DenyReason::IdentityRemoved => 503,
             DenyReason::DeliveryLost => 502,
         }
     }

@@ -965,6 +965,7 @@ fn deny_reasons_have_stable_names_and_statuses() {
         (DenyReason::RateLimited, "rate_limited", 429),
         (DenyReason::CircuitOpen, "circuit_open", 503),
         (DenyReason::DeliveryLost, "delivery_lost", 502),
+        (DenyReason::IdentityRemoved, "identity_removed", 503),
     ];
     for (r, name, status) in table {
         assert_eq!((r.name(), r.http_status()), (name, status));
