@@ -591,7 +591,7 @@ impl Daemon {
 /// again a minute after a refusal of the same files. Logs a refusal only when its
 /// reason is new.
 #[derive(Debug, Default)]
-pub struct NodeFileWatch {
+pub(crate) struct NodeFileWatch {
     seen: Option<u64>,
     /// The last refusal of the files as they are, and when.
     refused: Option<(String, UnixTime)>,
