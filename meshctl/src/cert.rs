@@ -1,4 +1,4 @@
-//! `meshctl cert ...`: issue, show and verify mesh certificates.
+//! `meshctl cert ...`: issue, renew, show and verify mesh certificates.
 
 use crate::Global;
 use anyhow::{anyhow, bail, Context, Result};
@@ -58,6 +58,33 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Issue a certificate's successor: the same identity, addresses, groups and key,
+    /// valid from now; written over the old file (atomically) unless --out names another
+    #[command(after_help = "Examples:
+  # in place: a running meshd takes its renewed node.cert within a second
+  meshctl cert renew web.crt
+  # 90 days, to another file (then hand it to the peers: meshctl peer add web-next.crt)
+  meshctl cert renew web.crt --validity 90d --out web-next.crt")]
+    Renew {
+        /// The certificate to renew (expired or not)
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// How long the new certificate is valid: e.g. 365d, 12h (default: 365d, capped at the CA's expiry)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        validity: Option<u64>,
+        /// Where to write the new certificate (default: over FILE)
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// CA certificate
+        #[arg(long, value_name = "PATH", default_value = "ca.crt")]
+        ca: PathBuf,
+        /// CA signing key (mode 0600)
+        #[arg(long, value_name = "PATH", default_value = "ca.key")]
+        ca_key: PathBuf,
+        /// Replace an existing --out file
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a certificate's fields (without verifying it)
     #[command(after_help = "Examples:
   meshctl cert show web.crt
@@ -98,15 +125,9 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             ca_key,
             force,
         } => {
-            let signer =
-                CaSigner::from_parts(files::read_certificate(&ca)?, files::read_ca_key(&ca_key)?)
-                    .map_err(|e| anyhow!("{} with {}: {e}", ca.display(), ca_key.display()))?;
+            let signer = signer(&ca, &ca_key)?;
             let now = crate::now();
-            let validity = match validity {
-                Some(v) => v,
-                None => DEFAULT_LEAF_VALIDITY
-                    .min(signer.cert().not_after().secs().saturating_sub(now.secs())),
-            };
+            let validity = leaf_validity(&signer, validity, now);
             let (public_key, new_key) = match public {
                 Some(p) => (read_public(&p)?, None),
                 None => {
@@ -160,6 +181,60 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             }
             Ok(())
         }
+        Command::Renew {
+            file,
+            validity,
+            out,
+            ca,
+            ca_key,
+            force,
+        } => {
+            let old = files::read_certificate(&file)?;
+            if old.kind() == CertKind::Ca {
+                bail!(
+                    "{}: a CA certificate; renew leaves with this command",
+                    file.display()
+                );
+            }
+            let signer = signer(&ca, &ca_key)?;
+            let out = match out {
+                Some(o) if o != file => {
+                    check_new(&o, force)?;
+                    o
+                }
+                _ => file.clone(),
+            };
+            let now = crate::now();
+            let params = LeafParams {
+                identity: old.identity().clone(),
+                addresses: old.addresses().to_vec(),
+                groups: old.groups().to_vec(),
+                public_key: PublicKey::from(*old.public_key()),
+                validity_secs: leaf_validity(&signer, validity, now),
+            };
+            let cert = signer
+                .issue(params, now)
+                .with_context(|| format!("renewing {}", file.display()))?;
+            files::write_certificate(&out, &cert)?;
+            if g.json {
+                crate::print_json(&serde_json::json!({
+                    "cert_file": out,
+                    "renewed": file,
+                    "previous_not_after": old.not_after().to_string(),
+                    "certificate": cert.summary(),
+                }))?;
+            } else {
+                println!(
+                    "wrote {} ({}, valid until {}; {} was valid until {})",
+                    out.display(),
+                    cert.identity(),
+                    cert.not_after(),
+                    file.display(),
+                    old.not_after()
+                );
+            }
+            Ok(())
+        }
         Command::Show { file } => {
             let cert = read_cert(&file)?;
             if g.json {
@@ -202,6 +277,19 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The CA that signs: its certificate and signing key, checked to belong together.
+fn signer(ca: &Path, ca_key: &Path) -> Result<CaSigner> {
+    CaSigner::from_parts(files::read_certificate(ca)?, files::read_ca_key(ca_key)?)
+        .map_err(|e| anyhow!("{} with {}: {e}", ca.display(), ca_key.display()))
+}
+
+/// `--validity`, or a year, never past the CA's own end.
+fn leaf_validity(signer: &CaSigner, validity: Option<u64>, now: UnixTime) -> u64 {
+    validity.unwrap_or_else(|| {
+        DEFAULT_LEAF_VALIDITY.min(signer.cert().not_after().secs().saturating_sub(now.secs()))
+    })
 }
 
 /// A certificate from a file, or stdin for `-`.

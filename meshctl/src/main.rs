@@ -50,7 +50,7 @@ enum Command {
     /// Create and inspect the mesh certificate authority
     #[command(subcommand)]
     Ca(ca::Command),
-    /// Issue, show and verify mesh certificates
+    /// Issue, renew, show and verify mesh certificates
     #[command(subcommand)]
     Cert(cert::Command),
     /// Generate x25519 (WireGuard) keys

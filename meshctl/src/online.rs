@@ -174,7 +174,7 @@ fn validity(not_before: UnixTime, not_after: UnixTime, now: UnixTime, refused: &
         ),
         Term::Valid { left } => format!("valid until {not_after} ({} left)", span(left)),
         Term::RenewSoon { left } => format!(
-            "expires {not_after} (in {}): renew it (meshctl cert issue)",
+            "expires {not_after} (in {}): renew it (meshctl cert renew)",
             span(left)
         ),
         Term::Expired { ago } => {

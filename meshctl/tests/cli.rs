@@ -177,6 +177,60 @@ fn ca_init_issue_verify_show() {
 }
 
 #[test]
+fn renew_keeps_every_fact_but_the_validity() {
+    let d = Dir::new("renew");
+    setup(&d);
+    let before = json(&d.ok(&["cert", "show", "--json", "a.crt"]));
+    let key = fs::read(d.path("a.key")).unwrap();
+    // In place, for 90 days.
+    let out = d.ok(&["cert", "renew", "a.crt", "--validity", "90d"]);
+    assert!(
+        out.starts_with("wrote a.crt (spiffe://t/a, valid until "),
+        "{out}"
+    );
+    let after = json(&d.ok(&["cert", "show", "--json", "a.crt"]));
+    for field in ["identity", "addresses", "groups", "public_key", "issuer"] {
+        assert_eq!(after[field], before[field], "{field}");
+    }
+    assert_ne!(after["fingerprint"], before["fingerprint"]);
+    assert_ne!(after["not_after"], before["not_after"]);
+    assert_eq!(d.mode("a.crt"), 0o644);
+    assert_eq!(
+        fs::read(d.path("a.key")).unwrap(),
+        key,
+        "the key is not touched"
+    );
+    let v = json(&d.ok(&["cert", "verify", "--ca", "ca.crt", "a.crt", "--json"]));
+    assert_eq!(v["ok"], true);
+    // Valid from now for 90 days (give or take the seconds this test takes).
+    let (from, to) = (
+        after["not_before_unix"].as_u64().unwrap(),
+        after["not_after_unix"].as_u64().unwrap(),
+    );
+    assert_eq!(to - from, 90 * 86_400);
+    assert!(from >= before["not_before_unix"].as_u64().unwrap());
+    let ninety = after["not_after"].as_str().unwrap();
+    // To another file, as JSON; an existing one only with --force.
+    let j = json(&d.ok(&["cert", "renew", "a.crt", "--out", "next.crt", "--json"]));
+    assert_eq!(j["cert_file"], "next.crt");
+    assert_eq!(j["previous_not_after"], ninety);
+    assert_eq!(j["certificate"]["public_key"], before["public_key"]);
+    d.fails(
+        &["cert", "renew", "a.crt", "--out", "next.crt"],
+        1,
+        &["next.crt", "already exists", "--force"],
+    );
+    d.ok(&["cert", "renew", "a.crt", "--out", "next.crt", "--force"]);
+    // A CA certificate is not a leaf to renew; a missing file names its path.
+    d.fails(
+        &["cert", "renew", "ca.crt"],
+        1,
+        &["ca.crt", "CA certificate"],
+    );
+    d.fails(&["cert", "renew", "nope.crt"], 1, &["nope.crt"]);
+}
+
+#[test]
 fn issue_for_an_existing_key() {
     let d = Dir::new("pubkey");
     d.ok(&["ca", "init", "--trust-domain", "t"]);
@@ -571,6 +625,7 @@ fn help_has_an_example_for_each_command() {
     for cmd in [
         "ca init",
         "cert issue",
+        "cert renew",
         "cert show",
         "cert verify",
         "key gen",

@@ -597,9 +597,9 @@ impl Daemon {
             };
             let identity = w.cert.identity();
             let renew = if w.origin == Origin::Node {
-                "issue a new certificate (meshctl cert issue, with --pub of the node's key), write it over node.cert (meshd takes it within seconds) and give it to the peers (meshctl peer add)"
+                "renew it in place (meshctl cert renew <node.cert>: meshd takes it within seconds) and give it to the peers (meshctl peer add)"
             } else {
-                "issue a new certificate (meshctl cert issue), add the workload again (meshctl workload add) and give it to the peers (meshctl peer add)"
+                "renew it (meshctl cert renew), add the workload again (meshctl workload add) and give it to the peers (meshctl peer add)"
             };
             match term {
                 Term::RenewSoon { left } => tracing::warn!(

@@ -540,7 +540,7 @@ fn own_certificate_nearing_and_past_its_end_is_announced() -> mesh_tests::Result
     })
     .with_context(|| a.log())?;
     assert!(
-        warning.contains("meshctl cert issue") && warning.contains("write it over node.cert"),
+        warning.contains("meshctl cert renew") && warning.contains("meshd takes it"),
         "{warning}"
     );
     let status = a.meshctl(&["status"])?.stdout_str();
