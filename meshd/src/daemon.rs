@@ -27,7 +27,7 @@ use crate::expiry::ExpiryWatch;
 use crate::peers::{Local, Node, Peer, PeerSpec, PeerTable};
 use crate::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
-use crate::workloads::{Origin, Workload, WorkloadChanges, WorkloadSpec};
+use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
 
 /// Where a peer comes from.
@@ -386,12 +386,13 @@ pub struct Daemon {
     pub(crate) config: Config,
     pub(crate) ca: Ca,
     /// The node's certificate in force: replaced when `node.cert` is renewed
-    /// ([`Daemon::check_node_files`]).
+    /// ([`Daemon::check_cert_files`]).
     pub(crate) own: ArcSwap<VerifiedCert>,
-    /// When to try `node.cert` and `node.key` again (timer thread); they are told
-    /// apart by a keyed digest, so no copy of the key is kept.
-    pub(crate) node_files: Mutex<crate::workloads::NodeFileWatch>,
-    pub(crate) node_files_hasher: std::hash::RandomState,
+    /// When to try each local workload's certificate and key files again, by name
+    /// (timer thread); they are told apart by a keyed digest, so no copy of a key is
+    /// kept.
+    pub(crate) cert_files: Mutex<HashMap<String, crate::workloads::CertFileWatch>>,
+    pub(crate) cert_files_hasher: std::hash::RandomState,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) next_index: AtomicU32,
     /// Routes come from the peers' addresses (no `routes` in the config and no CA
@@ -511,8 +512,8 @@ impl Daemon {
             config,
             ca,
             own: ArcSwap::from_pointee(cert),
-            node_files: Mutex::new(Default::default()),
-            node_files_hasher: std::hash::RandomState::new(),
+            cert_files: Mutex::new(HashMap::new()),
+            cert_files_hasher: std::hash::RandomState::new(),
             registry: Mutex::new(Registry {
                 entries: peers,
                 config_peers,
@@ -596,11 +597,7 @@ impl Daemon {
                 continue;
             };
             let identity = w.cert.identity();
-            let renew = if w.origin == Origin::Node {
-                "renew it in place (meshctl cert renew <node.cert>: meshd takes it within seconds) and give it to the peers (meshctl peer add)"
-            } else {
-                "renew it (meshctl cert renew), add the workload again (meshctl workload add) and give it to the peers (meshctl peer add)"
-            };
+            let renew = "renew it in place (meshctl cert renew <its file>: meshd takes it within seconds) and give it to the peers (meshctl peer add)";
             match term {
                 Term::RenewSoon { left } => tracing::warn!(
                     workload = name,

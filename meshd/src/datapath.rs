@@ -452,7 +452,7 @@ pub fn timer_loop(d: &Daemon) {
         let now = unix_now();
         if ticks.is_multiple_of(4) {
             d.table.load().reset_rate_limiters();
-            d.check_node_files(now);
+            d.check_cert_files(now);
             d.check_certificates(now);
         }
         if ticks.is_multiple_of(SAVE_ENDPOINTS_TICKS) {

@@ -373,82 +373,101 @@ impl Daemon {
         self.static_routes.iter().any(|r| r.contains(net))
     }
 
-    /// Looks at `node.cert` and `node.key` (from the timer, every second) and, once
-    /// their bytes change, takes a renewed certificate for the node
-    /// ([`Daemon::renew_node`]), logging what happened: a refused one leaves the
+    /// Looks at every local workload's certificate and key files — the node's
+    /// (`node.cert`, `node.key`) and each workload's — from the timer, every second,
+    /// and once a pair's bytes change takes a renewed certificate
+    /// ([`Daemon::renew_local`]), logging what happened: a refused one leaves the
     /// certificate in force as it was, and is tried again every minute while the files
     /// stay as they are (a certificate not yet valid may be by then; see
-    /// [`NodeFileWatch`]).
-    pub fn check_node_files(&self, now: UnixTime) {
+    /// [`CertFileWatch`]).
+    pub fn check_cert_files(&self, now: UnixTime) {
         use std::hash::BuildHasher;
-        let n = &self.config.node;
-        let seen = self.node_files_hasher.hash_one((
-            std::fs::read(&n.cert).unwrap_or_default(),
-            std::fs::read(&n.key).unwrap_or_default(),
-        ));
-        let mut watch = self.node_files.lock().unwrap_or_else(|p| p.into_inner());
-        if !watch.due(seen, now) {
-            return;
-        }
-        let before = self.own.load_full();
-        let result = self.renew_node(now);
-        if result.is_ok() {
-            watch.taken();
-        }
-        match result {
-            Ok(None) => {}
-            Ok(Some(renewed)) => {
-                tracing::info!(
-                    identity = %renewed.identity(),
-                    "node certificate renewed from {}: valid until {} (was {})",
-                    n.cert.display(),
-                    renewed.not_after(),
-                    before.not_after()
-                );
-                if renewed.public_key() != before.public_key() {
-                    tracing::warn!(
-                        "the renewed node certificate has a new key: sessions start over, and each peer reaches this node only once it holds this certificate (meshctl peer add)"
-                    );
-                }
+        let specs: Vec<WorkloadSpec> = {
+            let reg = self.lock_registry();
+            reg.workloads.iter().map(|w| w.spec.clone()).collect()
+        };
+        let mut watches = self.cert_files.lock().unwrap_or_else(|p| p.into_inner());
+        watches.retain(|name, _| specs.iter().any(|s| s.name == *name));
+        for spec in &specs {
+            let seen = self.cert_files_hasher.hash_one((
+                std::fs::read(&spec.cert).unwrap_or_default(),
+                std::fs::read(&spec.key).unwrap_or_default(),
+            ));
+            let watch = watches.entry(spec.name.clone()).or_default();
+            if !watch.due(seen, now) {
+                continue;
             }
-            Err(e) => {
-                if watch.refused(&e, now) {
-                    tracing::error!(
-                        "node certificate not renewed from {}: {e}; the one in force stays (valid until {})",
-                        n.cert.display(),
+            let what = if is_node(&spec.name) {
+                "node certificate".to_string()
+            } else {
+                format!("certificate of workload {}", spec.name)
+            };
+            match self.renew_local(&spec.name, now) {
+                Ok(None) => watch.taken(),
+                Ok(Some((renewed, before))) => {
+                    watch.taken();
+                    tracing::info!(
+                        identity = %renewed.identity(),
+                        "{what} renewed from {}: valid until {} (was {})",
+                        spec.cert.display(),
+                        renewed.not_after(),
                         before.not_after()
                     );
+                    if renewed.public_key() != before.public_key() {
+                        tracing::warn!(
+                            "the renewed {what} has a new key: its sessions start over, and each peer reaches it only once it holds this certificate (meshctl peer add)"
+                        );
+                    }
+                }
+                Err(e) => {
+                    if watch.refused(&e, now) {
+                        tracing::error!(
+                            "{what} not renewed from {}: {e}; the one in force stays",
+                            spec.cert.display()
+                        );
+                    }
                 }
             }
         }
     }
 
-    /// Reads the node's certificate and key again and, when they are a renewal of
-    /// the certificate in force (the same identity and addresses; a new validity,
-    /// groups or key), puts them in force: sessions under an unchanged key carry on
-    /// ([`crate::peers::Peer::succeed`]), and policy sees the new facts. `None`: the
-    /// files hold the certificate already in force.
-    pub(crate) fn renew_node(&self, now: UnixTime) -> Result<Option<Arc<VerifiedCert>>, String> {
+    /// Reads local workload `name`'s certificate and key again and, when they are a
+    /// renewal of the certificate in force (the same identity and addresses; a new
+    /// validity, groups or key), puts them in force: sessions under an unchanged key
+    /// carry on ([`crate::peers::Peer::succeed`]), and policy sees the new facts.
+    /// Returns the new certificate and the one it replaced; `None` when the files hold
+    /// the certificate already in force (or the workload is gone).
+    pub(crate) fn renew_local(
+        &self,
+        name: &str,
+        now: UnixTime,
+    ) -> Result<Option<(VerifiedCert, Certificate)>, String> {
         let mut reg = self.lock_registry();
-        let spec = reg.workloads[0].spec.clone();
-        debug_assert!(is_node(&spec.name));
-        let (cert, key) = read(&self.ca, &spec, now)?;
-        let own = self.own.load_full();
-        if cert == *own {
+        let Some(i) = reg.workloads.iter().position(|w| w.spec.name == name) else {
+            return Ok(None);
+        };
+        let current = reg.workloads[i].clone();
+        let (cert, key) = read(&self.ca, &current.spec, now)?;
+        if *cert == current.cert {
             return Ok(None);
         }
-        if cert.identity() != own.identity() {
+        let (whose, how) = if is_node(name) {
+            ("this node's", "a restart")
+        } else {
+            ("the workload's", "`meshctl workload add`")
+        };
+        if cert.identity() != current.cert.identity() {
             return Err(format!(
-                "it names {}, not this node's {}: a node changes identity only by a restart",
+                "it names {}, not {whose} {}: an identity changes only by {how}",
                 cert.identity(),
-                own.identity()
+                current.cert.identity()
             ));
         }
-        if cert.addresses() != own.addresses() {
+        if cert.addresses() != current.cert.addresses() {
             return Err(format!(
-                "its addresses ({}) are not the node's ({}): addresses change only by a restart",
+                "its addresses ({}) are not {whose} ({}): addresses change only by {how}",
                 list(cert.addresses()),
-                list(own.addresses())
+                list(current.cert.addresses())
             ));
         }
         if let Some(p) = reg
@@ -458,20 +477,21 @@ impl Daemon {
         {
             return Err(format!("its key is peer {}'s", p.spec.identity));
         }
-        let verified = Arc::new(cert);
         let mut workloads = reg.workloads.clone();
-        workloads[0] = Workload {
-            local: Arc::new(Local::new(peer_spec(&verified), *key.as_bytes())),
-            cert: (**verified).clone(),
-            spec,
-            origin: Origin::Node,
+        workloads[i] = Workload {
+            local: Arc::new(Local::new(peer_spec(&cert), *key.as_bytes())),
+            cert: (*cert).clone(),
+            spec: current.spec,
+            origin: current.origin,
         };
         let locals: Vec<Arc<Local>> = workloads.iter().map(|x| x.local.clone()).collect();
         let table = self.table_for(&reg, &locals)?;
         self.install(table);
         reg.workloads = workloads;
-        self.own.store(verified.clone());
-        Ok(Some(verified))
+        if current.origin == Origin::Node {
+            self.own.store(Arc::new(cert.clone()));
+        }
+        Ok(Some((cert, current.cert)))
     }
 
     /// Validates and adds (or replaces) a local workload; attached, then persisted,
@@ -587,17 +607,17 @@ impl Daemon {
     }
 }
 
-/// When to try the node's certificate files: at once when their digest changes, and
-/// again a minute after a refusal of the same files. Logs a refusal only when its
+/// When to try a workload's certificate files: at once when their digest changes,
+/// and again a minute after a refusal of the same files. Logs a refusal only when its
 /// reason is new.
 #[derive(Debug, Default)]
-pub(crate) struct NodeFileWatch {
+pub(crate) struct CertFileWatch {
     seen: Option<u64>,
     /// The last refusal of the files as they are, and when.
     refused: Option<(String, UnixTime)>,
 }
 
-impl NodeFileWatch {
+impl CertFileWatch {
     const RETRY_SECS: u64 = 60;
 
     /// Whether to try the files, whose digest is `digest`, now.
@@ -723,9 +743,9 @@ mod tests {
     }
 
     #[test]
-    fn node_files_are_tried_on_change_and_a_minute_after_a_refusal() {
+    fn cert_files_are_tried_on_change_and_a_minute_after_a_refusal() {
         let t = UnixTime;
-        let mut w = NodeFileWatch::default();
+        let mut w = CertFileWatch::default();
         // First look (at start): tried; taken (the certificate in force).
         assert!(w.due(1, t(100)));
         w.taken();

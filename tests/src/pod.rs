@@ -60,6 +60,43 @@ impl Pod {
         Ok(())
     }
 
+    /// Issues the pod a new certificate for the same identity, addresses and key, with
+    /// `groups` and `validity`, put in place of its certificate file (written beside,
+    /// then renamed over it), where its host's meshd takes it from; then gives it to
+    /// every other host with meshd (`meshctl peer add`). Returns the new end.
+    pub fn renew_cert(
+        &self,
+        mesh: &Mesh,
+        groups: &[&str],
+        validity: Validity,
+    ) -> Result<mesh_proto::time::UnixTime> {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let issued = self.on.0.ca.issue(
+            &self.identity,
+            &[self.address, self.address_v6],
+            &groups,
+            Some(&self.ns.public_key()),
+            validity,
+        )?;
+        let next = self.cert_path.with_extension("crt.new");
+        std::fs::write(&next, &issued.cert_pem)?;
+        std::fs::rename(&next, &self.cert_path)
+            .with_context(|| format!("rename over {}", self.cert_path.display()))?;
+        for h in mesh.all_hosts() {
+            if !h.has_meshd() || h.name() == self.on.name() {
+                continue;
+            }
+            let cert = h.dir().join("peers").join(format!("{}.crt", self.name));
+            std::fs::write(&cert, &issued.cert_pem)?;
+            let cert = cert.to_str().context("path is not UTF-8")?.to_string();
+            let ep = self.on.endpoint().to_string();
+            h.meshctl(&["peer", "add", &cert, "--endpoint", &ep])?
+                .check()
+                .with_context(|| format!("giving {} pod {}'s renewal", h.name(), self.name))?;
+        }
+        Ok(issued.cert.not_after())
+    }
+
     /// `meshctl workload remove` on its host.
     pub fn remove_from_host(&self) -> Result<()> {
         self.on

@@ -438,3 +438,52 @@ fn pods_learn_the_path_mtu_and_their_host_reaches_them_in(mesh: &mut Mesh) -> Re
     );
     Ok(())
 }
+
+#[test]
+fn a_pods_certificate_renewed_in_place_is_taken_without_a_restart() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    Ok(a_pods_certificate_renewed_in_place_is_taken_without_a_restart_in(&mut mesh)?)
+}
+
+fn a_pods_certificate_renewed_in_place_is_taken_without_a_restart_in(
+    mesh: &mut Mesh,
+) -> Result<()> {
+    const BUYERS: &str = r#"
+[[policy]]
+name = "buyers-in"
+action = "allow"
+[[policy.rule]]
+from = [{ groups = ["buyers"] }]
+to = [{ ports = [8080] }]
+"#;
+    let h1 = mesh.host("h1").up()?;
+    let h2 = mesh.host("h2").policy("deny", BUYERS).up()?;
+    let pa = mesh.pod(&h1, "pa", &[])?;
+    let pc = mesh.pod(&h2, "pc", &[])?;
+    serve(&[&pc])?;
+    // pa's certificate names no group: h2 refuses it.
+    assert_refused(&pa, &pc)?;
+    // Renewed in place with group buyers: h1's meshd takes it from the file, h2 from
+    // `peer add`; then pc answers.
+    let end = pa.renew_cert(mesh, &["buyers"], mesh_tests::Validity::EndsIn(2 * 86_400))?;
+    let end_on_h1 = || -> Result<Option<u64>> {
+        let s = status_json(&h1)?;
+        Ok(s["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["name"] == "pa")
+            .and_then(|w| w["not_after"].as_u64()))
+    };
+    wait::until("h1 to take pa's renewal", Duration::from_secs(10), || {
+        Ok((end_on_h1()? == Some(end.0)).then_some(()))
+    })
+    .with_context(|| h1.log())?;
+    assert_gets(&pa, &pc)?;
+    ensure!(
+        h1.log().contains("certificate of workload pa renewed"),
+        "{}",
+        h1.log()
+    );
+    Ok(())
+}
