@@ -1,7 +1,8 @@
 //! The enforcer (IP/TCP/UDP/ICMP parsing, connection tracking, layer-4 and layer-7
-//! policy, injected answers) under arbitrary packets in both directions, policy changes
-//! and time. Mostly well-formed TCP segments of one connection to an inspected port,
-//! built from the input, so that the fuzzer reaches the layer-7 path; raw packets too.
+//! policy, injected answers) under arbitrary packets in both directions, policy changes,
+//! identities renewed or removed, and time. Mostly well-formed TCP segments of one
+//! connection to an inspected port, built from the input, so that the fuzzer reaches the
+//! layer-7 path; raw packets too.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -137,6 +138,20 @@ fuzz_target!(|data: &[u8]| {
             6 => {
                 now += Duration::from_millis(250 * u64::from(input.u8().unwrap_or(1)));
                 let _ = e.poll(now, WALL, &mut emit);
+            }
+            7 if op & 0x40 != 0 => {
+                // The mesh's identities changed: A's certificate renewed with or without
+                // a group, or A removed; the flows cut are reset.
+                let gone = op & 0x20 != 0;
+                let groups: Arc<[String]> = if op & 0x10 != 0 {
+                    Arc::from(vec!["ops".to_string()])
+                } else {
+                    Arc::from(Vec::new())
+                };
+                let known = |id: &str| (!gone || id != "spiffe://t/a").then(|| groups.clone());
+                for cut in e.refresh_identities(known, now, WALL) {
+                    cut.resets(&mut emit);
+                }
             }
             _ => {
                 // A policy change: stricter (default deny, no policies) or back.
