@@ -70,6 +70,9 @@ pub struct Status {
     pub ready: bool,
     #[serde(default)]
     pub identity: String,
+    /// Its x25519 public key (base64).
+    #[serde(default)]
+    pub public_key: String,
     #[serde(default)]
     pub listen: String,
     #[serde(default)]
@@ -235,6 +238,32 @@ impl Host {
             .with_context(|| format!("rename over {}", self.cert_path().display()))?;
         *lock(&self.0.cert_pem) = issued.cert_pem;
         Ok(issued.cert.not_after())
+    }
+
+    /// Gives this host a new key and a certificate for it (same identity and
+    /// addresses, `groups`, `validity`), each written beside its file and renamed over
+    /// it (the key first); [`Host::cert_pem`] and [`Host::public_key`] are the new ones
+    /// from then on. Returns the new public key (base64).
+    pub fn rotate_key(&self, groups: &[&str], validity: Validity) -> Result<String> {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let issued = self.0.ca.issue(
+            &self.0.identity,
+            &[self.0.overlay_v4, self.0.overlay_v6],
+            &groups,
+            None,
+            validity,
+        )?;
+        let key = self.0.dir.join("host.key");
+        let next = self.0.dir.join("host.key.new");
+        crate::mesh::write_private(&next, issued.key_b64.as_bytes())?;
+        std::fs::rename(&next, &key).with_context(|| format!("rename over {}", key.display()))?;
+        let next = self.0.dir.join("host.crt.new");
+        std::fs::write(&next, &issued.cert_pem)?;
+        std::fs::rename(&next, self.cert_path())
+            .with_context(|| format!("rename over {}", self.cert_path().display()))?;
+        *lock(&self.0.cert_pem) = issued.cert_pem;
+        *lock(&self.0.public_key) = issued.public_key_b64.clone();
+        Ok(issued.public_key_b64)
     }
 
     /// Its x25519 public key, base64.

@@ -561,6 +561,37 @@ fn own_certificate_nearing_and_past_its_end_is_announced() -> mesh_tests::Result
     Ok(())
 }
 
+#[test]
+fn a_new_node_key_is_taken_and_peers_follow_once_they_hold_its_certificate() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, c] = mesh.hosts(["a", "c"])?;
+    a.ping(c.overlay_v4())?;
+    let old = a.status()?.public_key;
+    // A new key and its certificate, written over a's files: a takes both, says what
+    // it means, and keeps running.
+    let new = a.rotate_key(&[], Validity::Current)?;
+    wait::until("a to take its new key", Duration::from_secs(10), || {
+        Ok((a.status()?.public_key == new).then_some(()))
+    })
+    .with_context(|| a.log())?;
+    assert_ne!(old, new);
+    let log = a.log();
+    assert!(
+        log.contains("node certificate renewed") && log.contains("has a new key"),
+        "{log}"
+    );
+    // c still holds a's old certificate: a's new key gets no session with it.
+    assert!(
+        !a.ping_once(c.overlay_v4(), 1)?.success(),
+        "c answered a's new key"
+    );
+    // Once c holds the new certificate, traffic flows again.
+    c.peer_add(&a)?;
+    a.ping(c.overlay_v4())?;
+    assert!(a.meshd_alive()? && c.meshd_alive()?);
+    Ok(())
+}
+
 /// The kernel's CPU latency QoS: the smallest latency any process requests now (µs).
 fn cpu_latency_in_force() -> Result<i32> {
     let bytes = std::fs::read("/dev/cpu_dma_latency").context("read /dev/cpu_dma_latency")?;
