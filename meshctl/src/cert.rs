@@ -48,12 +48,8 @@ pub enum Command {
         /// Where to write a generated private key (default: --out with extension .key)
         #[arg(long, value_name = "PATH", conflicts_with = "public")]
         key_out: Option<PathBuf>,
-        /// CA certificate
-        #[arg(long, value_name = "PATH", default_value = "ca.crt")]
-        ca: PathBuf,
-        /// CA signing key (mode 0600)
-        #[arg(long, value_name = "PATH", default_value = "ca.key")]
-        ca_key: PathBuf,
+        #[command(flatten)]
+        signing: SigningCa,
         /// Replace existing files
         #[arg(long)]
         force: bool,
@@ -75,12 +71,8 @@ pub enum Command {
         /// Where to write the new certificate (default: over FILE)
         #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
-        /// CA certificate
-        #[arg(long, value_name = "PATH", default_value = "ca.crt")]
-        ca: PathBuf,
-        /// CA signing key (mode 0600)
-        #[arg(long, value_name = "PATH", default_value = "ca.key")]
-        ca_key: PathBuf,
+        #[command(flatten)]
+        signing: SigningCa,
         /// Replace an existing --out file
         #[arg(long)]
         force: bool,
@@ -111,6 +103,17 @@ pub enum Command {
     },
 }
 
+/// The CA that signs: `--ca` and `--ca-key`.
+#[derive(clap::Args, Debug)]
+pub struct SigningCa {
+    /// CA certificate
+    #[arg(long, value_name = "PATH", default_value = "ca.crt")]
+    ca: PathBuf,
+    /// CA signing key (mode 0600)
+    #[arg(long, value_name = "PATH", default_value = "ca.key")]
+    ca_key: PathBuf,
+}
+
 pub fn run(cmd: Command, g: &Global) -> Result<()> {
     match cmd {
         Command::Issue {
@@ -121,11 +124,10 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             public,
             out,
             key_out,
-            ca,
-            ca_key,
+            signing,
             force,
         } => {
-            let signer = signer(&ca, &ca_key)?;
+            let signer = signer(&signing)?;
             let now = crate::now();
             let validity = leaf_validity(&signer, validity, now);
             let (public_key, new_key) = match public {
@@ -185,8 +187,7 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             file,
             validity,
             out,
-            ca,
-            ca_key,
+            signing,
             force,
         } => {
             let old = files::read_certificate(&file)?;
@@ -196,7 +197,7 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
                     file.display()
                 );
             }
-            let signer = signer(&ca, &ca_key)?;
+            let signer = signer(&signing)?;
             let out = match out {
                 Some(o) if o != file => {
                     check_new(&o, force)?;
@@ -280,9 +281,12 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
 }
 
 /// The CA that signs: its certificate and signing key, checked to belong together.
-fn signer(ca: &Path, ca_key: &Path) -> Result<CaSigner> {
-    CaSigner::from_parts(files::read_certificate(ca)?, files::read_ca_key(ca_key)?)
-        .map_err(|e| anyhow!("{} with {}: {e}", ca.display(), ca_key.display()))
+fn signer(s: &SigningCa) -> Result<CaSigner> {
+    CaSigner::from_parts(
+        files::read_certificate(&s.ca)?,
+        files::read_ca_key(&s.ca_key)?,
+    )
+    .map_err(|e| anyhow!("{} with {}: {e}", s.ca.display(), s.ca_key.display()))
 }
 
 /// `--validity`, or a year, never past the CA's own end.
