@@ -365,6 +365,11 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
+    /// The node's own certificate: the first workload's (a renewal replaces it there).
+    pub(crate) fn node_cert(&self) -> &Certificate {
+        &self.workloads[0].cert
+    }
+
     pub(crate) fn locals(&self) -> Vec<Arc<Local>> {
         self.workloads.iter().map(|w| w.local.clone()).collect()
     }
@@ -385,9 +390,6 @@ pub struct Daemon {
     pub ready: AtomicBool,
     pub(crate) config: Config,
     pub(crate) ca: Ca,
-    /// The node's certificate in force: replaced when `node.cert` is renewed
-    /// ([`Daemon::check_cert_files`]).
-    pub(crate) own: ArcSwap<VerifiedCert>,
     /// When to try each local workload's certificate and key files again, by name
     /// (timer thread); they are told apart by a keyed digest, so no copy of a key is
     /// kept.
@@ -511,7 +513,6 @@ impl Daemon {
             ready: AtomicBool::new(false),
             config,
             ca,
-            own: ArcSwap::from_pointee(cert),
             cert_files: Mutex::new(HashMap::new()),
             cert_files_hasher: std::hash::RandomState::new(),
             registry: Mutex::new(Registry {
@@ -561,7 +562,7 @@ impl Daemon {
                 }
             })
             .collect();
-        let own = self.own.load();
+        let own = self.lock_registry().node_cert().clone();
         Status {
             ready: self.ready.load(Ordering::SeqCst),
             identity: own.identity().to_string(),
@@ -732,7 +733,8 @@ impl Daemon {
     /// this node unless the request names one.
     pub fn explain(&self, mut spec: RequestSpec) -> serde_json::Value {
         if spec.workload.is_none() {
-            let own = self.own.load();
+            let reg = self.lock_registry();
+            let own = reg.node_cert();
             spec.workload = Some(own.identity().to_string());
             spec.workload_groups = own.groups().to_vec();
         }
@@ -773,7 +775,8 @@ impl Daemon {
         self.ca
             .verify(&cert, now)
             .map_err(|e| format!("peer_add: {}: {e}", cert.identity()))?;
-        check_peer(&self.ca, &self.own.load(), &cert, now)
+        let mut reg = self.lock_registry();
+        check_peer(&self.ca, reg.node_cert(), &cert, now)
             .map_err(|e| format!("peer_add: {}: {e}", cert.identity()))?;
         let entry = PeerEntry {
             spec: peer_spec(&cert),
@@ -782,7 +785,6 @@ impl Daemon {
             source: Source::Runtime,
         };
         let id = entry.spec.identity.to_string();
-        let mut reg = self.lock_registry();
         let mut entries = reg.entries.clone();
         entries.retain(|e| e.spec.identity != entry.spec.identity);
         entries.push(entry.clone());
@@ -840,7 +842,7 @@ impl Daemon {
         self.table.store(Arc::new(table));
         self.refresh_flows();
         if self.dynamic_routes {
-            let want = peer_route_set(&entries, self.own.load().addresses());
+            let want = peer_route_set(&entries, reg.node_cert().addresses());
             for r in want.difference(&reg.peer_routes) {
                 if let Err(e) = self.tun.add_route(*r) {
                     tracing::error!("{e}");

@@ -656,9 +656,9 @@ impl Enforcer {
         now: Duration,
         wall: UnixTime,
     ) -> Vec<Cut> {
-        let renew = |groups: &mut Arc<[String]>, now: Arc<[String]>| {
-            let changed = now != *groups;
-            *groups = now;
+        let renew = |groups: &mut Arc<[String]>, current: Arc<[String]>| {
+            let changed = current != *groups;
+            *groups = current;
             changed
         };
         self.redecide(now, wall, |flow| {

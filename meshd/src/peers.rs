@@ -271,6 +271,19 @@ impl Peer {
         index: u32,
         endpoint: Option<SocketAddr>,
     ) -> Peer {
+        let state = PeerState {
+            tunn: None,
+            endpoint,
+        };
+        Peer::with_state(local, spec, index, Arc::new(Mutex::new(state)))
+    }
+
+    fn with_state(
+        local: &Arc<Local>,
+        spec: PeerSpec,
+        index: u32,
+        state: Arc<Mutex<PeerState>>,
+    ) -> Peer {
         Peer {
             sender: Sender {
                 identity: spec.identity.to_string().into(),
@@ -279,10 +292,7 @@ impl Peer {
             local: local.clone(),
             spec,
             index,
-            state: Arc::new(Mutex::new(PeerState {
-                tunn: None,
-                endpoint,
-            })),
+            state,
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
             spoofed_source: AtomicU64::new(0),
@@ -300,8 +310,7 @@ impl Peer {
     pub fn succeed(old: &Peer, local: &Arc<Local>, spec: PeerSpec) -> Peer {
         debug_assert_eq!(old.local.spec.public_key, local.spec.public_key);
         debug_assert_eq!(old.spec.public_key, spec.public_key);
-        let mut p = Peer::new(local, spec, old.index, None);
-        p.state = old.state.clone();
+        let p = Peer::with_state(local, spec, old.index, old.state.clone());
         for (to, from) in [
             (&p.rx_bytes, &old.rx_bytes),
             (&p.tx_bytes, &old.tx_bytes),

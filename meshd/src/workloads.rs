@@ -488,9 +488,6 @@ impl Daemon {
         let table = self.table_for(&reg, &locals)?;
         self.install(table);
         reg.workloads = workloads;
-        if current.origin == Origin::Node {
-            self.own.store(Arc::new(cert.clone()));
-        }
         Ok(Some((cert, current.cert)))
     }
 
