@@ -14,7 +14,7 @@
 //! key `spiffe://td/`).
 //! Negations (`not_identities`, ...) only narrow what an entry matches, so they
 //! neither make a rule indexable nor stop it being filed under its positive keys.
-//! An `identities = []` entry matches nothing and adds no key.
+//! (The parser refuses `identities = []`; an empty list would add no key.)
 //!
 //! Identity keys, per (action, workload key, port) bucket:
 //! - exact IDs: a hash map, one lookup;
@@ -43,7 +43,7 @@
 //! - else (no selector, an empty one, or `identities` with `*` and no `groups`):
 //!   "any workload", which every request visits.
 //!
-//! A written `[]` in the chosen field adds no key: that selector picks nothing. The
+//! (The parser refuses a written `[]`, which would add no key.) The
 //! key is a necessary condition only; each candidate is still checked against its
 //! whole selector (`selector_mismatch`), so a selector naming both identities and
 //! groups costs its groups check only when its identity key (or group) matched. The

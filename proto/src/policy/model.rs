@@ -216,8 +216,8 @@ pub struct Policy {
 /// Local workloads a policy applies to. Fields AND, values within a field OR.
 ///
 /// In every matcher here, a positive field is `None` when absent (no constraint) and
-/// `Some(empty)` when written as `[]`, which matches nothing; a `not_*` field excludes
-/// what it lists.
+/// never empty (the parser refuses `[]`; an empty one would match nothing); a `not_*`
+/// field excludes what it lists.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Selector {
     pub identities: Option<Vec<Pattern>>,

@@ -38,7 +38,11 @@ pub struct Parsed {
 
 // ---- raw file format ----------------------------------------------------------
 
-type Strings = Option<Vec<Spanned<String>>>;
+/// A list field: `None` when absent; the list's own span locates an empty one.
+type Strings = Option<Spanned<Vec<Spanned<String>>>>;
+type Ports = Option<Spanned<Vec<Spanned<i64>>>>;
+/// An array of tables (`from`, `to`, `when`): `None` when absent.
+type Tables<T> = Option<Spanned<Vec<Spanned<T>>>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,12 +73,9 @@ struct RawSelector {
 #[serde(deny_unknown_fields)]
 struct RawRule {
     name: Option<Spanned<String>>,
-    #[serde(default)]
-    from: Vec<Spanned<RawSource>>,
-    #[serde(default)]
-    to: Vec<Spanned<RawOperation>>,
-    #[serde(default)]
-    when: Vec<Spanned<RawCondition>>,
+    from: Tables<RawSource>,
+    to: Tables<RawOperation>,
+    when: Tables<RawCondition>,
 }
 
 #[derive(Deserialize)]
@@ -93,9 +94,9 @@ struct RawSource {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOperation {
-    ports: Option<Vec<Spanned<i64>>>,
-    not_ports: Option<Vec<Spanned<i64>>>,
-    protocols: Option<Vec<Protocol>>,
+    ports: Ports,
+    not_ports: Ports,
+    protocols: Option<Spanned<Vec<Protocol>>>,
     methods: Strings,
     not_methods: Strings,
     paths: Strings,
@@ -344,19 +345,24 @@ impl Cx<'_> {
                 Some(s.to_string())
             }
         };
-        let mut from = Vec::new();
-        for (i, s) in rr.from.into_iter().enumerate() {
-            from.push(self.source_entry(&format!("{at}.from[{i}]"), s.into_inner())?);
-        }
-        let mut to = Vec::new();
-        for (i, o) in rr.to.into_iter().enumerate() {
-            to.push(self.operation(&format!("{at}.to[{i}]"), o.into_inner())?);
-        }
-        let mut when = Vec::new();
-        for (i, c) in rr.when.into_iter().enumerate() {
-            let cline = self.line(c.span().start);
-            when.push(self.condition(&format!("{at}.when[{i}]"), c.into_inner(), cline)?);
-        }
+        let from = self.tables(
+            rr.from,
+            &format!("{at}.from"),
+            "write the sources, or leave `from` out to match any source",
+            |i, s, line| self.source_entry(&format!("{at}.from[{i}]"), s, line),
+        )?;
+        let to = self.tables(
+            rr.to,
+            &format!("{at}.to"),
+            "write the operations, or leave `to` out to match any operation",
+            |i, o, line| self.operation(&format!("{at}.to[{i}]"), o, line),
+        )?;
+        let when = self.tables(
+            rr.when,
+            &format!("{at}.when"),
+            "write the conditions, or leave `when` out",
+            |i, c, line| self.condition(&format!("{at}.when[{i}]"), c, line),
+        )?;
         Ok(Rule {
             name,
             from,
@@ -366,7 +372,24 @@ impl Cx<'_> {
         })
     }
 
-    fn source_entry(&self, at: &str, s: RawSource) -> Result<Source, PolicyError> {
+    fn source_entry(&self, at: &str, s: RawSource, line: usize) -> Result<Source, PolicyError> {
+        let fields = [
+            &s.identities,
+            &s.not_identities,
+            &s.groups,
+            &s.not_groups,
+            &s.trust_domains,
+            &s.not_trust_domains,
+            &s.addresses,
+            &s.not_addresses,
+        ];
+        if fields.iter().all(|f| f.is_none()) {
+            return Err(self.err_line(
+                line,
+                at,
+                "empty `from` entry: it would match any source; name identities, groups, trust domains or addresses, or remove the entry",
+            ));
+        }
         let id = |v: &str| {
             ident::check_id_pattern(v)?;
             Ok(Pattern::parse(v))
@@ -391,11 +414,33 @@ impl Cx<'_> {
         })
     }
 
-    fn operation(&self, at: &str, o: RawOperation) -> Result<Operation, PolicyError> {
-        let ports = |v: &Option<Vec<Spanned<i64>>>, field: &str| -> Result<_, PolicyError> {
+    fn operation(&self, at: &str, o: RawOperation, line: usize) -> Result<Operation, PolicyError> {
+        let vacuous = o.ports.is_none()
+            && o.not_ports.is_none()
+            && o.protocols.is_none()
+            && [
+                &o.methods,
+                &o.not_methods,
+                &o.paths,
+                &o.not_paths,
+                &o.hosts,
+                &o.not_hosts,
+            ]
+            .iter()
+            .all(|f| f.is_none());
+        if vacuous {
+            return Err(self.err_line(
+                line,
+                at,
+                "empty `to` entry: it would match any operation; name ports, protocols, methods, paths or hosts, or remove the entry",
+            ));
+        }
+        let ports = |v: &Ports, field: &str| -> Result<_, PolicyError> {
             v.as_ref()
                 .map(|v| {
-                    v.iter()
+                    self.not_empty(v.span().start, &format!("{at}.{field}"), v.get_ref(), field)?;
+                    v.get_ref()
+                        .iter()
                         .map(|p| {
                             u16::try_from(*p.get_ref())
                                 .ok()
@@ -421,7 +466,18 @@ impl Cx<'_> {
         Ok(Operation {
             ports: ports(&o.ports, "ports")?,
             not_ports: ports(&o.not_ports, "not_ports")?.unwrap_or_default(),
-            protocols: o.protocols,
+            protocols: match o.protocols {
+                None => None,
+                Some(p) => {
+                    self.not_empty(
+                        p.span().start,
+                        &format!("{at}.protocols"),
+                        p.get_ref(),
+                        "protocols",
+                    )?;
+                    Some(p.into_inner())
+                }
+            },
             methods: self.list(&o.methods, &format!("{at}.methods"), method)?,
             not_methods: self.nlist(&o.not_methods, &format!("{at}.not_methods"), method)?,
             paths: self.list(&o.paths, &format!("{at}.paths"), path)?,
@@ -467,7 +523,10 @@ impl Cx<'_> {
     ) -> Result<Option<Vec<T>>, PolicyError> {
         v.as_ref()
             .map(|v| {
-                v.iter()
+                let name = field.rsplit('.').next().unwrap_or(field);
+                self.not_empty(v.span().start, field, v.get_ref(), name)?;
+                v.get_ref()
+                    .iter()
                     .map(|s| {
                         f(s.get_ref()).map_err(|m| {
                             self.err(s.span().start, field, &format!("{:?}: {m}", s.get_ref()))
@@ -476,6 +535,55 @@ impl Cx<'_> {
                     .collect()
             })
             .transpose()
+    }
+
+    /// Refuses a list written empty (`identities = []`): a positive one would match
+    /// nothing (a deny rule that silently denies nothing), a `not_*` one excludes
+    /// nothing; either way the file does not say what its author meant.
+    fn not_empty<T>(
+        &self,
+        offset: usize,
+        field: &str,
+        v: &[T],
+        name: &str,
+    ) -> Result<(), PolicyError> {
+        if !v.is_empty() {
+            return Ok(());
+        }
+        let what = if name.starts_with("not_") {
+            "it excludes nothing"
+        } else {
+            "it would match nothing"
+        };
+        Err(self.err(
+            offset,
+            field,
+            &format!("empty list: {what}; write the values, or leave `{name}` out"),
+        ))
+    }
+
+    /// Converts an array of tables (`from`, `to`, `when`), each entry by `f` with its
+    /// line; `[]` written out is an error (Istio reads it as absent, which for `from`
+    /// means any source).
+    fn tables<R, T>(
+        &self,
+        v: Tables<R>,
+        field: &str,
+        hint: &str,
+        mut f: impl FnMut(usize, R, usize) -> Result<T, PolicyError>,
+    ) -> Result<Vec<T>, PolicyError> {
+        let Some(v) = v else {
+            return Ok(Vec::new());
+        };
+        if v.get_ref().is_empty() {
+            return Err(self.err(v.span().start, field, &format!("empty list: {hint}")));
+        }
+        let mut out = Vec::with_capacity(v.get_ref().len());
+        for (i, entry) in v.into_inner().into_iter().enumerate() {
+            let line = self.line(entry.span().start);
+            out.push(f(i, entry.into_inner(), line)?);
+        }
+        Ok(out)
     }
 
     /// Converts a `not_*` list field (absent = empty).

@@ -186,8 +186,6 @@ action = "allow"
 [[policy.rule]]
 to = [{ protocols = ["udp"], methods = ["GET"] }]
 [[policy.rule]]
-from = [{ identities = [] }]
-[[policy.rule]]
 to = [{ paths = ["/api/*/items", "api", "/a?b=1"] }]
 [[policy.rule]]
 to = [{ protocols = ["icmp"], ports = [80] }]
@@ -205,10 +203,6 @@ action = "allow"
         "{all}"
     );
     assert!(
-        all.contains("rule[1].from[0].identities: empty list"),
-        "{all}"
-    );
-    assert!(
         all.contains("\"/api/*/items\": `*` is a wildcard only"),
         "{all}"
     );
@@ -221,10 +215,10 @@ action = "allow"
     assert!(all.contains("case-sensitive"), "{all}");
     assert!(all.contains("policy \"empty\" has no rules"), "{all}");
     assert!(
-        all.contains("p.toml:9: warning: policy[0].rule[2]: HTTP fields without `ports`"),
+        all.contains("p.toml:7: warning: policy[0].rule[1]: HTTP fields without `ports`"),
         "{all}"
     );
-    assert_eq!(w.len(), 10, "{all}");
+    assert_eq!(w.len(), 9, "{all}");
 }
 
 #[test]
@@ -301,7 +295,7 @@ fn large_file_reports_exact_lines() {
     // A valid file: warnings on rules at the end, in file order; its test passes.
     let f = big_file(
         |i| match i {
-            7 => rule(i, "to = [{ ports = [] }]"),
+            7 => rule(i, "to = [{ ports = [80], protocols = [\"icmp\"] }]"),
             i if i == last - 1 => rule(i, "to = [{ ports = [80], methods = [\"get\"] }]"),
             i if i == last => rule(
                 i,
@@ -316,7 +310,7 @@ fn large_file_reports_exact_lines() {
     assert_eq!(
         got,
         [
-            format!("big.toml:{}: warning: policy[1].rule[7].to[0].ports: empty list matches nothing: this can never match (remove the field to match anything)", f.rule_line[7]),
+            format!("big.toml:{}: warning: policy[1].rule[7].to[0].ports: icmp has no ports: this can never match", f.rule_line[7]),
             format!("big.toml:{}: warning: policy[1].rule[{}].to[0].methods: methods are case-sensitive: \"get\" never matches \"GET\"", f.rule_line[last - 1], last - 1),
             format!("big.toml:{}: warning: policy[1].rule[{last}].when[0].key: use `hosts` in `to` for the Host header (it handles ports and case)", f.rule_line[last]),
         ]
@@ -370,6 +364,22 @@ fn large_file_reports_exact_lines() {
         format!(
             "big.toml:{}: policy[1].rule[{last}].to[0].ports: port 0 is not in 1-65535",
             f.rule_line[last] + 3
+        )
+    );
+    // An empty list in the last rule: the line of the list.
+    let f = big_file(
+        |i| {
+            (i == last)
+                .then(|| rule(i, "to = [{ ports = [80] }]\nwhen = [\n  { key = \"request.headers[a]\", values = [] },\n]"))
+                .flatten()
+        },
+        "",
+    );
+    assert_eq!(
+        fails(&f),
+        format!(
+            "big.toml:{}: policy[1].rule[{last}].when[0].values: empty list: it would match nothing; write the values, or leave `values` out",
+            f.rule_line[last] + 5
         )
     );
     // A TOML error in the last rule: its line and the key written on it.
@@ -633,15 +643,53 @@ fn groups_trust_domains_addresses() {
 }
 
 #[test]
-fn from_entries_or_and_empty_lists_match_nothing() {
+fn from_entries_or() {
     let c = allow_rule("from = [{ identities = [\"spiffe://t/a\"] }, { groups = [\"ops\"] }]");
     assert!(allowed(&c, &RequestSpec::tcp("spiffe://t/a", 1)));
     let mut ops = RequestSpec::tcp("spiffe://t/z", 1);
     ops.from_groups = vec!["ops".into()];
     assert!(allowed(&c, &ops));
     assert!(!allowed(&c, &RequestSpec::tcp("spiffe://t/z", 1)));
-    let c = allow_rule("from = [{ identities = [] }]");
-    assert!(!allowed(&c, &RequestSpec::tcp("spiffe://t/a", 1)));
+}
+
+/// Issue 18: an empty list or an entry that constrains nothing is refused, with the
+/// line and the field, wherever it is written. A deny rule with `identities = []`
+/// used to match nothing (so it silently denied nothing), and `from = [{}]` or
+/// `from = []` to match every source.
+#[test]
+fn empty_lists_and_vacuous_entries_are_errors() {
+    let head = "[[policy]]\nname = \"p\"\naction = \"deny\"\n";
+    let table: &[(&str, usize, &str, &str)] = &[
+        // (body after the policy head, line, field, message start)
+        ("[[policy.rule]]\nfrom = [{ identities = [] }]", 5, "policy[0].rule[0].from[0].identities", "empty list: it would match nothing"),
+        ("[[policy.rule]]\nfrom = [{ groups = [] }]", 5, "policy[0].rule[0].from[0].groups", "empty list"),
+        ("[[policy.rule]]\nfrom = [{ trust_domains = [] }]", 5, "policy[0].rule[0].from[0].trust_domains", "empty list"),
+        ("[[policy.rule]]\nfrom = [{ addresses = [] }]", 5, "policy[0].rule[0].from[0].addresses", "empty list"),
+        ("[[policy.rule]]\nfrom = [{ identities = [\"*\"], not_groups = [] }]", 5, "policy[0].rule[0].from[0].not_groups", "empty list: it excludes nothing"),
+        ("[[policy.rule]]\nto = [{ ports = [] }]", 5, "policy[0].rule[0].to[0].ports", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80], protocols = [] }]", 5, "policy[0].rule[0].to[0].protocols", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80], methods = [] }]", 5, "policy[0].rule[0].to[0].methods", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80], paths = [] }]", 5, "policy[0].rule[0].to[0].paths", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80], hosts = [] }]", 5, "policy[0].rule[0].to[0].hosts", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80], not_paths = [] }]", 5, "policy[0].rule[0].to[0].not_paths", "empty list: it excludes nothing"),
+        ("selector = { identities = [] }\n[[policy.rule]]", 4, "policy[0].selector.identities", "empty list"),
+        ("selector = { groups = [] }\n[[policy.rule]]", 4, "policy[0].selector.groups", "empty list"),
+        ("[[policy.rule]]\nfrom = [{}]", 5, "policy[0].rule[0].from[0]", "empty `from` entry: it would match any source"),
+        ("[[policy.rule]]\nfrom = [\n  { groups = [\"a\"] },\n  {},\n]", 7, "policy[0].rule[0].from[1]", "empty `from` entry"),
+        ("[[policy.rule]]\nto = [{}]", 5, "policy[0].rule[0].to[0]", "empty `to` entry: it would match any operation"),
+        ("[[policy.rule]]\n[[policy.rule.to]]\n", 5, "policy[0].rule[0].to[0]", "empty `to` entry"),
+        ("[[policy.rule]]\nfrom = []", 5, "policy[0].rule[0].from", "empty list: write the sources, or leave `from` out"),
+        ("[[policy.rule]]\nto = []", 5, "policy[0].rule[0].to", "empty list"),
+        ("[[policy.rule]]\nwhen = []", 5, "policy[0].rule[0].when", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80] }]\nwhen = [{ key = \"request.headers[a]\", not_values = [] }]", 6, "policy[0].rule[0].when[0].not_values", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80] }]\nwhen = [{ key = \"request.headers[a]\", values = [] }]", 6, "policy[0].rule[0].when[0].values", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80] }]\nwhen = [{ key = \"request.headers[a]\" }]", 6, "policy[0].rule[0].when[0]", "a condition needs `values` or `not_values`"),
+    ];
+    for &(body, line, field, message) in table {
+        let e = err(&format!("{head}{body}\n"));
+        assert_eq!((e.line, e.field.as_str()), (line, field), "{body}: {e}");
+        assert!(e.message.starts_with(message), "{body}: {e}");
+    }
 }
 
 // ---- matchers: to --------------------------------------------------------------
@@ -1354,22 +1402,10 @@ fn selector_index_picks_workloads_like_the_scan() {
                 ((None, &["db"]), false),
             ],
         ),
-        // An empty selector selects every workload; `[]` selects none.
+        // An empty selector selects every workload (`[]` in a selector is refused).
         (
             "",
             &[((None, &[]), true), ((Some("spiffe://t/a"), &["db"]), true)],
-        ),
-        (
-            r#"identities = []"#,
-            &[((Some("spiffe://t/a"), &[]), false), ((None, &[]), false)],
-        ),
-        (
-            r#"identities = ["*"], groups = []"#,
-            &[((Some("spiffe://t/a"), &["db"]), false)],
-        ),
-        (
-            r#"identities = [], groups = ["db"]"#,
-            &[((Some("spiffe://t/a"), &["db"]), false)],
         ),
     ];
     for &(selector, cases) in table {
@@ -1505,9 +1541,9 @@ const ARB_ID_PATTERNS: [&str; 11] = [
 ];
 
 fn arb_source() -> impl Strategy<Value = String> {
-    let ids = prop::option::of(prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 0..3));
+    let ids = prop::option::of(prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 1..3));
     let not_ids = prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 0..2);
-    let tds = prop::option::weighted(0.2, prop::sample::subsequence(vec!["t", "u"], 0..2));
+    let tds = prop::option::weighted(0.2, prop::sample::subsequence(vec!["t", "u"], 1..2));
     let groups = prop::sample::subsequence(vec!["web", "db"], 0..2);
     (ids, not_ids, tds, groups, any::<bool>()).prop_map(|(ids, not_ids, tds, groups, addr)| {
         let mut f = Vec::new();
@@ -1526,6 +1562,10 @@ fn arb_source() -> impl Strategy<Value = String> {
         if addr {
             f.push("addresses = [\"100.64.0.0/16\"]".to_string());
         }
+        if f.is_empty() {
+            // An empty entry is refused; `*` is the nearest: any source with an identity.
+            f.push("identities = [\"*\"]".to_string());
+        }
         format!("{{ {} }}", f.join(", "))
     })
 }
@@ -1538,6 +1578,12 @@ fn arb_operation() -> impl Strategy<Value = String> {
         let mut f = Vec::new();
         if !ports.is_empty() {
             f.push(format!("ports = {ports:?}"));
+        } else if !methods.is_empty() || !paths.is_empty() {
+            // HTTP fields need ports.
+            f.push("ports = [8080]".to_string());
+        } else {
+            // An empty entry is refused: every port but one.
+            f.push("not_ports = [22]".to_string());
         }
         if !methods.is_empty() {
             f.push(format!("methods = {methods:?}"));
@@ -1567,11 +1613,11 @@ fn arb_rule() -> impl Strategy<Value = String> {
         })
 }
 
-/// A `selector = ...` line, or none: identity patterns (exact, prefix, suffix, `*`,
-/// `[]`), groups (`[]` too), both, neither.
+/// A `selector = ...` line, or none: identity patterns (exact, prefix, suffix, `*`),
+/// groups, both, neither (`selector = {}`).
 fn arb_selector() -> impl Strategy<Value = String> {
-    let ids = prop::option::of(prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 0..3));
-    let groups = prop::option::of(prop::sample::subsequence(vec!["web", "db", "api"], 0..3));
+    let ids = prop::option::of(prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 1..3));
+    let groups = prop::option::of(prop::sample::subsequence(vec!["web", "db", "api"], 1..3));
     prop::option::weighted(0.7, (ids, groups)).prop_map(|sel| {
         let Some((ids, groups)) = sel else {
             return String::new();

@@ -48,20 +48,6 @@ pub(crate) fn lint(set: &PolicySet) -> Vec<PolicyWarning> {
                 format!("policy {:?} has no rules: {what}", p.name),
             );
         }
-        if let Some(sel) = &p.selector {
-            empty(
-                &mut warn,
-                p.line,
-                &format!("{at}.selector.identities"),
-                &sel.identities,
-            );
-            empty(
-                &mut warn,
-                p.line,
-                &format!("{at}.selector.groups"),
-                &sel.groups,
-            );
-        }
         for (ri, rule) in p.rules.iter().enumerate() {
             lint_rule(&mut warn, &format!("{at}.rule[{ri}]"), rule);
         }
@@ -69,30 +55,10 @@ pub(crate) fn lint(set: &PolicySet) -> Vec<PolicyWarning> {
     out
 }
 
-fn empty<T>(
-    warn: &mut impl FnMut(usize, String, String),
-    line: usize,
-    field: &str,
-    v: &Option<Vec<T>>,
-) {
-    if v.as_ref().is_some_and(Vec::is_empty) {
-        warn(
-            line,
-            field.to_string(),
-            "empty list matches nothing: this can never match (remove the field to match anything)"
-                .into(),
-        );
-    }
-}
-
 fn lint_rule(warn: &mut impl FnMut(usize, String, String), at: &str, rule: &Rule) {
     let line = rule.line;
     for (i, s) in rule.from.iter().enumerate() {
         let a = format!("{at}.from[{i}]");
-        empty(warn, line, &format!("{a}.identities"), &s.identities);
-        empty(warn, line, &format!("{a}.groups"), &s.groups);
-        empty(warn, line, &format!("{a}.trust_domains"), &s.trust_domains);
-        empty(warn, line, &format!("{a}.addresses"), &s.addresses);
         if let Some(g) = &s.groups {
             if g.iter().any(|g| s.not_groups.contains(g)) {
                 warn(
@@ -128,7 +94,6 @@ fn lint_rule(warn: &mut impl FnMut(usize, String, String), at: &str, rule: &Rule
     }
     for (i, c) in rule.when.iter().enumerate() {
         let a = format!("{at}.when[{i}]");
-        empty(warn, line, &format!("{a}.values"), &c.values);
         if c.header == "host" {
             warn(
                 line,
@@ -146,20 +111,15 @@ fn lint_operation(
     op: &Operation,
     has_when: bool,
 ) {
-    empty(warn, line, &format!("{a}.ports"), &op.ports);
-    empty(warn, line, &format!("{a}.protocols"), &op.protocols);
-    empty(warn, line, &format!("{a}.methods"), &op.methods);
-    empty(warn, line, &format!("{a}.paths"), &op.paths);
-    empty(warn, line, &format!("{a}.hosts"), &op.hosts);
     if let Some(protos) = &op.protocols {
-        if (op.is_l7() || has_when) && !protos.is_empty() && !protos.contains(&Protocol::Tcp) {
+        if (op.is_l7() || has_when) && !protos.contains(&Protocol::Tcp) {
             warn(
                 line,
                 a.to_string(),
                 "HTTP fields (methods, paths, hosts, header conditions) need tcp, but protocols excludes it: this can never match".into(),
             );
         }
-        if op.ports.is_some() && !protos.is_empty() && protos.iter().all(|p| *p == Protocol::Icmp) {
+        if op.ports.is_some() && protos.iter().all(|p| *p == Protocol::Icmp) {
             warn(
                 line,
                 format!("{a}.ports"),
