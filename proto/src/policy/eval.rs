@@ -386,15 +386,16 @@ pub(crate) fn operation_mismatch(
             Some("http")
         };
     };
+    let method = h.method.as_bytes();
     if let Some(m) = &op.methods {
-        if !m.iter().any(|m| m == h.method) {
+        if !m.iter().any(|m| m.matches(method)) {
             return Some("methods");
         }
     }
-    if op.not_methods.iter().any(|m| m == h.method) {
+    if op.not_methods.iter().any(|m| m.matches(method)) {
         return Some("not_methods");
     }
-    let path = h.path.as_bytes();
+    let path = h.path;
     if let Some(p) = &op.paths {
         if !p.iter().any(|p| p.matches(path)) {
             return Some("paths");

@@ -11,8 +11,8 @@ use toml::Spanned;
 use super::cases::{Expect, TestCase};
 use super::ident;
 use super::model::{
-    Action, Condition, HostPattern, Operation, Pattern, Policy, PolicySet, Protocol, Rule,
-    Selector, Source,
+    Action, Condition, HostPattern, Operation, PathPattern, PathTemplate, Pattern, Policy,
+    PolicySet, Protocol, Rule, Selector, Source,
 };
 use super::request::{is_tchar, parse_header, HttpSpec, RequestSpec};
 use super::validate::{lint, PolicyWarning};
@@ -457,12 +457,7 @@ impl Cx<'_> {
                 })
                 .transpose()
         };
-        let path = |v: &str| {
-            if v.is_empty() {
-                return Err("empty path".to_string());
-            }
-            Ok(Pattern::parse(v))
-        };
+        let path = path_pattern;
         Ok(Operation {
             ports: ports(&o.ports, "ports")?,
             not_ports: ports(&o.not_ports, "not_ports")?.unwrap_or_default(),
@@ -761,11 +756,36 @@ fn cidr(v: &str) -> Result<IpNet, String> {
     })
 }
 
-fn method(v: &str) -> Result<String, String> {
+/// Istio's string match (exact, `prefix*`, `*suffix`, `*`), with `*` nowhere else:
+/// inside a value it would be literal, and a rule that means a wildcard there would
+/// match nothing (a deny that denies nothing).
+fn wildcard(v: &str) -> Result<Pattern, String> {
+    let p = Pattern::parse(v);
+    if p.literal().contains('*') {
+        return Err("`*` is a wildcard only alone, at the start or at the end".into());
+    }
+    Ok(p)
+}
+
+fn method(v: &str) -> Result<Pattern, String> {
     if v.is_empty() || !v.bytes().all(is_tchar) {
         return Err("an HTTP method is a token such as GET or POST".into());
     }
-    Ok(v.to_string())
+    wildcard(v)
+}
+
+/// A `paths` value: a template when it holds `{*}` or `{**}` (Istio 1.22+), else
+/// Istio's string match.
+fn path_pattern(v: &str) -> Result<PathPattern, String> {
+    if v.is_empty() {
+        return Err("empty path".into());
+    }
+    if PathTemplate::is_template(v) {
+        return PathTemplate::parse(v, |seg| Ok(seg.to_string())).map(PathPattern::Template);
+    }
+    wildcard(v)
+        .map(PathPattern::Match)
+        .map_err(|e| format!("{e} (for one path segment write `{{*}}`, for any number `{{**}}`)"))
 }
 
 fn host(v: &str) -> Result<HostPattern, String> {
@@ -804,7 +824,7 @@ fn host(v: &str) -> Result<HostPattern, String> {
         return Err("a host may not contain spaces or '/'".into());
     }
     Ok(HostPattern {
-        name: Pattern::parse(name),
+        name: wildcard(name)?,
         port,
     })
 }

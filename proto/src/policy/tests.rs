@@ -186,7 +186,7 @@ action = "allow"
 [[policy.rule]]
 to = [{ protocols = ["udp"], methods = ["GET"] }]
 [[policy.rule]]
-to = [{ paths = ["/api/*/items", "api", "/a?b=1"] }]
+to = [{ paths = ["api", "/a?b=1"] }]
 [[policy.rule]]
 to = [{ protocols = ["icmp"], ports = [80] }]
 [[policy.rule]]
@@ -203,10 +203,6 @@ action = "allow"
         "{all}"
     );
     assert!(
-        all.contains("\"/api/*/items\": `*` is a wildcard only"),
-        "{all}"
-    );
-    assert!(
         all.contains("\"api\": a normalised path starts with '/'"),
         "{all}"
     );
@@ -218,7 +214,7 @@ action = "allow"
         all.contains("p.toml:7: warning: policy[0].rule[1]: HTTP fields without `ports`"),
         "{all}"
     );
-    assert_eq!(w.len(), 9, "{all}");
+    assert_eq!(w.len(), 8, "{all}");
 }
 
 #[test]
@@ -762,6 +758,120 @@ fn methods_and_paths() {
         let c = allow_rule(&format!("to = [{{ ports = [80], {to} }}]"));
         let r = RequestSpec::tcp("spiffe://t/a", 80).http(method, path);
         assert_eq!(allowed(&c, &r), want, "{to} vs {method} {path}");
+    }
+}
+
+/// Issue 18: Istio's string match (exact, `prefix*`, `*suffix`, `*`) applies to
+/// methods as to hosts, paths and header values; `methods = ["*"]` was literal, so a
+/// deny on it denied nothing.
+#[test]
+fn methods_match_like_every_istio_string_field() {
+    let c = compile(
+        r#"
+[[policy]]
+name = "no-writes"
+action = "deny"
+[[policy.rule]]
+to = [{ ports = [80], methods = ["P*", "*TE"] }]
+[[policy]]
+name = "lock"
+action = "deny"
+[[policy.rule]]
+to = [{ ports = [81], methods = ["*"] }]
+[[policy]]
+name = "open"
+action = "allow"
+[[policy.rule]]
+to = [{ ports = [80, 81], protocols = ["tcp"] }]
+"#,
+    );
+    for (method, port, want) in [
+        ("GET", 80, true),
+        ("POST", 80, false),
+        ("PUT", 80, false),
+        ("PATCH", 80, false),
+        ("DELETE", 80, false),
+        ("OPTIONS", 80, true),
+        ("GET", 81, false),
+        ("HEAD", 81, false),
+        ("BREW", 81, false),
+    ] {
+        let r = RequestSpec::tcp("spiffe://t/a", port).http(method, "/");
+        assert_eq!(allowed(&c, &r), want, "{method} to {port}");
+    }
+    // A `*` inside a value would be literal: refused for methods, paths and hosts.
+    for (to, field) in [
+        ("methods = [\"G*T\"]", "methods"),
+        ("methods = [\"**\"]", "methods"),
+        ("paths = [\"/api/*/items\"]", "paths"),
+        ("not_paths = [\"*/a*\"]", "not_paths"),
+        ("hosts = [\"api.*.example.org\"]", "hosts"),
+    ] {
+        let e = err(&format!(
+            "[[policy]]\nname = \"p\"\naction = \"deny\"\n[[policy.rule]]\nto = [{{ ports = [80], {to} }}]\n"
+        ));
+        assert_eq!(e.field, format!("policy[0].rule[0].to[0].{field}"), "{e}");
+        assert!(e.message.contains("`*` is a wildcard only"), "{e}");
+    }
+}
+
+/// Istio 1.22+ path templates, matched as Envoy's URI template matcher does
+/// (`{*}` = `[^/]+`, `{**}` = `.*`, joined by `/`); Istio's documented examples.
+#[test]
+fn path_templates() {
+    let table: &[(&str, &str, bool)] = &[
+        ("/foo/{*}", "/foo/bar", true),
+        ("/foo/{*}", "/foo/bar/baz", false),
+        ("/foo/{*}", "/foo/", false),
+        ("/foo/{*}", "/foo", false),
+        ("/foo/{**}/", "/foo/bar/", true),
+        ("/foo/{**}/", "/foo/bar/baz/", true),
+        ("/foo/{**}/", "/foo/bar", false),
+        // Istio's page lists this as a match; Envoy's regex (`/foo/[..]*/`) does not.
+        ("/foo/{**}/", "/foo/bar/baz.txt", false),
+        ("/foo/{*}/bar/{**}", "/foo/buzz/bar/", true),
+        ("/foo/{*}/bar/{**}", "/foo/buzz/bar/baz", true),
+        ("/foo/{*}/bar/{**}", "/foo/buzz/bar", false),
+        ("/foo/{*}/bar/{**}", "/foo/a/b/bar/baz", false),
+        ("/a/{**}", "/a/", true),
+        ("/a/{**}", "/a/b/c", true),
+        ("/a/{**}", "/a", false),
+        ("/a/{**}", "/ab", false),
+        ("/a/{**}/b", "/a/x/y/b", true),
+        ("/a/{**}/b", "/a/x/b", true),
+        ("/a/{**}/b", "/a/b", false),
+        ("/a/{**}/b", "/a/x/b/c", false),
+        ("/{**}", "/", true),
+        ("/{**}", "/anything/at/all", true),
+        ("/{**}", "*", false),
+        ("/{*}/{*}", "/a/b", true),
+        ("/{*}/{*}", "/a/b/", false),
+    ];
+    for &(pattern, path, want) in table {
+        let c = allow_rule(&format!(
+            "to = [{{ ports = [80], paths = [\"{pattern}\"] }}]"
+        ));
+        assert_eq!(
+            allowed(&c, &get("spiffe://t/a", 80, path)),
+            want,
+            "{pattern} vs {path}"
+        );
+    }
+    for (bad, why) in [
+        ("/*/baz/{*}", "may appear only as a whole segment"),
+        ("/**/baz/{*}", "may appear only as a whole segment"),
+        ("/{**}/foo/{*}", "must be the last operator"),
+        ("/{**}/{**}", "must be the last operator"),
+        ("/foo/{*}.txt", "may appear only as a whole segment"),
+        ("/foo/{x}/{*}", "may appear only as a whole segment"),
+        ("foo/{*}", "starts with '/'"),
+        ("/a//{*}", "empty segment"),
+    ] {
+        let e = err(&format!(
+            "[[policy]]\nname = \"p\"\naction = \"deny\"\n[[policy.rule]]\nto = [{{ ports = [80], paths = [\"{bad}\"] }}]\n"
+        ));
+        assert_eq!(e.field, "policy[0].rule[0].to[0].paths", "{e}");
+        assert!(e.message.contains(why), "{bad}: {e}");
     }
 }
 

@@ -1,7 +1,7 @@
 //! Warnings: rules that are valid but can never match (or not as written), found on
 //! the checked model after parsing.
 
-use super::model::{Action, Operation, Pattern, PolicySet, Protocol, Rule};
+use super::model::{Action, Operation, PathPattern, Pattern, PolicySet, Protocol, Rule};
 
 /// A rule or field that is accepted but suspicious. Display:
 /// `file:line: warning: field: message`.
@@ -146,6 +146,7 @@ fn lint_operation(
         }
     }
     for m in op.methods.iter().flatten().chain(&op.not_methods) {
+        let m = m.to_string();
         if m.bytes().any(|b| b.is_ascii_lowercase()) {
             warn(
                 line,
@@ -162,6 +163,9 @@ fn lint_operation(
         ("not_paths", &op.not_paths[..]),
     ] {
         for p in paths {
+            let PathPattern::Match(p) = p else {
+                continue;
+            };
             if let Some(m) = path_problem(p) {
                 warn(
                     line,
@@ -176,9 +180,6 @@ fn lint_operation(
 /// Why a path pattern can never match a normalised path, if it cannot.
 fn path_problem(p: &Pattern) -> Option<&'static str> {
     let lit = p.literal();
-    if lit.contains('*') {
-        return Some("`*` is a wildcard only at the start or end; here it is literal and the pattern will never match as intended");
-    }
     if lit.contains('?') || lit.contains('#') {
         return Some("paths are matched without the query or fragment: this can never match");
     }
