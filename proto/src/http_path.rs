@@ -137,6 +137,21 @@ pub fn normalize_into(target: &str, out: &mut String) -> Result<(), PathError> {
     Ok(())
 }
 
+/// Normalises a piece of one segment (no `/`) by rules 3 to 6, appending it to `out`:
+/// for path *patterns*, whose cut segments (the end of a prefix such as `/api/v*`, the
+/// start of a suffix such as `*.png`) must be spelled as normalised paths spell them.
+/// Dot segments are not resolved (a cut segment is not a whole one); a `?`, `#` or `/`
+/// is the caller's to refuse.
+pub fn normalize_segment_into(piece: &str, out: &mut String) -> Result<(), PathError> {
+    if piece.contains('\\') {
+        return Err(PathError::Backslash);
+    }
+    if piece.contains(';') {
+        return Err(PathError::PathParameter);
+    }
+    decode_segment_into(piece, out)
+}
+
 /// The path part of an origin-form or absolute-form target (query still attached).
 fn origin_path(target: &str) -> Result<&str, PathError> {
     if target.starts_with('/') {

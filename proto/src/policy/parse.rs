@@ -16,6 +16,7 @@ use super::model::{
 };
 use super::request::{is_tchar, parse_header, HttpSpec, RequestSpec};
 use super::validate::{lint, PolicyWarning};
+use crate::http_path;
 
 /// A policy file that cannot be used. Display: `file:line: field: message`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -775,17 +776,87 @@ fn method(v: &str) -> Result<Pattern, String> {
 }
 
 /// A `paths` value: a template when it holds `{*}` or `{**}` (Istio 1.22+), else
-/// Istio's string match.
+/// Istio's string match; either way spelled as requests are once normalised
+/// ([`http_path`]), so that `/%7Eadmin` is `/~admin` and `/admin/ü*` catches
+/// `/admin/%C3%BCber`. A pattern no normalised path can match is refused.
 fn path_pattern(v: &str) -> Result<PathPattern, String> {
     if v.is_empty() {
         return Err("empty path".into());
     }
-    if PathTemplate::is_template(v) {
-        return PathTemplate::parse(v, |seg| Ok(seg.to_string())).map(PathPattern::Template);
+    if v.contains(['?', '#']) {
+        return Err(
+            "paths are matched without the query or fragment: a pattern with `?` or `#` can never match"
+                .into(),
+        );
     }
-    wildcard(v)
-        .map(PathPattern::Match)
-        .map_err(|e| format!("{e} (for one path segment write `{{*}}`, for any number `{{**}}`)"))
+    if PathTemplate::is_template(v) {
+        return PathTemplate::parse(v, whole_segment).map(PathPattern::Template);
+    }
+    let p = wildcard(v).map_err(|e| {
+        format!("{e} (for one path segment write `{{*}}`, for any number `{{**}}`)")
+    })?;
+    let starts_with_slash = || {
+        if p.literal().starts_with('/') {
+            Ok(())
+        } else {
+            Err("a normalised path starts with '/': this can never match".to_string())
+        }
+    };
+    let p = match &p {
+        Pattern::Any => Pattern::Any,
+        Pattern::Exact(s) => {
+            starts_with_slash()?;
+            Pattern::Exact(http_path::normalize(s).map_err(never)?)
+        }
+        // `/a/b/cut*`: whole segments normalised as a path (dot segments resolved, a
+        // trailing `/` kept), the cut last one only decoded.
+        Pattern::Prefix(s) => {
+            starts_with_slash()?;
+            let cut = s.rfind('/').map_or(0, |i| i + 1);
+            let mut out = http_path::normalize(&s[..cut]).map_err(never)?;
+            http_path::normalize_segment_into(&s[cut..], &mut out).map_err(never)?;
+            Pattern::Prefix(out)
+        }
+        // `*cut/b/c`: the cut first segment only decoded, the others whole.
+        Pattern::Suffix(s) => {
+            let mut out = String::with_capacity(s.len());
+            let count = s.split('/').count();
+            for (i, seg) in s.split('/').enumerate() {
+                if i == 0 {
+                    http_path::normalize_segment_into(seg, &mut out).map_err(never)?;
+                    continue;
+                }
+                out.push('/');
+                if seg.is_empty() && i + 1 < count {
+                    return Err(
+                        "empty segment (\"//\"): a normalised path has none, so this can never match"
+                            .into(),
+                    );
+                }
+                out.push_str(&whole_segment(seg)?);
+            }
+            Pattern::Suffix(out)
+        }
+    };
+    Ok(PathPattern::Match(p))
+}
+
+/// One whole segment of a path pattern, normalised; `.` and `..` never survive
+/// normalisation, so a pattern naming them can never match.
+fn whole_segment(seg: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(seg.len());
+    http_path::normalize_segment_into(seg, &mut out).map_err(never)?;
+    if out == "." || out == ".." {
+        return Err(format!(
+            "segment {seg:?}: a normalised path has no `.` or `..` segments, so this can never match"
+        ));
+    }
+    Ok(out)
+}
+
+/// Why a path pattern can never match: requests spelled so are refused before policy.
+fn never(e: http_path::PathError) -> String {
+    format!("can never match: {e}, and such requests are refused (400) before policy")
 }
 
 fn host(v: &str) -> Result<HostPattern, String> {

@@ -1,7 +1,7 @@
 //! Warnings: rules that are valid but can never match (or not as written), found on
 //! the checked model after parsing.
 
-use super::model::{Action, Operation, PathPattern, Pattern, PolicySet, Protocol, Rule};
+use super::model::{Action, Operation, PolicySet, Protocol, Rule};
 
 /// A rule or field that is accepted but suspicious. Display:
 /// `file:line: warning: field: message`.
@@ -157,45 +157,5 @@ fn lint_operation(
                 ),
             );
         }
-    }
-    for (field, paths) in [
-        ("paths", op.paths.as_deref().unwrap_or(&[])),
-        ("not_paths", &op.not_paths[..]),
-    ] {
-        for p in paths {
-            let PathPattern::Match(p) = p else {
-                continue;
-            };
-            if let Some(m) = path_problem(p) {
-                warn(
-                    line,
-                    format!("{a}.{field}"),
-                    format!("{:?}: {m}", p.to_string()),
-                );
-            }
-        }
-    }
-}
-
-/// Why a path pattern can never match a normalised path, if it cannot.
-fn path_problem(p: &Pattern) -> Option<&'static str> {
-    let lit = p.literal();
-    if lit.contains('?') || lit.contains('#') {
-        return Some("paths are matched without the query or fragment: this can never match");
-    }
-    match p {
-        Pattern::Exact(s) | Pattern::Prefix(s) if !s.starts_with('/') => {
-            Some("a normalised path starts with '/': this can never match")
-        }
-        Pattern::Exact(s) | Pattern::Prefix(s)
-            if s.contains("//")
-                || s.contains("/./")
-                || s.contains("/../")
-                || s.ends_with("/.")
-                || s.ends_with("/..") =>
-        {
-            Some("a normalised path has no empty, '.' or '..' segments: this can never match")
-        }
-        _ => None,
     }
 }
