@@ -435,18 +435,16 @@ pub(crate) fn condition_mismatch(
             Some("key")
         };
     };
+    // A header sent more than once is matched joined by `,`, as Envoy matches it
+    // (`HeaderUtility::getAllOfHeaderAsString`), on both sides: `values` and
+    // `not_values` see the same one value.
+    let joined = || h.header_values(&c.header);
     if let Some(values) = &c.values {
-        let hit = h
-            .header_values(&c.header)
-            .any(|v| values.iter().any(|p| p.matches(v)));
-        if !hit {
+        if !values.iter().any(|p| p.matches_joined(joined())) {
             return Some("values");
         }
     }
-    let excluded = h
-        .header_values(&c.header)
-        .any(|v| c.not_values.iter().any(|p| p.matches(v)));
-    if excluded {
+    if c.not_values.iter().any(|p| p.matches_joined(joined())) {
         return Some("not_values");
     }
     None

@@ -258,6 +258,7 @@ fn describe_miss(rule: &Rule, miss: &RuleMiss, req: &Request<'_>) -> String {
         }
         RuleMiss::When(i, f) => {
             let c = &rule.when[*i];
+            // The one value conditions match: a repeated header's values joined by `,`.
             let got: Vec<String> = http
                 .map(|h| {
                     h.header_values(&c.header)
@@ -270,7 +271,7 @@ fn describe_miss(rule: &Rule, miss: &RuleMiss, req: &Request<'_>) -> String {
             } else if got.is_empty() {
                 "(absent)".to_string()
             } else {
-                list(&got)
+                format!("{:?}", got.join(","))
             };
             let detail = match *f {
                 "values" => format!("{} = {got} not in {}", c.header, opt(&c.values)),

@@ -118,6 +118,38 @@ impl Pattern {
         }
     }
 
+    /// Matches the values of a header as Envoy does when it is sent more than once:
+    /// joined by `,` into one value (`x: 1` and `x: 2` read `1,2`), without building
+    /// the joined string. No values (the header is absent): no match, not even `*`.
+    pub fn matches_joined<'a, I>(&self, values: I) -> bool
+    where
+        I: DoubleEndedIterator<Item = &'a [u8]> + Clone,
+    {
+        if values.clone().next().is_none() {
+            return false;
+        }
+        // The joined bytes, forwards and backwards.
+        let forwards = values
+            .clone()
+            .enumerate()
+            .flat_map(|(i, v)| (i > 0).then_some(b',').into_iter().chain(v.iter().copied()));
+        let mut backwards = values.rev().enumerate().flat_map(|(i, v)| {
+            (i > 0)
+                .then_some(b',')
+                .into_iter()
+                .chain(v.iter().rev().copied())
+        });
+        match self {
+            Pattern::Exact(p) => forwards.eq(p.bytes()),
+            Pattern::Prefix(p) => {
+                let mut forwards = forwards;
+                p.bytes().all(|b| forwards.next() == Some(b))
+            }
+            Pattern::Suffix(p) => p.bytes().rev().all(|b| backwards.next() == Some(b)),
+            Pattern::Any => true,
+        }
+    }
+
     /// The literal part (without the wildcard).
     pub fn literal(&self) -> &str {
         match self {

@@ -32,8 +32,11 @@ pub struct HttpRequest<'a> {
 }
 
 impl<'a> HttpRequest<'a> {
-    /// Values of the header named `name` (which must be lowercase).
-    pub fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a [u8]> + 's {
+    /// Values of the header named `name` (case-insensitive), in the order sent.
+    pub fn header_values<'s>(
+        &'s self,
+        name: &'s str,
+    ) -> impl DoubleEndedIterator<Item = &'a [u8]> + Clone + 's {
         self.headers
             .iter()
             .filter(move |h| h.name.eq_ignore_ascii_case(name))

@@ -999,10 +999,63 @@ fn header_conditions() {
         ("values = [\"prod\"]", vec!["X-Env: prod"], true),
         ("values = [\"prod\"]", vec!["x-env: dev"], false),
         ("values = [\"prod\"]", vec![], false),
+        // A header sent twice is one value, joined by ",", as Envoy matches it
+        // (issue 18: each value used to be matched alone).
         (
             "values = [\"prod\"]",
             vec!["x-env: dev", "x-env: prod"],
+            false,
+        ),
+        (
+            "values = [\"dev,prod\"]",
+            vec!["x-env: dev", "x-env: prod"],
             true,
+        ),
+        (
+            "values = [\"dev,*\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            true,
+        ),
+        (
+            "values = [\"*,prod\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            true,
+        ),
+        (
+            "values = [\"*v,pr*\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            false,
+        ),
+        (
+            "values = [\"dev,p*\"]",
+            vec!["x-env: dev", "X-Env: prod"],
+            true,
+        ),
+        (
+            "values = [\"a,,c\"]",
+            vec!["x-env: a", "x-env: ", "x-env: c"],
+            true,
+        ),
+        ("values = [\"*\"]", vec!["x-env: ", "x-env: "], true),
+        (
+            "not_values = [\"prod\"]",
+            vec!["x-env: prod", "x-env: prod"],
+            true,
+        ),
+        (
+            "not_values = [\"prod,prod\"]",
+            vec!["x-env: prod", "x-env: prod"],
+            false,
+        ),
+        (
+            "not_values = [\"*,prod\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            false,
+        ),
+        (
+            "not_values = [\"de*\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            false,
         ),
         ("values = [\"pr*\"]", vec!["x-env: prod"], true),
         ("values = [\"*od\"]", vec!["x-env: prod"], true),
