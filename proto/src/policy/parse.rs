@@ -352,17 +352,36 @@ impl Cx<'_> {
             "write the sources, or leave `from` out to match any source",
             |i, s, line| self.source_entry(&format!("{at}.from[{i}]"), s, line),
         )?;
-        let to = self.tables(
-            rr.to,
-            &format!("{at}.to"),
-            "write the operations, or leave `to` out to match any operation",
-            |i, o, line| self.operation(&format!("{at}.to[{i}]"), o, line),
-        )?;
+        let when_line = rr.when.as_ref().map(|w| self.line(w.span().start));
         let when = self.tables(
             rr.when,
             &format!("{at}.when"),
             "write the conditions, or leave `when` out",
             |i, c, line| self.condition(&format!("{at}.when[{i}]"), c, line),
+        )?;
+        // Only the ports a rule names are inspected at layer 7 (an HTTP rule without
+        // ports used to make every TCP port inspected, for every workload): HTTP
+        // fields, or header conditions (which make each `to` entry layer 7), need
+        // ports.
+        const NEEDS_PORTS: &str = "HTTP fields (methods, paths, hosts, header conditions) need `ports`: only the ports a rule names are inspected at layer 7";
+        if let (Some(wline), None) = (when_line, &rr.to) {
+            return Err(self.err_line(
+                wline,
+                &format!("{at}.when"),
+                &format!("{NEEDS_PORTS}; add `to = [{{ ports = [...] }}]`"),
+            ));
+        }
+        let to = self.tables(
+            rr.to,
+            &format!("{at}.to"),
+            "write the operations, or leave `to` out to match any operation",
+            |i, o, line| {
+                let op = self.operation(&format!("{at}.to[{i}]"), o, line)?;
+                if (op.is_l7() || !when.is_empty()) && op.ports.is_none() {
+                    return Err(self.err_line(line, &format!("{at}.to[{i}]"), NEEDS_PORTS));
+                }
+                Ok(op)
+            },
         )?;
         Ok(Rule {
             name,
@@ -697,13 +716,14 @@ impl Cx<'_> {
                 ));
             }
         }
-        const REASONS: [&str; 6] = [
+        const REASONS: [&str; 7] = [
             "explicit_deny",
             "no_allow_matched",
             "default_deny",
             "allow_matched",
             "default_allow",
             "malformed_request",
+            "not_http",
         ];
         if let Some(r) = &rt.expect_reason {
             if !REASONS.contains(&r.get_ref().as_str()) {

@@ -1,7 +1,9 @@
 //! Warnings: rules that are valid but can never match (or not as written), found on
 //! the checked model after parsing.
 
-use super::model::{Action, Operation, PolicySet, Protocol, Rule};
+use std::collections::BTreeSet;
+
+use super::model::{Action, Operation, Pattern, Policy, PolicySet, Protocol, Rule, Selector};
 
 /// A rule or field that is accepted but suspicious. Display:
 /// `file:line: warning: field: message`.
@@ -52,7 +54,150 @@ pub(crate) fn lint(set: &PolicySet) -> Vec<PolicyWarning> {
             lint_rule(&mut warn, &format!("{at}.rule[{ri}]"), rule);
         }
     }
+    lint_inspection(set, &mut out);
     out
+}
+
+/// The ports a policy's rules make inspected at layer 7 (as `CompiledPolicy::inspects`
+/// files them), and those it names with udp.
+fn inspected_ports(p: &Policy) -> (BTreeSet<u16>, BTreeSet<u16>) {
+    let (mut http, mut udp) = (BTreeSet::new(), BTreeSet::new());
+    if p.action == Action::Audit {
+        return (http, udp);
+    }
+    for rule in &p.rules {
+        for op in &rule.to {
+            let Some(ports) = &op.ports else { continue };
+            let named = ports.iter().copied().filter(|p| !op.not_ports.contains(p));
+            if (op.is_l7() || !rule.when.is_empty()) && op.allows(Protocol::Tcp) {
+                http.extend(named.clone());
+            }
+            if op
+                .protocols
+                .as_ref()
+                .is_some_and(|p| p.contains(&Protocol::Udp))
+            {
+                udp.extend(named);
+            }
+        }
+    }
+    (http, udp)
+}
+
+/// Could one workload be selected by both selectors? Only two lists of exact
+/// identities with none in common say no.
+fn may_overlap(a: Option<&Selector>, b: Option<&Selector>) -> bool {
+    let exact = |s: &Selector| {
+        s.identities
+            .clone()
+            .filter(|ids| ids.iter().all(|p| matches!(p, Pattern::Exact(_))))
+    };
+    match (a.and_then(exact), b.and_then(exact)) {
+        (Some(x), Some(y)) => x.iter().any(|p| y.contains(p)),
+        _ => true,
+    }
+}
+
+fn port_list(ports: &BTreeSet<u16>) -> String {
+    let v: Vec<String> = ports.iter().map(u16::to_string).collect();
+    v.join(", ")
+}
+
+/// Where inspection changes what a rule seems to say:
+/// - an allow entry that admits udp by naming no protocol, on a port with HTTP rules
+///   for the same workloads: udp there is refused (`not_http`), since a datagram could
+///   be HTTP/3, which is not inspected (issue 18);
+/// - an audit rule with HTTP fields on a port that no allow or deny rule inspects for
+///   those workloads: audit never makes a port inspected, so it never matches.
+fn lint_inspection(set: &PolicySet, out: &mut Vec<PolicyWarning>) {
+    let ports: Vec<_> = set.policies.iter().map(inspected_ports).collect();
+    // The inspected and udp-named ports of the allow and deny policies that may
+    // select a workload `p` selects.
+    let near = |p: &Policy| {
+        let (mut http, mut udp) = (BTreeSet::<u16>::new(), BTreeSet::<u16>::new());
+        for (q, (h, u)) in set.policies.iter().zip(&ports) {
+            if may_overlap(p.selector.as_ref(), q.selector.as_ref()) {
+                http.extend(h);
+                udp.extend(u);
+            }
+        }
+        (http, udp)
+    };
+    for (pi, p) in set.policies.iter().enumerate() {
+        if p.action == Action::Deny {
+            continue;
+        }
+        let (http, udp) = near(p);
+        for (ri, rule) in p.rules.iter().enumerate() {
+            let at = format!("policy[{pi}].rule[{ri}]");
+            let mut warn = |field: String, message: String| {
+                out.push(PolicyWarning {
+                    file: set.source.clone(),
+                    line: rule.line,
+                    field,
+                    message,
+                })
+            };
+            if p.action == Action::Audit {
+                for (i, op) in rule.to.iter().enumerate() {
+                    if !(op.is_l7() || !rule.when.is_empty()) {
+                        continue;
+                    }
+                    let named: BTreeSet<u16> = op
+                        .ports
+                        .iter()
+                        .flatten()
+                        .copied()
+                        .filter(|p| !op.not_ports.contains(p) && !http.contains(p))
+                        .collect();
+                    if !named.is_empty() {
+                        warn(
+                            format!("{at}.to[{i}]"),
+                            format!("port {} is not inspected at layer 7 for these workloads (no allow or deny rule with HTTP fields names it, and audit rules never make a port inspected): requests there are not read, so this rule never matches", port_list(&named)),
+                        );
+                    }
+                }
+                continue;
+            }
+            if !rule.when.is_empty() {
+                // Every entry is layer 7: none matches udp.
+                continue;
+            }
+            let entries: Vec<(String, Option<&Vec<u16>>, &[u16])> = if rule.to.is_empty() {
+                vec![(at.clone(), None, &[][..])]
+            } else {
+                rule.to
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, op)| op.protocols.is_none() && !op.is_l7())
+                    .map(|(i, op)| {
+                        (
+                            format!("{at}.to[{i}]"),
+                            op.ports.as_ref(),
+                            &op.not_ports[..],
+                        )
+                    })
+                    .collect()
+            };
+            for (field, named, not_ports) in entries {
+                let refused: BTreeSet<u16> = http
+                    .iter()
+                    .copied()
+                    .filter(|p| {
+                        named.map_or(true, |n| n.contains(p))
+                            && !not_ports.contains(p)
+                            && !udp.contains(p)
+                    })
+                    .collect();
+                if !refused.is_empty() {
+                    warn(
+                        field,
+                        format!("udp to port {} is refused (not_http), though this rule names no protocol: the port has HTTP rules for these workloads, and a datagram there could be HTTP/3, which is not inspected (write protocols = [\"tcp\"] here, or name \"udp\" with the port to have udp decided by policy)", port_list(&refused)),
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn lint_rule(warn: &mut impl FnMut(usize, String, String), at: &str, rule: &Rule) {
@@ -68,20 +213,6 @@ fn lint_rule(warn: &mut impl FnMut(usize, String, String), at: &str, rule: &Rule
                 );
             }
         }
-    }
-    let l7_any_port = rule.is_l7()
-        && (rule.to.is_empty()
-            || rule.to.iter().any(|op| {
-                op.ports.is_none()
-                    && (op.is_l7() || !rule.when.is_empty())
-                    && op.allows(Protocol::Tcp)
-            }));
-    if l7_any_port {
-        warn(
-            line,
-            at.to_string(),
-            "HTTP fields without `ports`: every TCP port is inspected at layer 7 and non-HTTP traffic on any port is refused (name the HTTP ports)".into(),
-        );
     }
     for (i, op) in rule.to.iter().enumerate() {
         lint_operation(
