@@ -124,7 +124,7 @@ enum RuleLabel {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTest {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     from: Option<Spanned<String>>,
     #[serde(default)]
     from_groups: Vec<String>,
@@ -282,11 +282,14 @@ impl Cx<'_> {
     fn policy(&self, pi: usize, rp: RawPolicy, line: usize) -> Result<Policy, PolicyError> {
         let at = format!("policy[{pi}]");
         let name = rp.name.get_ref().trim().to_string();
-        if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
+        if name.is_empty()
+            || name.contains('/')
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(self.err(
                 rp.name.span().start,
                 &format!("{at}.name"),
-                "policy name must be non-empty, without spaces or '/'",
+                "policy name must be non-empty, without spaces, control characters or '/'",
             ));
         }
         let selector = match rp.selector {
@@ -336,11 +339,15 @@ impl Cx<'_> {
             None => None,
             Some(n) => {
                 let s = n.get_ref().trim();
-                if s.is_empty() || s.contains('/') || s.bytes().all(|b| b.is_ascii_digit()) {
+                if s.is_empty()
+                    || s.contains('/')
+                    || s.chars().any(char::is_control)
+                    || s.bytes().all(|b| b.is_ascii_digit())
+                {
                     return Err(self.err(
                         n.span().start,
                         &format!("{at}.name"),
-                        "rule name must be non-empty, without '/', and not a number",
+                        "rule name must be non-empty, without control characters or '/', and not a number",
                     ));
                 }
                 Some(s.to_string())
@@ -739,7 +746,18 @@ impl Cx<'_> {
             }
         }
         Ok(TestCase {
-            name: rt.name.unwrap_or_else(|| format!("test[{ti}]")),
+            name: match rt.name {
+                Some(n) if n.get_ref().chars().any(char::is_control) => {
+                    // Printed by `policy test` and in refusals: no terminal escapes.
+                    return Err(self.err(
+                        n.span().start,
+                        &f("name"),
+                        "a test name may not contain control characters",
+                    ));
+                }
+                Some(n) => n.into_inner(),
+                None => format!("test[{ti}]"),
+            },
             line,
             request,
             expect: Expect {
@@ -762,19 +780,41 @@ fn group(v: &str) -> Result<String, String> {
     Ok(v.to_string())
 }
 
+/// An address block or an address. The address is read by the standard library's
+/// parser, as test cases' addresses are: it refuses an IPv4 octet with a leading zero
+/// (`100.064.0.7`, which some tools read as octal), where `ipnet`'s own parser read
+/// `100.064.0.0/16` as decimal; the prefix length is plain decimal too.
 fn cidr(v: &str) -> Result<IpNet, String> {
-    if let Ok(n) = v.parse::<IpNet>() {
-        if n.trunc() != n {
-            return Err(format!(
-                "address block has host bits set (did you mean {}?)",
-                n.trunc()
-            ));
+    const BAD: &str = "not an address block (CIDR such as \"100.64.0.0/10\") or an IP address";
+    let (addr, len) = match v.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (v, None),
+    };
+    let leading_zero = |s: &str| s.len() > 1 && s.starts_with('0');
+    let addr: IpAddr = addr.parse().map_err(|_| {
+        if addr.split('.').any(leading_zero) {
+            format!("{BAD}: leading zeros are not allowed (they read as octal in some tools)")
+        } else {
+            BAD.to_string()
         }
-        return Ok(n);
+    })?;
+    let n = match len {
+        None => IpNet::from(addr),
+        Some(l) => {
+            if l.is_empty() || !l.bytes().all(|b| b.is_ascii_digit()) || leading_zero(l) {
+                return Err(BAD.into());
+            }
+            let l: u8 = l.parse().map_err(|_| BAD.to_string())?;
+            IpNet::new(addr, l).map_err(|_| BAD.to_string())?
+        }
+    };
+    if n.trunc() != n {
+        return Err(format!(
+            "address block has host bits set (did you mean {}?)",
+            n.trunc()
+        ));
     }
-    v.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
-        "not an address block (CIDR such as \"100.64.0.0/10\") or an IP address".into()
-    })
+    Ok(n)
 }
 
 /// Istio's string match (exact, `prefix*`, `*suffix`, `*`), with `*` nowhere else:

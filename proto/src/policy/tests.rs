@@ -208,6 +208,102 @@ action = "allow"
     assert_eq!(w.len(), 4, "{all}");
 }
 
+/// Issue 18: the docs promise a warning for a value its `not_*` field excludes; it
+/// existed only for groups, ports and methods.
+#[test]
+fn values_their_negation_excludes_warn() {
+    let w = warnings(
+        r#"
+[[policy]]
+name = "a"
+action = "deny"
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/a"], not_identities = ["spiffe://t/*"] }]
+[[policy.rule]]
+from = [{ trust_domains = ["t"], not_trust_domains = ["t"] }]
+[[policy.rule]]
+from = [{ addresses = ["100.64.1.0/24"], not_addresses = ["100.64.0.0/16"] }]
+[[policy.rule]]
+to = [{ ports = [80], paths = ["/admin/users"], not_paths = ["/admin/*"] }]
+[[policy.rule]]
+to = [{ ports = [80], hosts = ["api.example.org:8080"], not_hosts = ["*.example.org"] }]
+[[policy.rule]]
+to = [{ ports = [80], methods = ["POST"], not_methods = ["*"] }]
+[[policy.rule]]
+to = [{ ports = [80] }]
+when = [{ key = "request.headers[x-env]", values = ["prod-eu"], not_values = ["prod*"] }]
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/a"], not_identities = ["spiffe://t/b*"] }]
+to = [{ ports = [80], paths = ["/api/*"], not_paths = ["/api/private/*"], hosts = ["a.org"], not_hosts = ["a.org:8080"] }]
+"#,
+    );
+    let all = w.join("\n");
+    for want in [
+        "p.toml:5: warning: policy[0].rule[0].from[0].identities: \"spiffe://t/a\" in identities is excluded by \"spiffe://t/*\" in not_identities: it can never match",
+        "p.toml:7: warning: policy[0].rule[1].from[0].trust_domains: \"t\" in trust_domains is excluded",
+        "p.toml:9: warning: policy[0].rule[2].from[0].addresses: \"100.64.1.0/24\" in addresses is excluded by \"100.64.0.0/16\"",
+        "p.toml:11: warning: policy[0].rule[3].to[0].paths: \"/admin/users\" in paths is excluded by \"/admin/*\"",
+        "p.toml:13: warning: policy[0].rule[4].to[0].hosts: \"api.example.org:8080\" in hosts is excluded by \"*.example.org\"",
+        "p.toml:15: warning: policy[0].rule[5].to[0].methods: \"POST\" in methods is excluded by \"*\"",
+        "p.toml:17: warning: policy[0].rule[6].when[0].values: \"prod-eu\" in values is excluded by \"prod*\"",
+    ] {
+        assert!(all.contains(want), "{want}\n{all}");
+    }
+    // The last rule's negations only narrow it.
+    assert_eq!(w.len(), 7, "{all}");
+}
+
+/// Issue 18: `100.064.0.0/16` was read as decimal while `100.064.0.7` was refused;
+/// leading zeros are refused in both (and in the prefix length); names and test names
+/// with control characters (printed by `policy test`) are refused.
+#[test]
+fn leading_zeros_and_control_characters_are_refused() {
+    let with = |addr: &str| {
+        parse(
+            "p.toml",
+            &format!(
+                "[[policy]]\nname = \"a\"\naction = \"allow\"\n[[policy.rule]]\nfrom = [{{ addresses = [\"{addr}\"] }}]\n"
+            ),
+        )
+    };
+    for bad in [
+        "100.064.0.0/16",
+        "100.064.0.7",
+        "100.64.0.0/010",
+        "010.0.0.0/8",
+        "100.64.0.0/",
+        "100.64.0.0/+8",
+    ] {
+        let e = with(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+        assert_eq!(e.field, "policy[0].rule[0].from[0].addresses", "{e}");
+        assert!(e.message.contains("not an address block"), "{bad}: {e}");
+    }
+    assert!(with("100.064.0.7")
+        .unwrap_err()
+        .message
+        .contains("leading zeros"));
+    for good in [
+        "100.64.0.0/10",
+        "100.64.0.7",
+        "0.0.0.0/0",
+        "fd00:0db8::/32",
+        "fd00::7",
+        "::ffff:100.64.0.7",
+    ] {
+        assert!(with(good).is_ok(), "{good}: {:?}", with(good).err());
+    }
+    for (src, field) in [
+        ("[[policy]]\nname = \"a\\u001b[31m\"\naction = \"allow\"\n", "policy[0].name"),
+        ("[[policy]]\nname = \"a\"\naction = \"allow\"\n[[policy.rule]]\nname = \"r\\u0007\"\n", "policy[0].rule[0].name"),
+        ("[[policy]]\nname = \"a\"\naction = \"allow\"\n[[policy.rule]]\nname = \"two\\nlines\"\n", "policy[0].rule[0].name"),
+        ("[[policy]]\nname = \"a\"\naction = \"allow\"\n[[test]]\nname = \"t\\u001b]0;x\\u0007\"\nfrom = \"spiffe://t/a\"\nto_port = 1\nexpect = \"deny\"\n", "test[0].name"),
+    ] {
+        let e = err(src);
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.message.contains("control characters"), "{e}");
+    }
+}
+
 #[test]
 fn clean_policy_has_no_warnings() {
     let w = warnings(

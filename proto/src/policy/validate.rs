@@ -3,7 +3,9 @@
 
 use std::collections::BTreeSet;
 
-use super::model::{Action, Operation, Pattern, Policy, PolicySet, Protocol, Rule, Selector};
+use super::model::{
+    Action, Operation, PathPattern, Pattern, Policy, PolicySet, Protocol, Rule, Selector,
+};
 
 /// A rule or field that is accepted but suspicious. Display:
 /// `file:line: warning: field: message`.
@@ -204,15 +206,27 @@ fn lint_rule(warn: &mut impl FnMut(usize, String, String), at: &str, rule: &Rule
     let line = rule.line;
     for (i, s) in rule.from.iter().enumerate() {
         let a = format!("{at}.from[{i}]");
-        if let Some(g) = &s.groups {
-            if g.iter().any(|g| s.not_groups.contains(g)) {
-                warn(
-                    line,
-                    format!("{a}.groups"),
-                    "a group is in both groups and not_groups".into(),
-                );
+        let mut conflict = |field: &str, found: Option<(String, String)>| {
+            if let Some((p, n)) = found {
+                warn(line, format!("{a}.{field}"), excluded(field, &p, &n));
             }
-        }
+        };
+        conflict(
+            "identities",
+            excluded_by(&s.identities, &s.not_identities, pattern_covers),
+        );
+        conflict(
+            "groups",
+            excluded_by(&s.groups, &s.not_groups, |n, p| n == p),
+        );
+        conflict(
+            "trust_domains",
+            excluded_by(&s.trust_domains, &s.not_trust_domains, |n, p| n == p),
+        );
+        conflict(
+            "addresses",
+            excluded_by(&s.addresses, &s.not_addresses, |n, p| n.contains(p)),
+        );
     }
     for (i, op) in rule.to.iter().enumerate() {
         lint_operation(
@@ -225,6 +239,9 @@ fn lint_rule(warn: &mut impl FnMut(usize, String, String), at: &str, rule: &Rule
     }
     for (i, c) in rule.when.iter().enumerate() {
         let a = format!("{at}.when[{i}]");
+        if let Some((p, n)) = excluded_by(&c.values, &c.not_values, pattern_covers) {
+            warn(line, format!("{a}.values"), excluded("values", &p, &n));
+        }
         if c.header == "host" {
             warn(
                 line,
@@ -258,24 +275,32 @@ fn lint_operation(
             );
         }
     }
-    if let Some(ports) = &op.ports {
-        if ports.iter().any(|p| op.not_ports.contains(p)) {
-            warn(
-                line,
-                format!("{a}.ports"),
-                "a port is in both ports and not_ports".into(),
-            );
+    let mut conflict = |field: &str, found: Option<(String, String)>| {
+        if let Some((p, n)) = found {
+            warn(line, format!("{a}.{field}"), excluded(field, &p, &n));
         }
-    }
-    if let Some(m) = &op.methods {
-        if m.iter().any(|m| op.not_methods.contains(m)) {
-            warn(
-                line,
-                format!("{a}.methods"),
-                "a method is in both methods and not_methods".into(),
-            );
-        }
-    }
+    };
+    conflict(
+        "ports",
+        excluded_by(&op.ports, &op.not_ports, |n, p| n == p),
+    );
+    conflict(
+        "methods",
+        excluded_by(&op.methods, &op.not_methods, pattern_covers),
+    );
+    conflict(
+        "paths",
+        excluded_by(&op.paths, &op.not_paths, |n, p| match (n, p) {
+            (PathPattern::Match(n), PathPattern::Match(p)) => pattern_covers(n, p),
+            (n, p) => n == p,
+        }),
+    );
+    conflict(
+        "hosts",
+        excluded_by(&op.hosts, &op.not_hosts, |n, p| {
+            pattern_covers(&n.name, &p.name) && (n.port.is_none() || n.port == p.port)
+        }),
+    );
     for m in op.methods.iter().flatten().chain(&op.not_methods) {
         let m = m.to_string();
         if m.bytes().any(|b| b.is_ascii_lowercase()) {
@@ -288,5 +313,34 @@ fn lint_operation(
                 ),
             );
         }
+    }
+}
+
+/// The first value of a positive field that its `not_*` field excludes whole (so it
+/// can never match), with the value that excludes it.
+fn excluded_by<T: std::fmt::Display>(
+    pos: &Option<Vec<T>>,
+    neg: &[T],
+    covers: impl Fn(&T, &T) -> bool,
+) -> Option<(String, String)> {
+    pos.iter().flatten().find_map(|p| {
+        neg.iter()
+            .find(|n| covers(n, p))
+            .map(|n| (p.to_string(), n.to_string()))
+    })
+}
+
+fn excluded(field: &str, value: &str, by: &str) -> String {
+    format!("{value:?} in {field} is excluded by {by:?} in not_{field}: it can never match")
+}
+
+/// Does negative pattern `n` exclude everything positive pattern `p` matches?
+fn pattern_covers(n: &Pattern, p: &Pattern) -> bool {
+    match (n, p) {
+        (Pattern::Any, _) => true,
+        (n, Pattern::Exact(v)) => n.matches(v.as_bytes()),
+        (Pattern::Prefix(b), Pattern::Prefix(a)) => a.starts_with(b.as_str()),
+        (Pattern::Suffix(b), Pattern::Suffix(a)) => a.ends_with(b.as_str()),
+        _ => false,
     }
 }
