@@ -519,13 +519,16 @@ pub(crate) fn operation_mismatch(
 /// Do the HTTP fields of `op` match every HTTP request? Only `*` in `methods` and
 /// `paths` does (a Host may be absent in HTTP/1.0, a negation excludes something).
 fn every_request(op: &Operation) -> bool {
-    op.methods
-        .as_ref()
-        .map_or(true, |m| m.contains(&Pattern::Any))
-        && op
-            .paths
-            .as_ref()
-            .map_or(true, |p| p.contains(&PathPattern::Match(Pattern::Any)))
+    let any_method = match &op.methods {
+        None => true,
+        Some(m) => m.contains(&Pattern::Any),
+    };
+    let any_path = match &op.paths {
+        None => true,
+        Some(p) => p.contains(&PathPattern::Match(Pattern::Any)),
+    };
+    any_method
+        && any_path
         && op.hosts.is_none()
         && op.not_methods.is_empty()
         && op.not_paths.is_empty()

@@ -1257,7 +1257,8 @@ to = [{ ports = [7000], paths = ["*"] }]
     let other = Some("spiffe://t/other");
     use Protocol::{Icmp, Tcp, Udp};
     // (workload, groups, protocol, port, inspected)
-    let table: &[(Option<&str>, &[&str], Protocol, u16, bool)] = &[
+    type Case<'a> = (Option<&'a str>, &'a [&'a str], Protocol, u16, bool);
+    let table: &[Case] = &[
         (api, &[], Tcp, 8080, true),
         (api, &[], Tcp, 9000, true),
         (api, &[], Tcp, 8443, true),

@@ -142,7 +142,7 @@ fn lint_inspection(set: &PolicySet, out: &mut Vec<PolicyWarning>) {
             };
             if p.action == Action::Audit {
                 for (i, op) in rule.to.iter().enumerate() {
-                    if !(op.is_l7() || !rule.when.is_empty()) {
+                    if !op.is_l7() && rule.when.is_empty() {
                         continue;
                     }
                     let named: BTreeSet<u16> = op
@@ -165,7 +165,10 @@ fn lint_inspection(set: &PolicySet, out: &mut Vec<PolicyWarning>) {
                 // Every entry is layer 7: none matches udp.
                 continue;
             }
-            let entries: Vec<(String, Option<&Vec<u16>>, &[u16])> = if rule.to.is_empty() {
+            // (field, ports named or any, not_ports) of each entry admitting udp
+            // without naming a protocol.
+            type Entry<'a> = (String, Option<&'a Vec<u16>>, &'a [u16]);
+            let entries: Vec<Entry> = if rule.to.is_empty() {
                 vec![(at.clone(), None, &[][..])]
             } else {
                 rule.to
@@ -186,9 +189,11 @@ fn lint_inspection(set: &PolicySet, out: &mut Vec<PolicyWarning>) {
                     .iter()
                     .copied()
                     .filter(|p| {
-                        named.map_or(true, |n| n.contains(p))
-                            && !not_ports.contains(p)
-                            && !udp.contains(p)
+                        let in_entry = match named {
+                            None => true,
+                            Some(n) => n.contains(p),
+                        };
+                        in_entry && !not_ports.contains(p) && !udp.contains(p)
                     })
                     .collect();
                 if !refused.is_empty() {
