@@ -32,8 +32,10 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Default::Deny)]
         default: Default,
     },
-    /// Show the decision for a described request, the rule that made it, and why
-    /// every other policy did not match (offline with --file, else from meshd)
+    /// Show the decision for a described request as the data path makes it, the rule
+    /// that made it, and why every other policy did not match (offline with --file,
+    /// else from meshd). Without --method, --path, --host or --header the request is a
+    /// connection that sends no HTTP (refused as not_http on an inspected port)
     #[command(after_help = "Examples:
   meshctl policy explain --file policy.toml --from spiffe://t/web --to-port 8080
   meshctl policy explain --file policy.toml --from spiffe://t/web --to-port 8080 \\
@@ -108,7 +110,8 @@ pub struct ExplainArgs {
     /// HTTP method (layer 7)
     #[arg(long)]
     method: Option<String>,
-    /// HTTP request path, normalised as the enforcer does (layer 7)
+    /// HTTP request path, normalised as the enforcer does (layer 7; not read on a
+    /// port that is not inspected)
     #[arg(long)]
     path: Option<String>,
     /// HTTP Host header (layer 7)

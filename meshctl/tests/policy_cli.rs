@@ -239,6 +239,82 @@ fn explain_offline_text_and_json() {
 }
 
 /// A fake meshd: answers one connection with `reply`, returns the request line.
+/// Issue 18: `check` warns where inspection refuses what a rule seems to allow (udp on
+/// an HTTP port), `explain` says what the data path does with non-HTTP traffic there,
+/// and HTTP fields without ports are a one-line error.
+#[test]
+fn inspection_is_checked_and_explained() {
+    let d = Dir::new("inspect");
+    d.write(
+        "p.toml",
+        &format!("{POLICY}\n[[policy]]\nname = \"l4\"\naction = \"allow\"\n[[policy.rule]]\nto = [{{ ports = [8080, 9090] }}]\n"),
+    );
+    let out = d.run(&["policy", "check", "p.toml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(
+            "p.toml:36: warning: policy[2].rule[0].to[0]: udp to port 8080 is refused (not_http)"
+        ),
+        "{err}"
+    );
+    assert!(
+        text(&out.stdout).ends_with("1 warnings\n"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let explain = |extra: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "explain",
+            "--file",
+            "p.toml",
+            "--from",
+            "spiffe://t/web",
+            "--to-port",
+            "8080",
+        ];
+        args.extend(extra);
+        let out = d.run(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let stdout = explain(&[]);
+    assert!(
+        stdout.starts_with("deny (not_http, http 400)\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("note: port 8080 is inspected at layer 7"),
+        "{stdout}"
+    );
+    let stdout = explain(&["--proto", "udp"]);
+    assert!(
+        stdout.starts_with("deny (not_http, http 400)\n"),
+        "{stdout}"
+    );
+    let stdout = explain(&["--method", "GET", "--path", "/api/x", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (v["reason"].as_str(), v["stage"].as_str()),
+        (Some("allow_matched"), Some("request"))
+    );
+
+    d.write(
+        "noports.toml",
+        "[[policy]]\nname = \"a\"\naction = \"deny\"\n[[policy.rule]]\nto = [{ paths = [\"/admin/*\"] }]\n",
+    );
+    let out = d.run(&["policy", "check", "noports.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("meshctl: noports.toml:5: policy[0].rule[0].to[0]: HTTP fields (methods, paths, hosts, header conditions) need `ports`"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 fn fake_meshd(sock: &std::path::Path, reply: &'static str) -> std::thread::JoinHandle<String> {
     let listener = UnixListener::bind(sock).unwrap();
     // The fake daemon is the I/O side of the test; it must run beside the binary.

@@ -10,7 +10,7 @@
 //!   workload, not its answers);
 //! - ICMP errors pass only when the packet they quote belongs to a tracked flow;
 //! - denied flows are not tracked, so a flood of refused packets cannot fill the table;
-//! - on a port with HTTP rules (`CompiledPolicy::needs_l7`), a TCP flow is inspected at
+//! - on a port with HTTP rules (`CompiledPolicy::inspects`), a TCP flow is inspected at
 //!   layer 7 ([`crate::l7`]): each request head is decided with its method, normalised
 //!   path, host and headers; what is delivered, trimmed, released or refused comes back
 //!   as the verdict plus packets in an [`Emit`] (an injected 4xx towards the peer and a
@@ -531,7 +531,7 @@ impl Enforcer {
             None => {}
         }
         // A new flow opened by the peer.
-        if p.protocol == Protocol::Tcp && active.policy.needs_l7(Protocol::Tcp, p.key.dst_port) {
+        if p.protocol == Protocol::Tcp && active.policy.inspects(&self.request(who, &p)) {
             let opens = p.obs.tcp.is_some_and(|t| t.flags.syn && !t.flags.ack);
             if !opens {
                 drop(shard);

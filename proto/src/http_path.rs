@@ -21,24 +21,36 @@
 //! 3. **Percent-decoding** (RFC 3986 §2.3, §6.2.2.2): `%XX` of an *unreserved* character
 //!    (`A-Z a-z 0-9 - . _ ~`) is decoded. Any other `%XX` stays encoded, with its hex
 //!    digits upper-cased (`%2a` → `%2A`), so one character has one spelling. Decoding is
-//!    done once: `%252e` is `%252e`, not `.`.
-//! 4. **Encoded separators are rejected.** `%2F` (`/`) and `%5C` (`\`) in any case:
+//!    done once: `%252e` is `%252e`, not `.`. A character outside ASCII has one spelling
+//!    too, the percent-encoded UTF-8 that RFC 3986 §2.5 prescribes (as Envoy's path
+//!    normalisation writes it): `ü` sent raw becomes `%C3%BC`, like `%c3%bc`.
+//! 4. **UTF-8 only.** The bytes above 0x7F, encoded or raw, must form UTF-8 (RFC 3629):
+//!    an overlong form (`%C0%AF`, a `/` in disguise that some decoders accept), a
+//!    surrogate, a stray continuation byte or a cut sequence is refused:
+//!    [`PathError::InvalidUtf8`].
+//! 5. **Encoded separators are rejected.** `%2F` (`/`) and `%5C` (`\`) in any case:
 //!    [`PathError::EncodedSeparator`]. Some servers decode them before routing and some
 //!    do not, so no policy answer would be right for both. A literal `\` is rejected for
 //!    the same reason ([`PathError::Backslash`]: some servers treat it as `/`). Encoded
 //!    control characters (`%00`–`%1F`, `%7F`) are rejected: [`PathError::EncodedControl`]
 //!    (C servers may end the path at `%00`).
-//! 5. **Dot segments** (RFC 3986 §5.2.4), after decoding, so `%2e%2e` is `..`: `.` is
+//! 6. **Path parameters are rejected.** A `;` in the path, raw or as `%3B`, is refused:
+//!    [`PathError::PathParameter`]. Servers disagree about it: Tomcat, Jetty and Spring
+//!    strip each segment's `;parameters` before routing (`/admin;x=1` is `/admin`,
+//!    `/..;/admin` climbs), others keep them as part of the name, and some decode `%3B`
+//!    first. Matching with parameters stripped would be wrong for the second kind,
+//!    matching them as written wrong for the first (a deny on `/admin` would pass
+//!    `/admin;jsessionid=1` to Tomcat), so neither answer is safe.
+//! 7. **Dot segments** (RFC 3986 §5.2.4), after decoding, so `%2e%2e` is `..`: `.` is
 //!    removed, `..` removes the previous segment and never climbs above the root
-//!    (`/../a` → `/a`). A segment that is `.` or `..` followed by `;` (path parameters,
-//!    `/..;/admin`, which some servers treat as `..`) is rejected:
-//!    [`PathError::DotSegmentParameter`].
-//! 6. **Repeated slashes** are merged: `//admin` → `/admin`. A trailing slash is kept
+//!    (`/../a` → `/a`).
+//! 8. **Repeated slashes** are merged: `//admin` → `/admin`. A trailing slash is kept
 //!    (`/api/` and `/api` differ), including the one left by a final dot segment
 //!    (`/a/.` → `/a/`, `/a/b/..` → `/a/`).
 //!
-//! The result always starts with `/` (or is `*`), contains no `?`, `#`, `\`, empty
-//! segments or dot segments, and is a fixed point: normalising it again gives itself.
+//! The result always starts with `/` (or is `*`), is ASCII, contains no `?`, `#`, `\`,
+//! `;`, empty segments or dot segments, and is a fixed point: normalising it again
+//! gives itself.
 
 use thiserror::Error;
 
@@ -57,8 +69,14 @@ pub enum PathError {
     EncodedControl,
     #[error("request target contains `%` not followed by two hex digits")]
     BadPercent,
-    #[error("request target has a dot segment with parameters (`..;`)")]
-    DotSegmentParameter,
+    #[error(
+        "request target has path parameters (`;`, raw or %3B), which servers read differently"
+    )]
+    PathParameter,
+    #[error(
+        "request target has bytes that are not UTF-8 (an overlong, surrogate or cut sequence)"
+    )]
+    InvalidUtf8,
 }
 
 /// Normalises `target` by the rule in the module docs.
@@ -87,6 +105,9 @@ pub fn normalize_into(target: &str, out: &mut String) -> Result<(), PathError> {
     if path.contains('\\') {
         return Err(PathError::Backslash);
     }
+    if path.contains(';') {
+        return Err(PathError::PathParameter);
+    }
 
     // `path` starts with '/'. Each segment is decoded straight into `out` after a '/',
     // then kept, or removed and resolved as a dot segment.
@@ -107,18 +128,28 @@ pub fn normalize_into(target: &str, out: &mut String) -> Result<(), PathError> {
                 out.truncate(parent);
                 trailing_slash = true;
             }
-            s => {
-                if s.starts_with(".;") || s.starts_with("..;") {
-                    return Err(PathError::DotSegmentParameter);
-                }
-                trailing_slash = false;
-            }
+            _ => trailing_slash = false,
         }
     }
     if trailing_slash || out.is_empty() {
         out.push('/');
     }
     Ok(())
+}
+
+/// Normalises a piece of one segment (no `/`) by rules 3 to 6, appending it to `out`:
+/// for path *patterns*, whose cut segments (the end of a prefix such as `/api/v*`, the
+/// start of a suffix such as `*.png`) must be spelled as normalised paths spell them.
+/// Dot segments are not resolved (a cut segment is not a whole one); a `?`, `#` or `/`
+/// is the caller's to refuse.
+pub fn normalize_segment_into(piece: &str, out: &mut String) -> Result<(), PathError> {
+    if piece.contains('\\') {
+        return Err(PathError::Backslash);
+    }
+    if piece.contains(';') {
+        return Err(PathError::PathParameter);
+    }
+    decode_segment_into(piece, out)
 }
 
 /// The path part of an origin-form or absolute-form target (query still attached).
@@ -155,16 +186,23 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     }
 }
 
-/// Decodes one path segment, appending it to `seg`, by rules 3 and 4.
+/// Decodes one path segment, appending it to `seg`, by rules 3 to 6.
 fn decode_segment_into(raw: &str, seg: &mut String) -> Result<(), PathError> {
     let bytes = raw.as_bytes();
+    let mut utf8 = Utf8::default();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] != b'%' {
-            // Copy the run up to the next '%' unchanged (it may hold UTF-8).
-            let end = raw[i..].find('%').map_or(bytes.len(), |p| i + p);
-            seg.push_str(&raw[i..end]);
-            i = end;
+        let b = bytes[i];
+        if b != b'%' {
+            if b.is_ascii() {
+                utf8.ascii()?;
+                seg.push(char::from(b));
+            } else {
+                // Raw UTF-8 (already valid: `raw` is a str), written encoded.
+                utf8.byte(b)?;
+                push_encoded(seg, b);
+            }
+            i += 1;
             continue;
         }
         let hi = bytes.get(i + 1).copied().and_then(hex_value);
@@ -175,18 +213,78 @@ fn decode_segment_into(raw: &str, seg: &mut String) -> Result<(), PathError> {
         let b = hi << 4 | lo;
         match b {
             b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+            b';' => return Err(PathError::PathParameter),
             0x00..=0x1f | 0x7f => return Err(PathError::EncodedControl),
-            b if is_unreserved(b) => seg.push(char::from(b)),
+            0x80..=0xff => {
+                utf8.byte(b)?;
+                push_encoded(seg, b);
+            }
             b => {
-                const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                seg.push('%');
-                seg.push(char::from(HEX[usize::from(b >> 4)]));
-                seg.push(char::from(HEX[usize::from(b & 0xf)]));
+                utf8.ascii()?;
+                if is_unreserved(b) {
+                    seg.push(char::from(b));
+                } else {
+                    push_encoded(seg, b);
+                }
             }
         }
         i += 3;
     }
-    Ok(())
+    utf8.end()
+}
+
+fn push_encoded(seg: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    seg.push('%');
+    seg.push(char::from(HEX[usize::from(b >> 4)]));
+    seg.push(char::from(HEX[usize::from(b & 0xf)]));
+}
+
+/// Checks that the bytes above 0x7F of a segment, fed one by one, form UTF-8 (rule 4),
+/// without allocating: one character's bytes are kept until it is complete, then
+/// checked by the standard library (which refuses overlong forms and surrogates).
+#[derive(Default)]
+struct Utf8 {
+    buf: [u8; 4],
+    len: usize,
+    /// Bytes the current character needs; 0 between characters.
+    want: usize,
+}
+
+impl Utf8 {
+    fn byte(&mut self, b: u8) -> Result<(), PathError> {
+        if self.want == 0 {
+            // RFC 3629 §4: lead bytes C2-DF, E0-EF, F0-F4 (C0, C1 and F5-FF only
+            // start overlong or out-of-range forms; 80-BF only continue).
+            self.want = match b {
+                0xc2..=0xdf => 2,
+                0xe0..=0xef => 3,
+                0xf0..=0xf4 => 4,
+                _ => return Err(PathError::InvalidUtf8),
+            };
+            self.len = 0;
+        }
+        self.buf[self.len] = b;
+        self.len += 1;
+        if self.len == self.want {
+            std::str::from_utf8(&self.buf[..self.len]).map_err(|_| PathError::InvalidUtf8)?;
+            self.want = 0;
+        }
+        Ok(())
+    }
+
+    /// An ASCII character: valid only between multi-byte characters.
+    fn ascii(&self) -> Result<(), PathError> {
+        if self.want != 0 {
+            return Err(PathError::InvalidUtf8);
+        }
+        Ok(())
+    }
+
+    /// The end of the segment: a character may not be cut by it.
+    fn end(&self) -> Result<(), PathError> {
+        self.ascii()
+    }
 }
 
 fn hex_value(b: u8) -> Option<u8> {
@@ -229,9 +327,15 @@ mod tests {
             ("/a/%2e/b", Ok("/a/b")),
             ("/...", Ok("/...")),
             ("/..a", Ok("/..a")),
-            ("/public/..;/admin", Err(DotSegmentParameter)),
-            ("/public/.;x/admin", Err(DotSegmentParameter)),
-            ("/files;v=1", Ok("/files;v=1")),
+            // Path parameters, which servers resolve differently (issue 18).
+            ("/public/..;/admin", Err(PathParameter)),
+            ("/public/.;x/admin", Err(PathParameter)),
+            ("/files;v=1", Err(PathParameter)),
+            ("/admin;x=1", Err(PathParameter)),
+            ("/admin;jsessionid=1/users", Err(PathParameter)),
+            ("/admin%3Bx", Err(PathParameter)),
+            ("/admin%3bx", Err(PathParameter)),
+            ("/admin?q=a;b", Ok("/admin")),
             // Repeated slashes.
             ("//admin", Ok("/admin")),
             ("/a//b///c", Ok("/a/b/c")),
@@ -256,7 +360,31 @@ mod tests {
             ("/admin%00.png", Err(EncodedControl)),
             ("/a%0d%0a", Err(EncodedControl)),
             ("/a%7f", Err(EncodedControl)),
-            ("/caf\u{e9}", Ok("/caf\u{e9}")),
+            // Outside ASCII: one spelling, percent-encoded UTF-8 (issue 18).
+            ("/caf\u{e9}", Ok("/caf%C3%A9")),
+            ("/admin/\u{fc}ber", Ok("/admin/%C3%BCber")),
+            ("/admin/%c3%bcber", Ok("/admin/%C3%BCber")),
+            ("/admin/%C3\u{bc}", Err(InvalidUtf8)),
+            ("/\u{1f600}", Ok("/%F0%9F%98%80")),
+            ("/%F0%9F%98%80", Ok("/%F0%9F%98%80")),
+            ("/%ef%bf%bd", Ok("/%EF%BF%BD")),
+            // Overlong forms, surrogates, stray and cut sequences.
+            ("/%c0%af", Err(InvalidUtf8)),
+            ("/%C0%AE%C0%AE/admin", Err(InvalidUtf8)),
+            ("/%c1%9c", Err(InvalidUtf8)),
+            ("/%e0%80%af", Err(InvalidUtf8)),
+            ("/%f0%80%80%af", Err(InvalidUtf8)),
+            ("/%ed%a0%80", Err(InvalidUtf8)),
+            ("/%f4%90%80%80", Err(InvalidUtf8)),
+            ("/%f8%88%80%80%80", Err(InvalidUtf8)),
+            ("/%80", Err(InvalidUtf8)),
+            ("/%bf", Err(InvalidUtf8)),
+            ("/%c3", Err(InvalidUtf8)),
+            ("/%c3/x", Err(InvalidUtf8)),
+            ("/%c3a", Err(InvalidUtf8)),
+            ("/%e2%82", Err(InvalidUtf8)),
+            ("/%ff", Err(InvalidUtf8)),
+            ("/%e9t%e9", Err(InvalidUtf8)),
             // Query and fragment.
             ("/admin?x=/../public", Ok("/admin")),
             ("/public?/../admin", Ok("/public")),
@@ -290,6 +418,7 @@ mod tests {
             "/%61%2e%2e/x",
             "/a%20b/%7e",
             "/a/b/..",
+            "/caf\u{e9}/%c3%bc",
             "*",
         ] {
             let once = normalize(input).unwrap();
@@ -316,14 +445,15 @@ mod tests {
             /// No input panics; every result is a fixed point with no dot segments,
             /// empty segments, `?`, `#` or `\`.
             #[test]
-            fn normalised_is_canonical(target in "[/a-z.%2eEfFcC5?#;\\\\]{0,24}") {
+            fn normalised_is_canonical(target in "[/a-z.%2eEfFcC5?#;\\\\\u{fc}80bB]{0,24}") {
                 if let Ok(path) = normalize(&target) {
                     prop_assert_eq!(normalize(&path), Ok(path.clone()));
                     if path != "*" {
                         prop_assert!(path.starts_with('/'));
                     }
+                    prop_assert!(path.is_ascii());
                     prop_assert!(!path.contains("//"));
-                    prop_assert!(!path.contains(['?', '#', '\\']));
+                    prop_assert!(!path.contains(['?', '#', '\\', ';']));
                     for seg in path.split('/') {
                         prop_assert!(seg != "." && seg != "..", "{}", path);
                     }

@@ -25,7 +25,7 @@
 //!     dst_port: 8080, protocol: Protocol::Tcp, http: None,
 //! };
 //! assert!(policy::evaluate(&compiled, &req).is_allowed());
-//! assert!(!compiled.needs_l7(Protocol::Tcp, 8080));
+//! assert!(!compiled.inspects(&req));
 //! ```
 
 mod cases;
@@ -43,7 +43,10 @@ mod tests;
 
 pub use cases::{all_passed, run_tests, CaseResult, Expect, TestCase};
 pub use compile::CompiledPolicy;
-pub use eval::{deny_every_request, evaluate, AllowReason, Decision, DenyReason, RuleRef, Verdict};
+pub use eval::{
+    decide, deny_every_request, evaluate, AllowReason, Decision, DenyReason, RuleRef, Stage,
+    Verdict,
+};
 pub use explain::{explain, explain_request, DecisionSummary, Explanation, PolicyTrace, RuleTrace};
 pub use model::{
     Action, Condition, DefaultAction, HostPattern, Operation, Pattern, Policy, PolicySet, Protocol,

@@ -14,7 +14,7 @@
 //! key `spiffe://td/`).
 //! Negations (`not_identities`, ...) only narrow what an entry matches, so they
 //! neither make a rule indexable nor stop it being filed under its positive keys.
-//! An `identities = []` entry matches nothing and adds no key.
+//! (The parser refuses `identities = []`; an empty list would add no key.)
 //!
 //! Identity keys, per (action, workload key, port) bucket:
 //! - exact IDs: a hash map, one lookup;
@@ -43,7 +43,7 @@
 //! - else (no selector, an empty one, or `identities` with `*` and no `groups`):
 //!   "any workload", which every request visits.
 //!
-//! A written `[]` in the chosen field adds no key: that selector picks nothing. The
+//! (The parser refuses a written `[]`, which would add no key.) The
 //! key is a necessary condition only; each candidate is still checked against its
 //! whole selector (`selector_mismatch`), so a selector naming both identities and
 //! groups costs its groups check only when its identity key (or group) matched. The
@@ -61,7 +61,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::eval::{rule_matches_leniency, selector_mismatch, RuleRef};
+use super::eval::{rule_matches_leniency, selector_mismatch, HttpAbsent, RuleRef};
 use super::model::{Action, DefaultAction, Pattern, PolicySet, Protocol, Rule, Selector};
 use super::request::Request;
 
@@ -77,11 +77,76 @@ pub struct CompiledPolicy {
     allow_selectors: Vec<Option<Selector>>,
     /// Positions in `allow_selectors`, by the workload keys of each selector.
     allow_by_workload: WorkloadIndex<Vec<u32>>,
-    l7_ports: HashSet<u16>,
-    /// `not_ports` lists of layer-7 `to` entries that name no ports.
-    l7_any_port_except: Vec<Vec<u16>>,
+    /// Where HTTP is inspected; see [`CompiledPolicy::inspects`].
+    inspect: Inspection,
     /// First dense rule slot of each policy, then the total.
     slot_base: Vec<usize>,
+}
+
+/// The ports inspected at layer 7, per receiving workload: each port named by a
+/// layer-7 `to` entry (one with methods, paths or hosts, or in a rule with header
+/// conditions) of an allow or deny rule, filed under the workload keys of the rule's
+/// policy, with the policy (whose whole selector is checked on lookup). Audit rules
+/// never make a port inspected: auditing must not change a decision.
+#[derive(Debug, Default)]
+struct Inspection {
+    /// Every port inspected for some workload: most requests go to other ports and
+    /// are answered by this one lookup.
+    ports: HashSet<u16>,
+    by_workload: WorkloadIndex<HashMap<u16, PortPolicies>>,
+}
+
+/// The policies that make one port inspected (`http`), and those with a rule naming
+/// the port and udp (`udp`), which lets UDP there be decided by policy.
+#[derive(Debug, Default)]
+struct PortPolicies {
+    http: Vec<u32>,
+    udp: Vec<u32>,
+}
+
+impl Inspection {
+    /// Files policy `pi`'s inspected ports (and its ports named with udp).
+    fn add(&mut self, pi: u32, keys: &[WorkloadKey], rules: &[Rule]) {
+        let mut http = Vec::new();
+        let mut udp = Vec::new();
+        for rule in rules {
+            for op in &rule.to {
+                let Some(ports) = &op.ports else {
+                    // The parser refuses layer-7 entries without ports.
+                    continue;
+                };
+                let named = ports.iter().copied().filter(|p| !op.not_ports.contains(p));
+                let l7 = op.is_l7() || !rule.when.is_empty();
+                if l7 && op.allows(Protocol::Tcp) {
+                    http.extend(named.clone());
+                }
+                if op
+                    .protocols
+                    .as_ref()
+                    .is_some_and(|p| p.contains(&Protocol::Udp))
+                {
+                    udp.extend(named);
+                }
+            }
+        }
+        for list in [&mut http, &mut udp] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        if http.is_empty() {
+            return;
+        }
+        self.ports.extend(http.iter().copied());
+        for key in keys {
+            let by_port = self.by_workload.slot(key.clone());
+            for &port in &http {
+                by_port.entry(port).or_default().http.push(pi);
+            }
+            for &port in &udp {
+                by_port.entry(port).or_default().udp.push(pi);
+            }
+        }
+    }
 }
 
 /// Rules of one action, by the receiving workload, then port, then source.
@@ -389,8 +454,7 @@ impl CompiledPolicy {
             audit: ActionIndex::default(),
             allow_selectors: Vec::new(),
             allow_by_workload: WorkloadIndex::default(),
-            l7_ports: HashSet::new(),
-            l7_any_port_except: Vec::new(),
+            inspect: Inspection::default(),
             slot_base: Vec::with_capacity(set.policies.len() + 1),
         };
         let mut total = 0;
@@ -399,11 +463,9 @@ impl CompiledPolicy {
             total += p.rules.len();
         }
         c.slot_base.push(total);
-        // Hash sets beside the lists, which keep first-seen order: comparing each
-        // new selector (or not_ports list) with every one before it was quadratic in
-        // the number of policies (or rules).
+        // A hash set beside the list, which keeps first-seen order: comparing each new
+        // selector with every one before it was quadratic in the number of policies.
         let mut selectors_seen: HashSet<&Option<Selector>> = HashSet::new();
-        let mut l7_seen = L7Seen::default();
         for (pi, p) in set.policies.iter().enumerate() {
             let keys = workload_keys(p.selector.as_ref());
             if p.action == Action::Allow && selectors_seen.insert(&p.selector) {
@@ -412,6 +474,9 @@ impl CompiledPolicy {
                 for key in &keys {
                     c.allow_by_workload.slot(key.clone()).push(n);
                 }
+            }
+            if p.action != Action::Audit {
+                c.inspect.add(pi as u32, &keys, &p.rules);
             }
             let index = match p.action {
                 Action::Deny => &mut c.deny,
@@ -427,9 +492,6 @@ impl CompiledPolicy {
                     };
                     ports.insert(rule, r);
                 }
-            }
-            for rule in &p.rules {
-                l7_seen.note(&mut c.l7_ports, &mut c.l7_any_port_except, rule);
             }
         }
         c.set = set;
@@ -450,21 +512,41 @@ impl CompiledPolicy {
         self.default
     }
 
-    /// Does traffic to this destination port need layer-7 inspection? True when
-    /// some rule that can apply to the port uses methods, paths, hosts or headers.
-    /// Only TCP is ever inspected; other protocols stay at layer 4.
-    pub fn needs_l7(&self, protocol: Protocol, port: u16) -> bool {
-        protocol == Protocol::Tcp
-            && (self.l7_ports.contains(&port)
-                || self.l7_any_port_except.iter().any(|ex| !ex.contains(&port)))
-    }
-
-    /// Ports named by layer-7 rules, sorted, and whether layer-7 rules also apply
-    /// to ports they do not name (then ask [`needs_l7`](Self::needs_l7) per port).
-    pub fn l7_ports(&self) -> (Vec<u16>, bool) {
-        let mut v: Vec<u16> = self.l7_ports.iter().copied().collect();
-        v.sort_unstable();
-        (v, !self.l7_any_port_except.is_empty())
+    /// Is `req`'s destination port inspected at layer 7 for its receiving workload
+    /// (`dst_identity`, `dst_groups`), over its protocol? Only that is read of `req`.
+    ///
+    /// TCP: when an allow or deny rule of a policy that selects the workload has a
+    /// layer-7 `to` entry naming the port; then every connection there must carry
+    /// HTTP/1.x requests, each decided with its HTTP attributes, and anything else is
+    /// refused (`not_http`). UDP: when that holds and no allow or deny rule of such a
+    /// policy names the port with protocol udp: a datagram there could be HTTP/3,
+    /// which cannot be inspected, so it is refused (`not_http`) rather than let past
+    /// the HTTP rules. ICMP: never. Audit rules never make a port inspected.
+    ///
+    /// Cost: one hash lookup for a port no rule inspects; else the policies filed
+    /// under the port for the workload's keys (not every policy).
+    pub fn inspects(&self, req: &Request<'_>) -> bool {
+        if req.protocol == Protocol::Icmp || !self.inspect.ports.contains(&req.dst_port) {
+            return false;
+        }
+        let selects = |pi: &u32| match &self.set.policies[*pi as usize].selector {
+            None => true,
+            Some(s) => selector_mismatch(s, req).is_none(),
+        };
+        let (mut http, mut udp) = (false, false);
+        self.inspect
+            .by_workload
+            .for_each_match(req.dst_identity, req.dst_groups, &mut |by_port| {
+                if let Some(p) = by_port.get(&req.dst_port) {
+                    http = http || p.http.iter().any(selects);
+                    udp = udp || (req.protocol == Protocol::Udp && p.udp.iter().any(selects));
+                }
+            });
+        match req.protocol {
+            Protocol::Tcp => http,
+            Protocol::Udp => http && !udp,
+            Protocol::Icmp => false,
+        }
     }
 
     /// `(policy name, rule label)` of a rule: the label is the rule's `name`, else
@@ -594,16 +676,16 @@ impl CompiledPolicy {
 
     /// The first rule (in file order) of `action` policies that matches.
     pub(crate) fn first_match(&self, action: Action, req: &Request<'_>) -> Option<RuleRef> {
-        self.first_match_leniency(action, req, action == Action::Deny)
+        self.first_match_leniency(action, req, HttpAbsent::of(action))
     }
 
-    /// [`first_match`](Self::first_match) where `lenient` says whether layer-7 fields
-    /// match a request without HTTP attributes (see `eval::deny_every_request`).
+    /// [`first_match`](Self::first_match) where `absent` says how layer-7 fields read
+    /// a request without HTTP attributes (see `eval::deny_every_request`).
     pub(crate) fn first_match_leniency(
         &self,
         action: Action,
         req: &Request<'_>,
-        lenient: bool,
+        absent: HttpAbsent,
     ) -> Option<RuleRef> {
         // Each list is in file order: the first match in a list is its best, and a
         // list can stop at the best found so far in earlier lists.
@@ -613,7 +695,7 @@ impl CompiledPolicy {
                 if best.is_some_and(|b| r >= b) {
                     break;
                 }
-                if self.rule_matches_leniency(r, req, lenient) {
+                if self.rule_matches_leniency(r, req, absent) {
                     best = Some(r);
                     break;
                 }
@@ -625,60 +707,16 @@ impl CompiledPolicy {
     /// Does rule `r` match, including its policy's selector?
     pub(crate) fn rule_matches(&self, r: RuleRef, req: &Request<'_>) -> bool {
         let action = self.set.policies[r.policy as usize].action;
-        self.rule_matches_leniency(r, req, action == Action::Deny)
+        self.rule_matches_leniency(r, req, HttpAbsent::of(action))
     }
 
-    fn rule_matches_leniency(&self, r: RuleRef, req: &Request<'_>, lenient: bool) -> bool {
+    fn rule_matches_leniency(&self, r: RuleRef, req: &Request<'_>, absent: HttpAbsent) -> bool {
         let p = &self.set.policies[r.policy as usize];
         if let Some(sel) = &p.selector {
             if selector_mismatch(sel, req).is_some() {
                 return false;
             }
         }
-        rule_matches_leniency(&p.rules[r.rule as usize], req, lenient)
-    }
-}
-
-/// The `not_ports` lists already in `l7_any_port_except`, while compiling.
-#[derive(Default)]
-struct L7Seen<'a> {
-    any_except: HashSet<&'a [u16]>,
-}
-
-impl<'a> L7Seen<'a> {
-    /// Records where layer-7 rule `rule` needs inspection: the ports it names, or
-    /// every port but its `not_ports` (each distinct list once).
-    fn note(&mut self, ports: &mut HashSet<u16>, any_except: &mut Vec<Vec<u16>>, rule: &'a Rule) {
-        if !rule.is_l7() {
-            return;
-        }
-        // Header conditions make every `to` entry of the rule layer 7.
-        let whole_rule = !rule.when.is_empty();
-        if rule.to.is_empty() {
-            if self.any_except.insert(&[]) {
-                any_except.push(Vec::new());
-            }
-            return;
-        }
-        for op in &rule.to {
-            if !(whole_rule || op.is_l7()) {
-                continue;
-            }
-            if op
-                .protocols
-                .as_ref()
-                .is_some_and(|p| !p.contains(&Protocol::Tcp))
-            {
-                continue;
-            }
-            match &op.ports {
-                Some(p) => ports.extend(p.iter().copied().filter(|p| !op.not_ports.contains(p))),
-                None => {
-                    if self.any_except.insert(&op.not_ports) {
-                        any_except.push(op.not_ports.clone());
-                    }
-                }
-            }
-        }
+        rule_matches_leniency(&p.rules[r.rule as usize], req, absent)
     }
 }

@@ -13,7 +13,9 @@ use serde::Serialize;
 
 use super::compile::CompiledPolicy;
 use super::ident::trust_domain_of;
-use super::model::{Action, Condition, Operation, Protocol, Rule, Selector, Source};
+use super::model::{
+    Action, Condition, Operation, PathPattern, Pattern, Protocol, Rule, Selector, Source,
+};
 use super::request::Request;
 
 /// A rule by position: `policy` indexes the set's policies, `rule` that policy's
@@ -217,7 +219,21 @@ impl Decision {
 /// Decides `req` under `policy`. Cost depends on the rules and allow selectors
 /// indexed under the request's receiving workload, port and source identity, not on
 /// unrelated rules or policies.
+///
+/// On a port inspected at layer 7 for the receiving workload
+/// ([`CompiledPolicy::inspects`]) a request without HTTP attributes is what the data
+/// path refuses before policy: UDP there (it could be HTTP/3, which is not inspected)
+/// and a TCP connection that sends no HTTP/1.x request are `not_http`, unless no request
+/// the source could send would be allowed ([`deny_every_request`]), which the enforcer
+/// refuses at the connection's opening with that reason.
 pub fn evaluate(policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
+    if req.http.is_none() && req.protocol != Protocol::Icmp && policy.inspects(req) {
+        let reason = match req.protocol {
+            Protocol::Tcp => deny_every_request(policy, req).unwrap_or(DenyReason::NotHttp),
+            _ => DenyReason::NotHttp,
+        };
+        return Decision::refused(reason);
+    }
     let mut audit = Vec::new();
     policy.for_each_candidate(Action::Audit, req, |r| {
         if policy.rule_matches(r, req) {
@@ -257,20 +273,28 @@ pub fn evaluate(policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
 /// one: the reason every request `req`'s source could send would be denied, if there
 /// is one; `None` when some request could still be allowed. `req` carries no HTTP
 /// attributes; this reads the rules the other way round from [`evaluate`] without
-/// them: a deny rule counts only if it matches without HTTP fields (it denies whatever
-/// the request), an allow rule counts if it could match some request (HTTP fields
-/// ignored).
+/// them: a deny rule counts only if it matches every request (no HTTP fields, or only
+/// `methods`/`paths` of `*`), an allow rule counts if it could match some request
+/// (HTTP fields ignored).
 ///
-/// The enforcer uses it when the policy changes: a connection that the new policy
-/// refuses whatever it asks is cut at once (issue 4: "a flow the new policy forbids
-/// is cut"), not left to stream the rest of a body until its next request head.
+/// Exact on the side that matters: it never answers `Some` for a connection on which
+/// some request would be allowed (an allow rule that could match always counts). It
+/// may answer `None` for one on which every request will be refused anyway (allow
+/// rules whose HTTP fields contradict each other, a deny on `hosts = ["*"]`, which
+/// an HTTP/1.0 request without Host escapes); those are refused request by request.
+///
+/// The enforcer asks it when a connection to an inspected port opens (a SYN no
+/// request could follow is refused then, issue 18), and when the policy changes: a
+/// connection that the new policy refuses whatever it asks is cut at once (issue 4:
+/// "a flow the new policy forbids is cut"), not left to stream the rest of a body
+/// until its next request head. `explain` and `[[test]]` cases apply it first too.
 pub fn deny_every_request(policy: &CompiledPolicy, req: &Request<'_>) -> Option<DenyReason> {
     debug_assert!(req.http.is_none());
-    if let Some(r) = policy.first_match_leniency(Action::Deny, req, false) {
+    if let Some(r) = policy.first_match_leniency(Action::Deny, req, HttpAbsent::MatchIfEvery) {
         return Some(DenyReason::ExplicitDeny(r));
     }
     if policy.allow_applies(req) {
-        return match policy.first_match_leniency(Action::Allow, req, true) {
+        return match policy.first_match_leniency(Action::Allow, req, HttpAbsent::Match) {
             Some(_) => None,
             None => Some(DenyReason::NoAllowMatched),
         };
@@ -278,6 +302,78 @@ pub fn deny_every_request(policy: &CompiledPolicy, req: &Request<'_>) -> Option<
     match policy.default_action() {
         super::model::DefaultAction::Allow => None,
         super::model::DefaultAction::Deny => Some(DenyReason::DefaultDeny),
+    }
+}
+
+/// How the data path reached a decision on a request described whole (a `[[test]]`
+/// case, `explain`): what [`decide`] did before and instead of [`evaluate`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// The port is not inspected for the workload: one decision per connection or
+    /// datagram, HTTP attributes (if described) never read.
+    Layer4,
+    /// Inspected; refused at the connection's opening: no request it could send
+    /// would be allowed ([`deny_every_request`]).
+    Opening,
+    /// Inspected, and not HTTP/1.x: UDP, or a TCP connection described without HTTP
+    /// attributes (`not_http`).
+    NotHttp,
+    /// Inspected; the request was decided with its HTTP attributes.
+    #[default]
+    Request,
+}
+
+/// What the data path decides for a request described whole: on a port inspected at
+/// layer 7 for the workload, the connection's opening first ([`deny_every_request`]),
+/// then the request with its HTTP attributes, or `not_http` without them; elsewhere
+/// one layer-4 decision, HTTP attributes ignored (the enforcer never reads them
+/// there). `req`'s path must be normalised already (see [`RequestSpec::decide`]).
+///
+/// [`RequestSpec::decide`]: super::RequestSpec::decide
+pub fn decide(policy: &CompiledPolicy, req: &Request<'_>) -> Decision {
+    decide_staged(policy, req).0
+}
+
+/// [`decide`], saying how.
+pub(crate) fn decide_staged(policy: &CompiledPolicy, req: &Request<'_>) -> (Decision, Stage) {
+    let connection = Request { http: None, ..*req };
+    if req.protocol == Protocol::Icmp || !policy.inspects(req) {
+        return (evaluate(policy, &connection), Stage::Layer4);
+    }
+    if req.protocol == Protocol::Tcp {
+        if let Some(reason) = deny_every_request(policy, &connection) {
+            return (Decision::refused(reason), Stage::Opening);
+        }
+        if req.http.is_some() {
+            return (evaluate(policy, req), Stage::Request);
+        }
+    }
+    (Decision::refused(DenyReason::NotHttp), Stage::NotHttp)
+}
+
+/// How a rule's layer-7 fields (methods, paths, hosts, header conditions) treat a
+/// request without HTTP attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum HttpAbsent {
+    /// They match, as Istio's deny rules do for TCP traffic (failing closed); also
+    /// "could match some request" for [`deny_every_request`]'s allow step.
+    Match,
+    /// They do not match (Istio's allow and audit rules).
+    Miss,
+    /// They match only if they match every request: `methods` and `paths` holding
+    /// `*`, and nothing else HTTP (for [`deny_every_request`]'s deny step).
+    MatchIfEvery,
+}
+
+impl HttpAbsent {
+    /// [`evaluate`]'s reading for a rule of `action`.
+    pub(crate) fn of(action: Action) -> HttpAbsent {
+        if action == Action::Deny {
+            HttpAbsent::Match
+        } else {
+            HttpAbsent::Miss
+        }
     }
 }
 
@@ -351,13 +447,13 @@ pub(crate) fn source_mismatch(s: &Source, req: &Request<'_>) -> Option<&'static 
     None
 }
 
-/// `http_absent_matches`: how HTTP fields treat a request without HTTP attributes.
-/// As in Istio, a deny rule then ignores its HTTP fields (failing closed), while an
-/// allow or audit rule does not match.
+/// `absent`: how HTTP fields treat a request without HTTP attributes. As in Istio, a
+/// deny rule then ignores its HTTP fields (failing closed), while an allow or audit
+/// rule does not match.
 pub(crate) fn operation_mismatch(
     op: &Operation,
     req: &Request<'_>,
-    http_absent_matches: bool,
+    absent: HttpAbsent,
 ) -> Option<&'static str> {
     if let Some(protos) = &op.protocols {
         if !protos.contains(&req.protocol) {
@@ -380,21 +476,22 @@ pub(crate) fn operation_mismatch(
         return Some("protocols");
     }
     let Some(h) = &req.http else {
-        return if http_absent_matches {
-            None
-        } else {
-            Some("http")
+        return match absent {
+            HttpAbsent::Match => None,
+            HttpAbsent::MatchIfEvery if every_request(op) => None,
+            _ => Some("http"),
         };
     };
+    let method = h.method.as_bytes();
     if let Some(m) = &op.methods {
-        if !m.iter().any(|m| m == h.method) {
+        if !m.iter().any(|m| m.matches(method)) {
             return Some("methods");
         }
     }
-    if op.not_methods.iter().any(|m| m == h.method) {
+    if op.not_methods.iter().any(|m| m.matches(method)) {
         return Some("not_methods");
     }
-    let path = h.path.as_bytes();
+    let path = h.path;
     if let Some(p) = &op.paths {
         if !p.iter().any(|p| p.matches(path)) {
             return Some("paths");
@@ -419,33 +516,51 @@ pub(crate) fn operation_mismatch(
     None
 }
 
+/// Do the HTTP fields of `op` match every HTTP request? Only `*` in `methods` and
+/// `paths` does (a Host may be absent in HTTP/1.0, a negation excludes something).
+fn every_request(op: &Operation) -> bool {
+    let any_method = match &op.methods {
+        None => true,
+        Some(m) => m.contains(&Pattern::Any),
+    };
+    let any_path = match &op.paths {
+        None => true,
+        Some(p) => p.contains(&PathPattern::Match(Pattern::Any)),
+    };
+    any_method
+        && any_path
+        && op.hosts.is_none()
+        && op.not_methods.is_empty()
+        && op.not_paths.is_empty()
+        && op.not_hosts.is_empty()
+}
+
 pub(crate) fn condition_mismatch(
     c: &Condition,
     req: &Request<'_>,
-    http_absent_matches: bool,
+    absent: HttpAbsent,
 ) -> Option<&'static str> {
     if req.protocol != Protocol::Tcp {
         return Some("key");
     }
     let Some(h) = &req.http else {
-        return if http_absent_matches {
+        // No header condition holds for every request.
+        return if absent == HttpAbsent::Match {
             None
         } else {
             Some("key")
         };
     };
+    // A header sent more than once is matched joined by `,`, as Envoy matches it
+    // (`HeaderUtility::getAllOfHeaderAsString`), on both sides: `values` and
+    // `not_values` see the same one value.
+    let joined = || h.header_values(&c.header);
     if let Some(values) = &c.values {
-        let hit = h
-            .header_values(&c.header)
-            .any(|v| values.iter().any(|p| p.matches(v)));
-        if !hit {
+        if !values.iter().any(|p| p.matches_joined(joined())) {
             return Some("values");
         }
     }
-    let excluded = h
-        .header_values(&c.header)
-        .any(|v| c.not_values.iter().any(|p| p.matches(v)));
-    if excluded {
+    if c.not_values.iter().any(|p| p.matches_joined(joined())) {
         return Some("not_values");
     }
     None
@@ -462,8 +577,13 @@ pub(crate) enum RuleMiss {
     When(usize, &'static str),
 }
 
-pub(crate) fn rule_mismatch(rule: &Rule, action: Action, req: &Request<'_>) -> Option<RuleMiss> {
-    let lenient = action == Action::Deny;
+/// Where `rule` fails to match `req`, its layer-7 fields read as `absent` says when
+/// `req` has no HTTP attributes.
+pub(crate) fn rule_mismatch(
+    rule: &Rule,
+    req: &Request<'_>,
+    absent: HttpAbsent,
+) -> Option<RuleMiss> {
     if !rule.from.is_empty() {
         let mut misses = Vec::new();
         for s in &rule.from {
@@ -482,7 +602,7 @@ pub(crate) fn rule_mismatch(rule: &Rule, action: Action, req: &Request<'_>) -> O
     if !rule.to.is_empty() {
         let mut misses = Vec::new();
         for op in &rule.to {
-            match operation_mismatch(op, req, lenient) {
+            match operation_mismatch(op, req, absent) {
                 None => {
                     misses.clear();
                     break;
@@ -495,25 +615,25 @@ pub(crate) fn rule_mismatch(rule: &Rule, action: Action, req: &Request<'_>) -> O
         }
     }
     for (i, c) in rule.when.iter().enumerate() {
-        if let Some(f) = condition_mismatch(c, req, lenient) {
+        if let Some(f) = condition_mismatch(c, req, absent) {
             return Some(RuleMiss::When(i, f));
         }
     }
     None
 }
 
-/// Hot-path form of [`rule_mismatch`] (no allocation), where `lenient` says whether
-/// layer-7 fields match a request without HTTP attributes (`action == Deny` for
-/// [`evaluate`]; the other way round for [`deny_every_request`]).
-pub(crate) fn rule_matches_leniency(rule: &Rule, req: &Request<'_>, lenient: bool) -> bool {
+/// Hot-path form of [`rule_mismatch`] (no allocation), where `absent` says how
+/// layer-7 fields read a request without HTTP attributes ([`HttpAbsent::of`] the
+/// action for [`evaluate`]; otherwise for [`deny_every_request`]).
+pub(crate) fn rule_matches_leniency(rule: &Rule, req: &Request<'_>, absent: HttpAbsent) -> bool {
     (rule.from.is_empty() || rule.from.iter().any(|s| source_mismatch(s, req).is_none()))
         && (rule.to.is_empty()
             || rule
                 .to
                 .iter()
-                .any(|op| operation_mismatch(op, req, lenient).is_none()))
+                .any(|op| operation_mismatch(op, req, absent).is_none()))
         && rule
             .when
             .iter()
-            .all(|c| condition_mismatch(c, req, lenient).is_none())
+            .all(|c| condition_mismatch(c, req, absent).is_none())
 }

@@ -5,9 +5,11 @@
 use serde::{Deserialize, Serialize};
 
 use super::compile::CompiledPolicy;
-use super::eval::{evaluate, rule_mismatch, selector_mismatch, Decision, RuleMiss, RuleRef};
+use super::eval::{
+    decide_staged, rule_mismatch, selector_mismatch, Decision, HttpAbsent, RuleMiss, RuleRef, Stage,
+};
 use super::ident::trust_domain_of;
-use super::model::{Action, Rule};
+use super::model::{Action, Protocol, Rule};
 use super::request::{Request, RequestSpec};
 
 /// A decision in names: what the log, `explain --json` and test results print.
@@ -66,6 +68,15 @@ pub struct Explanation {
     /// Why the path was refused before policy, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_error: Option<String>,
+    /// How the data path came to the decision (`layer4`, `opening`, `not_http`,
+    /// `request`); the rules are traced as that stage reads them.
+    #[serde(default)]
+    pub stage: Stage,
+    /// What the data path did besides policy, in a sentence, when it matters: HTTP
+    /// attributes not read on a port that is not inspected, a connection refused at
+    /// its opening, non-HTTP traffic refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     pub policies: Vec<PolicyTrace>,
 }
 
@@ -92,13 +103,17 @@ pub struct RuleTrace {
     pub why_not: Option<String>,
 }
 
-/// Explains the decision for a described request, after normalising its path as
-/// the enforcer does. A path that cannot be normalised is refused (400) before any
-/// policy is consulted; the explanation then lists no policies.
+/// Explains the decision for a described request as the data path makes it
+/// ([`RequestSpec::decide`]): on a port inspected at layer 7 for the workload, the
+/// connection's opening, then the path normalised (a path that cannot be is refused,
+/// 400, before any policy is consulted; the explanation then lists no policies), then
+/// the request; elsewhere one layer-4 decision.
 pub fn explain(policy: &CompiledPolicy, spec: &RequestSpec) -> Explanation {
-    match spec.normalized() {
-        Ok(n) => {
-            let mut e = n.with_request(|req| explain_request(policy, req));
+    let staged = spec.decide_staged(policy);
+    match staged.normalized {
+        Some(Ok(n)) => {
+            let mut e =
+                n.with_request(|req| explain_staged(policy, req, &staged.decision, staged.stage));
             if let (Some(raw), Some(norm)) = (&spec.http, &n.http) {
                 if raw.path != norm.path {
                     e.normalized_path = Some(norm.path.clone());
@@ -106,17 +121,19 @@ pub fn explain(policy: &CompiledPolicy, spec: &RequestSpec) -> Explanation {
             }
             e
         }
-        Err(err) => Explanation {
-            decision: DecisionSummary::new(
-                policy,
-                &Decision::refused(super::eval::DenyReason::MalformedRequest),
-            ),
-            l7: policy.needs_l7(spec.proto, spec.to_port),
+        Some(Err(err)) => Explanation {
+            decision: DecisionSummary::new(policy, &staged.decision),
+            l7: true,
             default: default_name(policy),
             normalized_path: None,
             path_error: Some(err.to_string()),
+            stage: staged.stage,
+            note: None,
             policies: Vec::new(),
         },
+        None => {
+            spec.with_request(|req| explain_staged(policy, req, &staged.decision, staged.stage))
+        }
     }
 }
 
@@ -128,19 +145,44 @@ fn default_name(policy: &CompiledPolicy) -> String {
     .to_string()
 }
 
-/// Explains the decision for a request.
+/// Explains the decision for a request whose path (if any) is normalised already.
 pub fn explain_request(policy: &CompiledPolicy, req: &Request<'_>) -> Explanation {
-    let decision = evaluate(policy, req);
+    let (decision, stage) = decide_staged(policy, req);
+    explain_staged(policy, req, &decision, stage)
+}
+
+fn explain_staged(
+    policy: &CompiledPolicy,
+    req: &Request<'_>,
+    decision: &Decision,
+    stage: Stage,
+) -> Explanation {
+    // The rules as the stage read them: without HTTP attributes except for a request
+    // decided with them; at the opening of an inspected connection, as
+    // `deny_every_request` reads them.
+    let connection = Request { http: None, ..*req };
+    let opening = matches!(stage, Stage::Opening)
+        || (stage == Stage::NotHttp && req.protocol == Protocol::Tcp);
+    let traced = if stage == Stage::Request {
+        req
+    } else {
+        &connection
+    };
+    let absent = |action: Action| match (opening, action) {
+        (true, Action::Deny) => HttpAbsent::MatchIfEvery,
+        (true, Action::Allow) => HttpAbsent::Match,
+        (_, action) => HttpAbsent::of(action),
+    };
     let mut policies = Vec::new();
     for (pi, p) in policy.set().policies.iter().enumerate() {
         let not_selected = p
             .selector
             .as_ref()
-            .and_then(|s| selector_mismatch(s, req))
+            .and_then(|s| selector_mismatch(s, traced))
             .map(|f| {
                 format!(
                     "{f} does not select workload {}",
-                    req.dst_identity.unwrap_or("(unknown)")
+                    traced.dst_identity.unwrap_or("(unknown)")
                 )
             });
         let rules = p
@@ -152,12 +194,12 @@ pub fn explain_request(policy: &CompiledPolicy, req: &Request<'_>) -> Explanatio
                     policy: pi as u32,
                     rule: ri as u32,
                 };
-                let miss = rule_mismatch(rule, p.action, req);
+                let miss = rule_mismatch(rule, traced, absent(p.action));
                 RuleTrace {
                     rule: policy.rule_label(r).1,
                     line: rule.line,
                     matched: miss.is_none() && not_selected.is_none(),
-                    why_not: miss.map(|m| describe_miss(rule, &m, req)),
+                    why_not: miss.map(|m| describe_miss(rule, &m, traced)),
                 }
             })
             .collect();
@@ -169,12 +211,30 @@ pub fn explain_request(policy: &CompiledPolicy, req: &Request<'_>) -> Explanatio
             rules,
         });
     }
+    let port = req.dst_port;
+    let note = match stage {
+        Stage::Layer4 if req.http.is_some() => Some(format!(
+            "port {port} is not inspected at layer 7 for this workload: one decision per connection, the HTTP attributes are never read"
+        )),
+        Stage::Opening => Some(format!(
+            "refused when the connection opens: no request this source could send to port {port} would be allowed (allow rules are read as if their HTTP fields matched)"
+        )),
+        Stage::NotHttp if req.protocol == Protocol::Udp => Some(format!(
+            "port {port} has HTTP rules for this workload and no rule there names udp: a datagram (HTTP/3 could be one) cannot be inspected, so it is refused"
+        )),
+        Stage::NotHttp => Some(format!(
+            "port {port} is inspected at layer 7 for this workload: a connection must carry HTTP/1.x requests, and one that sends anything else is refused (describe a request, with --method and --path, to see how it is decided)"
+        )),
+        _ => None,
+    };
     Explanation {
-        decision: DecisionSummary::new(policy, &decision),
-        l7: policy.needs_l7(req.protocol, req.dst_port),
+        decision: DecisionSummary::new(policy, decision),
+        l7: stage != Stage::Layer4,
         default: default_name(policy),
         normalized_path: None,
         path_error: None,
+        stage,
+        note,
         policies,
     }
 }
@@ -258,6 +318,7 @@ fn describe_miss(rule: &Rule, miss: &RuleMiss, req: &Request<'_>) -> String {
         }
         RuleMiss::When(i, f) => {
             let c = &rule.when[*i];
+            // The one value conditions match: a repeated header's values joined by `,`.
             let got: Vec<String> = http
                 .map(|h| {
                     h.header_values(&c.header)
@@ -270,7 +331,7 @@ fn describe_miss(rule: &Rule, miss: &RuleMiss, req: &Request<'_>) -> String {
             } else if got.is_empty() {
                 "(absent)".to_string()
             } else {
-                list(&got)
+                format!("{:?}", got.join(","))
             };
             let detail = match *f {
                 "values" => format!("{} = {got} not in {}", c.header, opt(&c.values)),
@@ -296,12 +357,18 @@ impl std::fmt::Display for Explanation {
         } else {
             let why = match d.reason.as_str() {
                 "malformed_request" => "the request cannot be parsed",
+                "not_http" => {
+                    "the port is inspected at layer 7 and this is not an HTTP/1.x request"
+                }
                 "no_allow_matched" => "allow policies apply to the workload and none matched",
                 "default_deny" => "no policy decided; mesh default is deny",
                 "default_allow" => "no policy decided; mesh default is allow",
                 _ => "",
             };
             writeln!(f, "decided by: {why}")?;
+        }
+        if let Some(n) = &self.note {
+            writeln!(f, "note: {n}")?;
         }
         for a in &d.audit {
             writeln!(f, "audit: {a}")?;
@@ -339,8 +406,11 @@ impl std::fmt::Display for Explanation {
                 let state = if decided(r) {
                     "DECIDED".to_string()
                 } else if r.matched {
-                    match p.action {
-                        Action::Audit => "matched (audit)".to_string(),
+                    match (p.action, self.stage) {
+                        (Action::Audit, _) => "matched (audit)".to_string(),
+                        (Action::Allow, Stage::Opening | Stage::NotHttp) => {
+                            "could match a request (HTTP fields not read)".to_string()
+                        }
                         _ => "matched (not first)".to_string(),
                     }
                 } else {

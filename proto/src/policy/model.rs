@@ -118,6 +118,38 @@ impl Pattern {
         }
     }
 
+    /// Matches the values of a header as Envoy does when it is sent more than once:
+    /// joined by `,` into one value (`x: 1` and `x: 2` read `1,2`), without building
+    /// the joined string. No values (the header is absent): no match, not even `*`.
+    pub fn matches_joined<'a, I>(&self, values: I) -> bool
+    where
+        I: DoubleEndedIterator<Item = &'a [u8]> + Clone,
+    {
+        if values.clone().next().is_none() {
+            return false;
+        }
+        // The joined bytes, forwards and backwards.
+        let forwards = values
+            .clone()
+            .enumerate()
+            .flat_map(|(i, v)| (i > 0).then_some(b',').into_iter().chain(v.iter().copied()));
+        let mut backwards = values.rev().enumerate().flat_map(|(i, v)| {
+            (i > 0)
+                .then_some(b',')
+                .into_iter()
+                .chain(v.iter().rev().copied())
+        });
+        match self {
+            Pattern::Exact(p) => forwards.eq(p.bytes()),
+            Pattern::Prefix(p) => {
+                let mut forwards = forwards;
+                p.bytes().all(|b| forwards.next() == Some(b))
+            }
+            Pattern::Suffix(p) => p.bytes().rev().all(|b| backwards.next() == Some(b)),
+            Pattern::Any => true,
+        }
+    }
+
     /// The literal part (without the wildcard).
     pub fn literal(&self) -> &str {
         match self {
@@ -135,6 +167,167 @@ impl std::fmt::Display for Pattern {
             Pattern::Suffix(p) => write!(f, "*{p}"),
             Pattern::Any => f.write_str("*"),
         }
+    }
+}
+
+/// A path pattern: Istio's string match ([`Pattern`]: exact, `prefix*`, `*suffix`, `*`)
+/// or, when it holds `{*}` or `{**}`, a path template (Istio 1.22+, which hands it to
+/// Envoy's URI template matcher).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PathPattern {
+    Match(Pattern),
+    Template(PathTemplate),
+}
+
+impl PathPattern {
+    /// Matches a normalised path (`http_path::normalize`).
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Match(p) => p.matches(path.as_bytes()),
+            PathPattern::Template(t) => t.matches(path),
+        }
+    }
+}
+
+impl std::fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathPattern::Match(p) => p.fmt(f),
+            PathPattern::Template(t) => t.fmt(f),
+        }
+    }
+}
+
+/// A path template, as Istio's `paths` reads one (AuthorizationPolicy `Operation.paths`,
+/// Istio 1.22+) and Envoy matches it (`extensions.path.match.uri_template`, which turns
+/// it into a regular expression): `/` then segments joined by `/`, where
+/// - `{*}` is one whole segment, at least one character, no `/` (Envoy: `[pchar]+`);
+/// - `{**}` is any text, `/` included, possibly empty (Envoy: `[pchar/]*`), so
+///   `/a/{**}` matches `/a/` and `/a/b/c` but not `/a`; it is the last operator
+///   (literal segments may follow it: `/a/{**}/b`);
+/// - any other segment is literal; a template ending in `/` ends with an empty one.
+///
+/// An operator shares its segment with nothing (`/a/{*}.txt` is refused), and `*`,
+/// `{`, `}` appear nowhere else, as Istio requires.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PathTemplate {
+    segments: Vec<TemplateSegment>,
+    /// Position of the `{**}` segment, if any.
+    many: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum TemplateSegment {
+    Literal(String),
+    /// `{*}`
+    One,
+    /// `{**}`
+    Many,
+}
+
+impl TemplateSegment {
+    fn matches(&self, seg: &str) -> bool {
+        match self {
+            TemplateSegment::Literal(l) => seg == l,
+            TemplateSegment::One => !seg.is_empty(),
+            TemplateSegment::Many => true,
+        }
+    }
+}
+
+impl PathTemplate {
+    /// True if `s` is meant as a template (holds `{*}` or `{**}`).
+    pub fn is_template(s: &str) -> bool {
+        s.contains("{*}") || s.contains("{**}")
+    }
+
+    /// Reads a template by the rules in the type's doc; `literal` checks (and may
+    /// rewrite) each literal segment. The error says what is wrong.
+    pub fn parse(
+        s: &str,
+        mut literal: impl FnMut(&str) -> Result<String, String>,
+    ) -> Result<PathTemplate, String> {
+        let rest = s
+            .strip_prefix('/')
+            .ok_or("a path template starts with '/'")?;
+        let mut segments = Vec::new();
+        let mut many = None;
+        let count = rest.split('/').count();
+        for (i, seg) in rest.split('/').enumerate() {
+            let part = match seg {
+                "{*}" => TemplateSegment::One,
+                "{**}" => TemplateSegment::Many,
+                _ if seg.contains(['*', '{', '}']) => {
+                    return Err(format!(
+                        "segment {seg:?}: in a path template `*`, `{{` and `}}` may appear only as a whole segment `{{*}}` or `{{**}}`"
+                    ))
+                }
+                "" if i + 1 < count => {
+                    return Err(
+                        "empty segment (\"//\"): a normalised path has none, so this can never match"
+                            .into(),
+                    )
+                }
+                _ => TemplateSegment::Literal(literal(seg)?),
+            };
+            let operator = matches!(part, TemplateSegment::One | TemplateSegment::Many);
+            if operator && many.is_some() {
+                return Err("`{**}` must be the last operator of a path template".into());
+            }
+            if part == TemplateSegment::Many {
+                many = Some(segments.len());
+            }
+            segments.push(part);
+        }
+        Ok(PathTemplate { segments, many })
+    }
+
+    /// Matches a normalised path. Allocation-free: the path is split in place.
+    pub fn matches(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix('/') else {
+            // `*` (asterisk-form) is not a path.
+            return false;
+        };
+        match self.many {
+            None => {
+                let mut parts = rest.split('/');
+                self.segments
+                    .iter()
+                    .all(|t| parts.next().is_some_and(|p| t.matches(p)))
+                    && parts.next().is_none()
+            }
+            // `{**}` takes whatever the segments before it (from the front) and after
+            // it (from the back) leave, `/` included; it may be empty, so the path has
+            // at least as many `/`-separated parts as the template has segments.
+            Some(k) => {
+                if rest.split('/').count() < self.segments.len() {
+                    return false;
+                }
+                let mut front = rest.split('/');
+                let mut back = rest.rsplit('/');
+                self.segments[..k]
+                    .iter()
+                    .all(|t| front.next().is_some_and(|p| t.matches(p)))
+                    && self.segments[k + 1..]
+                        .iter()
+                        .rev()
+                        .all(|t| back.next().is_some_and(|p| t.matches(p)))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for PathTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for seg in &self.segments {
+            f.write_str("/")?;
+            match seg {
+                TemplateSegment::Literal(l) => f.write_str(l)?,
+                TemplateSegment::One => f.write_str("{*}")?,
+                TemplateSegment::Many => f.write_str("{**}")?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -216,8 +409,8 @@ pub struct Policy {
 /// Local workloads a policy applies to. Fields AND, values within a field OR.
 ///
 /// In every matcher here, a positive field is `None` when absent (no constraint) and
-/// `Some(empty)` when written as `[]`, which matches nothing; a `not_*` field excludes
-/// what it lists.
+/// never empty (the parser refuses `[]`; an empty one would match nothing); a `not_*`
+/// field excludes what it lists.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Selector {
     pub identities: Option<Vec<Pattern>>,
@@ -262,10 +455,12 @@ pub struct Operation {
     pub ports: Option<Vec<u16>>,
     pub not_ports: Vec<u16>,
     pub protocols: Option<Vec<Protocol>>,
-    pub methods: Option<Vec<String>>,
-    pub not_methods: Vec<String>,
-    pub paths: Option<Vec<Pattern>>,
-    pub not_paths: Vec<Pattern>,
+    /// Case-sensitive (RFC 9110 §9.1), with Istio's wildcards: `methods = ["*"]` is
+    /// every method.
+    pub methods: Option<Vec<Pattern>>,
+    pub not_methods: Vec<Pattern>,
+    pub paths: Option<Vec<PathPattern>>,
+    pub not_paths: Vec<PathPattern>,
     pub hosts: Option<Vec<HostPattern>>,
     pub not_hosts: Vec<HostPattern>,
 }

@@ -11,11 +11,12 @@ use toml::Spanned;
 use super::cases::{Expect, TestCase};
 use super::ident;
 use super::model::{
-    Action, Condition, HostPattern, Operation, Pattern, Policy, PolicySet, Protocol, Rule,
-    Selector, Source,
+    Action, Condition, HostPattern, Operation, PathPattern, PathTemplate, Pattern, Policy,
+    PolicySet, Protocol, Rule, Selector, Source,
 };
 use super::request::{is_tchar, parse_header, HttpSpec, RequestSpec};
 use super::validate::{lint, PolicyWarning};
+use crate::http_path;
 
 /// A policy file that cannot be used. Display: `file:line: field: message`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -38,7 +39,11 @@ pub struct Parsed {
 
 // ---- raw file format ----------------------------------------------------------
 
-type Strings = Option<Vec<Spanned<String>>>;
+/// A list field: `None` when absent; the list's own span locates an empty one.
+type Strings = Option<Spanned<Vec<Spanned<String>>>>;
+type Ports = Option<Spanned<Vec<Spanned<i64>>>>;
+/// An array of tables (`from`, `to`, `when`): `None` when absent.
+type Tables<T> = Option<Spanned<Vec<Spanned<T>>>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,12 +74,9 @@ struct RawSelector {
 #[serde(deny_unknown_fields)]
 struct RawRule {
     name: Option<Spanned<String>>,
-    #[serde(default)]
-    from: Vec<Spanned<RawSource>>,
-    #[serde(default)]
-    to: Vec<Spanned<RawOperation>>,
-    #[serde(default)]
-    when: Vec<Spanned<RawCondition>>,
+    from: Tables<RawSource>,
+    to: Tables<RawOperation>,
+    when: Tables<RawCondition>,
 }
 
 #[derive(Deserialize)]
@@ -93,9 +95,9 @@ struct RawSource {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOperation {
-    ports: Option<Vec<Spanned<i64>>>,
-    not_ports: Option<Vec<Spanned<i64>>>,
-    protocols: Option<Vec<Protocol>>,
+    ports: Ports,
+    not_ports: Ports,
+    protocols: Option<Spanned<Vec<Protocol>>>,
     methods: Strings,
     not_methods: Strings,
     paths: Strings,
@@ -122,7 +124,7 @@ enum RuleLabel {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTest {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     from: Option<Spanned<String>>,
     #[serde(default)]
     from_groups: Vec<String>,
@@ -280,11 +282,14 @@ impl Cx<'_> {
     fn policy(&self, pi: usize, rp: RawPolicy, line: usize) -> Result<Policy, PolicyError> {
         let at = format!("policy[{pi}]");
         let name = rp.name.get_ref().trim().to_string();
-        if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
+        if name.is_empty()
+            || name.contains('/')
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(self.err(
                 rp.name.span().start,
                 &format!("{at}.name"),
-                "policy name must be non-empty, without spaces or '/'",
+                "policy name must be non-empty, without spaces, control characters or '/'",
             ));
         }
         let selector = match rp.selector {
@@ -334,29 +339,57 @@ impl Cx<'_> {
             None => None,
             Some(n) => {
                 let s = n.get_ref().trim();
-                if s.is_empty() || s.contains('/') || s.bytes().all(|b| b.is_ascii_digit()) {
+                if s.is_empty()
+                    || s.contains('/')
+                    || s.chars().any(char::is_control)
+                    || s.bytes().all(|b| b.is_ascii_digit())
+                {
                     return Err(self.err(
                         n.span().start,
                         &format!("{at}.name"),
-                        "rule name must be non-empty, without '/', and not a number",
+                        "rule name must be non-empty, without control characters or '/', and not a number",
                     ));
                 }
                 Some(s.to_string())
             }
         };
-        let mut from = Vec::new();
-        for (i, s) in rr.from.into_iter().enumerate() {
-            from.push(self.source_entry(&format!("{at}.from[{i}]"), s.into_inner())?);
+        let from = self.tables(
+            rr.from,
+            &format!("{at}.from"),
+            "write the sources, or leave `from` out to match any source",
+            |i, s, line| self.source_entry(&format!("{at}.from[{i}]"), s, line),
+        )?;
+        let when_line = rr.when.as_ref().map(|w| self.line(w.span().start));
+        let when = self.tables(
+            rr.when,
+            &format!("{at}.when"),
+            "write the conditions, or leave `when` out",
+            |i, c, line| self.condition(&format!("{at}.when[{i}]"), c, line),
+        )?;
+        // Only the ports a rule names are inspected at layer 7 (an HTTP rule without
+        // ports used to make every TCP port inspected, for every workload): HTTP
+        // fields, or header conditions (which make each `to` entry layer 7), need
+        // ports.
+        const NEEDS_PORTS: &str = "HTTP fields (methods, paths, hosts, header conditions) need `ports`: only the ports a rule names are inspected at layer 7";
+        if let (Some(wline), None) = (when_line, &rr.to) {
+            return Err(self.err_line(
+                wline,
+                &format!("{at}.when"),
+                &format!("{NEEDS_PORTS}; add `to = [{{ ports = [...] }}]`"),
+            ));
         }
-        let mut to = Vec::new();
-        for (i, o) in rr.to.into_iter().enumerate() {
-            to.push(self.operation(&format!("{at}.to[{i}]"), o.into_inner())?);
-        }
-        let mut when = Vec::new();
-        for (i, c) in rr.when.into_iter().enumerate() {
-            let cline = self.line(c.span().start);
-            when.push(self.condition(&format!("{at}.when[{i}]"), c.into_inner(), cline)?);
-        }
+        let to = self.tables(
+            rr.to,
+            &format!("{at}.to"),
+            "write the operations, or leave `to` out to match any operation",
+            |i, o, line| {
+                let op = self.operation(&format!("{at}.to[{i}]"), o, line)?;
+                if (op.is_l7() || !when.is_empty()) && op.ports.is_none() {
+                    return Err(self.err_line(line, &format!("{at}.to[{i}]"), NEEDS_PORTS));
+                }
+                Ok(op)
+            },
+        )?;
         Ok(Rule {
             name,
             from,
@@ -366,7 +399,24 @@ impl Cx<'_> {
         })
     }
 
-    fn source_entry(&self, at: &str, s: RawSource) -> Result<Source, PolicyError> {
+    fn source_entry(&self, at: &str, s: RawSource, line: usize) -> Result<Source, PolicyError> {
+        let fields = [
+            &s.identities,
+            &s.not_identities,
+            &s.groups,
+            &s.not_groups,
+            &s.trust_domains,
+            &s.not_trust_domains,
+            &s.addresses,
+            &s.not_addresses,
+        ];
+        if fields.iter().all(|f| f.is_none()) {
+            return Err(self.err_line(
+                line,
+                at,
+                "empty `from` entry: it would match any source; name identities, groups, trust domains or addresses, or remove the entry",
+            ));
+        }
         let id = |v: &str| {
             ident::check_id_pattern(v)?;
             Ok(Pattern::parse(v))
@@ -391,11 +441,33 @@ impl Cx<'_> {
         })
     }
 
-    fn operation(&self, at: &str, o: RawOperation) -> Result<Operation, PolicyError> {
-        let ports = |v: &Option<Vec<Spanned<i64>>>, field: &str| -> Result<_, PolicyError> {
+    fn operation(&self, at: &str, o: RawOperation, line: usize) -> Result<Operation, PolicyError> {
+        let vacuous = o.ports.is_none()
+            && o.not_ports.is_none()
+            && o.protocols.is_none()
+            && [
+                &o.methods,
+                &o.not_methods,
+                &o.paths,
+                &o.not_paths,
+                &o.hosts,
+                &o.not_hosts,
+            ]
+            .iter()
+            .all(|f| f.is_none());
+        if vacuous {
+            return Err(self.err_line(
+                line,
+                at,
+                "empty `to` entry: it would match any operation; name ports, protocols, methods, paths or hosts, or remove the entry",
+            ));
+        }
+        let ports = |v: &Ports, field: &str| -> Result<_, PolicyError> {
             v.as_ref()
                 .map(|v| {
-                    v.iter()
+                    self.not_empty(v.span().start, &format!("{at}.{field}"), v.get_ref(), field)?;
+                    v.get_ref()
+                        .iter()
                         .map(|p| {
                             u16::try_from(*p.get_ref())
                                 .ok()
@@ -412,16 +484,22 @@ impl Cx<'_> {
                 })
                 .transpose()
         };
-        let path = |v: &str| {
-            if v.is_empty() {
-                return Err("empty path".to_string());
-            }
-            Ok(Pattern::parse(v))
-        };
+        let path = path_pattern;
         Ok(Operation {
             ports: ports(&o.ports, "ports")?,
             not_ports: ports(&o.not_ports, "not_ports")?.unwrap_or_default(),
-            protocols: o.protocols,
+            protocols: match o.protocols {
+                None => None,
+                Some(p) => {
+                    self.not_empty(
+                        p.span().start,
+                        &format!("{at}.protocols"),
+                        p.get_ref(),
+                        "protocols",
+                    )?;
+                    Some(p.into_inner())
+                }
+            },
             methods: self.list(&o.methods, &format!("{at}.methods"), method)?,
             not_methods: self.nlist(&o.not_methods, &format!("{at}.not_methods"), method)?,
             paths: self.list(&o.paths, &format!("{at}.paths"), path)?,
@@ -467,7 +545,10 @@ impl Cx<'_> {
     ) -> Result<Option<Vec<T>>, PolicyError> {
         v.as_ref()
             .map(|v| {
-                v.iter()
+                let name = field.rsplit('.').next().unwrap_or(field);
+                self.not_empty(v.span().start, field, v.get_ref(), name)?;
+                v.get_ref()
+                    .iter()
                     .map(|s| {
                         f(s.get_ref()).map_err(|m| {
                             self.err(s.span().start, field, &format!("{:?}: {m}", s.get_ref()))
@@ -476,6 +557,55 @@ impl Cx<'_> {
                     .collect()
             })
             .transpose()
+    }
+
+    /// Refuses a list written empty (`identities = []`): a positive one would match
+    /// nothing (a deny rule that silently denies nothing), a `not_*` one excludes
+    /// nothing; either way the file does not say what its author meant.
+    fn not_empty<T>(
+        &self,
+        offset: usize,
+        field: &str,
+        v: &[T],
+        name: &str,
+    ) -> Result<(), PolicyError> {
+        if !v.is_empty() {
+            return Ok(());
+        }
+        let what = if name.starts_with("not_") {
+            "it excludes nothing"
+        } else {
+            "it would match nothing"
+        };
+        Err(self.err(
+            offset,
+            field,
+            &format!("empty list: {what}; write the values, or leave `{name}` out"),
+        ))
+    }
+
+    /// Converts an array of tables (`from`, `to`, `when`), each entry by `f` with its
+    /// line; `[]` written out is an error (Istio reads it as absent, which for `from`
+    /// means any source).
+    fn tables<R, T>(
+        &self,
+        v: Tables<R>,
+        field: &str,
+        hint: &str,
+        mut f: impl FnMut(usize, R, usize) -> Result<T, PolicyError>,
+    ) -> Result<Vec<T>, PolicyError> {
+        let Some(v) = v else {
+            return Ok(Vec::new());
+        };
+        if v.get_ref().is_empty() {
+            return Err(self.err(v.span().start, field, &format!("empty list: {hint}")));
+        }
+        let mut out = Vec::with_capacity(v.get_ref().len());
+        for (i, entry) in v.into_inner().into_iter().enumerate() {
+            let line = self.line(entry.span().start);
+            out.push(f(i, entry.into_inner(), line)?);
+        }
+        Ok(out)
     }
 
     /// Converts a `not_*` list field (absent = empty).
@@ -593,13 +723,14 @@ impl Cx<'_> {
                 ));
             }
         }
-        const REASONS: [&str; 6] = [
+        const REASONS: [&str; 7] = [
             "explicit_deny",
             "no_allow_matched",
             "default_deny",
             "allow_matched",
             "default_allow",
             "malformed_request",
+            "not_http",
         ];
         if let Some(r) = &rt.expect_reason {
             if !REASONS.contains(&r.get_ref().as_str()) {
@@ -615,7 +746,18 @@ impl Cx<'_> {
             }
         }
         Ok(TestCase {
-            name: rt.name.unwrap_or_else(|| format!("test[{ti}]")),
+            name: match rt.name {
+                Some(n) if n.get_ref().chars().any(char::is_control) => {
+                    // Printed by `policy test` and in refusals: no terminal escapes.
+                    return Err(self.err(
+                        n.span().start,
+                        &f("name"),
+                        "a test name may not contain control characters",
+                    ));
+                }
+                Some(n) => n.into_inner(),
+                None => format!("test[{ti}]"),
+            },
             line,
             request,
             expect: Expect {
@@ -638,26 +780,143 @@ fn group(v: &str) -> Result<String, String> {
     Ok(v.to_string())
 }
 
+/// An address block or an address. The address is read by the standard library's
+/// parser, as test cases' addresses are: it refuses an IPv4 octet with a leading zero
+/// (`100.064.0.7`, which some tools read as octal), where `ipnet`'s own parser read
+/// `100.064.0.0/16` as decimal; the prefix length is plain decimal too.
 fn cidr(v: &str) -> Result<IpNet, String> {
-    if let Ok(n) = v.parse::<IpNet>() {
-        if n.trunc() != n {
-            return Err(format!(
-                "address block has host bits set (did you mean {}?)",
-                n.trunc()
-            ));
+    const BAD: &str = "not an address block (CIDR such as \"100.64.0.0/10\") or an IP address";
+    let (addr, len) = match v.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (v, None),
+    };
+    let leading_zero = |s: &str| s.len() > 1 && s.starts_with('0');
+    let addr: IpAddr = addr.parse().map_err(|_| {
+        if addr.split('.').any(leading_zero) {
+            format!("{BAD}: leading zeros are not allowed (they read as octal in some tools)")
+        } else {
+            BAD.to_string()
         }
-        return Ok(n);
+    })?;
+    let n = match len {
+        None => IpNet::from(addr),
+        Some(l) => {
+            if l.is_empty() || !l.bytes().all(|b| b.is_ascii_digit()) || leading_zero(l) {
+                return Err(BAD.into());
+            }
+            let l: u8 = l.parse().map_err(|_| BAD.to_string())?;
+            IpNet::new(addr, l).map_err(|_| BAD.to_string())?
+        }
+    };
+    if n.trunc() != n {
+        return Err(format!(
+            "address block has host bits set (did you mean {}?)",
+            n.trunc()
+        ));
     }
-    v.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
-        "not an address block (CIDR such as \"100.64.0.0/10\") or an IP address".into()
-    })
+    Ok(n)
 }
 
-fn method(v: &str) -> Result<String, String> {
+/// Istio's string match (exact, `prefix*`, `*suffix`, `*`), with `*` nowhere else:
+/// inside a value it would be literal, and a rule that means a wildcard there would
+/// match nothing (a deny that denies nothing).
+fn wildcard(v: &str) -> Result<Pattern, String> {
+    let p = Pattern::parse(v);
+    if p.literal().contains('*') {
+        return Err("`*` is a wildcard only alone, at the start or at the end".into());
+    }
+    Ok(p)
+}
+
+fn method(v: &str) -> Result<Pattern, String> {
     if v.is_empty() || !v.bytes().all(is_tchar) {
         return Err("an HTTP method is a token such as GET or POST".into());
     }
-    Ok(v.to_string())
+    wildcard(v)
+}
+
+/// A `paths` value: a template when it holds `{*}` or `{**}` (Istio 1.22+), else
+/// Istio's string match; either way spelled as requests are once normalised
+/// ([`http_path`]), so that `/%7Eadmin` is `/~admin` and `/admin/ü*` catches
+/// `/admin/%C3%BCber`. A pattern no normalised path can match is refused.
+fn path_pattern(v: &str) -> Result<PathPattern, String> {
+    if v.is_empty() {
+        return Err("empty path".into());
+    }
+    if v.contains(['?', '#']) {
+        return Err(
+            "paths are matched without the query or fragment: a pattern with `?` or `#` can never match"
+                .into(),
+        );
+    }
+    if PathTemplate::is_template(v) {
+        return PathTemplate::parse(v, whole_segment).map(PathPattern::Template);
+    }
+    let p = wildcard(v).map_err(|e| {
+        format!("{e} (for one path segment write `{{*}}`, for any number `{{**}}`)")
+    })?;
+    let starts_with_slash = || {
+        if p.literal().starts_with('/') {
+            Ok(())
+        } else {
+            Err("a normalised path starts with '/': this can never match".to_string())
+        }
+    };
+    let p = match &p {
+        Pattern::Any => Pattern::Any,
+        Pattern::Exact(s) => {
+            starts_with_slash()?;
+            Pattern::Exact(http_path::normalize(s).map_err(never)?)
+        }
+        // `/a/b/cut*`: whole segments normalised as a path (dot segments resolved, a
+        // trailing `/` kept), the cut last one only decoded.
+        Pattern::Prefix(s) => {
+            starts_with_slash()?;
+            let cut = s.rfind('/').map_or(0, |i| i + 1);
+            let mut out = http_path::normalize(&s[..cut]).map_err(never)?;
+            http_path::normalize_segment_into(&s[cut..], &mut out).map_err(never)?;
+            Pattern::Prefix(out)
+        }
+        // `*cut/b/c`: the cut first segment only decoded, the others whole.
+        Pattern::Suffix(s) => {
+            let mut out = String::with_capacity(s.len());
+            let count = s.split('/').count();
+            for (i, seg) in s.split('/').enumerate() {
+                if i == 0 {
+                    http_path::normalize_segment_into(seg, &mut out).map_err(never)?;
+                    continue;
+                }
+                out.push('/');
+                if seg.is_empty() && i + 1 < count {
+                    return Err(
+                        "empty segment (\"//\"): a normalised path has none, so this can never match"
+                            .into(),
+                    );
+                }
+                out.push_str(&whole_segment(seg)?);
+            }
+            Pattern::Suffix(out)
+        }
+    };
+    Ok(PathPattern::Match(p))
+}
+
+/// One whole segment of a path pattern, normalised; `.` and `..` never survive
+/// normalisation, so a pattern naming them can never match.
+fn whole_segment(seg: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(seg.len());
+    http_path::normalize_segment_into(seg, &mut out).map_err(never)?;
+    if out == "." || out == ".." {
+        return Err(format!(
+            "segment {seg:?}: a normalised path has no `.` or `..` segments, so this can never match"
+        ));
+    }
+    Ok(out)
+}
+
+/// Why a path pattern can never match: requests spelled so are refused before policy.
+fn never(e: http_path::PathError) -> String {
+    format!("can never match: {e}, and such requests are refused (400) before policy")
 }
 
 fn host(v: &str) -> Result<HostPattern, String> {
@@ -696,7 +955,7 @@ fn host(v: &str) -> Result<HostPattern, String> {
         return Err("a host may not contain spaces or '/'".into());
     }
     Ok(HostPattern {
-        name: Pattern::parse(name),
+        name: wildcard(name)?,
         port,
     })
 }

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use super::compile::CompiledPolicy;
-use super::eval::{evaluate, Decision, DenyReason};
+use super::eval::{decide_staged, deny_every_request, Decision, DenyReason, Stage};
 use super::model::Protocol;
 use crate::http_path::{self, PathError};
 
@@ -32,8 +32,11 @@ pub struct HttpRequest<'a> {
 }
 
 impl<'a> HttpRequest<'a> {
-    /// Values of the header named `name` (which must be lowercase).
-    pub fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a [u8]> + 's {
+    /// Values of the header named `name` (case-insensitive), in the order sent.
+    pub fn header_values<'s>(
+        &'s self,
+        name: &'s str,
+    ) -> impl DoubleEndedIterator<Item = &'a [u8]> + Clone + 's {
         self.headers
             .iter()
             .filter(move |h| h.name.eq_ignore_ascii_case(name))
@@ -175,12 +178,46 @@ impl RequestSpec {
         Ok(out)
     }
 
-    /// Decides this request as the enforcer would: the path is normalised first, and
-    /// a path that cannot be normalised is refused as a malformed request (400).
+    /// Decides this request as the data path does ([`decide`](super::decide)): on a
+    /// port inspected at layer 7 for the workload, the connection's opening first, then
+    /// the path normalised (one that cannot be is refused as a malformed request, 400)
+    /// and the request decided; elsewhere one layer-4 decision, HTTP attributes and
+    /// path never read.
     pub fn decide(&self, policy: &CompiledPolicy) -> Decision {
+        self.decide_staged(policy).decision
+    }
+
+    /// [`decide`](Self::decide), saying how, with the request as decided (its path
+    /// normalised) when the path was read.
+    pub(crate) fn decide_staged(&self, policy: &CompiledPolicy) -> Staged {
+        let reads_path = self.http.is_some()
+            && self.proto == Protocol::Tcp
+            && self.with_request(|r| {
+                policy.inspects(r)
+                    && deny_every_request(policy, &Request { http: None, ..*r }).is_none()
+            });
+        if !reads_path {
+            let (decision, stage) = self.with_request(|r| decide_staged(policy, r));
+            return Staged {
+                decision,
+                stage,
+                normalized: None,
+            };
+        }
         match self.normalized() {
-            Ok(n) => n.with_request(|r| evaluate(policy, r)),
-            Err(_) => Decision::refused(DenyReason::MalformedRequest),
+            Ok(n) => {
+                let (decision, stage) = n.with_request(|r| decide_staged(policy, r));
+                Staged {
+                    decision,
+                    stage,
+                    normalized: Some(Ok(n)),
+                }
+            }
+            Err(e) => Staged {
+                decision: Decision::refused(DenyReason::MalformedRequest),
+                stage: Stage::Request,
+                normalized: Some(Err(e)),
+            },
         }
     }
 
@@ -218,6 +255,15 @@ impl RequestSpec {
         };
         f(&req)
     }
+}
+
+/// A described request as the data path decided it.
+pub(crate) struct Staged {
+    pub decision: Decision,
+    pub stage: Stage,
+    /// The request with its path normalised, or why it could not be, when the data
+    /// path read the path.
+    pub normalized: Option<Result<RequestSpec, PathError>>,
 }
 
 /// Parses a `name: value` header as written on the command line or in a test.

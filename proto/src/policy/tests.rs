@@ -2,7 +2,7 @@
 //! (with negations and wildcards), Istio's evaluation order, the index, explain and
 //! the test runner.
 
-use super::eval::rule_mismatch;
+use super::eval::{rule_mismatch, HttpAbsent};
 use super::*;
 use proptest::prelude::*;
 
@@ -128,14 +128,16 @@ fn bad_cidr_identity_port_are_errors() {
     assert!(e.message.contains("sctp"), "{e}");
     let e = err(&format!("{base}to = [{{ hosts = [\"a.com:99999\"] }}]\n"));
     assert!(e.message.contains("99999"), "{e}");
-    let e = err(&format!("{base}to = [{{ methods = [\"G ET\"] }}]\n"));
+    let e = err(&format!(
+        "{base}to = [{{ ports = [80], methods = [\"G ET\"] }}]\n"
+    ));
     assert_eq!(e.field, "policy[0].rule[0].to[0].methods", "{e}");
     let e = err(&format!(
-        "{base}when = [{{ key = \"source.ip\", values = [\"x\"] }}]\n"
+        "{base}to = [{{ ports = [80] }}]\nwhen = [{{ key = \"source.ip\", values = [\"x\"] }}]\n"
     ));
     assert!(e.message.contains("request.headers[<name>]"), "{e}");
     let e = err(&format!(
-        "{base}when = [{{ key = \"request.headers[x]\" }}]\n"
+        "{base}to = [{{ ports = [80] }}]\nwhen = [{{ key = \"request.headers[x]\" }}]\n"
     ));
     assert!(e.message.contains("values"), "{e}");
 }
@@ -184,15 +186,11 @@ fn rules_that_can_never_match_warn() {
 name = "a"
 action = "allow"
 [[policy.rule]]
-to = [{ protocols = ["udp"], methods = ["GET"] }]
-[[policy.rule]]
-from = [{ identities = [] }]
-[[policy.rule]]
-to = [{ paths = ["/api/*/items", "api", "/a?b=1"] }]
+to = [{ ports = [80], protocols = ["udp"], methods = ["GET"] }]
 [[policy.rule]]
 to = [{ protocols = ["icmp"], ports = [80] }]
 [[policy.rule]]
-to = [{ methods = ["get"] }]
+to = [{ ports = [80], methods = ["get"] }]
 
 [[policy]]
 name = "empty"
@@ -204,27 +202,106 @@ action = "allow"
         all.contains("p.toml:5: warning: policy[0].rule[0].to[0]: HTTP fields"),
         "{all}"
     );
-    assert!(
-        all.contains("rule[1].from[0].identities: empty list"),
-        "{all}"
-    );
-    assert!(
-        all.contains("\"/api/*/items\": `*` is a wildcard only"),
-        "{all}"
-    );
-    assert!(
-        all.contains("\"api\": a normalised path starts with '/'"),
-        "{all}"
-    );
-    assert!(all.contains("query"), "{all}");
     assert!(all.contains("icmp has no ports"), "{all}");
     assert!(all.contains("case-sensitive"), "{all}");
     assert!(all.contains("policy \"empty\" has no rules"), "{all}");
-    assert!(
-        all.contains("p.toml:9: warning: policy[0].rule[2]: HTTP fields without `ports`"),
-        "{all}"
+    assert_eq!(w.len(), 4, "{all}");
+}
+
+/// Issue 18: the docs promise a warning for a value its `not_*` field excludes; it
+/// existed only for groups, ports and methods.
+#[test]
+fn values_their_negation_excludes_warn() {
+    let w = warnings(
+        r#"
+[[policy]]
+name = "a"
+action = "deny"
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/a"], not_identities = ["spiffe://t/*"] }]
+[[policy.rule]]
+from = [{ trust_domains = ["t"], not_trust_domains = ["t"] }]
+[[policy.rule]]
+from = [{ addresses = ["100.64.1.0/24"], not_addresses = ["100.64.0.0/16"] }]
+[[policy.rule]]
+to = [{ ports = [80], paths = ["/admin/users"], not_paths = ["/admin/*"] }]
+[[policy.rule]]
+to = [{ ports = [80], hosts = ["api.example.org:8080"], not_hosts = ["*.example.org"] }]
+[[policy.rule]]
+to = [{ ports = [80], methods = ["POST"], not_methods = ["*"] }]
+[[policy.rule]]
+to = [{ ports = [80] }]
+when = [{ key = "request.headers[x-env]", values = ["prod-eu"], not_values = ["prod*"] }]
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/a"], not_identities = ["spiffe://t/b*"] }]
+to = [{ ports = [80], paths = ["/api/*"], not_paths = ["/api/private/*"], hosts = ["a.org"], not_hosts = ["a.org:8080"] }]
+"#,
     );
-    assert_eq!(w.len(), 10, "{all}");
+    let all = w.join("\n");
+    for want in [
+        "p.toml:5: warning: policy[0].rule[0].from[0].identities: \"spiffe://t/a\" in identities is excluded by \"spiffe://t/*\" in not_identities: it can never match",
+        "p.toml:7: warning: policy[0].rule[1].from[0].trust_domains: \"t\" in trust_domains is excluded",
+        "p.toml:9: warning: policy[0].rule[2].from[0].addresses: \"100.64.1.0/24\" in addresses is excluded by \"100.64.0.0/16\"",
+        "p.toml:11: warning: policy[0].rule[3].to[0].paths: \"/admin/users\" in paths is excluded by \"/admin/*\"",
+        "p.toml:13: warning: policy[0].rule[4].to[0].hosts: \"api.example.org:8080\" in hosts is excluded by \"*.example.org\"",
+        "p.toml:15: warning: policy[0].rule[5].to[0].methods: \"POST\" in methods is excluded by \"*\"",
+        "p.toml:17: warning: policy[0].rule[6].when[0].values: \"prod-eu\" in values is excluded by \"prod*\"",
+    ] {
+        assert!(all.contains(want), "{want}\n{all}");
+    }
+    // The last rule's negations only narrow it.
+    assert_eq!(w.len(), 7, "{all}");
+}
+
+/// Issue 18: `100.064.0.0/16` was read as decimal while `100.064.0.7` was refused;
+/// leading zeros are refused in both (and in the prefix length); names and test names
+/// with control characters (printed by `policy test`) are refused.
+#[test]
+fn leading_zeros_and_control_characters_are_refused() {
+    let with = |addr: &str| {
+        parse(
+            "p.toml",
+            &format!(
+                "[[policy]]\nname = \"a\"\naction = \"allow\"\n[[policy.rule]]\nfrom = [{{ addresses = [\"{addr}\"] }}]\n"
+            ),
+        )
+    };
+    for bad in [
+        "100.064.0.0/16",
+        "100.064.0.7",
+        "100.64.0.0/010",
+        "010.0.0.0/8",
+        "100.64.0.0/",
+        "100.64.0.0/+8",
+    ] {
+        let e = with(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+        assert_eq!(e.field, "policy[0].rule[0].from[0].addresses", "{e}");
+        assert!(e.message.contains("not an address block"), "{bad}: {e}");
+    }
+    assert!(with("100.064.0.7")
+        .unwrap_err()
+        .message
+        .contains("leading zeros"));
+    for good in [
+        "100.64.0.0/10",
+        "100.64.0.7",
+        "0.0.0.0/0",
+        "fd00:0db8::/32",
+        "fd00::7",
+        "::ffff:100.64.0.7",
+    ] {
+        assert!(with(good).is_ok(), "{good}: {:?}", with(good).err());
+    }
+    for (src, field) in [
+        ("[[policy]]\nname = \"a\\u001b[31m\"\naction = \"allow\"\n", "policy[0].name"),
+        ("[[policy]]\nname = \"a\"\naction = \"allow\"\n[[policy.rule]]\nname = \"r\\u0007\"\n", "policy[0].rule[0].name"),
+        ("[[policy]]\nname = \"a\"\naction = \"allow\"\n[[policy.rule]]\nname = \"two\\nlines\"\n", "policy[0].rule[0].name"),
+        ("[[policy]]\nname = \"a\"\naction = \"allow\"\n[[test]]\nname = \"t\\u001b]0;x\\u0007\"\nfrom = \"spiffe://t/a\"\nto_port = 1\nexpect = \"deny\"\n", "test[0].name"),
+    ] {
+        let e = err(src);
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.message.contains("control characters"), "{e}");
+    }
 }
 
 #[test]
@@ -301,7 +378,7 @@ fn large_file_reports_exact_lines() {
     // A valid file: warnings on rules at the end, in file order; its test passes.
     let f = big_file(
         |i| match i {
-            7 => rule(i, "to = [{ ports = [] }]"),
+            7 => rule(i, "to = [{ ports = [80], protocols = [\"icmp\"] }]"),
             i if i == last - 1 => rule(i, "to = [{ ports = [80], methods = [\"get\"] }]"),
             i if i == last => rule(
                 i,
@@ -316,7 +393,7 @@ fn large_file_reports_exact_lines() {
     assert_eq!(
         got,
         [
-            format!("big.toml:{}: warning: policy[1].rule[7].to[0].ports: empty list matches nothing: this can never match (remove the field to match anything)", f.rule_line[7]),
+            format!("big.toml:{}: warning: policy[1].rule[7].to[0].ports: icmp has no ports: this can never match", f.rule_line[7]),
             format!("big.toml:{}: warning: policy[1].rule[{}].to[0].methods: methods are case-sensitive: \"get\" never matches \"GET\"", f.rule_line[last - 1], last - 1),
             format!("big.toml:{}: warning: policy[1].rule[{last}].when[0].key: use `hosts` in `to` for the Host header (it handles ports and case)", f.rule_line[last]),
         ]
@@ -370,6 +447,22 @@ fn large_file_reports_exact_lines() {
         format!(
             "big.toml:{}: policy[1].rule[{last}].to[0].ports: port 0 is not in 1-65535",
             f.rule_line[last] + 3
+        )
+    );
+    // An empty list in the last rule: the line of the list.
+    let f = big_file(
+        |i| {
+            (i == last)
+                .then(|| rule(i, "to = [{ ports = [80] }]\nwhen = [\n  { key = \"request.headers[a]\", values = [] },\n]"))
+                .flatten()
+        },
+        "",
+    );
+    assert_eq!(
+        fails(&f),
+        format!(
+            "big.toml:{}: policy[1].rule[{last}].when[0].values: empty list: it would match nothing; write the values, or leave `values` out",
+            f.rule_line[last] + 5
         )
     );
     // A TOML error in the last rule: its line and the key written on it.
@@ -633,15 +726,53 @@ fn groups_trust_domains_addresses() {
 }
 
 #[test]
-fn from_entries_or_and_empty_lists_match_nothing() {
+fn from_entries_or() {
     let c = allow_rule("from = [{ identities = [\"spiffe://t/a\"] }, { groups = [\"ops\"] }]");
     assert!(allowed(&c, &RequestSpec::tcp("spiffe://t/a", 1)));
     let mut ops = RequestSpec::tcp("spiffe://t/z", 1);
     ops.from_groups = vec!["ops".into()];
     assert!(allowed(&c, &ops));
     assert!(!allowed(&c, &RequestSpec::tcp("spiffe://t/z", 1)));
-    let c = allow_rule("from = [{ identities = [] }]");
-    assert!(!allowed(&c, &RequestSpec::tcp("spiffe://t/a", 1)));
+}
+
+/// Issue 18: an empty list or an entry that constrains nothing is refused, with the
+/// line and the field, wherever it is written. A deny rule with `identities = []`
+/// used to match nothing (so it silently denied nothing), and `from = [{}]` or
+/// `from = []` to match every source.
+#[test]
+fn empty_lists_and_vacuous_entries_are_errors() {
+    let head = "[[policy]]\nname = \"p\"\naction = \"deny\"\n";
+    let table: &[(&str, usize, &str, &str)] = &[
+        // (body after the policy head, line, field, message start)
+        ("[[policy.rule]]\nfrom = [{ identities = [] }]", 5, "policy[0].rule[0].from[0].identities", "empty list: it would match nothing"),
+        ("[[policy.rule]]\nfrom = [{ groups = [] }]", 5, "policy[0].rule[0].from[0].groups", "empty list"),
+        ("[[policy.rule]]\nfrom = [{ trust_domains = [] }]", 5, "policy[0].rule[0].from[0].trust_domains", "empty list"),
+        ("[[policy.rule]]\nfrom = [{ addresses = [] }]", 5, "policy[0].rule[0].from[0].addresses", "empty list"),
+        ("[[policy.rule]]\nfrom = [{ identities = [\"*\"], not_groups = [] }]", 5, "policy[0].rule[0].from[0].not_groups", "empty list: it excludes nothing"),
+        ("[[policy.rule]]\nto = [{ ports = [] }]", 5, "policy[0].rule[0].to[0].ports", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80], protocols = [] }]", 5, "policy[0].rule[0].to[0].protocols", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80], methods = [] }]", 5, "policy[0].rule[0].to[0].methods", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80], paths = [] }]", 5, "policy[0].rule[0].to[0].paths", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80], hosts = [] }]", 5, "policy[0].rule[0].to[0].hosts", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80], not_paths = [] }]", 5, "policy[0].rule[0].to[0].not_paths", "empty list: it excludes nothing"),
+        ("selector = { identities = [] }\n[[policy.rule]]", 4, "policy[0].selector.identities", "empty list"),
+        ("selector = { groups = [] }\n[[policy.rule]]", 4, "policy[0].selector.groups", "empty list"),
+        ("[[policy.rule]]\nfrom = [{}]", 5, "policy[0].rule[0].from[0]", "empty `from` entry: it would match any source"),
+        ("[[policy.rule]]\nfrom = [\n  { groups = [\"a\"] },\n  {},\n]", 7, "policy[0].rule[0].from[1]", "empty `from` entry"),
+        ("[[policy.rule]]\nto = [{}]", 5, "policy[0].rule[0].to[0]", "empty `to` entry: it would match any operation"),
+        ("[[policy.rule]]\n[[policy.rule.to]]\n", 5, "policy[0].rule[0].to[0]", "empty `to` entry"),
+        ("[[policy.rule]]\nfrom = []", 5, "policy[0].rule[0].from", "empty list: write the sources, or leave `from` out"),
+        ("[[policy.rule]]\nto = []", 5, "policy[0].rule[0].to", "empty list"),
+        ("[[policy.rule]]\nwhen = []", 5, "policy[0].rule[0].when", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80] }]\nwhen = [{ key = \"request.headers[a]\", not_values = [] }]", 6, "policy[0].rule[0].when[0].not_values", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80] }]\nwhen = [{ key = \"request.headers[a]\", values = [] }]", 6, "policy[0].rule[0].when[0].values", "empty list"),
+        ("[[policy.rule]]\nto = [{ ports = [80] }]\nwhen = [{ key = \"request.headers[a]\" }]", 6, "policy[0].rule[0].when[0]", "a condition needs `values` or `not_values`"),
+    ];
+    for &(body, line, field, message) in table {
+        let e = err(&format!("{head}{body}\n"));
+        assert_eq!((e.line, e.field.as_str()), (line, field), "{body}: {e}");
+        assert!(e.message.starts_with(message), "{body}: {e}");
+    }
 }
 
 // ---- matchers: to --------------------------------------------------------------
@@ -717,6 +848,206 @@ fn methods_and_paths() {
     }
 }
 
+/// Issue 18: Istio's string match (exact, `prefix*`, `*suffix`, `*`) applies to
+/// methods as to hosts, paths and header values; `methods = ["*"]` was literal, so a
+/// deny on it denied nothing.
+#[test]
+fn methods_match_like_every_istio_string_field() {
+    let c = compile(
+        r#"
+[[policy]]
+name = "no-writes"
+action = "deny"
+[[policy.rule]]
+to = [{ ports = [80], methods = ["P*", "*TE"] }]
+[[policy]]
+name = "lock"
+action = "deny"
+[[policy.rule]]
+to = [{ ports = [81], methods = ["*"] }]
+[[policy]]
+name = "open"
+action = "allow"
+[[policy.rule]]
+to = [{ ports = [80, 81], protocols = ["tcp"] }]
+"#,
+    );
+    for (method, port, want) in [
+        ("GET", 80, true),
+        ("POST", 80, false),
+        ("PUT", 80, false),
+        ("PATCH", 80, false),
+        ("DELETE", 80, false),
+        ("OPTIONS", 80, true),
+        ("GET", 81, false),
+        ("HEAD", 81, false),
+        ("BREW", 81, false),
+    ] {
+        let r = RequestSpec::tcp("spiffe://t/a", port).http(method, "/");
+        assert_eq!(allowed(&c, &r), want, "{method} to {port}");
+    }
+    // A `*` inside a value would be literal: refused for methods, paths and hosts.
+    for (to, field) in [
+        ("methods = [\"G*T\"]", "methods"),
+        ("methods = [\"**\"]", "methods"),
+        ("paths = [\"/api/*/items\"]", "paths"),
+        ("not_paths = [\"*/a*\"]", "not_paths"),
+        ("hosts = [\"api.*.example.org\"]", "hosts"),
+    ] {
+        let e = err(&format!(
+            "[[policy]]\nname = \"p\"\naction = \"deny\"\n[[policy.rule]]\nto = [{{ ports = [80], {to} }}]\n"
+        ));
+        assert_eq!(e.field, format!("policy[0].rule[0].to[0].{field}"), "{e}");
+        assert!(e.message.contains("`*` is a wildcard only"), "{e}");
+    }
+}
+
+/// Istio 1.22+ path templates, matched as Envoy's URI template matcher does
+/// (`{*}` = `[^/]+`, `{**}` = `.*`, joined by `/`); Istio's documented examples.
+#[test]
+fn path_templates() {
+    let table: &[(&str, &str, bool)] = &[
+        ("/foo/{*}", "/foo/bar", true),
+        ("/foo/{*}", "/foo/bar/baz", false),
+        ("/foo/{*}", "/foo/", false),
+        ("/foo/{*}", "/foo", false),
+        ("/foo/{**}/", "/foo/bar/", true),
+        ("/foo/{**}/", "/foo/bar/baz/", true),
+        ("/foo/{**}/", "/foo/bar", false),
+        // Istio's page lists this as a match; Envoy's regex (`/foo/[..]*/`) does not.
+        ("/foo/{**}/", "/foo/bar/baz.txt", false),
+        ("/foo/{*}/bar/{**}", "/foo/buzz/bar/", true),
+        ("/foo/{*}/bar/{**}", "/foo/buzz/bar/baz", true),
+        ("/foo/{*}/bar/{**}", "/foo/buzz/bar", false),
+        ("/foo/{*}/bar/{**}", "/foo/a/b/bar/baz", false),
+        ("/a/{**}", "/a/", true),
+        ("/a/{**}", "/a/b/c", true),
+        ("/a/{**}", "/a", false),
+        ("/a/{**}", "/ab", false),
+        ("/a/{**}/b", "/a/x/y/b", true),
+        ("/a/{**}/b", "/a/x/b", true),
+        ("/a/{**}/b", "/a/b", false),
+        ("/a/{**}/b", "/a/x/b/c", false),
+        ("/{**}", "/", true),
+        ("/{**}", "/anything/at/all", true),
+        ("/{**}", "*", false),
+        ("/{*}/{*}", "/a/b", true),
+        ("/{*}/{*}", "/a/b/", false),
+    ];
+    for &(pattern, path, want) in table {
+        let c = allow_rule(&format!(
+            "to = [{{ ports = [80], paths = [\"{pattern}\"] }}]"
+        ));
+        assert_eq!(
+            allowed(&c, &get("spiffe://t/a", 80, path)),
+            want,
+            "{pattern} vs {path}"
+        );
+    }
+    for (bad, why) in [
+        ("/*/baz/{*}", "may appear only as a whole segment"),
+        ("/**/baz/{*}", "may appear only as a whole segment"),
+        ("/{**}/foo/{*}", "must be the last operator"),
+        ("/{**}/{**}", "must be the last operator"),
+        ("/foo/{*}.txt", "may appear only as a whole segment"),
+        ("/foo/{x}/{*}", "may appear only as a whole segment"),
+        ("foo/{*}", "starts with '/'"),
+        ("/a//{*}", "empty segment"),
+    ] {
+        let e = err(&format!(
+            "[[policy]]\nname = \"p\"\naction = \"deny\"\n[[policy.rule]]\nto = [{{ ports = [80], paths = [\"{bad}\"] }}]\n"
+        ));
+        assert_eq!(e.field, "policy[0].rule[0].to[0].paths", "{e}");
+        assert!(e.message.contains(why), "{bad}: {e}");
+    }
+}
+
+/// Issue 18: path patterns are spelled as normalised requests are (the same
+/// `http_path` rules), so a pattern catches every spelling of what it names; one that
+/// no normalised path can match is refused.
+#[test]
+fn path_patterns_are_normalised_like_requests() {
+    let table: &[(&str, &str, bool)] = &[
+        // A prefix with a character outside ASCII catches it encoded, in either case.
+        ("/admin/\u{fc}*", "/admin/%C3%BCber", true),
+        ("/admin/\u{fc}*", "/admin/%c3%bcber", true),
+        ("/admin/\u{fc}*", "/admin/\u{fc}ber", true),
+        ("/admin/\u{fc}*", "/admin/uber", false),
+        ("/%c3%bc", "/\u{fc}", true),
+        ("/%c3%bc", "/%C3%BC", true),
+        // Unreserved characters are decoded in patterns as in requests.
+        ("/%7Eadmin", "/~admin", true),
+        ("/%7Eadmin", "/%7eadmin", true),
+        ("/%61pi/*", "/api/x", true),
+        ("*/%69nfo", "/x/info", true),
+        ("*.%70ng", "/a.png", true),
+        // Other escapes are kept, hex upper-cased.
+        ("/a%20b", "/a%20b", true),
+        ("/a%2ab", "/a%2Ab", true),
+        ("/a%2ab", "/a*b", false),
+        // Dot segments and repeated slashes resolve in whole segments...
+        ("/a/./b", "/a/b", true),
+        ("/a/x/../b", "/a/b", true),
+        ("//admin", "/admin", true),
+        ("/api/./*", "/api/x", true),
+        // ...but a cut segment is only decoded: `/a/.*` is a prefix of `/a/.env`.
+        ("/a/.*", "/a/.env", true),
+        ("/a/.*", "/a/b", false),
+        ("/api/{*}/%7Ex", "/api/1/~x", true),
+    ];
+    for &(pattern, path, want) in table {
+        let c = allow_rule(&format!(
+            "to = [{{ ports = [80], paths = [\"{pattern}\"] }}]"
+        ));
+        // As the enforcer decides: the request's path normalised first.
+        assert_eq!(
+            get("spiffe://t/a", 80, path).decide(&c).is_allowed(),
+            want,
+            "{pattern} vs {path}"
+        );
+    }
+    // What the set holds is the normalised spelling (explain shows it).
+    let c = allow_rule("to = [{ ports = [80], paths = [\"/%7Eadmin/%c3%bc*\"] }]");
+    assert_eq!(
+        c.set().policies[0].rules[0].to[0].paths.as_ref().unwrap()[0].to_string(),
+        "/~admin/%C3%BC*"
+    );
+    for (bad, why) in [
+        (
+            "/admin%2F*",
+            "can never match: request target contains an encoded `/`",
+        ),
+        ("/admin%2fx", "can never match"),
+        ("/a\\\\b", "can never match"),
+        (
+            "/admin;x",
+            "can never match: request target has path parameters",
+        ),
+        ("*;jsessionid", "can never match"),
+        (
+            "/%c0%af",
+            "can never match: request target has bytes that are not UTF-8",
+        ),
+        ("/caf%C3*", "not UTF-8"),
+        ("/a%00", "control character"),
+        ("/a%zz", "`%` not followed by two hex digits"),
+        ("/a?b=1", "without the query"),
+        ("/a#x", "without the query or fragment"),
+        ("api", "starts with '/'"),
+        ("api/*", "starts with '/'"),
+        ("*/../x", "no `.` or `..` segments"),
+        ("*/x/.", "no `.` or `..` segments"),
+        ("*//x", "empty segment"),
+        ("/a/{*}/..", "no `.` or `..` segments"),
+    ] {
+        let e = err(&format!(
+            "[[policy]]\nname = \"p\"\naction = \"deny\"\n[[policy.rule]]\nto = [{{ ports = [80], paths = [\"{bad}\"] }}]\n"
+        ));
+        assert_eq!(e.field, "policy[0].rule[0].to[0].paths", "{bad}: {e}");
+        assert!(e.message.contains(why), "{bad}: {e}");
+    }
+}
+
 #[test]
 fn hosts_with_ports_case_and_wildcards() {
     let table = [
@@ -736,17 +1067,19 @@ fn hosts_with_ports_case_and_wildcards() {
         ("[fd00::1]", "[fd00::1]:80", true),
     ];
     for (pat, host, want) in table {
-        let c = allow_rule(&format!("to = [{{ hosts = [\"{pat}\"] }}]"));
+        let c = allow_rule(&format!("to = [{{ ports = [80], hosts = [\"{pat}\"] }}]"));
         let mut r = get("spiffe://t/a", 80, "/");
         r.http.as_mut().unwrap().host = Some(host.into());
         assert_eq!(allowed(&c, &r), want, "{pat} vs {host}");
-        let c = allow_rule(&format!("to = [{{ not_hosts = [\"{pat}\"] }}]"));
+        let c = allow_rule(&format!(
+            "to = [{{ ports = [80], not_hosts = [\"{pat}\"] }}]"
+        ));
         assert_eq!(allowed(&c, &r), !want, "not {pat} vs {host}");
     }
     // No Host header: `hosts` fails, `not_hosts` holds.
-    let c = allow_rule("to = [{ hosts = [\"*\"] }]");
+    let c = allow_rule("to = [{ ports = [80], hosts = [\"*\"] }]");
     assert!(!allowed(&c, &get("spiffe://t/a", 80, "/")));
-    let c = allow_rule("to = [{ not_hosts = [\"*\"] }]");
+    let c = allow_rule("to = [{ ports = [80], not_hosts = [\"*\"] }]");
     assert!(allowed(&c, &get("spiffe://t/a", 80, "/")));
 }
 
@@ -762,10 +1095,63 @@ fn header_conditions() {
         ("values = [\"prod\"]", vec!["X-Env: prod"], true),
         ("values = [\"prod\"]", vec!["x-env: dev"], false),
         ("values = [\"prod\"]", vec![], false),
+        // A header sent twice is one value, joined by ",", as Envoy matches it
+        // (issue 18: each value used to be matched alone).
         (
             "values = [\"prod\"]",
             vec!["x-env: dev", "x-env: prod"],
+            false,
+        ),
+        (
+            "values = [\"dev,prod\"]",
+            vec!["x-env: dev", "x-env: prod"],
             true,
+        ),
+        (
+            "values = [\"dev,*\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            true,
+        ),
+        (
+            "values = [\"*,prod\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            true,
+        ),
+        (
+            "values = [\"*v,pr*\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            false,
+        ),
+        (
+            "values = [\"dev,p*\"]",
+            vec!["x-env: dev", "X-Env: prod"],
+            true,
+        ),
+        (
+            "values = [\"a,,c\"]",
+            vec!["x-env: a", "x-env: ", "x-env: c"],
+            true,
+        ),
+        ("values = [\"*\"]", vec!["x-env: ", "x-env: "], true),
+        (
+            "not_values = [\"prod\"]",
+            vec!["x-env: prod", "x-env: prod"],
+            true,
+        ),
+        (
+            "not_values = [\"prod,prod\"]",
+            vec!["x-env: prod", "x-env: prod"],
+            false,
+        ),
+        (
+            "not_values = [\"*,prod\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            false,
+        ),
+        (
+            "not_values = [\"de*\"]",
+            vec!["x-env: dev", "x-env: prod"],
+            false,
         ),
         ("values = [\"pr*\"]", vec!["x-env: prod"], true),
         ("values = [\"*od\"]", vec!["x-env: prod"], true),
@@ -784,13 +1170,13 @@ fn header_conditions() {
     ];
     for (cond, headers, want) in table {
         let c = allow_rule(&format!(
-            "when = [{{ key = \"request.headers[X-Env]\", {cond} }}]"
+            "to = [{{ ports = [80] }}]\nwhen = [{{ key = \"request.headers[X-Env]\", {cond} }}]"
         ));
         assert_eq!(allowed(&c, &with(&headers)), want, "{cond} vs {headers:?}");
     }
     // Conditions AND.
     let c = allow_rule(
-        "when = [{ key = \"request.headers[a]\", values = [\"1\"] }, { key = \"request.headers[b]\", values = [\"2\"] }]",
+        "to = [{ ports = [80] }]\nwhen = [{ key = \"request.headers[a]\", values = [\"1\"] }, { key = \"request.headers[b]\", values = [\"2\"] }]",
     );
     assert!(allowed(&c, &with(&["a: 1", "b: 2"])));
     assert!(!allowed(&c, &with(&["a: 1"])));
@@ -798,8 +1184,9 @@ fn header_conditions() {
 
 #[test]
 fn http_fields_without_http_attributes() {
-    // Allow rules with HTTP fields do not match a request without HTTP attributes;
-    // deny rules ignore those fields and match (fail closed, as Istio does).
+    // Istio's reading, where a request has no HTTP attributes on a port that is not
+    // inspected: allow rules with HTTP fields do not match it, deny rules ignore those
+    // fields and match (fail closed). On an inspected port it is `not_http` (below).
     let c = compile(
         r#"
 [[policy]]
@@ -814,48 +1201,180 @@ action = "allow"
 to = [{ ports = [80, 81], methods = ["GET"] }]
 "#,
     );
-    assert_eq!(
-        decide(&c, &RequestSpec::tcp("spiffe://t/a", 80)).reason_name(),
-        "explicit_deny"
-    );
-    assert_eq!(
-        decide(&c, &RequestSpec::tcp("spiffe://t/a", 81)).reason_name(),
-        "no_allow_matched"
-    );
+    RequestSpec::tcp("spiffe://t/a", 80).with_request(|r| {
+        let deny = RuleRef { policy: 0, rule: 0 };
+        assert_eq!(c.first_match(Action::Deny, r), Some(deny));
+        assert_eq!(c.first_match(Action::Allow, r), None);
+    });
     assert!(allowed(&c, &get("spiffe://t/a", 80, "/")));
-    // HTTP fields never match UDP, not even for deny.
-    let mut udp = RequestSpec::tcp("spiffe://t/a", 80);
-    udp.proto = Protocol::Udp;
-    assert_eq!(decide(&c, &udp).reason_name(), "no_allow_matched");
+    assert!(!allowed(
+        &c,
+        &RequestSpec::tcp("spiffe://t/a", 80).http("POST", "/")
+    ));
 }
 
+/// Issue 18: a port is inspected (non-HTTP refused as `not_http`) only for the
+/// workloads a policy with HTTP fields selects, only through allow and deny rules,
+/// only on the ports those rules name; UDP there is refused unless a rule names udp
+/// with the port. A rule with HTTP fields and no ports is an error.
 #[test]
-fn needs_l7_per_port() {
+fn inspection_follows_the_selector_the_action_and_the_ports() {
     let c = compile(
         r#"
 [[policy]]
-name = "a"
+name = "api"
 action = "allow"
+selector = { identities = ["spiffe://t/api"] }
 [[policy.rule]]
 to = [{ ports = [8080], paths = ["/api/*"] }, { ports = [5432] }]
 [[policy.rule]]
 to = [{ ports = [9000] }]
 when = [{ key = "request.headers[x]", values = ["y"] }]
 [[policy.rule]]
-to = [{ ports = [53], protocols = ["udp"] }]
+to = [{ ports = [8443], methods = ["GET"] }, { ports = [8443], protocols = ["udp"] }]
+
+[[policy]]
+name = "no-admin"
+action = "deny"
+selector = { groups = ["web"] }
+[[policy.rule]]
+to = [{ ports = [80, 81], not_ports = [81], paths = ["/admin/*"] }]
+
+[[policy]]
+name = "watch"
+action = "audit"
+[[policy.rule]]
+to = [{ ports = [7000], paths = ["*"] }]
 "#,
     );
-    assert!(c.needs_l7(Protocol::Tcp, 8080));
-    assert!(c.needs_l7(Protocol::Tcp, 9000));
-    assert!(!c.needs_l7(Protocol::Tcp, 5432));
-    assert!(!c.needs_l7(Protocol::Tcp, 53));
-    assert!(!c.needs_l7(Protocol::Udp, 8080));
-    assert_eq!(c.l7_ports(), (vec![8080, 9000], false));
+    let at = |wl: Option<&str>, groups: &[&str], proto: Protocol, port: u16| {
+        let mut spec = to_workload(wl, groups);
+        spec.to_port = port;
+        spec.proto = proto;
+        spec.with_request(|r| c.inspects(r))
+    };
+    let api = Some("spiffe://t/api");
+    let other = Some("spiffe://t/other");
+    use Protocol::{Icmp, Tcp, Udp};
+    // (workload, groups, protocol, port, inspected)
+    type Case<'a> = (Option<&'a str>, &'a [&'a str], Protocol, u16, bool);
+    let table: &[Case] = &[
+        (api, &[], Tcp, 8080, true),
+        (api, &[], Tcp, 9000, true),
+        (api, &[], Tcp, 8443, true),
+        (api, &[], Tcp, 5432, false),
+        (api, &[], Tcp, 22, false),
+        // Another workload: the policy does not select it.
+        (other, &[], Tcp, 8080, false),
+        (None, &[], Tcp, 8080, false),
+        // Deny rules inspect too, on the ports they name less not_ports.
+        (other, &["web"], Tcp, 80, true),
+        (other, &["web"], Tcp, 81, false),
+        (other, &[], Tcp, 80, false),
+        // Audit never makes a port inspected.
+        (api, &[], Tcp, 7000, false),
+        (other, &["web"], Tcp, 7000, false),
+        // UDP to an inspected port is refused unless a rule names udp with it.
+        (api, &[], Udp, 8080, true),
+        (api, &[], Udp, 9000, true),
+        (api, &[], Udp, 8443, false),
+        (api, &[], Udp, 5432, false),
+        (other, &[], Udp, 8080, false),
+        (api, &[], Icmp, 8080, false),
+    ];
+    for &(wl, groups, proto, port, want) in table {
+        assert_eq!(
+            at(wl, groups, proto, port),
+            want,
+            "{wl:?} {groups:?} {proto} {port}"
+        );
+    }
+    // What that means for a request described without HTTP attributes.
+    let to = |wl: Option<&str>, proto: Protocol, port: u16| {
+        let mut spec = to_workload(wl, &[]);
+        spec.to_port = port;
+        spec.proto = proto;
+        spec.decide(&c).reason_name()
+    };
+    assert_eq!(to(api, Tcp, 8080), "not_http");
+    assert_eq!(to(api, Udp, 8080), "not_http");
+    assert_eq!(to(api, Udp, 8443), "allow_matched");
+    assert_eq!(to(api, Tcp, 5432), "allow_matched");
+    // For another workload the API's HTTP rules change nothing: the mesh default.
+    assert_eq!(to(other, Tcp, 8080), "default_deny");
+    // A rule with HTTP fields and no ports is an error, wherever the fields are.
+    for (rule, line, field) in [
+        ("to = [{ paths = [\"/a\"] }]", 5, "policy[0].rule[0].to[0]"),
+        ("to = [{ ports = [80] }, { methods = [\"GET\"] }]", 5, "policy[0].rule[0].to[1]"),
+        ("to = [{ not_ports = [22], hosts = [\"a\"] }]", 5, "policy[0].rule[0].to[0]"),
+        ("when = [{ key = \"request.headers[a]\", values = [\"1\"] }]", 5, "policy[0].rule[0].when"),
+        (
+            "to = [{ protocols = [\"tcp\"] }]\nwhen = [{ key = \"request.headers[a]\", values = [\"1\"] }]",
+            5,
+            "policy[0].rule[0].to[0]",
+        ),
+    ] {
+        for action in ["allow", "deny", "audit"] {
+            let e = err(&format!(
+                "[[policy]]\nname = \"p\"\naction = \"{action}\"\n[[policy.rule]]\n{rule}\n"
+            ));
+            assert_eq!((e.line, e.field.as_str()), (line, field), "{rule}: {e}");
+            assert!(e.message.contains("need `ports`"), "{rule}: {e}");
+        }
+    }
+}
 
-    let c = allow_rule("to = [{ not_ports = [22], methods = [\"GET\"] }]");
-    assert!(c.needs_l7(Protocol::Tcp, 80));
-    assert!(!c.needs_l7(Protocol::Tcp, 22));
-    assert_eq!(c.l7_ports(), (vec![], true));
+/// `policy check` says where inspection changes what a rule seems to say: udp refused
+/// on an HTTP port though the rule names no protocol, and an audit rule with HTTP
+/// fields on a port nothing inspects.
+#[test]
+fn inspection_warnings() {
+    let w = warnings(
+        r#"
+[[policy]]
+name = "web"
+action = "allow"
+selector = { identities = ["spiffe://t/web"] }
+[[policy.rule]]
+to = [{ ports = [8080], methods = ["GET"] }]
+[[policy.rule]]
+to = [{ ports = [8080, 5432] }]
+[[policy.rule]]
+to = [{ ports = [8080], protocols = ["tcp"] }]
+[[policy.rule]]
+from = [{ identities = ["spiffe://t/ops"] }]
+
+[[policy]]
+name = "db"
+action = "allow"
+selector = { identities = ["spiffe://t/db"] }
+[[policy.rule]]
+to = [{ ports = [8080] }]
+
+[[policy]]
+name = "watch"
+action = "audit"
+[[policy.rule]]
+to = [{ ports = [8080, 7000], paths = ["/admin/*"] }]
+"#,
+    );
+    let all = w.join("\n");
+    assert!(
+        all.contains("p.toml:8: warning: policy[0].rule[1].to[0]: udp to port 8080 is refused (not_http), though this rule names no protocol"),
+        "{all}"
+    );
+    assert!(
+        all.contains("p.toml:12: warning: policy[0].rule[3]: udp to port 8080 is refused"),
+        "{all}"
+    );
+    assert!(
+        all.contains(
+            "p.toml:25: warning: policy[2].rule[0].to[0]: port 7000 is not inspected at layer 7"
+        ),
+        "{all}"
+    );
+    // `db` is another workload: its 8080 is not inspected, udp there is its own.
+    assert_eq!(w.len(), 3, "{all}");
 }
 
 // ---- explain and the runner ------------------------------------------------------
@@ -897,6 +1416,125 @@ fn explain_names_decider_and_why_others_missed() {
     assert_eq!(json["decision"], "deny");
     assert_eq!(json["reason"], "explicit_deny");
     assert_eq!(json["status"], 403);
+}
+
+/// Issue 18: explain and `[[test]]` report what the data path does, `not_http` and
+/// the refusal at a connection's opening included; HTTP attributes on a port that is
+/// not inspected are not read (a path the enforcer would refuse is not refused there).
+#[test]
+fn explain_and_tests_report_what_the_data_path_does() {
+    let src = r#"
+[[policy]]
+name = "api"
+action = "allow"
+[[policy.rule]]
+name = "read"
+from = [{ identities = ["spiffe://t/web"] }]
+to = [{ ports = [8080], methods = ["GET"] }, { ports = [22], protocols = ["tcp"] }]
+
+[[policy]]
+name = "watch"
+action = "audit"
+[[policy.rule]]
+to = [{ ports = [22, 8080], paths = ["*"] }]
+
+[[test]]
+name = "not HTTP on the HTTP port"
+from = "spiffe://t/web"
+to_port = 8080
+expect = "deny"
+expect_reason = "not_http"
+
+[[test]]
+name = "udp to the HTTP port"
+from = "spiffe://t/web"
+to_port = 8080
+proto = "udp"
+expect = "deny"
+expect_reason = "not_http"
+
+[[test]]
+name = "ssh with an HTTP path the enforcer never reads"
+from = "spiffe://t/web"
+to_port = 22
+path = "/a%2Fb"
+expect = "allow"
+expect_reason = "allow_matched"
+"#;
+    let c = compile(src);
+    let results = run_tests(&c);
+    assert!(all_passed(&results), "{results:#?}");
+
+    let e = explain(&c, &RequestSpec::tcp("spiffe://t/web", 8080));
+    assert_eq!(
+        (e.decision.reason.as_str(), e.stage, e.l7),
+        ("not_http", Stage::NotHttp, true)
+    );
+    assert_eq!(e.decision.status, Some(400));
+    let text = e.to_string();
+    assert!(text.starts_with("deny (not_http, http 400)\n"), "{text}");
+    assert!(
+        text.contains("note: port 8080 is inspected at layer 7 for this workload"),
+        "{text}"
+    );
+    assert!(
+        text.contains("api/read (allow, line 5): could match a request (HTTP fields not read)"),
+        "{text}"
+    );
+
+    // No rule could allow batch on 8080: refused when its connection opens, with the
+    // reason of every request it could send.
+    let e = explain(&c, &get("spiffe://t/batch", 8080, "/x"));
+    assert_eq!(
+        (e.decision.reason.as_str(), e.stage),
+        ("no_allow_matched", Stage::Opening)
+    );
+    assert!(
+        e.to_string()
+            .contains("note: refused when the connection opens"),
+        "{e}"
+    );
+    // ...before its path is read: not malformed.
+    let e = explain(&c, &get("spiffe://t/batch", 8080, "/a%2Fb"));
+    assert_eq!(
+        (e.decision.reason.as_str(), e.stage),
+        ("no_allow_matched", Stage::Opening)
+    );
+
+    let mut udp = RequestSpec::tcp("spiffe://t/web", 8080);
+    udp.proto = Protocol::Udp;
+    let e = explain(&c, &udp);
+    assert_eq!(
+        (e.decision.reason.as_str(), e.stage),
+        ("not_http", Stage::NotHttp)
+    );
+    assert!(e.to_string().contains("no rule there names udp"), "{e}");
+
+    // Port 22 is not inspected: HTTP attributes are not read, audit rules with HTTP
+    // fields do not match there, the path is not normalised.
+    let e = explain(&c, &get("spiffe://t/web", 22, "/a%2Fb"));
+    assert_eq!(
+        (e.decision.reason.as_str(), e.stage, e.l7),
+        ("allow_matched", Stage::Layer4, false)
+    );
+    assert!(e.decision.audit.is_empty(), "{:?}", e.decision.audit);
+    assert_eq!((&e.path_error, &e.normalized_path), (&None, &None));
+    assert!(
+        e.to_string()
+            .contains("note: port 22 is not inspected at layer 7"),
+        "{e}"
+    );
+
+    // A request on the inspected port is decided with its attributes; audit records it.
+    let e = explain(&c, &get("spiffe://t/web", 8080, "/x"));
+    assert_eq!(
+        (e.decision.reason.as_str(), e.stage),
+        ("allow_matched", Stage::Request)
+    );
+    assert_eq!(e.decision.audit, ["watch/0"]);
+    assert_eq!(e.note, None);
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(json["stage"], "request");
 }
 
 #[test]
@@ -983,18 +1621,62 @@ fn selected(p: &Policy, req: &Request<'_>) -> bool {
     }
 }
 
-/// Reference evaluator: Istio's order over every rule, no index.
+/// Is the request's port inspected for its workload, by scanning every rule?
+fn inspects_by_scan(c: &CompiledPolicy, req: &Request<'_>) -> bool {
+    let (mut http, mut udp) = (false, false);
+    for p in &c.set().policies {
+        if p.action == Action::Audit || !selected(p, req) {
+            continue;
+        }
+        for rule in &p.rules {
+            for op in &rule.to {
+                let names = op
+                    .ports
+                    .as_ref()
+                    .is_some_and(|ports| ports.contains(&req.dst_port))
+                    && !op.not_ports.contains(&req.dst_port);
+                http |= names && (op.is_l7() || !rule.when.is_empty()) && op.allows(Protocol::Tcp);
+                udp |= names
+                    && op
+                        .protocols
+                        .as_ref()
+                        .is_some_and(|p| p.contains(&Protocol::Udp));
+            }
+        }
+    }
+    match req.protocol {
+        Protocol::Tcp => http,
+        Protocol::Udp => http && !udp,
+        Protocol::Icmp => false,
+    }
+}
+
+/// Reference evaluator: Istio's order over every rule, no index; on an inspected
+/// port a request without HTTP attributes is refused before policy, naming the
+/// first deny rule that matches every request if there is one.
 fn brute_force(c: &CompiledPolicy, req: &Request<'_>) -> (bool, Option<RuleRef>) {
+    if req.http.is_none() && inspects_by_scan(c, req) {
+        let every = if req.protocol == Protocol::Tcp {
+            scan(c, Action::Deny, req, HttpAbsent::MatchIfEvery)
+                .first()
+                .copied()
+        } else {
+            None
+        };
+        return (false, every);
+    }
     let set = c.set();
     let matching = |action: Action| {
         set.policies.iter().enumerate().flat_map(move |(pi, p)| {
             p.rules.iter().enumerate().filter_map(move |(ri, rule)| {
                 let selected = selected(p, req);
-                (p.action == action && selected && rule_mismatch(rule, action, req).is_none())
-                    .then_some(RuleRef {
-                        policy: pi as u32,
-                        rule: ri as u32,
-                    })
+                (p.action == action
+                    && selected
+                    && rule_mismatch(rule, req, HttpAbsent::of(action)).is_none())
+                .then_some(RuleRef {
+                    policy: pi as u32,
+                    rule: ri as u32,
+                })
             })
         })
     };
@@ -1354,22 +2036,10 @@ fn selector_index_picks_workloads_like_the_scan() {
                 ((None, &["db"]), false),
             ],
         ),
-        // An empty selector selects every workload; `[]` selects none.
+        // An empty selector selects every workload (`[]` in a selector is refused).
         (
             "",
             &[((None, &[]), true), ((Some("spiffe://t/a"), &["db"]), true)],
-        ),
-        (
-            r#"identities = []"#,
-            &[((Some("spiffe://t/a"), &[]), false), ((None, &[]), false)],
-        ),
-        (
-            r#"identities = ["*"], groups = []"#,
-            &[((Some("spiffe://t/a"), &["db"]), false)],
-        ),
-        (
-            r#"identities = [], groups = ["db"]"#,
-            &[((Some("spiffe://t/a"), &["db"]), false)],
         ),
     ];
     for &(selector, cases) in table {
@@ -1505,9 +2175,9 @@ const ARB_ID_PATTERNS: [&str; 11] = [
 ];
 
 fn arb_source() -> impl Strategy<Value = String> {
-    let ids = prop::option::of(prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 0..3));
+    let ids = prop::option::of(prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 1..3));
     let not_ids = prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 0..2);
-    let tds = prop::option::weighted(0.2, prop::sample::subsequence(vec!["t", "u"], 0..2));
+    let tds = prop::option::weighted(0.2, prop::sample::subsequence(vec!["t", "u"], 1..2));
     let groups = prop::sample::subsequence(vec!["web", "db"], 0..2);
     (ids, not_ids, tds, groups, any::<bool>()).prop_map(|(ids, not_ids, tds, groups, addr)| {
         let mut f = Vec::new();
@@ -1526,28 +2196,47 @@ fn arb_source() -> impl Strategy<Value = String> {
         if addr {
             f.push("addresses = [\"100.64.0.0/16\"]".to_string());
         }
+        if f.is_empty() {
+            // An empty entry is refused; `*` is the nearest: any source with an identity.
+            f.push("identities = [\"*\"]".to_string());
+        }
         format!("{{ {} }}", f.join(", "))
     })
 }
 
 fn arb_operation() -> impl Strategy<Value = String> {
     let ports = prop::sample::subsequence(vec![80u16, 443, 8080], 0..3);
-    let methods = prop::sample::subsequence(vec!["GET", "POST"], 0..2);
-    let paths = prop::sample::subsequence(vec!["/api/*", "*.png", "/admin"], 0..2);
-    (ports, methods, paths, any::<bool>()).prop_map(|(ports, methods, paths, neg)| {
-        let mut f = Vec::new();
-        if !ports.is_empty() {
-            f.push(format!("ports = {ports:?}"));
-        }
-        if !methods.is_empty() {
-            f.push(format!("methods = {methods:?}"));
-        }
-        if !paths.is_empty() {
-            let k = if neg { "not_paths" } else { "paths" };
-            f.push(format!("{k} = {paths:?}"));
-        }
-        format!("{{ {} }}", f.join(", "))
-    })
+    let methods = prop::sample::subsequence(vec!["GET", "POST", "*"], 0..2);
+    let paths = prop::sample::subsequence(vec!["/api/*", "*.png", "/admin", "*"], 0..2);
+    let protocols = prop::option::weighted(
+        0.2,
+        prop::sample::select(vec![&["udp"][..], &["tcp"], &["tcp", "udp"]]),
+    );
+    (ports, methods, paths, any::<bool>(), protocols).prop_map(
+        |(ports, methods, paths, neg, protocols)| {
+            let mut f = Vec::new();
+            if let Some(p) = protocols {
+                f.push(format!("protocols = {p:?}"));
+            }
+            if !ports.is_empty() {
+                f.push(format!("ports = {ports:?}"));
+            } else if !methods.is_empty() || !paths.is_empty() {
+                // HTTP fields need ports.
+                f.push("ports = [8080]".to_string());
+            } else {
+                // An empty entry is refused: every port but one.
+                f.push("not_ports = [22]".to_string());
+            }
+            if !methods.is_empty() {
+                f.push(format!("methods = {methods:?}"));
+            }
+            if !paths.is_empty() {
+                let k = if neg { "not_paths" } else { "paths" };
+                f.push(format!("{k} = {paths:?}"));
+            }
+            format!("{{ {} }}", f.join(", "))
+        },
+    )
 }
 
 fn arb_rule() -> impl Strategy<Value = String> {
@@ -1567,11 +2256,11 @@ fn arb_rule() -> impl Strategy<Value = String> {
         })
 }
 
-/// A `selector = ...` line, or none: identity patterns (exact, prefix, suffix, `*`,
-/// `[]`), groups (`[]` too), both, neither.
+/// A `selector = ...` line, or none: identity patterns (exact, prefix, suffix, `*`),
+/// groups, both, neither (`selector = {}`).
 fn arb_selector() -> impl Strategy<Value = String> {
-    let ids = prop::option::of(prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 0..3));
-    let groups = prop::option::of(prop::sample::subsequence(vec!["web", "db", "api"], 0..3));
+    let ids = prop::option::of(prop::sample::subsequence(ARB_ID_PATTERNS.to_vec(), 1..3));
+    let groups = prop::option::of(prop::sample::subsequence(vec!["web", "db", "api"], 1..3));
     prop::option::weighted(0.7, (ids, groups)).prop_map(|sel| {
         let Some((ids, groups)) = sel else {
             return String::new();
@@ -1626,8 +2315,9 @@ fn arb_request() -> impl Strategy<Value = RequestSpec> {
         )),
         any::<bool>(),
         arb_workload(),
+        prop::bool::weighted(0.15),
     )
-        .prop_map(|(from, groups, port, http, near, (wl, wl_groups))| {
+        .prop_map(|(from, groups, port, http, near, (wl, wl_groups), udp)| {
             let mut r = RequestSpec::tcp("spiffe://t/a", port);
             r.from = from.map(String::from);
             r.workload = wl.map(String::from);
@@ -1638,8 +2328,10 @@ fn arb_request() -> impl Strategy<Value = RequestSpec> {
                     .parse()
                     .unwrap(),
             );
-            if let Some((m, p)) = http {
-                r = r.http(m, p);
+            match http {
+                Some((m, p)) if !udp => r = r.http(m, p),
+                _ if udp => r.proto = Protocol::Udp,
+                _ => {}
             }
             r
         })
@@ -1669,7 +2361,10 @@ proptest! {
         req.with_request(|r| {
             let deny_rule = &c.set().policies[deny_idx].rules[0];
             let d = evaluate(&c, r);
-            if rule_mismatch(deny_rule, Action::Deny, r).is_none() {
+            if r.http.is_none() && c.inspects(r) {
+                // Refused before policy (not HTTP on an inspected port).
+                prop_assert!(!d.is_allowed());
+            } else if rule_mismatch(deny_rule, r, HttpAbsent::Match).is_none() {
                 prop_assert_eq!(d.verdict, Verdict::Deny(DenyReason::ExplicitDeny(RuleRef { policy: deny_idx as u32, rule: 0 })));
             }
             // And the index agrees with the reference evaluator everywhere.
@@ -1681,14 +2376,14 @@ proptest! {
 
 /// Every rule of `action` policies that matches `req` (selector included), in file
 /// order, found by scanning all rules.
-fn scan(c: &CompiledPolicy, action: Action, req: &Request<'_>, lenient: bool) -> Vec<RuleRef> {
+fn scan(c: &CompiledPolicy, action: Action, req: &Request<'_>, absent: HttpAbsent) -> Vec<RuleRef> {
     let mut out = Vec::new();
     for (pi, p) in c.set().policies.iter().enumerate() {
         if p.action != action || !selected(p, req) {
             continue;
         }
         for (ri, rule) in p.rules.iter().enumerate() {
-            if super::eval::rule_matches_leniency(rule, req, lenient) {
+            if super::eval::rule_matches_leniency(rule, req, absent) {
                 out.push(RuleRef {
                     policy: pi as u32,
                     rule: ri as u32,
@@ -1723,17 +2418,24 @@ proptest! {
         for spec in &reqs {
             spec.with_request(|r| {
                 for action in [Action::Allow, Action::Deny, Action::Audit] {
-                    for lenient in [false, true] {
+                    for absent in [HttpAbsent::Match, HttpAbsent::Miss, HttpAbsent::MatchIfEvery] {
                         prop_assert_eq!(
-                            c.first_match_leniency(action, r, lenient),
-                            scan(&c, action, r, lenient).first().copied(),
-                            "{:?} lenient={} {:?}", action, lenient, spec
+                            c.first_match_leniency(action, r, absent),
+                            scan(&c, action, r, absent).first().copied(),
+                            "{:?} {:?} {:?}", action, absent, spec
                         );
                     }
                 }
                 prop_assert_eq!(c.allow_applies(r), allow_applies_by_scan(&c, r), "{:?}", spec);
+                prop_assert_eq!(c.inspects(r), inspects_by_scan(&c, r), "{:?}", spec);
                 let d = evaluate(&c, r);
-                prop_assert_eq!(&d.audit, &scan(&c, Action::Audit, r, false));
+                let refused_before_policy = r.http.is_none() && inspects_by_scan(&c, r);
+                let audit = if refused_before_policy {
+                    Vec::new()
+                } else {
+                    scan(&c, Action::Audit, r, HttpAbsent::Miss)
+                };
+                prop_assert_eq!(&d.audit, &audit);
                 prop_assert_eq!((d.is_allowed(), d.rule()), brute_force(&c, r));
                 Ok(())
             })?;
@@ -1780,7 +2482,7 @@ fn tests_and_explain_match_the_normalised_path() {
 name = "deny-admin"
 action = "deny"
 [[policy.rule]]
-to = [{ paths = ["/admin", "/admin/*"] }]
+to = [{ ports = [80], paths = ["/admin", "/admin/*"] }]
 
 [[policy]]
 name = "allow-all"
@@ -1931,10 +2633,47 @@ from = [{ identities = ["spiffe://t/q"] }]
         every("spiffe://t/b", 8080),
         Some(DenyReason::NoAllowMatched)
     );
-    // evaluate() without HTTP attributes is stricter (fail closed): the path deny
-    // matches; this is why the enforcer asks deny_every_request for open L7 flows.
-    let d = decide(&c, &RequestSpec::tcp("spiffe://t/a", 8080));
-    assert!(!d.is_allowed());
+    // Without HTTP attributes on the inspected port, the data path's decision for a
+    // connection that sends no HTTP: `not_http` for a, and for q and b the reason
+    // their connection is refused at its opening.
+    assert_eq!(
+        RequestSpec::tcp("spiffe://t/a", 8080)
+            .decide(&c)
+            .reason_name(),
+        "not_http"
+    );
+    assert_eq!(
+        RequestSpec::tcp("spiffe://t/q", 8080)
+            .decide(&c)
+            .reason_name(),
+        "explicit_deny"
+    );
+    // A request from b is refused at the opening, with that reason, whatever it asks.
+    let b = get("spiffe://t/b", 8080, "/admin/x").decide(&c);
+    assert_eq!(b.verdict, Verdict::Deny(DenyReason::NoAllowMatched));
+    // A deny whose HTTP fields match every request counts (methods or paths of `*`);
+    // one that could let some request through does not.
+    let star = compile(
+        r#"
+[[policy]]
+name = "lock"
+action = "deny"
+[[policy.rule]]
+to = [{ ports = [80], methods = ["*"] }, { ports = [81], paths = ["*"], methods = ["*"] }]
+[[policy.rule]]
+to = [{ ports = [82], methods = ["*"], not_paths = ["/health"] }, { ports = [83], hosts = ["*"] }]
+[[policy]]
+name = "open"
+action = "allow"
+[[policy.rule]]
+to = [{ ports = [80, 81, 82, 83], methods = ["GET"] }]
+"#,
+    );
+    for (port, every) in [(80, true), (81, true), (82, false), (83, false)] {
+        let got =
+            RequestSpec::tcp("spiffe://t/a", port).with_request(|r| deny_every_request(&star, r));
+        assert_eq!(got.is_some(), every, "port {port}: {got:?}");
+    }
     // Mesh defaults when no allow policy applies.
     let none = compile_with("policy = []\n", DefaultAction::Deny);
     let r = RequestSpec::tcp("spiffe://t/a", 80).with_request(|r| deny_every_request(&none, r));
