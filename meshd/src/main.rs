@@ -61,6 +61,18 @@ fn main() -> ExitCode {
 fn check(config: Config) -> ExitCode {
     match meshd::load(config, meshd::datapath::unix_now()) {
         Ok(l) => {
+            if l.config.node.host_filter {
+                if let Err(e) = meshd::hostfilter::probe() {
+                    eprintln!(
+                        "meshd: {}",
+                        l.config.error(
+                            "node.host_filter",
+                            format!("{e}; meshd would not start (or set host_filter = false in [node] to run unprotected)")
+                        )
+                    );
+                    return ExitCode::from(1);
+                }
+            }
             println!(
                 "{}: ok: {} on {}, {} peer(s)",
                 l.config.file.display(),
