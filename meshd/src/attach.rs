@@ -33,7 +33,8 @@
 //! as well (meshd decides them as the node's identity); the TUN takes back, with
 //! `accept_local`, the packets meshd delivers from the host's own addresses (its ICMP
 //! errors, path MTU among them, and its replies), which the kernel would otherwise drop
-//! as martians.
+//! as martians; and early demux is turned off, since it would tie a pod's packet to the
+//! host's socket before routing, and a packet with a socket is never forwarded.
 //! A packet with a source other than the pod's own addresses never reaches the TUN
 //! (where it could pass as its neighbour's): it lands on the quarantine device, where
 //! meshd counts it as `forged_source`, or is refused outright. Neighbour discovery
@@ -108,7 +109,7 @@ pub struct Attacher {
 impl Attacher {
     /// Installs the TUN's rule (replacing a stale one from an earlier run), routes the
     /// host's own addresses through the TUN in [`HOST_TABLE`], lets the TUN take back
-    /// packets from them (`accept_local`), moves the `local` table's rule after the
+    /// packets from them (`accept_local`, no early demux: [`host_sysctls`]), moves the `local` table's rule after the
     /// pods' and, when `quarantine` names a device, routes `prefixes` to it in the
     /// quarantine table.
     pub fn new(
@@ -138,7 +139,7 @@ impl Attacher {
         for h in &a.host {
             route(true, IpNet::from(*h), index, HOST_TABLE, None)?;
         }
-        accept_local(tun)?;
+        host_sysctls(tun)?;
         move_local()?;
         if let Some(q) = &a.quarantine {
             let index = if_index(q).ok_or_else(|| AttachError::NoInterface(q.clone()))?;
@@ -238,9 +239,23 @@ fn veth_rules(veth: &str, quarantine: bool) -> Vec<Rule<'_>> {
 /// Lets the TUN take packets whose source is one of the host's own addresses (what
 /// meshd delivers from the host to its pods); without it the kernel drops them as
 /// martians (`fib_validate_source`). IPv6 has no such check.
-fn accept_local(tun: &str) -> Result<(), AttachError> {
-    let path = format!("/proc/sys/net/ipv4/conf/{tun}/accept_local");
-    std::fs::write(&path, "1").map_err(|e| AttachError::Sysctl(format!("{path}: {e}")))
+///
+/// And turns early demux off (`net.ipv4.ip_early_demux`, IPv6 included): it looks up
+/// the host's socket for a packet before it is routed, and a pod's packet to its host
+/// that carries that socket is then refused by the forwarding into the TUN
+/// (`ip_forward`, `ip6_forward`: a forwarded packet has no socket), so no connection
+/// between the host and its pods would complete. Routers turn it off for the same
+/// reason; the host's own receive path routes each packet instead of taking the
+/// socket's cached route.
+fn host_sysctls(tun: &str) -> Result<(), AttachError> {
+    for (key, value) in [
+        (format!("net/ipv4/conf/{tun}/accept_local"), "1"),
+        ("net/ipv4/ip_early_demux".to_string(), "0"),
+    ] {
+        let path = format!("/proc/sys/{key}");
+        std::fs::write(&path, value).map_err(|e| AttachError::Sysctl(format!("{path}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Moves the `local` table's lookup from pref 0 to [`PREF_LOCAL`], after every rule of
