@@ -26,7 +26,7 @@
 //! That holds for the host itself too, both ways. The kernel consults its `local`
 //! table (the host's own addresses) first of all, at pref 0, so a pod's packets to its
 //! host were delivered at once, without policy and whatever their source; meshd moves
-//! that lookup to pref 150, after the pods' rules (as Cilium does for its proxy), so
+//! that lookup to pref 150, after the pods' rules (Cilium moves it to 100 likewise), so
 //! that they go into the TUN through table 51822 and are decided as the pod's, like
 //! pod to pod. For every other interface nothing changes: no rule before 150 matches
 //! its packets. The host's own packets to its pods follow the main table into the TUN
@@ -72,7 +72,7 @@ const PREF_OWN_SOURCE: u32 = 111;
 const PREF_QUARANTINE: u32 = 120;
 const PREF_PROHIBIT: u32 = 130;
 /// Where the `local` table's rule moves to, after every rule of a pod's veth.
-pub const PREF_LOCAL: u32 = 150;
+const PREF_LOCAL: u32 = 150;
 const RT_TABLE_LOCAL: u32 = libc::RT_TABLE_LOCAL as u32;
 const IPPROTO_ICMPV6: u8 = libc::IPPROTO_ICMPV6 as u8;
 
@@ -109,9 +109,9 @@ pub struct Attacher {
 impl Attacher {
     /// Installs the TUN's rule (replacing a stale one from an earlier run), routes the
     /// host's own addresses through the TUN in [`HOST_TABLE`], lets the TUN take back
-    /// packets from them (`accept_local`, no early demux: [`host_sysctls`]), moves the `local` table's rule after the
-    /// pods' and, when `quarantine` names a device, routes `prefixes` to it in the
-    /// quarantine table.
+    /// packets from them ([`host_sysctls`]), moves the `local` table's rule after the
+    /// pods' ([`move_local`]) and, when `quarantine` names a device, routes `prefixes`
+    /// to it in the quarantine table.
     pub fn new(
         tun: &str,
         host: &[IpAddr],
@@ -129,9 +129,8 @@ impl Attacher {
         }
         for v6 in [false, true] {
             Rule {
-                pref: PREF_FROM_HOST_BEFORE,
                 iif: Some("lo"),
-                ..Rule::new(v6, PREF_FROM_TUN, Action::Table(PODS_TABLE))
+                ..Rule::new(v6, PREF_FROM_HOST_BEFORE, Action::Table(PODS_TABLE))
             }
             .delete_all()?;
         }

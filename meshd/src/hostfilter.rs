@@ -35,10 +35,12 @@
 //! meshd that was killed is replaced, never duplicated) and whenever the set of pods
 //! changes, and deleted at stop. meshd refuses to start when nft cannot install it;
 //! `[node] host_filter = false` runs without, with a warning at start and in status.
-//! nft is run as a command (Debian package nftables) rather than through a crate: the
-//! maintained Rust crates (`nftables`, a JSON schema over the same binary; `rustables`,
-//! netlink with much unsafe code and few releases) add a dependency for a ruleset of a
-//! dozen lines, and the text below is what an operator reads in `nft list ruleset`.
+//! nft is run as a command (Debian package nftables) rather than through a crate:
+//! `nftables` (0.6) is typed JSON over the same binary, a dependency for a ruleset of a
+//! dozen lines that reads better as the text an operator sees in `nft list ruleset`
+//! (which the unit tests pin); `rustables` speaks netlink itself but is GPL-3.0, which
+//! this Apache-2.0 workspace cannot take. The counters are read back as JSON
+//! (`nft -j`).
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
