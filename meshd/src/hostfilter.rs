@@ -51,7 +51,7 @@ use ipnet::IpNet;
 use mesh_proto::config::Config;
 use mesh_proto::control::{HostFilterState, HostFilterStatus};
 
-use crate::daemon::{Daemon, StartError};
+use crate::daemon::{static_routes, Daemon, Loaded, StartError};
 use crate::workloads::{quarantine_name, Workload};
 
 /// The nftables table of the meshd whose TUN is `tun`.
@@ -335,9 +335,12 @@ fn nft(args: &[&str], input: &str, what: &'static str) -> Result<String, FilterE
     Err(FilterError::Refused { what, message })
 }
 
-/// Whether nft can be run at all (`meshd check-config`).
-pub fn probe() -> Result<(), FilterError> {
-    nft(&["--version"], "", "report its version").map(|_| ())
+/// `meshd check-config`: whether nft would install the table meshd installs at start
+/// (`nft -c`: checked by the kernel, nothing changed).
+pub fn check(loaded: &Loaded) -> Result<(), FilterError> {
+    let (prefixes, _) = static_routes(&loaded.config, &loaded.ca);
+    let r = ruleset(&loaded.config.node.tun, &prefixes, &loaded.workloads);
+    nft(&["-c", "-f", "-"], &r.script(), "take the table").map(|_| ())
 }
 
 /// The installed table: replaced when the pods change, deleted on [`HostFilter::remove`]

@@ -189,6 +189,23 @@ fn without_its_host_filter_meshd_warns_and_the_underlay_gets_in_in(mesh: &mut Me
         "{text}"
     );
     ensure!(h9.nft_tables()?.is_empty(), "{:?}", h9.nft_tables()?);
+    let meshd = mesh.bins().meshd.to_str().context("utf-8")?.to_string();
+    let config = h9.config_path();
+    let check = h9.exec(
+        &meshd,
+        &[
+            "check-config",
+            "--config",
+            config.to_str().context("utf-8")?,
+        ],
+    )?;
+    ensure!(
+        check.success()
+            && check.stdout_str().contains(
+                "warning: node.host_filter = false: meshd would run without its host filter"
+            ),
+        "{check:?}"
+    );
 
     h9.write_www("who", b"h9")?;
     h9.serve_http(HTTP)?;
@@ -484,7 +501,9 @@ fn a_host_filter_that_cannot_be_installed_stops_the_start_in(mesh: &mut Mesh) ->
                 .contains("node.host_filter: cannot run nft"),
         "{check:?}"
     );
-    // With nft back, it starts.
+    // With nft back, the kernel takes the table (checked, not installed), and it starts.
+    let check = h1.exec(&meshd, &["check-config", "--config", config])?;
+    ensure!(check.success() && h1.nft_tables()?.is_empty(), "{check:?}");
     h1.set_meshd_env("PATH", &path);
     h1.start()?;
     ensure!(filter(&h1)?.state == HostFilterState::Installed);
