@@ -466,11 +466,21 @@ impl Daemon {
             build_table(&locals, &peers, &PeerTable::default(), 1).map_err(StartError::Peers)?;
         let learned = restore_learned_endpoints(&config.node.state_dir, &peers, &table);
         let own_addrs = cert.addresses().to_vec();
-        let (static_routes, dynamic_routes) = static_routes(&config, &ca);
         // Before the overlay addresses exist.
-        let host_filter = crate::hostfilter::start(&config, &static_routes, &workloads)?;
+        let host_filter = crate::hostfilter::start(&config, &workloads)?;
         let tun = Tun::create(&config.node.tun, config.node.mtu, &own_addrs)?;
         let udp = Udp::bind(config.node.listen)?;
+
+        let ca_constraints: Vec<IpNet> = ca
+            .cert()
+            .ca_constraints()
+            .map(|c| c.addresses.clone())
+            .unwrap_or_default();
+        let (static_routes, dynamic_routes) = match &config.node.routes {
+            Some(r) => (r.clone(), false),
+            None if !ca_constraints.is_empty() => (ca_constraints, false),
+            None => (Vec::new(), true),
+        };
         let static_routes_kept = static_routes.clone();
         for r in static_routes.iter().filter(|r| route_needed(r, &own_addrs)) {
             tun.add_route(*r)?;
@@ -869,21 +879,6 @@ fn info(e: &PeerEntry, endpoint: Option<SocketAddr>) -> PeerInfo {
         groups: e.spec.groups.clone(),
         not_after: e.spec.not_after,
         source: e.source.as_str().to_string(),
-    }
-}
-
-/// The mesh prefixes routed into the TUN: `node.routes`, else the CA's address
-/// constraints; with neither, none, and `true`: routes come from the peers' addresses.
-pub(crate) fn static_routes(config: &Config, ca: &Ca) -> (Vec<IpNet>, bool) {
-    let ca_constraints: Vec<IpNet> = ca
-        .cert()
-        .ca_constraints()
-        .map(|c| c.addresses.clone())
-        .unwrap_or_default();
-    match &config.node.routes {
-        Some(r) => (r.clone(), false),
-        None if !ca_constraints.is_empty() => (ca_constraints, false),
-        None => (Vec::new(), true),
     }
 }
 

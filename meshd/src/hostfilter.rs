@@ -23,9 +23,8 @@
 //!          into the TUN or a pod's veth, or to a mesh address  drop  (counter "underlay")
 //! ```
 //!
-//! The mesh addresses are the node's certificate's, the routed mesh prefixes
-//! (`node.routes` or the CA's constraints) and every pod's. Every chain's policy is
-//! accept and only drops are final, so the table closes what meshd owns and opens
+//! The mesh addresses are the node's own overlay addresses and every pod's. Every
+//! chain's policy is accept and only drops are final, so the table closes what meshd owns and opens
 //! nothing another ruleset closes. Packets through meshd are untouched: what the TUN
 //! delivers was decided by policy, and a pod's packets reach the TUN only from its own
 //! addresses (the routing in [`crate::attach`] sends them there; this table holds them
@@ -51,7 +50,7 @@ use ipnet::IpNet;
 use mesh_proto::config::Config;
 use mesh_proto::control::{HostFilterState, HostFilterStatus};
 
-use crate::daemon::{static_routes, Daemon, Loaded, StartError};
+use crate::daemon::{Daemon, Loaded, StartError};
 use crate::workloads::{quarantine_name, Workload};
 
 /// The nftables table of the meshd whose TUN is `tun`.
@@ -85,8 +84,7 @@ const POD_LINK_ICMPV6: &str = "nd-router-solicit, nd-neighbor-solicit, nd-neighb
 
 impl Ruleset {
     /// The table for the meshd on `tun` (with quarantine device `quarantine`):
-    /// `mesh` holds the node's addresses and the routed mesh prefixes; the pods'
-    /// addresses are added.
+    /// `mesh` holds the node's overlay addresses; the pods' addresses are added.
     pub fn new(tun: &str, quarantine: &str, mesh: &[IpNet], pods: Vec<PodLink>) -> Ruleset {
         let all: Vec<IpNet> = mesh
             .iter()
@@ -221,14 +219,19 @@ fn quoted_set<'a>(names: impl Iterator<Item = &'a str>) -> String {
     format!("{{ {} }}", items.join(", "))
 }
 
-/// The table for the node's state: its own addresses (the first workload's) and the
-/// routed `prefixes`, and every workload behind a veth, attached or not yet (a pod
-/// is held to meshd from the moment its veth may appear).
-pub(crate) fn ruleset(tun: &str, prefixes: &[IpNet], workloads: &[Workload]) -> Ruleset {
-    let mut mesh: Vec<IpNet> = prefixes.to_vec();
-    if let Some(node) = workloads.first() {
-        mesh.extend_from_slice(node.cert.addresses());
-    }
+/// The table for the node's state: its own overlay addresses (the first workload's,
+/// each a host address on the TUN) and every workload behind a veth, attached or not
+/// yet (a pod is held to meshd from the moment its veth may appear). The routed mesh
+/// prefixes are not in it: they may cover the underlay (a more specific route keeps
+/// the endpoints there), and the interface rules keep whatever they route to the TUN.
+pub(crate) fn ruleset(tun: &str, workloads: &[Workload]) -> Ruleset {
+    let mesh: Vec<IpNet> = workloads.first().map_or_else(Vec::new, |node| {
+        node.cert
+            .addresses()
+            .iter()
+            .map(|a| IpNet::from(a.addr()))
+            .collect()
+    });
     let pods = workloads
         .iter()
         .filter_map(|w| {
@@ -246,7 +249,6 @@ pub(crate) fn ruleset(tun: &str, prefixes: &[IpNet], workloads: &[Workload]) -> 
 /// start.
 pub(crate) fn start(
     config: &Config,
-    prefixes: &[IpNet],
     workloads: &[Workload],
 ) -> Result<Option<HostFilter>, StartError> {
     let tun = &config.node.tun;
@@ -256,7 +258,7 @@ pub(crate) fn start(
         );
         return Ok(None);
     }
-    HostFilter::install(ruleset(tun, prefixes, workloads))
+    HostFilter::install(ruleset(tun, workloads))
         .map(Some)
         .map_err(|e| {
             StartError::HostFilter(
@@ -280,7 +282,7 @@ impl Daemon {
         let Some(f) = &self.host_filter else {
             return Ok(());
         };
-        f.update(ruleset(self.tun.name(), &self.static_routes, workloads))
+        f.update(ruleset(self.tun.name(), workloads))
             .map_err(|e| format!("host filter: {e}"))
     }
 
@@ -338,8 +340,7 @@ fn nft(args: &[&str], input: &str, what: &'static str) -> Result<String, FilterE
 /// `meshd check-config`: whether nft would install the table meshd installs at start
 /// (`nft -c`: checked by the kernel, nothing changed).
 pub fn check(loaded: &Loaded) -> Result<(), FilterError> {
-    let (prefixes, _) = static_routes(&loaded.config, &loaded.ca);
-    let r = ruleset(&loaded.config.node.tun, &prefixes, &loaded.workloads);
+    let r = ruleset(&loaded.config.node.tun, &loaded.workloads);
     nft(&["-c", "-f", "-"], &r.script(), "take the table").map(|_| ())
 }
 
@@ -461,17 +462,12 @@ mod tests {
         let r = Ruleset::new(
             "mesh0",
             "mesh0q",
-            &nets(&[
-                "100.64.0.1/32",
-                "fd00:6d65:7368::1/128",
-                "100.64.0.0/10",
-                "fd00:6d65:7368::/48",
-            ]),
+            &nets(&["100.64.0.1/32", "fd00:6d65:7368::1/128"]),
             vec![],
         );
         assert_eq!(
             r.protects(),
-            nets(&["100.64.0.0/10", "fd00:6d65:7368::/48"])
+            nets(&["100.64.0.1/32", "fd00:6d65:7368::1/128"])
         );
         let want = "\
 table inet meshd-mesh0
@@ -484,15 +480,15 @@ table inet meshd-mesh0 {
 \tchain input {
 \t\ttype filter hook input priority filter; policy accept;
 \t\tiifname { \"lo\", \"mesh0\" } accept
-\t\tip daddr { 100.64.0.0/10 } counter name \"underlay\" drop
-\t\tip6 daddr { fd00:6d65:7368::/48 } counter name \"underlay\" drop
+\t\tip daddr { 100.64.0.1 } counter name \"underlay\" drop
+\t\tip6 daddr { fd00:6d65:7368::1 } counter name \"underlay\" drop
 \t}
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
 \t\tiifname \"mesh0\" drop
 \t\toifname \"mesh0\" counter name \"underlay\" drop
-\t\tip daddr { 100.64.0.0/10 } counter name \"underlay\" drop
-\t\tip6 daddr { fd00:6d65:7368::/48 } counter name \"underlay\" drop
+\t\tip daddr { 100.64.0.1 } counter name \"underlay\" drop
+\t\tip6 daddr { fd00:6d65:7368::1 } counter name \"underlay\" drop
 \t}
 }
 ";
@@ -508,7 +504,6 @@ table inet meshd-mesh0 {
         let r = Ruleset::new(
             "mesh1",
             "mesh1q",
-            // No routed prefixes (routes from the peers): the node's own addresses.
             &nets(&["100.64.0.1/32", "fd00:6d65:7368::1/128"]),
             vec![
                 PodLink {
@@ -568,14 +563,14 @@ table inet meshd-mesh0 {
     }
 
     #[test]
-    fn overlapping_and_host_addresses_are_aggregated() {
+    fn overlapping_addresses_are_aggregated() {
         let r = Ruleset::new(
             "mesh0",
             "mesh0q",
-            &nets(&["100.64.0.1/24", "100.64.0.0/25", "100.64.1.0/24"]),
+            &nets(&["100.64.0.7/32"]),
             vec![PodLink {
                 veth: "p-a".into(),
-                addresses: nets(&["100.64.0.7/32"]),
+                addresses: nets(&["100.64.0.1/24", "100.64.0.0/25", "100.64.1.0/24"]),
             }],
         );
         assert_eq!(r.protects(), nets(&["100.64.0.0/23"]));

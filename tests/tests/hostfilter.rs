@@ -140,16 +140,30 @@ fn the_underlay_reaches_no_mesh_address_in_plaintext_in(mesh: &mut Mesh) -> Resu
         f.state == HostFilterState::Installed && f.table == TABLE,
         "{f:?}"
     );
-    for p in ["100.64.0.0/10", "fd00:6d65:7368::/48"] {
-        ensure!(
-            f.protects.iter().any(|n| n.to_string() == p),
-            "{p} not protected: {f:?}"
-        );
-    }
+    // The node's and the pods' addresses, each a host address.
+    let mut protects: Vec<IpAddr> = f.protects.iter().map(|n| n.addr()).collect();
+    protects.sort();
+    let mut want = vec![
+        h1.overlay_v4(),
+        h1.overlay_v6(),
+        pa.address,
+        pa.address_v6,
+        pb.address,
+        pb.address_v6,
+    ];
+    want.sort();
+    ensure!(
+        protects == want
+            && f.protects
+                .iter()
+                .all(|n| n.prefix_len() == n.max_prefix_len()),
+        "{f:?}"
+    );
     ensure!(f.pods == ["p-pa", "p-pb"], "{f:?}");
     let text = h1.meshctl(&["status"])?.check()?.stdout_str();
     ensure!(
-        text.contains("host filter: nftables table inet meshd-mesh0: 100.64.0.0/10, fd00:6d65:7368::/48 reached only through meshd (mesh0) and loopback")
+        text.contains("host filter: nftables table inet meshd-mesh0: 100.64.0.1/32, 100.65.1.1/32")
+            && text.contains("reached only through meshd (mesh0) and loopback")
             && text.contains("pods held to meshd, from their own addresses: p-pa, p-pb"),
         "{text}"
     );
