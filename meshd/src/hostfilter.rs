@@ -24,11 +24,14 @@
 //! ```
 //!
 //! The mesh addresses are the node's own overlay addresses and every pod's. Every
-//! chain's policy is accept and only drops are final, so the table closes what meshd owns and opens
-//! nothing another ruleset closes. Packets through meshd are untouched: what the TUN
-//! delivers was decided by policy, and a pod's packets reach the TUN only from its own
-//! addresses (the routing in [`crate::attach`] sends them there; this table holds them
-//! to it even before the pod is attached, or if that routing is changed).
+//! chain's policy is accept and only drops are final, so the table closes what meshd
+//! owns and opens nothing another ruleset closes. Packets through meshd are untouched:
+//! what the TUN delivers was decided by policy, and a pod's packets reach the TUN only
+//! from its own addresses (the routing in [`crate::attach`] sends them there; this
+//! table holds them to it even before the pod is attached, or if that routing is
+//! changed). The routed mesh prefixes are not in the sets: they may cover the underlay
+//! (a more specific route keeps the endpoints there), and what is routed into the TUN
+//! is kept by the interface rules.
 //!
 //! The table is replaced whole, in one nft transaction, at start (a table left by a
 //! meshd that was killed is replaced, never duplicated) and whenever the set of pods
