@@ -35,7 +35,7 @@ if [[ -z "${MESH_DEMO_INNER:-}" ]]; then
 
     need=()
     for pair in ip:iproute2 ss:iproute2 curl:curl tcpdump:tcpdump python3:python3 \
-                ping:iputils-ping unshare:util-linux; do
+                ping:iputils-ping unshare:util-linux nft:nftables; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
     done
     if ((${#need[@]})); then

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
 use mesh_proto::control::{
-    CpuLatencyState, NoArgs, PeerInfo, PeerList, PeerRemoved, Request, Response, Status,
+    CpuLatencyState, HostFilterState, HostFilterStatus, NoArgs, PeerInfo, PeerList, PeerRemoved,
+    Request, Response, Status,
 };
 use mesh_proto::time::{span, Term, UnixTime};
 
@@ -183,6 +184,36 @@ fn validity(not_before: UnixTime, not_after: UnixTime, now: UnixTime, refused: &
     }
 }
 
+/// The host filter's lines of `status`: what it keeps to meshd, or loudly that
+/// nothing does.
+fn render_host_filter(f: &HostFilterStatus, tun: &str) -> String {
+    match f.state {
+        HostFilterState::Disabled => "  host filter: DISABLED (node.host_filter = false): the underlay reaches the overlay addresses in plaintext, and pods reach this host around meshd\n".into(),
+        HostFilterState::Missing => format!(
+            "  host filter: MISSING: table {} is gone from the kernel; the mesh addresses are unprotected until meshd restarts\n",
+            f.table
+        ),
+        HostFilterState::Installed => {
+            let mut o = format!(
+                "  host filter: nftables table {}: {} reached only through meshd ({tun}) and loopback\n",
+                f.table,
+                join(&f.protects)
+            );
+            if !f.pods.is_empty() {
+                o += &format!(
+                    "    pods held to meshd, from their own addresses: {}\n",
+                    f.pods.join(", ")
+                );
+            }
+            o += &format!(
+                "    dropped: underlay {}, pods {}\n",
+                f.underlay_drops, f.pod_drops
+            );
+            o
+        }
+    }
+}
+
 /// `wg show`-like text for people.
 pub fn render_status(s: &Status, now: UnixTime) -> String {
     let mut o = String::new();
@@ -217,6 +248,9 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
             "  cpu wake-up latency: {} µs requested while traffic flows ({now})\n",
             c.requested_us
         );
+    }
+    if let Some(f) = &s.host_filter {
+        o += &render_host_filter(f, &s.tun);
     }
     for w in s.workloads.iter().filter(|w| w.source != "node") {
         o += &format!("\nworkload: {} ({})\n", w.identity, w.name);
@@ -430,6 +464,14 @@ mod tests {
                 requested_us: 0,
                 state: CpuLatencyState::Held,
             }),
+            host_filter: Some(HostFilterStatus {
+                state: HostFilterState::Installed,
+                table: "inet meshd-mesh0".into(),
+                protects: vec!["100.64.0.0/10".parse().unwrap()],
+                pods: vec!["p-web".into()],
+                underlay_drops: 3,
+                pod_drops: 1,
+            }),
         };
         let t = render_status(&s, UnixTime(112));
         for want in [
@@ -440,6 +482,9 @@ mod tests {
             "web/0: allow 5, deny 0, audit 0",
             "drops: malformed 1, unknown_peer 2, no_route 3, forged_source 4, misdirected 0, tun_write 5, udp_send 6",
             "cpu wake-up latency: 0 µs requested while traffic flows (held now)",
+            "host filter: nftables table inet meshd-mesh0: 100.64.0.0/10 reached only through meshd (mesh0) and loopback",
+            "pods held to meshd, from their own addresses: p-web",
+            "dropped: underlay 3, pods 1",
             "workload: spiffe://t/web (web)",
             "attach: veth:p-web (runtime)",
             "local workload: spiffe://t/web",
@@ -457,6 +502,27 @@ mod tests {
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
         }
+    }
+
+    #[test]
+    fn a_host_filter_that_is_off_or_gone_is_said_loudly() {
+        let off = render_host_filter(&HostFilterStatus::disabled(), "mesh0");
+        assert!(
+            off.starts_with("  host filter: DISABLED (node.host_filter = false)"),
+            "{off}"
+        );
+        let gone = render_host_filter(
+            &HostFilterStatus {
+                state: HostFilterState::Missing,
+                table: "inet meshd-mesh0".into(),
+                ..HostFilterStatus::disabled()
+            },
+            "mesh0",
+        );
+        assert!(
+            gone.contains("MISSING: table inet meshd-mesh0 is gone"),
+            "{gone}"
+        );
     }
 
     #[test]

@@ -7,25 +7,46 @@
 //! with rtnetlink:
 //!
 //! ```text
-//! pref 100  iif <tun>                  lookup 51820   # what meshd delivers → pod veths
-//! pref 101  iif lo                     lookup 51820   # the host's own packets → pod veths
-//! pref 110  iif <veth> from <pod addr> lookup main    # the pod's own addresses → TUN
-//! pref 120  iif <veth>                 lookup 51821   # anything else it sends → quarantine
-//! pref 130  iif <veth>                 prohibit
+//! pref 100  iif <tun>                   lookup 51820   # what meshd delivers → pod veths
+//! pref 105  iif <veth> to fe80::/10 ipproto icmpv6 lookup local  # neighbour discovery
+//! pref 106  iif <veth> to ff00::/8  ipproto icmpv6 lookup local  #   (IPv6 only)
+//! pref 110  iif <veth> from <pod addr>  lookup 51822   # the pod's own addresses: to
+//! pref 111  iif <veth> from <pod addr>  lookup main    #   the host or the mesh → TUN
+//! pref 120  iif <veth>                  lookup 51821   # anything else it sends → quarantine
+//! pref 130  iif <veth>                  prohibit
+//! pref 150                              lookup local   # moved from pref 0 (see below)
 //! table 51820: <pod addr> dev <veth>
-//! table 51821: <mesh prefixes> dev <tun>q             # meshd counts and drops these
+//! table 51821: <mesh prefixes> dev <tun>q              # meshd counts and drops these
+//! table 51822: <the host's own addresses> dev <tun>
 //! ```
 //!
 //! The pods' own routes live only in table 51820, consulted for packets meshd writes to
-//! the TUN and for the host's own packets, so the host never forwards one pod's packet
-//! straight to another: same-host traffic enters the TUN, where the enforcer decides it
-//! like any other (invariant 3). The host itself talks to its pods directly (its
-//! addresses are local, and a packet from them that came back out of the TUN would be
-//! dropped by the kernel as a martian): its ICMP errors (path MTU) reach the pods, and
-//! the host, which controls its pods anyway, is not subject to their policy.
+//! the TUN, so the host never forwards one pod's packet straight to another: same-host
+//! traffic enters the TUN, where the enforcer decides it like any other (invariant 3).
+//! That holds for the host itself too, both ways. The kernel consults its `local`
+//! table (the host's own addresses) first of all, at pref 0, so a pod's packets to its
+//! host were delivered at once, without policy and whatever their source; meshd moves
+//! that lookup to pref 150, after the pods' rules (Cilium moves it to 100 likewise), so
+//! that they go into the TUN through table 51822 and are decided as the pod's, like
+//! pod to pod. For every other interface nothing changes: no rule before 150 matches
+//! its packets. The host's own packets to its pods follow the main table into the TUN
+//! as well (meshd decides them as the node's identity); the TUN takes back, with
+//! `accept_local`, the packets meshd delivers from the host's own addresses (its ICMP
+//! errors, path MTU among them, and its replies), which the kernel would otherwise drop
+//! as martians; and early demux is turned off, since it would tie a pod's packet to the
+//! host's socket before routing, and a packet with a socket is never forwarded.
 //! A packet with a source other than the pod's own addresses never reaches the TUN
 //! (where it could pass as its neighbour's): it lands on the quarantine device, where
-//! meshd counts it as `forged_source`, or is refused outright.
+//! meshd counts it as `forged_source`, or is refused outright. Neighbour discovery
+//! (link-local and multicast ICMPv6) still reaches the host directly; ARP is not
+//! routed. The host filter ([`crate::hostfilter`]) drops anything else a pod sends
+//! anywhere but into the TUN, so a route the pod adds (to the underlay, to the host's
+//! underlay address) leads nowhere.
+//!
+//! When meshd stops, the veths' rules stay, and so does the moved `local` rule: a pod
+//! whose host runs no meshd reaches nothing (its host's addresses included) until meshd
+//! attaches it again. `ip rule add pref 0 lookup local` (and `-6`) puts the lookup back
+//! on a host without pods.
 
 use std::ffi::CString;
 use std::io;
@@ -38,11 +59,22 @@ use ipnet::IpNet;
 pub const PODS_TABLE: u32 = 51820;
 /// Routing table of packets whose source a pod does not own.
 pub const QUARANTINE_TABLE: u32 = 51821;
+/// Routing table of the host's own addresses, through the TUN, for its pods' packets.
+pub const HOST_TABLE: u32 = 51822;
 const PREF_FROM_TUN: u32 = 100;
-const PREF_FROM_HOST: u32 = 101;
-const PREF_OWN_SOURCE: u32 = 110;
+/// An earlier meshd's rule that sent the host's own packets straight to its pods,
+/// around policy: removed where found.
+const PREF_FROM_HOST_BEFORE: u32 = 101;
+const PREF_LINK_LOCAL: u32 = 105;
+const PREF_MULTICAST: u32 = 106;
+const PREF_TO_HOST: u32 = 110;
+const PREF_OWN_SOURCE: u32 = 111;
 const PREF_QUARANTINE: u32 = 120;
 const PREF_PROHIBIT: u32 = 130;
+/// Where the `local` table's rule moves to, after every rule of a pod's veth.
+const PREF_LOCAL: u32 = 150;
+const RT_TABLE_LOCAL: u32 = libc::RT_TABLE_LOCAL as u32;
+const IPPROTO_ICMPV6: u8 = libc::IPPROTO_ICMPV6 as u8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -50,6 +82,8 @@ pub enum AttachError {
     NoInterface(String),
     #[error("cannot {what}: {source}")]
     Netlink { what: String, source: io::Error },
+    #[error("cannot set {0}")]
+    Sysctl(String),
 }
 
 /// The interface index of `name`.
@@ -73,8 +107,11 @@ pub struct Attacher {
 }
 
 impl Attacher {
-    /// Installs the TUN's rule (replacing a stale one from an earlier run) and, when
-    /// `quarantine` names a device, routes `prefixes` to it in the quarantine table.
+    /// Installs the TUN's rule (replacing a stale one from an earlier run), routes the
+    /// host's own addresses through the TUN in [`HOST_TABLE`], lets the TUN take back
+    /// packets from them ([`host_sysctls`]), moves the `local` table's rule after the
+    /// pods' ([`move_local`]) and, when `quarantine` names a device, routes `prefixes`
+    /// to it in the quarantine table.
     pub fn new(
         tun: &str,
         host: &[IpAddr],
@@ -90,6 +127,19 @@ impl Attacher {
         for rule in a.own_rules() {
             rule.replace()?;
         }
+        for v6 in [false, true] {
+            Rule {
+                iif: Some("lo"),
+                ..Rule::new(v6, PREF_FROM_HOST_BEFORE, Action::Table(PODS_TABLE))
+            }
+            .delete_all()?;
+        }
+        let index = if_index(tun).ok_or_else(|| AttachError::NoInterface(tun.into()))?;
+        for h in &a.host {
+            route(true, IpNet::from(*h), index, HOST_TABLE, None)?;
+        }
+        host_sysctls(tun)?;
+        move_local()?;
         if let Some(q) = &a.quarantine {
             let index = if_index(q).ok_or_else(|| AttachError::NoInterface(q.clone()))?;
             for p in &a.prefixes {
@@ -111,34 +161,12 @@ impl Attacher {
                     .copied()
                     .find(|h| h.is_ipv6() == a.addr().is_ipv6());
                 route(true, *a, index, PODS_TABLE, src)?;
-                Rule {
-                    v6: a.addr().is_ipv6(),
-                    pref: PREF_OWN_SOURCE,
-                    iif: veth,
-                    src: Some(*a),
-                    action: Action::Table(libc::RT_TABLE_MAIN as u32),
+                for rule in own_source_rules(veth, *a) {
+                    rule.replace()?;
                 }
-                .replace()?;
             }
-            for v6 in [false, true] {
-                if self.quarantine.is_some() {
-                    Rule {
-                        v6,
-                        pref: PREF_QUARANTINE,
-                        iif: veth,
-                        src: None,
-                        action: Action::Table(QUARANTINE_TABLE),
-                    }
-                    .replace()?;
-                }
-                Rule {
-                    v6,
-                    pref: PREF_PROHIBIT,
-                    iif: veth,
-                    src: None,
-                    action: Action::Prohibit,
-                }
-                .replace()?;
+            for rule in veth_rules(veth, self.quarantine.is_some()) {
+                rule.replace()?;
             }
             Ok(())
         })();
@@ -155,52 +183,101 @@ impl Attacher {
             if let Some(i) = index {
                 let _ = route(false, *a, i, PODS_TABLE, None);
             }
-            let _ = Rule {
-                v6: a.addr().is_ipv6(),
-                pref: PREF_OWN_SOURCE,
-                iif: veth,
-                src: Some(*a),
-                action: Action::Table(libc::RT_TABLE_MAIN as u32),
+            for rule in own_source_rules(veth, *a) {
+                let _ = rule.delete_all();
             }
-            .delete_all();
         }
-        for v6 in [false, true] {
-            let _ = Rule {
-                v6,
-                pref: PREF_QUARANTINE,
-                iif: veth,
-                src: None,
-                action: Action::Table(QUARANTINE_TABLE),
-            }
-            .delete_all();
-            let _ = Rule {
-                v6,
-                pref: PREF_PROHIBIT,
-                iif: veth,
-                src: None,
-                action: Action::Prohibit,
-            }
-            .delete_all();
+        for rule in veth_rules(veth, true) {
+            let _ = rule.delete_all();
         }
     }
 }
 
-impl Attacher {
-    /// The rules that send packets leaving the TUN, and the host's own, to the pods.
-    fn own_rules(&self) -> Vec<Rule<'_>> {
-        let mut rules = Vec::new();
-        for v6 in [false, true] {
-            for (pref, iif) in [(PREF_FROM_TUN, self.tun.as_str()), (PREF_FROM_HOST, "lo")] {
-                rules.push(Rule {
-                    v6,
-                    pref,
-                    iif,
-                    src: None,
-                    action: Action::Table(PODS_TABLE),
-                });
-            }
+/// The rules that send a pod's packets from its own address `a` into the TUN: to the
+/// host's addresses (table [`HOST_TABLE`]) and to the mesh (the main table's routes).
+fn own_source_rules(veth: &str, a: IpNet) -> [Rule<'_>; 2] {
+    let v6 = a.addr().is_ipv6();
+    let from = |pref, table| Rule {
+        iif: Some(veth),
+        src: Some(a),
+        ..Rule::new(v6, pref, Action::Table(table))
+    };
+    [
+        from(PREF_TO_HOST, HOST_TABLE),
+        from(PREF_OWN_SOURCE, libc::RT_TABLE_MAIN as u32),
+    ]
+}
+
+/// The rules of a veth whatever the pod's addresses: neighbour discovery to the host,
+/// then (with a quarantine device) the quarantine, then refusal.
+fn veth_rules(veth: &str, quarantine: bool) -> Vec<Rule<'_>> {
+    let mut rules = Vec::new();
+    for (pref, dst) in [(PREF_LINK_LOCAL, "fe80::/10"), (PREF_MULTICAST, "ff00::/8")] {
+        rules.push(Rule {
+            iif: Some(veth),
+            dst: dst.parse().ok(),
+            proto: Some(IPPROTO_ICMPV6),
+            ..Rule::new(true, pref, Action::Table(RT_TABLE_LOCAL))
+        });
+    }
+    for v6 in [false, true] {
+        if quarantine {
+            rules.push(Rule {
+                iif: Some(veth),
+                ..Rule::new(v6, PREF_QUARANTINE, Action::Table(QUARANTINE_TABLE))
+            });
         }
-        rules
+        rules.push(Rule {
+            iif: Some(veth),
+            ..Rule::new(v6, PREF_PROHIBIT, Action::Prohibit)
+        });
+    }
+    rules
+}
+
+/// Lets the TUN take packets whose source is one of the host's own addresses (what
+/// meshd delivers from the host to its pods); without it the kernel drops them as
+/// martians (`fib_validate_source`). IPv6 has no such check.
+///
+/// And turns early demux off (`net.ipv4.ip_early_demux`, IPv6 included): it looks up
+/// the host's socket for a packet before it is routed, and a pod's packet to its host
+/// that carries that socket is then refused by the forwarding into the TUN
+/// (`ip_forward`, `ip6_forward`: a forwarded packet has no socket), so no connection
+/// between the host and its pods would complete. Routers turn it off for the same
+/// reason; the host's own receive path routes each packet instead of taking the
+/// socket's cached route.
+fn host_sysctls(tun: &str) -> Result<(), AttachError> {
+    for (key, value) in [
+        (format!("net/ipv4/conf/{tun}/accept_local"), "1"),
+        ("net/ipv4/ip_early_demux".to_string(), "0"),
+    ] {
+        let path = format!("/proc/sys/{key}");
+        std::fs::write(&path, value).map_err(|e| AttachError::Sysctl(format!("{path}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Moves the `local` table's lookup from pref 0 to [`PREF_LOCAL`], after every rule of
+/// the pods' veths: added there first (when missing), then removed from pref 0, so
+/// the host's own addresses are never without a rule.
+fn move_local() -> Result<(), AttachError> {
+    for v6 in [false, true] {
+        Rule::new(v6, PREF_LOCAL, Action::Table(RT_TABLE_LOCAL)).ensure()?;
+        Rule::new(v6, 0, Action::Table(RT_TABLE_LOCAL)).delete_all()?;
+    }
+    Ok(())
+}
+
+impl Attacher {
+    /// The rules that send packets leaving the TUN to the pods.
+    fn own_rules(&self) -> Vec<Rule<'_>> {
+        [false, true]
+            .into_iter()
+            .map(|v6| Rule {
+                iif: Some(self.tun.as_str()),
+                ..Rule::new(v6, PREF_FROM_TUN, Action::Table(PODS_TABLE))
+            })
+            .collect()
     }
 }
 
@@ -223,20 +300,38 @@ enum Action {
 struct Rule<'a> {
     v6: bool,
     pref: u32,
-    iif: &'a str,
+    iif: Option<&'a str>,
     src: Option<IpNet>,
+    dst: Option<IpNet>,
+    /// The IP protocol matched (`ipproto`).
+    proto: Option<u8>,
     action: Action,
 }
 
 // From linux/fib_rules.h (not all in the libc crate).
+const FRA_DST: u16 = 1;
 const FRA_SRC: u16 = 2;
 const FRA_IIFNAME: u16 = 3;
 const FRA_PRIORITY: u16 = 6;
 const FRA_TABLE: u16 = 15;
+const FRA_IP_PROTO: u16 = 22;
 const FR_ACT_TO_TBL: u8 = 1;
 const FR_ACT_PROHIBIT: u8 = 8;
 
 impl Rule<'_> {
+    /// `pref <pref> <action>` for every packet of the family.
+    fn new(v6: bool, pref: u32, action: Action) -> Rule<'static> {
+        Rule {
+            v6,
+            pref,
+            iif: None,
+            src: None,
+            dst: None,
+            proto: None,
+            action,
+        }
+    }
+
     /// RTM_NEWRULE / RTM_DELRULE request bytes.
     fn message(&self, add: bool) -> Vec<u8> {
         let (kind, flags) = if add {
@@ -259,33 +354,59 @@ impl Rule<'_> {
         };
         // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action,
         // flags (u32).
+        let dst_len = self.dst.map_or(0, |d| d.prefix_len());
         let src_len = self.src.map_or(0, |s| s.prefix_len());
-        b.extend_from_slice(&[family, 0, src_len, 0, 0, 0, 0, action]);
+        b.extend_from_slice(&[family, dst_len, src_len, 0, 0, 0, 0, action]);
         b.extend_from_slice(&0u32.to_ne_bytes());
-        let mut name = self.iif.as_bytes().to_vec();
-        name.push(0);
-        push_attr(&mut b, FRA_IIFNAME, &name);
+        if let Some(iif) = self.iif {
+            let mut name = iif.as_bytes().to_vec();
+            name.push(0);
+            push_attr(&mut b, FRA_IIFNAME, &name);
+        }
         push_attr(&mut b, FRA_PRIORITY, &self.pref.to_ne_bytes());
         if let Action::Table(t) = self.action {
             push_attr(&mut b, FRA_TABLE, &t.to_ne_bytes());
         }
-        match self.src.map(|s| s.trunc()) {
-            Some(IpNet::V4(n)) => push_attr(&mut b, FRA_SRC, &n.addr().octets()),
-            Some(IpNet::V6(n)) => push_attr(&mut b, FRA_SRC, &n.addr().octets()),
-            None => {}
+        for (kind, net) in [(FRA_SRC, self.src), (FRA_DST, self.dst)] {
+            match net.map(|n| n.trunc()) {
+                Some(IpNet::V4(n)) => push_attr(&mut b, kind, &n.addr().octets()),
+                Some(IpNet::V6(n)) => push_attr(&mut b, kind, &n.addr().octets()),
+                None => {}
+            }
+        }
+        if let Some(p) = self.proto {
+            push_attr(&mut b, FRA_IP_PROTO, &[p]);
         }
         finish(&mut b);
         b
     }
 
     fn what(&self, op: &str) -> String {
+        let iif = self.iif.map_or(String::new(), |i| format!(" iif {i}"));
         let src = self.src.map_or(String::new(), |s| format!(" from {s}"));
-        format!("{op} rule pref {} iif {}{src}", self.pref, self.iif)
+        let dst = self.dst.map_or(String::new(), |d| format!(" to {d}"));
+        format!("{op} rule pref {}{iif}{src}{dst}", self.pref)
     }
 
     /// Removes every copy of this rule, then adds it once.
     fn replace(&self) -> Result<(), AttachError> {
         self.delete_all()?;
+        self.add()
+    }
+
+    /// Adds this rule unless it is there already.
+    fn ensure(&self) -> Result<(), AttachError> {
+        match self.add() {
+            Err(AttachError::Netlink { source, .. })
+                if source.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    fn add(&self) -> Result<(), AttachError> {
         request(&self.message(true)).map_err(|source| AttachError::Netlink {
             what: self.what("add"),
             source,
@@ -476,11 +597,9 @@ mod tests {
     #[test]
     fn rule_message_layout() {
         let r = Rule {
-            v6: false,
-            pref: 110,
-            iif: "p-a",
+            iif: Some("p-a"),
             src: Some("100.65.1.1/32".parse().unwrap()),
-            action: Action::Table(254),
+            ..Rule::new(false, 110, Action::Table(254))
         };
         let m = r.message(true);
         assert_eq!(
@@ -501,5 +620,20 @@ mod tests {
         .message(false);
         assert_eq!(p[23], FR_ACT_PROHIBIT);
         assert_eq!(p.len(), 16 + 12 + 8 + 8);
+        // Neighbour discovery: to fe80::/10, ICMPv6 only, to the local table.
+        let nd = veth_rules("p-a", false)[0].message(true);
+        assert_eq!(nd[16], libc::AF_INET6 as u8);
+        assert_eq!(nd[17], 10, "dst_len");
+        // header + hdr + IIFNAME + PRIORITY + TABLE + DST(4+16) + IP_PROTO(4+1, padded)
+        assert_eq!(nd.len(), 16 + 12 + 8 + 8 + 8 + 20 + 8);
+        assert_eq!(u16::from_ne_bytes([nd[46], nd[47]]), FRA_TABLE);
+        assert_eq!(u32::from_ne_bytes([nd[48], nd[49], nd[50], nd[51]]), 255);
+        assert_eq!(u16::from_ne_bytes([nd[54], nd[55]]), FRA_DST);
+        assert_eq!(nd[56..58], [0xfe, 0x80]);
+        assert_eq!(u16::from_ne_bytes([nd[74], nd[75]]), FRA_IP_PROTO);
+        assert_eq!(nd[76], 58);
+        // The local table's rule, moved: no interface, no addresses.
+        let local = Rule::new(true, PREF_LOCAL, Action::Table(RT_TABLE_LOCAL)).message(true);
+        assert_eq!(local.len(), 16 + 12 + 8 + 8);
     }
 }

@@ -419,6 +419,7 @@ mod tests {
                 workloads: vec![],
                 enforcement: None,
                 cpu_latency: None,
+                host_filter: None,
             }
         }
         fn peer_list(&self) -> PeerList {

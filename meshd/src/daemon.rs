@@ -386,6 +386,9 @@ pub struct Daemon {
     applied: Mutex<AppliedPolicy>,
     pub tun: Tun,
     pub udp: Udp,
+    /// The nftables table that keeps the mesh addresses to meshd; `None` when
+    /// `node.host_filter = false`. Dropped (deleted) after the TUN.
+    pub(crate) host_filter: Option<crate::hostfilter::HostFilter>,
     pub shutdown: Arc<Shutdown>,
     pub ready: AtomicBool,
     pub(crate) config: Config,
@@ -423,6 +426,8 @@ pub enum StartError {
     Bind(#[from] crate::transport::BindError),
     #[error("{0}")]
     Peers(String),
+    #[error("{0}")]
+    HostFilter(String),
 }
 
 impl Daemon {
@@ -461,6 +466,8 @@ impl Daemon {
             build_table(&locals, &peers, &PeerTable::default(), 1).map_err(StartError::Peers)?;
         let learned = restore_learned_endpoints(&config.node.state_dir, &peers, &table);
         let own_addrs = cert.addresses().to_vec();
+        // Before the overlay addresses exist.
+        let host_filter = crate::hostfilter::start(&config, &workloads)?;
         let tun = Tun::create(&config.node.tun, config.node.mtu, &own_addrs)?;
         let udp = Udp::bind(config.node.listen)?;
 
@@ -509,6 +516,7 @@ impl Daemon {
             applied: Mutex::new(policy.applied),
             tun,
             udp,
+            host_filter,
             shutdown,
             ready: AtomicBool::new(false),
             config,
@@ -583,6 +591,7 @@ impl Daemon {
                 "decision_log": self.log.counters(),
             })),
             cpu_latency: self.cpu_latency.status(),
+            host_filter: Some(self.host_filter_status()),
         }
     }
 

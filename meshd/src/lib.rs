@@ -19,6 +19,7 @@ pub mod enforce;
 pub mod expiry;
 pub mod flow;
 pub mod gro;
+pub mod hostfilter;
 pub mod http;
 pub mod inject;
 pub mod l7;
@@ -105,6 +106,13 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
     }
     drop(sock);
     d.save_learned_endpoints();
+    // The host filter goes after the TUN, so the overlay addresses are never up
+    // without it; a control client still holding the daemon (`log -f`) keeps the TUN
+    // until the process exits, but not the filter.
+    match Arc::try_unwrap(d) {
+        Ok(d) => drop(d),
+        Err(d) => d.remove_host_filter(),
+    }
     if let Some(name) = panicked {
         return Err(RunError::Panicked(name));
     }

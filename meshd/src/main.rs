@@ -61,6 +61,18 @@ fn main() -> ExitCode {
 fn check(config: Config) -> ExitCode {
     match meshd::load(config, meshd::datapath::unix_now()) {
         Ok(l) => {
+            if l.config.node.host_filter {
+                if let Err(e) = meshd::hostfilter::check(&l) {
+                    eprintln!(
+                        "meshd: {}",
+                        l.config.error(
+                            "node.host_filter",
+                            format!("{e}; meshd would not start (or set host_filter = false in [node] to run unprotected)")
+                        )
+                    );
+                    return ExitCode::from(1);
+                }
+            }
             println!(
                 "{}: ok: {} on {}, {} peer(s)",
                 l.config.file.display(),
@@ -68,6 +80,11 @@ fn check(config: Config) -> ExitCode {
                 l.config.node.listen,
                 l.peers.len()
             );
+            if !l.config.node.host_filter {
+                println!(
+                    "warning: node.host_filter = false: meshd would run without its host filter; the underlay would reach the overlay addresses in plaintext"
+                );
+            }
             if let Some(us) = l.config.node.cpu_latency_us {
                 if let Err(e) = meshd::cpu_latency::probe() {
                     println!(

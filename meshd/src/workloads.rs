@@ -268,7 +268,7 @@ pub struct Pods {
 }
 
 /// The quarantine device's name: the TUN's, plus `q` (within 15 bytes).
-fn quarantine_name(tun: &str) -> String {
+pub(crate) fn quarantine_name(tun: &str) -> String {
     format!("{}q", &tun[..tun.len().min(14)])
 }
 
@@ -521,6 +521,8 @@ impl Daemon {
         }
         let locals: Vec<Arc<Local>> = workloads.iter().map(|x| x.local.clone()).collect();
         let table = self.table_for(&reg, &locals).map_err(fail)?;
+        // The host filter holds the pod to meshd before it is attached.
+        self.update_host_filter(&workloads).map_err(fail)?;
         // Re-attach: the old attachment goes, the new one comes (rolled back on error).
         let previous = old.map(|i| reg.workloads[i].clone());
         if let Some(p) = &previous {
@@ -535,9 +537,15 @@ impl Daemon {
                 }
             }
         };
+        let undo_filter = |d: &Daemon, reg: &Registry| {
+            if let Err(e) = d.update_host_filter(&reg.workloads) {
+                tracing::error!("{e}");
+            }
+        };
         if let Some(v) = &spec.veth {
             if let Err(e) = self.attach(&mut reg, v, w.cert.addresses()) {
                 restore(self, &mut reg);
+                undo_filter(self, &reg);
                 return Err(fail(e));
             }
         }
@@ -548,6 +556,7 @@ impl Daemon {
                 self.detach(&mut reg, v, w.cert.addresses());
             }
             restore(self, &mut reg);
+            undo_filter(self, &reg);
             return Err(fail(format!("cannot persist: {e}")));
         }
         self.install(table);
@@ -585,6 +594,9 @@ impl Daemon {
         }
         reg.workloads = workloads;
         reg.workload_changes = changes;
+        if let Err(e) = self.update_host_filter(&reg.workloads) {
+            tracing::error!(workload = %name, "{e}");
+        }
         tracing::info!(workload = %name, identity = %gone.cert.identity(), "workload removed");
         Ok(name.to_string())
     }

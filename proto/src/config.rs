@@ -18,6 +18,7 @@
 //! routes = ["100.64.0.0/10"] # optional
 //! log_level = "info"         # default "info"
 //! cpu_latency_us = 0         # optional: CPU wake-up latency to request while traffic flows
+//! host_filter = true         # default true: nftables keeps the mesh addresses meshd's alone
 //!
 //! [policy]                   # optional
 //! default = "deny"
@@ -86,6 +87,10 @@ pub struct NodeConfig {
     /// (the CPU latency QoS, `/dev/cpu_dma_latency`); `None`: no request, the
     /// machine's idle states as configured.
     pub cpu_latency_us: Option<u32>,
+    /// Whether meshd installs its host filter (nftables): nothing reaches a mesh
+    /// address (the node's, its pods') except through meshd, and pods reach nothing
+    /// around it. `false` runs without, with a warning at start and in status.
+    pub host_filter: bool,
 }
 
 /// Upper bound of `node.cpu_latency_us`: a request above 100 ms would not keep any
@@ -232,6 +237,7 @@ struct RawNode {
     routes: Option<Vec<Spanned<String>>>,
     log_level: Option<Spanned<String>>,
     cpu_latency_us: Option<Spanned<i64>>,
+    host_filter: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -436,6 +442,13 @@ impl Validator<'_> {
                 Some(v as u32)
             }
         };
+        let host_filter = match &n.host_filter {
+            None => true,
+            Some(h) => {
+                self.note("node.host_filter", &h.span());
+                *h.get_ref()
+            }
+        };
 
         let policy = match raw.policy {
             None => None,
@@ -554,6 +567,7 @@ impl Validator<'_> {
                 routes,
                 log_level,
                 cpu_latency_us,
+                host_filter,
             },
             policy,
             peers,
@@ -669,6 +683,10 @@ cert = "/abs/c.crt"
         assert_eq!(c.node.log_level, LogLevel::Info);
         assert_eq!(c.node.routes, None);
         assert_eq!(c.node.cpu_latency_us, None);
+        assert!(
+            c.node.host_filter,
+            "the host filter is on unless switched off"
+        );
         assert!(c.policy.is_none());
         assert_eq!(c.peers.len(), 2);
         assert_eq!(
@@ -688,13 +706,14 @@ cert = "/abs/c.crt"
     fn ipv6_listen_routes_policy() {
         let text = GOOD.replace("198.18.0.1:51820", "[fd00:198:18::1]:51820").replace(
             "control_socket = \"meshd.sock\"",
-            "control_socket = \"meshd.sock\"\nroutes = [\"100.64.0.0/10\", \"fd00:6d65:7368::/48\"]\nmtu = 1280\ncpu_latency_us = 0\n\n[policy]\ndefault = \"allow\"\nfile = \"p.toml\"",
+            "control_socket = \"meshd.sock\"\nroutes = [\"100.64.0.0/10\", \"fd00:6d65:7368::/48\"]\nmtu = 1280\ncpu_latency_us = 0\nhost_filter = false\n\n[policy]\ndefault = \"allow\"\nfile = \"p.toml\"",
         );
         let c = parse(&text).unwrap();
         assert!(c.node.listen.is_ipv6());
         assert_eq!(c.node.routes.as_ref().unwrap().len(), 2);
         assert_eq!(c.node.mtu, 1280);
         assert_eq!(c.node.cpu_latency_us, Some(0));
+        assert!(!c.node.host_filter);
         let p = c.policy.unwrap();
         assert_eq!(p.default, PolicyDefault::Allow);
         assert_eq!(p.file, Some(PathBuf::from("/etc/mesh/p.toml")));
@@ -758,6 +777,11 @@ cert = "/abs/c.crt"
                 "state_dir = \"state\"",
                 "state_dir = \"state\"\ncpu_latency_us = 100001",
                 "/etc/mesh/meshd.toml:8: node.cpu_latency_us: 100001 is out of range",
+            ),
+            (
+                "state_dir = \"state\"",
+                "state_dir = \"state\"\nhost_filter = \"off\"",
+                "/etc/mesh/meshd.toml:8: node: invalid type: string \"off\", expected a boolean",
             ),
             (
                 "cert = \"/abs/c.crt\"",

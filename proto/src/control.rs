@@ -162,6 +162,60 @@ pub struct Status {
     /// The CPU wake-up latency request (`node.cpu_latency_us`); `None` without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_latency: Option<CpuLatencyStatus>,
+    /// The host filter (nftables) that keeps the mesh addresses to meshd; `None` from
+    /// a daemon that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_filter: Option<HostFilterStatus>,
+}
+
+/// meshd's host filter: nothing reaches a mesh address except through meshd (the
+/// TUN) or loopback, and pods send only into the TUN, from their own addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFilterStatus {
+    pub state: HostFilterState,
+    /// The nftables table (`inet meshd-mesh0`); empty when disabled.
+    #[serde(default)]
+    pub table: String,
+    /// The mesh addresses it keeps to meshd.
+    #[serde(default)]
+    pub protects: Vec<IpNet>,
+    /// The pods' veths it holds to meshd.
+    #[serde(default)]
+    pub pods: Vec<String>,
+    /// Packets it dropped that were addressed to a mesh address around meshd (from
+    /// the underlay, or forwarded toward the TUN or a pod).
+    #[serde(default)]
+    pub underlay_drops: u64,
+    /// Packets it dropped from pods: to the host itself, or anywhere but the TUN, or
+    /// from an address not theirs.
+    #[serde(default)]
+    pub pod_drops: u64,
+}
+
+impl HostFilterStatus {
+    /// The status of a daemon running without its filter (`host_filter = false`).
+    pub fn disabled() -> HostFilterStatus {
+        HostFilterStatus {
+            state: HostFilterState::Disabled,
+            table: String::new(),
+            protects: Vec::new(),
+            pods: Vec::new(),
+            underlay_drops: 0,
+            pod_drops: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostFilterState {
+    /// In force (read back from the kernel).
+    Installed,
+    /// Switched off in the configuration (`[node] host_filter = false`).
+    Disabled,
+    /// meshd installed it but the kernel no longer has it (deleted by hand?): the
+    /// mesh addresses are unprotected until meshd restarts.
+    Missing,
 }
 
 /// meshd's CPU wake-up latency request: held while traffic flows.
@@ -429,11 +483,25 @@ mod tests {
                 requested_us: 0,
                 state: CpuLatencyState::Released,
             }),
+            host_filter: Some(HostFilterStatus {
+                state: HostFilterState::Installed,
+                table: "inet meshd-mesh0".into(),
+                protects: vec!["100.64.0.0/10".parse().unwrap()],
+                pods: vec!["p-web".into()],
+                underlay_drops: 4,
+                pod_drops: 1,
+            }),
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(
             v["cpu_latency"],
             serde_json::json!({"requested_us": 0, "state": "released"})
+        );
+        assert_eq!(
+            v["host_filter"],
+            serde_json::json!({"state": "installed", "table": "inet meshd-mesh0",
+                "protects": ["100.64.0.0/10"], "pods": ["p-web"],
+                "underlay_drops": 4, "pod_drops": 1})
         );
         assert_eq!(v["peers"][0]["latest_handshake"], serde_json::Value::Null);
         assert_eq!(v["peers"][0]["drops"]["spoofed_source"], 3);
@@ -452,8 +520,10 @@ mod tests {
             .remove("not_before");
         old["peers"][0].as_object_mut().unwrap().remove("not_after");
         old.as_object_mut().unwrap().remove("cpu_latency");
+        old.as_object_mut().unwrap().remove("host_filter");
         let back: Status = serde_json::from_value(old).unwrap();
         assert_eq!(back.peers[0].not_after, UnixTime(0));
         assert_eq!(back.cpu_latency, None);
+        assert_eq!(back.host_filter, None);
     }
 }

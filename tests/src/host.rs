@@ -84,6 +84,9 @@ pub struct Status {
     /// The local workloads, the node's own (`node`) first.
     #[serde(default)]
     pub workloads: Vec<WorkloadStatus>,
+    /// The host filter (nftables): state, what it protects, what it dropped.
+    #[serde(default)]
+    pub host_filter: Option<mesh_proto::control::HostFilterStatus>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -39,6 +39,7 @@
 //! `$TMPDIR/mesh-tests/<test>.<pid>.<n>/<host>/`; they are removed when the test passes
 //! and kept (with the path printed) when it fails.
 
+pub mod attack;
 pub mod bins;
 pub mod ca;
 pub mod capture;

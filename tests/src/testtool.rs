@@ -4,6 +4,10 @@
 //! - `udp-ping <addr:port> <tries>`: send a datagram, expect it back within 1 s per try;
 //!   exit 0 on the first echo, 1 if none came.
 //! - `udp-garbage <addr:port> <count> <seed>`: send `count` random datagrams.
+//! - `udp-sink <bind>`: print `from <addr> <payload>` for every datagram; prints
+//!   `listening` once bound.
+//! - `udp-send <source ip> <addr:port> <payload>`: send one datagram from `source ip`
+//!   (an address of this host, or `any`).
 
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
@@ -17,7 +21,9 @@ fn main() -> ExitCode {
         ["udp-echo", bind] => udp_echo(bind),
         ["udp-ping", target, tries] => udp_ping(target, tries),
         ["udp-garbage", target, count, seed] => udp_garbage(target, count, seed),
-        _ => Err("usage: mesh-testtool udp-echo <bind> | udp-ping <addr:port> <tries> | udp-garbage <addr:port> <count> <seed>".to_string()),
+        ["udp-sink", bind] => udp_sink(bind),
+        ["udp-send", source, target, payload] => udp_send(source, target, payload),
+        _ => Err("usage: mesh-testtool udp-echo <bind> | udp-ping <addr:port> <tries> | udp-garbage <addr:port> <count> <seed> | udp-sink <bind> | udp-send <source ip|any> <addr:port> <payload>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,6 +60,57 @@ fn udp_echo(bind: &str) -> Result<(), String> {
         let (n, from) = sock.recv_from(&mut buf).map_err(|e| format!("recv: {e}"))?;
         let _ = sock.send_to(&buf[..n], from);
     }
+}
+
+/// A dual-stack UDP socket bound to `addr`.
+fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, String> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        sock.set_only_v6(false)
+            .map_err(|e| format!("IPV6_V6ONLY: {e}"))?;
+    }
+    sock.bind(&addr.into())
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    Ok(sock.into())
+}
+
+fn udp_sink(bind: &str) -> Result<(), String> {
+    let addr = parse_addr(bind)?;
+    let sock = bind_udp(addr)?;
+    println!("listening on {addr}");
+    let _ = std::io::stdout().flush();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).map_err(|e| format!("recv: {e}"))?;
+        // The IPv4 sources of a dual-stack socket, as IPv4.
+        let ip = match from.ip() {
+            std::net::IpAddr::V6(a) => a
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(a), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        println!("from {ip} {}", String::from_utf8_lossy(&buf[..n]));
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn udp_send(source: &str, target: &str, payload: &str) -> Result<(), String> {
+    let target = parse_addr(target)?;
+    let ip: std::net::IpAddr = match source {
+        "any" if target.is_ipv6() => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        "any" => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        s => s.parse().map_err(|e| format!("bad source {s:?}: {e}"))?,
+    };
+    let sock = bind_udp(SocketAddr::new(ip, 0))?;
+    sock.send_to(payload.as_bytes(), target)
+        .map_err(|e| format!("send to {target}: {e}"))?;
+    println!("sent to {target}");
+    Ok(())
 }
 
 fn udp_ping(target: &str, tries: &str) -> Result<(), String> {
