@@ -462,7 +462,9 @@ impl Daemon {
         let learned = restore_learned_endpoints(&config.node.state_dir, &peers, &table);
         let own_addrs = cert.addresses().to_vec();
         let tun = Tun::create(&config.node.tun, config.node.mtu, &own_addrs)?;
-        let udp = Udp::bind(config.node.listen)?;
+        let udp = Udp::bind(config.node.listen, config.node.udp_offload)?;
+        let (gro, gso) = udp.offload();
+        tracing::info!(gro, gso, "UDP offload (node.udp_offload)");
 
         let ca_constraints: Vec<IpNet> = ca
             .cert()

@@ -18,6 +18,7 @@
 //! routes = ["100.64.0.0/10"] # optional
 //! log_level = "info"         # default "info"
 //! cpu_latency_us = 0         # optional: CPU wake-up latency to request while traffic flows
+//! udp_offload = true         # default true: UDP GRO/GSO on the underlay socket
 //!
 //! [policy]                   # optional
 //! default = "deny"
@@ -86,6 +87,10 @@ pub struct NodeConfig {
     /// (the CPU latency QoS, `/dev/cpu_dma_latency`); `None`: no request, the
     /// machine's idle states as configured.
     pub cpu_latency_us: Option<u32>,
+    /// Batch datagrams on the underlay socket with UDP GRO and GSO where the kernel
+    /// offers them (default); `false`: one datagram per system call, as on a kernel
+    /// without them.
+    pub udp_offload: bool,
 }
 
 /// Upper bound of `node.cpu_latency_us`: a request above 100 ms would not keep any
@@ -232,6 +237,7 @@ struct RawNode {
     routes: Option<Vec<Spanned<String>>>,
     log_level: Option<Spanned<String>>,
     cpu_latency_us: Option<Spanned<i64>>,
+    udp_offload: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -436,6 +442,13 @@ impl Validator<'_> {
                 Some(v as u32)
             }
         };
+        let udp_offload = match &n.udp_offload {
+            None => true,
+            Some(o) => {
+                self.note("node.udp_offload", &o.span());
+                *o.get_ref()
+            }
+        };
 
         let policy = match raw.policy {
             None => None,
@@ -554,6 +567,7 @@ impl Validator<'_> {
                 routes,
                 log_level,
                 cpu_latency_us,
+                udp_offload,
             },
             policy,
             peers,
@@ -669,6 +683,7 @@ cert = "/abs/c.crt"
         assert_eq!(c.node.log_level, LogLevel::Info);
         assert_eq!(c.node.routes, None);
         assert_eq!(c.node.cpu_latency_us, None);
+        assert!(c.node.udp_offload);
         assert!(c.policy.is_none());
         assert_eq!(c.peers.len(), 2);
         assert_eq!(
@@ -688,13 +703,15 @@ cert = "/abs/c.crt"
     fn ipv6_listen_routes_policy() {
         let text = GOOD.replace("198.18.0.1:51820", "[fd00:198:18::1]:51820").replace(
             "control_socket = \"meshd.sock\"",
-            "control_socket = \"meshd.sock\"\nroutes = [\"100.64.0.0/10\", \"fd00:6d65:7368::/48\"]\nmtu = 1280\ncpu_latency_us = 0\n\n[policy]\ndefault = \"allow\"\nfile = \"p.toml\"",
+            "control_socket = \"meshd.sock\"\nroutes = [\"100.64.0.0/10\", \"fd00:6d65:7368::/48\"]\nmtu = 1280\ncpu_latency_us = 0\nudp_offload = false\n\n[policy]\ndefault = \"allow\"\nfile = \"p.toml\"",
         );
         let c = parse(&text).unwrap();
         assert!(c.node.listen.is_ipv6());
         assert_eq!(c.node.routes.as_ref().unwrap().len(), 2);
         assert_eq!(c.node.mtu, 1280);
         assert_eq!(c.node.cpu_latency_us, Some(0));
+        assert!(!c.node.udp_offload);
+        assert_eq!(c.line_of("node.udp_offload"), Some(12));
         let p = c.policy.unwrap();
         assert_eq!(p.default, PolicyDefault::Allow);
         assert_eq!(p.file, Some(PathBuf::from("/etc/mesh/p.toml")));

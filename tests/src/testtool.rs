@@ -4,6 +4,7 @@
 //! - `udp-ping <addr:port> <tries>`: send a datagram, expect it back within 1 s per try;
 //!   exit 0 on the first echo, 1 if none came.
 //! - `udp-garbage <addr:port> <count> <seed>`: send `count` random datagrams.
+//! - `udp-empty <addr:port> <count>`: send `count` datagrams of zero bytes.
 
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
@@ -17,7 +18,8 @@ fn main() -> ExitCode {
         ["udp-echo", bind] => udp_echo(bind),
         ["udp-ping", target, tries] => udp_ping(target, tries),
         ["udp-garbage", target, count, seed] => udp_garbage(target, count, seed),
-        _ => Err("usage: mesh-testtool udp-echo <bind> | udp-ping <addr:port> <tries> | udp-garbage <addr:port> <count> <seed>".to_string()),
+        ["udp-empty", target, count] => udp_empty(target, count),
+        _ => Err("usage: mesh-testtool udp-echo <bind> | udp-ping <addr:port> <tries> | udp-garbage <addr:port> <count> <seed> | udp-empty <addr:port> <count>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,6 +116,23 @@ fn udp_garbage(target: &str, count: &str, seed: &str) -> Result<(), String> {
         }
     }
     println!("sent {count} datagrams to {target}");
+    Ok(())
+}
+
+fn udp_empty(target: &str, count: &str) -> Result<(), String> {
+    let target = parse_addr(target)?;
+    let count: u32 = count.parse().map_err(|e| format!("bad count: {e}"))?;
+    let bind = if target.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let sock = UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
+    for _ in 0..count {
+        sock.send_to(&[], target)
+            .map_err(|e| format!("send to {target}: {e}"))?;
+    }
+    println!("sent {count} empty datagrams to {target}");
     Ok(())
 }
 
