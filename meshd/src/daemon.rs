@@ -24,7 +24,7 @@ use crate::decisions::{DecisionLog, LogLimits};
 use crate::device::{route_needed, Tun};
 use crate::enforce::{self, Enforcer};
 use crate::expiry::ExpiryWatch;
-use crate::peers::{Local, Node, Peer, PeerSpec, PeerTable};
+use crate::peers::{Local, Node, OutsideWindow, Peer, PeerSpec, PeerTable};
 use crate::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
 use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
@@ -70,6 +70,9 @@ pub struct Loaded {
     pub workloads: Vec<Workload>,
     pub config_workloads: Vec<WorkloadSpec>,
     pub workload_changes: WorkloadChanges,
+    /// What meshd starts with but refuses at run time (logged): `[[peer]]`
+    /// certificates outside their validity window. `meshd check-config` fails on them.
+    pub refused: Vec<ConfigError>,
 }
 
 /// The policy in force at start: the one applied at run time and persisted, else the
@@ -180,15 +183,16 @@ pub fn peer_spec(cert: &Certificate) -> PeerSpec {
     }
 }
 
-/// Verifies a peer certificate. An expired (or not yet valid) certificate that is
-/// otherwise sound is accepted into the registry with `Ok(false)`: it stays listed and
-/// is refused at handshake time with a log line. Anything else is an error.
+/// Verifies a peer certificate. One outside its validity window at `now` that is
+/// otherwise sound is accepted into the registry with `Ok(Some(why))`: it stays
+/// listed (a renewal may replace it) and the data path refuses its handshakes, for
+/// the same reason ([`PeerSpec::outside_window`]). Anything else is an error.
 pub fn check_peer(
     ca: &Ca,
     own: &Certificate,
     cert: &Certificate,
     now: UnixTime,
-) -> Result<bool, String> {
+) -> Result<Option<OutsideWindow>, String> {
     if cert.identity() == own.identity() {
         return Err(format!("{} is this node's own identity", cert.identity()));
     }
@@ -203,13 +207,18 @@ pub fn check_peer(
         return Err(format!("address {a} overlaps this node's own addresses"));
     }
     match ca.verify(cert, now) {
-        Ok(_) => Ok(true),
-        Err(VerifyError::Expired(_) | VerifyError::NotYetValid(_)) => {
+        Ok(_) => Ok(None),
+        Err(e @ (VerifyError::Expired(_) | VerifyError::NotYetValid(_))) => {
             // Sound apart from the time: check signature and constraints as of a
             // moment inside its window.
             ca.verify(cert, cert.not_after())
-                .map(|_| false)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            // The data path's reason (the same window and clock-skew allowance).
+            let why = match e {
+                VerifyError::NotYetValid(t) => OutsideWindow::NotYetValid(t),
+                _ => OutsideWindow::Expired(cert.not_after()),
+            };
+            Ok(Some(peer_spec(cert).outside_window(now).unwrap_or(why)))
         }
         Err(e) => Err(e.to_string()),
     }
@@ -239,17 +248,26 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
     }
 
     let mut config_peers = Vec::new();
+    let mut refused = Vec::new();
     for (i, p) in config.peers.iter().enumerate() {
         let field = format!("peer[{i}].cert");
         let c = files::read_certificate(&p.cert).map_err(|e| config.error(&field, one_line(&e)))?;
-        let valid = check_peer(&ca, &cert, &c, now)
+        let outside = check_peer(&ca, &cert, &c, now)
             .map_err(|e| config.error(&field, format!("{}: {e}", p.cert.display())))?;
-        if !valid {
+        if let Some(why) = outside {
             tracing::error!(
                 peer = %c.identity(),
-                "peer refused: {}: certificate expired at {} (valid from {})",
-                p.cert.display(), c.not_after(), c.not_before()
+                "peer refused: {}: {why} (valid from {} to {})",
+                p.cert.display(), c.not_before(), c.not_after()
             );
+            refused.push(config.error(
+                &field,
+                format!(
+                    "{}: {why}: meshd would refuse {}'s handshakes",
+                    p.cert.display(),
+                    c.identity()
+                ),
+            ));
         }
         config_peers.push(PeerEntry {
             spec: peer_spec(&c),
@@ -278,9 +296,9 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
             }
         };
         match check_peer(&ca, &cert, &c, now) {
-            Ok(valid) => {
-                if !valid {
-                    tracing::error!(peer = %c.identity(), "peer refused: certificate expired at {}", c.not_after());
+            Ok(outside) => {
+                if let Some(why) = outside {
+                    tracing::error!(peer = %c.identity(), "peer refused: {why} (added at run time)");
                 }
                 peers.push(PeerEntry {
                     spec: peer_spec(&c),
@@ -307,6 +325,7 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
         workloads,
         config_workloads,
         workload_changes,
+        refused,
     })
 }
 
@@ -441,6 +460,7 @@ impl Daemon {
             workloads,
             config_workloads,
             workload_changes,
+            refused: _,
         } = loaded;
         let log = Arc::new(DecisionLog::new(LogLimits::default()));
         let enforce = Enforcer::new(
@@ -1001,8 +1021,18 @@ mod tests {
         let (old, _) = ca.expired_leaf("spiffe://t/c", &["100.64.0.3/32"]);
         let (foreign, _) = ca.foreign_leaf("spiffe://t/d", &["100.64.0.4/32"]);
         let (clash, _) = ca.leaf("spiffe://t/e", &["100.64.0.1/32"]);
-        assert_eq!(check_peer(&ca.ca(), &own, &b, now), Ok(true));
-        assert_eq!(check_peer(&ca.ca(), &own, &old, now), Ok(false));
+        let (future, _) = ca.future_leaf("spiffe://t/f", &["100.64.0.5/32"]);
+        assert_eq!(check_peer(&ca.ca(), &own, &b, now), Ok(None));
+        // Outside their window: kept, with the reason the data path gives.
+        assert_eq!(
+            check_peer(&ca.ca(), &own, &old, now),
+            Ok(Some(OutsideWindow::Expired(old.not_after())))
+        );
+        assert_eq!(
+            check_peer(&ca.ca(), &own, &future, now),
+            Ok(Some(OutsideWindow::NotYetValid(future.not_before())))
+        );
+        assert!(!peer_spec(&future).is_valid_at(now));
         assert!(check_peer(&ca.ca(), &own, &foreign, now).is_err());
         assert!(check_peer(&ca.ca(), &own, &own, now)
             .unwrap_err()
@@ -1010,6 +1040,80 @@ mod tests {
         assert!(check_peer(&ca.ca(), &own, &clash, now)
             .unwrap_err()
             .contains("overlaps"));
+    }
+
+    /// A directory of files for `load`: the CA, the node's certificate and key, and
+    /// meshd.toml with `extra` appended; removed on drop.
+    struct Files(std::path::PathBuf);
+
+    impl Files {
+        fn new(name: &str, ca: &TestCa) -> Files {
+            let dir = std::env::temp_dir()
+                .join(format!("meshd-daemon-test-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            ca.write_ca(&dir);
+            ca.write_leaf(&dir, "a", "spiffe://t/a", &["100.64.0.1/32"], &[]);
+            Files(dir)
+        }
+
+        fn cert(&self, name: &str, cert: &Certificate) {
+            files::write_certificate(&self.0.join(format!("{name}.crt")), cert).unwrap();
+        }
+
+        fn config(&self, extra: &str) -> Config {
+            let text = format!(
+                "[node]\ncert = \"a.crt\"\nkey = \"a.key\"\nca = \"ca.crt\"\n\
+                 listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n\
+                 control_socket = \"meshd.sock\"\n{extra}"
+            );
+            Config::parse(&self.0.join("meshd.toml"), &text).unwrap()
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `[[peer]]` certificates outside their window: meshd starts (their handshakes
+    /// are refused), `check-config` names each with the data path's reason.
+    #[test]
+    fn config_peers_outside_their_window_are_reported_with_the_right_reason() {
+        let ca = TestCa::new("t");
+        let f = Files::new("window", &ca);
+        let (old, _) = ca.expired_leaf("spiffe://t/old", &["100.64.0.3/32"]);
+        let (future, _) = ca.future_leaf("spiffe://t/future", &["100.64.0.4/32"]);
+        let (b, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        f.cert("old", &old);
+        f.cert("future", &future);
+        f.cert("b", &b);
+        let config = f.config(
+            "\n[[peer]]\ncert = \"old.crt\"\n\n[[peer]]\ncert = \"b.crt\"\n\n[[peer]]\ncert = \"future.crt\"\n",
+        );
+        let l = load(config, mesh_proto::testing::NOW).unwrap();
+        assert_eq!(l.peers.len(), 3, "kept in the registry");
+        let refused: Vec<String> = l.refused.iter().map(ToString::to_string).collect();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        let toml = f.0.join("meshd.toml").display().to_string();
+        assert!(
+            refused[0].starts_with(&format!("{toml}:10: peer[0].cert: "))
+                && refused[0].contains(&format!("certificate expired at {}", old.not_after()))
+                && refused[0].contains("spiffe://t/old"),
+            "{}",
+            refused[0]
+        );
+        assert!(
+            refused[1].starts_with(&format!("{toml}:16: peer[2].cert: "))
+                && refused[1].contains(&format!(
+                    "certificate is not valid before {}",
+                    future.not_before()
+                ))
+                && !refused[1].contains("expired"),
+            "{}",
+            refused[1]
+        );
     }
 
     #[test]

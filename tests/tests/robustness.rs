@@ -87,3 +87,27 @@ fn without_udp_offload_empty_datagrams_and_garbage_are_counted_and_traffic_flows
     assert_transfer(&b, &a, 1 << 20)?;
     Ok(())
 }
+
+/// Issue 18: sixteen idle root clients used to hold every control-socket slot for a
+/// minute. Now the operator's `meshctl` is served at once (it takes the slot of the
+/// longest-waiting client), and idle clients are let go within seconds.
+#[test]
+fn idle_control_clients_do_not_lock_the_operator_out() -> mesh_tests::Result {
+    use std::io::Read;
+    let mut mesh = mesh_tests::mesh!();
+    let a = mesh.host("a").up()?;
+    let idle = (0..16)
+        .map(|_| std::os::unix::net::UnixStream::connect(a.socket_path()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let s = a.status()?;
+    assert!(s.ready, "{s:?}");
+    // Every idle client is let go (one for `meshctl status`, the others when their
+    // time to send a request is up): each sees the end of its connection.
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = [0u8; 64];
+        assert_eq!(c.read(&mut buf)?, 0, "an idle client kept its connection");
+    }
+    assert!(a.meshd_alive()?);
+    Ok(())
+}
