@@ -183,8 +183,9 @@ pub fn peer_spec(cert: &Certificate) -> PeerSpec {
     }
 }
 
-/// Verifies a peer certificate. One outside its validity window at `now` that is
-/// otherwise sound is accepted into the registry with `Ok(Some(why))`: it stays
+/// Verifies a peer certificate (its addresses are checked against the other
+/// identities by [`crate::overlap`]). One outside its validity window at `now` that
+/// is otherwise sound is accepted into the registry with `Ok(Some(why))`: it stays
 /// listed (a renewal may replace it) and the data path refuses its handshakes, for
 /// the same reason ([`PeerSpec::outside_window`]). Anything else is an error.
 pub fn check_peer(
@@ -198,13 +199,6 @@ pub fn check_peer(
     }
     if cert.public_key() == own.public_key() {
         return Err("certificate has this node's own public key".into());
-    }
-    if let Some(a) = cert.addresses().iter().find(|a| {
-        own.addresses()
-            .iter()
-            .any(|o| o.contains(*a) || a.contains(o))
-    }) {
-        return Err(format!("address {a} overlaps this node's own addresses"));
     }
     match ca.verify(cert, now) {
         Ok(_) => Ok(None),
@@ -313,6 +307,8 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
     let policy = load_policy(&config)?;
     let (workloads, config_workloads, workload_changes) =
         crate::workloads::load(&config, &ca, &cert, &key, now)?;
+    let (workloads, peers) =
+        admit_addresses(&config, &config_workloads, &config_peers, workloads, peers)?;
     Ok(Loaded {
         config,
         ca,
@@ -327,6 +323,120 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
         workload_changes,
         refused,
     })
+}
+
+/// Admits the loaded identities only where their addresses overlap no other's
+/// ([`crate::overlap`]). First the configuration on its own — the node, the config's
+/// workloads and every `[[peer]]` as written (also one a stored renewal replaces):
+/// an overlap there is a config error naming the later entry's field. Then the
+/// effective set, one by one against those admitted before: the config's entries in
+/// force, the renewals of config entries stored in the state directory, then the
+/// rest of it; a stored one that overlaps is skipped, logged (only a meshd from before
+/// this check could have stored it, and the node still starts).
+fn admit_addresses(
+    config: &Config,
+    config_workloads: &[WorkloadSpec],
+    config_peers: &[PeerEntry],
+    workloads: Vec<Workload>,
+    peers: Vec<PeerEntry>,
+) -> Result<(Vec<Workload>, Vec<PeerEntry>), ConfigError> {
+    use crate::workloads::Origin;
+    let from_config: Vec<&Workload> = workloads
+        .iter()
+        .filter(|w| w.origin != Origin::Runtime)
+        .collect();
+    let mut seen: Vec<crate::overlap::Claim<'_>> = Vec::new();
+    for w in &from_config {
+        let claim = (w.cert.identity(), w.cert.addresses());
+        if let Some(o) = crate::overlap::against(claim, seen.iter().copied()) {
+            let i = config_workloads
+                .iter()
+                .position(|c| c.name == w.spec.name)
+                .unwrap_or(0);
+            return Err(config.error(
+                &format!("workload[{i}].cert"),
+                format!("{}: {o}", w.spec.cert.display()),
+            ));
+        }
+        seen.push(claim);
+    }
+    for (i, p) in config_peers.iter().enumerate() {
+        let claim = (&p.spec.identity, &p.spec.addresses[..]);
+        if let Some(o) = crate::overlap::against(claim, seen.iter().copied()) {
+            let path = config.peers.get(i).map(|c| c.cert.display().to_string());
+            return Err(config.error(
+                &format!("peer[{i}].cert"),
+                format!("{}: {o}", path.unwrap_or_default()),
+            ));
+        }
+        seen.push(claim);
+    }
+
+    enum Who {
+        Workload(Workload),
+        Peer(PeerEntry),
+    }
+    let tier = |who: &Who| match who {
+        Who::Workload(w) if w.origin != Origin::Runtime => 0,
+        Who::Peer(p) if p.source == Source::Config => 0,
+        Who::Workload(w) if config_workloads.iter().any(|c| c.name == w.spec.name) => 1,
+        Who::Peer(p)
+            if config_peers
+                .iter()
+                .any(|c| c.spec.identity == p.spec.identity) =>
+        {
+            1
+        }
+        _ => 2,
+    };
+    let mut order: Vec<Who> = workloads
+        .into_iter()
+        .map(Who::Workload)
+        .chain(peers.into_iter().map(Who::Peer))
+        .collect();
+    // Stable: workloads before peers, each in its own order, within a tier.
+    order.sort_by_key(|who| tier(who));
+    let mut admitted: Vec<(SpiffeId, Vec<IpNet>)> = Vec::new();
+    let (mut workloads, mut peers) = (Vec::new(), Vec::new());
+    for who in order {
+        let (identity, addresses) = match &who {
+            Who::Workload(w) => (w.cert.identity().clone(), w.cert.addresses().to_vec()),
+            Who::Peer(p) => (p.spec.identity.clone(), p.spec.addresses.clone()),
+        };
+        let others = admitted.iter().map(|(i, a)| (i, &a[..]));
+        if let Some(o) = crate::overlap::against((&identity, &addresses), others) {
+            // The configuration alone overlaps nowhere (checked above): this one
+            // comes from the state directory.
+            match who {
+                Who::Workload(w) => {
+                    tracing::error!(workload = %w.spec.name, "stored workload skipped: {o}")
+                }
+                Who::Peer(p) => {
+                    tracing::error!(peer = %p.spec.identity, "stored peer skipped: {o}")
+                }
+            }
+            continue;
+        }
+        admitted.push((identity, addresses));
+        match who {
+            Who::Workload(w) => workloads.push(w),
+            Who::Peer(p) => peers.push(p),
+        }
+    }
+    Ok((workloads, peers))
+}
+
+/// The identities of `locals` and `entries` with their addresses, for
+/// [`crate::overlap`].
+fn claims<'a>(
+    locals: impl IntoIterator<Item = &'a PeerSpec>,
+    entries: &'a [PeerEntry],
+) -> Vec<crate::overlap::Claim<'a>> {
+    locals
+        .into_iter()
+        .chain(entries.iter().map(|e| &e.spec))
+        .map(|s| (&s.identity, &s.addresses[..]))
+        .collect()
 }
 
 pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
@@ -800,6 +910,13 @@ impl Daemon {
         let mut reg = self.lock_registry();
         check_peer(&self.ca, reg.node_cert(), &cert, now)
             .map_err(|e| format!("peer_add: {}: {e}", cert.identity()))?;
+        // Against the local workloads and the other peers (the same identity's
+        // certificate is the one replaced).
+        let locals: Vec<&PeerSpec> = reg.workloads.iter().map(|w| &w.local.spec).collect();
+        let others = claims(locals, &reg.entries);
+        if let Some(o) = crate::overlap::against((cert.identity(), cert.addresses()), others) {
+            return Err(format!("peer_add: {o}"));
+        }
         let entry = PeerEntry {
             spec: peer_spec(&cert),
             cert,
@@ -959,6 +1076,11 @@ pub fn build_table(
     old: &PeerTable,
     mut hint: u32,
 ) -> Result<PeerTable, String> {
+    // Every way an identity enters checks this first with a message of its own; here,
+    // no table with overlapping addresses is ever built.
+    if let Some(o) = crate::overlap::first(&claims(locals.iter().map(|l| &l.spec), entries)) {
+        return Err(o.to_string());
+    }
     let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(entries.len() * locals.len());
     let mut fresh: Vec<(usize, usize, usize)> = Vec::new();
     for (ei, e) in entries.iter().enumerate() {
@@ -1037,9 +1159,8 @@ mod tests {
         assert!(check_peer(&ca.ca(), &own, &own, now)
             .unwrap_err()
             .contains("own identity"));
-        assert!(check_peer(&ca.ca(), &own, &clash, now)
-            .unwrap_err()
-            .contains("overlaps"));
+        // Addresses are the overlap check's business (crate::overlap).
+        assert_eq!(check_peer(&ca.ca(), &own, &clash, now), Ok(None));
     }
 
     /// A directory of files for `load`: the CA, the node's certificate and key, and
@@ -1113,6 +1234,126 @@ mod tests {
                 && !refused[1].contains("expired"),
             "{}",
             refused[1]
+        );
+    }
+
+    /// Issue 18, weakness 5: certificates whose addresses overlap another identity's
+    /// (the node's, a workload's, a peer's) are refused wherever they enter at
+    /// start, naming both identities and prefixes.
+    #[test]
+    fn overlapping_addresses_are_refused_at_load() {
+        let ca = TestCa::new("t");
+        let f = Files::new("overlap", &ca);
+        let (b, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        let (x, _) = ca.leaf("spiffe://t/x", &["100.64.0.2/31"]);
+        let (wide, _) = ca.leaf("spiffe://t/wide", &["100.64.0.0/24"]);
+        f.cert("b", &b);
+        f.cert("x", &x);
+        f.cert("wide", &wide);
+        let toml = f.0.join("meshd.toml").display().to_string();
+        let peer = |file: &str| format!("\n[[peer]]\ncert = \"{file}.crt\"\n");
+        let err = |extra: &str| match load(f.config(extra), mesh_proto::testing::NOW) {
+            Ok(_) => panic!("accepted: {extra}"),
+            Err(e) => e.to_string(),
+        };
+        // The node's own address.
+        let e = err(&peer("wide"));
+        assert!(
+            e.starts_with(&format!("{toml}:10: peer[0].cert: "))
+                && e.contains("address 100.64.0.0/24 of spiffe://t/wide overlaps 100.64.0.1/32 of spiffe://t/a"),
+            "{e}"
+        );
+        // Another peer's.
+        let e = err(&format!("{}{}", peer("b"), peer("x")));
+        assert!(
+            e.starts_with(&format!("{toml}:13: peer[1].cert: "))
+                && e.contains(
+                    "address 100.64.0.2/31 of spiffe://t/x overlaps 100.64.0.2/32 of spiffe://t/b"
+                ),
+            "{e}"
+        );
+        // A local workload's (pod's), against a peer.
+        ca.write_leaf(&f.0, "pod", "spiffe://t/pod", &["100.64.0.3/32"], &[]);
+        let workload = "\n[[workload]]\nname = \"pod\"\ncert = \"pod.crt\"\nkey = \"pod.key\"\n";
+        let e = err(&format!("{workload}{}", peer("x")));
+        assert!(
+            e.starts_with(&format!("{toml}:15: peer[0].cert: "))
+                && e.contains("of spiffe://t/x overlaps 100.64.0.3/32 of spiffe://t/pod"),
+            "{e}"
+        );
+        // A workload against the node.
+        ca.write_leaf(&f.0, "clash", "spiffe://t/clash", &["100.64.0.1/32"], &[]);
+        let e =
+            err("\n[[workload]]\nname = \"clash\"\ncert = \"clash.crt\"\nkey = \"clash.key\"\n");
+        assert!(
+            e.starts_with(&format!("{toml}:11: workload[0].cert: "))
+                && e.contains("of spiffe://t/clash overlaps 100.64.0.1/32 of spiffe://t/a"),
+            "{e}"
+        );
+        // Stored by an earlier meshd: skipped (logged), the rest starts.
+        let mut changes = PeerChanges::load(&f.0.join("state")).unwrap();
+        changes.add(crate::state::StoredPeer {
+            identity: "spiffe://t/x".into(),
+            cert: x.to_pem(),
+            endpoint: None,
+        });
+        changes.save(&f.0.join("state")).unwrap();
+        let l = load(f.config(&peer("b")), mesh_proto::testing::NOW).unwrap();
+        let ids: Vec<String> = l
+            .peers
+            .iter()
+            .map(|p| p.spec.identity.to_string())
+            .collect();
+        assert_eq!(ids, ["spiffe://t/b"]);
+        // A renewal (the same identity and addresses, stored over the config's)
+        // overlaps nothing.
+        let (b2, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        changes.add(crate::state::StoredPeer {
+            identity: "spiffe://t/b".into(),
+            cert: b2.to_pem(),
+            endpoint: None,
+        });
+        changes.save(&f.0.join("state")).unwrap();
+        let l = load(f.config(&peer("b")), mesh_proto::testing::NOW).unwrap();
+        let got: Vec<(String, Source)> = l
+            .peers
+            .iter()
+            .map(|p| (p.spec.identity.to_string(), p.source))
+            .collect();
+        assert_eq!(got, [("spiffe://t/b".to_string(), Source::Runtime)]);
+        assert_eq!(l.peers[0].cert, b2);
+    }
+
+    /// No table with overlapping addresses is built, whichever way they came.
+    #[test]
+    fn tables_with_overlapping_addresses_are_never_built() {
+        let ca = TestCa::new("t");
+        let entry = |cert: &Certificate| PeerEntry {
+            spec: peer_spec(cert),
+            cert: cert.clone(),
+            endpoint: None,
+            source: Source::Runtime,
+        };
+        let (a, ka) = ca.leaf("spiffe://t/a", &["100.64.0.1/32"]);
+        let (b, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        let (x, _) = ca.leaf("spiffe://t/x", &["100.64.0.0/30"]);
+        let locals = vec![Arc::new(Local::new(peer_spec(&a), *ka.as_bytes()))];
+        let e = build_table(&locals, &[entry(&b), entry(&x)], &PeerTable::default(), 1)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("spiffe://t/x") && e.contains("spiffe://t/a"),
+            "{e}"
+        );
+        let (y, _) = ca.leaf("spiffe://t/y", &["100.64.0.2/31"]);
+        let e = build_table(&locals, &[entry(&b), entry(&y)], &PeerTable::default(), 1)
+            .err()
+            .unwrap();
+        assert!(
+            e.starts_with(
+                "address 100.64.0.2/31 of spiffe://t/y overlaps 100.64.0.2/32 of spiffe://t/b"
+            ),
+            "{e}"
         );
     }
 

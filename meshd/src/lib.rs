@@ -22,6 +22,7 @@ pub mod gro;
 pub mod http;
 pub mod inject;
 pub mod l7;
+pub mod overlap;
 pub mod peers;
 pub mod routing;
 pub mod state;

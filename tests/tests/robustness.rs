@@ -111,3 +111,105 @@ fn idle_control_clients_do_not_lock_the_operator_out() -> mesh_tests::Result {
     assert!(a.meshd_alive()?);
     Ok(())
 }
+
+/// Issue 18, weakness 5 (admission): a certificate whose addresses overlap another
+/// identity's — a peer's, a pod's, the node's own — is refused wherever it enters,
+/// naming both identities and prefixes; a renewal (same identity and addresses) is
+/// taken as before.
+#[test]
+fn certificates_overlapping_another_identity_are_refused_where_they_enter() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b] = mesh.hosts(["a", "b"])?;
+    let pod = mesh.pod(&a, "p1", &[])?;
+    let ca = mesh.ca().clone();
+    // A certificate (and key) for `identity` over `nets`, in a's directory.
+    let issue = |name: &str, nets: &[&str]| -> Result<(String, String)> {
+        let nets: Vec<ipnet::IpNet> = nets.iter().map(|n| n.parse()).collect::<Result<_, _>>()?;
+        let issued = ca.issue_nets(
+            &format!("spiffe://t/{name}"),
+            &nets,
+            &[],
+            None,
+            mesh_tests::Validity::Current,
+        )?;
+        let (crt, key) = (
+            a.dir().join(format!("{name}.crt")),
+            a.dir().join(format!("{name}.key")),
+        );
+        std::fs::write(&crt, &issued.cert_pem)?;
+        std::fs::write(&key, &issued.key_b64)?;
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok((
+            crt.to_str().context("path")?.to_string(),
+            key.to_str().context("path")?.to_string(),
+        ))
+    };
+    let refused = |args: &[&str], want: &str| -> Result<()> {
+        let out = a.meshctl(args)?;
+        ensure!(!out.success(), "{args:?} accepted: {out:?}");
+        let err = out.stderr_str();
+        ensure!(
+            err.contains(want) && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+        Ok(())
+    };
+    let (x, _) = issue("x", &["100.64.0.2/31"])?;
+    refused(
+        &["peer", "add", &x],
+        "address 100.64.0.2/31 of spiffe://t/x overlaps 100.64.0.2/32 of spiffe://t/b",
+    )?;
+    let (y, _) = issue("y", &["100.65.1.0/24"])?;
+    refused(
+        &["peer", "add", &y],
+        "address 100.65.1.0/24 of spiffe://t/y overlaps 100.65.1.1/32 of spiffe://t/p1",
+    )?;
+    let (z, _) = issue("z", &["100.64.0.0/30"])?;
+    refused(
+        &["peer", "add", &z],
+        "address 100.64.0.0/30 of spiffe://t/z overlaps 100.64.0.1/32 of spiffe://t/a",
+    )?;
+    let (w, w_key) = issue("w", &["100.64.0.2/32"])?;
+    refused(
+        &["workload", "add", "w", "--cert", &w, "--key", &w_key],
+        "address 100.64.0.2/32 of spiffe://t/w overlaps 100.64.0.2/32 of spiffe://t/b",
+    )?;
+    let (v, v_key) = issue("v", &["100.65.1.1/32"])?;
+    refused(
+        &["workload", "add", "v", "--cert", &v, "--key", &v_key],
+        "overlaps 100.65.1.1/32 of spiffe://t/p1",
+    )?;
+    // Nothing of it was taken.
+    let s = a.status()?;
+    let peers: Vec<&str> = s.peers.iter().map(|p| p.identity.as_str()).collect();
+    let workloads: Vec<&str> = s.workloads.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(peers, ["spiffe://t/b", "spiffe://t/b"], "{s:?}");
+    assert_eq!(workloads, ["node", "p1"], "{s:?}");
+    // Renewals: the same identities and addresses are taken.
+    b.renew_cert(&["renewed"], mesh_tests::Validity::Current)?;
+    a.peer_add(&b)?;
+    pod.renew_cert(&mesh, &["renewed"], mesh_tests::Validity::Current)?;
+    a.ping(b.overlay_v4())?;
+    pod.ping(b.overlay_v4())?;
+    // In meshd.toml: `meshd check-config` names the file, line and field.
+    let mut config = std::fs::read_to_string(a.config_path())?;
+    config.push_str("\n[[peer]]\ncert = \"x.crt\"\n");
+    let line = config.lines().count();
+    let path = a.dir().join("overlap.toml");
+    std::fs::write(&path, config)?;
+    let meshd = mesh.bins().meshd.to_str().context("path")?.to_string();
+    let out = a.exec(
+        &meshd,
+        &["check-config", "--config", path.to_str().context("path")?],
+    )?;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let err = out.stderr_str();
+    assert!(
+        err.contains(&format!("overlap.toml:{line}: peer[1].cert: "))
+            && err.contains(
+                "address 100.64.0.2/31 of spiffe://t/x overlaps 100.64.0.2/32 of spiffe://t/b"
+            ),
+        "{err}"
+    );
+    Ok(())
+}
