@@ -63,6 +63,23 @@ pub enum ControlError {
     Io { path: PathBuf, source: io::Error },
 }
 
+/// The status of the meshd listening on `path`, if one answers within a second or
+/// two (`meshd check-config` asks, to tell its port and device from a stranger's).
+pub fn ask_status(path: &Path) -> Option<Status> {
+    let mut s = UnixStream::connect(path).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut line = Request::Status(mesh_proto::control::NoArgs {}).to_line();
+    line.push('\n');
+    s.write_all(line.as_bytes()).ok()?;
+    let mut reader = LineReader { buf: Vec::new() };
+    let deadline = instant_now() + Duration::from_secs(2);
+    match reader.next(&s, deadline, instant_now).ok()? {
+        Line::Request(reply) => Response::parse(&reply).ok()?.into_result().ok(),
+        _ => None,
+    }
+}
+
 /// The bound socket; removes its file on drop.
 pub struct ControlSocket {
     listener: UnixListener,

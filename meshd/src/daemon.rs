@@ -439,6 +439,42 @@ fn claims<'a>(
         .collect()
 }
 
+/// What `meshd check-config` checks on the host beyond the files, so that it fails
+/// where the start would: the UDP port can be bound (bound and let go at once) and
+/// the TUN's name is free. Both are expected taken by a meshd that runs with this
+/// configuration (its control socket answers with this port and device): checking
+/// the configuration of a running node before a restart is no error.
+pub fn check_host(config: &Config) -> Vec<ConfigError> {
+    let n = &config.node;
+    let running = crate::control::ask_status(&n.control_socket);
+    let ours = |s: &Status| s.listen.port() == n.listen.port() && s.tun == n.tun;
+    let running = running.filter(ours);
+    let mut problems = Vec::new();
+    if n.listen.port() != 0 && running.is_none() {
+        if let Err(e) = Udp::probe(n.listen) {
+            problems.push(config.error("node.listen", listen_error(&e)));
+        }
+    }
+    if running.is_none() && crate::device::if_exists(&n.tun) {
+        let e = crate::device::DeviceError::Exists {
+            name: n.tun.clone(),
+        };
+        problems.push(config.error("node.tun", e));
+    }
+    problems
+}
+
+/// What the host said about binding `node.listen`, in words an operator can act on.
+pub fn listen_error(e: &crate::transport::BindError) -> String {
+    let hint = match e.source.raw_os_error() {
+        Some(libc::EADDRINUSE) => "; another process holds this port (another meshd?)",
+        Some(libc::EADDRNOTAVAIL) => "; the address is not on this host",
+        Some(libc::EACCES) => "; a port below 1024 needs root or CAP_NET_BIND_SERVICE",
+        _ => "",
+    };
+    format!("{e}{hint}")
+}
+
 pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
     e.to_string().replace('\n', " ")
 }
@@ -546,6 +582,10 @@ pub struct Daemon {
 /// Why the daemon could not start (after the config checked out).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A configured name or address the host will not give meshd (`node.tun`,
+    /// `node.listen`), located in meshd.toml like any config error.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
     #[error(transparent)]
@@ -591,8 +631,16 @@ impl Daemon {
             build_table(&locals, &peers, &PeerTable::default(), 1).map_err(StartError::Peers)?;
         let learned = restore_learned_endpoints(&config.node.state_dir, &peers, &table);
         let own_addrs = cert.addresses().to_vec();
-        let tun = Tun::create(&config.node.tun, config.node.mtu, &own_addrs)?;
-        let udp = Udp::bind(config.node.listen, config.node.udp_offload)?;
+        // The socket first: a port in use stops meshd before it touches any interface.
+        let udp = Udp::bind(config.node.listen, config.node.udp_offload)
+            .map_err(|e| config.error("node.listen", listen_error(&e)))?;
+        let tun =
+            Tun::create(&config.node.tun, config.node.mtu, &own_addrs).map_err(|e| match e {
+                crate::device::DeviceError::Exists { .. } => {
+                    StartError::Config(config.error("node.tun", e))
+                }
+                e => StartError::Device(e),
+            })?;
         let (gro, gso) = udp.offload();
         tracing::info!(gro, gso, "UDP offload (node.udp_offload)");
 
@@ -1183,9 +1231,13 @@ mod tests {
         }
 
         fn config(&self, extra: &str) -> Config {
+            self.config_listen("127.0.0.1:0", extra)
+        }
+
+        fn config_listen(&self, listen: &str, extra: &str) -> Config {
             let text = format!(
                 "[node]\ncert = \"a.crt\"\nkey = \"a.key\"\nca = \"ca.crt\"\n\
-                 listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n\
+                 listen = \"{listen}\"\nstate_dir = \"state\"\n\
                  control_socket = \"meshd.sock\"\n{extra}"
             );
             Config::parse(&self.0.join("meshd.toml"), &text).unwrap()
@@ -1322,6 +1374,89 @@ mod tests {
             .collect();
         assert_eq!(got, [("spiffe://t/b".to_string(), Source::Runtime)]);
         assert_eq!(l.peers[0].cert, b2);
+    }
+
+    /// Issue 26, failure 5 (and 4): `check-config` fails where the start would on
+    /// this host — a port in use, an address not on this host, an interface of the
+    /// TUN's name — naming `meshd.toml:N: node.listen` / `node.tun`; not for the meshd
+    /// that runs with this configuration itself.
+    #[test]
+    fn check_config_checks_the_port_and_the_device_name_on_this_host() {
+        let ca = TestCa::new("t");
+        let f = Files::new("host", &ca);
+        let toml = f.0.join("meshd.toml").display().to_string();
+        let problems =
+            |c: &Config| -> Vec<String> { check_host(c).iter().map(ToString::to_string).collect() };
+        assert_eq!(
+            problems(&f.config("tun = \"meshd-t-free\"\n")),
+            Vec::<String>::new()
+        );
+        // A port someone holds.
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let c = f.config_listen(&format!("127.0.0.1:{port}"), "tun = \"meshd-t-free\"\n");
+        let p = problems(&c);
+        assert!(
+            p.len() == 1
+                && p[0].starts_with(&format!(
+                    "{toml}:5: node.listen: cannot listen on UDP 127.0.0.1:{port}: "
+                ))
+                && p[0].ends_with("another process holds this port (another meshd?)"),
+            "{p:?}"
+        );
+        // An address this host does not have (an unassigned underlay address), unless
+        // the host lets anyone bind any address (then meshd would start too).
+        let nonlocal = std::fs::read_to_string("/proc/sys/net/ipv4/ip_nonlocal_bind")
+            .is_ok_and(|v| v.trim() != "0");
+        if !nonlocal {
+            let c = f.config_listen("198.19.255.254:51820", "tun = \"meshd-t-free\"\n");
+            let p = problems(&c);
+            assert!(
+                p.len() == 1
+                    && p[0].contains("node.listen")
+                    && p[0].ends_with("the address is not on this host"),
+                "{p:?}"
+            );
+        }
+        // An interface of the TUN's name (every host has `lo`).
+        let p = problems(&f.config("tun = \"lo\"\n"));
+        assert!(
+            p.len() == 1
+                && p[0].starts_with(&format!(
+                    "{toml}:8: node.tun: an interface named lo exists already"
+                )),
+            "{p:?}"
+        );
+        // Both held by the meshd that runs this configuration: its control socket
+        // says so.
+        let status = Status {
+            ready: true,
+            identity: "spiffe://t/a".into(),
+            public_key: String::new(),
+            listen: format!("0.0.0.0:{port}").parse().unwrap(),
+            tun: "lo".into(),
+            addresses: vec![],
+            peers: vec![],
+            drops: NodeDrops::default(),
+            workloads: vec![],
+            enforcement: None,
+            cpu_latency: None,
+        };
+        let listener = std::os::unix::net::UnixListener::bind(f.0.join("meshd.sock")).unwrap();
+        // The running meshd's side of the test.
+        #[allow(clippy::disallowed_methods)]
+        let running = std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+            assert!(line.contains("\"status\""), "{line}");
+            let reply = mesh_proto::control::Response::ok(status).to_line();
+            (&s).write_all(format!("{reply}\n").as_bytes()).unwrap();
+        });
+        let c = f.config_listen(&format!("127.0.0.1:{port}"), "tun = \"lo\"\n");
+        assert_eq!(problems(&c), Vec::<String>::new());
+        running.join().unwrap();
     }
 
     /// No table with overlapping addresses is built, whichever way they came.

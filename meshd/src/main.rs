@@ -1,5 +1,7 @@
 //! `meshd --config FILE` runs the daemon; `meshd check-config --config FILE` checks
-//! the configuration and everything it names, and touches nothing.
+//! the configuration and everything it names, and whether this host would give meshd
+//! its port and its TUN's name (the port is bound and let go at once); it changes
+//! nothing.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -68,9 +70,16 @@ fn check(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // What meshd would start with but refuse at run time is a problem here.
-    if !l.refused.is_empty() {
-        for e in &l.refused {
+    // What meshd would start with but refuse at run time is a problem here, and so
+    // is what the host would refuse it at start (its port, its device's name).
+    let problems: Vec<_> = l
+        .refused
+        .iter()
+        .cloned()
+        .chain(meshd::daemon::check_host(&l.config))
+        .collect();
+    if !problems.is_empty() {
+        for e in &problems {
             error_line(&format!("meshd: {e}"));
         }
         return ExitCode::from(1);

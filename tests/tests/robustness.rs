@@ -213,3 +213,175 @@ fn certificates_overlapping_another_identity_are_refused_where_they_enter() -> m
     );
     Ok(())
 }
+
+/// The write end of a pipe whose reader is gone (`… | head -1` once head has its
+/// line; here before anything is written, so no timing is involved).
+fn closed_pipe() -> Result<std::process::Stdio> {
+    let mut reader = std::process::Command::new("true")
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    let write_end = reader.stdin.take().context("stdin")?;
+    reader.wait()?;
+    Ok(write_end.into())
+}
+
+/// A copy of `h`'s meshd.toml as `<name>.toml`, for a second meshd beside the first
+/// with its own identity (`spiffe://t/<name>`, overlay 100.64.9.9), control socket
+/// and state directory, listening on `listen` with TUN `tun`. Returns its path and
+/// the lines of `node.listen` and `node.tun`.
+fn second_config(
+    mesh: &mesh_tests::Mesh,
+    h: &Host,
+    name: &str,
+    listen: &str,
+    tun: &str,
+) -> Result<(String, usize, usize)> {
+    let issued = mesh.ca().issue(
+        &format!("spiffe://t/{name}"),
+        &["100.64.9.9".parse()?],
+        &[],
+        None,
+        mesh_tests::Validity::Current,
+    )?;
+    std::fs::write(h.dir().join(format!("{name}.crt")), &issued.cert_pem)?;
+    let key = h.dir().join(format!("{name}.key"));
+    std::fs::write(&key, &issued.key_b64)?;
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let text = std::fs::read_to_string(h.config_path())?;
+    let mut out = String::new();
+    let (mut listen_line, mut tun_line) = (0, 0);
+    for (i, line) in text.lines().enumerate() {
+        let line = if line.starts_with("cert = \"host.crt\"") {
+            format!("cert = \"{name}.crt\"")
+        } else if line.starts_with("key = \"host.key\"") {
+            format!("key = \"{name}.key\"")
+        } else if line.starts_with("listen = ") {
+            listen_line = i + 1;
+            format!("listen = \"{listen}\"")
+        } else if line.starts_with("tun = ") {
+            tun_line = i + 1;
+            format!("tun = \"{tun}\"")
+        } else if line.starts_with("control_socket = ") {
+            format!("control_socket = \"{name}.sock\"")
+        } else if line.starts_with("state_dir = ") {
+            format!("state_dir = \"{name}-state\"")
+        } else {
+            line.to_string()
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    ensure!(
+        listen_line > 0 && tun_line > 0,
+        "no listen or tun in {text}"
+    );
+    let path = h.dir().join(format!("{name}.toml"));
+    std::fs::write(&path, out)?;
+    Ok((
+        path.to_str().context("path")?.to_string(),
+        listen_line,
+        tun_line,
+    ))
+}
+
+/// Issue 26, failures 4 and 5: a second meshd beside a running one (its own socket
+/// and state directory) used to take over the first one's TUN; a port in use or an
+/// address not on this host was found only at start, without the config's file and
+/// line. Now both `meshd check-config` and the start refuse, each with one line
+/// naming `<file>:<line>: node.tun` or `node.listen`; and a device someone made
+/// beforehand is refused rather than taken over.
+#[test]
+fn a_taken_device_name_or_port_is_refused_naming_the_field() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let [a, b] = mesh.hosts(["a", "b"])?;
+    let meshd = mesh.bins().meshd.to_str().context("path")?.to_string();
+    let refused = |config: &str, want: &str| -> Result<()> {
+        for args in [
+            vec!["check-config", "--config", config],
+            vec!["--config", config],
+        ] {
+            let out = a.exec_timeout(&meshd, &args, Duration::from_secs(20))?;
+            ensure!(out.code == Some(1), "meshd {args:?}: {out:?}");
+            let err = out.stderr_str();
+            let last = err.lines().last().unwrap_or_default();
+            ensure!(
+                last.starts_with("meshd: ") && last.contains(want),
+                "meshd {args:?}: {err}"
+            );
+        }
+        Ok(())
+    };
+    // The same TUN name, another port.
+    let (cfg, _, tun_line) = second_config(&mesh, &a, "tun", "0.0.0.0:51821", "mesh0")?;
+    refused(
+        &cfg,
+        &format!("tun.toml:{tun_line}: node.tun: an interface named mesh0 exists already"),
+    )?;
+    // The same port, another TUN name.
+    let (cfg, listen_line, _) = second_config(&mesh, &a, "port", "0.0.0.0:51820", "mesh1")?;
+    refused(
+        &cfg,
+        &format!("port.toml:{listen_line}: node.listen: cannot listen on UDP 0.0.0.0:51820: "),
+    )?;
+    refused(&cfg, "another process holds this port (another meshd?)")?;
+    // An address this host does not have.
+    let (cfg, listen_line, _) = second_config(&mesh, &a, "addr", "198.19.9.9:51821", "mesh1")?;
+    refused(&cfg, &format!("addr.toml:{listen_line}: node.listen: "))?;
+    refused(&cfg, "the address is not on this host")?;
+    // The first meshd is untouched, and its own configuration checks out.
+    assert!(a.meshd_alive()?);
+    a.ping(b.overlay_v4())?;
+    let out = a.exec(
+        &meshd,
+        &[
+            "check-config",
+            "--config",
+            a.config_path().to_str().context("path")?,
+        ],
+    )?;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    // A device somebody made before meshd started (persistent, multi-queue, so that
+    // it could be joined): refused, not taken over.
+    b.stop_meshd()?;
+    b.run(
+        "ip",
+        &[
+            "tuntap",
+            "add",
+            "dev",
+            "mesh0",
+            "mode",
+            "tun",
+            "multi_queue",
+        ],
+    )?;
+    assert!(
+        b.start().is_err(),
+        "meshd started on a device it did not make"
+    );
+    assert!(
+        b.log()
+            .contains("node.tun: an interface named mesh0 exists already"),
+        "{}",
+        b.log()
+    );
+    b.run("ip", &["link", "del", "mesh0"])?;
+    b.start()?;
+    a.ping(b.overlay_v4())?;
+    // `meshd check-config | head -1`: quiet when its reader is gone.
+    let out = a
+        .netns()
+        .command(&meshd)
+        .args(["check-config", "--config"])
+        .arg(a.config_path())
+        .stdout(closed_pipe()?)
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    assert_eq!(out.status.code(), Some(141), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
