@@ -146,6 +146,10 @@ pub struct WorkloadChanges {
 
 impl crate::state::StateFile for WorkloadChanges {
     const FILE: &'static str = STATE_FILE;
+    const HOLDS: (&'static str, &'static str) = (
+        "the workloads added and removed at run time",
+        "meshctl workload add, workload remove",
+    );
     fn version(&self) -> u32 {
         self.version
     }

@@ -385,3 +385,82 @@ fn a_taken_device_name_or_port_is_refused_naming_the_field() -> mesh_tests::Resu
     );
     Ok(())
 }
+
+/// Issue 26, failure 6: a state file cut short (a disk or an editor, not meshd: its
+/// writes are atomic) used to stop the node until someone acted. Now the node starts
+/// on the previous copy, loudly; with no usable copy it refuses with the file named
+/// and the way out, and starts once the file is moved away.
+#[test]
+fn a_damaged_state_file_does_not_keep_the_node_down() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let a = mesh.host("a").peers(mesh_tests::PeerSet::None).up()?;
+    let b = mesh.host("b").peers(mesh_tests::PeerSet::None).up()?;
+    let c = mesh.host("c").peers(mesh_tests::PeerSet::None).up()?;
+    for (x, y) in [(&a, &b), (&b, &a), (&c, &a), (&a, &c)] {
+        x.peer_add(y)?;
+    }
+    const ALLOW: &str = "[[policy]]\nname = \"all\"\naction = \"allow\"\n[[policy.rule]]\n";
+    a.apply_policy(ALLOW)?.check()?;
+    a.apply_policy(&ALLOW.replace("\"all\"", "\"all2\""))?
+        .check()?;
+    a.ping(b.overlay_v4())?;
+    let state = a.dir().join("state");
+    let (peers, policy) = (state.join("peers.json"), state.join("policy.json"));
+    a.stop_meshd()?;
+    // Cut short, and emptied.
+    let whole = std::fs::read(&peers)?;
+    std::fs::write(&peers, &whole[..whole.len() / 2])?;
+    std::fs::write(&policy, b"")?;
+    a.start()?;
+    let log = a.log();
+    for f in [&peers, &policy] {
+        assert!(
+            log.contains(&format!("{}: damaged (", f.display()))
+                && log.contains(&format!("using its previous copy {}.prev", f.display())),
+            "{log}"
+        );
+    }
+    // The copies before the last change of each: b is a peer (c, added last, is
+    // not), and the first policy is in force.
+    let s = a.status()?;
+    assert!(
+        s.peer(b.identity()).is_some() && s.peer(c.identity()).is_none(),
+        "{s:?}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&a.meshctl(&["status", "--json"])?.check()?.stdout)?;
+    let source = status["enforcement"]["policy"]["source"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        source.contains("name = \"all\"") && !source.contains("all2"),
+        "{status}"
+    );
+    a.ping(b.overlay_v4())?;
+    // Redone: the file is whole again, the damaged one kept aside.
+    a.peer_add(&c)?;
+    assert!(state.join("peers.json.damaged").exists());
+    a.ping(c.overlay_v4())?;
+    // Damaged, and its copy too: refused, naming the file and the way out.
+    a.stop_meshd()?;
+    std::fs::write(&peers, b"{\"version\":1,\"added\":[")?;
+    std::fs::write(state.join("peers.json.prev"), b"")?;
+    assert!(a.start().is_err(), "started on a damaged state file");
+    let log = a.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("node.state_dir"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&format!("{}: damaged (", peers.display()))
+            && line.contains("is damaged too")
+            && line
+                .contains("move it away to start without the peers added and removed at run time"),
+        "{log}"
+    );
+    std::fs::rename(&peers, state.join("peers.json.aside"))?;
+    a.start()?;
+    assert!(a.status()?.peers.is_empty());
+    Ok(())
+}
