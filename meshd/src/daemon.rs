@@ -450,8 +450,11 @@ pub fn check_host(config: &Config) -> Vec<ConfigError> {
     let ours = |s: &Status| s.listen.port() == n.listen.port() && s.tun == n.tun;
     let running = running.filter(ours);
     let mut problems = Vec::new();
-    if n.listen.port() != 0 && running.is_none() {
-        if let Err(e) = Udp::probe(n.listen) {
+    if let Err(e) = Udp::probe(n.listen) {
+        // In use by that meshd is expected; anything else (an address not on this
+        // host) is what its restart would meet too.
+        let held = running.is_some() && e.source.raw_os_error() == Some(libc::EADDRINUSE);
+        if !held {
             problems.push(config.error("node.listen", listen_error(&e)));
         }
     }
