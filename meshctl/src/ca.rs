@@ -75,16 +75,16 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
                     "certificate": c.summary(),
                 }))?;
             } else {
-                println!(
+                outln!(
                     "wrote {} (CA {}, valid until {}, fingerprint {}) and {} (mode 0600)",
                     cert.display(),
                     c.identity(),
                     c.not_after(),
                     c.fingerprint(),
                     key.display()
-                );
+                )?;
                 if validity < DAY {
-                    println!("note: the CA expires in less than a day");
+                    outln!("note: the CA expires in less than a day")?;
                 }
             }
             Ok(())

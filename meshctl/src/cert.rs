@@ -169,16 +169,16 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
                 }))?;
             } else {
                 let addrs: Vec<String> = cert.addresses().iter().map(|a| a.to_string()).collect();
-                print!(
+                out!(
                     "wrote {} ({}, {}, valid until {})",
                     out.display(),
                     cert.identity(),
                     addrs.join(" "),
                     cert.not_after()
-                );
+                )?;
                 match key_file {
-                    Some(k) => println!(" and {} (mode 0600)", k.display()),
-                    None => println!(),
+                    Some(k) => outln!(" and {} (mode 0600)", k.display())?,
+                    None => outln!()?,
                 }
             }
             Ok(())
@@ -225,14 +225,14 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
                     "certificate": cert.summary(),
                 }))?;
             } else {
-                println!(
+                outln!(
                     "wrote {} ({}, valid until {}; {} was valid until {})",
                     out.display(),
                     cert.identity(),
                     cert.not_after(),
                     file.display(),
                     old.not_after()
-                );
+                )?;
             }
             Ok(())
         }
@@ -241,7 +241,7 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             if g.json {
                 crate::print_json(&cert.summary())?;
             } else {
-                print!("{}", human(&cert));
+                out!("{}", human(&cert))?;
             }
             Ok(())
         }
@@ -267,13 +267,13 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
                     "ca": ca.fingerprint(),
                 }))?;
             } else {
-                println!(
+                outln!(
                     "ok: {} signed by {} ({}), valid until {}",
                     v.identity(),
                     ca.trust_domain(),
                     ca_name,
                     v.not_after()
-                );
+                )?;
             }
             Ok(())
         }

@@ -48,13 +48,13 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
                             "key_file": path, "public_key": public,
                         }))?;
                     } else {
-                        println!("{public}");
+                        outln!("{public}")?;
                     }
                 }
                 None if g.json => crate::print_json(&serde_json::json!({
                     "private_key": key.to_base64(), "public_key": public,
                 }))?,
-                None => println!("{}", key.to_base64()),
+                None => outln!("{}", key.to_base64())?,
             }
             Ok(())
         }
@@ -74,7 +74,7 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             if g.json {
                 crate::print_json(&serde_json::json!({ "public_key": public }))?;
             } else {
-                println!("{public}");
+                outln!("{public}")?;
             }
             Ok(())
         }

@@ -55,7 +55,7 @@ pub fn run(args: LogArgs, g: &Global) -> Result<()> {
     for rec in reply["result"]["lines"].as_array().into_iter().flatten() {
         print_record(&mut out, rec, g.json)?;
     }
-    out.flush()?;
+    out.flush().map_err(crate::stdout_error)?;
     if !args.follow {
         return Ok(());
     }
@@ -68,17 +68,17 @@ pub fn run(args: LogArgs, g: &Global) -> Result<()> {
             continue;
         };
         print_record(&mut out, &rec, g.json)?;
-        out.flush()?;
+        out.flush().map_err(crate::stdout_error)?;
     }
 }
 
 fn print_record(out: &mut impl Write, rec: &serde_json::Value, json: bool) -> Result<()> {
     if json {
-        writeln!(out, "{rec}")?;
+        writeln!(out, "{rec}")
     } else {
-        writeln!(out, "{}", render(rec))?;
+        writeln!(out, "{}", render(rec))
     }
-    Ok(())
+    .map_err(crate::stdout_error)
 }
 
 /// One decision as a line for people:

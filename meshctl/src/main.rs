@@ -1,6 +1,25 @@
 //! meshctl: the meshd operator's tool. Nouns then verbs (`meshctl cert issue`).
 //! Results go to stdout, errors to stderr as one line naming the problem and the file.
-//! Exit codes: 0 ok, 1 error, 2 usage error.
+//! Exit codes: 0 ok, 1 error, 2 usage error; 141 when the reader of stdout went away
+//! (`meshctl … | head -1`), quietly, as a shell reports a C tool that SIGPIPE ended.
+
+/// Prints to stdout through [`out`]: `?` it; a reader that went away ends meshctl
+/// quietly.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::out(format_args!($($arg)*))
+    };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    () => {
+        $crate::out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 mod ca;
 mod cert;
@@ -88,11 +107,56 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::from(CLOSED_STDOUT),
         Err(e) => {
-            eprintln!("meshctl: {}", one_line(&e));
+            warn_line(&format!("meshctl: {}", one_line(&e)));
             ExitCode::from(1)
         }
     }
+}
+
+/// Exit status when the reader of stdout went away: 128 + SIGPIPE, what a shell
+/// reports for a process that SIGPIPE ended (Rust ignores SIGPIPE, so meshctl sees
+/// EPIPE instead and ends itself, quietly).
+const CLOSED_STDOUT: u8 = 128 + 13;
+
+/// Nobody reads meshctl's output any more (`meshctl … | head -1`): not an error to
+/// report, the end of the command.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes to stdout and flushes, so that a closed pipe shows at once; a closed pipe
+/// is [`StdoutClosed`].
+pub fn out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.flush())
+        .map_err(stdout_error)
+}
+
+/// An error writing to stdout: [`StdoutClosed`] for a closed pipe.
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::anyhow!("cannot write to stdout: {e}")
+    }
+}
+
+/// Prints a line on stderr if it can (a closed stderr is not worth a panic).
+pub fn warn_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Help and version go to stdout as clap prints them; a usage error becomes one line
@@ -125,8 +189,8 @@ fn usage_error(e: clap::Error) -> ExitCode {
         para.strip_prefix("error: ").unwrap_or(&para).to_owned()
     };
     match usage {
-        Some(u) => eprintln!("meshctl: {first} (usage: {u})"),
-        None => eprintln!("meshctl: {first} (see meshctl --help)"),
+        Some(u) => warn_line(&format!("meshctl: {first} (usage: {u})")),
+        None => warn_line(&format!("meshctl: {first} (see meshctl --help)")),
     }
     ExitCode::from(2)
 }
@@ -157,6 +221,5 @@ pub fn now() -> UnixTime {
 
 /// Prints a value as one line of JSON on stdout.
 pub fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(v)?);
-    Ok(())
+    outln!("{}", serde_json::to_string(v)?)
 }

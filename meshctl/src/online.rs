@@ -86,11 +86,11 @@ pub fn status(g: &Global) -> Result<()> {
             return Err(anyhow!(reply.error.unwrap_or_default()));
         }
         // Exactly the daemon's status object.
-        println!("{}", serde_json::to_string(&reply.result)?);
+        outln!("{}", serde_json::to_string(&reply.result)?)?;
         return Ok(());
     }
     let s: Status = reply.into_result().map_err(|e| anyhow!(e))?;
-    print!("{}", render_status(&s, crate::now()));
+    out!("{}", render_status(&s, crate::now()))?;
     Ok(())
 }
 
@@ -109,7 +109,7 @@ pub fn peer(cmd: PeerCommand, g: &Global) -> Result<()> {
             if g.json {
                 crate::print_json(&info)?;
             } else {
-                println!("added {}", info.identity);
+                outln!("added {}", info.identity)?;
             }
         }
         PeerCommand::Remove { identity } => {
@@ -117,7 +117,7 @@ pub fn peer(cmd: PeerCommand, g: &Global) -> Result<()> {
             if g.json {
                 crate::print_json(&r)?;
             } else {
-                println!("removed {}", r.removed);
+                outln!("removed {}", r.removed)?;
             }
         }
         PeerCommand::List => {
@@ -125,7 +125,7 @@ pub fn peer(cmd: PeerCommand, g: &Global) -> Result<()> {
             if g.json {
                 crate::print_json(&list)?;
             } else {
-                print!("{}", render_peer_list(&list));
+                out!("{}", render_peer_list(&list))?;
             }
         }
     }

@@ -139,7 +139,7 @@ fn load(file: &Path, quiet: bool) -> Result<(String, policy::Parsed)> {
     let parsed = policy::parse(&name, &source)?;
     if !quiet {
         for w in &parsed.warnings {
-            eprintln!("{w}");
+            crate::warn_line(&w.to_string());
         }
     }
     Ok((source, parsed))
@@ -155,13 +155,13 @@ fn check(file: &Path, g: &Global) -> Result<()> {
             "warnings": parsed.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
         }))
     } else {
-        println!(
+        outln!(
             "{}: ok: {} policies, {} tests, {} warnings",
             file.display(),
             parsed.set.policies.len(),
             parsed.set.tests.len(),
             parsed.warnings.len()
-        );
+        )?;
         Ok(())
     }
 }
@@ -188,20 +188,26 @@ fn test(file: &Path, default: DefaultAction, g: &Global) -> Result<()> {
                 _ => String::new(),
             };
             match &r.failure {
-                None => println!(
+                None => outln!(
                     "PASS  {} (line {}): {} ({}){by}",
-                    r.name, r.line, got.decision, got.reason
-                ),
-                Some(f) => println!(
+                    r.name,
+                    r.line,
+                    got.decision,
+                    got.reason
+                )?,
+                Some(f) => outln!(
                     "FAIL  {} (line {}): {f}; decided {} ({}){by}",
-                    r.name, r.line, got.decision, got.reason
-                ),
+                    r.name,
+                    r.line,
+                    got.decision,
+                    got.reason
+                )?,
             }
         }
         if results.is_empty() {
-            println!("{}: no [[test]] cases", file.display());
+            outln!("{}: no [[test]] cases", file.display())?;
         } else {
-            println!("{} passed, {failed} failed", results.len() - failed);
+            outln!("{} passed, {failed} failed", results.len() - failed)?;
         }
     }
     if failed > 0 {
@@ -281,7 +287,7 @@ fn explain(args: ExplainArgs, g: &Global) -> Result<()> {
     if g.json {
         crate::print_json(&explanation)
     } else {
-        print!("{explanation}");
+        out!("{explanation}")?;
         Ok(())
     }
 }
@@ -299,12 +305,12 @@ fn apply(file: &Path, g: &Global) -> Result<()> {
     if g.json {
         crate::print_json(&result)
     } else {
-        println!(
+        outln!(
             "applied {}: {} policies, {} tests passed",
             file.display(),
             parsed.set.policies.len(),
             parsed.set.tests.len()
-        );
+        )?;
         Ok(())
     }
 }

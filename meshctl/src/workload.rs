@@ -84,7 +84,7 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             if g.json {
                 crate::print_json(&info)?;
             } else {
-                println!("added {} ({})", info.name, info.identity);
+                outln!("added {} ({})", info.name, info.identity)?;
             }
         }
         Command::Remove { name } => {
@@ -92,7 +92,7 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             if g.json {
                 crate::print_json(&r)?;
             } else {
-                println!("removed {}", r.removed);
+                outln!("removed {}", r.removed)?;
             }
         }
         Command::List => {
@@ -100,7 +100,7 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             if g.json {
                 crate::print_json(&list)?;
             } else {
-                print!("{}", render_list(&list));
+                out!("{}", render_list(&list))?;
             }
         }
     }

@@ -652,3 +652,136 @@ fn paths_in_errors_are_as_given() {
     d.fails(&["cert", "show", abs], 1, &[abs]);
     assert!(Path::new(&d.0).exists());
 }
+
+/// The write end of a pipe whose reader is gone: what `meshctl … | head -1` gives
+/// meshctl once head has its line (here before meshctl writes, so the test does not
+/// depend on timing).
+fn closed_pipe() -> Stdio {
+    let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+    let write_end = reader.stdin.take().unwrap();
+    reader.wait().unwrap();
+    Stdio::from(write_end)
+}
+
+/// A fake meshd on `sock` answering each of `replies` to one connection, in order.
+fn fake_meshd(sock: &Path, replies: Vec<String>) -> std::thread::JoinHandle<()> {
+    let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    // The fake daemon is the I/O side of the test; it must run beside the binary.
+    #[allow(clippy::disallowed_methods)]
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for reply in replies {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(&stream)
+                .read_line(&mut line)
+                .unwrap();
+            // meshctl may be gone already (its stdout closed): a write error is fine.
+            let _ = (&stream).write_all(reply.as_bytes());
+        }
+    })
+}
+
+/// `meshctl … | head -1`: every command that prints ends quietly (no panic, nothing
+/// on stderr) with the status a shell gives a tool that SIGPIPE ended, when nobody
+/// reads its output any more.
+#[test]
+fn a_closed_stdout_ends_every_command_quietly() {
+    let d = Dir::new("closed-stdout");
+    setup(&d);
+    fs::write(
+        d.path("p.toml"),
+        "[[policy]]\nname = \"api\"\naction = \"allow\"\n[[policy.rule]]\n\
+         from = [{ identities = [\"spiffe://t/web\"] }]\nto = [{ ports = [8080] }]\n\n\
+         [[test]]\nname = \"web\"\nfrom = \"spiffe://t/web\"\nto_port = 8080\nexpect = \"allow\"\n",
+    )
+    .unwrap();
+    d.ok(&["key", "gen", "--out", "k.key"]);
+    let sock = d.path("meshd.sock");
+    let sock = sock.to_str().unwrap();
+    let status = serde_json::json!({
+        "ready": true, "identity": "spiffe://t/a", "public_key": "k", "listen": "198.18.0.1:51820",
+        "tun": "mesh0", "addresses": ["100.64.0.1/32"], "peers": [], "drops": mesh_proto::control::NodeDrops::default(),
+    });
+    let ok = |result: serde_json::Value| {
+        format!("{}\n", serde_json::json!({"ok": true, "result": result}))
+    };
+    let online: Vec<(Vec<&str>, String)> = vec![
+        (vec!["status"], ok(status.clone())),
+        (vec!["status", "--json"], ok(status)),
+        (vec!["peer", "list"], ok(serde_json::json!({"peers": []}))),
+        (
+            vec!["workload", "list"],
+            ok(serde_json::json!({"workloads": []})),
+        ),
+        (
+            vec!["log"],
+            ok(serde_json::json!({"lines": [{"time": "t", "decision": "deny"}]})),
+        ),
+    ];
+    let server = fake_meshd(
+        &d.path("meshd.sock"),
+        online.iter().map(|(_, r)| r.clone()).collect(),
+    );
+    let offline: Vec<Vec<&str>> = vec![
+        vec!["cert", "show", "a.crt"],
+        vec!["cert", "show", "--json", "a.crt"],
+        vec!["cert", "verify", "--ca", "ca.crt", "a.crt"],
+        vec![
+            "cert",
+            "issue",
+            "--identity",
+            "spiffe://t/b",
+            "--ip",
+            "100.64.0.2",
+            "--out",
+            "b.crt",
+        ],
+        vec![
+            "cert", "renew", "a.crt", "--out", "a2.crt", "--ca", "ca.crt", "--ca-key", "ca.key",
+        ],
+        vec![
+            "ca",
+            "init",
+            "--trust-domain",
+            "u",
+            "--cert",
+            "u.crt",
+            "--key",
+            "u.key",
+        ],
+        vec!["key", "gen"],
+        vec!["key", "pub", "k.key"],
+        vec!["policy", "check", "p.toml"],
+        vec!["policy", "test", "p.toml"],
+        vec![
+            "policy",
+            "explain",
+            "--file",
+            "p.toml",
+            "--from",
+            "spiffe://t/web",
+            "--to-port",
+            "8080",
+        ],
+    ];
+    let with_socket: Vec<Vec<&str>> = online
+        .iter()
+        .map(|(args, _)| [&["--socket", sock][..], args].concat())
+        .collect();
+    for args in offline.iter().chain(&with_socket) {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+            .args(args)
+            .current_dir(&d.0)
+            .env_remove("MESHD_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(closed_pipe())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "meshctl {args:?}: {stderr}");
+        assert!(stderr.is_empty(), "meshctl {args:?}: {stderr}");
+    }
+    server.join().unwrap();
+}

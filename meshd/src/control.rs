@@ -2,15 +2,20 @@
 //! clients running as the daemon's user or root (SO_PEERCRED). One JSON request per
 //! line, one JSON reply per line (`mesh_proto::control`). A malformed request gets an
 //! error reply and changes nothing.
+//!
+//! Clients are bounded ([`Limits`]) and none can hold a slot for long without using
+//! it: a request line must arrive within seconds of connecting (or of the previous
+//! reply), and when every slot is taken a new client takes the one of the client
+//! that has waited longest, so an operator always gets in.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
 
@@ -20,16 +25,35 @@ use mesh_proto::control::{
 };
 use mesh_proto::time::UnixTime;
 
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, Shutdown};
 use crate::datapath::unix_now;
 use crate::transport::wait_readable;
 use crate::workloads::WorkloadSpec;
 use mesh_proto::policy::RequestSpec;
 
-/// Concurrent control connections; more are refused with an error reply.
-const MAX_CLIENTS: usize = 16;
-/// A client that sends nothing for this long is disconnected.
-const CLIENT_IDLE: Duration = Duration::from_secs(60);
+/// How many clients are served at once, and how long each may take to send a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once. When all are taken, a new client takes the slot
+    /// of the client that has waited longest without sending a whole request (else
+    /// of the oldest `log -f` follower); only when every slot is busy with a request
+    /// is it refused, with an error reply.
+    pub clients: usize,
+    /// A client must send a whole request line within this long of connecting (or
+    /// of its previous reply), else it is disconnected.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    /// 16 clients, 5 s per request: `meshctl` sends its request at once; a script
+    /// that holds a connection open without using it gives way within seconds.
+    fn default() -> Limits {
+        Limits {
+            clients: 16,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -37,6 +61,23 @@ pub enum ControlError {
     InUse { path: PathBuf },
     #[error("control socket {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
+}
+
+/// The status of the meshd listening on `path`, if one answers within a second or
+/// two (`meshd check-config` asks, to tell its port and device from a stranger's).
+pub fn ask_status(path: &Path) -> Option<Status> {
+    let mut s = UnixStream::connect(path).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut line = Request::Status(mesh_proto::control::NoArgs {}).to_line();
+    line.push('\n');
+    s.write_all(line.as_bytes()).ok()?;
+    let mut reader = LineReader { buf: Vec::new() };
+    let deadline = instant_now() + Duration::from_secs(2);
+    match reader.next(&s, deadline, instant_now).ok()? {
+        Line::Request(reply) => Response::parse(&reply).ok()?.into_result().ok(),
+        _ => None,
+    }
 }
 
 /// The bound socket; removes its file on drop.
@@ -82,11 +123,107 @@ impl Drop for ControlSocket {
     }
 }
 
+/// What a connected client is doing, for [`Slots::admit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Doing {
+    /// Connected, or answered, and no whole request since: may be dropped for a new
+    /// client.
+    Waiting,
+    /// A request is being served: never dropped.
+    Busy,
+    /// Following the decision log (`log -f`): dropped for a new client only when no
+    /// client is waiting.
+    Following,
+}
+
+struct Slot {
+    id: u64,
+    doing: Doing,
+    /// When `doing` began.
+    since: Instant,
+    /// A handle on the connection, to end it when the slot is given away.
+    stream: UnixStream,
+}
+
+/// The clients being served; bounded by [`Limits::clients`].
+#[derive(Default)]
+struct Slots {
+    list: Mutex<(u64, Vec<Slot>)>,
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Vec<Slot>)> {
+        self.list.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a new client, if one is free or can be freed (the longest-waiting
+    /// client, else the oldest follower, is disconnected); `None` when every slot
+    /// serves a request.
+    fn admit(&self, stream: &UnixStream, max: usize, now: Instant) -> Option<u64> {
+        let mut guard = self.lock();
+        let (next, list) = &mut *guard;
+        if list.len() >= max {
+            let victim = [Doing::Waiting, Doing::Following].iter().find_map(|d| {
+                list.iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.doing == *d)
+                    .min_by_key(|(_, s)| (s.since, s.id))
+                    .map(|(i, _)| i)
+            })?;
+            let gone = list.swap_remove(victim);
+            tracing::info!(
+                doing = ?gone.doing,
+                "control socket full: the {} client gives its slot to a new one",
+                if gone.doing == Doing::Waiting { "longest-idle" } else { "oldest following" }
+            );
+            // Its thread sees the end of its connection and leaves.
+            let _ = gone.stream.shutdown(std::net::Shutdown::Both);
+        }
+        let stream = stream.try_clone().ok()?;
+        *next += 1;
+        list.push(Slot {
+            id: *next,
+            doing: Doing::Waiting,
+            since: now,
+            stream,
+        });
+        Some(*next)
+    }
+
+    fn set(&self, id: u64, doing: Doing, now: Instant) {
+        if let Some(s) = self.lock().1.iter_mut().find(|s| s.id == id) {
+            s.doing = doing;
+            s.since = now;
+        }
+    }
+
+    fn leave(&self, id: u64) {
+        self.lock().1.retain(|s| s.id != id);
+    }
+}
+
+/// The I/O shell's clock (control connections' deadlines).
+#[allow(clippy::disallowed_methods)] // I/O shell: deadlines of control clients
+fn instant_now() -> Instant {
+    Instant::now()
+}
+
 /// Accepts clients until shutdown; each client is served on its own thread.
-#[allow(clippy::disallowed_methods)] // I/O shell: one thread per control client
 pub fn serve(sock: &ControlSocket, d: Arc<Daemon>) {
-    let clients = Arc::new(AtomicUsize::new(0));
-    while !d.shutdown.is_set() {
+    let shutdown = d.shutdown.clone();
+    serve_with(sock, d, &shutdown, Limits::default());
+}
+
+/// [`serve`] for any [`Api`], with `limits`.
+#[allow(clippy::disallowed_methods)] // I/O shell: one thread per control client
+pub fn serve_with<A: Api + Send + Sync + 'static>(
+    sock: &ControlSocket,
+    api: Arc<A>,
+    shutdown: &Shutdown,
+    limits: Limits,
+) {
+    let slots = Arc::new(Slots::default());
+    while !shutdown.is_set() {
         let stream = match sock.listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -98,28 +235,34 @@ pub fn serve(sock: &ControlSocket, d: Arc<Daemon>) {
                 continue;
             }
         };
-        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            clients.fetch_sub(1, Ordering::SeqCst);
+        let Some(id) = slots.admit(&stream, limits.clients, instant_now()) else {
             let mut s = stream;
             let _ = writeln!(
                 s,
                 "{}",
-                Response::error("too many control clients").to_line()
+                Response::error("too many control clients, each serving a request: try again")
+                    .to_line()
             );
             continue;
-        }
-        let d = d.clone();
-        let clients = clients.clone();
+        };
+        let api = api.clone();
+        let slots2 = slots.clone();
         let spawned = std::thread::Builder::new()
             .name("control-client".into())
             .spawn(move || {
-                if let Err(e) = client(stream, &d) {
+                let c = Client {
+                    id,
+                    slots: &slots2,
+                    timeout: limits.request_timeout,
+                };
+                if let Err(e) = c.serve(stream, &*api) {
                     tracing::debug!("control client: {e}");
                 }
-                clients.fetch_sub(1, Ordering::SeqCst);
+                slots2.leave(id);
             });
         if let Err(e) = spawned {
             tracing::warn!("cannot start control client thread: {e}");
+            slots.leave(id);
         }
     }
 }
@@ -163,71 +306,149 @@ fn peer_uid(s: &UnixStream) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
-fn client(stream: UnixStream, d: &Daemon) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    let mut out = stream.try_clone()?;
-    let uid = peer_uid(&stream)?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if uid != me && uid != 0 {
-        tracing::warn!(uid, "control client refused: not the daemon's user or root");
-        writeln!(out, "{}", Response::error("permission denied").to_line())?;
-        return Ok(());
+/// One line read from a client.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Request(String),
+    /// The client closed its end (after a whole line, or with nothing pending).
+    End,
+    TooLong,
+    NotUtf8,
+    /// No whole line before the deadline.
+    TimedOut,
+}
+
+/// Reads request lines; bytes after a line stay for the next one (pipelined
+/// requests).
+struct LineReader {
+    buf: Vec<u8>,
+}
+
+impl LineReader {
+    /// The next line from `stream` (without its newline), if it arrives before
+    /// `deadline`; `now` is the I/O shell's clock.
+    fn next(
+        &mut self,
+        mut stream: &UnixStream,
+        deadline: Instant,
+        now: impl Fn() -> Instant,
+    ) -> io::Result<Line> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                return Ok(Self::decode(line));
+            }
+            if self.buf.len() > MAX_REQUEST_BYTES {
+                return Ok(Line::TooLong);
+            }
+            let left = deadline.saturating_duration_since(now());
+            if left.is_zero() {
+                return Ok(Line::TimedOut);
+            }
+            stream.set_read_timeout(Some(left))?;
+            match stream.read(&mut chunk) {
+                // The end: a last line without its newline is still a request.
+                Ok(0) if self.buf.is_empty() => return Ok(Line::End),
+                Ok(0) => return Ok(Self::decode(std::mem::take(&mut self.buf))),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
-    stream.set_read_timeout(Some(CLIENT_IDLE))?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = (&mut reader)
-            .take(MAX_REQUEST_BYTES as u64 + 1)
-            .read_line(&mut line);
-        let reply = match n {
-            Ok(0) => return Ok(()),
-            Ok(n) if n > MAX_REQUEST_BYTES => {
-                writeln!(
-                    out,
-                    "{}",
-                    Response::error(format!(
-                        "bad request: longer than {MAX_REQUEST_BYTES} bytes"
-                    ))
-                    .to_line()
-                )?;
-                return Ok(());
-            }
-            Ok(_) => {
-                if let Ok(Request::Log {
-                    follow: true,
-                    lines,
-                }) = Request::parse(&line)
-                {
-                    return follow_log(d, out, lines);
+
+    fn decode(line: Vec<u8>) -> Line {
+        if line.len() > MAX_REQUEST_BYTES {
+            return Line::TooLong;
+        }
+        match String::from_utf8(line) {
+            Ok(l) => Line::Request(l),
+            Err(_) => Line::NotUtf8,
+        }
+    }
+}
+
+/// One client's connection and its slot.
+struct Client<'a> {
+    id: u64,
+    slots: &'a Slots,
+    timeout: Duration,
+}
+
+impl Client<'_> {
+    fn serve(&self, stream: UnixStream, api: &dyn Api) -> io::Result<()> {
+        stream.set_nonblocking(false)?;
+        let mut out = stream.try_clone()?;
+        let uid = peer_uid(&stream)?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if uid != me && uid != 0 {
+            tracing::warn!(uid, "control client refused: not the daemon's user or root");
+            writeln!(out, "{}", Response::error("permission denied").to_line())?;
+            return Ok(());
+        }
+        let mut reader = LineReader { buf: Vec::new() };
+        let mut waiting_since = instant_now();
+        loop {
+            let line = reader.next(&stream, waiting_since + self.timeout, instant_now)?;
+            let reply = match line {
+                Line::End => return Ok(()),
+                Line::TimedOut => {
+                    tracing::debug!("control client sent no request in {:?}", self.timeout);
+                    return Ok(());
                 }
-                handle(d, &line, unix_now())
-            }
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                Response::error("bad request: not UTF-8")
-            }
-            Err(e) => return Err(e),
-        };
-        writeln!(out, "{}", reply.to_line())?;
+                Line::TooLong => {
+                    writeln!(
+                        out,
+                        "{}",
+                        Response::error(format!(
+                            "bad request: longer than {MAX_REQUEST_BYTES} bytes"
+                        ))
+                        .to_line()
+                    )?;
+                    return Ok(());
+                }
+                Line::NotUtf8 => Response::error("bad request: not UTF-8"),
+                Line::Request(line) => {
+                    if let Ok(Request::Log {
+                        follow: true,
+                        lines,
+                    }) = Request::parse(&line)
+                    {
+                        self.slots.set(self.id, Doing::Following, instant_now());
+                        return follow_log(api, out, lines);
+                    }
+                    self.slots.set(self.id, Doing::Busy, instant_now());
+                    handle(api, &line, unix_now())
+                }
+            };
+            writeln!(out, "{}", reply.to_line())?;
+            waiting_since = instant_now();
+            self.slots.set(self.id, Doing::Waiting, waiting_since);
+        }
     }
 }
 
 /// `log -f`: the last lines as one reply, then every new decision as a line of its
 /// own, until the client goes away or the daemon stops.
-fn follow_log(d: &Daemon, mut out: UnixStream, lines: Option<u32>) -> io::Result<()> {
-    let rx = match d.log.follow() {
+fn follow_log(d: &dyn Api, mut out: UnixStream, lines: Option<u32>) -> io::Result<()> {
+    let rx = match d.log_follow() {
         Ok(rx) => rx,
         Err(e) => {
-            writeln!(out, "{}", Response::error(e.to_string()).to_line())?;
+            writeln!(out, "{}", Response::error(e).to_line())?;
             return Ok(());
         }
     };
     let n = lines.map_or(LOG_LINES, |n| n as usize);
-    let first = Response::ok(serde_json::json!({ "lines": log_lines(&d.log.tail(n)) }));
+    let first = Response::ok(serde_json::json!({ "lines": log_lines(&d.log_tail(n)) }));
     writeln!(out, "{}", first.to_line())?;
-    while !d.shutdown.is_set() {
+    while !d.stopping() {
         match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(line) => writeln!(out, "{line}")?,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
@@ -266,6 +487,10 @@ pub trait Api {
     fn explain(&self, spec: RequestSpec) -> serde_json::Value;
     /// The last `n` decision-log lines, oldest first.
     fn log_tail(&self, n: usize) -> Vec<Arc<str>>;
+    /// Every decision-log line from now on (`log -f`).
+    fn log_follow(&self) -> Result<Receiver<Arc<str>>, String>;
+    /// The daemon is shutting down (followers stop).
+    fn stopping(&self) -> bool;
     fn workload_list(&self) -> WorkloadList;
     fn workload_add(&self, spec: WorkloadSpec, now: UnixTime) -> Result<WorkloadInfo, String>;
     fn workload_remove(&self, name: &str) -> Result<String, String>;
@@ -307,6 +532,12 @@ impl Api for Daemon {
     }
     fn log_tail(&self, n: usize) -> Vec<Arc<str>> {
         self.log.tail(n)
+    }
+    fn log_follow(&self) -> Result<Receiver<Arc<str>>, String> {
+        self.log.follow().map_err(|e| e.to_string())
+    }
+    fn stopping(&self) -> bool {
+        self.shutdown.is_set()
     }
     fn workload_list(&self) -> WorkloadList {
         Daemon::workload_list(self)
@@ -392,8 +623,6 @@ pub fn handle(d: &dyn Api, line: &str, now: UnixTime) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-
     use mesh_proto::control::{NodeDrops, PeerInfo};
 
     use super::*;
@@ -401,7 +630,20 @@ mod tests {
     /// Records which operations ran.
     #[derive(Default)]
     struct Fake {
-        calls: RefCell<Vec<String>>,
+        calls: Calls,
+    }
+
+    #[derive(Default)]
+    struct Calls(Mutex<Vec<String>>);
+
+    impl Calls {
+        fn borrow_mut(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+            self.0.lock().unwrap()
+        }
+
+        fn borrow(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+            self.0.lock().unwrap()
+        }
     }
 
     impl Api for Fake {
@@ -465,6 +707,12 @@ mod tests {
         fn log_tail(&self, n: usize) -> Vec<Arc<str>> {
             self.calls.borrow_mut().push(format!("log {n}"));
             vec![Arc::from("{\"decision\":\"deny\"}")]
+        }
+        fn log_follow(&self) -> Result<Receiver<Arc<str>>, String> {
+            Err("no log here".into())
+        }
+        fn stopping(&self) -> bool {
+            false
         }
         fn workload_list(&self) -> WorkloadList {
             self.calls.borrow_mut().push("workload_list".into());
@@ -555,5 +803,175 @@ mod tests {
                 "explain 80".into(),
             ]
         );
+    }
+
+    /// A control socket in a fresh directory, served with `limits` (and the fake
+    /// daemon) on a thread until dropped.
+    struct Served {
+        dir: PathBuf,
+        path: PathBuf,
+        shutdown: Arc<Shutdown>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Served {
+        fn start(name: &str, limits: Limits) -> Served {
+            let dir = std::env::temp_dir()
+                .join(format!("meshd-control-test-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let path = dir.join("meshd.sock");
+            let sock = ControlSocket::bind(&path).unwrap();
+            let shutdown = Shutdown::new();
+            let stop = shutdown.clone();
+            // The server side of the test runs beside it.
+            #[allow(clippy::disallowed_methods)]
+            let thread = std::thread::spawn(move || {
+                serve_with(&sock, Arc::new(Fake::default()), &stop, limits)
+            });
+            Served {
+                dir,
+                path,
+                shutdown,
+                thread: Some(thread),
+            }
+        }
+
+        /// A connection, reads bounded so that a test fails rather than hangs.
+        fn connect(&self) -> UnixStream {
+            let s = UnixStream::connect(&self.path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        }
+
+        /// Sends `line` on `s` and reads one reply line.
+        fn ask(&self, mut s: &UnixStream, line: &str) -> String {
+            s.write_all(line.as_bytes()).unwrap();
+            read_line(s)
+        }
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            self.shutdown.trigger();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Bytes up to and including a newline, or up to the end; panics if neither
+    /// comes within the connection's read timeout.
+    fn read_line(mut s: &UnixStream) -> String {
+        let mut out = Vec::new();
+        let mut b = [0u8; 1];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => break,
+                Ok(_) => {
+                    out.push(b[0]);
+                    if b[0] == b'\n' {
+                        break;
+                    }
+                }
+                Err(e) => panic!(
+                    "no reply (got {:?} so far): {e}",
+                    String::from_utf8_lossy(&out)
+                ),
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    /// The server ended the connection (a read sees its end).
+    fn ended(s: &UnixStream) -> bool {
+        read_line(s).is_empty()
+    }
+
+    /// Sixteen idle clients no longer lock everyone out: a new client takes the slot
+    /// of the one that has waited longest, the others keep theirs.
+    #[test]
+    fn a_new_client_takes_the_slot_of_the_longest_waiting_one() {
+        let served = Served::start(
+            "slots",
+            Limits {
+                clients: 4,
+                request_timeout: Duration::from_secs(600),
+            },
+        );
+        let idle: Vec<UnixStream> = (0..4).map(|_| served.connect()).collect();
+        // Accepted in order (the listen queue is first in, first out): the fifth
+        // comes after the four hold every slot.
+        let late = served.connect();
+        let reply = served.ask(&late, "{\"op\":\"status\"}\n");
+        assert!(reply.contains("\"ok\":true"), "{reply}");
+        assert!(ended(&idle[0]), "the longest-waiting client was not let go");
+        // The others still hold their slots and are served.
+        for s in &idle[1..] {
+            let reply = served.ask(s, "{\"op\":\"peer_list\"}\n");
+            assert!(reply.contains("\"ok\":true"), "{reply}");
+        }
+        // Full again; `late` has waited longest (the others were answered after it).
+        let next = served.connect();
+        let reply = served.ask(&next, "{\"op\":\"status\"}\n");
+        assert!(reply.contains("\"ok\":true"), "{reply}");
+        assert!(ended(&late));
+    }
+
+    /// A client must send a whole request within the timeout of connecting or of
+    /// its last reply: one that sends nothing, half a request, or nothing after an
+    /// answer is disconnected.
+    #[test]
+    fn clients_without_a_whole_request_in_time_are_disconnected() {
+        let served = Served::start(
+            "timeout",
+            Limits {
+                clients: 4,
+                request_timeout: Duration::from_millis(100),
+            },
+        );
+        let silent = served.connect();
+        let mut half = served.connect();
+        half.write_all(b"{\"op\":\"sta").unwrap();
+        let answered = served.connect();
+        let reply = served.ask(&answered, "{\"op\":\"status\"}\n");
+        assert!(reply.contains("\"ok\":true"), "{reply}");
+        assert!(ended(&silent));
+        assert!(ended(&half));
+        assert!(ended(&answered));
+    }
+
+    /// The request framing: pipelined lines each get a reply in order; bytes that are
+    /// not UTF-8 get an error and the connection goes on; an overlong line gets an
+    /// error and the end; a last line without a newline is still served.
+    #[test]
+    fn request_lines_are_framed_as_before() {
+        let served = Served::start("framing", Limits::default());
+        let s = served.connect();
+        (&s).write_all(
+            b"{\"op\":\"status\"}\n{\"op\":\"peer_list\"}\n\xff\xfe\n{\"op\":\"policy_get\"}",
+        )
+        .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let replies: Vec<String> = (0..4).map(|_| read_line(&s)).collect();
+        assert!(
+            replies[0].contains("\"identity\":\"spiffe://t/a\""),
+            "{replies:?}"
+        );
+        assert!(replies[1].contains("\"peers\":[]"), "{replies:?}");
+        assert!(replies[2].contains("bad request: not UTF-8"), "{replies:?}");
+        assert!(replies[3].contains("\"ok\":true"), "{replies:?}");
+        assert!(ended(&s));
+
+        let long = served.connect();
+        let line = format!(
+            "{{\"op\":\"status\",\"x\":\"{}\"}}\n",
+            "a".repeat(MAX_REQUEST_BYTES)
+        );
+        // meshd may answer and close before it has read all: the rest is refused.
+        let _ = (&long).write_all(line.as_bytes());
+        let reply = read_line(&long);
+        assert!(reply.contains("longer than"), "{reply}");
+        assert!(ended(&long));
     }
 }

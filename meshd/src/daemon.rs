@@ -24,7 +24,7 @@ use crate::decisions::{DecisionLog, LogLimits};
 use crate::device::{route_needed, Tun};
 use crate::enforce::{self, Enforcer};
 use crate::expiry::ExpiryWatch;
-use crate::peers::{Local, Node, Peer, PeerSpec, PeerTable};
+use crate::peers::{Local, Node, OutsideWindow, Peer, PeerSpec, PeerTable};
 use crate::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
 use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
@@ -70,6 +70,9 @@ pub struct Loaded {
     pub workloads: Vec<Workload>,
     pub config_workloads: Vec<WorkloadSpec>,
     pub workload_changes: WorkloadChanges,
+    /// What meshd starts with but refuses at run time (logged): `[[peer]]`
+    /// certificates outside their validity window. `meshd check-config` fails on them.
+    pub refused: Vec<ConfigError>,
 }
 
 /// The policy in force at start: the one applied at run time and persisted, else the
@@ -180,36 +183,36 @@ pub fn peer_spec(cert: &Certificate) -> PeerSpec {
     }
 }
 
-/// Verifies a peer certificate. An expired (or not yet valid) certificate that is
-/// otherwise sound is accepted into the registry with `Ok(false)`: it stays listed and
-/// is refused at handshake time with a log line. Anything else is an error.
+/// Verifies a peer certificate (its addresses are checked against the other
+/// identities by [`crate::overlap`]). One outside its validity window at `now` that
+/// is otherwise sound is accepted into the registry with `Ok(Some(why))`: it stays
+/// listed (a renewal may replace it) and the data path refuses its handshakes, for
+/// the same reason ([`PeerSpec::outside_window`]). Anything else is an error.
 pub fn check_peer(
     ca: &Ca,
     own: &Certificate,
     cert: &Certificate,
     now: UnixTime,
-) -> Result<bool, String> {
+) -> Result<Option<OutsideWindow>, String> {
     if cert.identity() == own.identity() {
         return Err(format!("{} is this node's own identity", cert.identity()));
     }
     if cert.public_key() == own.public_key() {
         return Err("certificate has this node's own public key".into());
     }
-    if let Some(a) = cert.addresses().iter().find(|a| {
-        own.addresses()
-            .iter()
-            .any(|o| o.contains(*a) || a.contains(o))
-    }) {
-        return Err(format!("address {a} overlaps this node's own addresses"));
-    }
     match ca.verify(cert, now) {
-        Ok(_) => Ok(true),
-        Err(VerifyError::Expired(_) | VerifyError::NotYetValid(_)) => {
+        Ok(_) => Ok(None),
+        Err(e @ (VerifyError::Expired(_) | VerifyError::NotYetValid(_))) => {
             // Sound apart from the time: check signature and constraints as of a
             // moment inside its window.
             ca.verify(cert, cert.not_after())
-                .map(|_| false)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            // The data path's reason (the same window and clock-skew allowance).
+            let why = match e {
+                VerifyError::NotYetValid(t) => OutsideWindow::NotYetValid(t),
+                _ => OutsideWindow::Expired(cert.not_after()),
+            };
+            Ok(Some(peer_spec(cert).outside_window(now).unwrap_or(why)))
         }
         Err(e) => Err(e.to_string()),
     }
@@ -239,17 +242,26 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
     }
 
     let mut config_peers = Vec::new();
+    let mut refused = Vec::new();
     for (i, p) in config.peers.iter().enumerate() {
         let field = format!("peer[{i}].cert");
         let c = files::read_certificate(&p.cert).map_err(|e| config.error(&field, one_line(&e)))?;
-        let valid = check_peer(&ca, &cert, &c, now)
+        let outside = check_peer(&ca, &cert, &c, now)
             .map_err(|e| config.error(&field, format!("{}: {e}", p.cert.display())))?;
-        if !valid {
+        if let Some(why) = outside {
             tracing::error!(
                 peer = %c.identity(),
-                "peer refused: {}: certificate expired at {} (valid from {})",
-                p.cert.display(), c.not_after(), c.not_before()
+                "peer refused: {}: {why} (valid from {} to {})",
+                p.cert.display(), c.not_before(), c.not_after()
             );
+            refused.push(config.error(
+                &field,
+                format!(
+                    "{}: {why}: meshd would refuse {}'s handshakes",
+                    p.cert.display(),
+                    c.identity()
+                ),
+            ));
         }
         config_peers.push(PeerEntry {
             spec: peer_spec(&c),
@@ -278,9 +290,9 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
             }
         };
         match check_peer(&ca, &cert, &c, now) {
-            Ok(valid) => {
-                if !valid {
-                    tracing::error!(peer = %c.identity(), "peer refused: certificate expired at {}", c.not_after());
+            Ok(outside) => {
+                if let Some(why) = outside {
+                    tracing::error!(peer = %c.identity(), "peer refused: {why} (added at run time)");
                 }
                 peers.push(PeerEntry {
                     spec: peer_spec(&c),
@@ -295,6 +307,8 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
     let policy = load_policy(&config)?;
     let (workloads, config_workloads, workload_changes) =
         crate::workloads::load(&config, &ca, &cert, &key, now)?;
+    let (workloads, peers) =
+        admit_addresses(&config, &config_workloads, &config_peers, workloads, peers)?;
     Ok(Loaded {
         config,
         ca,
@@ -307,7 +321,161 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
         workloads,
         config_workloads,
         workload_changes,
+        refused,
     })
+}
+
+/// Admits the loaded identities only where their addresses overlap no other's
+/// ([`crate::overlap`]). First the configuration on its own — the node, the config's
+/// workloads and every `[[peer]]` as written (also one a stored renewal replaces):
+/// an overlap there is a config error naming the later entry's field. Then the
+/// effective set, one by one against those admitted before: the config's entries in
+/// force, the renewals of config entries stored in the state directory, then the
+/// rest of it; a stored one that overlaps is skipped, logged (only a meshd from before
+/// this check could have stored it, and the node still starts).
+fn admit_addresses(
+    config: &Config,
+    config_workloads: &[WorkloadSpec],
+    config_peers: &[PeerEntry],
+    workloads: Vec<Workload>,
+    peers: Vec<PeerEntry>,
+) -> Result<(Vec<Workload>, Vec<PeerEntry>), ConfigError> {
+    use crate::workloads::Origin;
+    let from_config: Vec<&Workload> = workloads
+        .iter()
+        .filter(|w| w.origin != Origin::Runtime)
+        .collect();
+    let mut seen: Vec<crate::overlap::Claim<'_>> = Vec::new();
+    for w in &from_config {
+        let claim = (w.cert.identity(), w.cert.addresses());
+        if let Some(o) = crate::overlap::against(claim, seen.iter().copied()) {
+            let i = config_workloads
+                .iter()
+                .position(|c| c.name == w.spec.name)
+                .unwrap_or(0);
+            return Err(config.error(
+                &format!("workload[{i}].cert"),
+                format!("{}: {o}", w.spec.cert.display()),
+            ));
+        }
+        seen.push(claim);
+    }
+    for (i, p) in config_peers.iter().enumerate() {
+        let claim = (&p.spec.identity, &p.spec.addresses[..]);
+        if let Some(o) = crate::overlap::against(claim, seen.iter().copied()) {
+            let path = config.peers.get(i).map(|c| c.cert.display().to_string());
+            return Err(config.error(
+                &format!("peer[{i}].cert"),
+                format!("{}: {o}", path.unwrap_or_default()),
+            ));
+        }
+        seen.push(claim);
+    }
+
+    enum Who {
+        Workload(Workload),
+        Peer(PeerEntry),
+    }
+    let tier = |who: &Who| match who {
+        Who::Workload(w) if w.origin != Origin::Runtime => 0,
+        Who::Peer(p) if p.source == Source::Config => 0,
+        Who::Workload(w) if config_workloads.iter().any(|c| c.name == w.spec.name) => 1,
+        Who::Peer(p)
+            if config_peers
+                .iter()
+                .any(|c| c.spec.identity == p.spec.identity) =>
+        {
+            1
+        }
+        _ => 2,
+    };
+    let mut order: Vec<Who> = workloads
+        .into_iter()
+        .map(Who::Workload)
+        .chain(peers.into_iter().map(Who::Peer))
+        .collect();
+    // Stable: workloads before peers, each in its own order, within a tier.
+    order.sort_by_key(|who| tier(who));
+    let mut admitted: Vec<(SpiffeId, Vec<IpNet>)> = Vec::new();
+    let (mut workloads, mut peers) = (Vec::new(), Vec::new());
+    for who in order {
+        let (identity, addresses) = match &who {
+            Who::Workload(w) => (w.cert.identity().clone(), w.cert.addresses().to_vec()),
+            Who::Peer(p) => (p.spec.identity.clone(), p.spec.addresses.clone()),
+        };
+        let others = admitted.iter().map(|(i, a)| (i, &a[..]));
+        if let Some(o) = crate::overlap::against((&identity, &addresses), others) {
+            // The configuration alone overlaps nowhere (checked above): this one
+            // comes from the state directory.
+            match who {
+                Who::Workload(w) => {
+                    tracing::error!(workload = %w.spec.name, "stored workload skipped: {o}")
+                }
+                Who::Peer(p) => {
+                    tracing::error!(peer = %p.spec.identity, "stored peer skipped: {o}")
+                }
+            }
+            continue;
+        }
+        admitted.push((identity, addresses));
+        match who {
+            Who::Workload(w) => workloads.push(w),
+            Who::Peer(p) => peers.push(p),
+        }
+    }
+    Ok((workloads, peers))
+}
+
+/// The identities of `locals` and `entries` with their addresses, for
+/// [`crate::overlap`].
+fn claims<'a>(
+    locals: impl IntoIterator<Item = &'a PeerSpec>,
+    entries: &'a [PeerEntry],
+) -> Vec<crate::overlap::Claim<'a>> {
+    locals
+        .into_iter()
+        .chain(entries.iter().map(|e| &e.spec))
+        .map(|s| (&s.identity, &s.addresses[..]))
+        .collect()
+}
+
+/// What `meshd check-config` checks on the host beyond the files, so that it fails
+/// where the start would: the UDP port can be bound (bound and let go at once) and
+/// the TUN's name is free. Both are expected taken by a meshd that runs with this
+/// configuration (its control socket answers with this port and device): checking
+/// the configuration of a running node before a restart is no error.
+pub fn check_host(config: &Config) -> Vec<ConfigError> {
+    let n = &config.node;
+    let running = crate::control::ask_status(&n.control_socket);
+    let ours = |s: &Status| s.listen.port() == n.listen.port() && s.tun == n.tun;
+    let running = running.filter(ours);
+    let mut problems = Vec::new();
+    if let Err(e) = Udp::probe(n.listen) {
+        // In use by that meshd is expected; anything else (an address not on this
+        // host) is what its restart would meet too.
+        let held = running.is_some() && e.source.raw_os_error() == Some(libc::EADDRINUSE);
+        if !held {
+            problems.push(config.error("node.listen", listen_error(&e)));
+        }
+    }
+    if running.is_none() && crate::device::if_exists(&n.tun) {
+        let e = crate::device::DeviceError::Exists {
+            name: n.tun.clone(),
+        };
+        problems.push(config.error("node.tun", e));
+    }
+    problems
+}
+
+/// What the host said about binding `node.listen`, in words an operator can act on.
+pub fn listen_error(e: &crate::transport::BindError) -> String {
+    let hint = match e.source.raw_os_error() {
+        Some(libc::EADDRINUSE) => "; another process holds this port (another meshd?)",
+        Some(libc::EADDRNOTAVAIL) => "; the address is not on this host",
+        Some(libc::EACCES) => "; a port below 1024 needs root or CAP_NET_BIND_SERVICE",
+        _ => "",
+    };
+    format!("{e}{hint}")
 }
 
 pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
@@ -420,6 +588,10 @@ pub struct Daemon {
 /// Why the daemon could not start (after the config checked out).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A configured name or address the host will not give meshd (`node.tun`,
+    /// `node.listen`), located in meshd.toml like any config error.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
     #[error(transparent)]
@@ -446,6 +618,7 @@ impl Daemon {
             workloads,
             config_workloads,
             workload_changes,
+            refused: _,
         } = loaded;
         let log = Arc::new(DecisionLog::new(LogLimits::default()));
         let enforce = Enforcer::new(
@@ -466,10 +639,20 @@ impl Daemon {
             build_table(&locals, &peers, &PeerTable::default(), 1).map_err(StartError::Peers)?;
         let learned = restore_learned_endpoints(&config.node.state_dir, &peers, &table);
         let own_addrs = cert.addresses().to_vec();
+        // The socket first: a port in use stops meshd before it touches any interface.
+        let udp = Udp::bind(config.node.listen, config.node.udp_offload)
+            .map_err(|e| config.error("node.listen", listen_error(&e)))?;
         // Before the overlay addresses exist.
         let host_filter = crate::hostfilter::start(&config, &workloads)?;
-        let tun = Tun::create(&config.node.tun, config.node.mtu, &own_addrs)?;
-        let udp = Udp::bind(config.node.listen)?;
+        let tun =
+            Tun::create(&config.node.tun, config.node.mtu, &own_addrs).map_err(|e| match e {
+                crate::device::DeviceError::Exists { .. } => {
+                    StartError::Config(config.error("node.tun", e))
+                }
+                e => StartError::Device(e),
+            })?;
+        let (gro, gso) = udp.offload();
+        tracing::info!(gro, gso, "UDP offload (node.udp_offload)");
 
         let ca_constraints: Vec<IpNet> = ca
             .cert()
@@ -787,6 +970,13 @@ impl Daemon {
         let mut reg = self.lock_registry();
         check_peer(&self.ca, reg.node_cert(), &cert, now)
             .map_err(|e| format!("peer_add: {}: {e}", cert.identity()))?;
+        // Against the local workloads and the other peers (the same identity's
+        // certificate is the one replaced).
+        let locals: Vec<&PeerSpec> = reg.workloads.iter().map(|w| &w.local.spec).collect();
+        let others = claims(locals, &reg.entries);
+        if let Some(o) = crate::overlap::against((cert.identity(), cert.addresses()), others) {
+            return Err(format!("peer_add: {o}"));
+        }
         let entry = PeerEntry {
             spec: peer_spec(&cert),
             cert,
@@ -946,6 +1136,11 @@ pub fn build_table(
     old: &PeerTable,
     mut hint: u32,
 ) -> Result<PeerTable, String> {
+    // Every way an identity enters checks this first with a message of its own; here,
+    // no table with overlapping addresses is ever built.
+    if let Some(o) = crate::overlap::first(&claims(locals.iter().map(|l| &l.spec), entries)) {
+        return Err(o.to_string());
+    }
     let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(entries.len() * locals.len());
     let mut fresh: Vec<(usize, usize, usize)> = Vec::new();
     for (ei, e) in entries.iter().enumerate() {
@@ -1008,15 +1203,306 @@ mod tests {
         let (old, _) = ca.expired_leaf("spiffe://t/c", &["100.64.0.3/32"]);
         let (foreign, _) = ca.foreign_leaf("spiffe://t/d", &["100.64.0.4/32"]);
         let (clash, _) = ca.leaf("spiffe://t/e", &["100.64.0.1/32"]);
-        assert_eq!(check_peer(&ca.ca(), &own, &b, now), Ok(true));
-        assert_eq!(check_peer(&ca.ca(), &own, &old, now), Ok(false));
+        let (future, _) = ca.future_leaf("spiffe://t/f", &["100.64.0.5/32"]);
+        assert_eq!(check_peer(&ca.ca(), &own, &b, now), Ok(None));
+        // Outside their window: kept, with the reason the data path gives.
+        assert_eq!(
+            check_peer(&ca.ca(), &own, &old, now),
+            Ok(Some(OutsideWindow::Expired(old.not_after())))
+        );
+        assert_eq!(
+            check_peer(&ca.ca(), &own, &future, now),
+            Ok(Some(OutsideWindow::NotYetValid(future.not_before())))
+        );
+        assert!(!peer_spec(&future).is_valid_at(now));
         assert!(check_peer(&ca.ca(), &own, &foreign, now).is_err());
         assert!(check_peer(&ca.ca(), &own, &own, now)
             .unwrap_err()
             .contains("own identity"));
-        assert!(check_peer(&ca.ca(), &own, &clash, now)
-            .unwrap_err()
-            .contains("overlaps"));
+        // Addresses are the overlap check's business (crate::overlap).
+        assert_eq!(check_peer(&ca.ca(), &own, &clash, now), Ok(None));
+    }
+
+    /// A directory of files for `load`: the CA, the node's certificate and key, and
+    /// meshd.toml with `extra` appended; removed on drop.
+    struct Files(std::path::PathBuf);
+
+    impl Files {
+        fn new(name: &str, ca: &TestCa) -> Files {
+            let dir = std::env::temp_dir()
+                .join(format!("meshd-daemon-test-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            ca.write_ca(&dir);
+            ca.write_leaf(&dir, "a", "spiffe://t/a", &["100.64.0.1/32"], &[]);
+            Files(dir)
+        }
+
+        fn cert(&self, name: &str, cert: &Certificate) {
+            files::write_certificate(&self.0.join(format!("{name}.crt")), cert).unwrap();
+        }
+
+        fn config(&self, extra: &str) -> Config {
+            self.config_listen("127.0.0.1:0", extra)
+        }
+
+        fn config_listen(&self, listen: &str, extra: &str) -> Config {
+            let text = format!(
+                "[node]\ncert = \"a.crt\"\nkey = \"a.key\"\nca = \"ca.crt\"\n\
+                 listen = \"{listen}\"\nstate_dir = \"state\"\n\
+                 control_socket = \"meshd.sock\"\n{extra}"
+            );
+            Config::parse(&self.0.join("meshd.toml"), &text).unwrap()
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `[[peer]]` certificates outside their window: meshd starts (their handshakes
+    /// are refused), `check-config` names each with the data path's reason.
+    #[test]
+    fn config_peers_outside_their_window_are_reported_with_the_right_reason() {
+        let ca = TestCa::new("t");
+        let f = Files::new("window", &ca);
+        let (old, _) = ca.expired_leaf("spiffe://t/old", &["100.64.0.3/32"]);
+        let (future, _) = ca.future_leaf("spiffe://t/future", &["100.64.0.4/32"]);
+        let (b, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        f.cert("old", &old);
+        f.cert("future", &future);
+        f.cert("b", &b);
+        let config = f.config(
+            "\n[[peer]]\ncert = \"old.crt\"\n\n[[peer]]\ncert = \"b.crt\"\n\n[[peer]]\ncert = \"future.crt\"\n",
+        );
+        let l = load(config, mesh_proto::testing::NOW).unwrap();
+        assert_eq!(l.peers.len(), 3, "kept in the registry");
+        let refused: Vec<String> = l.refused.iter().map(ToString::to_string).collect();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        let toml = f.0.join("meshd.toml").display().to_string();
+        assert!(
+            refused[0].starts_with(&format!("{toml}:10: peer[0].cert: "))
+                && refused[0].contains(&format!("certificate expired at {}", old.not_after()))
+                && refused[0].contains("spiffe://t/old"),
+            "{}",
+            refused[0]
+        );
+        assert!(
+            refused[1].starts_with(&format!("{toml}:16: peer[2].cert: "))
+                && refused[1].contains(&format!(
+                    "certificate is not valid before {}",
+                    future.not_before()
+                ))
+                && !refused[1].contains("expired"),
+            "{}",
+            refused[1]
+        );
+    }
+
+    /// Issue 18, weakness 5: certificates whose addresses overlap another identity's
+    /// (the node's, a workload's, a peer's) are refused wherever they enter at
+    /// start, naming both identities and prefixes.
+    #[test]
+    fn overlapping_addresses_are_refused_at_load() {
+        let ca = TestCa::new("t");
+        let f = Files::new("overlap", &ca);
+        let (b, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        let (x, _) = ca.leaf("spiffe://t/x", &["100.64.0.2/31"]);
+        let (wide, _) = ca.leaf("spiffe://t/wide", &["100.64.0.0/24"]);
+        f.cert("b", &b);
+        f.cert("x", &x);
+        f.cert("wide", &wide);
+        let toml = f.0.join("meshd.toml").display().to_string();
+        let peer = |file: &str| format!("\n[[peer]]\ncert = \"{file}.crt\"\n");
+        let err = |extra: &str| match load(f.config(extra), mesh_proto::testing::NOW) {
+            Ok(_) => panic!("accepted: {extra}"),
+            Err(e) => e.to_string(),
+        };
+        // The node's own address.
+        let e = err(&peer("wide"));
+        assert!(
+            e.starts_with(&format!("{toml}:10: peer[0].cert: "))
+                && e.contains("address 100.64.0.0/24 of spiffe://t/wide overlaps 100.64.0.1/32 of spiffe://t/a"),
+            "{e}"
+        );
+        // Another peer's.
+        let e = err(&format!("{}{}", peer("b"), peer("x")));
+        assert!(
+            e.starts_with(&format!("{toml}:13: peer[1].cert: "))
+                && e.contains(
+                    "address 100.64.0.2/31 of spiffe://t/x overlaps 100.64.0.2/32 of spiffe://t/b"
+                ),
+            "{e}"
+        );
+        // A local workload's (pod's), against a peer.
+        ca.write_leaf(&f.0, "pod", "spiffe://t/pod", &["100.64.0.3/32"], &[]);
+        let workload = "\n[[workload]]\nname = \"pod\"\ncert = \"pod.crt\"\nkey = \"pod.key\"\n";
+        let e = err(&format!("{workload}{}", peer("x")));
+        assert!(
+            e.starts_with(&format!("{toml}:15: peer[0].cert: "))
+                && e.contains("of spiffe://t/x overlaps 100.64.0.3/32 of spiffe://t/pod"),
+            "{e}"
+        );
+        // A workload against the node.
+        ca.write_leaf(&f.0, "clash", "spiffe://t/clash", &["100.64.0.1/32"], &[]);
+        let e =
+            err("\n[[workload]]\nname = \"clash\"\ncert = \"clash.crt\"\nkey = \"clash.key\"\n");
+        assert!(
+            e.starts_with(&format!("{toml}:11: workload[0].cert: "))
+                && e.contains("of spiffe://t/clash overlaps 100.64.0.1/32 of spiffe://t/a"),
+            "{e}"
+        );
+        // Stored by an earlier meshd: skipped (logged), the rest starts.
+        let mut changes = PeerChanges::load(&f.0.join("state")).unwrap();
+        changes.add(crate::state::StoredPeer {
+            identity: "spiffe://t/x".into(),
+            cert: x.to_pem(),
+            endpoint: None,
+        });
+        changes.save(&f.0.join("state")).unwrap();
+        let l = load(f.config(&peer("b")), mesh_proto::testing::NOW).unwrap();
+        let ids: Vec<String> = l
+            .peers
+            .iter()
+            .map(|p| p.spec.identity.to_string())
+            .collect();
+        assert_eq!(ids, ["spiffe://t/b"]);
+        // A renewal (the same identity and addresses, stored over the config's)
+        // overlaps nothing.
+        let (b2, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        changes.add(crate::state::StoredPeer {
+            identity: "spiffe://t/b".into(),
+            cert: b2.to_pem(),
+            endpoint: None,
+        });
+        changes.save(&f.0.join("state")).unwrap();
+        let l = load(f.config(&peer("b")), mesh_proto::testing::NOW).unwrap();
+        let got: Vec<(String, Source)> = l
+            .peers
+            .iter()
+            .map(|p| (p.spec.identity.to_string(), p.source))
+            .collect();
+        assert_eq!(got, [("spiffe://t/b".to_string(), Source::Runtime)]);
+        assert_eq!(l.peers[0].cert, b2);
+    }
+
+    /// Issue 26, failure 5 (and 4): `check-config` fails where the start would on
+    /// this host — a port in use, an address not on this host, an interface of the
+    /// TUN's name — naming `meshd.toml:N: node.listen` / `node.tun`; not for the meshd
+    /// that runs with this configuration itself.
+    #[test]
+    fn check_config_checks_the_port_and_the_device_name_on_this_host() {
+        let ca = TestCa::new("t");
+        let f = Files::new("host", &ca);
+        let toml = f.0.join("meshd.toml").display().to_string();
+        let problems =
+            |c: &Config| -> Vec<String> { check_host(c).iter().map(ToString::to_string).collect() };
+        assert_eq!(
+            problems(&f.config("tun = \"meshd-t-free\"\n")),
+            Vec::<String>::new()
+        );
+        // A port someone holds.
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let c = f.config_listen(&format!("127.0.0.1:{port}"), "tun = \"meshd-t-free\"\n");
+        let p = problems(&c);
+        assert!(
+            p.len() == 1
+                && p[0].starts_with(&format!(
+                    "{toml}:5: node.listen: cannot listen on UDP 127.0.0.1:{port}: "
+                ))
+                && p[0].ends_with("another process holds this port (another meshd?)"),
+            "{p:?}"
+        );
+        // An address this host does not have (an unassigned underlay address), unless
+        // the host lets anyone bind any address (then meshd would start too).
+        let nonlocal = std::fs::read_to_string("/proc/sys/net/ipv4/ip_nonlocal_bind")
+            .is_ok_and(|v| v.trim() != "0");
+        if !nonlocal {
+            let c = f.config_listen("198.19.255.254:51820", "tun = \"meshd-t-free\"\n");
+            let p = problems(&c);
+            assert!(
+                p.len() == 1
+                    && p[0].contains("node.listen")
+                    && p[0].ends_with("the address is not on this host"),
+                "{p:?}"
+            );
+        }
+        // An interface of the TUN's name (every host has `lo`).
+        let p = problems(&f.config("tun = \"lo\"\n"));
+        assert!(
+            p.len() == 1
+                && p[0].starts_with(&format!(
+                    "{toml}:8: node.tun: an interface named lo exists already"
+                )),
+            "{p:?}"
+        );
+        // Both held by the meshd that runs this configuration: its control socket
+        // says so.
+        let status = Status {
+            ready: true,
+            identity: "spiffe://t/a".into(),
+            public_key: String::new(),
+            listen: format!("0.0.0.0:{port}").parse().unwrap(),
+            tun: "lo".into(),
+            addresses: vec![],
+            peers: vec![],
+            drops: NodeDrops::default(),
+            workloads: vec![],
+            enforcement: None,
+            cpu_latency: None,
+            host_filter: None,
+        };
+        let listener = std::os::unix::net::UnixListener::bind(f.0.join("meshd.sock")).unwrap();
+        // The running meshd's side of the test.
+        #[allow(clippy::disallowed_methods)]
+        let running = std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+            assert!(line.contains("\"status\""), "{line}");
+            let reply = mesh_proto::control::Response::ok(status).to_line();
+            (&s).write_all(format!("{reply}\n").as_bytes()).unwrap();
+        });
+        let c = f.config_listen(&format!("127.0.0.1:{port}"), "tun = \"lo\"\n");
+        assert_eq!(problems(&c), Vec::<String>::new());
+        running.join().unwrap();
+    }
+
+    /// No table with overlapping addresses is built, whichever way they came.
+    #[test]
+    fn tables_with_overlapping_addresses_are_never_built() {
+        let ca = TestCa::new("t");
+        let entry = |cert: &Certificate| PeerEntry {
+            spec: peer_spec(cert),
+            cert: cert.clone(),
+            endpoint: None,
+            source: Source::Runtime,
+        };
+        let (a, ka) = ca.leaf("spiffe://t/a", &["100.64.0.1/32"]);
+        let (b, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
+        let (x, _) = ca.leaf("spiffe://t/x", &["100.64.0.0/30"]);
+        let locals = vec![Arc::new(Local::new(peer_spec(&a), *ka.as_bytes()))];
+        let e = build_table(&locals, &[entry(&b), entry(&x)], &PeerTable::default(), 1)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("spiffe://t/x") && e.contains("spiffe://t/a"),
+            "{e}"
+        );
+        let (y, _) = ca.leaf("spiffe://t/y", &["100.64.0.2/31"]);
+        let e = build_table(&locals, &[entry(&b), entry(&y)], &PeerTable::default(), 1)
+            .err()
+            .unwrap();
+        assert!(
+            e.starts_with(
+                "address 100.64.0.2/31 of spiffe://t/y overlaps 100.64.0.2/32 of spiffe://t/b"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -213,7 +213,7 @@ impl FromPeers {
             mono: d.mono(),
         };
         let (batch, aux, emit) = (&mut self.batch, &mut self.aux, &mut self.emit);
-        for datagram in self.raw[..r.len].chunks(r.segment) {
+        for datagram in r.datagrams(&self.raw) {
             if batch.is_full() {
                 batch.flush(tun);
             }

@@ -2,11 +2,22 @@
 //! certificate, routes for the mesh prefixes added over rtnetlink. The kernel removes
 //! the device, its addresses and its routes when the last descriptor closes, so a
 //! clean shutdown (or a crash) leaves nothing behind.
+//!
+//! meshd creates its device; it never joins one that exists (another meshd's, or a
+//! persistent device someone made), which would mix two daemons' traffic on one
+//! device. tun-rs attaches to a device of the name if there is one, so the name is
+//! claimed first ([`NameClaim`]): one `TUNSETIFF` with `IFF_TUN_EXCL`, which the
+//! kernel fails with EBUSY when any interface of that name exists and otherwise
+//! creates the device, in one step under its own lock (`tun_set_iff` in
+//! drivers/net/tun.c) — no window between a check and the creation in which another
+//! meshd could create it too. tun-rs then opens its queues on the claimed device, and
+//! the claim's queue is closed. (Any process with CAP_NET_ADMIN can still attach to
+//! an existing multi-queue device by name without `IFF_TUN_EXCL`; a meshd never does.)
 
 use std::io;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -29,6 +40,8 @@ pub const TUN_READ_LEN: usize = TUN_OFFSET + 65_535;
 /// Why the TUN could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
+    #[error("an interface named {name} exists already (another meshd's TUN?): meshd makes its own device and never shares one; stop whatever holds it, or choose another name")]
+    Exists { name: String },
     #[error("cannot create TUN device {name}: {source}")]
     Create { name: String, source: io::Error },
     #[error("cannot add address {addr} to {name}: {source}")]
@@ -73,9 +86,27 @@ impl Tun {
             name: name.to_string(),
             source,
         };
+        let exists = || DeviceError::Exists {
+            name: name.to_string(),
+        };
         // Multi-queue so that each data-path worker can have its own queue
         // ([`Tun::open_queue`]); a single queue behaves as a plain TUN.
-        let build = |offload: bool, multi_queue: bool| {
+        let build = |offload: bool, multi_queue: bool| -> Result<SyncDevice, DeviceError> {
+            // Held until tun-rs has its queue on the device the claim created.
+            let _claim = if multi_queue {
+                match NameClaim::take(name, offload) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(exists()),
+                    r => Some(r.map_err(create)?),
+                }
+            } else {
+                // A single-queue device cannot be claimed beside tun-rs's queue:
+                // checked instead. In the instant between, the kernel still refuses
+                // to attach to a single-queue device in use (EBUSY).
+                if if_exists(name) {
+                    return Err(exists());
+                }
+                None
+            };
             DeviceBuilder::new()
                 .name(name)
                 .mtu(mtu)
@@ -83,17 +114,24 @@ impl Tun {
                 .multi_queue(multi_queue)
                 .enable(true)
                 .build_sync()
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::EBUSY) => exists(),
+                    _ => create(e),
+                })
         };
         // MESHD_OFFLOAD=0 turns offload off (to compare, or to work around a kernel
         // that mishandles it); the data path is the same, one packet per call.
         let want_offload = std::env::var("MESHD_OFFLOAD").map_or(true, |v| v != "0");
         let dev = match build(want_offload, true) {
             Ok(dev) => dev,
+            Err(e @ DeviceError::Exists { .. }) => return Err(e),
             Err(e) => {
                 tracing::warn!("TUN offload unavailable ({e}): one packet per read and write");
-                build(false, true)
-                    .or_else(|_| build(false, false))
-                    .map_err(create)?
+                match build(false, true) {
+                    Ok(dev) => dev,
+                    Err(e @ DeviceError::Exists { .. }) => return Err(e),
+                    Err(_) => build(false, false)?,
+                }
             }
         };
         for a in addresses {
@@ -264,6 +302,61 @@ impl Tun {
             source,
         })
     }
+}
+
+/// A new TUN device's name, held by a queue of our own: see the module docs.
+struct NameClaim {
+    /// Closed on drop: the device stays while tun-rs's queues hold it.
+    _queue: OwnedFd,
+}
+
+impl NameClaim {
+    /// Creates TUN device `name` with the flags tun-rs asks for (multi-queue, no
+    /// packet information, the virtio-net header with `offload`), or fails with EBUSY
+    /// if an interface of that name exists.
+    fn take(name: &str, offload: bool) -> io::Result<NameClaim> {
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let bytes = cname.as_bytes_with_nul();
+        if bytes.len() > libc::IFNAMSIZ {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: a valid NUL-terminated path and flags; the result is checked.
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: all-zero is a valid ifreq.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, &src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = src as libc::c_char;
+        }
+        let mut flags =
+            libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE | libc::IFF_TUN_EXCL;
+        if offload {
+            flags |= libc::IFF_VNET_HDR;
+        }
+        // The kernel reads ifr_flags as a 16-bit field; IFF_TUN_EXCL is its top bit.
+        req.ifr_ifru.ifru_flags = flags as u16 as libc::c_short;
+        // SAFETY: `req` is a valid ifreq that outlives the call; TUNSETIFF reads and
+        // writes only within it.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(NameClaim { _queue: fd })
+    }
+}
+
+/// Whether an interface named `name` exists in this network namespace.
+pub fn if_exists(name: &str) -> bool {
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated string; if_nametoindex only reads it.
+    unsafe { libc::if_nametoindex(cname.as_ptr()) != 0 }
 }
 
 /// Whether a route for `net` is needed at all: a route that is exactly one of our own

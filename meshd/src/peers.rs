@@ -85,9 +85,40 @@ impl PeerSpec {
             && now <= self.not_after.saturating_add(CLOCK_SKEW_SECS)
     }
 
+    /// Which end of its validity window the certificate is past at `now`; `None`
+    /// when [`PeerSpec::is_valid_at`] admits it.
+    pub fn outside_window(&self, now: UnixTime) -> Option<OutsideWindow> {
+        if self.is_valid_at(now) {
+            None
+        } else if now.saturating_add(CLOCK_SKEW_SECS) < self.not_before {
+            Some(OutsideWindow::NotYetValid(self.not_before))
+        } else {
+            Some(OutsideWindow::Expired(self.not_after))
+        }
+    }
+
     /// Secure naming: `src` is one of the certificate's addresses.
     pub fn owns_source(&self, src: IpAddr) -> bool {
         self.addresses.iter().any(|n| n.contains(&src))
+    }
+}
+
+/// Why a certificate that is otherwise sound is refused at `now`: the data path
+/// refuses its handshakes and packets ([`PeerSpec::is_valid_at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutsideWindow {
+    /// Ended at this time.
+    Expired(UnixTime),
+    /// Starts at this time.
+    NotYetValid(UnixTime),
+}
+
+impl std::fmt::Display for OutsideWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutsideWindow::Expired(t) => write!(f, "certificate expired at {t}"),
+            OutsideWindow::NotYetValid(t) => write!(f, "certificate is not valid before {t}"),
+        }
     }
 }
 
@@ -365,15 +396,15 @@ impl Peer {
     /// Whether the certificate is valid at `now`. The first time it is not, the
     /// refusal is logged and the sessions are dropped.
     fn admit(&self, now: UnixTime) -> bool {
-        if self.spec.is_valid_at(now) {
+        let Some(why) = self.spec.outside_window(now) else {
             return true;
-        }
+        };
         if !self.refused_logged.swap(true, Ordering::Relaxed) {
             tracing::error!(
                 peer = %self.spec.identity,
-                "peer refused: certificate expired at {} (valid from {})",
-                self.spec.not_after,
-                self.spec.not_before
+                "peer refused: {why} (valid from {} to {})",
+                self.spec.not_before,
+                self.spec.not_after
             );
             self.reset_sessions();
         }

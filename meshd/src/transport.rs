@@ -6,7 +6,13 @@
 //! one sender, laid end to end with a common segment size; with UDP GSO
 //! (`UDP_SEGMENT`) one `sendmsg` sends up to 64 equal-sized datagrams to one
 //! destination ([`GsoBatch`]). Either falls back to one datagram per system call,
-//! with a log line, where the kernel refuses it.
+//! with a log line, where the kernel refuses it; `node.udp_offload = false` turns
+//! both off.
+//!
+//! A read is split into datagrams here and nowhere else ([`Received::datagrams`]):
+//! the segment size the kernel reports is never used as a divisor or chunk size
+//! unchecked. A datagram of zero bytes is legal UDP and anyone can send one; it comes
+//! out as one empty datagram, which the core counts as malformed.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
@@ -43,6 +49,8 @@ pub struct Udp {
     socket: UdpSocket,
     v6: bool,
     local: SocketAddr,
+    /// GRO and GSO were asked for (`node.udp_offload`); siblings ask the same.
+    offload: bool,
     /// UDP GRO is on: reads may return several datagrams.
     gro: bool,
     /// UDP GSO works (cleared, with a log line, the first time the kernel refuses it).
@@ -60,33 +68,96 @@ pub struct BindError {
 }
 
 /// One read from the socket: `len` bytes from `from`, datagrams of `segment` bytes
-/// each (the last may be shorter).
+/// each (the last may be shorter); [`Received::datagrams`] splits them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Received {
     pub len: usize,
     pub from: SocketAddr,
-    pub segment: usize,
+    /// Never 0, whatever the kernel reported (a read of 0 bytes is one empty datagram).
+    segment: usize,
+}
+
+impl Received {
+    /// A read of `len` bytes whose datagrams are `segment` bytes long; a `segment` of
+    /// 0 (a zero-length datagram read without GRO, or no size reported) means one
+    /// datagram of `len` bytes.
+    pub fn new(len: usize, from: SocketAddr, segment: usize) -> Received {
+        let segment = if segment == 0 { len } else { segment };
+        Received {
+            len,
+            from,
+            segment: segment.max(1),
+        }
+    }
+
+    /// The size of each datagram but the last (at least 1).
+    pub fn segment(&self) -> usize {
+        self.segment
+    }
+
+    /// The datagrams of this read, from the buffer it was read into: `len` bytes cut
+    /// every `segment` bytes, or, for a read of 0 bytes, one empty datagram (so that
+    /// it is counted like any other malformed one).
+    pub fn datagrams<'a>(&self, buf: &'a [u8]) -> Datagrams<'a> {
+        let rest = &buf[..self.len.min(buf.len())];
+        Datagrams {
+            rest,
+            segment: self.segment,
+            empty: rest.is_empty().then_some(&[][..]),
+        }
+    }
+}
+
+/// The datagrams of one read ([`Received::datagrams`]).
+#[derive(Clone, Debug)]
+pub struct Datagrams<'a> {
+    rest: &'a [u8],
+    /// At least 1.
+    segment: usize,
+    /// The one empty datagram of a read of 0 bytes, until it is taken.
+    empty: Option<&'a [u8]>,
+}
+
+impl<'a> Iterator for Datagrams<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.rest.is_empty() {
+            return self.empty.take();
+        }
+        let (datagram, rest) = self.rest.split_at(self.segment.min(self.rest.len()));
+        self.rest = rest;
+        Some(datagram)
+    }
 }
 
 impl Udp {
-    /// Binds `addr`. The socket allows siblings ([`Udp::open_sibling`]), but the
-    /// address must be free: a port another process holds, even one that also allows
-    /// sharing (a second meshd), is refused as before.
-    pub fn bind(addr: SocketAddr) -> Result<Udp, BindError> {
-        let err = |source| BindError { addr, source };
+    /// Binds `addr`, with UDP GRO and GSO where the kernel has them if `offload`.
+    /// The socket allows siblings ([`Udp::open_sibling`]), but the address must be
+    /// free: a port another process holds, even one that also allows sharing (a
+    /// second meshd), is refused as before.
+    pub fn bind(addr: SocketAddr, offload: bool) -> Result<Udp, BindError> {
         if addr.port() != 0 {
             // A probe without SO_REUSEPORT fails if anyone holds the port.
-            let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-                .map_err(err)?;
-            if addr.is_ipv6() {
-                probe.set_only_v6(false).map_err(err)?;
-            }
-            probe.bind(&addr.into()).map_err(err)?;
+            Udp::probe(addr)?;
         }
-        Udp::bind_shared(addr)
+        Udp::bind_shared(addr, offload)
     }
 
-    fn bind_shared(addr: SocketAddr) -> Result<Udp, BindError> {
+    /// Binds `addr` exclusively and lets it go: whether [`Udp::bind`] would get it
+    /// now (the address is on this host, the port is free). Used by `meshd
+    /// check-config`.
+    pub fn probe(addr: SocketAddr) -> Result<(), BindError> {
+        let err = |source| BindError { addr, source };
+        let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(err)?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(false).map_err(err)?;
+        }
+        probe.bind(&addr.into()).map_err(err)
+    }
+
+    fn bind_shared(addr: SocketAddr, offload: bool) -> Result<Udp, BindError> {
         let err = |source| BindError { addr, source };
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
             .map_err(err)?;
@@ -101,13 +172,14 @@ impl Udp {
         if setsockopt_int(fd, libc::SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER as i32).is_err() {
             let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
         }
-        let gro = match setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::info!("UDP GRO unavailable ({e}): one datagram per read");
-                false
-            }
-        };
+        let gro = offload
+            && match setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 1) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::info!("UDP GRO unavailable ({e}): one datagram per read");
+                    false
+                }
+            };
         // Workers may open sibling sockets on the same address ([`Udp::open_sibling`]);
         // the kernel keeps each remote address on one of them. Only the same user
         // can join the group.
@@ -120,10 +192,16 @@ impl Udp {
             socket,
             v6: addr.is_ipv6(),
             local,
+            offload,
             gro,
-            gso: AtomicBool::new(true),
+            gso: AtomicBool::new(offload),
             send_failures: Arc::default(),
         })
+    }
+
+    /// Whether reads use UDP GRO, and sends UDP GSO (until the kernel refuses it).
+    pub fn offload(&self) -> (bool, bool) {
+        (self.gro, self.gso.load(Ordering::Relaxed))
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -133,7 +211,7 @@ impl Udp {
     /// Another socket on the same address (`SO_REUSEPORT`), for another worker. The
     /// kernel steers each remote address to one socket of the group.
     pub fn open_sibling(&self) -> io::Result<Udp> {
-        let mut sibling = Udp::bind_shared(self.local).map_err(|e| e.source)?;
+        let mut sibling = Udp::bind_shared(self.local, self.offload).map_err(|e| e.source)?;
         sibling.send_failures = self.send_failures.clone();
         Ok(sibling)
     }
@@ -159,11 +237,7 @@ impl Udp {
     pub fn recv_batch(&self, buf: &mut [u8]) -> io::Result<Received> {
         if !self.gro {
             let (len, from) = self.recv_from(buf)?;
-            return Ok(Received {
-                len,
-                from,
-                segment: len,
-            });
+            return Ok(Received::new(len, from, len));
         }
         // SAFETY: all-zero is a valid sockaddr_storage.
         let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -195,7 +269,7 @@ impl Udp {
         let from = sockaddr_to_std(&name).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidData, "datagram from a non-IP address")
         })?;
-        let mut segment = len;
+        let mut segment = 0;
         // SAFETY: the kernel filled `control` up to msg_controllen; the CMSG macros
         // stay within it.
         unsafe {
@@ -210,11 +284,7 @@ impl Udp {
                 c = libc::CMSG_NXTHDR(&msg, c);
             }
         }
-        Ok(Received {
-            len,
-            from: canonical(from),
-            segment: segment.max(1),
-        })
+        Ok(Received::new(len, canonical(from), segment))
     }
 
     /// Sends one datagram. A destination of the other family than the socket is an
@@ -250,15 +320,17 @@ impl Udp {
     }
 
     /// Sends `data` as datagrams of `segment` bytes each (the last may be shorter) to
-    /// `to`: one system call with GSO, else one per datagram.
+    /// `to`: one system call with GSO, else one per datagram. A `segment` of 0 means
+    /// one datagram of all of `data`.
     pub fn send_segments(&self, data: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
-        if data.len() <= segment {
+        if segment == 0 || data.len() <= segment {
             return self.send_to(data, to).map(|_| ());
         }
-        // Here `segment` < `data.len()`, so at least one byte: the datagrams at stake.
-        let datagrams = data.len().div_ceil(segment.max(1));
+        // Here 0 < `segment` < `data.len()`: the datagrams at stake.
+        let datagrams = data.len().div_ceil(segment);
         let to = self.family(to).inspect_err(|_| self.failed(datagrams))?;
-        if self.gso.load(Ordering::Relaxed) {
+        // UDP_SEGMENT takes a 16-bit size; a larger one goes datagram by datagram.
+        if self.gso.load(Ordering::Relaxed) && segment <= usize::from(u16::MAX) {
             match self.pushing_back(|| self.send_gso(data, segment, to)) {
                 Ok(()) => return Ok(()),
                 // EIO: the device cannot checksum/segment; EINVAL: no UDP_SEGMENT.
@@ -559,10 +631,10 @@ mod tests {
 
     #[test]
     fn loopback_round_trip_dual_stack() {
-        let a = Udp::bind("[::1]:0".parse().unwrap()).unwrap();
-        let b = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let a = Udp::bind("[::1]:0".parse().unwrap(), true).unwrap();
+        let b = Udp::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
         assert!(b.send_to(b"x", a.local_addr()).is_err());
-        let c = Udp::bind("[::]:0".parse().unwrap()).unwrap();
+        let c = Udp::bind("[::]:0".parse().unwrap(), true).unwrap();
         let to = SocketAddr::new("127.0.0.1".parse().unwrap(), c.local_addr().port());
         b.send_to(b"hello", to).unwrap();
         assert!(wait_readable(c.fd(), 5000).unwrap());
@@ -579,9 +651,9 @@ mod tests {
     /// The worker loop reads only what poll reports: readiness per descriptor.
     #[test]
     fn wait_readable2_says_which_descriptor_is_readable() {
-        let a = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let b = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let sender = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let a = Udp::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let b = Udp::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let sender = Udp::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
         // Nothing waiting: the timeout passes, neither is readable.
         assert_eq!(wait_readable2(a.fd(), b.fd(), 10).unwrap(), (false, false));
         sender.send_to(b"to b", b.local_addr()).unwrap();
@@ -599,9 +671,9 @@ mod tests {
     /// or one by one; a datagram for another destination is sent separately.
     #[test]
     fn unsent_datagrams_are_counted_for_the_whole_group() {
-        let a = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let a = Udp::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
         let b = a.open_sibling().unwrap();
-        let peer = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let peer = Udp::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
         // Sent: not counted.
         a.send_to(b"ok", peer.local_addr()).unwrap();
         a.send_segments(&[7u8; 300], 100, peer.local_addr())
@@ -618,36 +690,103 @@ mod tests {
 
     #[test]
     fn a_held_port_is_refused_siblings_share_it() {
-        let a = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        assert!(Udp::bind(a.local_addr()).is_err());
+        let a = Udp::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        assert!(Udp::bind(a.local_addr(), true).is_err());
         let b = a.open_sibling().unwrap();
         assert_eq!(b.local_addr(), a.local_addr());
     }
 
+    /// With offload (GSO out, GRO in) and without (`node.udp_offload = false`: one
+    /// datagram per system call both ways), three datagrams queued for one
+    /// destination arrive as the same three; one for another destination separately.
     #[test]
-    fn gso_batch_round_trip_with_gro() {
-        let tx = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let rx = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let other = Udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let mut batch = GsoBatch::default();
-        let sent: Vec<Vec<u8>> = vec![vec![1u8; 100], vec![2u8; 100], vec![3u8; 40]];
-        for d in &sent {
-            batch.push(&tx, d, rx.local_addr());
+    fn gso_batch_round_trip_with_and_without_offload() {
+        for offload in [true, false] {
+            let bind = || Udp::bind("127.0.0.1:0".parse().unwrap(), offload).unwrap();
+            let (tx, rx, other) = (bind(), bind(), bind());
+            if !offload {
+                assert_eq!(tx.offload(), (false, false));
+            }
+            let mut batch = GsoBatch::default();
+            let sent: Vec<Vec<u8>> = vec![vec![1u8; 100], vec![2u8; 100], vec![3u8; 40]];
+            for d in &sent {
+                batch.push(&tx, d, rx.local_addr());
+            }
+            batch.push(&tx, b"elsewhere", other.local_addr());
+            batch.flush(&tx);
+            assert!(batch.is_empty());
+            let mut got: Vec<Vec<u8>> = Vec::new();
+            let mut buf = vec![0u8; GRO_BUF_LEN];
+            while got.len() < sent.len() {
+                assert!(wait_readable(rx.fd(), 5000).unwrap());
+                let r = rx.recv_batch(&mut buf).unwrap();
+                assert_eq!(r.from, tx.local_addr());
+                got.extend(r.datagrams(&buf).map(|c| c.to_vec()));
+            }
+            assert_eq!(got, sent, "offload {offload}");
+            assert!(wait_readable(other.fd(), 5000).unwrap());
+            let r = other.recv_batch(&mut buf).unwrap();
+            assert_eq!(&buf[..r.len], b"elsewhere");
         }
-        batch.push(&tx, b"elsewhere", other.local_addr());
-        batch.flush(&tx);
-        assert!(batch.is_empty());
-        let mut got: Vec<Vec<u8>> = Vec::new();
-        let mut buf = vec![0u8; GRO_BUF_LEN];
-        while got.len() < sent.len() {
+    }
+
+    fn split(r: Received, buf: &[u8]) -> Vec<usize> {
+        r.datagrams(buf).map(<[u8]>::len).collect()
+    }
+
+    /// How a read is cut into datagrams, whatever size the kernel reported.
+    #[test]
+    fn reads_split_into_datagrams() {
+        let from: SocketAddr = "198.18.0.2:51820".parse().unwrap();
+        let buf = [7u8; 300];
+        // A GRO run: equal segments, the last shorter.
+        assert_eq!(split(Received::new(250, from, 100), &buf), [100, 100, 50]);
+        assert_eq!(split(Received::new(200, from, 100), &buf), [100, 100]);
+        assert_eq!(split(Received::new(3, from, 1), &buf), [1, 1, 1]);
+        // One datagram (no GRO, or no size reported).
+        assert_eq!(split(Received::new(90, from, 90), &buf), [90]);
+        assert_eq!(split(Received::new(90, from, 0), &buf), [90]);
+        // A zero-length datagram, with or without GRO: one empty datagram, counted
+        // downstream; never a division or a chunk size of 0.
+        assert_eq!(split(Received::new(0, from, 0), &buf), [0]);
+        assert_eq!(split(Received::new(0, from, 1400), &buf), [0]);
+        assert_eq!(Received::new(0, from, 0).segment(), 1);
+        // Never past the buffer.
+        assert_eq!(split(Received::new(500, from, 200), &buf), [200, 100]);
+    }
+
+    /// Anyone can send a zero-length datagram to the port. Read with and without GRO,
+    /// it is one empty datagram; the next read is whole.
+    #[test]
+    fn zero_length_datagrams_are_read_as_one_empty_datagram() {
+        for offload in [false, true] {
+            let rx = Udp::bind("127.0.0.1:0".parse().unwrap(), offload).unwrap();
+            let tx = Udp::bind("127.0.0.1:0".parse().unwrap(), offload).unwrap();
+            tx.send_to(b"", rx.local_addr()).unwrap();
+            tx.send_to(b"after", rx.local_addr()).unwrap();
+            let mut buf = vec![0u8; GRO_BUF_LEN];
+            let mut got: Vec<Vec<u8>> = Vec::new();
+            while got.len() < 2 {
+                assert!(wait_readable(rx.fd(), 5000).unwrap());
+                let r = rx.recv_batch(&mut buf).unwrap();
+                got.extend(r.datagrams(&buf).map(|d| d.to_vec()));
+            }
+            assert_eq!(got, [b"".to_vec(), b"after".to_vec()], "offload {offload}");
+        }
+    }
+
+    /// A segment size of 0 is one datagram, with GSO or without (where it used to be
+    /// a chunk size of 0).
+    #[test]
+    fn a_segment_size_of_zero_sends_one_datagram() {
+        for offload in [false, true] {
+            let tx = Udp::bind("127.0.0.1:0".parse().unwrap(), offload).unwrap();
+            let rx = Udp::bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+            tx.send_segments(b"whole", 0, rx.local_addr()).unwrap();
             assert!(wait_readable(rx.fd(), 5000).unwrap());
-            let r = rx.recv_batch(&mut buf).unwrap();
-            assert_eq!(r.from, tx.local_addr());
-            got.extend(buf[..r.len].chunks(r.segment).map(|c| c.to_vec()));
+            let mut buf = [0u8; 64];
+            let (n, _) = rx.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"whole", "offload {offload}");
         }
-        assert_eq!(got, sent);
-        assert!(wait_readable(other.fd(), 5000).unwrap());
-        let r = other.recv_batch(&mut buf).unwrap();
-        assert_eq!(&buf[..r.len], b"elsewhere");
     }
 }

@@ -146,6 +146,10 @@ pub struct WorkloadChanges {
 
 impl crate::state::StateFile for WorkloadChanges {
     const FILE: &'static str = STATE_FILE;
+    const HOLDS: (&'static str, &'static str) = (
+        "the workloads added and removed at run time",
+        "meshctl workload add, workload remove",
+    );
     fn version(&self) -> u32 {
         self.version
     }
@@ -505,6 +509,20 @@ impl Daemon {
         };
         let mut reg = self.lock_registry();
         let old = reg.workloads.iter().position(|x| x.spec.name == spec.name);
+        // Against the other local workloads (not the one it replaces) and the peers.
+        let others = reg
+            .workloads
+            .iter()
+            .filter(|x| x.spec.name != spec.name)
+            .map(|x| (x.cert.identity(), x.cert.addresses()))
+            .chain(
+                reg.entries
+                    .iter()
+                    .map(|e| (&e.spec.identity, &e.spec.addresses[..])),
+            );
+        if let Some(o) = crate::overlap::against((w.cert.identity(), w.cert.addresses()), others) {
+            return Err(fail(o.to_string()));
+        }
         if let Some(v) = &spec.veth {
             if reg
                 .workloads

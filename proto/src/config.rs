@@ -19,6 +19,7 @@
 //! log_level = "info"         # default "info"
 //! cpu_latency_us = 0         # optional: CPU wake-up latency to request while traffic flows
 //! host_filter = true         # default true: nftables keeps the mesh addresses meshd's alone
+//! udp_offload = true         # default true: UDP GRO/GSO on the underlay socket
 //!
 //! [policy]                   # optional
 //! default = "deny"
@@ -91,6 +92,10 @@ pub struct NodeConfig {
     /// address (the node's, its pods') except through meshd, and pods reach nothing
     /// around it. `false` runs without, with a warning at start and in status.
     pub host_filter: bool,
+    /// Batch datagrams on the underlay socket with UDP GRO and GSO where the kernel
+    /// offers them (default); `false`: one datagram per system call, as on a kernel
+    /// without them.
+    pub udp_offload: bool,
 }
 
 /// Upper bound of `node.cpu_latency_us`: a request above 100 ms would not keep any
@@ -238,6 +243,7 @@ struct RawNode {
     log_level: Option<Spanned<String>>,
     cpu_latency_us: Option<Spanned<i64>>,
     host_filter: Option<Spanned<bool>>,
+    udp_offload: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -449,6 +455,13 @@ impl Validator<'_> {
                 *h.get_ref()
             }
         };
+        let udp_offload = match &n.udp_offload {
+            None => true,
+            Some(o) => {
+                self.note("node.udp_offload", &o.span());
+                *o.get_ref()
+            }
+        };
 
         let policy = match raw.policy {
             None => None,
@@ -568,6 +581,7 @@ impl Validator<'_> {
                 log_level,
                 cpu_latency_us,
                 host_filter,
+                udp_offload,
             },
             policy,
             peers,
@@ -687,6 +701,7 @@ cert = "/abs/c.crt"
             c.node.host_filter,
             "the host filter is on unless switched off"
         );
+        assert!(c.node.udp_offload);
         assert!(c.policy.is_none());
         assert_eq!(c.peers.len(), 2);
         assert_eq!(
@@ -706,7 +721,7 @@ cert = "/abs/c.crt"
     fn ipv6_listen_routes_policy() {
         let text = GOOD.replace("198.18.0.1:51820", "[fd00:198:18::1]:51820").replace(
             "control_socket = \"meshd.sock\"",
-            "control_socket = \"meshd.sock\"\nroutes = [\"100.64.0.0/10\", \"fd00:6d65:7368::/48\"]\nmtu = 1280\ncpu_latency_us = 0\nhost_filter = false\n\n[policy]\ndefault = \"allow\"\nfile = \"p.toml\"",
+            "control_socket = \"meshd.sock\"\nroutes = [\"100.64.0.0/10\", \"fd00:6d65:7368::/48\"]\nmtu = 1280\ncpu_latency_us = 0\nhost_filter = false\nudp_offload = false\n\n[policy]\ndefault = \"allow\"\nfile = \"p.toml\"",
         );
         let c = parse(&text).unwrap();
         assert!(c.node.listen.is_ipv6());
@@ -714,6 +729,8 @@ cert = "/abs/c.crt"
         assert_eq!(c.node.mtu, 1280);
         assert_eq!(c.node.cpu_latency_us, Some(0));
         assert!(!c.node.host_filter);
+        assert!(!c.node.udp_offload);
+        assert_eq!(c.line_of("node.udp_offload"), Some(13));
         let p = c.policy.unwrap();
         assert_eq!(p.default, PolicyDefault::Allow);
         assert_eq!(p.file, Some(PathBuf::from("/etc/mesh/p.toml")));

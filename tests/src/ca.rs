@@ -66,6 +66,19 @@ impl TestCa {
         public_key: Option<&str>,
         validity: Validity,
     ) -> Result<Issued> {
+        let nets: Vec<IpNet> = addresses.iter().map(|a| IpNet::from(*a)).collect();
+        self.issue_nets(identity, &nets, groups, public_key, validity)
+    }
+
+    /// [`TestCa::issue`] for any prefixes (`100.64.0.0/24`), not only host addresses.
+    pub fn issue_nets(
+        &self,
+        identity: &str,
+        addresses: &[IpNet],
+        groups: &[String],
+        public_key: Option<&str>,
+        validity: Validity,
+    ) -> Result<Issued> {
         let (private, public) = match public_key {
             Some(b64) => (None, PublicKey::from_base64(b64).context("public key")?),
             None => {
@@ -82,7 +95,7 @@ impl TestCa {
         let params = LeafParams {
             identity: SpiffeId::parse(identity)
                 .with_context(|| format!("identity {identity:?}"))?,
-            addresses: addresses.iter().map(|a| IpNet::from(*a)).collect(),
+            addresses: addresses.to_vec(),
             groups: groups.to_vec(),
             public_key: public,
             validity_secs,

@@ -8,6 +8,7 @@
 //!   `listening` once bound.
 //! - `udp-send <source ip> <addr:port> <payload>`: send one datagram from `source ip`
 //!   (an address of this host, or `any`).
+//! - `udp-empty <addr:port> <count>`: send `count` datagrams of zero bytes.
 
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
@@ -23,7 +24,8 @@ fn main() -> ExitCode {
         ["udp-garbage", target, count, seed] => udp_garbage(target, count, seed),
         ["udp-sink", bind] => udp_sink(bind),
         ["udp-send", source, target, payload] => udp_send(source, target, payload),
-        _ => Err("usage: mesh-testtool udp-echo <bind> | udp-ping <addr:port> <tries> | udp-garbage <addr:port> <count> <seed> | udp-sink <bind> | udp-send <source ip|any> <addr:port> <payload>".to_string()),
+        ["udp-empty", target, count] => udp_empty(target, count),
+        _ => Err("usage: mesh-testtool udp-echo <bind> | udp-ping <addr:port> <tries> | udp-garbage <addr:port> <count> <seed> | udp-sink <bind> | udp-send <source ip|any> <addr:port> <payload> | udp-empty <addr:port> <count>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -171,6 +173,23 @@ fn udp_garbage(target: &str, count: &str, seed: &str) -> Result<(), String> {
         }
     }
     println!("sent {count} datagrams to {target}");
+    Ok(())
+}
+
+fn udp_empty(target: &str, count: &str) -> Result<(), String> {
+    let target = parse_addr(target)?;
+    let count: u32 = count.parse().map_err(|e| format!("bad count: {e}"))?;
+    let bind = if target.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let sock = UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
+    for _ in 0..count {
+        sock.send_to(&[], target)
+            .map_err(|e| format!("send to {target}: {e}"))?;
+    }
+    println!("sent {count} empty datagrams to {target}");
     Ok(())
 }
 

@@ -194,6 +194,14 @@ impl Host {
         )
         .map(|_| ())
     }
+
+    /// Sends `count` UDP datagrams of zero bytes to `to` from this host.
+    pub fn send_empty_datagrams(&self, to: SocketAddr, count: u32) -> Result<()> {
+        let tool = self.bins_testtool();
+        let tool_s = tool.to_str().context("path is not UTF-8")?;
+        self.run(tool_s, &["udp-empty", &to.to_string(), &count.to_string()])
+            .map(|_| ())
+    }
 }
 
 /// `python3`'s full path (pyenv shims included), so it runs the same inside a host.
