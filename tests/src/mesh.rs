@@ -237,6 +237,10 @@ impl Mesh {
             "-n",
             "-U",
             "--immediate-mode",
+            // A 32 MiB capture buffer: on a loaded 2-core machine tcpdump may not run
+            // for a while, and the kernel drops what does not fit.
+            "-B",
+            "32768",
             "-s",
             "0",
             "-Z",
