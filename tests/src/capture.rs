@@ -52,9 +52,36 @@ impl Capture {
 
     fn stop(&self) -> Result<()> {
         if let Some(mut bg) = lock(&self.slot).take() {
+            if let Some(pid) = bg.pid() {
+                self.caught_up(pid)?;
+            }
             // SIGINT makes tcpdump flush and exit.
             bg.stop_within(libc::SIGINT, Duration::from_secs(10))?;
         }
         Ok(())
+    }
+
+    /// Waits until tcpdump has written every packet the kernel gave it: SIGINT ends
+    /// its loop at once, and packets still in its socket's queue are lost (seen on a
+    /// loaded machine: "39 packets received by filter, 22 captured"). Caught up means
+    /// asleep (waiting for packets, in immediate mode) with the file no longer growing
+    /// between two looks.
+    fn caught_up(&self, pid: u32) -> Result<()> {
+        let mut last = None;
+        crate::wait::until(
+            "tcpdump to write what it captured",
+            Duration::from_secs(10),
+            || {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                // The state follows the command name in parentheses.
+                let asleep = stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('S'));
+                let size = std::fs::metadata(&self.file).map(|m| m.len()).ok();
+                let done = stat.is_empty() || (asleep && size.is_some() && size == last);
+                last = size;
+                Ok(done.then_some(()))
+            },
+        )
     }
 }
