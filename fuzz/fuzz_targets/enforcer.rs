@@ -123,14 +123,14 @@ fuzz_target!(|data: &[u8]| {
                 let len = usize::from(input.u8().unwrap_or(0) % 64);
                 let payload = input.bytes(len);
                 let pkt = tcp(false, port, sseq, cseq, flags, payload);
-                let _ = e.outbound(&pkt, now);
+                let _ = e.outbound(Some(&sender.identity), &pkt, now, &mut emit);
                 sseq = sseq.wrapping_add(payload.len() as u32 + u32::from(flags & 0x03 != 0));
             }
             5 => {
                 let len = usize::from(input.u16() % 1600);
                 let raw = input.bytes(len);
                 if op & 0x80 != 0 {
-                    let _ = e.outbound(raw, now);
+                    let _ = e.outbound(Some(&sender.identity), raw, now, &mut emit);
                 } else {
                     let _ = e.inbound(&sender, raw, now, WALL, &mut emit);
                 }

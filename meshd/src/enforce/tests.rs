@@ -89,6 +89,11 @@ fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     out
 }
 
+/// A local workload's packet going out to peer A.
+fn outbound(e: &Enforcer, packet: &[u8], now: Duration) -> Verdict {
+    e.outbound(Some(&A.into()), packet, now, &mut Emit::default())
+}
+
 fn denied(r: DenyReason) -> Verdict {
     Verdict::Drop(Drop::Denied(r))
 }
@@ -147,7 +152,7 @@ fn replies_on_allowed_flows_pass_both_ways() {
     );
     // The server's SYN-ACK and data go out.
     assert_eq!(
-        e.outbound(&tcp(LOCAL, PEER_A, 8080, 40000, "SA", 9, b""), t(1)),
+        outbound(&e, &tcp(LOCAL, PEER_A, 8080, 40000, "SA", 9, b""), t(1)),
         Verdict::Deliver
     );
     // The client's next segments come in on the tracked flow.
@@ -179,7 +184,7 @@ fn replies_to_local_connections_pass_under_deny_all() {
     );
     // ...but once the local workload opens the connection, its replies pass.
     assert_eq!(
-        e.outbound(&tcp(LOCAL, PEER_A, 50000, 80, "S", 1, b""), t(1)),
+        outbound(&e, &tcp(LOCAL, PEER_A, 50000, 80, "S", 1, b""), t(1)),
         Verdict::Deliver
     );
     assert_eq!(
@@ -237,7 +242,7 @@ fn stricter_policy_cuts_established_flow_with_sequence_numbers() {
         WALL,
         &mut Emit::default(),
     );
-    e.outbound(&tcp(LOCAL, PEER_A, 8080, 40000, "SA", 500, b""), t(1));
+    outbound(&e, &tcp(LOCAL, PEER_A, 8080, 40000, "SA", 500, b""), t(1));
     e.inbound(
         &sender(A),
         &tcp(PEER_A, LOCAL, 40000, 8080, "A", 101, b"hello"),
@@ -391,7 +396,7 @@ fn icmp_errors_pass_only_for_tracked_flows() {
         ),
         Verdict::Drop(Drop::StrayIcmp)
     );
-    e.outbound(&sent, t(1));
+    outbound(&e, &sent, t(1));
     assert_eq!(
         e.inbound(
             &sender(A),
@@ -417,7 +422,7 @@ fn icmp_echo_is_a_flow_by_identifier() {
         .icmpv4_echo_reply(7, 1)
         .write(&mut reply, b"ping")
         .unwrap();
-    assert_eq!(e.outbound(&req, t(0)), Verdict::Deliver);
+    assert_eq!(outbound(&e, &req, t(0)), Verdict::Deliver);
     assert_eq!(
         e.inbound(&sender(A), &reply, t(1), WALL, &mut Emit::default()),
         Verdict::Deliver
@@ -467,7 +472,7 @@ fn full_table_refuses_new_flows_and_says_so() {
             WALL,
             &mut Emit::default(),
         );
-        e.outbound(&tcp(LOCAL, PEER_A, 8080, port, "SA", 1, b""), t(0));
+        outbound(&e, &tcp(LOCAL, PEER_A, 8080, port, "SA", 1, b""), t(0));
         if v == denied(DenyReason::FlowTableFull) {
             refused += 1;
         }
@@ -565,7 +570,7 @@ fn ipv6_flows_are_tracked() {
         .ack(2)
         .write(&mut synack, b"")
         .unwrap();
-    assert_eq!(e.outbound(&synack, t(1)), Verdict::Deliver);
+    assert_eq!(outbound(&e, &synack, t(1)), Verdict::Deliver);
     assert_eq!(e.counters().flows, 1);
 }
 
@@ -579,17 +584,24 @@ from = [{ identities = ["spiffe://t/a"] }]
 to = [{ ports = [80], methods = ["GET"], paths = ["/api/*"] }]
 "#;
 
-/// A client on the peer talking to a server on port 80 of the local workload.
+/// A client on the peer talking to a server on port 80 (or `port`) of the local
+/// workload.
 struct Conn {
     sport: u16,
+    port: u16,
     cseq: u32,
     sseq: u32,
 }
 
 impl Conn {
     fn open(e: &Enforcer, sport: u16) -> Conn {
+        Conn::open_to(e, sport, 80)
+    }
+
+    fn open_to(e: &Enforcer, sport: u16, port: u16) -> Conn {
         let mut c = Conn {
             sport,
+            port,
             cseq: 1000,
             sseq: 5000,
         };
@@ -601,7 +613,7 @@ impl Conn {
         );
         c.cseq += 1;
         let synack = c.server("SA", b"");
-        assert_eq!(e.outbound(&synack, t(0)), Verdict::Deliver);
+        assert_eq!(outbound(e, &synack, t(0)), Verdict::Deliver);
         c.sseq += 1;
         let ack = c.client("A", b"");
         assert_eq!(
@@ -612,29 +624,22 @@ impl Conn {
     }
 
     fn client(&self, flags: &str, payload: &[u8]) -> Vec<u8> {
-        let mut b = PacketBuilder::ipv4(PEER_A, LOCAL, 64).tcp(self.sport, 80, self.cseq, 64_000);
-        if flags.contains('S') {
-            b = b.syn();
-        }
-        if flags.contains('A') {
-            b = b.ack(self.sseq);
-        }
-        let mut out = Vec::new();
-        b.write(&mut out, payload).unwrap();
-        out
+        self.client_at(flags, self.cseq, payload)
+    }
+
+    /// A client segment at sequence number `seq`, acknowledging the server's next.
+    fn client_at(&self, flags: &str, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(PEER_A, LOCAL, 64).tcp(self.sport, self.port, seq, 64_000);
+        build(b, flags, self.sseq, payload)
     }
 
     fn server(&self, flags: &str, payload: &[u8]) -> Vec<u8> {
-        let mut b = PacketBuilder::ipv4(LOCAL, PEER_A, 64).tcp(80, self.sport, self.sseq, 64_000);
-        if flags.contains('S') {
-            b = b.syn();
-        }
-        if flags.contains('A') {
-            b = b.ack(self.cseq);
-        }
-        let mut out = Vec::new();
-        b.write(&mut out, payload).unwrap();
-        out
+        self.server_at(flags, self.sseq, payload)
+    }
+
+    fn server_at(&self, flags: &str, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(LOCAL, PEER_A, 64).tcp(self.port, self.sport, seq, 64_000);
+        build(b, flags, self.cseq, payload)
     }
 
     /// Sends `payload` from the client in one segment.
@@ -644,6 +649,62 @@ impl Conn {
         self.cseq += payload.len() as u32;
         v
     }
+}
+
+/// Finishes a TCP segment: `flags` from "SAFR" (ACK acknowledges `ack`).
+fn build(
+    mut b: etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    flags: &str,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    if flags.contains('S') {
+        b = b.syn();
+    }
+    if flags.contains('A') {
+        b = b.ack(ack);
+    }
+    if flags.contains('F') {
+        b = b.fin();
+    }
+    if flags.contains('R') {
+        b = b.rst();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+/// Every emitted TCP segment: where it goes, from which port, its flags ("SAFR"
+/// letters), sequence and acknowledgement numbers, and payload length.
+fn segments(emit: &Emit) -> Vec<(Toward, u16, String, u32, u32, usize)> {
+    emit.packets()
+        .map(|(t, pkt)| {
+            let sliced = etherparse::SlicedPacket::from_ip(pkt).expect("emitted packet parses");
+            let Some(etherparse::TransportSlice::Tcp(tcp)) = sliced.transport else {
+                panic!("not TCP");
+            };
+            let mut flags = String::new();
+            for (on, c) in [
+                (tcp.syn(), 'S'),
+                (tcp.ack(), 'A'),
+                (tcp.fin(), 'F'),
+                (tcp.rst(), 'R'),
+            ] {
+                if on {
+                    flags.push(c);
+                }
+            }
+            (
+                t,
+                tcp.source_port(),
+                flags,
+                tcp.sequence_number(),
+                tcp.acknowledgment_number(),
+                tcp.payload().len(),
+            )
+        })
+        .collect()
 }
 
 fn tcp_payloads(emit: &Emit, toward: Toward) -> Vec<(Vec<u8>, bool)> {
@@ -824,7 +885,7 @@ fn l7_request_lost_before_the_server_ends_in_502_not_a_stall() {
     let mut emit = Emit::default();
     let get = b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n";
     assert_eq!(c.send(&e, get, &mut emit), Verdict::Deliver);
-    assert_eq!(e.outbound(&c.server("A", b""), t(10)), Verdict::Deliver);
+    assert_eq!(outbound(&e, &c.server("A", b""), t(10)), Verdict::Deliver);
     let lost_at = c.cseq;
     assert_eq!(c.send(&e, get, &mut emit), Verdict::Deliver);
     for k in 1..=crate::l7::LOST_AFTER {
@@ -879,6 +940,7 @@ fn l7_mid_stream_without_handshake_fails_closed() {
     let (e, _) = enforcer(API_POLICY, 1024);
     let c = Conn {
         sport: 40000,
+        port: 80,
         cseq: 1,
         sseq: 1,
     };
@@ -1080,4 +1142,269 @@ fn l7_total_held_budget_sheds_the_flow_that_grows() {
         "{:?}",
         String::from_utf8_lossy(&released)
     );
+}
+
+// ---- Flow state: who opened a flow, RSTs and FINs in the window (issue 18.2) -------
+
+const GET_ITEMS: &[u8] = b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n";
+const GET_ADMIN: &[u8] = b"GET /admin HTTP/1.1\r\nHost: c\r\n\r\n";
+
+/// No emitted packet towards the local workload carries a byte of payload.
+fn nothing_delivered(emit: &Emit) -> bool {
+    segments(emit)
+        .iter()
+        .all(|(t, _, _, _, _, len)| *t != Toward::Local || *len == 0)
+}
+
+/// Regression (issue 18.2): conntrack took a client's RST far outside the window and
+/// ended the inspected flow, the first step of getting in uninspected.
+#[test]
+fn rst_outside_the_window_is_not_taken() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    let bogus = c.client_at("R", c.cseq.wrapping_add(1 << 30), b"");
+    assert_eq!(
+        e.inbound(&sender(A), &bogus, t(1), WALL, &mut emit),
+        Verdict::Drop(Drop::OutOfWindow)
+    );
+    assert!(emit.is_empty(), "nothing answers a RST outside the window");
+    // The flow is still there and still inspected.
+    assert_eq!(c.send(&e, GET_ITEMS, &mut emit), Verdict::Deliver);
+    assert_ne!(c.send(&e, GET_ADMIN, &mut emit), Verdict::Deliver);
+    assert!(tcp_payloads(&emit, Toward::Peer)[0]
+        .0
+        .starts_with(b"HTTP/1.1 403"));
+    assert_eq!(e.counters().drops.get("out_of_window"), Some(&1));
+}
+
+/// RFC 5961 §3.2: a RST inside the window but not at the number the server expects
+/// is not taken; its sender gets the challenge ACK the server would send (the
+/// server's next sequence number, acknowledging what it has). Only an exact RST ends
+/// the flow.
+#[test]
+fn rst_in_the_window_gets_a_challenge_ack_and_only_an_exact_one_ends_the_flow() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    assert_eq!(c.send(&e, GET_ITEMS, &mut emit), Verdict::Deliver);
+    assert_eq!(
+        outbound(&e, &c.server("A", b""), t(10)),
+        Verdict::Deliver,
+        "the server acknowledges the request"
+    );
+    let near = c.client_at("R", c.cseq + 100, b"");
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.inbound(&sender(A), &near, t(11), WALL, &mut emit),
+        Verdict::Drop(Drop::OutOfWindow)
+    );
+    assert_eq!(
+        segments(&emit),
+        vec![(Toward::Peer, 80, "A".to_string(), c.sseq, c.cseq, 0)]
+    );
+    assert_eq!(
+        c.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    // The exact one passes and ends the flow.
+    let exact = c.client("R", b"");
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.inbound(&sender(A), &exact, t(12), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    assert!(emit.is_empty());
+    assert_ne!(
+        c.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+}
+
+/// A server's RST is held to the same rule (outbound), and a RST refusing a SYN is
+/// taken only if it acknowledges the SYN (RFC 9293 §3.10.7.3).
+#[test]
+fn server_resets_are_checked_too() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let syn = tcp(PEER_A, LOCAL, 40000, 8080, "S", 100, b"");
+    assert_eq!(
+        e.inbound(&sender(A), &syn, t(0), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let c = Conn {
+        sport: 40000,
+        port: 8080,
+        cseq: 101,
+        sseq: 0,
+    };
+    // Without ACK, or acknowledging something else: not taken.
+    assert_eq!(
+        outbound(&e, &c.server_at("R", 0, b""), t(1)),
+        Verdict::Drop(Drop::OutOfWindow)
+    );
+    let wrong = Conn { cseq: 5, ..c };
+    assert_eq!(
+        outbound(&e, &wrong.server_at("RA", 0, b""), t(1)),
+        Verdict::Drop(Drop::OutOfWindow)
+    );
+    // RST+ACK of the SYN (a closed port): taken.
+    assert_eq!(
+        outbound(&e, &c.server_at("RA", 0, b""), t(1)),
+        Verdict::Deliver
+    );
+}
+
+/// A FIN far outside the window is not taken (it would start the closing timeout of
+/// a flow that is not closing); one in the window is.
+#[test]
+fn fin_outside_the_window_is_not_taken() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    let far = c.client_at("FA", c.cseq.wrapping_add(1 << 30), b"");
+    assert_eq!(
+        e.inbound(&sender(A), &far, t(1), WALL, &mut Emit::default()),
+        Verdict::Drop(Drop::OutOfWindow)
+    );
+    let fin = c.client("FA", b"");
+    assert_eq!(
+        e.inbound(&sender(A), &fin, t(1), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    c.cseq += 1;
+    assert_eq!(outbound(&e, &c.server("FA", b""), t(2)), Verdict::Deliver);
+}
+
+/// Regression (issue 18.2): a local packet of no flow that is not an opening (the
+/// server's retransmitted SYN-ACK, data, a FIN) made the flow the local side's, and
+/// every later packet from the peer passed as a reply, with neither policy nor
+/// inspection. Now it creates nothing, is answered with resets to both ends, and the
+/// peer's packets are decided as new inbound packets.
+#[test]
+fn only_an_opening_makes_a_flow_the_local_sides() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    for (flags, payload) in [("SA", &b""[..]), ("A", b"data"), ("FA", b"")] {
+        let mut emit = Emit::default();
+        let pkt = tcp(LOCAL, PEER_A, 80, 40000, flags, 7, payload);
+        assert_eq!(
+            e.outbound(Some(&A.into()), &pkt, t(0), &mut emit),
+            Verdict::Drop(Drop::Untracked),
+            "{flags}"
+        );
+        // The local end is reset at the number it acknowledged, the peer at the
+        // segment's own.
+        assert_eq!(
+            segments(&emit),
+            vec![
+                (Toward::Local, 40000, "R".to_string(), 1, 0, 0),
+                (Toward::Peer, 80, "R".to_string(), 7, 0, 0)
+            ],
+            "{flags}"
+        );
+    }
+    assert_eq!(e.counters().flows, 0);
+    let mut emit = Emit::default();
+    let get = tcp(
+        PEER_A,
+        LOCAL,
+        40000,
+        80,
+        "A",
+        1,
+        b"GET /admin HTTP/1.1\r\n\r\n",
+    );
+    assert_eq!(
+        e.inbound(&sender(A), &get, t(1), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    assert!(nothing_delivered(&emit));
+    // An ICMP echo reply is no opening either; a request is.
+    let echo = |req: bool, src, dst| {
+        let b = PacketBuilder::ipv4(src, dst, 64);
+        let b = if req {
+            b.icmpv4_echo_request(9, 1)
+        } else {
+            b.icmpv4_echo_reply(9, 1)
+        };
+        let mut out = Vec::new();
+        b.write(&mut out, b"ping").unwrap();
+        out
+    };
+    assert_eq!(
+        outbound(&e, &echo(false, LOCAL, PEER_A), t(2)),
+        Verdict::Drop(Drop::Untracked)
+    );
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &echo(true, PEER_A, LOCAL),
+            t(2),
+            WALL,
+            &mut emit
+        ),
+        denied(DenyReason::DefaultDeny)
+    );
+    // A SYN going out opens a flow; its answer comes in.
+    let syn = tcp(LOCAL, PEER_A, 50000, 80, "S", 1, b"");
+    assert_eq!(outbound(&e, &syn, t(3)), Verdict::Deliver);
+    let syn_ack = tcp(PEER_A, LOCAL, 80, 50000, "SA", 1, b"");
+    assert_eq!(
+        e.inbound(&sender(A), &syn_ack, t(3), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+}
+
+/// Regression (issue 18.2, "the same path opens after an established flow's idle
+/// timeout"): once an inspected flow has expired, the server's next segment does not
+/// make it the server's own, and the client's next request is refused mid-stream.
+#[test]
+fn an_expired_inspected_flow_is_not_reopened_by_the_server() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    assert_eq!(
+        c.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let later = t(10) + Timeouts::default().tcp_established + Duration::from_secs(1);
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.outbound(Some(&A.into()), &c.server("A", b"late"), later, &mut emit),
+        Verdict::Drop(Drop::Untracked)
+    );
+    let mut emit = Emit::default();
+    let admin = c.client("A", GET_ADMIN);
+    assert_eq!(
+        e.inbound(&sender(A), &admin, later, WALL, &mut emit),
+        Verdict::Drop(Drop::Untracked)
+    );
+    assert!(nothing_delivered(&emit));
+}
+
+/// Regression (issue 18.2): after a restart, a server that speaks first on an
+/// inspected port was recorded as the opener, and `/admin` went through uninspected.
+#[test]
+fn after_a_restart_a_server_speaking_first_opens_nothing() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let c = Conn {
+        sport: 40000,
+        port: 80,
+        cseq: 1000,
+        sseq: 5000,
+    };
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.outbound(
+            Some(&A.into()),
+            &c.server("A", b"220 ready\r\n"),
+            t(0),
+            &mut emit
+        ),
+        Verdict::Drop(Drop::Untracked)
+    );
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.inbound(&sender(A), &c.client("A", GET_ADMIN), t(1), WALL, &mut emit),
+        Verdict::Drop(Drop::Untracked)
+    );
+    assert!(nothing_delivered(&emit));
+    assert_eq!(e.counters().flows, 0);
 }

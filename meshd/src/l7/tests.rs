@@ -169,6 +169,7 @@ fn allowed_get_passes_unchanged_and_uncopied() {
             release: None,
             refusal: None,
             held_ack: None,
+            answer: None,
         }
     );
     assert_eq!(net.server, GET);
@@ -200,6 +201,7 @@ fn denied_post_is_refused_before_any_byte_is_released() {
             client_ack: net.at(POST.len()),
             server_seq: net.at(0),
             server_ack: SeqNumber(SISN + 1),
+            response_end: SeqNumber(SISN + 1) + (crate::inject::response_len(&r.cause) + 1),
         }
     );
     assert_eq!(r.cause.status(), 403);
