@@ -1408,3 +1408,129 @@ fn after_a_restart_a_server_speaking_first_opens_nothing() {
     assert!(nothing_delivered(&emit));
     assert_eq!(e.counters().flows, 0);
 }
+
+// ---- Cuts hold (issue 18.3) ------------------------------------------------------------
+
+fn udp_from(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+/// Regression (issue 18.3): after `policy apply` revoked a UDP flow whose server kept
+/// sending, the server's next datagram reopened the flow as the local side's and the
+/// client's datagrams kept arriving. The cut flow stays cut in both directions until
+/// policy allows a new opening.
+#[test]
+fn a_cut_udp_flow_stays_cut_both_ways_until_policy_allows_it_again() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let from_client = udp_from(PEER_A, LOCAL, 5000, 8080, b"ping");
+    let from_server = udp_from(LOCAL, PEER_A, 8080, 5000, b"pong");
+    let inbound = |pkt: &[u8], ms| e.inbound(&sender(A), pkt, t(ms), WALL, &mut Emit::default());
+    assert_eq!(inbound(&from_client, 0), Verdict::Deliver);
+    assert_eq!(outbound(&e, &from_server, t(1)), Verdict::Deliver);
+    let cuts = e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(2), WALL);
+    assert_eq!(cuts.len(), 1);
+    let mut emit = Emit::default();
+    cuts[0].resets(&mut emit);
+    assert!(emit.is_empty(), "no connection to reset for UDP");
+    // The server keeps sending, the client too: nothing passes, for as long as the
+    // server keeps at it.
+    for ms in (3..200_000).step_by(20_000) {
+        assert_ne!(outbound(&e, &from_server, t(ms)), Verdict::Deliver, "{ms}");
+        assert_ne!(inbound(&from_client, ms + 1), Verdict::Deliver, "{ms}");
+    }
+    let c = e.counters();
+    assert_eq!((c.flows, c.flows_cut), (0, 1));
+    // Policy allows the client again: its next datagram is a new opening.
+    e.set_policy(
+        compiled(ALLOW_A_8080, DefaultAction::Deny),
+        t(200_000),
+        WALL,
+    );
+    assert_eq!(inbound(&from_client, 200_001), Verdict::Deliver);
+    assert_eq!(outbound(&e, &from_server, t(200_002)), Verdict::Deliver);
+    let c = e.counters();
+    assert_eq!((c.flows, c.flows_cut), (1, 0));
+}
+
+/// A cut TCP flow stays cut: the server's retransmissions and the client's segments
+/// are refused, and nothing re-creates the flow; the tombstone leaves the table after
+/// the closing timeout.
+#[test]
+fn a_cut_tcp_flow_stays_cut_and_its_tombstone_expires() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    assert_eq!(c.send(&e, b"hello", &mut Emit::default()), Verdict::Deliver);
+    let cuts = e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(20), WALL);
+    assert_eq!(cuts.len(), 1);
+    for pkt in [c.server("SA", b""), c.server("A", b"late data")] {
+        assert_ne!(outbound(&e, &pkt, t(21)), Verdict::Deliver);
+    }
+    let mut emit = Emit::default();
+    let more = c.client("A", b"more");
+    assert_eq!(
+        e.inbound(&sender(A), &more, t(22), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    assert!(nothing_delivered(&emit));
+    assert_eq!(e.counters().flows_cut, 1);
+    let later = t(22) + Timeouts::default().tcp_closing + Duration::from_secs(1);
+    e.poll(later, WALL, &mut Emit::default());
+    assert_eq!(e.counters().flows_cut, 0);
+}
+
+/// Regression (issue 18.3): a TCP cut right after the client's keepalive probe (one
+/// byte before its next sequence number) reset the server one too low; Linux ignored
+/// it and the flow went on. The reset carries the client's next number whatever its
+/// last segment was.
+#[test]
+fn a_cut_after_a_keepalive_probe_resets_at_the_next_sequence_number() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    assert_eq!(c.send(&e, b"hello", &mut Emit::default()), Verdict::Deliver);
+    assert_eq!(outbound(&e, &c.server("A", b""), t(11)), Verdict::Deliver);
+    let probe = c.client_at("A", c.cseq - 1, b"");
+    assert_eq!(
+        e.inbound(&sender(A), &probe, t(12), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    assert_eq!(outbound(&e, &c.server("A", b""), t(12)), Verdict::Deliver);
+    let cuts = e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(13), WALL);
+    let mut emit = Emit::default();
+    cuts[0].resets(&mut emit);
+    assert_eq!(
+        segments(&emit),
+        vec![
+            (Toward::Local, 40000, "R".to_string(), c.cseq, 0, 0),
+            (Toward::Peer, 8080, "R".to_string(), c.sseq, 0, 0)
+        ]
+    );
+}
+
+/// While bytes are on their way, the receiver expects what it acknowledged, not the
+/// sender's next number: a reset goes at each.
+#[test]
+fn a_cut_with_bytes_in_flight_resets_at_both_candidates() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    let acked = c.cseq;
+    assert_eq!(
+        c.send(&e, b"in flight", &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let cuts = e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(13), WALL);
+    assert_eq!(cuts[0].client_next_seq, Some(c.cseq));
+    assert_eq!(cuts[0].client_acked_seq, Some(acked));
+    let mut emit = Emit::default();
+    cuts[0].resets(&mut emit);
+    let to_server: Vec<u32> = segments(&emit)
+        .into_iter()
+        .filter(|s| s.0 == Toward::Local)
+        .map(|s| s.3)
+        .collect();
+    assert_eq!(to_server, vec![c.cseq, acked]);
+}
