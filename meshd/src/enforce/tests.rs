@@ -1534,3 +1534,70 @@ fn a_cut_with_bytes_in_flight_resets_at_both_candidates() {
         .collect();
     assert_eq!(to_server, vec![c.cseq, acked]);
 }
+
+// ---- Flows bound to the identity at their far end (issue 18.5) ---------------------
+
+/// Regression (issue 18.5): a peer whose certificate's prefix overlapped another
+/// peer's addresses wrote into that peer's open, allowed connection, while its own SYN
+/// to the same port was denied. A flow a peer opened takes packets from that identity
+/// only.
+#[test]
+fn a_flow_a_peer_opened_takes_packets_from_that_identity_only() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    let intruder = sender(B);
+    let mut emit = Emit::default();
+    // Same addresses and ports, the right sequence numbers: another identity.
+    let pkt = c.client("A", b"injected");
+    assert_eq!(
+        e.inbound(&intruder, &pkt, t(1), WALL, &mut emit),
+        Verdict::Drop(Drop::WrongPeer)
+    );
+    let rst = c.client("R", b"");
+    assert_eq!(
+        e.inbound(&intruder, &rst, t(1), WALL, &mut emit),
+        Verdict::Drop(Drop::WrongPeer)
+    );
+    assert!(emit.is_empty());
+    // Its own connection is decided as its own: refused.
+    let syn = tcp(PEER_A, LOCAL, 40001, 8080, "S", 1, b"");
+    assert_eq!(
+        e.inbound(&intruder, &syn, t(1), WALL, &mut emit),
+        denied(DenyReason::NoAllowMatched)
+    );
+    // The opener's flow goes on untouched.
+    assert_eq!(c.send(&e, b"hello", &mut emit), Verdict::Deliver);
+    assert_eq!(e.counters().drops.get("wrong_peer"), Some(&2));
+    // The server's answers go to the opener only (routing that picked another peer
+    // for the address must not hand them over).
+    let answer = c.server("A", b"answer");
+    assert_eq!(
+        e.outbound(Some(&B.into()), &answer, t(2), &mut emit),
+        Verdict::Drop(Drop::WrongPeer)
+    );
+    assert_eq!(outbound(&e, &answer, t(2)), Verdict::Deliver);
+}
+
+/// A flow a local workload opened takes replies only from the peer it went to.
+#[test]
+fn a_flow_the_local_side_opened_takes_replies_from_its_peer_only() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    let syn = tcp(LOCAL, PEER_A, 50000, 443, "S", 1, b"");
+    assert_eq!(outbound(&e, &syn, t(0)), Verdict::Deliver);
+    let syn_ack = tcp(PEER_A, LOCAL, 443, 50000, "SA", 1, b"");
+    assert_eq!(
+        e.inbound(&sender(B), &syn_ack, t(1), WALL, &mut Emit::default()),
+        Verdict::Drop(Drop::WrongPeer)
+    );
+    assert_eq!(
+        e.inbound(&sender(A), &syn_ack, t(1), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    // Its own next segments go to that peer only, too.
+    let ack = tcp(LOCAL, PEER_A, 50000, 443, "A", 2, b"");
+    assert_eq!(
+        e.outbound(Some(&B.into()), &ack, t(2), &mut Emit::default()),
+        Verdict::Drop(Drop::WrongPeer)
+    );
+    assert_eq!(outbound(&e, &ack, t(2)), Verdict::Deliver);
+}
