@@ -1601,3 +1601,99 @@ fn a_flow_the_local_side_opened_takes_replies_from_its_peer_only() {
     );
     assert_eq!(outbound(&e, &ack, t(2)), Verdict::Deliver);
 }
+
+// ---- ICMP errors from the far end only (issue 18.6) --------------------------------
+
+const PEER_B: [u8; 4] = [100, 64, 0, 2];
+
+/// An ICMP "fragmentation needed" from `src` to `dst` quoting `quoted`.
+fn frag_needed(src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 552 },
+        ))
+        .write(&mut out, &quoted[..quoted.len().min(28)])
+        .unwrap();
+    out
+}
+
+/// Regression (issue 18.6): a peer with no ICMP rights sent ICMP errors quoting a flow
+/// between two other parties, and they were delivered (the path MTU to a peer dropped
+/// to 552 for ten minutes). An error is delivered only from the far end of the flow
+/// it quotes, about a packet that went from here to it, with a TCP sequence number
+/// sent and not yet acknowledged.
+#[test]
+fn icmp_errors_pass_only_from_the_far_end_of_the_flow_they_quote() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    let stray = Verdict::Drop(Drop::StrayIcmp);
+    // The local workload's connection to A: SYN, SYN-ACK, 100 bytes not acknowledged.
+    let syn = tcp(LOCAL, PEER_A, 50000, 443, "S", 1000, b"");
+    assert_eq!(outbound(&e, &syn, t(0)), Verdict::Deliver);
+    let mut syn_ack = Vec::new();
+    PacketBuilder::ipv4(PEER_A, LOCAL, 64)
+        .tcp(443, 50000, 9000, 64_000)
+        .syn()
+        .ack(1001)
+        .write(&mut syn_ack, b"")
+        .unwrap();
+    assert_eq!(
+        e.inbound(&sender(A), &syn_ack, t(1), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let mut data = Vec::new();
+    PacketBuilder::ipv4(LOCAL, PEER_A, 64)
+        .tcp(50000, 443, 1001, 64_000)
+        .ack(9001)
+        .write(&mut data, &[0x5a; 100])
+        .unwrap();
+    assert_eq!(outbound(&e, &data, t(2)), Verdict::Deliver);
+    let icmp = |who: &str, src, quoted: &[u8]| {
+        e.inbound(
+            &sender(who),
+            &frag_needed(src, LOCAL, quoted),
+            t(3),
+            WALL,
+            &mut Emit::default(),
+        )
+    };
+    // From another peer (its own address, or the far end's: overlapping prefixes).
+    assert_eq!(icmp(B, PEER_B, &data), stray);
+    assert_eq!(icmp(B, PEER_A, &data), stray);
+    // From the far end, but about a packet of its own (the quoted one went the other
+    // way), or with a sequence number outside what is in flight.
+    assert_eq!(icmp(A, PEER_A, &syn_ack), stray);
+    let mut old = Vec::new();
+    PacketBuilder::ipv4(LOCAL, PEER_A, 64)
+        .tcp(50000, 443, 1001u32.wrapping_sub(1 << 20), 64_000)
+        .write(&mut old, &[0; 8])
+        .unwrap();
+    assert_eq!(icmp(A, PEER_A, &old), stray);
+    // From the far end about a segment in flight: delivered.
+    assert_eq!(icmp(A, PEER_A, &data), Verdict::Deliver);
+    assert_eq!(e.counters().drops.get("stray_icmp"), Some(&4));
+}
+
+/// The same for a flow a peer opened (the quoted packet is the local server's
+/// answer) and for a cut flow (nothing passes any more).
+#[test]
+fn icmp_errors_about_a_peers_flow_come_from_that_peer_and_stop_with_a_cut() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    let answer = c.server("A", &[0x5a; 100]);
+    assert_eq!(outbound(&e, &answer, t(1)), Verdict::Deliver);
+    c.sseq += 100;
+    let icmp = |who: &str, src| {
+        e.inbound(
+            &sender(who),
+            &frag_needed(src, LOCAL, &answer),
+            t(2),
+            WALL,
+            &mut Emit::default(),
+        )
+    };
+    assert_eq!(icmp(B, PEER_A), Verdict::Drop(Drop::StrayIcmp));
+    assert_eq!(icmp(A, PEER_A), Verdict::Deliver);
+    e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(3), WALL);
+    assert_eq!(icmp(A, PEER_A), Verdict::Drop(Drop::StrayIcmp));
+}
