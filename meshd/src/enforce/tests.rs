@@ -1697,3 +1697,83 @@ fn icmp_errors_about_a_peers_flow_come_from_that_peer_and_stop_with_a_cut() {
     e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(3), WALL);
     assert_eq!(icmp(A, PEER_A), Verdict::Drop(Drop::StrayIcmp));
 }
+
+// ---- Connections refused before they can carry anything (issue 18.7) -----------------
+
+/// Regression (issue 18.7): an identity no rule could ever allow on an inspected port
+/// completed the TCP handshake with the server (20 of 20 accepted; only its request
+/// got 403). Its SYN is refused: a RST+ACK back, the decision logged, nothing tracked.
+#[test]
+fn a_syn_no_rule_could_allow_is_refused_on_an_inspected_port() {
+    let (e, log) = enforcer(API_POLICY, 1024);
+    let mut emit = Emit::default();
+    let syn = tcp(PEER_A, LOCAL, 40000, 80, "S", 777, b"");
+    assert_eq!(
+        e.inbound(&sender(B), &syn, t(0), WALL, &mut emit),
+        denied(DenyReason::NoAllowMatched)
+    );
+    assert_eq!(
+        segments(&emit),
+        vec![(Toward::Peer, 80, "AR".to_string(), 0, 778, 0)]
+    );
+    let rec: serde_json::Value = serde_json::from_str(&log.tail(1)[0]).unwrap();
+    assert_eq!(rec["src"], B);
+    assert_eq!(rec["dst_port"], 80);
+    assert_eq!(rec["decision"], "deny");
+    assert_eq!(rec["reason"], "no_allow_matched");
+    assert_eq!(e.counters().flows, 0);
+    // An identity some request of which could be allowed gets its handshake.
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.inbound(&sender(A), &syn, t(0), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    assert!(emit.is_empty());
+    // A deny rule that covers the source whatever it asks: refused at the SYN too.
+    let quarantine = format!("{API_POLICY}\n[[policy]]\nname = \"q\"\naction = \"deny\"\n[[policy.rule]]\nfrom = [{{ identities = [\"spiffe://t/a\"] }}]\n");
+    let (e, log) = enforcer(&quarantine, 1024);
+    let mut emit = Emit::default();
+    assert!(matches!(
+        e.inbound(&sender(A), &syn, t(0), WALL, &mut emit),
+        Verdict::Drop(Drop::Denied(DenyReason::ExplicitDeny(_)))
+    ));
+    assert_eq!(emit.packets().count(), 1);
+    assert!(
+        log.tail(1)[0].contains("\"policy\":\"q\""),
+        "{}",
+        log.tail(1)[0]
+    );
+}
+
+/// Regression (issue 18.7): UDP to a port with HTTP rules (HTTP/3) passed without
+/// inspection when a rule named no protocol: here a path deny that TCP enforces and
+/// an allow without HTTP fields. UDP there is refused unless the rule that allows it
+/// names UDP.
+#[test]
+fn udp_to_an_inspected_port_needs_a_rule_that_names_udp() {
+    let policy = |protocols: &str| {
+        format!(
+            "[[policy]]\nname = \"web\"\naction = \"allow\"\n[[policy.rule]]\nfrom = [{{ identities = [\"{A}\"] }}]\nto = [{{ ports = [80]{protocols} }}]\n\n[[policy]]\nname = \"no-admin\"\naction = \"deny\"\n[[policy.rule]]\nto = [{{ ports = [80], paths = [\"/admin\"] }}]\n"
+        )
+    };
+    let quic = udp_from(PEER_A, LOCAL, 5000, 80, b"\xc0quic");
+    let (e, log) = enforcer(&policy(""), 1024);
+    assert_eq!(
+        e.inbound(&sender(A), &quic, t(0), WALL, &mut Emit::default()),
+        denied(DenyReason::NotHttp)
+    );
+    assert!(log.tail(1)[0].contains("not_http"), "{}", log.tail(1)[0]);
+    assert_eq!(e.counters().flows, 0);
+    // TCP to the same port is inspected, as before.
+    let mut c = Conn::open(&e, 40000);
+    assert_eq!(
+        c.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    // A rule that names UDP lets it through.
+    let (e, _) = enforcer(&policy(", protocols = [\"tcp\", \"udp\"]"), 1024);
+    assert_eq!(
+        e.inbound(&sender(A), &quic, t(0), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+}
