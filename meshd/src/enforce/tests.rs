@@ -1777,3 +1777,123 @@ fn udp_to_an_inspected_port_needs_a_rule_that_names_udp() {
         Verdict::Deliver
     );
 }
+
+// ---- Refused and closed flows end properly (issue 18.8, issue 26.2) -----------------
+
+/// The response meshd sent the client: its sequence number and payload length.
+fn response_of(emit: &Emit) -> (u32, usize) {
+    segments(emit)
+        .into_iter()
+        .find(|s| s.0 == Toward::Peer && s.5 > 0)
+        .map(|s| (s.3, s.5))
+        .expect("a response to the client")
+}
+
+/// Regression (issue 26.2): a connection refused with 403 that the client closed
+/// normally stayed in the flow table (idle timeout 2 hours), and the client's FIN was
+/// never acknowledged. The FIN is acknowledged on the server's behalf and the flow
+/// leaves the table within the closing timeout.
+#[test]
+fn a_refused_flow_is_closed_cleanly_and_leaves_the_table_in_seconds() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    assert_ne!(c.send(&e, GET_ADMIN, &mut emit), Verdict::Deliver);
+    let (seq, len) = response_of(&emit);
+    assert_eq!(seq, c.sseq);
+    // The client reads the response and its FIN, then closes.
+    c.sseq += len as u32 + 1;
+    let mut emit = Emit::default();
+    let fin = c.client("FA", b"");
+    e.inbound(&sender(A), &fin, t(11), WALL, &mut emit);
+    assert_eq!(
+        segments(&emit),
+        vec![(Toward::Peer, 80, "A".to_string(), c.sseq, c.cseq + 1, 0)]
+    );
+    assert_eq!(e.counters().flows, 1);
+    let soon = t(11) + Timeouts::default().tcp_closing + Duration::from_secs(1);
+    e.poll(soon, WALL, &mut Emit::default());
+    assert_eq!(e.counters().flows, 0);
+}
+
+/// Regression (issue 26.2): a new connection from the same client port right after a
+/// refused one was silently dropped, and so was one right after an allowed connection
+/// closed less than 10 s before. A SYN on a closed 5-tuple starts a new flow, as
+/// Linux conntrack does for TIME-WAIT reuse.
+#[test]
+fn a_new_syn_on_a_closed_five_tuple_starts_a_new_flow() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    // Refused.
+    let mut refused = Conn::open(&e, 40000);
+    assert_ne!(
+        refused.send(&e, GET_ADMIN, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let mut again = Conn::open(&e, 40000);
+    assert_eq!(
+        again.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    // Allowed, closed by both sides.
+    let fin = again.client("FA", b"");
+    assert_eq!(
+        e.inbound(&sender(A), &fin, t(11), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    again.cseq += 1;
+    assert_eq!(
+        outbound(&e, &again.server("FA", b""), t(11)),
+        Verdict::Deliver
+    );
+    again.sseq += 1;
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &again.client("A", b""),
+            t(11),
+            WALL,
+            &mut Emit::default()
+        ),
+        Verdict::Deliver
+    );
+    let mut third = Conn::open(&e, 40000);
+    assert_eq!(
+        third.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    assert_ne!(
+        third.send(&e, GET_ADMIN, &mut Emit::default()),
+        Verdict::Deliver
+    );
+}
+
+/// A reused 5-tuple is tracked as the new connection it is: on a layer-4 port the
+/// old FINs do not leave it on the closing timeout, so its server can answer after
+/// a pause.
+#[test]
+fn a_reused_five_tuple_is_a_fresh_flow() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    for (from_client, flags) in [(true, "FA"), (false, "FA"), (true, "A")] {
+        let v = if from_client {
+            let pkt = c.client(flags, b"");
+            e.inbound(&sender(A), &pkt, t(1), WALL, &mut Emit::default())
+        } else {
+            outbound(&e, &c.server(flags, b""), t(1))
+        };
+        assert_eq!(v, Verdict::Deliver, "{flags}");
+        if flags == "FA" {
+            if from_client {
+                c.cseq += 1;
+            } else {
+                c.sseq += 1;
+            }
+        }
+    }
+    let c = Conn::open_to(&e, 40000, 8080);
+    let later = t(1) + Timeouts::default().tcp_closing + Duration::from_secs(5);
+    assert_eq!(
+        outbound(&e, &c.server("A", b"after a pause"), later),
+        Verdict::Deliver
+    );
+}
