@@ -402,12 +402,19 @@ impl<V> Flow<V> {
                 Seen::OutOfWindow
             };
         }
-        let lo = match (r.has_ack, s.seen) {
+        let mut lo = match (r.has_ack, s.seen) {
             (true, _) => r.acked,
             (false, true) => s.end,
             // Nothing seen to check it against.
             (false, false) => return Seen::Reset,
         };
+        if s.fin && (s.end - 1usize) - lo < 0 {
+            // After its FIN, a stack answers with a RST at the FIN's own number (the
+            // acknowledgement of a segment that crossed the FIN), which the receiver
+            // has already acknowledged; Linux takes it in CLOSE-WAIT, CLOSING and
+            // LAST-ACK (`tcp_reset_check`), and so does this tracker.
+            lo = s.end - 1usize;
+        }
         let hi = if s.seen && s.end > lo { s.end } else { lo };
         // Distances from `lo`, so that a number half the space away is not read as
         // both before and after.
@@ -857,6 +864,32 @@ mod tests {
         ct.track(&k, &seg("A", 1101, 5001, 50, 1000), secs(1));
         let (_, seen, _) = ct.track(&k, &seg("R", 1151, 0, 0, 0), secs(1)).unwrap();
         assert_eq!(seen, Seen::Reset);
+    }
+
+    /// Regression (netns test flows.rs, soak-like loop): a server that closed answers
+    /// a request that crossed its FIN with a RST at the FIN's own number, which the
+    /// client has acknowledged; Linux takes it (`tcp_reset_check`), the tracker did
+    /// not, and the client sat in LAST-ACK.
+    #[test]
+    fn a_reset_at_the_number_of_a_fin_already_acknowledged_is_taken() {
+        let (mut ct, k) = established();
+        // The server's FIN at 5001, acknowledged by the client, whose request crossed it.
+        ct.track(&k.reversed(), &seg("FA", 5001, 1101, 0, 1000), secs(1));
+        ct.track(&k, &seg("A", 1101, 5001, 50, 1000), secs(1));
+        ct.track(&k, &seg("FA", 1151, 5002, 0, 1000), secs(1));
+        let (_, seen, f) = ct
+            .track(&k.reversed(), &seg("R", 5001, 0, 0, 0), secs(1))
+            .unwrap();
+        assert_eq!(seen, Seen::Reset);
+        assert!(f.is_closing());
+        // One before that is still outside.
+        let (mut ct, k) = established();
+        ct.track(&k.reversed(), &seg("FA", 5001, 1101, 0, 1000), secs(1));
+        ct.track(&k, &seg("A", 1101, 5002, 0, 1000), secs(1));
+        let (_, seen, _) = ct
+            .track(&k.reversed(), &seg("R", 5000, 0, 0, 0), secs(1))
+            .unwrap();
+        assert_eq!(seen, Seen::OutOfWindow);
     }
 
     /// RFC 9293 §3.10.7.3: in SYN-SENT a RST is taken only if it acknowledges the SYN.
