@@ -47,10 +47,16 @@
 //!
 //! # After a restart
 //!
-//! meshd does not re-learn the connections that were open before it started: the
-//! rule above (a local packet of no flow is not an opening) answers each of them with
-//! resets at its first packet in either direction, so both ends see the connection
-//! fail at once instead of waiting on a silent black hole. Re-learning them from the
+//! meshd does not re-learn the connections that were open before it started. The
+//! first packet of each, in either direction, is decided as a packet of no flow: a
+//! local workload's is no opening, a peer's is refused unless policy allows it (then,
+//! on a layer-4 port, the flow is picked up as the peer's); either way a refused one
+//! is answered with resets to both ends, so both see the connection fail at once
+//! instead of waiting on a silent black hole (issue 26.3). The local end's reset
+//! carries the refused segment's number, which is old if the local end had received
+//! more than the peer knows (its ACKs lost while meshd was down); an empty segment
+//! before that number makes the local end answer with an ACK of what it expects, and
+//! that ACK, a local packet of no flow, gets the exact reset. Re-learning them from the
 //! kernel's socket tables (sock_diag in the node's and every pod's namespace) was the
 //! alternative; it was not chosen because a socket table does not prove who opened a
 //! connection (a workload with CAP_NET_ADMIN can create an established socket for any
@@ -1634,6 +1640,16 @@ fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit, sender: Toward) 
     };
     emit.push_reset(to, from, seg.ack, sender);
     emit.push_reset(from, to, seg.seq, other);
+    if sender == Toward::Peer {
+        // The local end may have received more than the peer knows (its ACKs lost
+        // while meshd was down): then the RST at the segment's number is old and
+        // ignored. An empty segment just before it is unacceptable for the same
+        // reason, and a TCP answers an unacceptable segment with an ACK of what it
+        // expects (RFC 9293 §3.10.7.4; Linux at most twice a second); that ACK, a
+        // local packet of no flow, gets the exact reset above.
+        let probe = seg.seq - 1usize;
+        emit.push_segment(from, to, probe, Some(seg.ack), Flags::default(), other);
+    }
 }
 
 /// Refuses a SYN: RST+ACK to its sender, as a closed port answers (RFC 9293

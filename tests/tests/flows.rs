@@ -2,12 +2,13 @@
 //! failures 2 and 3): what the enforcer's connection tracking must get right for the
 //! TCP stacks of the client and the server, not only for its own tables. Refused
 //! connections end cleanly on both sides and leave no flow behind; a refused SYN is a
-//! refused connection.
+//! refused connection; a restarted meshd never leaves an established connection of
+//! its own workloads hanging.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use mesh_tests::traffic::url;
 use mesh_tests::{wait, Host};
 
@@ -195,5 +196,92 @@ fn a_source_no_rule_could_allow_is_refused_at_connect() -> mesh_tests::Result {
         ("reason", "no_allow_matched"),
     ])?;
     assert_eq!(flows(&c)?, 0);
+    Ok(())
+}
+
+/// A download from `c` to `a` under way when `restart` restarts `a`'s meshd (the
+/// receiving host): curl must finish or fail, never hang. `a` refuses anything a peer
+/// opens (default deny), so after the restart the rest of the download is a flow of
+/// nobody's; the regression (issue 26.3) was a silent drop of every segment, and the
+/// client waiting until the sender's TCP gave up (about 15 minutes).
+fn download_ends_when_the_receiver_restarts(restart: fn(&Host) -> Result<()>) -> Result<()> {
+    let mut mesh = mesh_tests::mesh!();
+    let c = mesh.host("c").up()?;
+    let a = mesh.host("a").policy("deny", "policy = []\n").up()?;
+    c.write_www("big.bin", &vec![0x5a; 32 << 20])?;
+    c.serve_http(HTTP)?;
+    let r = a.http_get_eventually(c.overlay_v4(), HTTP, "/")?;
+    ensure!(r.status == 200, "warm-up GET: {r:?}");
+
+    let out_file = a.dir().join("big.out");
+    let target = url(c.overlay_v4(), HTTP, "/big.bin");
+    let path = out_file.to_str().context("path is not UTF-8")?;
+    // 2 MB/s: the download takes 16 s unless something ends it. curl's own limit
+    // (exit 28) is the hang detector.
+    let out = std::thread::scope(|s| -> Result<_> {
+        let download = s.spawn(|| {
+            a.exec_timeout(
+                "curl",
+                &[
+                    "-sS",
+                    "-g",
+                    "--limit-rate",
+                    "2M",
+                    "--max-time",
+                    "60",
+                    "-o",
+                    path,
+                    &target,
+                ],
+                Duration::from_secs(90),
+            )
+        });
+        let started = wait::until("the download to start", Duration::from_secs(20), || {
+            let size = std::fs::metadata(&out_file).map_or(0, |m| m.len());
+            Ok((size >= 1 << 20).then_some(()))
+        });
+        let restarted = started.and_then(|()| restart(&a));
+        let out = download
+            .join()
+            .map_err(|_| anyhow::anyhow!("the download thread panicked"))?;
+        restarted?;
+        out
+    })?;
+    let size = std::fs::metadata(&out_file).map_or(0, |m| m.len());
+    // Finished whole, or failed (reset); exit 28 would be curl giving up on a stall,
+    // 124 or 137 the harness ending it.
+    let finished = out.success() && size == 32 << 20;
+    let failed = !out.success() && !matches!(out.code, Some(28 | 124 | 137));
+    ensure!(
+        finished || failed,
+        "the download neither finished nor failed: {out} ({size} bytes)\n---- a's decisions ----\n{}\n---- a's log ----\n{}",
+        a.meshctl(&["log", "-n", "20"]).map(|o| o.stdout_str()).unwrap_or_default(),
+        mesh_tests::process::last_lines(&a.log(), 30)
+    );
+    // The restarted meshd refused the connection it did not know, whichever end
+    // spoke first: the client (untracked) or the server (refused by policy).
+    let drops = &a.enforcement()?["counters"]["drops"];
+    ensure!(
+        drops["untracked"].as_u64().unwrap_or(0) + drops["default_deny"].as_u64().unwrap_or(0) > 0,
+        "a's meshd saw nothing of the connection: {drops}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_download_fails_fast_when_the_receiving_meshd_is_restarted() -> mesh_tests::Result {
+    download_ends_when_the_receiver_restarts(|h| {
+        h.stop_meshd()?;
+        h.start()
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_download_fails_fast_when_the_receiving_meshd_is_killed() -> mesh_tests::Result {
+    download_ends_when_the_receiver_restarts(|h| {
+        h.kill_meshd()?;
+        h.start()
+    })?;
     Ok(())
 }

@@ -950,7 +950,9 @@ fn l7_mid_stream_without_handshake_fails_closed() {
     assert_eq!(v, Verdict::Drop(Drop::Untracked));
     // Both ends are reset so that they reconnect at once (a flow from before a restart
     // would otherwise hang until its timeouts): each RST at the number its receiver
-    // expects; nothing of the segment is delivered.
+    // expects; nothing of the segment is delivered. The local end also gets an empty
+    // segment just before that number, which it answers with an ACK if the reset was
+    // old (see `untracked_resets`).
     let rsts: Vec<(Toward, u32, bool, usize)> = emit
         .packets()
         .map(
@@ -966,7 +968,8 @@ fn l7_mid_stream_without_handshake_fails_closed() {
         rsts,
         vec![
             (Toward::Peer, c.sseq, true, 0),
-            (Toward::Local, c.cseq, true, 0)
+            (Toward::Local, c.cseq, true, 0),
+            (Toward::Local, c.cseq - 1, false, 0)
         ]
     );
     // A RST is never answered.
@@ -1895,4 +1898,65 @@ fn a_reused_five_tuple_is_a_fresh_flow() {
         outbound(&e, &c.server("A", b"after a pause"), later),
         Verdict::Deliver
     );
+}
+
+// ---- After a restart: no silent black hole (issue 26.3) ----------------------------
+
+/// Regression (issue 26.3): after the receiving host's meshd restarted, data for its
+/// own workload's open connection was taken as a new inbound flow and, under default
+/// deny, dropped without a reset; the client waited until the sender's TCP gave up
+/// (about 15 minutes). A refused segment of a connection meshd does not know resets
+/// both ends (the peer at the number it expects, the local end at the segment's and,
+/// should that be old, with an empty segment the local end answers with an ACK); that
+/// ACK, a local segment of no flow, gets the exact reset.
+#[test]
+fn a_refused_segment_of_an_unknown_connection_resets_both_ends() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    let mut data = Vec::new();
+    PacketBuilder::ipv4(PEER_A, LOCAL, 64)
+        .tcp(8080, 50000, 9000, 64_000)
+        .ack(1001)
+        .write(&mut data, &[0x5a; 1000])
+        .unwrap();
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.inbound(&sender(A), &data, t(0), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    assert_eq!(
+        segments(&emit),
+        vec![
+            (Toward::Peer, 50000, "R".to_string(), 1001, 0, 0),
+            (Toward::Local, 8080, "R".to_string(), 9000, 0, 0),
+            (Toward::Local, 8080, "A".to_string(), 8999, 1001, 0),
+        ]
+    );
+    // The local end answers with what it expects (it had received more): reset there.
+    let mut answer = Vec::new();
+    PacketBuilder::ipv4(LOCAL, PEER_A, 64)
+        .tcp(50000, 8080, 1001, 64_000)
+        .ack(12_000)
+        .write(&mut answer, b"")
+        .unwrap();
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.outbound(Some(&A.into()), &answer, t(1), &mut emit),
+        Verdict::Drop(Drop::Untracked)
+    );
+    assert_eq!(
+        segments(&emit),
+        vec![
+            (Toward::Local, 8080, "R".to_string(), 12_000, 0, 0),
+            (Toward::Peer, 50000, "R".to_string(), 1001, 0, 0),
+        ]
+    );
+    // A SYN that policy refuses is not answered (a refused connection, not a reset
+    // of one) — the peer's connection attempt simply fails, as before.
+    let mut emit = Emit::default();
+    let syn = tcp(PEER_A, LOCAL, 40000, 22, "S", 1, b"");
+    assert_eq!(
+        e.inbound(&sender(A), &syn, t(2), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    assert!(emit.is_empty());
 }
