@@ -2026,4 +2026,6 @@ fn quoted_key(q: &[u8]) -> Option<(FlowKey, Option<u32>)> {
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
