@@ -6,6 +6,16 @@
 //! echo uses its identifier as both ports, so a reply (same identifier, addresses
 //! swapped) matches the request's flow.
 //!
+//! TCP flows are followed per direction as an observer in the path sees them: the
+//! highest sequence number each side sent, what each acknowledged, the right edge of
+//! the window each offered (scaled, RFC 7323). [`Flow::observe`] takes a RST only at
+//! a number its receiver can expect (RFC 5961 §3.2) and a FIN only inside its
+//! receiver's window; what it does not take changes nothing (a forged RST cannot end
+//! a flow, a forged FIN cannot start its closing timeout). The numbers a reset must
+//! carry to end a connection come from the same state ([`Flow::next_seq`],
+//! [`Flow::acked`]), so they are right whatever the last segment was (a keepalive
+//! probe sits one below the next sequence number).
+//!
 //! Bounded by construction (invariant 6): the table never holds more than its
 //! capacity. When full, expired flows are removed first (at most one full sweep per
 //! second, so a flood cannot make every insert scan the table), then the oldest flow

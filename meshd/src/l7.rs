@@ -23,6 +23,9 @@
 //! - **No copy unless held.** In-order segments of an allowed stream (a head completed
 //!   within the segment, a body of any size) are forwarded as they came, possibly cut;
 //!   only a head split across segments, or out-of-order data, is copied.
+//! - **A refused connection closes cleanly.** After a refusal the server has been reset
+//!   and says nothing more, so the flow answers the client on its behalf until the
+//!   client has closed ([`Answer`]): it is never left retransmitting its FIN.
 //! - **Bounded.** At most `Config::max_held` bytes are buffered per flow; a head larger
 //!   than `limits.max_head` is refused with 431, one incomplete for `head_timeout` with
 //!   408.
@@ -39,6 +42,9 @@
 //!                    MSS, the last piece with FIN if `fin` (inject::segments does it)
 //!     3. o.refusal:  send inject::response(...) to the client and inject::reset(...)
 //!                    to the server; log the cause; the flow ends
+//!     4. o.held_ack: send the ACK to the client
+//!     5. o.answer:   (a refused flow) send the response again, an ACK of the
+//!                    client's FIN, or a RST, to the client (see Answer)
 //! server→client segment:  flow.on_server_segment(&seg, now) → Forward / Drop
 //! timer:                  at flow.poll_at(), flow.poll(now) → Option<Refusal>
 //! ```
