@@ -1334,10 +1334,12 @@ impl Enforcer {
         // The client of a refused flow, answered on the server's behalf until it has
         // closed (l7::Answer).
         match outcome.answer {
-            Some(l7::Answer::Response(r))
-                if inject::response(&ends, &r, &mut emit.text, &mut emit.scratch).is_ok() =>
-            {
-                emit.push_scratch(Toward::Peer);
+            Some(l7::Answer::Response) => {
+                if let Some(r) = flow.refusal() {
+                    if inject::response(&ends, &r, &mut emit.text, &mut emit.scratch).is_ok() {
+                        emit.push_scratch(Toward::Peer);
+                    }
+                }
             }
             Some(l7::Answer::Ack { seq, ack }) => {
                 let no_flags = Flags::default();

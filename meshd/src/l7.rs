@@ -290,10 +290,11 @@ pub struct HeldAck {
 /// left in LAST-ACK or FIN-WAIT).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answer {
-    /// The refusal's response again (build it as for [`Outcome::refusal`]): the client
-    /// has not acknowledged all of it, so it was lost or crossed the segment. It
-    /// acknowledges all the client has sent since, its FIN included.
-    Response(Refusal),
+    /// The refusal's response again, [`L7Flow::refusal`] (build it as for
+    /// [`Outcome::refusal`]): the client has not acknowledged all of it, so it was lost
+    /// or crossed the segment. It acknowledges all the client has sent since, its FIN
+    /// included. (Not carried here: an outcome stays small on the data path.)
+    Response,
     /// A pure ACK of the client's FIN.
     Ack { seq: SeqNumber, ack: SeqNumber },
     /// A RST: the client sent data after it had the whole answer; nobody will read it.
@@ -429,6 +430,12 @@ impl L7Flow {
             Some(r) => r.base() + self.releasing,
             None => start,
         })
+    }
+
+    /// The refusal meshd answered the client with, once refused (its `client_ack`
+    /// follows what the client sent since); `None` before, or once the client reset.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refusal
     }
 
     /// Bytes buffered now (for a total limit across flows).
@@ -569,7 +576,7 @@ impl L7Flow {
         if !has_all {
             if now.since(self.answered_at) >= ANSWER_INTERVAL {
                 self.answered_at = now;
-                outcome.answer = Some(Answer::Response(refusal));
+                outcome.answer = Some(Answer::Response);
             }
         } else if !seg.payload.is_empty() {
             self.refusal = None;

@@ -1191,10 +1191,14 @@ fn a_refused_client_is_answered_until_it_has_closed() {
     net.tick(ANSWER_INTERVAL.as_millis() as u64);
     assert_eq!(
         client(&mut net, end, before, fin, b""),
-        Some(Answer::Response(Refusal {
+        Some(Answer::Response)
+    );
+    assert_eq!(
+        net.flow.refusal(),
+        Some(Refusal {
             client_ack: end + 1,
             ..r
-        }))
+        })
     );
     // The client has the whole answer: its FIN is acknowledged (each time it comes).
     for _ in 0..2 {
