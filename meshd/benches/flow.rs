@@ -50,6 +50,7 @@ fn segment(syn: bool, seq: u32, payload_len: u32) -> Observation {
             seq,
             ack: 1,
             payload_len,
+            ..TcpSegmentInfo::default()
         }),
     }
 }
@@ -147,14 +148,18 @@ fn bench_l4(c: &mut Criterion) {
         enforcer.inbound(&sender, &data, NOW, WALL, &mut emit),
         Verdict::Deliver
     );
-    assert_eq!(enforcer.outbound(&reply, NOW), Verdict::Deliver);
+    let client = Some(&sender.identity);
+    assert_eq!(
+        enforcer.outbound(client, &reply, NOW, &mut emit),
+        Verdict::Deliver
+    );
 
     let mut group = c.benchmark_group("l4");
     group.bench_function(BenchmarkId::new("inbound_established", FLOWS), |b| {
         b.iter(|| enforcer.inbound(&sender, black_box(&data), NOW, WALL, &mut emit))
     });
     group.bench_function(BenchmarkId::new("outbound_reply", FLOWS), |b| {
-        b.iter(|| enforcer.outbound(black_box(&reply), NOW))
+        b.iter(|| enforcer.outbound(client, black_box(&reply), NOW, &mut emit))
     });
     group.finish();
 }

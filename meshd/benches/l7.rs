@@ -247,7 +247,10 @@ fn inspected_flow(now: Duration, wall: UnixTime) -> (Enforcer, Sender, u32, u32)
         deliver
     );
     let syn_ack = packet(false, sisn, Some(cisn + 1), true, b"");
-    assert_eq!(enforcer.outbound(&syn_ack, now), deliver);
+    assert_eq!(
+        enforcer.outbound(Some(&sender.identity), &syn_ack, now, &mut emit),
+        deliver
+    );
     let ack = packet(true, cisn + 1, Some(sisn + 1), false, b"");
     assert_eq!(
         enforcer.inbound(&sender, &ack, now, wall, &mut emit),

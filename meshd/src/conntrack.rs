@@ -6,6 +6,16 @@
 //! echo uses its identifier as both ports, so a reply (same identifier, addresses
 //! swapped) matches the request's flow.
 //!
+//! TCP flows are followed per direction as an observer in the path sees them: the
+//! highest sequence number each side sent, what each acknowledged, the right edge of
+//! the window each offered (scaled, RFC 7323). [`Flow::observe`] takes a RST only at
+//! a number its receiver can expect (RFC 5961 §3.2) and a FIN only inside its
+//! receiver's window; what it does not take changes nothing (a forged RST cannot end
+//! a flow, a forged FIN cannot start its closing timeout). The numbers a reset must
+//! carry to end a connection come from the same state ([`Flow::next_seq`],
+//! [`Flow::acked`]), so they are right whatever the last segment was (a keepalive
+//! probe sits one below the next sequence number).
+//!
 //! Bounded by construction (invariant 6): the table never holds more than its
 //! capacity. When full, expired flows are removed first (at most one full sweep per
 //! second, so a flood cannot make every insert scan the table), then the oldest flow
@@ -35,6 +45,8 @@ use std::time::Duration;
 
 use hashbrown::hash_table::HashTable;
 use slab::Slab;
+
+use crate::flow::SeqNumber;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -134,12 +146,30 @@ pub struct Observation {
     pub tcp: Option<TcpSegmentInfo>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpSegmentInfo {
     pub flags: TcpFlags,
     pub seq: u32,
     pub ack: u32,
     pub payload_len: u32,
+    /// The advertised window, as on the wire (unscaled).
+    pub window: u16,
+    /// On a SYN: the window scale option (RFC 7323 §2.2), if present.
+    pub wscale: Option<u8>,
+}
+
+impl TcpSegmentInfo {
+    /// A TCP opening: SYN without ACK (and without RST). Only such a segment going out
+    /// makes a flow count as opened by the local side (DESIGN.md invariant 3).
+    pub fn opens(&self) -> bool {
+        self.flags.syn && !self.flags.ack && !self.flags.rst
+    }
+
+    /// Sequence space the segment occupies: payload, plus one each for SYN and FIN
+    /// (RFC 9293 §3.4).
+    fn seq_len(&self) -> usize {
+        self.payload_len as usize + usize::from(self.flags.syn) + usize::from(self.flags.fin)
+    }
 }
 
 /// Idle timeouts, by state.
@@ -147,9 +177,12 @@ pub struct TcpSegmentInfo {
 pub struct Timeouts {
     /// A TCP flow that has not completed its handshake, or a UDP/ICMP flow with no reply.
     pub unreplied: Duration,
-    /// An established TCP flow.
+    /// An established TCP flow. Longer than Linux's default keepalive time (7,200 s)
+    /// so that the first keepalive probe of an idle connection still finds its flow:
+    /// a local workload's segment of a flow meshd no longer tracks is answered with
+    /// resets, not taken as a new opening.
     pub tcp_established: Duration,
-    /// A TCP flow after FIN in both directions or RST.
+    /// A TCP flow after FIN in both directions, a RST, a refusal or a cut.
     pub tcp_closing: Duration,
     /// A UDP or ICMP flow that saw replies.
     pub datagram_replied: Duration,
@@ -159,11 +192,54 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             unreplied: Duration::from_secs(30),
-            tcp_established: Duration::from_secs(2 * 3600),
+            tcp_established: Duration::from_secs(2 * 3600 + 600),
             tcp_closing: Duration::from_secs(10),
             datagram_replied: Duration::from_secs(180),
         }
     }
+}
+
+/// The TCP state of one direction of a flow, as an observer in the path sees it in
+/// that side's segments (RFC 9293 §3.3.1): what it sent (its SND.NXT), what it
+/// acknowledged (its RCV.NXT as last announced) and the right edge of the window it
+/// offered (RCV.NXT + RCV.WND).
+#[derive(Clone, Copy, Debug, Default)]
+struct TcpSide {
+    /// A segment from this side was taken.
+    seen: bool,
+    /// Its SYN was seen (so its window scale offer is known).
+    syn: bool,
+    /// Its FIN was taken.
+    fin: bool,
+    has_ack: bool,
+    /// Window scale it offered on its SYN, if any.
+    wscale: Option<u8>,
+    /// Sequence number of the first segment taken from it (its ISN if the SYN was seen).
+    start: SeqNumber,
+    /// One past the highest sequence number it sent (SYN and FIN count).
+    end: SeqNumber,
+    /// Its highest acknowledgement (valid with `has_ack`).
+    acked: SeqNumber,
+    /// The farthest right edge of the window it offered: `acked + window`, scaled.
+    right: SeqNumber,
+    /// Its largest window, scaled.
+    max_window: u32,
+}
+
+/// What the tracker made of one packet ([`Flow::observe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Taken: the flow's state follows it.
+    Taken,
+    /// A RST at the sequence number its receiver expects: taken, the flow has ended.
+    Reset,
+    /// A RST inside its receiver's window but not at the number it expects (RFC 5961
+    /// §3.2): not taken. A receiver answers it with a challenge ACK, so that a sender
+    /// who lost track can send an exact reset.
+    RstInWindow,
+    /// A RST or FIN outside its receiver's window: not taken, and the receiver would
+    /// not take it either.
+    OutOfWindow,
 }
 
 /// One tracked flow and the caller's value for it.
@@ -174,12 +250,10 @@ pub struct Flow<V> {
     pub last_seen: Duration,
     /// A packet travelled in the reply direction.
     pub replied: bool,
-    /// FIN seen, per direction.
-    fin: [bool; 2],
-    rst: bool,
-    /// TCP: the sequence number following the last segment, per direction; what a
-    /// reset injected in that direction must carry to be accepted.
-    next_seq: [Option<u32>; 2],
+    /// Ended by a RST, or by its owner ([`Flow::close`]).
+    closed: bool,
+    /// TCP only: per direction ([`Dir::index`]).
+    tcp: [TcpSide; 2],
 }
 
 impl<V> Flow<V> {
@@ -189,35 +263,194 @@ impl<V> Flow<V> {
             value,
             last_seen: now,
             replied: false,
-            fin: [false; 2],
-            rst: false,
-            next_seq: [None; 2],
+            closed: false,
+            tcp: [TcpSide::default(); 2],
         }
     }
 
-    /// The next sequence number of the sender in `dir`, once a segment was seen.
+    /// The next sequence number of the sender in `dir` (the highest it used, so that
+    /// a keepalive probe at next−1 does not lower it), once a segment was seen.
     pub fn next_seq(&self, dir: Dir) -> Option<u32> {
-        self.next_seq[dir.index()]
+        let s = &self.tcp[dir.index()];
+        s.seen.then_some(s.end.0)
     }
 
-    /// Whether the flow has ended (RST, or FIN in both directions).
+    /// What the receiver of `dir` last acknowledged of that direction's stream: the
+    /// other candidate, besides [`Flow::next_seq`], for the number it expects next.
+    pub fn acked(&self, dir: Dir) -> Option<u32> {
+        let r = &self.tcp[1 - dir.index()];
+        r.has_ack.then_some(r.acked.0)
+    }
+
+    /// The challenge ACK (RFC 5961 §3.2) the receiver of `dir` would send to a RST
+    /// that was not exact: its own next sequence number and what it acknowledged.
+    pub fn challenge(&self, dir: Dir) -> Option<(SeqNumber, SeqNumber)> {
+        let r = &self.tcp[1 - dir.index()];
+        (r.seen && r.has_ack).then_some((r.end, r.acked))
+    }
+
+    /// Whether a TCP sequence number quoted by an ICMP error (RFC 5927 §4.1) is one the
+    /// sender in `dir` has sent and its receiver not yet acknowledged: between SND.UNA
+    /// and SND.NXT. Always true for other protocols' flows (no sequence numbers).
+    pub fn sent_unacked(&self, dir: Dir, seq: u32) -> bool {
+        let (s, r) = (&self.tcp[dir.index()], &self.tcp[1 - dir.index()]);
+        if !s.seen {
+            return false;
+        }
+        let una = if r.has_ack { r.acked } else { s.start };
+        (0..=s.end - una).contains(&(SeqNumber(seq) - una))
+    }
+
+    /// Whether the flow has ended (RST, FIN in both directions, or closed by its owner).
     pub fn is_closing(&self) -> bool {
-        self.rst || (self.fin[0] && self.fin[1])
+        self.closed || (self.tcp[0].fin && self.tcp[1].fin)
     }
 
-    fn observe(&mut self, dir: Dir, obs: &Observation, now: Duration) {
+    /// Ends the flow: it is kept for the closing timeout only (a refused or cut flow).
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// Records what a packet in `dir` shows, and says whether it was taken. A RST is
+    /// taken only at the sequence number its receiver expects (RFC 5961 §3.2, from
+    /// what this tracker saw: between what the receiver acknowledged and what the
+    /// sender sent), a FIN only inside its receiver's window; one that is not taken
+    /// changes nothing, not even the idle timer.
+    pub fn observe(&mut self, dir: Dir, obs: &Observation, now: Duration) -> Seen {
+        let i = dir.index();
+        let seen = match obs.tcp {
+            Some(t) if t.flags.rst => match self.rst_check(i, &t) {
+                Seen::Reset => {
+                    self.closed = true;
+                    Seen::Reset
+                }
+                other => return other,
+            },
+            Some(t) if t.flags.fin && !self.fin_in_window(i, &t) => return Seen::OutOfWindow,
+            Some(t) => {
+                self.record(i, &t);
+                Seen::Taken
+            }
+            None => Seen::Taken,
+        };
         self.last_seen = now;
         if dir == Dir::Reply {
             self.replied = true;
         }
-        if let Some(tcp) = obs.tcp {
-            let i = dir.index();
-            self.fin[i] |= tcp.flags.fin;
-            self.rst |= tcp.flags.rst;
-            // SYN and FIN each occupy one sequence number (RFC 9293, 3.4).
-            let len = tcp.payload_len + u32::from(tcp.flags.syn) + u32::from(tcp.flags.fin);
-            self.next_seq[i] = Some(tcp.seq.wrapping_add(len));
+        seen
+    }
+
+    /// Window scale in effect for the windows side `i` advertises: its offer if both
+    /// SYNs carried the option, none if a SYN without it was seen, and the largest
+    /// (14) when the handshake was not seen (a flow picked up mid-stream): a window
+    /// read too large only makes the checks more lenient.
+    fn scale(&self, i: usize) -> u8 {
+        let (a, b) = (&self.tcp[0], &self.tcp[1]);
+        if !(a.syn && b.syn) {
+            return 14;
         }
+        match (a.wscale, b.wscale) {
+            (Some(_), Some(_)) => self.tcp[i].wscale.unwrap_or(0).min(14),
+            _ => 0,
+        }
+    }
+
+    fn record(&mut self, i: usize, t: &TcpSegmentInfo) {
+        let other = {
+            let r = &self.tcp[1 - i];
+            r.seen.then_some((r.start, r.end))
+        };
+        let scale = if t.flags.syn { 0 } else { self.scale(i) };
+        let s = &mut self.tcp[i];
+        let seq = SeqNumber(t.seq);
+        let end = seq + t.seq_len();
+        if !s.seen {
+            s.seen = true;
+            s.start = seq;
+            s.end = end;
+        } else if end > s.end {
+            s.end = end;
+        }
+        if t.flags.syn {
+            s.syn = true;
+            s.wscale = t.wscale;
+        }
+        s.fin |= t.flags.fin;
+        if !t.flags.ack {
+            return;
+        }
+        let ack = SeqNumber(t.ack);
+        // An acknowledgement of bytes the other side never sent, or of none it sent, is
+        // not taken (RFC 9293 §3.10.7.4: SND.UNA < SEG.ACK =< SND.NXT): it would move
+        // the numbers resets are checked against.
+        if other.is_some_and(|(start, end)| ack > end || ack <= start) {
+            return;
+        }
+        let window = u32::from(t.window) << scale;
+        if !s.has_ack || ack > s.acked {
+            s.acked = ack;
+        }
+        let right = ack + window as usize;
+        if !s.has_ack || right > s.right {
+            s.right = right;
+        }
+        s.has_ack = true;
+        s.max_window = s.max_window.max(window);
+    }
+
+    /// RFC 5961 §3.2 from the middle: a RST from side `i` is exact when its sequence
+    /// number can be its receiver's RCV.NXT, i.e. lies between what the receiver last
+    /// acknowledged and what the sender has sent; in the window when it lies before
+    /// the right edge the receiver offered. A receiver in SYN-SENT takes a RST only if
+    /// it acknowledges its SYN (RFC 9293 §3.10.7.3).
+    fn rst_check(&self, i: usize, t: &TcpSegmentInfo) -> Seen {
+        let (s, r) = (&self.tcp[i], &self.tcp[1 - i]);
+        if r.syn && !r.has_ack {
+            return if t.flags.ack && r.seen && SeqNumber(t.ack) == r.end {
+                Seen::Reset
+            } else {
+                Seen::OutOfWindow
+            };
+        }
+        let mut lo = match (r.has_ack, s.seen) {
+            (true, _) => r.acked,
+            (false, true) => s.end,
+            // Nothing seen to check it against.
+            (false, false) => return Seen::Reset,
+        };
+        if s.fin && (s.end - 1usize) - lo < 0 {
+            // After its FIN, a stack answers with a RST at the FIN's own number (the
+            // acknowledgement of a segment that crossed the FIN), which the receiver
+            // has already acknowledged; Linux takes it in CLOSE-WAIT, CLOSING and
+            // LAST-ACK (`tcp_reset_check`), and so does this tracker.
+            lo = s.end - 1usize;
+        }
+        let hi = if s.seen && s.end > lo { s.end } else { lo };
+        // Distances from `lo`, so that a number half the space away is not read as
+        // both before and after.
+        let d = SeqNumber(t.seq) - lo;
+        if (0..=hi - lo).contains(&d) {
+            Seen::Reset
+        } else if r.has_ack && d > 0 && d < r.right - lo {
+            Seen::RstInWindow
+        } else {
+            Seen::OutOfWindow
+        }
+    }
+
+    /// A FIN is taken when its position lies in its receiver's window, or before it
+    /// (a retransmission); far outside, the receiver would drop it too. One window of
+    /// slack each way (at least 64 KiB): meshd acknowledges held request bytes on a
+    /// server's behalf (`l7::HeldAck`), so a client may send that far past the window
+    /// the server itself offered.
+    fn fin_in_window(&self, i: usize, t: &TcpSegmentInfo) -> bool {
+        let r = &self.tcp[1 - i];
+        if !r.has_ack {
+            return true;
+        }
+        let fin = SeqNumber(t.seq) + (t.payload_len as usize + usize::from(t.flags.syn));
+        let slack = i64::from(r.max_window.max(u32::from(u16::MAX)));
+        fin - r.right <= slack && fin - r.acked >= -slack
     }
 
     fn timeout(&self, proto: u8, t: &Timeouts) -> Duration {
@@ -302,25 +535,29 @@ impl<V> ConnTrack<V> {
         self.evicted
     }
 
-    /// Finds the flow of a packet with 5-tuple `key`, records what the packet shows,
-    /// and tells in which direction it travels. An expired flow is not found (and is
-    /// removed).
+    /// Finds the flow of a packet with 5-tuple `key`, records what the packet shows
+    /// ([`Flow::observe`]), and tells in which direction it travels and what the flow
+    /// made of it. An expired flow is not found (and is removed).
     pub fn track(
         &mut self,
         key: &FlowKey,
         obs: &Observation,
         now: Duration,
-    ) -> Option<(Dir, &mut Flow<V>)> {
+    ) -> Option<(Dir, Seen, &mut Flow<V>)> {
         let h = self.hasher.hash(key);
-        self.track_hashed(h, key, obs, now)
+        let (dir, flow) = self.find_hashed(h, key, now)?;
+        let seen = flow.observe(dir, obs, now);
+        Some((dir, seen, flow))
     }
 
-    /// [`ConnTrack::track`] with the flow's hash already computed.
-    pub fn track_hashed(
+    /// Finds the flow of a packet with 5-tuple `key` (hashed `h`) and tells in which
+    /// direction the packet travels, without recording anything: the caller checks
+    /// the packet first, then records it with [`Flow::observe`]. An expired flow is
+    /// not found (and is removed).
+    pub fn find_hashed(
         &mut self,
         h: FlowHash,
         key: &FlowKey,
-        obs: &Observation,
         now: Duration,
     ) -> Option<(Dir, &mut Flow<V>)> {
         // The original direction first: if both a flow and its mirror image exist
@@ -339,9 +576,7 @@ impl<V> ConnTrack<V> {
             self.flows.remove(slot);
             return None;
         }
-        let flow = &mut self.flows[slot];
-        flow.observe(dir, obs, now);
-        Some((dir, flow))
+        Some((dir, &mut self.flows[slot]))
     }
 
     /// Every tracked flow, in no particular order.
@@ -488,6 +723,7 @@ mod tests {
                 seq,
                 ack: 0,
                 payload_len: len,
+                ..TcpSegmentInfo::default()
             }),
         }
     }
@@ -510,7 +746,7 @@ mod tests {
         ct.insert_hashed(h.hash(&k), k, Origin::Local, 1u8, &NONE, secs(0))
             .unwrap();
         assert!(ct.get(&k).is_some());
-        let (dir, _) = ct.track(&k.reversed(), &NONE, secs(1)).unwrap();
+        let (dir, _, _) = ct.track(&k.reversed(), &NONE, secs(1)).unwrap();
         assert_eq!(dir, Dir::Reply);
         assert!(ct.remove_hashed(h.hash(&k), &k).is_some());
         assert!(ct.is_empty());
@@ -525,9 +761,9 @@ mod tests {
         ct.insert(k, Origin::Local, 'l', &NONE, secs(0)).unwrap();
         ct.insert(k.reversed(), Origin::Remote, 'r', &NONE, secs(0))
             .unwrap();
-        let (dir, f) = ct.track(&k, &NONE, secs(1)).unwrap();
+        let (dir, _, f) = ct.track(&k, &NONE, secs(1)).unwrap();
         assert_eq!((dir, f.value), (Dir::Original, 'l'));
-        let (dir, f) = ct.track(&k.reversed(), &NONE, secs(1)).unwrap();
+        let (dir, _, f) = ct.track(&k.reversed(), &NONE, secs(1)).unwrap();
         assert_eq!((dir, f.value), (Dir::Original, 'r'));
     }
 
@@ -537,11 +773,11 @@ mod tests {
         let k = key(40000, 80);
         ct.insert(k, Origin::Remote, "allow", &NONE, secs(0))
             .unwrap();
-        let (dir, flow) = ct.track(&k.reversed(), &NONE, secs(1)).unwrap();
+        let (dir, _, flow) = ct.track(&k.reversed(), &NONE, secs(1)).unwrap();
         assert_eq!(dir, Dir::Reply);
         assert!(flow.replied);
         assert_eq!(flow.value, "allow");
-        let (dir, _) = ct.track(&k, &NONE, secs(2)).unwrap();
+        let (dir, _, _) = ct.track(&k, &NONE, secs(2)).unwrap();
         assert_eq!(dir, Dir::Original);
         // A different source port is a different flow.
         assert!(ct.track(&key(40001, 80), &NONE, secs(2)).is_none());
@@ -564,9 +800,146 @@ mod tests {
         assert_eq!(f.next_seq(Dir::Original), Some(0));
         ct.track(&k.reversed(), &tcp(true, true, false, false, 7, 0), secs(0));
         ct.track(&k, &tcp(false, true, false, false, 0, 100), secs(0));
-        let (_, f) = ct.track(&k, &NONE, secs(0)).unwrap();
+        let (_, _, f) = ct.track(&k, &NONE, secs(0)).unwrap();
         assert_eq!(f.next_seq(Dir::Original), Some(100));
         assert_eq!(f.next_seq(Dir::Reply), Some(8));
+    }
+
+    /// A segment with everything set: flags from "SAFR", sequence and acknowledgement
+    /// numbers, payload length, window.
+    fn seg(flags: &str, seq: u32, ack: u32, len: u32, window: u16) -> Observation {
+        Observation {
+            tcp: Some(TcpSegmentInfo {
+                flags: TcpFlags {
+                    syn: flags.contains('S'),
+                    ack: flags.contains('A'),
+                    fin: flags.contains('F'),
+                    rst: flags.contains('R'),
+                },
+                seq,
+                ack,
+                payload_len: len,
+                window,
+                wscale: None,
+            }),
+        }
+    }
+
+    /// A client (1000) and a server (5000) after their handshake, the client's 100
+    /// bytes acknowledged.
+    fn established() -> (ConnTrack<()>, FlowKey) {
+        let mut ct = ConnTrack::new(8, Timeouts::default());
+        let k = key(40000, 80);
+        ct.insert(k, Origin::Remote, (), &seg("S", 1000, 0, 0, 1000), secs(0))
+            .unwrap();
+        ct.track(&k.reversed(), &seg("SA", 5000, 1001, 0, 1000), secs(0));
+        ct.track(&k, &seg("A", 1001, 5001, 100, 1000), secs(0));
+        ct.track(&k.reversed(), &seg("A", 5001, 1101, 0, 1000), secs(0));
+        (ct, k)
+    }
+
+    /// Regression (issue 18.3): the reset of a cut flow took the sequence number after
+    /// the last segment, one too low when that was a keepalive probe (next−1).
+    #[test]
+    fn next_sequence_is_the_highest_sent_whatever_the_last_segment() {
+        let (mut ct, k) = established();
+        let (_, seen, f) = ct
+            .track(&k, &seg("A", 1100, 5001, 0, 1000), secs(1))
+            .unwrap();
+        assert_eq!(seen, Seen::Taken);
+        assert_eq!(f.next_seq(Dir::Original), Some(1101));
+        assert_eq!(f.acked(Dir::Original), Some(1101));
+        assert_eq!(f.next_seq(Dir::Reply), Some(5001));
+    }
+
+    /// RFC 5961 §3.2 from the middle: exact (between what the receiver acknowledged
+    /// and what the sender sent), in the window, or outside.
+    #[test]
+    fn resets_are_taken_only_at_the_expected_number() {
+        for (seq, want) in [
+            (1101, Seen::Reset),
+            (1500, Seen::RstInWindow),
+            (1101 + 1000 + 10, Seen::OutOfWindow),
+            (900, Seen::OutOfWindow),
+            (1101u32.wrapping_add(1 << 31), Seen::OutOfWindow),
+        ] {
+            let (mut ct, k) = established();
+            let (_, seen, f) = ct.track(&k, &seg("R", seq, 0, 0, 0), secs(1)).unwrap();
+            assert_eq!(seen, want, "RST at {seq}");
+            assert_eq!(f.is_closing(), want == Seen::Reset, "RST at {seq}");
+        }
+        // Data sent and not yet acknowledged: the receiver may expect any number up
+        // to the sender's next.
+        let (mut ct, k) = established();
+        ct.track(&k, &seg("A", 1101, 5001, 50, 1000), secs(1));
+        let (_, seen, _) = ct.track(&k, &seg("R", 1151, 0, 0, 0), secs(1)).unwrap();
+        assert_eq!(seen, Seen::Reset);
+    }
+
+    /// Regression (netns test flows.rs, soak-like loop): a server that closed answers
+    /// a request that crossed its FIN with a RST at the FIN's own number, which the
+    /// client has acknowledged; Linux takes it (`tcp_reset_check`), the tracker did
+    /// not, and the client sat in LAST-ACK.
+    #[test]
+    fn a_reset_at_the_number_of_a_fin_already_acknowledged_is_taken() {
+        let (mut ct, k) = established();
+        // The server's FIN at 5001, acknowledged by the client, whose request crossed it.
+        ct.track(&k.reversed(), &seg("FA", 5001, 1101, 0, 1000), secs(1));
+        ct.track(&k, &seg("A", 1101, 5001, 50, 1000), secs(1));
+        ct.track(&k, &seg("FA", 1151, 5002, 0, 1000), secs(1));
+        let (_, seen, f) = ct
+            .track(&k.reversed(), &seg("R", 5001, 0, 0, 0), secs(1))
+            .unwrap();
+        assert_eq!(seen, Seen::Reset);
+        assert!(f.is_closing());
+        // One before that is still outside.
+        let (mut ct, k) = established();
+        ct.track(&k.reversed(), &seg("FA", 5001, 1101, 0, 1000), secs(1));
+        ct.track(&k, &seg("A", 1101, 5002, 0, 1000), secs(1));
+        let (_, seen, _) = ct
+            .track(&k.reversed(), &seg("R", 5000, 0, 0, 0), secs(1))
+            .unwrap();
+        assert_eq!(seen, Seen::OutOfWindow);
+    }
+
+    /// RFC 9293 §3.10.7.3: in SYN-SENT a RST is taken only if it acknowledges the SYN.
+    #[test]
+    fn a_reset_answering_a_syn_must_acknowledge_it() {
+        let mut ct = ConnTrack::new(8, Timeouts::default());
+        let k = key(40000, 80);
+        ct.insert(k, Origin::Local, (), &seg("S", 1000, 0, 0, 1000), secs(0))
+            .unwrap();
+        for (flags, ack, want) in [
+            ("R", 0, Seen::OutOfWindow),
+            ("RA", 1000, Seen::OutOfWindow),
+            ("RA", 1001, Seen::Reset),
+        ] {
+            let (_, seen, _) = ct
+                .track(&k.reversed(), &seg(flags, 0, ack, 0, 0), secs(1))
+                .unwrap();
+            assert_eq!(seen, want, "{flags} ack {ack}");
+        }
+    }
+
+    /// A FIN far outside the receiver's window is not taken; an acknowledgement of
+    /// bytes never sent does not move what resets are checked against.
+    #[test]
+    fn fins_and_acknowledgements_outside_are_not_taken() {
+        let (mut ct, k) = established();
+        let far = 1101u32.wrapping_add(1 << 20);
+        let (_, seen, f) = ct
+            .track(&k, &seg("FA", far, 5001, 0, 1000), secs(1))
+            .unwrap();
+        assert_eq!(seen, Seen::OutOfWindow);
+        assert_eq!(f.next_seq(Dir::Original), Some(1101));
+        let (_, seen, _) = ct
+            .track(&k, &seg("FA", 1101, 5001, 0, 1000), secs(1))
+            .unwrap();
+        assert_eq!(seen, Seen::Taken);
+        // The server acknowledges far more than the client sent: not taken.
+        ct.track(&k.reversed(), &seg("A", 5001, 900_000, 0, 1000), secs(1));
+        let (_, _, f) = ct.track(&k, &NONE, secs(1)).unwrap();
+        assert_eq!(f.acked(Dir::Original), Some(1101));
     }
 
     #[test]

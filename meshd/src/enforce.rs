@@ -8,14 +8,62 @@
 //!   policy changes ([`Enforcer::set_policy`] cuts flows the new policy forbids);
 //! - replies to a flow a local workload opened pass (policy governs what may reach a
 //!   workload, not its answers);
-//! - ICMP errors pass only when the packet they quote belongs to a tracked flow;
+//! - a flow counts as opened by a local workload only when meshd saw it open it: a SYN
+//!   without ACK going out (TCP), its first datagram (UDP), an echo request (ICMP).
+//!   A local packet of no flow that is not an opening (a SYN-ACK, data, a
+//!   retransmission, after a flow expired or meshd restarted) creates nothing; a TCP
+//!   one is answered with resets to both ends so that neither waits for a timeout.
+//!   A peer's packet of no flow is decided as a new inbound packet; one that policy
+//!   refuses and that is not a SYN is answered with resets too;
+//! - a flow is bound to the identity at its far end: a flow a peer opened takes
+//!   packets only from that identity, one a local workload opened takes replies only
+//!   from the peer it was sent to;
+//! - RSTs are taken only at the sequence number their receiver expects and FINs only
+//!   inside its window ([`crate::conntrack::Flow::observe`], RFC 5961); a RST inside
+//!   the window but not exact is answered with a challenge ACK on its receiver's
+//!   behalf and goes no further;
+//! - a flow a new policy forbids is cut: resets to both ends, and a tombstone that
+//!   refuses its packets in both directions (a UDP server's next datagram must not
+//!   reopen it as the local side's) until policy allows a new opening or it expires;
+//! - ICMP errors pass only from the far end of the flow they quote, about a packet
+//!   that went from here to it (for TCP, a sequence number sent and not yet
+//!   acknowledged, RFC 5927 §4.1);
 //! - denied flows are not tracked, so a flood of refused packets cannot fill the table;
 //! - on a port with HTTP rules (`CompiledPolicy::inspects`), a TCP flow is inspected at
 //!   layer 7 ([`crate::l7`]): each request head is decided with its method, normalised
 //!   path, host and headers; what is delivered, trimmed, released or refused comes back
 //!   as the verdict plus packets in an [`Emit`] (an injected 4xx towards the peer and a
 //!   reset towards the local server on refusal). A segment of such a flow must carry
-//!   a valid TCP checksum: inspected bytes must be the bytes the server accepts.
+//!   a valid TCP checksum: inspected bytes must be the bytes the server accepts. A SYN
+//!   from a source that no rule could allow there, whatever its requests, is refused
+//!   with a reset (`policy::deny_every_request`) instead of completing a handshake
+//!   that could carry nothing; UDP to such a port is refused unless the rule that
+//!   allows it names UDP (HTTP/3 would pass uninspected). After a refusal, meshd
+//!   answers the client on the server's behalf until it has closed (the response
+//!   again if it was lost, an ACK of its FIN, a reset for more data), and the flow
+//!   leaves the table within the closing timeout; a new SYN on the same 5-tuple
+//!   starts a new flow, as after any close (Linux conntrack does the same for
+//!   TIME-WAIT reuse).
+//!
+//! # After a restart
+//!
+//! meshd does not re-learn the connections that were open before it started. The
+//! first packet of each, in either direction, is decided as a packet of no flow: a
+//! local workload's is no opening, a peer's is refused unless policy allows it (then,
+//! on a layer-4 port, the flow is picked up as the peer's); either way a refused one
+//! is answered with resets to both ends, so both see the connection fail at once
+//! instead of waiting on a silent black hole (issue 26.3). The local end's reset
+//! carries the refused segment's number, which is old if the local end had received
+//! more than the peer knows (its ACKs lost while meshd was down); an empty segment
+//! before that number makes the local end answer with an ACK of what it expects, and
+//! that ACK, a local packet of no flow, gets the exact reset. Re-learning them from the
+//! kernel's socket tables (sock_diag in the node's and every pod's namespace) was the
+//! alternative; it was not chosen because a socket table does not prove who opened a
+//! connection (a workload with CAP_NET_ADMIN can create an established socket for any
+//! 5-tuple with TCP_REPAIR, and simultaneous open or a listener on the same port
+//! blur it), so it would let a restart turn an unknown flow into an allowed one —
+//! exactly what invariant 3 forbids. The price is one reconnect per connection per
+//! restart; the same resets answer a flow that expired or was evicted.
 //!
 //! IP fragments are dropped and counted (`fragment`): without ports they cannot be
 //! decided, and nothing in the overlay needs them (its MTU is set for the tunnel).
@@ -39,8 +87,8 @@ use serde::Serialize;
 
 use crate::checksum;
 use crate::conntrack::{
-    ConnTrack, Dir, FlowHash, FlowHasher, FlowKey, Observation, Origin, TcpFlags, TcpSegmentInfo,
-    Timeouts, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    ConnTrack, Dir, FlowHash, FlowHasher, FlowKey, Observation, Origin, Seen, TcpFlags,
+    TcpSegmentInfo, Timeouts, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 use crate::decisions::{DecisionLog, DecisionRecord, HttpSummary};
 use crate::flow::{Flags, Segment, SeqNumber, Timestamp};
@@ -139,16 +187,34 @@ impl Emit {
 
     /// A bare RST from `src` to `dst` carrying `seq`, sent `toward` its receiver.
     fn push_reset(&mut self, src: SocketAddr, dst: SocketAddr, seq: SeqNumber, toward: Toward) {
-        let rst = TcpSegment {
+        self.push_segment(src, dst, seq, None, Flags::RST, toward);
+    }
+
+    /// A segment without payload from `src` to `dst`, sent `toward` its receiver;
+    /// with ACK when `ack` is given.
+    fn push_segment(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        seq: SeqNumber,
+        ack: Option<SeqNumber>,
+        flags: Flags,
+        toward: Toward,
+    ) {
+        let seg = TcpSegment {
             src,
             dst,
             seq,
-            ack: None,
-            flags: Flags::RST,
-            window: 0,
+            ack,
+            flags,
+            window: if flags.contains(Flags::RST) {
+                0
+            } else {
+                u16::MAX
+            },
             payload: &[],
         };
-        if inject::tcp_packet(&rst, &mut self.scratch).is_ok() {
+        if inject::tcp_packet(&seg, &mut self.scratch).is_ok() {
             self.push_scratch(toward);
         }
     }
@@ -171,8 +237,15 @@ pub enum Drop {
     /// A segment the layer-7 inspector will not pass (duplicate, conflicting with
     /// inspected bytes, out of window, after FIN, or of a refused flow).
     Inspection,
-    /// An ICMP error quoting no tracked flow, or an ICMP message other than echo.
+    /// An ICMP error quoting no tracked flow, or not from that flow's far end, or
+    /// an ICMP message other than echo.
     StrayIcmp,
+    /// A packet of a tracked flow from (or, going out, to) another identity than the
+    /// one at the flow's far end.
+    WrongPeer,
+    /// A RST not at the sequence number its receiver expects, or a FIN outside its
+    /// receiver's window (RFC 5961): not taken.
+    OutOfWindow,
 }
 
 impl Drop {
@@ -185,6 +258,8 @@ impl Drop {
             Drop::Checksum => "checksum",
             Drop::Inspection => "inspection",
             Drop::StrayIcmp => "stray_icmp",
+            Drop::WrongPeer => "wrong_peer",
+            Drop::OutOfWindow => "out_of_window",
         }
     }
 }
@@ -196,16 +271,24 @@ pub struct Cut {
     pub key: FlowKey,
     /// Next sequence number of the client (for a reset towards the local server).
     pub client_next_seq: Option<u32>,
+    /// What the server last acknowledged, when it differs from `client_next_seq`.
+    pub client_acked_seq: Option<u32>,
     /// Next sequence number of the server (for a reset towards the client).
     pub server_next_seq: Option<u32>,
+    /// What the client last acknowledged, when it differs from `server_next_seq`.
+    pub server_acked_seq: Option<u32>,
 }
 
 impl Cut {
-    /// The resets that end a cut TCP flow: one to the local server as if from the
-    /// client, one to the client (through the tunnel) as if from the server, each with
-    /// the sequence number its receiver expects next (RFC 9293 §3.10.7.4: a reset is
-    /// accepted when its sequence number is in the window). Other protocols have no
-    /// connection to end; their next packets are refused.
+    /// The resets that end a cut TCP flow: to the local server as if from the client,
+    /// to the client (through the tunnel) as if from the server. A receiver takes a
+    /// reset only at exactly the sequence number it expects next (RFC 5961 §3.2;
+    /// Linux answers any other in its window with a challenge ACK): the sender's next
+    /// number (its highest, whatever its last segment was, e.g. a keepalive probe at
+    /// next−1) once everything sent arrived, or what the receiver last acknowledged
+    /// while bytes are on their way. When the two differ, a reset goes at each. Other
+    /// protocols have no connection to end; their next packets are refused (the
+    /// flow's tombstone).
     pub fn resets(&self, emit: &mut Emit) {
         if self.key.proto != PROTO_TCP {
             return;
@@ -214,7 +297,9 @@ impl Cut {
         let server = SocketAddr::new(self.key.dst, self.key.dst_port);
         for (seq, src, dst, toward) in [
             (self.client_next_seq, client, server, Toward::Local),
+            (self.client_acked_seq, client, server, Toward::Local),
             (self.server_next_seq, server, client, Toward::Peer),
+            (self.server_acked_seq, server, client, Toward::Peer),
         ] {
             if let Some(seq) = seq {
                 emit.push_reset(src, dst, SeqNumber(seq), toward);
@@ -229,12 +314,60 @@ pub struct FlowState {
     /// Policy generation of the cached decision.
     gen: u64,
     allowed: bool,
-    /// Present for flows a peer opened: re-evaluation needs who sent them.
+    /// Cut by a policy or identity change: a tombstone that refuses the flow's
+    /// packets in both directions until policy allows a new opening, or it expires.
+    cut: bool,
+    /// Present for flows a peer opened: re-evaluation needs who sent them, and only
+    /// that identity may send more.
     sender: Option<Sender>,
     /// The local workload that received the flow a peer opened.
     receiver: Option<LocalWorkload>,
+    /// For flows a local workload opened: the identity of the peer it sent to, the
+    /// only one whose replies it takes.
+    peer: Option<Arc<str>>,
     /// Present for TCP flows a peer opened to a port with HTTP rules.
     l7: Option<Box<L7Flow>>,
+}
+
+impl FlowState {
+    fn remote(gen: u64, who: Who<'_>, l7: Option<Box<L7Flow>>) -> FlowState {
+        FlowState {
+            gen,
+            allowed: true,
+            cut: false,
+            sender: Some(who.sender.clone()),
+            receiver: Some(who.receiver.clone()),
+            peer: None,
+            l7,
+        }
+    }
+
+    fn local(peer: Option<&Arc<str>>) -> FlowState {
+        FlowState {
+            gen: 0,
+            allowed: true,
+            cut: false,
+            sender: None,
+            receiver: None,
+            peer: peer.cloned(),
+            l7: None,
+        }
+    }
+
+    /// Whether `identity` is the flow's far end: its opener for a flow a peer opened,
+    /// the peer it went to for one a local workload opened.
+    fn far_end_is(&self, identity: Option<&Arc<str>>) -> bool {
+        let far = self
+            .sender
+            .as_ref()
+            .map(|s| &s.identity)
+            .or(self.peer.as_ref());
+        match (far, identity) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || **a == **b,
+            (None, None) => true,
+            _ => false,
+        }
+    }
 }
 
 /// What [`Enforcer::redecide`] does with a flow.
@@ -315,7 +448,10 @@ pub struct RuleCount {
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct L4Counters {
     pub delivered: u64,
+    /// Flows tracked, tombstones of cut flows excluded.
     pub flows: usize,
+    /// Tombstones of flows cut by a policy or identity change.
+    pub flows_cut: usize,
     pub flows_evicted: u64,
     /// Drops by reason name.
     pub drops: std::collections::BTreeMap<&'static str, u64>,
@@ -361,8 +497,24 @@ struct Parsed {
     obs: Observation,
     protocol: Protocol,
     kind: Kind,
+    /// The packet opens a flow of its own: a TCP SYN without ACK, a UDP datagram, an
+    /// ICMP echo request. Nothing else makes a local workload the opener of a flow.
+    opens: bool,
     /// TCP: raw flags, window, and where the payload starts in the packet.
     tcp_raw: Option<TcpRaw>,
+    /// ICMP errors: the error's own addresses and what it quotes beyond the 5-tuple.
+    quote: Option<Quote>,
+}
+
+/// What an ICMP error says about itself and the packet it quotes.
+#[derive(Clone, Copy, Debug)]
+struct Quote {
+    /// The error's own source and destination.
+    src: IpAddr,
+    dst: IpAddr,
+    /// TCP: the quoted segment's sequence number (in the first 8 bytes of its header,
+    /// which every ICMP error carries).
+    seq: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -473,7 +625,8 @@ impl Enforcer {
             _ => false,
         };
         if reply {
-            self.outbound(packet, now)
+            // The answer goes back to the flow's opener: the receiver.
+            self.outbound(receiver.identity.as_ref(), packet, now, emit)
         } else {
             self.inbound_to(receiver, sender, packet, now, wall, emit)
         }
@@ -498,57 +651,108 @@ impl Enforcer {
         let h = self.hasher.hash(&p.key);
         let mut shard = self.shard(h);
         if p.kind == Kind::IcmpError {
-            // The quoted packet went from here to the sender: a tracked flow either way.
-            let known = shard
-                .get_hashed(h, &p.key)
-                .or_else(|| shard.get_hashed(h, &p.key.reversed()));
-            return match known {
-                Some(f) if f.value.allowed => self.deliver(),
-                _ => self.dropped(Drop::StrayIcmp),
+            return if icmp_error_admitted(&mut shard, h, &p, &sender.identity, now) {
+                self.deliver()
+            } else {
+                self.dropped(Drop::StrayIcmp)
             };
         }
-        match shard.track_hashed(h, &p.key, &p.obs, now) {
-            Some((Dir::Reply, flow)) if flow.origin == Origin::Local => return self.deliver(),
+        // The table holds a tombstone under this 5-tuple: a new flow replaces it, but
+        // it stays (and keeps the local side's packets out) unless policy allows one.
+        let mut tombstone = false;
+        let mut reopen = false;
+        match shard.find_hashed(h, &p.key, now) {
+            Some((Dir::Reply, flow)) if flow.origin == Origin::Local => {
+                // A reply to a flow a local workload opened: only from the peer it
+                // went to (the flow is bound to its far end, not to its addresses).
+                if !flow.value.far_end_is(Some(&sender.identity)) {
+                    return self.dropped(Drop::WrongPeer);
+                }
+                return match flow.observe(Dir::Reply, &p.obs, now) {
+                    Seen::Taken | Seen::Reset => self.deliver(),
+                    seen => {
+                        self.not_taken(seen, flow.challenge(Dir::Reply), &p, Toward::Peer, emit)
+                    }
+                };
+            }
             Some((Dir::Original, flow)) if flow.origin == Origin::Remote => {
-                if let Some(l7) = flow.value.l7.as_deref_mut() {
-                    return self.l7_client(&active.policy, who, &p, packet, l7, now, wall, emit);
+                if flow.value.cut {
+                    // Decided below as a packet of no flow.
+                    flow.last_seen = now;
+                    tombstone = true;
+                } else if p.opens && flow.is_closing() {
+                    // A new connection on a 5-tuple that just closed (TIME-WAIT reuse,
+                    // or after a refusal): a new flow, decided as such.
+                    reopen = true;
+                } else {
+                    if !flow.value.far_end_is(Some(&sender.identity)) {
+                        return self.dropped(Drop::WrongPeer);
+                    }
+                    let seen = flow.observe(Dir::Original, &p.obs, now);
+                    if !matches!(seen, Seen::Taken | Seen::Reset) {
+                        let challenge = flow.challenge(Dir::Original);
+                        return self.not_taken(seen, challenge, &p, Toward::Peer, emit);
+                    }
+                    if let Some(l7) = flow.value.l7.as_deref_mut() {
+                        let verdict =
+                            self.l7_client(&active.policy, who, &p, packet, l7, now, wall, emit);
+                        if flow.value.l7.as_deref().is_some_and(L7Flow::is_closed) {
+                            // Refused or reset: gone within the closing timeout.
+                            flow.close();
+                        }
+                        return verdict;
+                    }
+                    if flow.value.gen == active.gen {
+                        return if flow.value.allowed {
+                            self.deliver()
+                        } else {
+                            self.dropped(Drop::Denied(DenyReason::NoAllowMatched))
+                        };
+                    }
+                    // Policy changed since this flow was decided: decide again.
+                    let decision = self.decide(&active.policy, who, &p);
+                    flow.value.gen = active.gen;
+                    if !decision.is_allowed() {
+                        flow.value.allowed = false;
+                        flow.value.cut = true;
+                        flow.close();
+                    }
+                    drop(shard);
+                    return self.after_decision(&active.policy, who, &p, &decision, now, wall);
                 }
-                if flow.value.gen == active.gen {
-                    return if flow.value.allowed {
-                        self.deliver()
-                    } else {
-                        self.dropped(Drop::Denied(DenyReason::NoAllowMatched))
-                    };
-                }
-                // Policy changed since this flow was decided: decide again.
-                let decision = self.decide(&active.policy, who, &p);
-                flow.value.gen = active.gen;
-                flow.value.allowed = decision.is_allowed();
-                drop(shard);
-                return self.after_decision(&active.policy, who, &p, &decision, now, wall);
             }
             Some(_) => return self.dropped(Drop::Malformed),
             None => {}
         }
-        // A new flow opened by the peer.
+        if reopen {
+            shard.remove_hashed(h, &p.key);
+        }
+        // A packet of no flow: a new flow opened by the peer, or a packet of a flow
+        // meshd does not know (opened before it started, expired, evicted or cut),
+        // decided as a new inbound packet.
         if p.protocol == Protocol::Tcp && active.policy.inspects(&self.request(who, &p)) {
-            let opens = p.obs.tcp.is_some_and(|t| t.flags.syn && !t.flags.ack);
-            if !opens {
+            if !p.opens {
                 drop(shard);
-                untracked_resets(&p, packet, emit);
+                untracked_resets(&p, packet, emit, Toward::Peer);
                 return self.dropped(Drop::Untracked);
+            }
+            // A source that no rule could allow here, whatever its requests, is refused
+            // at its SYN: a handshake would only carry refusals.
+            let req = self.request(who, &p);
+            if let Some(reason) = mesh_proto::policy::deny_every_request(&active.policy, &req) {
+                drop(shard);
+                refuse_syn(&p, emit);
+                let refused = Decision::refused(reason);
+                return self.after_decision(&active.policy, who, &p, &refused, now, wall);
+            }
+            if tombstone {
+                shard.remove_hashed(h, &p.key);
             }
             // Requests are decided one by one, with their HTTP attributes; the
             // connection itself is let through to carry them.
             let mut l7 = Box::new(L7Flow::new(self.limits.l7, stamp(now)));
             let verdict = self.l7_client(&active.policy, who, &p, packet, &mut l7, now, wall, emit);
-            let state = FlowState {
-                gen: active.gen,
-                allowed: true,
-                sender: Some(sender.clone()),
-                receiver: Some(receiver.clone()),
-                l7: Some(l7),
-            };
+            let state = FlowState::remote(active.gen, who, Some(l7));
             if shard
                 .insert_hashed(h, p.key, Origin::Remote, state, &p.obs, now)
                 .is_err()
@@ -560,15 +764,15 @@ impl Enforcer {
             }
             return verdict;
         }
+        // UDP to a port inspected for this workload (HTTP/3 could pass the HTTP rules
+        // there) is refused by policy itself (`not_http`, `CompiledPolicy::inspects`).
         let decision = self.decide(&active.policy, who, &p);
-        if decision.is_allowed() {
-            let state = FlowState {
-                gen: active.gen,
-                allowed: true,
-                sender: Some(sender.clone()),
-                receiver: Some(receiver.clone()),
-                l7: None,
-            };
+        let rst = p.obs.tcp.is_some_and(|t| t.flags.rst);
+        if decision.is_allowed() && !rst {
+            if tombstone {
+                shard.remove_hashed(h, &p.key);
+            }
+            let state = FlowState::remote(active.gen, who, None);
             if shard
                 .insert_hashed(h, p.key, Origin::Remote, state, &p.obs, now)
                 .is_err()
@@ -577,15 +781,29 @@ impl Enforcer {
                 let full = Decision::refused(DenyReason::FlowTableFull);
                 return self.after_decision(&active.policy, who, &p, &full, now, wall);
             }
+        } else if !decision.is_allowed() && p.protocol == Protocol::Tcp && !p.opens {
+            // A segment of a connection meshd does not know, refused: both ends are
+            // reset, so that neither waits on a black hole (after a restart, the
+            // local end of a download otherwise waits until the sender gives up).
+            untracked_resets(&p, packet, emit, Toward::Peer);
         }
         drop(shard);
         self.after_decision(&active.policy, who, &p, &decision, now, wall)
     }
 
-    /// Decides an outbound packet from a local workload (before encryption): replies
-    /// on flows peers opened pass while the flow is allowed; anything else opens or
-    /// continues a flow of the local workload's own.
-    pub fn outbound(&self, packet: &[u8], now: Duration) -> Verdict {
+    /// Decides an outbound packet from a local workload (before encryption) to the
+    /// peer `to` (the identity that routing chose for its destination): replies on
+    /// flows peers opened pass while the flow is allowed, to its opener only; an
+    /// opening (SYN, datagram, echo request) starts a flow of the local workload's own,
+    /// whose replies then come in from `to` only. Anything else of no flow is dropped,
+    /// and a TCP segment answered with resets to both ends (see the module docs).
+    pub fn outbound(
+        &self,
+        to: Option<&Arc<str>>,
+        packet: &[u8],
+        now: Duration,
+        emit: &mut Emit,
+    ) -> Verdict {
         let p = match parse(packet) {
             // A local workload's fragments and ICMP errors are its own business;
             // only what comes in is policed.
@@ -600,43 +818,106 @@ impl Enforcer {
         }
         let h = self.hasher.hash(&p.key);
         let mut shard = self.shard(h);
-        match shard.track_hashed(h, &p.key, &p.obs, now) {
+        match shard.find_hashed(h, &p.key, now) {
             Some((Dir::Reply, flow)) if flow.origin == Origin::Remote => {
+                if flow.value.cut {
+                    // The local side of a cut flow: its packets stay out (a UDP
+                    // server's next datagram must not reopen the flow as its own).
+                    flow.last_seen = now;
+                    return self.dropped(Drop::Denied(DenyReason::NoAllowMatched));
+                }
+                if !flow.value.far_end_is(to) {
+                    return self.dropped(Drop::WrongPeer);
+                }
+                let seen = flow.observe(Dir::Reply, &p.obs, now);
+                if !matches!(seen, Seen::Taken | Seen::Reset) {
+                    let challenge = flow.challenge(Dir::Reply);
+                    return self.not_taken(seen, challenge, &p, Toward::Local, emit);
+                }
                 if let Some(l7) = flow.value.l7.as_deref_mut() {
                     let Some(seg) = segment(&p, packet) else {
                         return self.dropped(Drop::Malformed);
                     };
-                    return if l7.on_server_segment(&seg, stamp(now)) {
-                        self.deliver()
-                    } else {
-                        self.dropped(Drop::Inspection)
-                    };
+                    if l7.on_server_segment(&seg, stamp(now)) {
+                        return self.deliver();
+                    }
+                    if l7.is_closed()
+                        && seg.flags.contains(Flags::ACK)
+                        && !seg.flags.contains(Flags::RST)
+                    {
+                        // The server still talks on a connection meshd refused (its
+                        // reset lost?): reset it again, at the number it expects.
+                        let ends = endpoints(&p);
+                        emit.push_reset(ends.client, ends.server, seg.ack, Toward::Local);
+                    }
+                    return self.dropped(Drop::Inspection);
                 }
-                if flow.value.allowed {
+                return if flow.value.allowed {
                     self.deliver()
                 } else {
                     self.dropped(Drop::Denied(DenyReason::NoAllowMatched))
-                }
-            }
-            Some(_) => self.deliver(),
-            None => {
-                let state = FlowState {
-                    gen: 0,
-                    allowed: true,
-                    sender: None,
-                    receiver: None,
-                    l7: None,
                 };
-                match shard.insert_hashed(h, p.key, Origin::Local, state, &p.obs, now) {
-                    Ok(_) => self.deliver(),
-                    Err(_) => self.dropped(Drop::Denied(DenyReason::FlowTableFull)),
-                }
             }
+            Some((Dir::Original, flow)) if flow.origin == Origin::Local => {
+                if !(p.opens && flow.is_closing()) {
+                    if !flow.value.far_end_is(to) {
+                        return self.dropped(Drop::WrongPeer);
+                    }
+                    return match flow.observe(Dir::Original, &p.obs, now) {
+                        Seen::Taken | Seen::Reset => self.deliver(),
+                        seen => {
+                            let challenge = flow.challenge(Dir::Original);
+                            self.not_taken(seen, challenge, &p, Toward::Local, emit)
+                        }
+                    };
+                }
+                // The local workload opens a new connection on a 5-tuple that just
+                // closed: a new flow.
+                shard.remove_hashed(h, &p.key);
+            }
+            // A local packet in the direction a peer's packets travel (two ends that
+            // opened the same 5-tuple): not this enforcer's to police.
+            Some(_) => return self.deliver(),
+            None => {}
+        }
+        if !p.opens {
+            // Not an opening, and of no flow: never a flow of the local side
+            // (invariant 3). A TCP segment of a connection meshd does not know is
+            // answered with resets to both ends.
+            drop(shard);
+            untracked_resets(&p, packet, emit, Toward::Local);
+            return self.dropped(Drop::Untracked);
+        }
+        match shard.insert_hashed(h, p.key, Origin::Local, FlowState::local(to), &p.obs, now) {
+            Ok(_) => self.deliver(),
+            Err(_) => self.dropped(Drop::Denied(DenyReason::FlowTableFull)),
         }
     }
 
+    /// A RST or FIN the flow did not take ([`Seen`]): dropped; a RST inside the window
+    /// gets the challenge ACK its receiver would send (RFC 5961 §3.2), on the
+    /// receiver's behalf and `toward` the RST's sender, so that a sender who lost
+    /// track can send an exact one.
+    fn not_taken(
+        &self,
+        seen: Seen,
+        challenge: Option<(SeqNumber, SeqNumber)>,
+        p: &Parsed,
+        toward: Toward,
+        emit: &mut Emit,
+    ) -> Verdict {
+        if let (Seen::RstInWindow, Some((seq, ack))) = (seen, challenge) {
+            // From the packet's receiver back to its sender.
+            let from = SocketAddr::new(p.key.dst, p.key.dst_port);
+            let to = SocketAddr::new(p.key.src, p.key.src_port);
+            emit.push_segment(from, to, seq, Some(ack), Flags::default(), toward);
+        }
+        self.dropped(Drop::OutOfWindow)
+    }
+
     /// Swaps in a new policy and re-decides every flow a peer opened; returns the
-    /// flows it now forbids (removed from the table), for the shell to reset.
+    /// flows it now forbids (left in the table as tombstones, see the module docs),
+    /// for the shell to reset.
     pub fn set_policy(&self, policy: CompiledPolicy, now: Duration, wall: UnixTime) -> Vec<Cut> {
         let gen = self.active.load().gen + 1;
         self.active.store(Arc::new(Active::new(policy, gen)));
@@ -685,7 +966,11 @@ impl Enforcer {
     }
 
     /// Decides again each flow a peer opened as `pick` says (it may update the flow's
-    /// facts first), under the policy in force; removes and returns those now refused.
+    /// facts first), under the policy in force; returns those now refused, each left
+    /// as a tombstone: its held bytes freed, its packets refused both ways until policy
+    /// allows a new opening on its 5-tuple or it expires (closing timeout for TCP,
+    /// refreshed by each packet it refuses; a UDP server that keeps sending keeps its
+    /// flow cut).
     fn redecide(
         &self,
         now: Duration,
@@ -698,6 +983,9 @@ impl Enforcer {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             shard.retain(|key, flow| {
+                if flow.origin == Origin::Local || flow.value.cut {
+                    return true;
+                }
                 let redo = pick(&mut flow.value);
                 if redo == Redo::Keep {
                     return true;
@@ -739,17 +1027,28 @@ impl Enforcer {
                 // An inspected flow may hold bytes the server never received: the reset
                 // towards the server carries what it expects (regression: netns test
                 // l7.rs, partial head).
-                let client_next_seq = match &flow.value.l7 {
-                    Some(l7) => l7.server_expects().map(|s| s.0),
-                    None => flow.next_seq(Dir::Original),
+                let (client_next_seq, client_acked_seq) = match &flow.value.l7 {
+                    // Exactly what it received: held bytes never reached it.
+                    Some(l7) => (l7.server_expects().map(|s| s.0), None),
+                    None => (flow.next_seq(Dir::Original), flow.acked(Dir::Original)),
                 };
+                let server_next_seq = flow.next_seq(Dir::Reply);
                 cuts.push(Cut {
                     key: *key,
                     client_next_seq,
-                    server_next_seq: flow.next_seq(Dir::Reply),
+                    client_acked_seq: client_acked_seq.filter(|a| Some(*a) != client_next_seq),
+                    server_next_seq,
+                    server_acked_seq: flow
+                        .acked(Dir::Reply)
+                        .filter(|a| Some(*a) != server_next_seq),
                 });
                 denied.push((sender, receiver, p, decision));
-                false
+                if let Some(l7) = flow.value.l7.take() {
+                    self.uncharge(l7.held());
+                }
+                flow.value.cut = true;
+                flow.close();
+                true
             });
         }
         for (sender, receiver, p, decision) in &denied {
@@ -776,7 +1075,9 @@ impl Enforcer {
         c.http_refused = self.http_refused.load(Ordering::Relaxed);
         for s in self.shards.iter() {
             let s = s.lock().unwrap_or_else(|e| e.into_inner());
-            c.flows += s.len();
+            let cut = s.flows().filter(|f| f.value.cut).count();
+            c.flows += s.len() - cut;
+            c.flows_cut += cut;
             c.flows_evicted += s.evicted();
             for l7 in s.flows().filter_map(|f| f.value.l7.as_deref()) {
                 c.l7_flows += 1;
@@ -1023,6 +1324,32 @@ impl Enforcer {
                 emit.push_scratch(Toward::Peer);
             }
         }
+        // The client of a refused flow, answered on the server's behalf until it has
+        // closed (l7::Answer).
+        match outcome.answer {
+            Some(l7::Answer::Response) => {
+                if let Some(r) = flow.refusal() {
+                    if inject::response(&ends, &r, &mut emit.text, &mut emit.scratch).is_ok() {
+                        emit.push_scratch(Toward::Peer);
+                    }
+                }
+            }
+            Some(l7::Answer::Ack { seq, ack }) => {
+                let no_flags = Flags::default();
+                emit.push_segment(
+                    ends.server,
+                    ends.client,
+                    seq,
+                    Some(ack),
+                    no_flags,
+                    Toward::Peer,
+                );
+            }
+            Some(l7::Answer::Reset { seq }) => {
+                emit.push_reset(ends.server, ends.client, seq, Toward::Peer);
+            }
+            _ => {}
+        }
         self.charge_held(flow, held_before, policy, who, p, now, wall, emit);
         verdict
     }
@@ -1143,6 +1470,8 @@ impl Enforcer {
                             wall,
                             emit,
                         );
+                        // Gone within the closing timeout once the client is answered.
+                        f.close();
                     }
                 }
                 true
@@ -1242,6 +1571,8 @@ fn drop_slot(d: Drop) -> usize {
         Drop::Untracked => 1,
         Drop::Protocol => 2,
         Drop::StrayIcmp => 3,
+        Drop::WrongPeer => DROP_SLOTS - 4,
+        Drop::OutOfWindow => DROP_SLOTS - 3,
         Drop::Checksum => DROP_SLOTS - 2,
         Drop::Inspection => DROP_SLOTS - 1,
         Drop::Denied(r) => {
@@ -1265,6 +1596,8 @@ fn slot_name(slot: usize) -> &'static str {
         2 => Drop::Protocol.name(),
         3 => Drop::StrayIcmp.name(),
         4 => "explicit_deny",
+        n if n == DROP_SLOTS - 4 => Drop::WrongPeer.name(),
+        n if n == DROP_SLOTS - 3 => Drop::OutOfWindow.name(),
         n if n == DROP_SLOTS - 2 => Drop::Checksum.name(),
         n if n == DROP_SLOTS - 1 => Drop::Inspection.name(),
         n => DenyReason::PLAIN.get(n - 5).map_or("other", |r| r.name()),
@@ -1275,28 +1608,95 @@ fn stamp(now: Duration) -> Timestamp {
     Timestamp::from_millis(u64::try_from(now.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Resets both ends of a connection whose segment meshd cannot inspect because it
-/// does not track the flow (opened before meshd restarted, or evicted): the segment
-/// is dropped (fail closed), and without the resets both ends would wait for their
-/// timeouts instead of reconnecting at once. Each RST carries the sequence number its
-/// receiver expects (RFC 9293 §3.10.7.1: to the segment's sender, its ACK number; to
-/// the server, the segment's own sequence number). A RST is never answered. The
-/// sender is authenticated and the addresses are its own (secure naming), so it can
-/// only reset its own connections.
-fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit) {
+/// Resets both ends of a connection one of whose segments meshd refuses because it
+/// does not track the flow (opened before meshd started, expired, evicted or cut): the
+/// segment is dropped (fail closed), and without the resets both ends would wait for
+/// their timeouts instead of reconnecting at once. `sender` is where the segment's
+/// sender is (`Toward::Peer` for a peer's segment, `Toward::Local` for a local
+/// workload's). Each RST carries the sequence number its receiver expects (RFC 9293
+/// §3.10.7.1, and exactly, RFC 5961 §3.2): to the segment's sender, the segment's
+/// acknowledgement number; to the other end, the segment's own sequence number. A RST
+/// is never answered, nor a segment without ACK. A peer is authenticated and its
+/// addresses are its own (secure naming), so it can only reset its own connections.
+fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit, sender: Toward) {
     let Some(seg) = segment(p, packet) else {
         return;
     };
     if seg.flags.contains(Flags::RST) || !seg.flags.contains(Flags::ACK) {
         return;
     }
-    let ends = endpoints(p);
-    for (src, dst, seq, toward) in [
-        (ends.server, ends.client, seg.ack, Toward::Peer),
-        (ends.client, ends.server, seg.seq, Toward::Local),
-    ] {
-        emit.push_reset(src, dst, seq, toward);
+    let (from, to) = (
+        SocketAddr::new(p.key.src, p.key.src_port),
+        SocketAddr::new(p.key.dst, p.key.dst_port),
+    );
+    let other = match sender {
+        Toward::Peer => Toward::Local,
+        Toward::Local => Toward::Peer,
+    };
+    emit.push_reset(to, from, seg.ack, sender);
+    emit.push_reset(from, to, seg.seq, other);
+    if sender == Toward::Peer {
+        // The local end may have received more than the peer knows (its ACKs lost
+        // while meshd was down): then the RST at the segment's number is old and
+        // ignored. An empty segment just before it is unacceptable for the same
+        // reason, and a TCP answers an unacceptable segment with an ACK of what it
+        // expects (RFC 9293 §3.10.7.4; Linux at most twice a second); that ACK, a
+        // local packet of no flow, gets the exact reset above.
+        let probe = seg.seq - 1usize;
+        emit.push_segment(from, to, probe, Some(seg.ack), Flags::default(), other);
     }
+}
+
+/// Refuses a SYN: RST+ACK to its sender, as a closed port answers (RFC 9293
+/// §3.10.7.1: sequence number zero, acknowledging the SYN).
+fn refuse_syn(p: &Parsed, emit: &mut Emit) {
+    let Some(t) = p.obs.tcp else {
+        return;
+    };
+    let ends = endpoints(p);
+    let ack = SeqNumber(t.seq) + (t.payload_len as usize + 1);
+    emit.push_segment(
+        ends.server,
+        ends.client,
+        SeqNumber(0),
+        Some(ack),
+        Flags::RST,
+        Toward::Peer,
+    );
+}
+
+/// Whether an ICMP error may reach the local workload (invariant 3): the packet it
+/// quotes went from here to the error's sender, on a flow meshd tracks and allows,
+/// whose far end is `sender`; for TCP, the quoted sequence number was sent and not
+/// yet acknowledged (RFC 5927 §4.1). A peer that is not the flow's far end cannot make
+/// the local workload lower its path MTU or drop a connection. There are no routers
+/// inside the overlay: an error about a packet to X comes from X (the node's own
+/// underlay hops talk to the kernel directly, never through here).
+fn icmp_error_admitted(
+    shard: &mut ConnTrack<FlowState>,
+    h: FlowHash,
+    p: &Parsed,
+    sender: &Arc<str>,
+    now: Duration,
+) -> bool {
+    let Some(q) = p.quote else {
+        return false;
+    };
+    if q.src != p.key.dst || q.dst != p.key.src {
+        return false;
+    }
+    let Some((dir, flow)) = shard.find_hashed(h, &p.key, now) else {
+        return false;
+    };
+    let outgoing = matches!(
+        (dir, flow.origin),
+        (Dir::Original, Origin::Local) | (Dir::Reply, Origin::Remote)
+    );
+    outgoing
+        && flow.value.allowed
+        && !flow.value.cut
+        && flow.value.far_end_is(Some(sender))
+        && q.seq.is_none_or(|seq| flow.sent_unacked(dir, seq))
 }
 
 fn endpoints(p: &Parsed) -> Endpoints {
@@ -1398,7 +1798,9 @@ fn parsed_from_key(key: &FlowKey) -> Option<Parsed> {
         obs: Observation { tcp: None },
         protocol,
         kind: Kind::Flow,
+        opens: false,
         tcp_raw: None,
+        quote: None,
     })
 }
 
@@ -1438,27 +1840,37 @@ fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
                 return Err(ParseError::Malformed);
             }
             let flags = l4[13];
+            let syn = flags & 0x02 != 0;
+            let window = be16(l4, 14).unwrap_or(0);
             let info = TcpSegmentInfo {
                 flags: TcpFlags {
                     fin: flags & 0x01 != 0,
-                    syn: flags & 0x02 != 0,
+                    syn,
                     rst: flags & 0x04 != 0,
                     ack: flags & 0x10 != 0,
                 },
                 seq: be32(l4, 4).ok_or(ParseError::Malformed)?,
                 ack: be32(l4, 8).ok_or(ParseError::Malformed)?,
                 payload_len: (l4.len() - off) as u32,
+                window,
+                wscale: if syn {
+                    window_scale(&l4[20..off])
+                } else {
+                    None
+                },
             };
             Ok(Parsed {
                 key: key(be16(l4, 0).unwrap_or(0), be16(l4, 2).unwrap_or(0)),
                 obs: Observation { tcp: Some(info) },
                 protocol: Protocol::Tcp,
                 kind: Kind::Flow,
+                opens: info.opens(),
                 tcp_raw: Some(TcpRaw {
                     flags,
-                    window: be16(l4, 14).unwrap_or(0),
+                    window,
                     payload_at: (packet.len() - l4.len()) + off,
                 }),
+                quote: None,
             })
         }
         PROTO_UDP => {
@@ -1470,7 +1882,9 @@ fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
                 obs: Observation { tcp: None },
                 protocol: Protocol::Udp,
                 kind: Kind::Flow,
+                opens: true,
                 tcp_raw: None,
+                quote: None,
             })
         }
         PROTO_ICMP | PROTO_ICMPV6 => parse_icmp(proto, src, dst, l4),
@@ -1485,10 +1899,10 @@ fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, 
         return Err(ParseError::Malformed);
     }
     let ty = l4[0];
-    let (echo, error) = if proto == PROTO_ICMP {
-        (matches!(ty, 0 | 8), matches!(ty, 3 | 11 | 12))
+    let (echo, request, error) = if proto == PROTO_ICMP {
+        (matches!(ty, 0 | 8), ty == 8, matches!(ty, 3 | 11 | 12))
     } else {
-        (matches!(ty, 128 | 129), matches!(ty, 1..=4))
+        (matches!(ty, 128 | 129), ty == 128, matches!(ty, 1..=4))
     };
     if echo {
         let id = be16(l4, 4).unwrap_or(0);
@@ -1503,25 +1917,50 @@ fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, 
             obs: Observation { tcp: None },
             protocol: Protocol::Icmp,
             kind: Kind::Flow,
+            opens: request,
             tcp_raw: None,
+            quote: None,
         });
     }
     if !error {
         return Err(ParseError::StrayIcmp);
     }
-    let inner = quoted_key(&l4[8..]).ok_or(ParseError::StrayIcmp)?;
+    let (inner, seq) = quoted_key(&l4[8..]).ok_or(ParseError::StrayIcmp)?;
     Ok(Parsed {
         key: inner,
         obs: Observation { tcp: None },
         protocol: Protocol::Icmp,
         kind: Kind::IcmpError,
+        opens: false,
         tcp_raw: None,
+        quote: Some(Quote { src, dst, seq }),
     })
 }
 
-/// The flow of the (truncated) packet an ICMP error quotes: its IP header and at
-/// least the first 8 bytes of its transport header.
-fn quoted_key(q: &[u8]) -> Option<FlowKey> {
+/// The window scale option of a SYN's TCP options (RFC 7323 §2.2), if present.
+fn window_scale(mut opts: &[u8]) -> Option<u8> {
+    while let Some(&kind) = opts.first() {
+        match kind {
+            0 => return None,
+            1 => opts = &opts[1..],
+            _ => {
+                let len = usize::from(*opts.get(1)?);
+                if len < 2 || len > opts.len() {
+                    return None;
+                }
+                if kind == 3 && len == 3 {
+                    return Some(opts[2]);
+                }
+                opts = &opts[len..];
+            }
+        }
+    }
+    None
+}
+
+/// The flow of the (truncated) packet an ICMP error quotes (its IP header and at
+/// least the first 8 bytes of its transport header), and for TCP its sequence number.
+fn quoted_key(q: &[u8]) -> Option<(FlowKey, Option<u32>)> {
     let (proto, src, dst, l4): (u8, IpAddr, IpAddr, &[u8]) = match q.first()? >> 4 {
         4 => {
             let ihl = usize::from(q[0] & 0x0f) * 4;
@@ -1536,22 +1975,26 @@ fn quoted_key(q: &[u8]) -> Option<FlowKey> {
         }
         _ => return None,
     };
-    let (sp, dp) = match proto {
-        PROTO_TCP | PROTO_UDP => (be16(l4, 0)?, be16(l4, 2)?),
+    let (sp, dp, seq) = match proto {
+        PROTO_TCP => (be16(l4, 0)?, be16(l4, 2)?, Some(be32(l4, 4)?)),
+        PROTO_UDP => (be16(l4, 0)?, be16(l4, 2)?, None),
         PROTO_ICMP | PROTO_ICMPV6 => {
             let id = be16(l4, 4)?;
-            (id, id)
+            (id, id, None)
         }
         _ => return None,
     };
-    Some(FlowKey {
+    let key = FlowKey {
         proto,
         src,
         dst,
         src_port: sp,
         dst_port: dp,
-    })
+    };
+    Some((key, seq))
 }
 
+#[cfg(test)]
+mod props;
 #[cfg(test)]
 mod tests;

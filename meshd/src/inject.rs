@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::flow::{Flags, SeqNumber};
-use crate::l7::Refusal;
+use crate::l7::{Refusal, RefuseCause};
 
 const TTL: u8 = 64;
 
@@ -142,15 +142,56 @@ pub fn reason_phrase(status: u16) -> &'static str {
 /// `reason` (control characters replaced by spaces) and a newline.
 pub fn http_response(status: u16, reason: &str, out: &mut String) {
     out.clear();
-    let body_len = reason.len() + 1;
     // Writing to a String cannot fail.
-    let _ = write!(
+    let _ = write_response(status, reason, out);
+}
+
+/// Length in bytes of the response that refuses with `cause` ([`response`]'s
+/// payload), without writing it: a refused flow needs it to know where its answer
+/// ends in the server's sequence space.
+pub fn response_len(cause: &RefuseCause) -> usize {
+    let mut n = Count(0);
+    let _ = write_response(cause.status(), cause, &mut n);
+    n.0
+}
+
+fn write_response(
+    status: u16,
+    reason: impl std::fmt::Display,
+    out: &mut impl std::fmt::Write,
+) -> std::fmt::Result {
+    let mut body = Count(1);
+    write!(Printable(&mut body), "{reason}")?;
+    write!(
         out,
-        "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {body_len}\r\nconnection: close\r\n\r\n",
-        reason_phrase(status)
-    );
-    out.extend(reason.chars().map(|c| if c.is_control() { ' ' } else { c }));
-    out.push('\n');
+        "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        reason_phrase(status),
+        body.0
+    )?;
+    write!(Printable(&mut *out), "{reason}")?;
+    out.write_char('\n')
+}
+
+/// Counts the bytes written to it.
+struct Count(usize);
+
+impl std::fmt::Write for Count {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0 += s.len();
+        Ok(())
+    }
+}
+
+/// Writes through to `W` with control characters replaced by spaces.
+struct Printable<W>(W);
+
+impl<W: std::fmt::Write> std::fmt::Write for Printable<W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for c in s.chars() {
+            self.0.write_char(if c.is_control() { ' ' } else { c })?;
+        }
+        Ok(())
+    }
 }
 
 /// The packet that answers the refused client (see the module docs). `text` is scratch
@@ -161,8 +202,8 @@ pub fn response(
     text: &mut String,
     out: &mut Vec<u8>,
 ) -> Result<(), InjectError> {
-    let reason = refusal.cause.to_string();
-    http_response(refusal.cause.status(), &reason, text);
+    text.clear();
+    let _ = write_response(refusal.cause.status(), refusal.cause, text);
     tcp_packet(
         &TcpSegment {
             src: ends.server,
@@ -196,7 +237,6 @@ pub fn reset(ends: &Endpoints, refusal: &Refusal, out: &mut Vec<u8>) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::l7::RefuseCause;
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
     fn refusal(cause: RefuseCause) -> Refusal {
@@ -206,6 +246,7 @@ mod tests {
             client_ack: SeqNumber(1234),
             server_seq: SeqNumber(1200),
             server_ack: SeqNumber(u32::MAX - 3),
+            response_end: SeqNumber(u32::MAX - 3) + (response_len(&cause) + 1),
         }
     }
 

@@ -23,6 +23,9 @@
 //! - **No copy unless held.** In-order segments of an allowed stream (a head completed
 //!   within the segment, a body of any size) are forwarded as they came, possibly cut;
 //!   only a head split across segments, or out-of-order data, is copied.
+//! - **A refused connection closes cleanly.** After a refusal the server has been reset
+//!   and says nothing more, so the flow answers the client on its behalf until the
+//!   client has closed ([`Answer`]): it is never left retransmitting its FIN.
 //! - **Bounded.** At most `Config::max_held` bytes are buffered per flow; a head larger
 //!   than `limits.max_head` is refused with 431, one incomplete for `head_timeout` with
 //!   408.
@@ -39,6 +42,9 @@
 //!                    MSS, the last piece with FIN if `fin` (inject::segments does it)
 //!     3. o.refusal:  send inject::response(...) to the client and inject::reset(...)
 //!                    to the server; log the cause; the flow ends
+//!     4. o.held_ack: send the ACK to the client
+//!     5. o.answer:   (a refused flow) send the response again, an ACK of the
+//!                    client's FIN, or a RST, to the client (see Answer)
 //! server→client segment:  flow.on_server_segment(&seg, now) → Forward / Drop
 //! timer:                  at flow.poll_at(), flow.poll(now) → Option<Refusal>
 //! ```
@@ -201,6 +207,9 @@ impl RefuseCause {
 /// A refused flow: what to inject. Sequence numbers are those the two ends expect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refusal {
+    /// The server's sequence number after the response and its FIN: what the client
+    /// acknowledges once it has the whole answer.
+    pub response_end: SeqNumber,
     pub cause: RefuseCause,
     /// Sequence number of the response segment to the client (the server's next byte).
     pub client_seq: SeqNumber,
@@ -275,8 +284,29 @@ pub struct HeldAck {
     pub window: u16,
 }
 
+/// What meshd sends the client, on the server's behalf, for a segment that came after
+/// the flow was refused (the server was reset and will say nothing): enough for the
+/// client to close cleanly instead of retransmitting into silence (a client socket
+/// left in LAST-ACK or FIN-WAIT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The refusal's response again, [`L7Flow::refusal`] (build it as for
+    /// [`Outcome::refusal`]): the client has not acknowledged all of it, so it was lost
+    /// or crossed the segment. It acknowledges all the client has sent since, its FIN
+    /// included. (Not carried here: an outcome stays small on the data path.)
+    Response,
+    /// A pure ACK of the client's FIN.
+    Ack { seq: SeqNumber, ack: SeqNumber },
+    /// A RST: the client sent data after it had the whole answer; nobody will read it.
+    Reset { seq: SeqNumber },
+}
+
+/// How often at most a refused flow sends its response again ([`Answer::Response`]):
+/// a client segment that crossed the response must not each earn a copy.
+pub const ANSWER_INTERVAL: Duration = Duration::from_millis(200);
+
 /// The answer to one client segment. Apply in field order: fate, release, refusal,
-/// held_ack.
+/// held_ack, answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub fate: Fate,
@@ -284,6 +314,8 @@ pub struct Outcome {
     pub refusal: Option<Refusal>,
     /// Acknowledge held bytes to the client (see [`HeldAck`]).
     pub held_ack: Option<HeldAck>,
+    /// For a segment of a refused flow: what to send the client ([`Answer`]).
+    pub answer: Option<Answer>,
 }
 
 impl Outcome {
@@ -293,6 +325,7 @@ impl Outcome {
             release: None,
             refusal: None,
             held_ack: None,
+            answer: None,
         }
     }
 }
@@ -344,6 +377,12 @@ pub struct L7Flow {
     /// End of the bytes released from the buffer that the server has not acknowledged,
     /// and since when its acknowledgement has not moved.
     unacked_release: Option<(SeqNumber, Timestamp)>,
+    /// Once refused by meshd: the refusal, to answer what the client sends after it
+    /// (`None` again once the client is reset or reset the flow itself). Its
+    /// `client_ack` follows the client: one past the highest sequence number it sent.
+    refusal: Option<Refusal>,
+    /// When the response last went to the client.
+    answered_at: Timestamp,
 }
 
 impl L7Flow {
@@ -361,6 +400,8 @@ impl L7Flow {
             stats: Stats::default(),
             unacked_retransmits: (0, None),
             unacked_release: None,
+            refusal: None,
+            answered_at: Timestamp::default(),
         }
     }
 
@@ -372,8 +413,9 @@ impl L7Flow {
         self.stats
     }
 
-    /// True once refused (or reset by the client): everything else that comes is dropped,
-    /// and the shell may forget the flow.
+    /// True once refused (or reset by the client): nothing more reaches the server, and
+    /// the shell may forget the flow once the client has closed (it answers what the
+    /// client sends, [`Outcome::answer`], for as long as it keeps the flow).
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Refused
     }
@@ -388,6 +430,12 @@ impl L7Flow {
             Some(r) => r.base() + self.releasing,
             None => start,
         })
+    }
+
+    /// The refusal meshd answered the client with, once refused (its `client_ack`
+    /// follows what the client sent since); `None` before, or once the client reset.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refusal
     }
 
     /// Bytes buffered now (for a total limit across flows).
@@ -437,13 +485,17 @@ impl L7Flow {
             return None;
         }
         let due = |at: Option<Timestamp>| at.is_some_and(|at| now >= at);
-        if due(self.release_deadline()) {
+        let refusal = if due(self.release_deadline()) {
             Some(self.refuse(RefuseCause::Undelivered))
         } else if due(self.head_deadline()) {
             Some(self.refuse(RefuseCause::Timeout))
         } else {
             None
+        };
+        if refusal.is_some() {
+            self.answered_at = now;
         }
+        refusal
     }
 
     /// Refuses the flow now because the enforcer is over its total memory budget,
@@ -487,12 +539,65 @@ impl L7Flow {
         &mut self,
         seg: &Segment<'_>,
         now: Timestamp,
-        mut decide: impl FnMut(&Request<'_>) -> Verdict,
+        decide: impl FnMut(&Request<'_>) -> Verdict,
     ) -> Outcome {
         self.finish_release();
         if self.phase == Phase::Refused {
-            return Outcome::fate(Fate::Drop(DropReason::Refused));
+            return self.after_refusal(seg, now);
         }
+        let outcome = self.on_open_segment(seg, now, decide);
+        if outcome.refusal.is_some() {
+            self.answered_at = now;
+        }
+        outcome
+    }
+
+    /// A client segment after meshd refused the flow: answered on the server's behalf
+    /// ([`Answer`]) until the client has closed. The client has the whole answer once
+    /// it acknowledges the response's FIN; before that, the response goes again (lost
+    /// on the way, or the segment crossed it); after, its FIN is acknowledged and any
+    /// data reset (RFC 9293 §3.10.7.4: a reset at the number it expects, which it has
+    /// just acknowledged).
+    fn after_refusal(&mut self, seg: &Segment<'_>, now: Timestamp) -> Outcome {
+        let mut outcome = Outcome::fate(Fate::Drop(DropReason::Refused));
+        let Some(refusal) = self.refusal.as_mut() else {
+            return outcome;
+        };
+        if seg.flags.contains(Flags::RST) {
+            self.refusal = None;
+            return outcome;
+        }
+        let end = seg.seq + seg.seq_len();
+        if end > refusal.client_ack {
+            refusal.client_ack = end;
+        }
+        let refusal = *refusal;
+        let has_all = seg.flags.contains(Flags::ACK) && seg.ack - refusal.response_end >= 0;
+        if !has_all {
+            if now.since(self.answered_at) >= ANSWER_INTERVAL {
+                self.answered_at = now;
+                outcome.answer = Some(Answer::Response);
+            }
+        } else if !seg.payload.is_empty() {
+            self.refusal = None;
+            outcome.answer = Some(Answer::Reset {
+                seq: refusal.response_end,
+            });
+        } else if seg.flags.contains(Flags::FIN) {
+            outcome.answer = Some(Answer::Ack {
+                seq: refusal.response_end,
+                ack: end,
+            });
+        }
+        outcome
+    }
+
+    fn on_open_segment(
+        &mut self,
+        seg: &Segment<'_>,
+        now: Timestamp,
+        mut decide: impl FnMut(&Request<'_>) -> Verdict,
+    ) -> Outcome {
         match self.tcp.on_segment(Direction::ClientToServer, seg, now) {
             Track::Invalid(why) => return Outcome::fate(Fate::Drop(DropReason::Untracked(why))),
             Track::Reset => {
@@ -522,10 +627,8 @@ impl L7Flow {
         if seg.flags.contains(Flags::URG) {
             let refusal = self.refuse(RefuseCause::Urgent);
             return Outcome {
-                fate: Fate::Drop(DropReason::Refused),
-                release: None,
                 refusal: Some(refusal),
-                held_ack: None,
+                ..Outcome::fate(Fate::Drop(DropReason::Refused))
             };
         }
         let forwarded = self.stats.forwarded + self.stats.released;
@@ -574,10 +677,8 @@ impl L7Flow {
         };
 
         let mut outcome = Outcome {
-            fate,
-            release: None,
             refusal,
-            held_ack: None,
+            ..Outcome::fate(fate)
         };
         if self.releasing > 0 {
             let reasm = self.reasm.as_ref().expect("checked above");
@@ -820,13 +921,17 @@ impl L7Flow {
             (RefuseCause::Undelivered, Some(acked)) => acked,
             _ => delivered,
         };
-        Refusal {
+        let refusal = Refusal {
             cause,
             client_seq: server_next,
             client_ack: client_sent,
             server_seq,
             server_ack: server_next,
-        }
+            // The response and its FIN.
+            response_end: server_next + (crate::inject::response_len(&cause) + 1),
+        };
+        self.refusal = Some(refusal);
+        refusal
     }
 }
 
@@ -846,6 +951,7 @@ fn without_payload(seg: &Segment<'_>) -> Fate {
 /// A refusal whose sequence numbers [`L7Flow::refuse`] fills in.
 fn placeholder(cause: RefuseCause) -> Refusal {
     Refusal {
+        response_end: SeqNumber::default(),
         cause,
         client_seq: SeqNumber::default(),
         client_ack: SeqNumber::default(),

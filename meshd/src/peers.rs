@@ -566,22 +566,18 @@ pub fn from_tun<'a>(
             Verdict::Consumed => Outbound::Done,
         };
     }
+    let Some(peer) = table.route_from(from, ip.dst_addr()) else {
+        return drop_out(node, DropReason::NoRoute);
+    };
     // Policy sees what local workloads send: replies on flows peers opened, and the
-    // flows the workloads open themselves (whose replies then come back in).
-    match enforce.outbound(packet, now.mono) {
+    // flows the workloads open themselves (whose replies then come back in, from the
+    // identity they were sent to only).
+    match enforce.outbound(Some(&peer.sender.identity), packet, now.mono, emit) {
         Verdict::Deliver => {}
         Verdict::Drop(r) => return Outbound::Drop(DropReason::Policy(r)),
         Verdict::Consumed => return Outbound::Done,
     }
-    encrypt(
-        node,
-        table,
-        from,
-        ip.dst_addr(),
-        ip.as_bytes(),
-        dst,
-        now.wall,
-    )
+    encrypt_for(node, peer, ip.as_bytes(), dst, now.wall)
 }
 
 /// TUN → underlay without policy (the enforcer's own packets: injected responses and
@@ -653,6 +649,17 @@ fn encrypt<'a>(
     let Some(peer) = table.route_from(from, to_addr) else {
         return drop_out(node, DropReason::NoRoute);
     };
+    encrypt_for(node, peer, packet, dst, now)
+}
+
+/// Encrypts `packet` for the session with `peer`.
+fn encrypt_for<'a>(
+    node: &Node,
+    peer: &Peer,
+    packet: &[u8],
+    dst: &'a mut [u8],
+    now: UnixTime,
+) -> Outbound<'a> {
     if !peer.admit(now) {
         return drop_out(node, DropReason::PeerExpired);
     }

@@ -299,7 +299,12 @@ fn enforced(policy: CompiledPolicy, case: &TestCase) -> Outcome {
             if v == Verdict::Deliver && e.counters().l7_flows > 0 {
                 // Inspected: the server answers, the client sends its request.
                 let synack = tcp(server, client, "SA", SERVER_SEQ, CLIENT_SEQ + 1, b"");
-                assert_eq!(e.outbound(&synack, t(1)), Verdict::Deliver, "{}", case.name);
+                assert_eq!(
+                    e.outbound(Some(&sender.identity), &synack, t(1), &mut emit),
+                    Verdict::Deliver,
+                    "{}",
+                    case.name
+                );
                 let ack = tcp(client, server, "A", CLIENT_SEQ + 1, SERVER_SEQ + 1, b"");
                 assert_eq!(
                     inbound(&ack, 2, &mut emit),

@@ -89,6 +89,11 @@ fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     out
 }
 
+/// A local workload's packet going out to peer A.
+fn outbound(e: &Enforcer, packet: &[u8], now: Duration) -> Verdict {
+    e.outbound(Some(&A.into()), packet, now, &mut Emit::default())
+}
+
 fn denied(r: DenyReason) -> Verdict {
     Verdict::Drop(Drop::Denied(r))
 }
@@ -147,7 +152,7 @@ fn replies_on_allowed_flows_pass_both_ways() {
     );
     // The server's SYN-ACK and data go out.
     assert_eq!(
-        e.outbound(&tcp(LOCAL, PEER_A, 8080, 40000, "SA", 9, b""), t(1)),
+        outbound(&e, &tcp(LOCAL, PEER_A, 8080, 40000, "SA", 9, b""), t(1)),
         Verdict::Deliver
     );
     // The client's next segments come in on the tracked flow.
@@ -179,7 +184,7 @@ fn replies_to_local_connections_pass_under_deny_all() {
     );
     // ...but once the local workload opens the connection, its replies pass.
     assert_eq!(
-        e.outbound(&tcp(LOCAL, PEER_A, 50000, 80, "S", 1, b""), t(1)),
+        outbound(&e, &tcp(LOCAL, PEER_A, 50000, 80, "S", 1, b""), t(1)),
         Verdict::Deliver
     );
     assert_eq!(
@@ -237,7 +242,7 @@ fn stricter_policy_cuts_established_flow_with_sequence_numbers() {
         WALL,
         &mut Emit::default(),
     );
-    e.outbound(&tcp(LOCAL, PEER_A, 8080, 40000, "SA", 500, b""), t(1));
+    outbound(&e, &tcp(LOCAL, PEER_A, 8080, 40000, "SA", 500, b""), t(1));
     e.inbound(
         &sender(A),
         &tcp(PEER_A, LOCAL, 40000, 8080, "A", 101, b"hello"),
@@ -391,7 +396,7 @@ fn icmp_errors_pass_only_for_tracked_flows() {
         ),
         Verdict::Drop(Drop::StrayIcmp)
     );
-    e.outbound(&sent, t(1));
+    outbound(&e, &sent, t(1));
     assert_eq!(
         e.inbound(
             &sender(A),
@@ -417,7 +422,7 @@ fn icmp_echo_is_a_flow_by_identifier() {
         .icmpv4_echo_reply(7, 1)
         .write(&mut reply, b"ping")
         .unwrap();
-    assert_eq!(e.outbound(&req, t(0)), Verdict::Deliver);
+    assert_eq!(outbound(&e, &req, t(0)), Verdict::Deliver);
     assert_eq!(
         e.inbound(&sender(A), &reply, t(1), WALL, &mut Emit::default()),
         Verdict::Deliver
@@ -467,7 +472,7 @@ fn full_table_refuses_new_flows_and_says_so() {
             WALL,
             &mut Emit::default(),
         );
-        e.outbound(&tcp(LOCAL, PEER_A, 8080, port, "SA", 1, b""), t(0));
+        outbound(&e, &tcp(LOCAL, PEER_A, 8080, port, "SA", 1, b""), t(0));
         if v == denied(DenyReason::FlowTableFull) {
             refused += 1;
         }
@@ -565,7 +570,7 @@ fn ipv6_flows_are_tracked() {
         .ack(2)
         .write(&mut synack, b"")
         .unwrap();
-    assert_eq!(e.outbound(&synack, t(1)), Verdict::Deliver);
+    assert_eq!(outbound(&e, &synack, t(1)), Verdict::Deliver);
     assert_eq!(e.counters().flows, 1);
 }
 
@@ -579,17 +584,24 @@ from = [{ identities = ["spiffe://t/a"] }]
 to = [{ ports = [80], methods = ["GET"], paths = ["/api/*"] }]
 "#;
 
-/// A client on the peer talking to a server on port 80 of the local workload.
+/// A client on the peer talking to a server on port 80 (or `port`) of the local
+/// workload.
 struct Conn {
     sport: u16,
+    port: u16,
     cseq: u32,
     sseq: u32,
 }
 
 impl Conn {
     fn open(e: &Enforcer, sport: u16) -> Conn {
+        Conn::open_to(e, sport, 80)
+    }
+
+    fn open_to(e: &Enforcer, sport: u16, port: u16) -> Conn {
         let mut c = Conn {
             sport,
+            port,
             cseq: 1000,
             sseq: 5000,
         };
@@ -601,7 +613,7 @@ impl Conn {
         );
         c.cseq += 1;
         let synack = c.server("SA", b"");
-        assert_eq!(e.outbound(&synack, t(0)), Verdict::Deliver);
+        assert_eq!(outbound(e, &synack, t(0)), Verdict::Deliver);
         c.sseq += 1;
         let ack = c.client("A", b"");
         assert_eq!(
@@ -612,29 +624,22 @@ impl Conn {
     }
 
     fn client(&self, flags: &str, payload: &[u8]) -> Vec<u8> {
-        let mut b = PacketBuilder::ipv4(PEER_A, LOCAL, 64).tcp(self.sport, 80, self.cseq, 64_000);
-        if flags.contains('S') {
-            b = b.syn();
-        }
-        if flags.contains('A') {
-            b = b.ack(self.sseq);
-        }
-        let mut out = Vec::new();
-        b.write(&mut out, payload).unwrap();
-        out
+        self.client_at(flags, self.cseq, payload)
+    }
+
+    /// A client segment at sequence number `seq`, acknowledging the server's next.
+    fn client_at(&self, flags: &str, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(PEER_A, LOCAL, 64).tcp(self.sport, self.port, seq, 64_000);
+        build(b, flags, self.sseq, payload)
     }
 
     fn server(&self, flags: &str, payload: &[u8]) -> Vec<u8> {
-        let mut b = PacketBuilder::ipv4(LOCAL, PEER_A, 64).tcp(80, self.sport, self.sseq, 64_000);
-        if flags.contains('S') {
-            b = b.syn();
-        }
-        if flags.contains('A') {
-            b = b.ack(self.cseq);
-        }
-        let mut out = Vec::new();
-        b.write(&mut out, payload).unwrap();
-        out
+        self.server_at(flags, self.sseq, payload)
+    }
+
+    fn server_at(&self, flags: &str, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(LOCAL, PEER_A, 64).tcp(self.port, self.sport, seq, 64_000);
+        build(b, flags, self.cseq, payload)
     }
 
     /// Sends `payload` from the client in one segment.
@@ -644,6 +649,62 @@ impl Conn {
         self.cseq += payload.len() as u32;
         v
     }
+}
+
+/// Finishes a TCP segment: `flags` from "SAFR" (ACK acknowledges `ack`).
+fn build(
+    mut b: etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    flags: &str,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    if flags.contains('S') {
+        b = b.syn();
+    }
+    if flags.contains('A') {
+        b = b.ack(ack);
+    }
+    if flags.contains('F') {
+        b = b.fin();
+    }
+    if flags.contains('R') {
+        b = b.rst();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+/// Every emitted TCP segment: where it goes, from which port, its flags ("SAFR"
+/// letters), sequence and acknowledgement numbers, and payload length.
+fn segments(emit: &Emit) -> Vec<(Toward, u16, String, u32, u32, usize)> {
+    emit.packets()
+        .map(|(t, pkt)| {
+            let sliced = etherparse::SlicedPacket::from_ip(pkt).expect("emitted packet parses");
+            let Some(etherparse::TransportSlice::Tcp(tcp)) = sliced.transport else {
+                panic!("not TCP");
+            };
+            let mut flags = String::new();
+            for (on, c) in [
+                (tcp.syn(), 'S'),
+                (tcp.ack(), 'A'),
+                (tcp.fin(), 'F'),
+                (tcp.rst(), 'R'),
+            ] {
+                if on {
+                    flags.push(c);
+                }
+            }
+            (
+                t,
+                tcp.source_port(),
+                flags,
+                tcp.sequence_number(),
+                tcp.acknowledgment_number(),
+                tcp.payload().len(),
+            )
+        })
+        .collect()
 }
 
 fn tcp_payloads(emit: &Emit, toward: Toward) -> Vec<(Vec<u8>, bool)> {
@@ -824,7 +885,7 @@ fn l7_request_lost_before_the_server_ends_in_502_not_a_stall() {
     let mut emit = Emit::default();
     let get = b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n";
     assert_eq!(c.send(&e, get, &mut emit), Verdict::Deliver);
-    assert_eq!(e.outbound(&c.server("A", b""), t(10)), Verdict::Deliver);
+    assert_eq!(outbound(&e, &c.server("A", b""), t(10)), Verdict::Deliver);
     let lost_at = c.cseq;
     assert_eq!(c.send(&e, get, &mut emit), Verdict::Deliver);
     for k in 1..=crate::l7::LOST_AFTER {
@@ -879,6 +940,7 @@ fn l7_mid_stream_without_handshake_fails_closed() {
     let (e, _) = enforcer(API_POLICY, 1024);
     let c = Conn {
         sport: 40000,
+        port: 80,
         cseq: 1,
         sseq: 1,
     };
@@ -888,7 +950,9 @@ fn l7_mid_stream_without_handshake_fails_closed() {
     assert_eq!(v, Verdict::Drop(Drop::Untracked));
     // Both ends are reset so that they reconnect at once (a flow from before a restart
     // would otherwise hang until its timeouts): each RST at the number its receiver
-    // expects; nothing of the segment is delivered.
+    // expects; nothing of the segment is delivered. The local end also gets an empty
+    // segment just before that number, which it answers with an ACK if the reset was
+    // old (see `untracked_resets`).
     let rsts: Vec<(Toward, u32, bool, usize)> = emit
         .packets()
         .map(
@@ -904,7 +968,8 @@ fn l7_mid_stream_without_handshake_fails_closed() {
         rsts,
         vec![
             (Toward::Peer, c.sseq, true, 0),
-            (Toward::Local, c.cseq, true, 0)
+            (Toward::Local, c.cseq, true, 0),
+            (Toward::Local, c.cseq - 1, false, 0)
         ]
     );
     // A RST is never answered.
@@ -1080,4 +1145,818 @@ fn l7_total_held_budget_sheds_the_flow_that_grows() {
         "{:?}",
         String::from_utf8_lossy(&released)
     );
+}
+
+// ---- Flow state: who opened a flow, RSTs and FINs in the window (issue 18.2) -------
+
+const GET_ITEMS: &[u8] = b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n";
+const GET_ADMIN: &[u8] = b"GET /admin HTTP/1.1\r\nHost: c\r\n\r\n";
+
+/// No emitted packet towards the local workload carries a byte of payload.
+fn nothing_delivered(emit: &Emit) -> bool {
+    segments(emit)
+        .iter()
+        .all(|(t, _, _, _, _, len)| *t != Toward::Local || *len == 0)
+}
+
+/// Regression (issue 18.2): conntrack took a client's RST far outside the window and
+/// ended the inspected flow, the first step of getting in uninspected.
+#[test]
+fn rst_outside_the_window_is_not_taken() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    let bogus = c.client_at("R", c.cseq.wrapping_add(1 << 30), b"");
+    assert_eq!(
+        e.inbound(&sender(A), &bogus, t(1), WALL, &mut emit),
+        Verdict::Drop(Drop::OutOfWindow)
+    );
+    assert!(emit.is_empty(), "nothing answers a RST outside the window");
+    // The flow is still there and still inspected.
+    assert_eq!(c.send(&e, GET_ITEMS, &mut emit), Verdict::Deliver);
+    assert_ne!(c.send(&e, GET_ADMIN, &mut emit), Verdict::Deliver);
+    assert!(tcp_payloads(&emit, Toward::Peer)[0]
+        .0
+        .starts_with(b"HTTP/1.1 403"));
+    assert_eq!(e.counters().drops.get("out_of_window"), Some(&1));
+}
+
+/// RFC 5961 §3.2: a RST inside the window but not at the number the server expects
+/// is not taken; its sender gets the challenge ACK the server would send (the
+/// server's next sequence number, acknowledging what it has). Only an exact RST ends
+/// the flow.
+#[test]
+fn rst_in_the_window_gets_a_challenge_ack_and_only_an_exact_one_ends_the_flow() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    assert_eq!(c.send(&e, GET_ITEMS, &mut emit), Verdict::Deliver);
+    assert_eq!(
+        outbound(&e, &c.server("A", b""), t(10)),
+        Verdict::Deliver,
+        "the server acknowledges the request"
+    );
+    let near = c.client_at("R", c.cseq + 100, b"");
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.inbound(&sender(A), &near, t(11), WALL, &mut emit),
+        Verdict::Drop(Drop::OutOfWindow)
+    );
+    assert_eq!(
+        segments(&emit),
+        vec![(Toward::Peer, 80, "A".to_string(), c.sseq, c.cseq, 0)]
+    );
+    assert_eq!(
+        c.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    // The exact one passes and ends the flow.
+    let exact = c.client("R", b"");
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.inbound(&sender(A), &exact, t(12), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    assert!(emit.is_empty());
+    assert_ne!(
+        c.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+}
+
+/// A server's RST is held to the same rule (outbound), and a RST refusing a SYN is
+/// taken only if it acknowledges the SYN (RFC 9293 §3.10.7.3).
+#[test]
+fn server_resets_are_checked_too() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let syn = tcp(PEER_A, LOCAL, 40000, 8080, "S", 100, b"");
+    assert_eq!(
+        e.inbound(&sender(A), &syn, t(0), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let c = Conn {
+        sport: 40000,
+        port: 8080,
+        cseq: 101,
+        sseq: 0,
+    };
+    // Without ACK, or acknowledging something else: not taken.
+    assert_eq!(
+        outbound(&e, &c.server_at("R", 0, b""), t(1)),
+        Verdict::Drop(Drop::OutOfWindow)
+    );
+    let wrong = Conn { cseq: 5, ..c };
+    assert_eq!(
+        outbound(&e, &wrong.server_at("RA", 0, b""), t(1)),
+        Verdict::Drop(Drop::OutOfWindow)
+    );
+    // RST+ACK of the SYN (a closed port): taken.
+    assert_eq!(
+        outbound(&e, &c.server_at("RA", 0, b""), t(1)),
+        Verdict::Deliver
+    );
+}
+
+/// A FIN far outside the window is not taken (it would start the closing timeout of
+/// a flow that is not closing); one in the window is.
+#[test]
+fn fin_outside_the_window_is_not_taken() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    let far = c.client_at("FA", c.cseq.wrapping_add(1 << 30), b"");
+    assert_eq!(
+        e.inbound(&sender(A), &far, t(1), WALL, &mut Emit::default()),
+        Verdict::Drop(Drop::OutOfWindow)
+    );
+    let fin = c.client("FA", b"");
+    assert_eq!(
+        e.inbound(&sender(A), &fin, t(1), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    c.cseq += 1;
+    assert_eq!(outbound(&e, &c.server("FA", b""), t(2)), Verdict::Deliver);
+}
+
+/// Regression (issue 18.2): a local packet of no flow that is not an opening (the
+/// server's retransmitted SYN-ACK, data, a FIN) made the flow the local side's, and
+/// every later packet from the peer passed as a reply, with neither policy nor
+/// inspection. Now it creates nothing, is answered with resets to both ends, and the
+/// peer's packets are decided as new inbound packets.
+#[test]
+fn only_an_opening_makes_a_flow_the_local_sides() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    for (flags, payload) in [("SA", &b""[..]), ("A", b"data"), ("FA", b"")] {
+        let mut emit = Emit::default();
+        let pkt = tcp(LOCAL, PEER_A, 80, 40000, flags, 7, payload);
+        assert_eq!(
+            e.outbound(Some(&A.into()), &pkt, t(0), &mut emit),
+            Verdict::Drop(Drop::Untracked),
+            "{flags}"
+        );
+        // The local end is reset at the number it acknowledged, the peer at the
+        // segment's own.
+        assert_eq!(
+            segments(&emit),
+            vec![
+                (Toward::Local, 40000, "R".to_string(), 1, 0, 0),
+                (Toward::Peer, 80, "R".to_string(), 7, 0, 0)
+            ],
+            "{flags}"
+        );
+    }
+    assert_eq!(e.counters().flows, 0);
+    let mut emit = Emit::default();
+    let get = tcp(
+        PEER_A,
+        LOCAL,
+        40000,
+        80,
+        "A",
+        1,
+        b"GET /admin HTTP/1.1\r\n\r\n",
+    );
+    assert_eq!(
+        e.inbound(&sender(A), &get, t(1), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    assert!(nothing_delivered(&emit));
+    // An ICMP echo reply is no opening either; a request is.
+    let echo = |req: bool, src, dst| {
+        let b = PacketBuilder::ipv4(src, dst, 64);
+        let b = if req {
+            b.icmpv4_echo_request(9, 1)
+        } else {
+            b.icmpv4_echo_reply(9, 1)
+        };
+        let mut out = Vec::new();
+        b.write(&mut out, b"ping").unwrap();
+        out
+    };
+    assert_eq!(
+        outbound(&e, &echo(false, LOCAL, PEER_A), t(2)),
+        Verdict::Drop(Drop::Untracked)
+    );
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &echo(true, PEER_A, LOCAL),
+            t(2),
+            WALL,
+            &mut emit
+        ),
+        denied(DenyReason::DefaultDeny)
+    );
+    // A SYN going out opens a flow; its answer comes in.
+    let syn = tcp(LOCAL, PEER_A, 50000, 80, "S", 1, b"");
+    assert_eq!(outbound(&e, &syn, t(3)), Verdict::Deliver);
+    let syn_ack = tcp(PEER_A, LOCAL, 80, 50000, "SA", 1, b"");
+    assert_eq!(
+        e.inbound(&sender(A), &syn_ack, t(3), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+}
+
+/// Regression (issue 18.2, "the same path opens after an established flow's idle
+/// timeout"): once an inspected flow has expired, the server's next segment does not
+/// make it the server's own, and the client's next request is refused mid-stream.
+#[test]
+fn an_expired_inspected_flow_is_not_reopened_by_the_server() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    assert_eq!(
+        c.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let later = t(10) + Timeouts::default().tcp_established + Duration::from_secs(1);
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.outbound(Some(&A.into()), &c.server("A", b"late"), later, &mut emit),
+        Verdict::Drop(Drop::Untracked)
+    );
+    let mut emit = Emit::default();
+    let admin = c.client("A", GET_ADMIN);
+    assert_eq!(
+        e.inbound(&sender(A), &admin, later, WALL, &mut emit),
+        Verdict::Drop(Drop::Untracked)
+    );
+    assert!(nothing_delivered(&emit));
+}
+
+/// Regression (issue 18.2): after a restart, a server that speaks first on an
+/// inspected port was recorded as the opener, and `/admin` went through uninspected.
+#[test]
+fn after_a_restart_a_server_speaking_first_opens_nothing() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let c = Conn {
+        sport: 40000,
+        port: 80,
+        cseq: 1000,
+        sseq: 5000,
+    };
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.outbound(
+            Some(&A.into()),
+            &c.server("A", b"220 ready\r\n"),
+            t(0),
+            &mut emit
+        ),
+        Verdict::Drop(Drop::Untracked)
+    );
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.inbound(&sender(A), &c.client("A", GET_ADMIN), t(1), WALL, &mut emit),
+        Verdict::Drop(Drop::Untracked)
+    );
+    assert!(nothing_delivered(&emit));
+    assert_eq!(e.counters().flows, 0);
+}
+
+// ---- Cuts hold (issue 18.3) ------------------------------------------------------------
+
+fn udp_from(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+/// Regression (issue 18.3): after `policy apply` revoked a UDP flow whose server kept
+/// sending, the server's next datagram reopened the flow as the local side's and the
+/// client's datagrams kept arriving. The cut flow stays cut in both directions until
+/// policy allows a new opening.
+#[test]
+fn a_cut_udp_flow_stays_cut_both_ways_until_policy_allows_it_again() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let from_client = udp_from(PEER_A, LOCAL, 5000, 8080, b"ping");
+    let from_server = udp_from(LOCAL, PEER_A, 8080, 5000, b"pong");
+    let inbound = |pkt: &[u8], ms| e.inbound(&sender(A), pkt, t(ms), WALL, &mut Emit::default());
+    assert_eq!(inbound(&from_client, 0), Verdict::Deliver);
+    assert_eq!(outbound(&e, &from_server, t(1)), Verdict::Deliver);
+    let cuts = e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(2), WALL);
+    assert_eq!(cuts.len(), 1);
+    let mut emit = Emit::default();
+    cuts[0].resets(&mut emit);
+    assert!(emit.is_empty(), "no connection to reset for UDP");
+    // The server keeps sending, the client too: nothing passes, for as long as the
+    // server keeps at it.
+    for ms in (3..200_000).step_by(20_000) {
+        assert_ne!(outbound(&e, &from_server, t(ms)), Verdict::Deliver, "{ms}");
+        assert_ne!(inbound(&from_client, ms + 1), Verdict::Deliver, "{ms}");
+    }
+    let c = e.counters();
+    assert_eq!((c.flows, c.flows_cut), (0, 1));
+    // Policy allows the client again: its next datagram is a new opening.
+    e.set_policy(
+        compiled(ALLOW_A_8080, DefaultAction::Deny),
+        t(200_000),
+        WALL,
+    );
+    assert_eq!(inbound(&from_client, 200_001), Verdict::Deliver);
+    assert_eq!(outbound(&e, &from_server, t(200_002)), Verdict::Deliver);
+    let c = e.counters();
+    assert_eq!((c.flows, c.flows_cut), (1, 0));
+}
+
+/// A cut TCP flow stays cut: the server's retransmissions and the client's segments
+/// are refused, and nothing re-creates the flow; the tombstone leaves the table after
+/// the closing timeout.
+#[test]
+fn a_cut_tcp_flow_stays_cut_and_its_tombstone_expires() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    assert_eq!(c.send(&e, b"hello", &mut Emit::default()), Verdict::Deliver);
+    let cuts = e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(20), WALL);
+    assert_eq!(cuts.len(), 1);
+    for pkt in [c.server("SA", b""), c.server("A", b"late data")] {
+        assert_ne!(outbound(&e, &pkt, t(21)), Verdict::Deliver);
+    }
+    let mut emit = Emit::default();
+    let more = c.client("A", b"more");
+    assert_eq!(
+        e.inbound(&sender(A), &more, t(22), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    assert!(nothing_delivered(&emit));
+    assert_eq!(e.counters().flows_cut, 1);
+    let later = t(22) + Timeouts::default().tcp_closing + Duration::from_secs(1);
+    e.poll(later, WALL, &mut Emit::default());
+    assert_eq!(e.counters().flows_cut, 0);
+}
+
+/// Regression (issue 18.3): a TCP cut right after the client's keepalive probe (one
+/// byte before its next sequence number) reset the server one too low; Linux ignored
+/// it and the flow went on. The reset carries the client's next number whatever its
+/// last segment was.
+#[test]
+fn a_cut_after_a_keepalive_probe_resets_at_the_next_sequence_number() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    assert_eq!(c.send(&e, b"hello", &mut Emit::default()), Verdict::Deliver);
+    assert_eq!(outbound(&e, &c.server("A", b""), t(11)), Verdict::Deliver);
+    let probe = c.client_at("A", c.cseq - 1, b"");
+    assert_eq!(
+        e.inbound(&sender(A), &probe, t(12), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    assert_eq!(outbound(&e, &c.server("A", b""), t(12)), Verdict::Deliver);
+    let cuts = e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(13), WALL);
+    let mut emit = Emit::default();
+    cuts[0].resets(&mut emit);
+    assert_eq!(
+        segments(&emit),
+        vec![
+            (Toward::Local, 40000, "R".to_string(), c.cseq, 0, 0),
+            (Toward::Peer, 8080, "R".to_string(), c.sseq, 0, 0)
+        ]
+    );
+}
+
+/// While bytes are on their way, the receiver expects what it acknowledged, not the
+/// sender's next number: a reset goes at each.
+#[test]
+fn a_cut_with_bytes_in_flight_resets_at_both_candidates() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    let acked = c.cseq;
+    assert_eq!(
+        c.send(&e, b"in flight", &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let cuts = e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(13), WALL);
+    assert_eq!(cuts[0].client_next_seq, Some(c.cseq));
+    assert_eq!(cuts[0].client_acked_seq, Some(acked));
+    let mut emit = Emit::default();
+    cuts[0].resets(&mut emit);
+    let to_server: Vec<u32> = segments(&emit)
+        .into_iter()
+        .filter(|s| s.0 == Toward::Local)
+        .map(|s| s.3)
+        .collect();
+    assert_eq!(to_server, vec![c.cseq, acked]);
+}
+
+// ---- Flows bound to the identity at their far end (issue 18.5) ---------------------
+
+/// Regression (issue 18.5): a peer whose certificate's prefix overlapped another
+/// peer's addresses wrote into that peer's open, allowed connection, while its own SYN
+/// to the same port was denied. A flow a peer opened takes packets from that identity
+/// only.
+#[test]
+fn a_flow_a_peer_opened_takes_packets_from_that_identity_only() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    let intruder = sender(B);
+    let mut emit = Emit::default();
+    // Same addresses and ports, the right sequence numbers: another identity.
+    let pkt = c.client("A", b"injected");
+    assert_eq!(
+        e.inbound(&intruder, &pkt, t(1), WALL, &mut emit),
+        Verdict::Drop(Drop::WrongPeer)
+    );
+    let rst = c.client("R", b"");
+    assert_eq!(
+        e.inbound(&intruder, &rst, t(1), WALL, &mut emit),
+        Verdict::Drop(Drop::WrongPeer)
+    );
+    assert!(emit.is_empty());
+    // Its own connection is decided as its own: refused.
+    let syn = tcp(PEER_A, LOCAL, 40001, 8080, "S", 1, b"");
+    assert_eq!(
+        e.inbound(&intruder, &syn, t(1), WALL, &mut emit),
+        denied(DenyReason::NoAllowMatched)
+    );
+    // The opener's flow goes on untouched.
+    assert_eq!(c.send(&e, b"hello", &mut emit), Verdict::Deliver);
+    assert_eq!(e.counters().drops.get("wrong_peer"), Some(&2));
+    // The server's answers go to the opener only (routing that picked another peer
+    // for the address must not hand them over).
+    let answer = c.server("A", b"answer");
+    assert_eq!(
+        e.outbound(Some(&B.into()), &answer, t(2), &mut emit),
+        Verdict::Drop(Drop::WrongPeer)
+    );
+    assert_eq!(outbound(&e, &answer, t(2)), Verdict::Deliver);
+}
+
+/// A flow a local workload opened takes replies only from the peer it went to.
+#[test]
+fn a_flow_the_local_side_opened_takes_replies_from_its_peer_only() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    let syn = tcp(LOCAL, PEER_A, 50000, 443, "S", 1, b"");
+    assert_eq!(outbound(&e, &syn, t(0)), Verdict::Deliver);
+    let syn_ack = tcp(PEER_A, LOCAL, 443, 50000, "SA", 1, b"");
+    assert_eq!(
+        e.inbound(&sender(B), &syn_ack, t(1), WALL, &mut Emit::default()),
+        Verdict::Drop(Drop::WrongPeer)
+    );
+    assert_eq!(
+        e.inbound(&sender(A), &syn_ack, t(1), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    // Its own next segments go to that peer only, too.
+    let ack = tcp(LOCAL, PEER_A, 50000, 443, "A", 2, b"");
+    assert_eq!(
+        e.outbound(Some(&B.into()), &ack, t(2), &mut Emit::default()),
+        Verdict::Drop(Drop::WrongPeer)
+    );
+    assert_eq!(outbound(&e, &ack, t(2)), Verdict::Deliver);
+}
+
+// ---- ICMP errors from the far end only (issue 18.6) --------------------------------
+
+const PEER_B: [u8; 4] = [100, 64, 0, 2];
+
+/// An ICMP "fragmentation needed" from `src` to `dst` quoting `quoted`.
+fn frag_needed(src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 552 },
+        ))
+        .write(&mut out, &quoted[..quoted.len().min(28)])
+        .unwrap();
+    out
+}
+
+/// Regression (issue 18.6): a peer with no ICMP rights sent ICMP errors quoting a flow
+/// between two other parties, and they were delivered (the path MTU to a peer dropped
+/// to 552 for ten minutes). An error is delivered only from the far end of the flow
+/// it quotes, about a packet that went from here to it, with a TCP sequence number
+/// sent and not yet acknowledged.
+#[test]
+fn icmp_errors_pass_only_from_the_far_end_of_the_flow_they_quote() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    let stray = Verdict::Drop(Drop::StrayIcmp);
+    // The local workload's connection to A: SYN, SYN-ACK, 100 bytes not acknowledged.
+    let syn = tcp(LOCAL, PEER_A, 50000, 443, "S", 1000, b"");
+    assert_eq!(outbound(&e, &syn, t(0)), Verdict::Deliver);
+    let mut syn_ack = Vec::new();
+    PacketBuilder::ipv4(PEER_A, LOCAL, 64)
+        .tcp(443, 50000, 9000, 64_000)
+        .syn()
+        .ack(1001)
+        .write(&mut syn_ack, b"")
+        .unwrap();
+    assert_eq!(
+        e.inbound(&sender(A), &syn_ack, t(1), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let mut data = Vec::new();
+    PacketBuilder::ipv4(LOCAL, PEER_A, 64)
+        .tcp(50000, 443, 1001, 64_000)
+        .ack(9001)
+        .write(&mut data, &[0x5a; 100])
+        .unwrap();
+    assert_eq!(outbound(&e, &data, t(2)), Verdict::Deliver);
+    let icmp = |who: &str, src, quoted: &[u8]| {
+        e.inbound(
+            &sender(who),
+            &frag_needed(src, LOCAL, quoted),
+            t(3),
+            WALL,
+            &mut Emit::default(),
+        )
+    };
+    // From another peer (its own address, or the far end's: overlapping prefixes).
+    assert_eq!(icmp(B, PEER_B, &data), stray);
+    assert_eq!(icmp(B, PEER_A, &data), stray);
+    // From the far end, but about a packet of its own (the quoted one went the other
+    // way), or with a sequence number outside what is in flight.
+    assert_eq!(icmp(A, PEER_A, &syn_ack), stray);
+    let mut old = Vec::new();
+    PacketBuilder::ipv4(LOCAL, PEER_A, 64)
+        .tcp(50000, 443, 1001u32.wrapping_sub(1 << 20), 64_000)
+        .write(&mut old, &[0; 8])
+        .unwrap();
+    assert_eq!(icmp(A, PEER_A, &old), stray);
+    // From the far end about a segment in flight: delivered.
+    assert_eq!(icmp(A, PEER_A, &data), Verdict::Deliver);
+    assert_eq!(e.counters().drops.get("stray_icmp"), Some(&4));
+}
+
+/// The same for a flow a peer opened (the quoted packet is the local server's
+/// answer) and for a cut flow (nothing passes any more).
+#[test]
+fn icmp_errors_about_a_peers_flow_come_from_that_peer_and_stop_with_a_cut() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let c = Conn::open_to(&e, 40000, 8080);
+    let answer = c.server("A", &[0x5a; 100]);
+    assert_eq!(outbound(&e, &answer, t(1)), Verdict::Deliver);
+    let icmp = |who: &str, src| {
+        e.inbound(
+            &sender(who),
+            &frag_needed(src, LOCAL, &answer),
+            t(2),
+            WALL,
+            &mut Emit::default(),
+        )
+    };
+    assert_eq!(icmp(B, PEER_A), Verdict::Drop(Drop::StrayIcmp));
+    assert_eq!(icmp(A, PEER_A), Verdict::Deliver);
+    e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(3), WALL);
+    assert_eq!(icmp(A, PEER_A), Verdict::Drop(Drop::StrayIcmp));
+}
+
+// ---- Connections refused before they can carry anything (issue 18.7) -----------------
+
+/// Regression (issue 18.7): an identity no rule could ever allow on an inspected port
+/// completed the TCP handshake with the server (20 of 20 accepted; only its request
+/// got 403). Its SYN is refused: a RST+ACK back, the decision logged, nothing tracked.
+#[test]
+fn a_syn_no_rule_could_allow_is_refused_on_an_inspected_port() {
+    let (e, log) = enforcer(API_POLICY, 1024);
+    let mut emit = Emit::default();
+    let syn = tcp(PEER_A, LOCAL, 40000, 80, "S", 777, b"");
+    assert_eq!(
+        e.inbound(&sender(B), &syn, t(0), WALL, &mut emit),
+        denied(DenyReason::NoAllowMatched)
+    );
+    assert_eq!(
+        segments(&emit),
+        vec![(Toward::Peer, 80, "AR".to_string(), 0, 778, 0)]
+    );
+    let rec: serde_json::Value = serde_json::from_str(&log.tail(1)[0]).unwrap();
+    assert_eq!(rec["src"], B);
+    assert_eq!(rec["dst_port"], 80);
+    assert_eq!(rec["decision"], "deny");
+    assert_eq!(rec["reason"], "no_allow_matched");
+    assert_eq!(e.counters().flows, 0);
+    // An identity some request of which could be allowed gets its handshake.
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.inbound(&sender(A), &syn, t(0), WALL, &mut emit),
+        Verdict::Deliver
+    );
+    assert!(emit.is_empty());
+    // A deny rule that covers the source whatever it asks: refused at the SYN too.
+    let quarantine = format!("{API_POLICY}\n[[policy]]\nname = \"q\"\naction = \"deny\"\n[[policy.rule]]\nfrom = [{{ identities = [\"spiffe://t/a\"] }}]\n");
+    let (e, log) = enforcer(&quarantine, 1024);
+    let mut emit = Emit::default();
+    assert!(matches!(
+        e.inbound(&sender(A), &syn, t(0), WALL, &mut emit),
+        Verdict::Drop(Drop::Denied(DenyReason::ExplicitDeny(_)))
+    ));
+    assert_eq!(emit.packets().count(), 1);
+    assert!(
+        log.tail(1)[0].contains("\"policy\":\"q\""),
+        "{}",
+        log.tail(1)[0]
+    );
+}
+
+/// Regression (issue 18.7): UDP to a port with HTTP rules (HTTP/3) passed without
+/// inspection when a rule named no protocol: here a path deny that TCP enforces and
+/// an allow without HTTP fields. UDP there is refused unless the rule that allows it
+/// names UDP.
+#[test]
+fn udp_to_an_inspected_port_needs_a_rule_that_names_udp() {
+    let policy = |protocols: &str| {
+        format!(
+            "[[policy]]\nname = \"web\"\naction = \"allow\"\n[[policy.rule]]\nfrom = [{{ identities = [\"{A}\"] }}]\nto = [{{ ports = [80]{protocols} }}]\n\n[[policy]]\nname = \"no-admin\"\naction = \"deny\"\n[[policy.rule]]\nto = [{{ ports = [80], paths = [\"/admin\"] }}]\n"
+        )
+    };
+    let quic = udp_from(PEER_A, LOCAL, 5000, 80, b"\xc0quic");
+    let (e, log) = enforcer(&policy(""), 1024);
+    assert_eq!(
+        e.inbound(&sender(A), &quic, t(0), WALL, &mut Emit::default()),
+        denied(DenyReason::NotHttp)
+    );
+    assert!(log.tail(1)[0].contains("not_http"), "{}", log.tail(1)[0]);
+    assert_eq!(e.counters().flows, 0);
+    // TCP to the same port is inspected, as before.
+    let mut c = Conn::open(&e, 40000);
+    assert_eq!(
+        c.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    // A rule that names UDP lets it through.
+    let (e, _) = enforcer(&policy(", protocols = [\"tcp\", \"udp\"]"), 1024);
+    assert_eq!(
+        e.inbound(&sender(A), &quic, t(0), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+}
+
+// ---- Refused and closed flows end properly (issue 18.8, issue 26.2) -----------------
+
+/// The response meshd sent the client: its sequence number and payload length.
+fn response_of(emit: &Emit) -> (u32, usize) {
+    segments(emit)
+        .into_iter()
+        .find(|s| s.0 == Toward::Peer && s.5 > 0)
+        .map(|s| (s.3, s.5))
+        .expect("a response to the client")
+}
+
+/// Regression (issue 26.2): a connection refused with 403 that the client closed
+/// normally stayed in the flow table (idle timeout 2 hours), and the client's FIN was
+/// never acknowledged. The FIN is acknowledged on the server's behalf and the flow
+/// leaves the table within the closing timeout.
+#[test]
+fn a_refused_flow_is_closed_cleanly_and_leaves_the_table_in_seconds() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let mut c = Conn::open(&e, 40000);
+    let mut emit = Emit::default();
+    assert_ne!(c.send(&e, GET_ADMIN, &mut emit), Verdict::Deliver);
+    let (seq, len) = response_of(&emit);
+    assert_eq!(seq, c.sseq);
+    // The client reads the response and its FIN, then closes.
+    c.sseq += len as u32 + 1;
+    let mut emit = Emit::default();
+    let fin = c.client("FA", b"");
+    e.inbound(&sender(A), &fin, t(11), WALL, &mut emit);
+    assert_eq!(
+        segments(&emit),
+        vec![(Toward::Peer, 80, "A".to_string(), c.sseq, c.cseq + 1, 0)]
+    );
+    assert_eq!(e.counters().flows, 1);
+    let soon = t(11) + Timeouts::default().tcp_closing + Duration::from_secs(1);
+    e.poll(soon, WALL, &mut Emit::default());
+    assert_eq!(e.counters().flows, 0);
+}
+
+/// Regression (issue 26.2): a new connection from the same client port right after a
+/// refused one was silently dropped, and so was one right after an allowed connection
+/// closed less than 10 s before. A SYN on a closed 5-tuple starts a new flow, as
+/// Linux conntrack does for TIME-WAIT reuse.
+#[test]
+fn a_new_syn_on_a_closed_five_tuple_starts_a_new_flow() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    // Refused.
+    let mut refused = Conn::open(&e, 40000);
+    assert_ne!(
+        refused.send(&e, GET_ADMIN, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let mut again = Conn::open(&e, 40000);
+    assert_eq!(
+        again.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    // Allowed, closed by both sides.
+    let fin = again.client("FA", b"");
+    assert_eq!(
+        e.inbound(&sender(A), &fin, t(11), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    again.cseq += 1;
+    assert_eq!(
+        outbound(&e, &again.server("FA", b""), t(11)),
+        Verdict::Deliver
+    );
+    again.sseq += 1;
+    assert_eq!(
+        e.inbound(
+            &sender(A),
+            &again.client("A", b""),
+            t(11),
+            WALL,
+            &mut Emit::default()
+        ),
+        Verdict::Deliver
+    );
+    let mut third = Conn::open(&e, 40000);
+    assert_eq!(
+        third.send(&e, GET_ITEMS, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    assert_ne!(
+        third.send(&e, GET_ADMIN, &mut Emit::default()),
+        Verdict::Deliver
+    );
+}
+
+/// A reused 5-tuple is tracked as the new connection it is: on a layer-4 port the
+/// old FINs do not leave it on the closing timeout, so its server can answer after
+/// a pause.
+#[test]
+fn a_reused_five_tuple_is_a_fresh_flow() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let mut c = Conn::open_to(&e, 40000, 8080);
+    for (from_client, flags) in [(true, "FA"), (false, "FA"), (true, "A")] {
+        let v = if from_client {
+            let pkt = c.client(flags, b"");
+            e.inbound(&sender(A), &pkt, t(1), WALL, &mut Emit::default())
+        } else {
+            outbound(&e, &c.server(flags, b""), t(1))
+        };
+        assert_eq!(v, Verdict::Deliver, "{flags}");
+        if flags == "FA" {
+            if from_client {
+                c.cseq += 1;
+            } else {
+                c.sseq += 1;
+            }
+        }
+    }
+    let c = Conn::open_to(&e, 40000, 8080);
+    let later = t(1) + Timeouts::default().tcp_closing + Duration::from_secs(5);
+    assert_eq!(
+        outbound(&e, &c.server("A", b"after a pause"), later),
+        Verdict::Deliver
+    );
+}
+
+// ---- After a restart: no silent black hole (issue 26.3) ----------------------------
+
+/// Regression (issue 26.3): after the receiving host's meshd restarted, data for its
+/// own workload's open connection was taken as a new inbound flow and, under default
+/// deny, dropped without a reset; the client waited until the sender's TCP gave up
+/// (about 15 minutes). A refused segment of a connection meshd does not know resets
+/// both ends (the peer at the number it expects, the local end at the segment's and,
+/// should that be old, with an empty segment the local end answers with an ACK); that
+/// ACK, a local segment of no flow, gets the exact reset.
+#[test]
+fn a_refused_segment_of_an_unknown_connection_resets_both_ends() {
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    let mut data = Vec::new();
+    PacketBuilder::ipv4(PEER_A, LOCAL, 64)
+        .tcp(8080, 50000, 9000, 64_000)
+        .ack(1001)
+        .write(&mut data, &[0x5a; 1000])
+        .unwrap();
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.inbound(&sender(A), &data, t(0), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    assert_eq!(
+        segments(&emit),
+        vec![
+            (Toward::Peer, 50000, "R".to_string(), 1001, 0, 0),
+            (Toward::Local, 8080, "R".to_string(), 9000, 0, 0),
+            (Toward::Local, 8080, "A".to_string(), 8999, 1001, 0),
+        ]
+    );
+    // The local end answers with what it expects (it had received more): reset there.
+    let mut answer = Vec::new();
+    PacketBuilder::ipv4(LOCAL, PEER_A, 64)
+        .tcp(50000, 8080, 1001, 64_000)
+        .ack(12_000)
+        .write(&mut answer, b"")
+        .unwrap();
+    let mut emit = Emit::default();
+    assert_eq!(
+        e.outbound(Some(&A.into()), &answer, t(1), &mut emit),
+        Verdict::Drop(Drop::Untracked)
+    );
+    assert_eq!(
+        segments(&emit),
+        vec![
+            (Toward::Local, 8080, "R".to_string(), 12_000, 0, 0),
+            (Toward::Peer, 50000, "R".to_string(), 1001, 0, 0),
+        ]
+    );
+    // A SYN that policy refuses is not answered (a refused connection, not a reset
+    // of one) — the peer's connection attempt simply fails, as before.
+    let mut emit = Emit::default();
+    let syn = tcp(PEER_A, LOCAL, 40000, 22, "S", 1, b"");
+    assert_eq!(
+        e.inbound(&sender(A), &syn, t(2), WALL, &mut emit),
+        denied(DenyReason::DefaultDeny)
+    );
+    assert!(emit.is_empty());
 }

@@ -48,6 +48,16 @@ impl Add<usize> for SeqNumber {
     }
 }
 
+impl Sub<usize> for SeqNumber {
+    type Output = SeqNumber;
+
+    /// Goes back by `n` bytes, wrapping. `n` must be below 2³¹.
+    fn sub(self, n: usize) -> SeqNumber {
+        debug_assert!(n < 1 << 31, "sequence step {n} exceeds half the space");
+        SeqNumber(self.0.wrapping_sub(n as u32))
+    }
+}
+
 impl Sub<SeqNumber> for SeqNumber {
     type Output = i64;
 
@@ -84,6 +94,7 @@ mod tests {
         assert!(a < b);
         assert_eq!(b - a, 5);
         assert_eq!(a - b, -5);
+        assert_eq!(b - 5usize, a);
         assert_eq!(a.max(b), b);
         assert_eq!(b.max(a), b);
     }

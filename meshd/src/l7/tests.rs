@@ -169,6 +169,7 @@ fn allowed_get_passes_unchanged_and_uncopied() {
             release: None,
             refusal: None,
             held_ack: None,
+            answer: None,
         }
     );
     assert_eq!(net.server, GET);
@@ -200,6 +201,7 @@ fn denied_post_is_refused_before_any_byte_is_released() {
             client_ack: net.at(POST.len()),
             server_seq: net.at(0),
             server_ack: SeqNumber(SISN + 1),
+            response_end: SeqNumber(SISN + 1) + (crate::inject::response_len(&r.cause) + 1),
         }
     );
     assert_eq!(r.cause.status(), 403);
@@ -1157,4 +1159,88 @@ fn held_head_bytes_are_acknowledged_to_the_client() {
     let o = net.send(0, b"POST /api/items HTTP/1.1\r\nHost: svc\r\n\r\n");
     assert!(o.refusal.is_some());
     assert_eq!(o.held_ack, None);
+}
+
+/// Regression (issue 18.8, issue 26.2): after refusing a request, the flow dropped
+/// everything the client sent; the client's FIN was never acknowledged and its socket
+/// sat in LAST-ACK retransmitting. Each client segment now gets what the server would
+/// have answered: the response again while the client has not acknowledged all of
+/// it, an ACK of its FIN, a reset for data nobody will read.
+#[test]
+fn a_refused_client_is_answered_until_it_has_closed() {
+    let mut net = Net::new();
+    let r = net.send(0, POST).refusal.expect("refused");
+    assert_eq!(
+        r.response_end,
+        r.client_seq + (crate::inject::response_len(&r.cause) + 1)
+    );
+    let end = net.at(POST.len());
+    let client = |net: &mut Net, seq: SeqNumber, ack: SeqNumber, flags: Flags, data: &[u8]| {
+        let s = seg(seq, ack.0, flags, data);
+        let o = net.flow.on_client_segment(&s, net.now, policy);
+        assert_eq!(o.fate, Fate::Drop(DropReason::Refused));
+        assert_eq!((o.release, o.refusal, o.held_ack), (None, None, None));
+        o.answer
+    };
+    // A segment that crossed the response (it acknowledges only the server's SYN):
+    // within ANSWER_INTERVAL nothing, after it the response again, acknowledging the
+    // client's FIN too.
+    let before = r.client_seq;
+    let fin = Flags::ACK | Flags::FIN;
+    assert_eq!(client(&mut net, end, before, fin, b""), None);
+    net.tick(ANSWER_INTERVAL.as_millis() as u64);
+    assert_eq!(
+        client(&mut net, end, before, fin, b""),
+        Some(Answer::Response)
+    );
+    assert_eq!(
+        net.flow.refusal(),
+        Some(Refusal {
+            client_ack: end + 1,
+            ..r
+        })
+    );
+    // The client has the whole answer: its FIN is acknowledged (each time it comes).
+    for _ in 0..2 {
+        assert_eq!(
+            client(&mut net, end, r.response_end, fin, b""),
+            Some(Answer::Ack {
+                seq: r.response_end,
+                ack: end + 1
+            })
+        );
+    }
+    // A pure ACK needs nothing.
+    assert_eq!(
+        client(&mut net, end + 1, r.response_end, Flags::ACK, b""),
+        None
+    );
+    // Data after the answer: reset, then silence.
+    assert_eq!(
+        client(&mut net, end + 1, r.response_end, Flags::ACK, b"more"),
+        Some(Answer::Reset {
+            seq: r.response_end
+        })
+    );
+    assert_eq!(client(&mut net, end + 5, r.response_end, fin, b""), None);
+    assert!(net.server.is_empty(), "nothing reached the server");
+}
+
+/// A client that resets its own refused connection gets nothing back.
+#[test]
+fn a_refused_client_that_resets_gets_no_answer() {
+    let mut net = Net::new();
+    let r = net.send(0, POST).refusal.expect("refused");
+    let end = net.at(POST.len());
+    let rst = seg(end, r.response_end.0, Flags::RST, b"");
+    assert_eq!(
+        net.flow.on_client_segment(&rst, net.now, policy).answer,
+        None
+    );
+    net.tick(1000);
+    let late = seg(end, r.client_seq.0, Flags::ACK, b"");
+    assert_eq!(
+        net.flow.on_client_segment(&late, net.now, policy).answer,
+        None
+    );
 }

@@ -96,8 +96,9 @@ struct Inspection {
     by_workload: WorkloadIndex<HashMap<u16, PortPolicies>>,
 }
 
-/// The policies that make one port inspected (`http`), and those with a rule naming
-/// the port and udp (`udp`), which lets UDP there be decided by policy.
+/// The policies that make one port inspected (`http`), and those (with HTTP rules or
+/// not) with a rule naming the port and udp (`udp`), which lets UDP there be decided
+/// by policy.
 #[derive(Debug, Default)]
 struct PortPolicies {
     http: Vec<u32>,
@@ -133,7 +134,9 @@ impl Inspection {
             list.sort_unstable();
             list.dedup();
         }
-        if http.is_empty() {
+        // A policy without HTTP rules still files the ports it names with udp: UDP
+        // there was thought of, whichever policy inspects the port for TCP.
+        if http.is_empty() && udp.is_empty() {
             return;
         }
         self.ports.extend(http.iter().copied());
@@ -518,8 +521,9 @@ impl CompiledPolicy {
     /// TCP: when an allow or deny rule of a policy that selects the workload has a
     /// layer-7 `to` entry naming the port; then every connection there must carry
     /// HTTP/1.x requests, each decided with its HTTP attributes, and anything else is
-    /// refused (`not_http`). UDP: when that holds and no allow or deny rule of such a
-    /// policy names the port with protocol udp: a datagram there could be HTTP/3,
+    /// refused (`not_http`). UDP: when that holds and no allow or deny rule of a policy
+    /// that selects the workload (with HTTP rules or not) names the port with protocol
+    /// udp: a datagram there could be HTTP/3,
     /// which cannot be inspected, so it is refused (`not_http`) rather than let past
     /// the HTTP rules. ICMP: never. Audit rules never make a port inspected.
     ///
