@@ -651,7 +651,11 @@ impl Enforcer {
         let h = self.hasher.hash(&p.key);
         let mut shard = self.shard(h);
         if p.kind == Kind::IcmpError {
-            return if icmp_error_admitted(&mut shard, h, &p, &sender.identity, now) {
+            // This host's node is its pods' first hop: its kernel tells a pod when a
+            // packet does not fit the TUN (path MTU), from the node's own address.
+            let hop = self.local.identity.as_deref() == Some(&*sender.identity)
+                && receiver.identity != self.local.identity;
+            return if icmp_error_admitted(&mut shard, h, &p, &sender.identity, hop, now) {
                 self.deliver()
             } else {
                 self.dropped(Drop::StrayIcmp)
@@ -1671,18 +1675,22 @@ fn refuse_syn(p: &Parsed, emit: &mut Emit) {
 /// yet acknowledged (RFC 5927 §4.1). A peer that is not the flow's far end cannot make
 /// the local workload lower its path MTU or drop a connection. There are no routers
 /// inside the overlay: an error about a packet to X comes from X (the node's own
-/// underlay hops talk to the kernel directly, never through here).
+/// underlay hops talk to the kernel directly, never through here), except this host's
+/// node for its pods (`hop`): the packet a pod sends first crosses the host, whose
+/// kernel may answer it (fragmentation needed, towards the TUN's MTU); then the error
+/// comes from the node's address about a packet to anyone, on a flow of that pod's.
 fn icmp_error_admitted(
     shard: &mut ConnTrack<FlowState>,
     h: FlowHash,
     p: &Parsed,
     sender: &Arc<str>,
+    hop: bool,
     now: Duration,
 ) -> bool {
     let Some(q) = p.quote else {
         return false;
     };
-    if q.src != p.key.dst || q.dst != p.key.src {
+    if q.dst != p.key.src || (q.src != p.key.dst && !hop) {
         return false;
     }
     let Some((dir, flow)) = shard.find_hashed(h, &p.key, now) else {
@@ -1695,7 +1703,7 @@ fn icmp_error_admitted(
     outgoing
         && flow.value.allowed
         && !flow.value.cut
-        && flow.value.far_end_is(Some(sender))
+        && (hop || flow.value.far_end_is(Some(sender)))
         && q.seq.is_none_or(|seq| flow.sent_unacked(dir, seq))
 }
 

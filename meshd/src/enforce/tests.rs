@@ -1677,6 +1677,60 @@ fn icmp_errors_pass_only_from_the_far_end_of_the_flow_they_quote() {
     assert_eq!(e.counters().drops.get("stray_icmp"), Some(&4));
 }
 
+/// This host's node is its pods' first hop: its kernel answers a pod's packet that
+/// does not fit the TUN with "fragmentation needed" from the node's address (a pod's
+/// veth has a larger MTU; netns test workloads.rs, path MTU). That error reaches the
+/// pod about its own flow to a peer; from another pod, or about a packet the pod did
+/// not send, it does not.
+#[test]
+fn the_node_is_its_pods_first_hop_for_icmp_errors() {
+    const POD: [u8; 4] = [100, 65, 1, 1];
+    let (e, _) = enforcer(NO_POLICIES, 1024);
+    let pod = LocalWorkload {
+        identity: Some("spiffe://t/pod".into()),
+        groups: Arc::from(Vec::new()),
+    };
+    // The pod's connection to peer A, 100 bytes in flight.
+    let syn = tcp(POD, PEER_A, 50000, 443, "S", 1000, b"");
+    assert_eq!(outbound(&e, &syn, t(0)), Verdict::Deliver);
+    let mut syn_ack = Vec::new();
+    PacketBuilder::ipv4(PEER_A, POD, 64)
+        .tcp(443, 50000, 9000, 64_000)
+        .syn()
+        .ack(1001)
+        .write(&mut syn_ack, b"")
+        .unwrap();
+    assert_eq!(
+        e.inbound_to(&pod, &sender(A), &syn_ack, t(1), WALL, &mut Emit::default()),
+        Verdict::Deliver
+    );
+    let mut data = Vec::new();
+    PacketBuilder::ipv4(POD, PEER_A, 64)
+        .tcp(50000, 443, 1001, 64_000)
+        .ack(9001)
+        .write(&mut data, &[0x5a; 100])
+        .unwrap();
+    assert_eq!(outbound(&e, &data, t(2)), Verdict::Deliver);
+    let icmp = |who: &str, quoted: &[u8]| {
+        e.between_locals(
+            &sender(who),
+            &pod,
+            &frag_needed(LOCAL, POD, quoted),
+            t(3),
+            WALL,
+            &mut Emit::default(),
+        )
+    };
+    let stray = Verdict::Drop(Drop::StrayIcmp);
+    // From another workload of the host (with the node's address it would be a
+    // forged source, dropped before the enforcer; its identity is what counts here).
+    assert_eq!(icmp("spiffe://t/other-pod", &data), stray);
+    // From the node about the peer's packet, not the pod's.
+    assert_eq!(icmp("spiffe://t/c", &syn_ack), stray);
+    // From the node about the pod's segment in flight: delivered.
+    assert_eq!(icmp("spiffe://t/c", &data), Verdict::Deliver);
+}
+
 /// The same for a flow a peer opened (the quoted packet is the local server's
 /// answer) and for a cut flow (nothing passes any more).
 #[test]
