@@ -510,6 +510,12 @@ impl Host {
 
     /// `meshctl peer add <other's cert> --endpoint <other's endpoint>`.
     pub fn peer_add(&self, other: &Host) -> Result<Output> {
+        self.peer_add_at(other, other.endpoint())
+    }
+
+    /// `meshctl peer add <other's cert> --endpoint <endpoint>`: `other` reached at
+    /// another address than its own (e.g. through a [`crate::relay::Relay`]).
+    pub fn peer_add_at(&self, other: &Host, endpoint: SocketAddr) -> Result<Output> {
         let cert = self
             .0
             .dir
@@ -518,7 +524,7 @@ impl Host {
         std::fs::create_dir_all(self.0.dir.join("peers"))?;
         std::fs::write(&cert, other.cert_pem())?;
         let cert = cert.to_str().context("path is not UTF-8")?.to_string();
-        let ep = other.endpoint().to_string();
+        let ep = endpoint.to_string();
         self.meshctl(&["peer", "add", &cert, "--endpoint", &ep])?
             .check()
             .with_context(|| format!("adding peer {} to {}", other.name(), self.name()))
