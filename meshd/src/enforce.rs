@@ -43,7 +43,7 @@ use crate::conntrack::{
     Timeouts, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 use crate::decisions::{DecisionLog, DecisionRecord, HttpSummary};
-use crate::flow::{Flags, Segment, SeqNumber, Timestamp};
+use crate::flow::{Flags, Segment, SeqNumber, Timestamp, Timestamps};
 use crate::inject::{self, Endpoints, TcpSegment};
 use crate::l7::{self, L7Flow, Refusal, RefuseCause};
 
@@ -369,6 +369,8 @@ struct Parsed {
 struct TcpRaw {
     flags: u8,
     window: u16,
+    /// Where the TCP header's options start in the packet (they end at `payload_at`).
+    options_at: usize,
     payload_at: usize,
 }
 
@@ -975,7 +977,10 @@ impl Enforcer {
                     window: seg.window,
                     payload: &seg.payload[start..end],
                 };
-                if inject::tcp_packet(&piece, &mut emit.scratch).is_ok() {
+                // The client's options go along (timestamps: RFC 7323 §3.2, every
+                // segment once negotiated; the server echoes them to time the path).
+                let options = tcp_options(p, packet);
+                if inject::tcp_packet_with(&piece, options, &mut emit.scratch).is_ok() {
                     emit.push_scratch(Toward::Local);
                 }
                 Verdict::Consumed
@@ -998,8 +1003,11 @@ impl Enforcer {
                 window: r.window,
                 payload: flow.release_data(),
             };
+            // The timestamps of the client segment that released the bytes (l7::Release).
+            let ts = r.timestamps.map(Timestamps::emit);
+            let options = ts.as_ref().map_or(&[][..], |t| &t[..]);
             let mut scratch = std::mem::take(&mut emit.scratch);
-            let _ = inject::segments(&seg, self.limits.mss, &mut scratch, |pkt| {
+            let _ = inject::segments(&seg, options, self.limits.mss, &mut scratch, |pkt| {
                 emit.push(Toward::Local, pkt)
             });
             emit.scratch = scratch;
@@ -1019,7 +1027,9 @@ impl Enforcer {
                 window: a.window,
                 payload: &[],
             };
-            if inject::tcp_packet(&ack, &mut emit.scratch).is_ok() {
+            let ts = a.timestamps.map(Timestamps::emit);
+            let options = ts.as_ref().map_or(&[][..], |t| &t[..]);
+            if inject::tcp_packet_with(&ack, options, &mut emit.scratch).is_ok() {
                 emit.push_scratch(Toward::Peer);
             }
         }
@@ -1316,8 +1326,16 @@ fn segment<'a>(p: &Parsed, packet: &'a [u8]) -> Option<Segment<'a>> {
         ack: SeqNumber(tcp.ack),
         flags: Flags(raw.flags),
         window: raw.window,
+        timestamps: Timestamps::parse(tcp_options(p, packet)),
         payload: packet.get(raw.payload_at..end)?,
     })
+}
+
+/// The TCP options of a parsed TCP packet, as on the wire.
+fn tcp_options<'a>(p: &Parsed, packet: &'a [u8]) -> &'a [u8] {
+    p.tcp_raw
+        .and_then(|raw| packet.get(raw.options_at..raw.payload_at))
+        .unwrap_or_default()
 }
 
 /// Verifies the TCP checksum (RFC 9293 §3.1, with the RFC 8200 §8.1 pseudo-header for
@@ -1457,6 +1475,7 @@ fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
                 tcp_raw: Some(TcpRaw {
                     flags,
                     window: be16(l4, 14).unwrap_or(0),
+                    options_at: (packet.len() - l4.len()) + 20,
                     payload_at: (packet.len() - l4.len()) + off,
                 }),
             })

@@ -1081,3 +1081,112 @@ fn l7_total_held_budget_sheds_the_flow_that_grows() {
         String::from_utf8_lossy(&released)
     );
 }
+
+/// A client or server segment of connection `sport` → port 80 with TCP `options`.
+fn tcp_opts(
+    from_client: bool,
+    sport: u16,
+    seq: u32,
+    ack: u32,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = if from_client {
+        PacketBuilder::ipv4(PEER_A, LOCAL, 64).tcp(sport, 80, seq, 64_000)
+    } else {
+        PacketBuilder::ipv4(LOCAL, PEER_A, 64).tcp(80, sport, seq, 64_000)
+    };
+    let b = b.ack(ack).options_raw(options).unwrap();
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+/// TCP options of every packet emitted `toward`, with their payloads.
+fn emitted_options(emit: &Emit, toward: Toward) -> Vec<(Vec<u8>, Vec<u8>)> {
+    emit.packets()
+        .filter(|(t, _)| *t == toward)
+        .map(|(_, pkt)| {
+            let sliced = etherparse::SlicedPacket::from_ip(pkt).expect("emitted packet parses");
+            match sliced.transport {
+                Some(etherparse::TransportSlice::Tcp(tcp)) => {
+                    (tcp.options().to_vec(), tcp.payload().to_vec())
+                }
+                other => panic!("not TCP: {other:?}"),
+            }
+        })
+        .collect()
+}
+
+/// Regression (issue 26): what meshd sends on an inspected connection in the client's
+/// or the server's name carries their TCP timestamps (RFC 7323): a cut segment keeps
+/// its options as sent, released bytes carry the timestamps of the segment that
+/// released them, and the acknowledgement of held bytes the server's TSval with the
+/// client's echoed. Without them the server echoed a stale timestamp and the client's
+/// retransmission timer grew to tens of seconds under mild loss.
+#[test]
+fn l7_segments_sent_for_the_ends_carry_their_timestamps() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let c = Conn::open(&e, 40001);
+    let ts = |val, ecr| Timestamps { val, ecr }.emit();
+    let mut emit = Emit::default();
+    // The server's clock is at 900.
+    let ack = tcp_opts(false, c.sport, c.sseq, c.cseq, &ts(900, 10), b"");
+    assert_eq!(e.outbound(&ack, t(1)), Verdict::Deliver);
+    // Half a head: held, acknowledged as the server would.
+    let first = b"GET /api/ite";
+    let pkt = tcp_opts(true, c.sport, c.cseq, c.sseq, &ts(11, 900), first);
+    assert_eq!(
+        e.inbound(&sender(A), &pkt, t(2), WALL, &mut emit),
+        Verdict::Consumed
+    );
+    let acks = emitted_options(&emit, Toward::Peer);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(
+        Timestamps::parse(&acks[0].0),
+        Some(Timestamps { val: 900, ecr: 11 })
+    );
+    // The rest releases the head, with the releasing segment's timestamps.
+    let mut emit = Emit::default();
+    let rest = b"ms HTTP/1.1\r\nHost: c\r\n\r\n";
+    let pkt = tcp_opts(
+        true,
+        c.sport,
+        c.cseq + first.len() as u32,
+        c.sseq,
+        &ts(12, 900),
+        rest,
+    );
+    assert_eq!(
+        e.inbound(&sender(A), &pkt, t(3), WALL, &mut emit),
+        Verdict::Consumed
+    );
+    let released = emitted_options(&emit, Toward::Local);
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].1, [&first[..], &rest[..]].concat());
+    assert_eq!(
+        Timestamps::parse(&released[0].0),
+        Some(Timestamps { val: 12, ecr: 900 })
+    );
+    // A retransmission of the released bytes plus new ones is cut to the new ones,
+    // its options (here SACK blocks and timestamps) as they came.
+    let mut emit = Emit::default();
+    let mut options = vec![1, 1, 5, 10, 0, 0, 0x13, 0x88, 0, 0, 0x13, 0x89];
+    options.extend_from_slice(&ts(13, 901));
+    let again = [&rest[..], b"GET /api/x HTTP/1.1\r\nHost: c\r\n\r\n"].concat();
+    let pkt = tcp_opts(
+        true,
+        c.sport,
+        c.cseq + first.len() as u32,
+        c.sseq,
+        &options,
+        &again,
+    );
+    assert_eq!(
+        e.inbound(&sender(A), &pkt, t(4), WALL, &mut emit),
+        Verdict::Consumed
+    );
+    let cut = emitted_options(&emit, Toward::Local);
+    assert_eq!(cut.len(), 1);
+    assert_eq!(cut[0], (options, again[rest.len()..].to_vec()));
+}
