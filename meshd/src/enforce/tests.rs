@@ -830,7 +830,15 @@ fn l7_request_lost_before_the_server_ends_in_502_not_a_stall() {
     for k in 1..=crate::l7::LOST_AFTER {
         c.cseq = lost_at;
         emit.clear();
-        let v = c.send(&e, get, &mut emit);
+        // At the client's retransmission timer: a burst would be one event.
+        let pkt = c.client("A", get);
+        let v = e.inbound(
+            &sender(A),
+            &pkt,
+            t(10 + 200 * u64::from(k)),
+            WALL,
+            &mut emit,
+        );
         if k < crate::l7::LOST_AFTER {
             assert_eq!(v, Verdict::Consumed, "retransmission {k}: cut to an ACK");
             let to_server = tcp_payloads(&emit, Toward::Local);
