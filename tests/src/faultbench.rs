@@ -6,8 +6,8 @@
 //! mesh-faultbench [--runs N] [--mb M] [--limit SECS] [--kinds l7-up,l4-up,...] IMPAIRMENT...
 //! mesh-faultbench restart [--runs N] [--mb M] [--limit SECS] [--kinds ...]
 //! ```
-//! Kinds: `l7-up`, `l7-down` (the inspected port), `l4-up`, `l4-down` (the layer-4
-//! port). An impairment is the relay's text (`loss=0.005`, `reorder=0.25,hold=3ms`,
+//! Kinds: `l7-up`, `l7-up-chunked`, `l7-down` (the inspected port), `l4-up`, `l4-down`
+//! (the layer-4 port). An impairment is the relay's text (`loss=0.005`, `reorder=0.25,hold=3ms`,
 //! `none`). `restart` kills meshd (SIGKILL) on the receiving host, then on the sending
 //! host, once a quarter of the bytes crossed the relay, starts it again, and reports how
 //! each transfer ended and how long after the restart. Runs as root (network
@@ -95,6 +95,7 @@ fn run() -> Result<()> {
         f.relay.seed()
     );
     if args.restart {
+        f.a.run("sysctl", &["-qw", "net.ipv4.tcp_rmem=4096 65536 262144"])?;
         println!("| kind | killed | run | outcome | curl exit | total s | after restart s |");
         println!("|---|---|---|---|---|---|---|");
         for kind in &args.kinds {
@@ -116,7 +117,7 @@ fn run() -> Result<()> {
             let mut times = Vec::new();
             let mut failures = Vec::new();
             for _ in 0..args.runs {
-                let t = transfer(&f, kind, &data, args.limit)?;
+                let t = transfer(&f, kind, &data, args.limit, &[])?;
                 if t.intact(data.len(), &sha) {
                     times.push(t.elapsed.as_secs_f64());
                 } else {
@@ -153,13 +154,25 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn transfer(f: &Faulty, kind: &str, data: &[u8], limit: Duration) -> Result<Transfer> {
+fn transfer(
+    f: &Faulty,
+    kind: &str,
+    data: &[u8],
+    limit: Duration,
+    extra: &[&str],
+) -> Result<Transfer> {
     let addr = f.c.overlay_v4();
+    let chunked = [&["-H", "Transfer-Encoding: chunked"][..], extra].concat();
     match kind {
-        "l7-up" => f.a.upload(addr, INSPECTED, "/upload", data, limit, &[]),
-        "l4-up" => f.a.upload(addr, PLAIN, "/upload", data, limit, &[]),
-        "l7-down" => f.a.download(addr, INSPECTED, "/files/big.bin", limit, &[]),
-        "l4-down" => f.a.download(addr, PLAIN, "/files/big.bin", limit, &[]),
+        "l7-up" => f.a.upload(addr, INSPECTED, "/upload", data, limit, extra),
+        "l7-up-chunked" => {
+            f.a.upload(addr, INSPECTED, "/upload", data, limit, &chunked)
+        }
+        "l4-up" => f.a.upload(addr, PLAIN, "/upload", data, limit, extra),
+        "l7-down" => {
+            f.a.download(addr, INSPECTED, "/files/big.bin", limit, extra)
+        }
+        "l4-down" => f.a.download(addr, PLAIN, "/files/big.bin", limit, extra),
         _ => bail!("unknown kind {kind:?}"),
     }
 }
@@ -187,7 +200,9 @@ fn restart_run(
     };
     let start = now();
     let (t, restarted) = std::thread::scope(|scope| -> Result<(Transfer, Instant)> {
-        let job = scope.spawn(|| transfer(f, kind, data, limit));
+        // Paced (20 MB/s, and a small receive buffer on the client), so that a quarter
+        // of the bytes is a moment to act in.
+        let job = scope.spawn(|| transfer(f, kind, data, limit, &["--limit-rate", "20M"]));
         wait::until("a quarter of the transfer", limit, || {
             Ok((moved(&f.relay.stats()?) as usize > data.len() / 4).then_some(()))
         })?;

@@ -466,6 +466,11 @@ impl Host {
         Ok(())
     }
 
+    /// The PID of the running meshd (to read its /proc entries), if one runs.
+    pub fn meshd_pid(&self) -> Option<u32> {
+        lock(&self.0.meshd).as_ref().and_then(Background::pid)
+    }
+
     /// Whether meshd is still running (not exited).
     pub fn meshd_alive(&self) -> Result<bool> {
         match lock(&self.0.meshd).as_mut() {
