@@ -956,17 +956,23 @@ impl Enforcer {
             }
         });
         let ends = endpoints(p);
-        let verdict = match outcome.fate {
-            l7::Fate::Forward => self.deliver(),
-            l7::Fate::Trim { start, end, fin }
+        // The part of the segment that goes on: all of it, a cut, or nothing.
+        let part = match outcome.fate {
+            l7::Fate::Forward => Some((0, seg.payload.len(), seg.flags.contains(Flags::FIN))),
+            l7::Fate::Trim { start, end, fin } => Some((start, end, fin)),
+            l7::Fate::Drop(_) => None,
+        };
+        let verdict = match (outcome.fate, part) {
+            (_, Some((start, end, fin)))
                 if start == 0
                     && end == seg.payload.len()
-                    && fin == seg.flags.contains(Flags::FIN) =>
+                    && fin == seg.flags.contains(Flags::FIN)
+                    && outcome.timestamps.is_none() =>
             {
                 // Nothing cut: the segment goes as it came.
                 self.deliver()
             }
-            l7::Fate::Trim { start, end, fin } => {
+            (_, Some((start, end, fin))) => {
                 let flags = Flags(seg.flags.0 & !Flags::FIN.0);
                 let piece = TcpSegment {
                     src: ends.client,
@@ -978,16 +984,25 @@ impl Enforcer {
                     payload: &seg.payload[start..end],
                 };
                 // The client's options go along (timestamps: RFC 7323 §3.2, every
-                // segment once negotiated; the server echoes them to time the path).
-                let options = tcp_options(p, packet);
-                if inject::tcp_packet_with(&piece, options, &mut emit.scratch).is_ok() {
+                // segment once negotiated; the server echoes them to time the path),
+                // with newer timestamps where the flow says so (l7::Outcome).
+                let own = tcp_options(p, packet);
+                let mut options = [0u8; 40];
+                let n = own.len().min(options.len());
+                options[..n].copy_from_slice(&own[..n]);
+                if let Some(ts) = outcome.timestamps {
+                    if let Some((at, _)) = Timestamps::locate(&options[..n]) {
+                        ts.write_at(&mut options[..n], at);
+                    }
+                }
+                if inject::tcp_packet_with(&piece, &options[..n], &mut emit.scratch).is_ok() {
                     emit.push_scratch(Toward::Local);
                 }
                 Verdict::Consumed
             }
-            l7::Fate::Drop(l7::DropReason::Buffered) => Verdict::Consumed,
-            l7::Fate::Drop(l7::DropReason::Untracked(_)) => self.dropped(Drop::Untracked),
-            l7::Fate::Drop(_) => self.dropped(Drop::Inspection),
+            (l7::Fate::Drop(l7::DropReason::Buffered), _) => Verdict::Consumed,
+            (l7::Fate::Drop(l7::DropReason::Untracked(_)), _) => self.dropped(Drop::Untracked),
+            (_, _) => self.dropped(Drop::Inspection),
         };
         if let Some(r) = outcome.release {
             let seg = TcpSegment {

@@ -121,6 +121,12 @@ impl Timestamps {
     /// ends it, kind 1 is one byte of padding, every other kind has a length byte. A
     /// malformed list (a length below 2 or past the end) yields `None`.
     pub fn parse(options: &[u8]) -> Option<Timestamps> {
+        Timestamps::locate(options).map(|(_, ts)| ts)
+    }
+
+    /// [`parse`](Self::parse), with where the option starts in `options` (its kind
+    /// byte), for [`write_at`](Self::write_at).
+    pub fn locate(options: &[u8]) -> Option<(usize, Timestamps)> {
         let mut i = 0;
         while i < options.len() {
             match options[i] {
@@ -137,16 +143,27 @@ impl Timestamps {
                                 options.get(i + at..i + at + 4)?.try_into().ok()?,
                             ))
                         };
-                        return Some(Timestamps {
-                            val: field(2)?,
-                            ecr: field(6)?,
-                        });
+                        return Some((
+                            i,
+                            Timestamps {
+                                val: field(2)?,
+                                ecr: field(6)?,
+                            },
+                        ));
                     }
                     i += len;
                 }
             }
         }
         None
+    }
+
+    /// Writes these values over the option found at `at` by [`locate`](Self::locate).
+    pub fn write_at(self, options: &mut [u8], at: usize) {
+        if let Some(field) = options.get_mut(at + 2..at + 10) {
+            field[..4].copy_from_slice(&self.val.to_be_bytes());
+            field[4..].copy_from_slice(&self.ecr.to_be_bytes());
+        }
     }
 
     /// The option as sent on the wire, led by two NOPs so that the fields are

@@ -347,6 +347,12 @@ pub struct HeldAck {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub fate: Fate,
+    /// Send the segment of `fate` (forwarded or cut) with these timestamps instead of
+    /// its own. Set when it carries bytes inspected in order and its TSval is older
+    /// than the client's newest (it was reordered): the server would drop it as old
+    /// (PAWS, RFC 7323 §5), and meshd cuts the client's retransmission of inspected
+    /// bytes, so nothing would ever repair the drop.
+    pub timestamps: Option<Timestamps>,
     pub release: Option<Release>,
     pub refusal: Option<Refusal>,
     /// Acknowledge held bytes to the client (see [`HeldAck`]).
@@ -357,6 +363,7 @@ impl Outcome {
     fn fate(fate: Fate) -> Outcome {
         Outcome {
             fate,
+            timestamps: None,
             release: None,
             refusal: None,
             held_ack: None,
@@ -664,6 +671,7 @@ impl L7Flow {
             let refusal = self.refuse(RefuseCause::Urgent);
             return Outcome {
                 fate: Fate::Drop(DropReason::Refused),
+                timestamps: None,
                 release: None,
                 refusal: Some(refusal),
                 held_ack: None,
@@ -758,10 +766,23 @@ impl L7Flow {
 
         let mut outcome = Outcome {
             fate,
+            timestamps: None,
             release: None,
             refusal,
             held_ack: None,
         };
+        let sends_bytes = match fate {
+            Fate::Forward => true,
+            Fate::Trim { start, end, .. } => end > start,
+            Fate::Drop(_) => false,
+        };
+        if direct && sends_bytes {
+            if let (Some(own), Some(newest)) = (seg.timestamps, self.client_ts) {
+                if (own.val.wrapping_sub(newest.val) as i32) < 0 {
+                    outcome.timestamps = Some(newest);
+                }
+            }
+        }
         if self.releasing > 0 {
             let reasm = self.reasm.as_ref().expect("checked above");
             outcome.release = Some(Release {

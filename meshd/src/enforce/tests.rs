@@ -1197,4 +1197,24 @@ fn l7_segments_sent_for_the_ends_carry_their_timestamps() {
     let cut = emitted_options(&emit, Toward::Local);
     assert_eq!(cut.len(), 1);
     assert_eq!(cut[0], (options, again[rest.len()..].to_vec()));
+    // A reordered segment of inspected bytes, older than the client's newest: it goes
+    // with the newest timestamps, its other options as they came.
+    let mut emit = Emit::default();
+    let next = c.cseq + (first.len() + again.len()) as u32;
+    let pure = tcp_opts(true, c.sport, next, c.sseq, &ts(20, 902), b"");
+    e.inbound(&sender(A), &pure, t(5), WALL, &mut emit);
+    let mut emit = Emit::default();
+    let get = b"GET /api/y HTTP/1.1\r\nHost: c\r\n\r\n";
+    let late = tcp_opts(true, c.sport, next, c.sseq, &ts(19, 901), get);
+    assert_eq!(
+        e.inbound(&sender(A), &late, t(6), WALL, &mut emit),
+        Verdict::Consumed
+    );
+    let raised = emitted_options(&emit, Toward::Local);
+    assert_eq!(raised.len(), 1);
+    assert_eq!(raised[0].1, get);
+    assert_eq!(
+        Timestamps::parse(&raised[0].0),
+        Some(Timestamps { val: 20, ecr: 902 })
+    );
 }

@@ -206,6 +206,7 @@ fn allowed_get_passes_unchanged_and_uncopied() {
         o,
         Outcome {
             fate: Fate::Forward,
+            timestamps: None,
             release: None,
             refusal: None,
             held_ack: None,
@@ -1474,4 +1475,26 @@ fn released_bytes_carry_the_newest_timestamps() {
         o.release.map(|r| r.timestamps),
         Some(Some(Timestamps { val: 80, ecr: 3 }))
     );
+}
+
+/// A segment of inspected bytes that arrives in order but later than a newer one (its
+/// TSval older than one the server may have taken) would be dropped by the server
+/// (PAWS), and meshd never sends inspected bytes twice: it goes with the client's
+/// newest timestamps.
+#[test]
+fn an_old_timestamp_on_inspected_bytes_is_raised() {
+    let mut net = Net::new();
+    let mut ack = seg(net.at(0), SISN + 1, Flags::ACK, b"");
+    ack.timestamps = Some(Timestamps { val: 60, ecr: 9 });
+    net.flow.on_client_segment(&ack, net.now, policy);
+    let mut late = seg(net.at(0), SISN + 1, Flags::ACK | Flags::PSH, GET);
+    late.timestamps = Some(Timestamps { val: 55, ecr: 8 });
+    let o = net.flow.on_client_segment(&late, net.now, policy);
+    assert_eq!(o.fate, Fate::Forward);
+    assert_eq!(o.timestamps, Some(Timestamps { val: 60, ecr: 9 }));
+    // Newest already: unchanged.
+    let mut next = seg(net.at(GET.len()), SISN + 1, Flags::ACK | Flags::PSH, GET);
+    next.timestamps = Some(Timestamps { val: 61, ecr: 9 });
+    let o = net.flow.on_client_segment(&next, net.now, policy);
+    assert_eq!((o.fate, o.timestamps), (Fate::Forward, None));
 }
