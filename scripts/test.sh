@@ -41,3 +41,7 @@ echo "== build binaries (the netns tests run them)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked "$@"
+# A short soak (five hosts, mixed traffic, a policy change, a renewal and a restart,
+# flows, memory and stuck sockets checked): scripts/soak.sh runs it for 10 minutes.
+echo "== soak (1 minute)"
+scripts/soak.sh --duration 60s

@@ -109,6 +109,7 @@ fn seg(seq: SeqNumber, ack: SeqNumber, flags: Flags, payload: &[u8]) -> Segment<
         ack,
         flags,
         window: 65535,
+        timestamps: None,
         payload,
     }
 }

@@ -91,7 +91,7 @@ use crate::conntrack::{
     TcpSegmentInfo, Timeouts, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 use crate::decisions::{DecisionLog, DecisionRecord, HttpSummary};
-use crate::flow::{Flags, Segment, SeqNumber, Timestamp};
+use crate::flow::{Flags, Segment, SeqNumber, Timestamp, Timestamps};
 use crate::inject::{self, Endpoints, TcpSegment};
 use crate::l7::{self, L7Flow, Refusal, RefuseCause};
 
@@ -521,6 +521,8 @@ struct Quote {
 struct TcpRaw {
     flags: u8,
     window: u16,
+    /// Where the TCP header's options start in the packet (they end at `payload_at`).
+    options_at: usize,
     payload_at: usize,
 }
 
@@ -1259,17 +1261,23 @@ impl Enforcer {
             }
         });
         let ends = endpoints(p);
-        let verdict = match outcome.fate {
-            l7::Fate::Forward => self.deliver(),
-            l7::Fate::Trim { start, end, fin }
+        // The part of the segment that goes on: all of it, a cut, or nothing.
+        let part = match outcome.fate {
+            l7::Fate::Forward => Some((0, seg.payload.len(), seg.flags.contains(Flags::FIN))),
+            l7::Fate::Trim { start, end, fin } => Some((start, end, fin)),
+            l7::Fate::Drop(_) => None,
+        };
+        let verdict = match (outcome.fate, part) {
+            (_, Some((start, end, fin)))
                 if start == 0
                     && end == seg.payload.len()
-                    && fin == seg.flags.contains(Flags::FIN) =>
+                    && fin == seg.flags.contains(Flags::FIN)
+                    && outcome.timestamps.is_none() =>
             {
                 // Nothing cut: the segment goes as it came.
                 self.deliver()
             }
-            l7::Fate::Trim { start, end, fin } => {
+            (_, Some((start, end, fin))) => {
                 let flags = Flags(seg.flags.0 & !Flags::FIN.0);
                 let piece = TcpSegment {
                     src: ends.client,
@@ -1280,14 +1288,26 @@ impl Enforcer {
                     window: seg.window,
                     payload: &seg.payload[start..end],
                 };
-                if inject::tcp_packet(&piece, &mut emit.scratch).is_ok() {
+                // The client's options go along (timestamps: RFC 7323 §3.2, every
+                // segment once negotiated; the server echoes them to time the path),
+                // with newer timestamps where the flow says so (l7::Outcome).
+                let own = tcp_options(p, packet);
+                let mut options = [0u8; 40];
+                let n = own.len().min(options.len());
+                options[..n].copy_from_slice(&own[..n]);
+                if let Some(ts) = outcome.timestamps {
+                    if let Some((at, _)) = Timestamps::locate(&options[..n]) {
+                        ts.write_at(&mut options[..n], at);
+                    }
+                }
+                if inject::tcp_packet_with(&piece, &options[..n], &mut emit.scratch).is_ok() {
                     emit.push_scratch(Toward::Local);
                 }
                 Verdict::Consumed
             }
-            l7::Fate::Drop(l7::DropReason::Buffered) => Verdict::Consumed,
-            l7::Fate::Drop(l7::DropReason::Untracked(_)) => self.dropped(Drop::Untracked),
-            l7::Fate::Drop(_) => self.dropped(Drop::Inspection),
+            (l7::Fate::Drop(l7::DropReason::Buffered), _) => Verdict::Consumed,
+            (l7::Fate::Drop(l7::DropReason::Untracked(_)), _) => self.dropped(Drop::Untracked),
+            (_, _) => self.dropped(Drop::Inspection),
         };
         if let Some(r) = outcome.release {
             let seg = TcpSegment {
@@ -1303,8 +1323,11 @@ impl Enforcer {
                 window: r.window,
                 payload: flow.release_data(),
             };
+            // The timestamps of the client segment that released the bytes (l7::Release).
+            let ts = r.timestamps.map(Timestamps::emit);
+            let options = ts.as_ref().map_or(&[][..], |t| &t[..]);
             let mut scratch = std::mem::take(&mut emit.scratch);
-            let _ = inject::segments(&seg, self.limits.mss, &mut scratch, |pkt| {
+            let _ = inject::segments(&seg, options, self.limits.mss, &mut scratch, |pkt| {
                 emit.push(Toward::Local, pkt)
             });
             emit.scratch = scratch;
@@ -1324,7 +1347,9 @@ impl Enforcer {
                 window: a.window,
                 payload: &[],
             };
-            if inject::tcp_packet(&ack, &mut emit.scratch).is_ok() {
+            let ts = a.timestamps.map(Timestamps::emit);
+            let options = ts.as_ref().map_or(&[][..], |t| &t[..]);
+            if inject::tcp_packet_with(&ack, options, &mut emit.scratch).is_ok() {
                 emit.push_scratch(Toward::Peer);
             }
         }
@@ -1724,8 +1749,16 @@ fn segment<'a>(p: &Parsed, packet: &'a [u8]) -> Option<Segment<'a>> {
         ack: SeqNumber(tcp.ack),
         flags: Flags(raw.flags),
         window: raw.window,
+        timestamps: Timestamps::parse(tcp_options(p, packet)),
         payload: packet.get(raw.payload_at..end)?,
     })
+}
+
+/// The TCP options of a parsed TCP packet, as on the wire.
+fn tcp_options<'a>(p: &Parsed, packet: &'a [u8]) -> &'a [u8] {
+    p.tcp_raw
+        .and_then(|raw| packet.get(raw.options_at..raw.payload_at))
+        .unwrap_or_default()
 }
 
 /// Verifies the TCP checksum (RFC 9293 §3.1, with the RFC 8200 §8.1 pseudo-header for
@@ -1876,6 +1909,7 @@ fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
                 tcp_raw: Some(TcpRaw {
                     flags,
                     window,
+                    options_at: (packet.len() - l4.len()) + 20,
                     payload_at: (packet.len() - l4.len()) + off,
                 }),
                 quote: None,

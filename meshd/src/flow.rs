@@ -89,7 +89,104 @@ pub struct Segment<'a> {
     pub ack: SeqNumber,
     pub flags: Flags,
     pub window: u16,
+    /// Its timestamps option ([`Timestamps::parse`] of the options), if any.
+    pub timestamps: Option<Timestamps>,
     pub payload: &'a [u8],
+}
+
+/// The TCP timestamps option (RFC 7323 §3.2): kind 8, length 10.
+///
+/// Once both SYNs carried it, every segment carries it (§3.2), and the receiver
+/// echoes the `val` of the segment that advanced its window (`TS.Recent`, §4.3) in
+/// the `ecr` of its ACKs; the sender measures its round-trip time from that echo.
+/// Bytes meshd sends on the client's behalf must therefore carry the `val` of the
+/// client segment that made them go, or the server echoes an older one and the
+/// client's RTT estimate grows by the time meshd held them (issue 26).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timestamps {
+    /// TSval: the sender's timestamp clock.
+    pub val: u32,
+    /// TSecr: the latest TSval received from the other side.
+    pub ecr: u32,
+}
+
+impl Timestamps {
+    /// Option kind (RFC 7323 §3.2).
+    pub const KIND: u8 = 8;
+    /// Option length, kind and length bytes included.
+    pub const LEN: u8 = 10;
+
+    /// Finds the timestamps option in TCP `options` (the bytes between the fixed
+    /// 20-byte header and the payload), walking the TLV list of RFC 9293 §3.1: kind 0
+    /// ends it, kind 1 is one byte of padding, every other kind has a length byte. A
+    /// malformed list (a length below 2 or past the end) yields `None`.
+    pub fn parse(options: &[u8]) -> Option<Timestamps> {
+        Timestamps::locate(options).map(|(_, ts)| ts)
+    }
+
+    /// [`parse`](Self::parse), with where the option starts in `options` (its kind
+    /// byte), for [`write_at`](Self::write_at).
+    pub fn locate(options: &[u8]) -> Option<(usize, Timestamps)> {
+        let mut i = 0;
+        while i < options.len() {
+            match options[i] {
+                0 => return None,
+                1 => i += 1,
+                kind => {
+                    let len = usize::from(*options.get(i + 1)?);
+                    if len < 2 || i + len > options.len() {
+                        return None;
+                    }
+                    if kind == Timestamps::KIND && len == usize::from(Timestamps::LEN) {
+                        let field = |at: usize| -> Option<u32> {
+                            Some(u32::from_be_bytes(
+                                options.get(i + at..i + at + 4)?.try_into().ok()?,
+                            ))
+                        };
+                        return Some((
+                            i,
+                            Timestamps {
+                                val: field(2)?,
+                                ecr: field(6)?,
+                            },
+                        ));
+                    }
+                    i += len;
+                }
+            }
+        }
+        None
+    }
+
+    /// Writes these values over the option found at `at` by [`locate`](Self::locate).
+    pub fn write_at(self, options: &mut [u8], at: usize) {
+        if let Some(field) = options.get_mut(at + 2..at + 10) {
+            field[..4].copy_from_slice(&self.val.to_be_bytes());
+            field[4..].copy_from_slice(&self.ecr.to_be_bytes());
+        }
+    }
+
+    /// The option as sent on the wire, led by two NOPs so that the fields are
+    /// 32-bit aligned (RFC 7323 Appendix A), as Linux and BSD send it.
+    pub fn emit(self) -> [u8; 12] {
+        let mut out = [
+            1,
+            1,
+            Timestamps::KIND,
+            Timestamps::LEN,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        out[4..8].copy_from_slice(&self.val.to_be_bytes());
+        out[8..12].copy_from_slice(&self.ecr.to_be_bytes());
+        out
+    }
 }
 
 impl Segment<'_> {

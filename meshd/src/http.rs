@@ -228,6 +228,9 @@ pub struct RequestStream {
     state: State,
     limits: Limits,
     requests: u64,
+    /// Length of the opaque run the parser entered last (a Content-Length body, a
+    /// chunk's data), for [`RequestStream::opaque_run`].
+    run: u64,
 }
 
 impl Default for RequestStream {
@@ -242,6 +245,7 @@ impl RequestStream {
             state: State::Head,
             limits,
             requests: 0,
+            run: 0,
         }
     }
 
@@ -257,6 +261,44 @@ impl RequestStream {
     /// Request heads parsed so far.
     pub fn requests(&self) -> u64 {
         self.requests
+    }
+
+    /// How many of the next stream bytes are body content whose values change nothing
+    /// the parser decides: the rest of a Content-Length body, or of a chunk's data (its
+    /// CRLF, the next size line and trailers are framing, and are not counted). Where
+    /// they end is fixed by sequence position alone, so a caller may let them pass in
+    /// any order and skip them with [`skip_opaque`](Self::skip_opaque).
+    pub fn opaque(&self) -> u64 {
+        match self.state {
+            State::Length(n) => n,
+            State::Chunked(Chunk::Data { remaining }) => remaining,
+            _ => 0,
+        }
+    }
+
+    /// While in opaque bytes: how many of the run (a Content-Length body, a chunk's
+    /// data) are behind the parser's position, and how many ahead (as
+    /// [`opaque`](Self::opaque)). `None` elsewhere.
+    pub fn opaque_run(&self) -> Option<(u64, u64)> {
+        let ahead = self.opaque();
+        (ahead > 0).then(|| (self.run.saturating_sub(ahead), ahead))
+    }
+
+    /// Consumes `n` opaque bytes without seeing them; `n` is clamped to
+    /// [`opaque`](Self::opaque).
+    pub fn skip_opaque(&mut self, n: u64) {
+        let n = n.min(self.opaque());
+        self.state = match self.state {
+            State::Length(m) if m == n => State::Head,
+            State::Length(m) => State::Length(m - n),
+            State::Chunked(Chunk::Data { remaining }) if remaining == n => {
+                State::Chunked(Chunk::DataCr)
+            }
+            State::Chunked(Chunk::Data { remaining }) => State::Chunked(Chunk::Data {
+                remaining: remaining - n,
+            }),
+            other => other,
+        };
     }
 
     /// Looks at `input`, the stream bytes not yet consumed, and says what its first bytes
@@ -347,7 +389,10 @@ impl RequestStream {
         let (body, host) = check_fields(method, target, version, headers)?;
         self.state = match body {
             BodyKind::None | BodyKind::Length(0) => State::Head,
-            BodyKind::Length(n) => State::Length(n),
+            BodyKind::Length(n) => {
+                self.run = n;
+                State::Length(n)
+            }
             BodyKind::Chunked => State::Chunked(Chunk::Size {
                 value: 0,
                 digits: 0,
@@ -515,7 +560,10 @@ impl RequestStream {
                 }
                 SizeLf { value } => match (b, value) {
                     (b'\n', 0) => TrailerStart { total: 0 },
-                    (b'\n', remaining) => Data { remaining },
+                    (b'\n', remaining) => {
+                        self.run = remaining;
+                        Data { remaining }
+                    }
                     _ => return Err(HttpError::InvalidChunkSize),
                 },
                 Data { .. } => unreachable!("handled above"),

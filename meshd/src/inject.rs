@@ -14,7 +14,9 @@
 //!   RFC 5961 check).
 //!
 //! All packets are IPv4 or IPv6 (as the endpoints are) with correct checksums, TTL/hop
-//! limit 64, no options. Writing reuses the caller's `Vec`, so the data path allocates
+//! limit 64, no IP options. TCP options are the caller's ([`tcp_packet_with`],
+//! [`segments`]): segments sent on a client's behalf carry the options it sent
+//! (timestamps, RFC 7323). Writing reuses the caller's `Vec`, so the data path allocates
 //! only when a packet is larger than any before.
 
 use std::fmt::Write as _;
@@ -41,6 +43,8 @@ pub enum InjectError {
     TooLarge(usize),
     #[error("building the packet: {0}")]
     Build(#[from] etherparse::err::packet::BuildWriteError),
+    #[error("TCP options: {0}")]
+    Options(#[from] etherparse::TcpOptionWriteError),
 }
 
 /// One TCP segment from `src` to `dst`.
@@ -57,8 +61,18 @@ pub struct TcpSegment<'a> {
     pub payload: &'a [u8],
 }
 
-/// Writes `seg` as an IP packet into `out` (cleared first).
+/// Writes `seg` as an IP packet into `out` (cleared first), without TCP options.
 pub fn tcp_packet(seg: &TcpSegment<'_>, out: &mut Vec<u8>) -> Result<(), InjectError> {
+    tcp_packet_with(seg, &[], out)
+}
+
+/// Writes `seg` as an IP packet into `out` (cleared first), with the TCP `options` (as
+/// on the wire, at most 40 bytes; padded with zeros to a multiple of 4).
+pub fn tcp_packet_with(
+    seg: &TcpSegment<'_>,
+    options: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), InjectError> {
     out.clear();
     if seg.payload.len() > 65_000 {
         return Err(InjectError::TooLarge(seg.payload.len()));
@@ -88,21 +102,26 @@ pub fn tcp_packet(seg: &TcpSegment<'_>, out: &mut Vec<u8>) -> Result<(), InjectE
     if seg.flags.contains(Flags::RST) {
         b = b.rst();
     }
+    if !options.is_empty() {
+        b = b.options_raw(options)?;
+    }
     out.reserve(b.size(seg.payload.len()));
     b.write(out, seg.payload)?;
     Ok(())
 }
 
-/// Writes `seg` as packets of at most `mss` payload bytes each, calling `emit` with each
-/// packet (built in `out`, which is reused). Sequence numbers advance; PSH and FIN are set
-/// only on the last packet. An empty payload gives one packet.
+/// Writes `seg` as packets of at most `mss` bytes of payload and options each (RFC 6691:
+/// the sender subtracts its options from the MSS), each with the TCP `options`, calling
+/// `emit` with each packet (built in `out`, which is reused). Sequence numbers advance;
+/// PSH and FIN are set only on the last packet. An empty payload gives one packet.
 pub fn segments(
     seg: &TcpSegment<'_>,
+    options: &[u8],
     mss: usize,
     out: &mut Vec<u8>,
     mut emit: impl FnMut(&[u8]),
 ) -> Result<(), InjectError> {
-    let mss = mss.max(1);
+    let mss = mss.saturating_sub(options.len()).max(1);
     let last_flags = seg.flags;
     let mid_flags = seg.flags.without(Flags::PSH).without(Flags::FIN);
     let mut off = 0;
@@ -115,7 +134,7 @@ pub fn segments(
             payload: &seg.payload[off..end],
             ..*seg
         };
-        tcp_packet(&piece, out)?;
+        tcp_packet_with(&piece, options, out)?;
         emit(out);
         if last {
             return Ok(());
@@ -237,6 +256,8 @@ pub fn reset(ends: &Endpoints, refusal: &Refusal, out: &mut Vec<u8>) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::Timestamps;
+    use crate::l7::RefuseCause;
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
     fn refusal(cause: RefuseCause) -> Refusal {
@@ -403,13 +424,22 @@ mod tests {
             window: 500,
             payload: &data,
         };
+        let ts = Timestamps {
+            val: 0xdead_beef,
+            ecr: 7,
+        };
         let mut got = Vec::new();
         let mut out = Vec::new();
-        segments(&seg, 1400, &mut out, |p| {
+        segments(&seg, &ts.emit(), 1400, &mut out, |p| {
             got.push(parse_back(p, ends.client, ends.server));
         })
         .unwrap();
         assert_eq!(got.len(), 3);
+        assert_eq!(
+            got[0].1.len(),
+            1400 - 12,
+            "the options count against the MSS"
+        );
         let mut joined = Vec::new();
         for (i, (tcp, payload)) in got.iter().enumerate() {
             assert_eq!(
@@ -420,6 +450,11 @@ mod tests {
             assert_eq!(tcp.fin, i == 2);
             assert_eq!(tcp.psh, i == 2);
             assert!(tcp.ack);
+            assert_eq!(
+                Timestamps::parse(tcp.options.as_slice()),
+                Some(ts),
+                "piece {i} carries the timestamps"
+            );
             joined.extend_from_slice(payload);
         }
         assert_eq!(joined, data);
@@ -429,8 +464,40 @@ mod tests {
             payload: &[],
             ..seg
         };
-        segments(&empty, 1400, &mut out, |_| n += 1).unwrap();
+        segments(&empty, &[], 1400, &mut out, |_| n += 1).unwrap();
         assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn options_are_written_padded_and_checksummed() {
+        for ends in [endpoints_v4(), endpoints_v6()] {
+            let seg = TcpSegment {
+                src: ends.client,
+                dst: ends.server,
+                seq: SeqNumber(1),
+                ack: Some(SeqNumber(2)),
+                flags: Flags::PSH,
+                window: 9,
+                payload: b"body",
+            };
+            let ts = Timestamps { val: 5, ecr: 6 };
+            let mut out = Vec::new();
+            tcp_packet_with(&seg, &ts.emit(), &mut out).unwrap();
+            let (tcp, payload) = parse_back(&out, ends.client, ends.server);
+            assert_eq!(payload, b"body");
+            assert_eq!(tcp.header_len(), 32);
+            assert_eq!(Timestamps::parse(tcp.options.as_slice()), Some(ts));
+            // Options of any length are padded to 32-bit words (RFC 9293 §3.1).
+            tcp_packet_with(&seg, &[4, 2], &mut out).unwrap();
+            let (tcp, payload) = parse_back(&out, ends.client, ends.server);
+            assert_eq!((tcp.header_len(), payload.as_slice()), (24, &b"body"[..]));
+            assert_eq!(&tcp.options.as_slice()[..4], &[4, 2, 0, 0]);
+            // More than 40 bytes cannot be.
+            assert!(matches!(
+                tcp_packet_with(&seg, &[1; 41], &mut out),
+                Err(InjectError::Options(_))
+            ));
+        }
     }
 
     #[test]

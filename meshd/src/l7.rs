@@ -19,16 +19,37 @@
 //! - **Delivered is inspected.** Forwarded bytes are the bytes the parser read, in stream
 //!   order, each once: a retransmission of delivered bytes is cut away (what is left is an
 //!   empty segment, so the server still answers it with an ACK); a segment that disagrees
-//!   with buffered bytes is dropped whole.
+//!   with buffered bytes is dropped whole. One exception, by design: *opaque* body bytes
+//!   ([`RequestStream::opaque`]: the rest of a Content-Length body, of a chunk's data)
+//!   ahead of the stream position pass out of order, unheld and unread, as on a layer-4
+//!   port. Their values decide nothing (no policy reads a body) and where they end is
+//!   fixed by sequence position, so the next request head, its framing and chunk sizes
+//!   are still read in order from meshd's own view and delivered as read; what the
+//!   server makes of two different copies of a body byte is its TCP's business, as it is
+//!   without meshd. Why: bytes meshd holds are bytes the server never sees, so it cannot
+//!   answer a loss with SACK blocks or duplicate ACKs (RFC 2018, RFC 5681 §3.2), and the
+//!   client must wait for its retransmission timer at every loss; through an inspected
+//!   port an upload under 0.5% loss then crawled and failed (issue 26).
 //! - **No copy unless held.** In-order segments of an allowed stream (a head completed
-//!   within the segment, a body of any size) are forwarded as they came, possibly cut;
-//!   only a head split across segments, or out-of-order data, is copied.
+//!   within the segment, a body of any size) are forwarded as they came, possibly cut,
+//!   and so are opaque body bytes out of order; only a head split across segments, or
+//!   other out-of-order data (a head, chunk framing), is copied.
+//! - **The sender's options go along.** A segment forwarded or cut keeps its TCP
+//!   options; bytes released from the buffer carry the timestamps of the client segment
+//!   that released them, and acknowledgements of held bytes the server's ([`Release`],
+//!   [`HeldAck`]; RFC 7323 §4.3). Without them the server echoes an older timestamp and
+//!   the client's round-trip estimate, then its retransmission timer, grows by the time
+//!   meshd held the bytes (issue 26). Neither carries SACK blocks: those describe the
+//!   sender's own receive queue at the moment it sent them, and a segment with data is
+//!   not a duplicate ACK, so nothing is lost by leaving them out; meshd never sends a
+//!   SACK for bytes it holds (it would promise what the server never received).
 //! - **A refused connection closes cleanly.** After a refusal the server has been reset
 //!   and says nothing more, so the flow answers the client on its behalf until the
 //!   client has closed ([`Answer`]): it is never left retransmitting its FIN.
 //! - **Bounded.** At most `Config::max_held` bytes are buffered per flow; a head larger
 //!   than `limits.max_head` is refused with 431, one incomplete for `head_timeout` with
-//!   408.
+//!   408. Bytes held behind a hole in a body (chunk framing after a loss) wait while the
+//!   client still sends, at most [`BODY_HOLE_LIMIT`] without progress, then 408.
 //!
 //! # Driving it (the shell)
 //!
@@ -36,10 +57,12 @@
 //! client→server segment:  let o = flow.on_client_segment(&seg, now, |req| policy(req));
 //!     1. o.fate:     Forward → send the packet unchanged
 //!                    Trim{start,end,fin} → send it with payload[start..end],
-//!                        seq + start, FIN only if `fin` (fix lengths, checksums)
+//!                        seq + start, FIN only if `fin`, its TCP options kept (fix
+//!                        lengths, checksums)
 //!                    Drop(_) → drop it (count the reason)
 //!     2. o.release:  send flow.release_data() to the server from `seq`, split to the
-//!                    MSS, the last piece with FIN if `fin` (inject::segments does it)
+//!                    MSS, the last piece with FIN if `fin`, each with the release's
+//!                    timestamps option (inject::segments does it)
 //!     3. o.refusal:  send inject::response(...) to the client and inject::reset(...)
 //!                    to the server; log the cause; the flow ends
 //!     4. o.held_ack: send the ACK to the client
@@ -72,6 +95,10 @@
 //!   yet (responses are not parsed), and ends the connection.
 //! - After `101 Switching Protocols` (WebSocket, h2c) the bytes are not HTTP/1.x and are
 //!   refused with 400; `CONNECT` is refused.
+//! - Only opaque bytes pass out of order. After a loss, chunk framing (and everything
+//!   after it) is held until the hole is filled, unseen by the server: a chunked upload
+//!   repairs such a loss at the client's retransmission timer, not by fast
+//!   retransmit. At most `max_held` bytes wait; the client sends the rest again.
 
 #[cfg(test)]
 mod tests;
@@ -82,7 +109,7 @@ use mesh_proto::http_path::{self, PathError};
 
 use crate::flow::{
     Direction, Flags, InsertError, InvalidSegment, Reassembler, Segment, SeqNumber, TcpFlow,
-    Timestamp, Track,
+    Timestamp, Timestamps, Track,
 };
 use crate::http::{HttpError, Limits, RequestHead, RequestStream, Step, MAX_HEADERS};
 
@@ -148,19 +175,46 @@ pub enum Verdict {
     },
 }
 
-/// Retransmissions of delivered bytes that the server has not acknowledged, in a row
-/// and without its acknowledgement moving, after which those bytes count as lost on the
-/// way to the server. A spurious retransmission (the server's ACK late or lost on the
-/// way back) is followed by that ACK; a lost segment is retransmitted once by fast
-/// retransmit and then at each RTO (about 0.2, 0.4, 0.8 s): three of them take a
-/// second or two.
+/// Retransmissions of the same delivered bytes that the server has not acknowledged, in
+/// a row, [`LOST_SPACING`] apart and without its acknowledgement moving, after which
+/// those bytes count as lost on the way to the server. A spurious retransmission (the
+/// server's ACK late or lost on the way back) is followed by that ACK; a lost segment is
+/// retransmitted once by fast retransmit and then at each RTO (about 0.2, 0.4, 0.8 s),
+/// always from the same sequence number (the first byte the server lacks): three of
+/// them take a second or two.
 pub const LOST_AFTER: u8 = 3;
+
+/// How far apart retransmissions of the same bytes must be to count towards
+/// [`LOST_AFTER`]: less than any retransmission timeout (Linux's minimum is 200 ms).
+/// A burst of retransmissions (a sender's loss recovery resending what meshd has just
+/// released from its buffer, or a duplicated datagram) is one event, not three
+/// (regression: issue 26, a chunked upload under 0.5% loss refused with 502).
+pub const LOST_SPACING: Duration = Duration::from_millis(100);
+
+/// Retransmissions of delivered bytes the server has not acknowledged (see
+/// [`LOST_AFTER`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Unacked {
+    /// How many, in a row.
+    count: u8,
+    /// The server's acknowledgement when the last one was counted.
+    server_acked: Option<SeqNumber>,
+    /// Where the last one counted started, and when it came.
+    seq: SeqNumber,
+    at: Timestamp,
+}
 
 /// How long released bytes may stay unacknowledged by the server, with its
 /// acknowledgement standing still, before they count as lost (see the module's known
 /// limits). A server's TCP acknowledges within its delayed-ACK time (at most 200 ms on
 /// Linux) even when its application does not read.
 pub const RELEASE_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The longest a hole in a request body may hold the bytes after it while the client
+/// keeps sending without filling it (see [`L7Flow::poll`]): a client whose
+/// retransmissions keep getting lost backs off exponentially (RFC 6298 §5.5), and
+/// holding bytes for a client that never fills the hole costs memory.
+pub const BODY_HOLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Why a flow was refused. Feeds the decision log and counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -262,6 +316,15 @@ pub struct Release {
     /// Acknowledgement and window to send with it: the client's latest.
     pub ack: Option<SeqNumber>,
     pub window: u16,
+    /// The timestamps option to send with every piece: the client's newest (by its
+    /// TSval), normally those of the segment that made the bytes go. RFC 7323 §4.3:
+    /// the server takes the TSval of the segment that fills its window as `TS.Recent`
+    /// and echoes it, so the client measures its real round trip; and §5 (PAWS): the
+    /// server drops a segment whose TSval is older than `TS.Recent`, so released bytes
+    /// must never carry an older TSval than a segment the server already took (a
+    /// reordered hole-filler does). `None` when that segment had none (timestamps not
+    /// negotiated).
+    pub timestamps: Option<Timestamps>,
 }
 
 /// A pure ACK to send to the client on the server's behalf, acknowledging the bytes of
@@ -282,6 +345,10 @@ pub struct HeldAck {
     pub ack: SeqNumber,
     /// The server's last advertised window (as on the wire).
     pub window: u16,
+    /// Timestamps as the server would send them (RFC 7323 §4.3): its latest TSval,
+    /// echoing the TSval of the client segment acknowledged. `None` unless both sides
+    /// sent timestamps.
+    pub timestamps: Option<Timestamps>,
 }
 
 /// What meshd sends the client, on the server's behalf, for a segment that came after
@@ -310,6 +377,12 @@ pub const ANSWER_INTERVAL: Duration = Duration::from_millis(200);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub fate: Fate,
+    /// Send the segment of `fate` (forwarded or cut) with these timestamps instead of
+    /// its own. Set when it carries bytes inspected in order and its TSval is older
+    /// than the client's newest (it was reordered): the server would drop it as old
+    /// (PAWS, RFC 7323 §5), and meshd cuts the client's retransmission of inspected
+    /// bytes, so nothing would ever repair the drop.
+    pub timestamps: Option<Timestamps>,
     pub release: Option<Release>,
     pub refusal: Option<Refusal>,
     /// Acknowledge held bytes to the client (see [`HeldAck`]).
@@ -322,6 +395,7 @@ impl Outcome {
     fn fate(fate: Fate) -> Outcome {
         Outcome {
             fate,
+            timestamps: None,
             release: None,
             refusal: None,
             held_ack: None,
@@ -343,10 +417,11 @@ pub struct Stats {
     pub released: u64,
     /// Retransmitted bytes recognised (delivered or buffered before).
     pub retransmitted: u64,
-    /// Segments dropped for disagreeing with earlier bytes.
-    pub conflicts: u64,
-    /// Segments dropped for lack of buffer room.
-    pub out_of_window: u64,
+    /// Segments dropped for disagreeing with earlier bytes (saturating; u32 keeps a
+    /// tracked flow small).
+    pub conflicts: u32,
+    /// Segments dropped for lack of buffer room (saturating).
+    pub out_of_window: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -371,18 +446,29 @@ pub struct L7Flow {
     held_since: Option<Timestamp>,
     path: String,
     stats: Stats,
-    /// Retransmissions of delivered bytes the server has not acknowledged, in a row,
-    /// and the server's acknowledgement when the last one came (see [`LOST_AFTER`]).
-    unacked_retransmits: (u8, Option<SeqNumber>),
+    /// Retransmissions of delivered bytes the server has not acknowledged.
+    unacked_retransmits: Unacked,
     /// End of the bytes released from the buffer that the server has not acknowledged,
     /// and since when its acknowledgement has not moved.
     unacked_release: Option<(SeqNumber, Timestamp)>,
-    /// Once refused by meshd: the refusal, to answer what the client sends after it
-    /// (`None` again once the client is reset or reset the flow itself). Its
-    /// `client_ack` follows the client: one past the highest sequence number it sent.
-    refusal: Option<Refusal>,
-    /// When the response last went to the client.
-    answered_at: Timestamp,
+    /// Once refused by meshd: what answers the client after it (`None` again once
+    /// the client is reset or reset the flow itself). Boxed: most flows are never
+    /// refused, and every tracked flow carries this field.
+    refused: Option<Box<Refused>>,
+    /// The server's latest TSval, for [`HeldAck::timestamps`].
+    server_tsval: Option<u32>,
+    /// The timestamps of the client's newest segment (by its TSval), for
+    /// [`Release::timestamps`].
+    client_ts: Option<Timestamps>,
+    /// The last run of opaque body bytes the parser entered, as sequence numbers
+    /// (start, end): its bytes may pass out of order and again (see `on_data`).
+    span: Option<(SeqNumber, SeqNumber)>,
+    /// When the client last sent stream bytes (any, retransmissions included): a hole
+    /// in a body is waited for while the client is still sending.
+    client_seen: Timestamp,
+    /// The stream position moved over opaque bytes the server acknowledged, so held
+    /// bytes may have become contiguous: inspect them at the next client segment.
+    recheck: bool,
 }
 
 impl L7Flow {
@@ -398,10 +484,14 @@ impl L7Flow {
             held_since: None,
             path: String::new(),
             stats: Stats::default(),
-            unacked_retransmits: (0, None),
+            unacked_retransmits: Unacked::default(),
             unacked_release: None,
-            refusal: None,
-            answered_at: Timestamp::default(),
+            refused: None,
+            server_tsval: None,
+            client_ts: None,
+            span: None,
+            client_seen: now,
+            recheck: false,
         }
     }
 
@@ -435,7 +525,7 @@ impl L7Flow {
     /// The refusal meshd answered the client with, once refused (its `client_ack`
     /// follows what the client sent since); `None` before, or once the client reset.
     pub fn refusal(&self) -> Option<Refusal> {
-        self.refusal
+        self.refused.as_ref().map(|r| r.refusal)
     }
 
     /// Bytes buffered now (for a total limit across flows).
@@ -467,8 +557,18 @@ impl L7Flow {
         }
     }
 
+    /// Bytes held waiting for a request head to complete time out `head_timeout` after
+    /// the stream last moved on. Bytes held behind a hole in a body (the head is
+    /// decided) wait while the client still sends (its retransmissions fill the hole),
+    /// up to [`BODY_HOLE_LIMIT`] without progress.
     fn head_deadline(&self) -> Option<Timestamp> {
-        self.held_since.map(|t| t.plus(self.config.head_timeout))
+        let since = self.held_since?;
+        let head = since.plus(self.config.head_timeout);
+        if self.http.at_head() {
+            return Some(head);
+        }
+        let silent = self.client_seen.max(since).plus(self.config.head_timeout);
+        Some(silent.min(since.plus(BODY_HOLE_LIMIT)))
     }
 
     fn release_deadline(&self) -> Option<Timestamp> {
@@ -493,7 +593,7 @@ impl L7Flow {
             None
         };
         if refusal.is_some() {
-            self.answered_at = now;
+            self.answered(now);
         }
         refusal
     }
@@ -522,6 +622,10 @@ impl L7Flow {
         ) {
             return false;
         }
+        if let Some(ts) = seg.timestamps {
+            self.server_tsval = Some(ts.val);
+        }
+        self.catch_up();
         if let (Some((end, _)), Some(acked)) = (self.unacked_release, self.tcp.server.acked) {
             if end - acked <= 0 {
                 self.unacked_release = None;
@@ -531,6 +635,47 @@ impl L7Flow {
             }
         }
         true
+    }
+
+    /// Moves the stream position over opaque bytes the server acknowledged beyond it:
+    /// bytes let through out of order ([`Fate::Forward`] ahead of the position) that
+    /// the server now has in order. Held bytes behind them may now be contiguous.
+    fn catch_up(&mut self) {
+        let (Some(acked), Some(reasm)) = (self.tcp.server.acked, self.reasm.as_mut()) else {
+            return;
+        };
+        if self.releasing > 0 {
+            // Bytes released by the last call are still at the front of the buffer: the
+            // position is theirs to move first (the next call finishes the release).
+            return;
+        }
+        let ahead = acked - reasm.base();
+        // Anything else the server acknowledges was delivered in order already; more
+        // than the opaque bytes ahead is not possible and is not believed.
+        if ahead <= 0 || ahead as u64 > self.http.opaque() {
+            return;
+        }
+        let before = reasm.base();
+        reasm.forget(ahead as usize);
+        let moved = reasm.base() - before;
+        self.http.skip_opaque(moved as u64);
+        self.recheck = !reasm.contiguous().is_empty();
+        self.note_span();
+    }
+
+    /// Remembers where the opaque run the parser is in starts and ends, if it is in one
+    /// (the last one stays once the parser leaves it).
+    fn note_span(&mut self) {
+        let (Some((behind, ahead)), Some(reasm)) = (self.http.opaque_run(), &self.reasm) else {
+            return;
+        };
+        // Sequence numbers reach 2^31 either way; a window is far less.
+        let clamp = |n: u64| usize::try_from(n.min(1 << 30)).unwrap_or(1 << 30);
+        let pos = reasm.base() + self.releasing;
+        self.span = Some((
+            SeqNumber(pos.0.wrapping_sub(clamp(behind) as u32)),
+            pos + clamp(ahead),
+        ));
     }
 
     /// Processes one client→server segment; `decide` is called once per complete request
@@ -547,9 +692,16 @@ impl L7Flow {
         }
         let outcome = self.on_open_segment(seg, now, decide);
         if outcome.refusal.is_some() {
-            self.answered_at = now;
+            self.answered(now);
         }
         outcome
+    }
+
+    /// The response went to the client at `now`.
+    fn answered(&mut self, now: Timestamp) {
+        if let Some(r) = self.refused.as_mut() {
+            r.answered_at = now;
+        }
     }
 
     /// A client segment after meshd refused the flow: answered on the server's behalf
@@ -560,26 +712,26 @@ impl L7Flow {
     /// just acknowledged).
     fn after_refusal(&mut self, seg: &Segment<'_>, now: Timestamp) -> Outcome {
         let mut outcome = Outcome::fate(Fate::Drop(DropReason::Refused));
-        let Some(refusal) = self.refusal.as_mut() else {
+        let Some(refused) = self.refused.as_mut() else {
             return outcome;
         };
         if seg.flags.contains(Flags::RST) {
-            self.refusal = None;
+            self.refused = None;
             return outcome;
         }
         let end = seg.seq + seg.seq_len();
-        if end > refusal.client_ack {
-            refusal.client_ack = end;
+        if end > refused.refusal.client_ack {
+            refused.refusal.client_ack = end;
         }
-        let refusal = *refusal;
+        let refusal = refused.refusal;
         let has_all = seg.flags.contains(Flags::ACK) && seg.ack - refusal.response_end >= 0;
         if !has_all {
-            if now.since(self.answered_at) >= ANSWER_INTERVAL {
-                self.answered_at = now;
+            if now.since(refused.answered_at) >= ANSWER_INTERVAL {
+                refused.answered_at = now;
                 outcome.answer = Some(Answer::Response);
             }
         } else if !seg.payload.is_empty() {
-            self.refusal = None;
+            self.refused = None;
             outcome.answer = Some(Answer::Reset {
                 seq: refusal.response_end,
             });
@@ -598,6 +750,7 @@ impl L7Flow {
         now: Timestamp,
         mut decide: impl FnMut(&Request<'_>) -> Verdict,
     ) -> Outcome {
+        self.catch_up();
         match self.tcp.on_segment(Direction::ClientToServer, seg, now) {
             Track::Invalid(why) => return Outcome::fate(Fate::Drop(DropReason::Untracked(why))),
             Track::Reset => {
@@ -631,10 +784,22 @@ impl L7Flow {
                 ..Outcome::fate(Fate::Drop(DropReason::Refused))
             };
         }
+        if let Some(ts) = seg.timestamps {
+            // TSvals compare modulo 2^32, like sequence numbers (RFC 7323 §5.2).
+            let older =
+                matches!(self.client_ts, Some(c) if (ts.val.wrapping_sub(c.val) as i32) < 0);
+            if !older {
+                self.client_ts = Some(ts);
+            }
+        }
         let forwarded = self.stats.forwarded + self.stats.released;
-        let outcome = self.on_data(seg, &mut decide);
+        let outcome = self.on_data(seg, now, &mut decide);
         let progressed = self.stats.forwarded + self.stats.released > forwarded;
+        if !seg.payload.is_empty() {
+            self.client_seen = now;
+        }
         self.update_held_since(now, progressed);
+        self.note_span();
         if let (Some(r), None) = (outcome.release, outcome.refusal) {
             let since = self.unacked_release.map_or(now, |(_, since)| since);
             self.unacked_release = Some((r.seq + r.len, since));
@@ -645,6 +810,7 @@ impl L7Flow {
     fn on_data(
         &mut self,
         seg: &Segment<'_>,
+        now: Timestamp,
         decide: &mut impl FnMut(&Request<'_>) -> Verdict,
     ) -> Outcome {
         let Some(reasm) = self.reasm.as_mut() else {
@@ -666,13 +832,42 @@ impl L7Flow {
 
         let base = reasm.base();
         let behind = base - seg.seq;
+        // Opaque body bytes ahead of the stream position (the rest of a Content-Length
+        // body, of a chunk's data) pass out of order, unheld, as on a layer-4 port:
+        // the server's TCP then sees what arrived after a loss and answers with SACK
+        // blocks or duplicate ACKs, so the client repairs the loss at once (RFC 5681
+        // §3.2, RFC 6675) instead of waiting for its retransmission timer. Their
+        // values change nothing meshd decides: where they end is fixed by position.
+        // The stream position moves over them when the server acknowledges them
+        // (`catch_up`) or when they arrive in order. A retransmission of opaque bytes
+        // behind the position (in the last opaque run, `span`) goes out again too:
+        // the server may have dropped the first copy (PAWS, RFC 7323 §5, drops a
+        // reordered segment older than one it took), and only the client can repair
+        // that; its TCP drops what it has.
+        let seg_end = seg.seq + payload.len();
+        let end_ahead = seg_end - base;
+        let in_span = self.span.is_some_and(|(start, end)| {
+            seg.seq - start >= 0 && end - seg_end >= 0 && end - base >= 0
+        });
+        let opaque_ahead = behind < 0 && end_ahead as u64 <= self.http.opaque();
+        let opaque_behind = in_span && end_ahead <= 0;
+        if !payload.is_empty() && !has_fin && (opaque_ahead || opaque_behind) {
+            self.stats.forwarded += payload.len() as u64;
+            return Outcome::fate(Fate::Forward);
+        }
         let direct = reasm.is_empty() && behind >= 0 && (behind as usize) < payload.len();
+        let recheck = std::mem::take(&mut self.recheck);
         let (fate, refusal) = if direct {
-            self.on_direct(payload, behind as usize, decide)
+            // Bytes behind the position in the opaque span go out again with the rest.
+            let resend = in_span && !has_fin;
+            self.on_direct(payload, behind as usize, resend, decide)
         } else {
-            match self.on_buffered(seg, decide) {
+            match self.on_buffered(seg, recheck, now, decide) {
                 Ok(r) => r,
-                Err(fate) => return Outcome::fate(fate),
+                Err(fate) => {
+                    self.recheck |= recheck;
+                    return Outcome::fate(fate);
+                }
             }
         };
 
@@ -680,6 +875,18 @@ impl L7Flow {
             refusal,
             ..Outcome::fate(fate)
         };
+        let sends_bytes = match fate {
+            Fate::Forward => true,
+            Fate::Trim { start, end, .. } => end > start,
+            Fate::Drop(_) => false,
+        };
+        if direct && sends_bytes {
+            if let (Some(own), Some(newest)) = (seg.timestamps, self.client_ts) {
+                if (own.val.wrapping_sub(newest.val) as i32) < 0 {
+                    outcome.timestamps = Some(newest);
+                }
+            }
+        }
         if self.releasing > 0 {
             let reasm = self.reasm.as_ref().expect("checked above");
             outcome.release = Some(Release {
@@ -688,6 +895,7 @@ impl L7Flow {
                 fin: false,
                 ack: self.tcp.client.acked,
                 window: self.tcp.client.window,
+                timestamps: self.client_ts.filter(|_| seg.timestamps.is_some()),
             });
         }
         if outcome.refusal.is_none() {
@@ -696,7 +904,7 @@ impl L7Flow {
         if let Some(refusal) = &mut outcome.refusal {
             *refusal = self.refuse(refusal.cause);
         } else {
-            outcome.held_ack = self.held_ack();
+            outcome.held_ack = self.held_ack(seg.timestamps);
         }
         outcome
     }
@@ -704,7 +912,7 @@ impl L7Flow {
     /// An ACK for the bytes held in order beyond those being released now, if any (see
     /// [`HeldAck`]). Out-of-order bytes are not acknowledged: the client must fill the
     /// hole first.
-    fn held_ack(&self) -> Option<HeldAck> {
+    fn held_ack(&self, client: Option<Timestamps>) -> Option<HeldAck> {
         let reasm = self.reasm.as_ref()?;
         let in_order = reasm.contiguous().len();
         if in_order <= self.releasing || self.phase == Phase::Refused {
@@ -714,6 +922,10 @@ impl L7Flow {
             seq: self.tcp.server.sent_end?,
             ack: reasm.base() + in_order,
             window: self.tcp.server.window,
+            timestamps: match (self.server_tsval, client) {
+                (Some(val), Some(c)) => Some(Timestamps { val, ecr: c.val }),
+                _ => None,
+            },
         })
     }
 
@@ -723,6 +935,7 @@ impl L7Flow {
         &mut self,
         payload: &[u8],
         skip: usize,
+        resend: bool,
         decide: &mut impl FnMut(&Request<'_>) -> Verdict,
     ) -> (Fate, Option<Refusal>) {
         let data = &payload[skip..];
@@ -746,7 +959,9 @@ impl L7Flow {
                 _ => cause = Some(RefuseCause::HoldFull),
             }
         }
-        let fate = if skip == 0 && allowed == data.len() {
+        // `resend`: the skipped bytes are opaque body bytes; they go out again.
+        let start = if resend { 0 } else { skip };
+        let fate = if start == 0 && allowed == data.len() {
             Fate::Forward
         } else if allowed == 0 && skip == 0 {
             Fate::Drop(if cause.is_some() {
@@ -756,7 +971,7 @@ impl L7Flow {
             })
         } else {
             Fate::Trim {
-                start: skip,
+                start,
                 end: skip + allowed,
                 fin: false,
             }
@@ -765,10 +980,14 @@ impl L7Flow {
     }
 
     /// Everything else: buffer the segment's new bytes, then inspect what is contiguous
-    /// and release the allowed part from the buffer.
+    /// and release the allowed part from the buffer. `recheck`: held bytes may have
+    /// become contiguous without a segment (see `catch_up`); inspect them even if this
+    /// segment brings nothing new.
     fn on_buffered(
         &mut self,
         seg: &Segment<'_>,
+        recheck: bool,
+        now: Timestamp,
         decide: &mut impl FnMut(&Request<'_>) -> Verdict,
     ) -> Result<(Fate, Option<Refusal>), Fate> {
         let reasm = self.reasm.as_mut().expect("caller checked");
@@ -778,11 +997,11 @@ impl L7Flow {
         let inserted = match reasm.insert(seg.seq, payload) {
             Ok(inserted) => inserted,
             Err(InsertError::Conflict { seq }) => {
-                self.stats.conflicts += 1;
+                self.stats.conflicts = self.stats.conflicts.saturating_add(1);
                 return Err(Fate::Drop(DropReason::Conflict(seq)));
             }
             Err(InsertError::Full | InsertError::TooManyHoles) => {
-                self.stats.out_of_window += 1;
+                self.stats.out_of_window = self.stats.out_of_window.saturating_add(1);
                 return Err(Fate::Drop(DropReason::OutOfWindow));
             }
             Err(InsertError::AfterFin | InsertError::FinConflict) => {
@@ -792,16 +1011,17 @@ impl L7Flow {
         self.stats.retransmitted += (inserted.old + inserted.duplicate) as u64;
         self.stats.copied += inserted.new as u64;
         if inserted.truncated > 0 {
-            self.stats.out_of_window += 1;
+            self.stats.out_of_window = self.stats.out_of_window.saturating_add(1);
         }
+        let mut fate = Fate::Drop(DropReason::Buffered);
         if inserted.new == 0 {
-            if inserted.old > 0 && self.delivery_lost(seg, delivered_end) {
+            if inserted.old > 0 && self.delivery_lost(seg, delivered_end, now) {
                 return Ok((
                     Fate::Drop(DropReason::Refused),
                     Some(placeholder(RefuseCause::Undelivered)),
                 ));
             }
-            let fate = if inserted.duplicate > 0 {
+            fate = if inserted.duplicate > 0 {
                 Fate::Drop(DropReason::Duplicate)
             } else {
                 // Empty (an ACK, a FIN) or a retransmission of delivered bytes: send it
@@ -812,8 +1032,11 @@ impl L7Flow {
                     fin: false,
                 }
             };
-            return Ok((fate, None));
+            if !recheck {
+                return Ok((fate, None));
+            }
         }
+        let reasm = self.reasm.as_mut().expect("caller checked");
         let data = reasm.contiguous();
         let (allowed, cause) = inspect(
             &mut self.http,
@@ -824,14 +1047,20 @@ impl L7Flow {
         );
         self.releasing = allowed;
         self.stats.released += allowed as u64;
-        Ok((Fate::Drop(DropReason::Buffered), cause.map(placeholder)))
+        Ok((fate, cause.map(placeholder)))
     }
 
     /// Counts a retransmission of delivered bytes (those before `delivered_end`; the
     /// rest of the segment may be held bytes, which the server has not seen by design);
-    /// true once [`LOST_AFTER`] of them came for delivered bytes the server has not
-    /// acknowledged, with its acknowledgement standing still.
-    fn delivery_lost(&mut self, seg: &Segment<'_>, delivered_end: SeqNumber) -> bool {
+    /// true once [`LOST_AFTER`] of them came for the same delivered bytes the server
+    /// has not acknowledged, [`LOST_SPACING`] apart, with its acknowledgement standing
+    /// still.
+    fn delivery_lost(
+        &mut self,
+        seg: &Segment<'_>,
+        delivered_end: SeqNumber,
+        now: Timestamp,
+    ) -> bool {
         let acked = self.tcp.server.acked;
         let seg_end = seg.seq + seg.payload.len();
         let end = if seg_end - delivered_end > 0 {
@@ -839,14 +1068,30 @@ impl L7Flow {
         } else {
             seg_end
         };
-        let (count, at) = self.unacked_retransmits;
+        let last = self.unacked_retransmits;
+        let first = Unacked {
+            count: 1,
+            server_acked: acked,
+            seq: seg.seq,
+            at: now,
+        };
         self.unacked_retransmits = match acked {
             // The server has all of it: a spurious retransmission.
-            Some(a) if end - a <= 0 => (0, None),
-            _ if count > 0 && at == acked => (count.saturating_add(1), acked),
-            _ => (1, acked),
+            Some(a) if end - a <= 0 => Unacked::default(),
+            _ if last.count > 0 && last.server_acked == acked && last.seq == seg.seq => {
+                if now.since(last.at) < LOST_SPACING {
+                    last
+                } else {
+                    Unacked {
+                        count: last.count.saturating_add(1),
+                        at: now,
+                        ..last
+                    }
+                }
+            }
+            _ => first,
         };
-        self.unacked_retransmits.0 >= LOST_AFTER
+        self.unacked_retransmits.count >= LOST_AFTER
     }
 
     /// Puts the stream's FIN on the last bytes sent, once everything before it is sent.
@@ -930,9 +1175,22 @@ impl L7Flow {
             // The response and its FIN.
             response_end: server_next + (crate::inject::response_len(&cause) + 1),
         };
-        self.refusal = Some(refusal);
+        self.refused = Some(Box::new(Refused {
+            refusal,
+            answered_at: Timestamp::default(),
+        }));
         refusal
     }
+}
+
+/// A refused flow's answer to the client ([`L7Flow::refusal`]).
+#[derive(Debug)]
+struct Refused {
+    /// Its `client_ack` follows the client: one past the highest sequence number it
+    /// sent.
+    refusal: Refusal,
+    /// When the response last went to the client.
+    answered_at: Timestamp,
 }
 
 /// The segment as it came if it carries no payload, else the same without it.

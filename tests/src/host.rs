@@ -469,6 +469,11 @@ impl Host {
         Ok(())
     }
 
+    /// The PID of the running meshd (to read its /proc entries), if one runs.
+    pub fn meshd_pid(&self) -> Option<u32> {
+        lock(&self.0.meshd).as_ref().and_then(Background::pid)
+    }
+
     /// Whether meshd is still running (not exited).
     pub fn meshd_alive(&self) -> Result<bool> {
         match lock(&self.0.meshd).as_mut() {
@@ -513,6 +518,12 @@ impl Host {
 
     /// `meshctl peer add <other's cert> --endpoint <other's endpoint>`.
     pub fn peer_add(&self, other: &Host) -> Result<Output> {
+        self.peer_add_at(other, other.endpoint())
+    }
+
+    /// `meshctl peer add <other's cert> --endpoint <endpoint>`: `other` reached at
+    /// another address than its own (e.g. through a [`crate::relay::Relay`]).
+    pub fn peer_add_at(&self, other: &Host, endpoint: SocketAddr) -> Result<Output> {
         let cert = self
             .0
             .dir
@@ -521,7 +532,7 @@ impl Host {
         std::fs::create_dir_all(self.0.dir.join("peers"))?;
         std::fs::write(&cert, other.cert_pem())?;
         let cert = cert.to_str().context("path is not UTF-8")?.to_string();
-        let ep = other.endpoint().to_string();
+        let ep = endpoint.to_string();
         self.meshctl(&["peer", "add", &cert, "--endpoint", &ep])?
             .check()
             .with_context(|| format!("adding peer {} to {}", other.name(), self.name()))

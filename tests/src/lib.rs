@@ -44,6 +44,7 @@ pub mod bins;
 pub mod ca;
 pub mod capture;
 pub mod failure;
+pub mod faults;
 pub mod host;
 pub mod http;
 pub mod isolate;
@@ -52,7 +53,9 @@ pub mod netns;
 pub mod pod;
 pub mod policy;
 pub mod process;
+pub mod relay;
 pub mod traffic;
+pub mod transfer;
 pub mod wait;
 
 pub use ca::{TestCa, Validity};

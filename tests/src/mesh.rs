@@ -283,7 +283,7 @@ impl Drop for Mesh {
     fn drop(&mut self) {
         let panicking = std::thread::panicking();
         if panicking {
-            for h in &self.hosts {
+            for h in self.hosts.iter().filter(|h| h.has_meshd()) {
                 eprintln!(
                     "---- {}: last lines of {} ----\n{}",
                     self.test,

@@ -69,7 +69,8 @@ impl Decisions {
         );
     }
 
-    fn lines(&self) -> String {
+    /// One JSON line per decision, for error messages.
+    pub fn lines(&self) -> String {
         self.0
             .iter()
             .map(Value::to_string)

@@ -9,11 +9,18 @@
 //! - `udp-send <source ip> <addr:port> <payload>`: send one datagram from `source ip`
 //!   (an address of this host, or `any`).
 //! - `udp-empty <addr:port> <count>`: send `count` datagrams of zero bytes.
+//! - `relay <face_a> <a> <face_b> <b> <control> <seed> <impairment>`: the impairment
+//!   relay of the fault tests ([`mesh_tests::relay`]); runs until killed.
+//! - `relay-ctl <control> <command>`: one command to a relay; prints its answer.
+//! - `transfer-serve <port> <dir>`: the bulk-transfer HTTP server
+//!   ([`mesh_tests::transfer`]); prints `listening` once bound.
 
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
 use std::process::ExitCode;
 use std::time::Duration;
+
+use mesh_tests::{relay, transfer};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,7 +32,21 @@ fn main() -> ExitCode {
         ["udp-sink", bind] => udp_sink(bind),
         ["udp-send", source, target, payload] => udp_send(source, target, payload),
         ["udp-empty", target, count] => udp_empty(target, count),
-        _ => Err("usage: mesh-testtool udp-echo <bind> | udp-ping <addr:port> <tries> | udp-garbage <addr:port> <count> <seed> | udp-sink <bind> | udp-send <source ip|any> <addr:port> <payload> | udp-empty <addr:port> <count>".to_string()),
+        ["relay", face_a, a, face_b, b, control, seed, imp] => {
+            relay(face_a, a, face_b, b, control, seed, imp)
+        }
+        ["relay-ctl", control, command] => parse_addr(control).and_then(|c| {
+            let reply = relay::control_client(c, command).map_err(|e| format!("{e:#}"))?;
+            println!("{reply}");
+            Ok(())
+        }),
+        ["transfer-serve", port, dir] => port
+            .parse()
+            .map_err(|e| format!("bad port: {e}"))
+            .and_then(|p| {
+                transfer::serve(p, std::path::Path::new(dir)).map_err(|e| format!("{e:#}"))
+            }),
+        _ => Err("usage: mesh-testtool transfer-serve <port> <dir> | udp-echo <bind> | udp-ping <addr:port> <tries> | udp-garbage <addr:port> <count> <seed> | udp-sink <bind> | udp-send <source ip|any> <addr:port> <payload> | udp-empty <addr:port> <count> | relay <face_a> <a> <face_b> <b> <control> <seed> <impairment> | relay-ctl <control> <command>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -38,6 +59,27 @@ fn main() -> ExitCode {
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|e| format!("bad address {s:?}: {e}"))
+}
+
+fn relay(
+    face_a: &str,
+    a: &str,
+    face_b: &str,
+    b: &str,
+    control: &str,
+    seed: &str,
+    imp: &str,
+) -> Result<(), String> {
+    let plan = relay::Plan {
+        face_a: parse_addr(face_a)?,
+        a: parse_addr(a)?,
+        face_b: parse_addr(face_b)?,
+        b: parse_addr(b)?,
+        control: parse_addr(control)?,
+    };
+    let seed = seed.parse().map_err(|e| format!("bad seed: {e}"))?;
+    let imp = relay::Impairment::parse(imp).map_err(|e| format!("{e:#}"))?;
+    relay::serve(plan, seed, imp).map_err(|e| format!("{e:#}"))
 }
 
 fn udp_echo(bind: &str) -> Result<(), String> {

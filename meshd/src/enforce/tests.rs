@@ -891,7 +891,15 @@ fn l7_request_lost_before_the_server_ends_in_502_not_a_stall() {
     for k in 1..=crate::l7::LOST_AFTER {
         c.cseq = lost_at;
         emit.clear();
-        let v = c.send(&e, get, &mut emit);
+        // At the client's retransmission timer: a burst would be one event.
+        let pkt = c.client("A", get);
+        let v = e.inbound(
+            &sender(A),
+            &pkt,
+            t(10 + 200 * u64::from(k)),
+            WALL,
+            &mut emit,
+        );
         if k < crate::l7::LOST_AFTER {
             assert_eq!(v, Verdict::Consumed, "retransmission {k}: cut to an ACK");
             let to_server = tcp_payloads(&emit, Toward::Local);
@@ -2013,4 +2021,133 @@ fn a_refused_segment_of_an_unknown_connection_resets_both_ends() {
         denied(DenyReason::DefaultDeny)
     );
     assert!(emit.is_empty());
+}
+
+/// A client or server segment of connection `sport` → port 80 with TCP `options`.
+fn tcp_opts(
+    from_client: bool,
+    sport: u16,
+    seq: u32,
+    ack: u32,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = if from_client {
+        PacketBuilder::ipv4(PEER_A, LOCAL, 64).tcp(sport, 80, seq, 64_000)
+    } else {
+        PacketBuilder::ipv4(LOCAL, PEER_A, 64).tcp(80, sport, seq, 64_000)
+    };
+    let b = b.ack(ack).options_raw(options).unwrap();
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+/// TCP options of every packet emitted `toward`, with their payloads.
+fn emitted_options(emit: &Emit, toward: Toward) -> Vec<(Vec<u8>, Vec<u8>)> {
+    emit.packets()
+        .filter(|(t, _)| *t == toward)
+        .map(|(_, pkt)| {
+            let sliced = etherparse::SlicedPacket::from_ip(pkt).expect("emitted packet parses");
+            match sliced.transport {
+                Some(etherparse::TransportSlice::Tcp(tcp)) => {
+                    (tcp.options().to_vec(), tcp.payload().to_vec())
+                }
+                other => panic!("not TCP: {other:?}"),
+            }
+        })
+        .collect()
+}
+
+/// Regression (issue 26): what meshd sends on an inspected connection in the client's
+/// or the server's name carries their TCP timestamps (RFC 7323): a cut segment keeps
+/// its options as sent, released bytes carry the timestamps of the segment that
+/// released them, and the acknowledgement of held bytes the server's TSval with the
+/// client's echoed. Without them the server echoed a stale timestamp and the client's
+/// retransmission timer grew to tens of seconds under mild loss.
+#[test]
+fn l7_segments_sent_for_the_ends_carry_their_timestamps() {
+    let (e, _) = enforcer(API_POLICY, 1024);
+    let c = Conn::open(&e, 40001);
+    let ts = |val, ecr| Timestamps { val, ecr }.emit();
+    let mut emit = Emit::default();
+    // The server's clock is at 900.
+    let ack = tcp_opts(false, c.sport, c.sseq, c.cseq, &ts(900, 10), b"");
+    assert_eq!(outbound(&e, &ack, t(1)), Verdict::Deliver);
+    // Half a head: held, acknowledged as the server would.
+    let first = b"GET /api/ite";
+    let pkt = tcp_opts(true, c.sport, c.cseq, c.sseq, &ts(11, 900), first);
+    assert_eq!(
+        e.inbound(&sender(A), &pkt, t(2), WALL, &mut emit),
+        Verdict::Consumed
+    );
+    let acks = emitted_options(&emit, Toward::Peer);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(
+        Timestamps::parse(&acks[0].0),
+        Some(Timestamps { val: 900, ecr: 11 })
+    );
+    // The rest releases the head, with the releasing segment's timestamps.
+    let mut emit = Emit::default();
+    let rest = b"ms HTTP/1.1\r\nHost: c\r\n\r\n";
+    let pkt = tcp_opts(
+        true,
+        c.sport,
+        c.cseq + first.len() as u32,
+        c.sseq,
+        &ts(12, 900),
+        rest,
+    );
+    assert_eq!(
+        e.inbound(&sender(A), &pkt, t(3), WALL, &mut emit),
+        Verdict::Consumed
+    );
+    let released = emitted_options(&emit, Toward::Local);
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].1, [&first[..], &rest[..]].concat());
+    assert_eq!(
+        Timestamps::parse(&released[0].0),
+        Some(Timestamps { val: 12, ecr: 900 })
+    );
+    // A retransmission of the released bytes plus new ones is cut to the new ones,
+    // its options (here SACK blocks and timestamps) as they came.
+    let mut emit = Emit::default();
+    let mut options = vec![1, 1, 5, 10, 0, 0, 0x13, 0x88, 0, 0, 0x13, 0x89];
+    options.extend_from_slice(&ts(13, 901));
+    let again = [&rest[..], b"GET /api/x HTTP/1.1\r\nHost: c\r\n\r\n"].concat();
+    let pkt = tcp_opts(
+        true,
+        c.sport,
+        c.cseq + first.len() as u32,
+        c.sseq,
+        &options,
+        &again,
+    );
+    assert_eq!(
+        e.inbound(&sender(A), &pkt, t(4), WALL, &mut emit),
+        Verdict::Consumed
+    );
+    let cut = emitted_options(&emit, Toward::Local);
+    assert_eq!(cut.len(), 1);
+    assert_eq!(cut[0], (options, again[rest.len()..].to_vec()));
+    // A reordered segment of inspected bytes, older than the client's newest: it goes
+    // with the newest timestamps, its other options as they came.
+    let mut emit = Emit::default();
+    let next = c.cseq + (first.len() + again.len()) as u32;
+    let pure = tcp_opts(true, c.sport, next, c.sseq, &ts(20, 902), b"");
+    e.inbound(&sender(A), &pure, t(5), WALL, &mut emit);
+    let mut emit = Emit::default();
+    let get = b"GET /api/y HTTP/1.1\r\nHost: c\r\n\r\n";
+    let late = tcp_opts(true, c.sport, next, c.sseq, &ts(19, 901), get);
+    assert_eq!(
+        e.inbound(&sender(A), &late, t(6), WALL, &mut emit),
+        Verdict::Consumed
+    );
+    let raised = emitted_options(&emit, Toward::Local);
+    assert_eq!(raised.len(), 1);
+    assert_eq!(raised[0].1, get);
+    assert_eq!(
+        Timestamps::parse(&raised[0].0),
+        Some(Timestamps { val: 20, ecr: 902 })
+    );
 }

@@ -277,6 +277,19 @@ impl Reassembler {
         true
     }
 
+    /// Advances `base` by `n` bytes that the receiver has from elsewhere (it
+    /// acknowledged them), dropping any buffered copy of them: opaque body bytes the
+    /// caller let through out of order. Clamped to the FIN.
+    pub fn forget(&mut self, n: usize) {
+        let n = match self.fin {
+            Some(fin) => n.min(usize::try_from(fin - self.base).unwrap_or(0)),
+            None => n,
+        };
+        if n > 0 {
+            self.advance(n);
+        }
+    }
+
     fn advance(&mut self, n: usize) {
         self.base = self.base + n;
         let mut kept = 0;

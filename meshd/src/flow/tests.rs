@@ -200,12 +200,33 @@ fn skip_takes_bytes_straight_from_segments() {
     assert!(!r.skip(1), "cannot skip buffered bytes");
 }
 
+#[test]
+fn forget_drops_buffered_copies_and_keeps_what_follows() {
+    let mut r = reasm(1024);
+    r.insert(at(10), b"0123456789").unwrap();
+    r.insert(at(30), b"abc").unwrap();
+    r.forget(15);
+    assert_eq!(r.base(), at(15));
+    assert_eq!(r.buffered(), 5 + 3);
+    r.forget(5);
+    assert_eq!(r.contiguous(), b"", "a hole before abc");
+    assert_eq!(r.buffered(), 3);
+    r.forget(10);
+    assert_eq!(r.contiguous(), b"abc");
+    // Never past the FIN.
+    r.set_fin(at(40)).unwrap();
+    r.forget(100);
+    assert_eq!(r.base(), at(40));
+    assert!(r.fin_in_order());
+}
+
 fn seg(seq: u32, ack: u32, flags: Flags, payload: &[u8]) -> Segment<'_> {
     Segment {
         seq: SeqNumber(seq),
         ack: SeqNumber(ack),
         flags,
         window: 65535,
+        timestamps: None,
         payload,
     }
 }
@@ -343,4 +364,44 @@ fn bytes_at_the_front_evict_the_farthest_range() {
     // Once there is room, the forgotten byte may come again, even with other contents.
     r.consume(3);
     assert_eq!(r.insert(at(farthest), b"y").unwrap().new, 1);
+}
+
+#[test]
+fn timestamps_option_is_found_among_others() {
+    let ts = Timestamps {
+        val: 0x0102_0304,
+        ecr: 0xfffe_fdfc,
+    };
+    // As Linux sends it on data: NOP NOP TS.
+    assert_eq!(Timestamps::parse(&ts.emit()), Some(ts));
+    // As on a SYN: MSS, SACK-permitted, TS, NOP, window scale.
+    let mut syn = vec![2, 4, 0x05, 0xb4, 4, 2];
+    syn.extend_from_slice(&ts.emit()[2..]);
+    syn.extend_from_slice(&[1, 3, 3, 7]);
+    assert_eq!(Timestamps::parse(&syn), Some(ts));
+    // After SACK blocks.
+    let mut sack = vec![1, 1, 5, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+    sack.extend_from_slice(&ts.emit());
+    assert_eq!(Timestamps::parse(&sack), Some(ts));
+}
+
+#[test]
+fn timestamps_absent_or_malformed_is_none() {
+    let ts = Timestamps { val: 1, ecr: 2 }.emit();
+    for options in [
+        &[][..],
+        &[1, 1, 1, 1],
+        // End of list before it.
+        &[0, 0, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2],
+        // A length of 0 or 1 would loop or overlap the kind.
+        &[3, 0, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2],
+        &[3, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2],
+        // A length past the end.
+        &[2, 40],
+        // Truncated, or with a wrong length.
+        &ts[..11],
+        &[8, 8, 0, 0, 0, 1, 0, 0],
+    ] {
+        assert_eq!(Timestamps::parse(options), None, "{options:?}");
+    }
 }

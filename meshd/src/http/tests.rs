@@ -489,3 +489,58 @@ mod arbitrary {
         }
     }
 }
+
+#[test]
+fn opaque_body_bytes_can_be_skipped_unseen() {
+    // Content-Length: the whole body, then the next head.
+    let mut p = RequestStream::default();
+    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let post = b"POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n";
+    assert!(matches!(p.parse(post, &mut hdrs), Ok(Step::Head { .. })));
+    assert_eq!(p.opaque(), 10);
+    assert_eq!(p.opaque_run(), Some((0, 10)));
+    assert_eq!(p.body(b"abc"), Ok(3));
+    assert_eq!(p.opaque(), 7);
+    assert_eq!(p.opaque_run(), Some((3, 7)));
+    p.skip_opaque(100);
+    assert_eq!(p.opaque(), 0);
+    assert_eq!(p.opaque_run(), None);
+    assert!(p.at_head());
+    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    assert!(matches!(
+        p.parse(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", &mut hdrs),
+        Ok(Step::Head { .. })
+    ));
+    // Chunked: only chunk data is opaque; the framing after it is still parsed.
+    let mut p = RequestStream::default();
+    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let post = b"POST /u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert!(matches!(p.parse(post, &mut hdrs), Ok(Step::Head { .. })));
+    assert_eq!(p.opaque(), 0, "a chunk size line is framing");
+    assert_eq!(p.body(b"5\r\nab"), Ok(5));
+    assert_eq!(p.opaque(), 3);
+    assert_eq!(
+        p.opaque_run(),
+        Some((2, 3)),
+        "the chunk's data, not the body's"
+    );
+    p.skip_opaque(2);
+    assert_eq!(p.opaque(), 1);
+    p.skip_opaque(1);
+    assert_eq!(p.opaque(), 0);
+    assert_eq!(
+        p.body(b"x"),
+        Err(HttpError::MissingChunkCrlf),
+        "CRLF must follow"
+    );
+    let mut p2 = RequestStream::default();
+    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    assert!(matches!(p2.parse(post, &mut hdrs), Ok(Step::Head { .. })));
+    assert_eq!(p2.body(b"2\r\n"), Ok(3));
+    p2.skip_opaque(2);
+    assert_eq!(p2.body(b"\r\n0\r\n\r\n"), Ok(7));
+    assert!(p2.at_head());
+    // Between requests nothing is opaque.
+    p2.skip_opaque(5);
+    assert!(p2.at_head());
+}

@@ -15,14 +15,21 @@ fn policy(req: &Request<'_>) -> Verdict {
     }
 }
 
-/// One flow, a fake clock and a fake server that receives what the flow delivers and
-/// checks that it arrives in order and never changes.
+/// One flow, a fake clock and a fake server that receives what the flow delivers as a
+/// TCP receiver does: in order, keeping bytes that arrive ahead (the first copy of
+/// each) until the hole before them is filled, checking that what it has never changes.
 struct Net {
     flow: L7Flow,
     now: Timestamp,
     cisn: SeqNumber,
-    /// Client stream as the server received it.
+    /// Client stream as the server received it, in order.
     server: Vec<u8>,
+    /// Bytes received ahead of `server`, by stream offset.
+    ahead: std::collections::BTreeMap<usize, Vec<u8>>,
+    /// Check that bytes received twice are equal. Off where a test forges bytes that
+    /// may land in an opaque body (which passes unread, l7 module docs): there what
+    /// must hold is that the heads the server reads were decided.
+    strict: bool,
     server_fin: bool,
     decisions: Vec<(String, String)>,
     refusal: Option<Refusal>,
@@ -40,6 +47,8 @@ impl Net {
             now,
             cisn: SeqNumber(cisn),
             server: Vec::new(),
+            ahead: std::collections::BTreeMap::new(),
+            strict: true,
             server_fin: false,
             decisions: Vec::new(),
             refusal: None,
@@ -105,18 +114,48 @@ impl Net {
         let off = seq - self.at(0);
         assert!(off >= 0, "delivered before the stream start");
         let off = off as usize;
-        assert!(
-            off <= self.server.len(),
-            "delivered out of order: hole before {off}"
-        );
         assert!(!self.server_fin || data.is_empty(), "data after FIN");
+        if off > self.server.len() {
+            // Ahead of a hole (opaque body bytes pass out of order): kept until it fills.
+            assert!(!fin, "FIN out of order");
+            let kept = self.ahead.entry(off).or_insert_with(|| data.to_vec());
+            let overlap = kept.len().min(data.len());
+            if self.strict {
+                assert_eq!(
+                    &kept[..overlap],
+                    &data[..overlap],
+                    "delivered bytes changed"
+                );
+            }
+            if data.len() > kept.len() {
+                *kept = data.to_vec();
+            }
+            self.server_ack();
+            return;
+        }
         let overlap = (self.server.len() - off).min(data.len());
-        assert_eq!(
-            &self.server[off..off + overlap],
-            &data[..overlap],
-            "delivered bytes changed"
-        );
+        if self.strict {
+            assert_eq!(
+                &self.server[off..off + overlap],
+                &data[..overlap],
+                "delivered bytes changed"
+            );
+        }
         self.server.extend_from_slice(&data[overlap..]);
+        // Bytes kept ahead that the stream now reaches.
+        while let Some((&at, _)) = self.ahead.range(..=self.server.len()).next() {
+            let bytes = self.ahead.remove(&at).unwrap_or_default();
+            let have = self.server.len() - at;
+            let overlap = have.min(bytes.len());
+            if self.strict {
+                assert_eq!(
+                    &self.server[at..at + overlap],
+                    &bytes[..overlap],
+                    "delivered bytes changed"
+                );
+            }
+            self.server.extend_from_slice(&bytes[overlap..]);
+        }
         if fin {
             self.server_fin = true;
         }
@@ -144,6 +183,7 @@ fn seg(seq: SeqNumber, ack: u32, flags: Flags, payload: &[u8]) -> Segment<'_> {
         ack: SeqNumber(ack),
         flags,
         window: 65535,
+        timestamps: None,
         payload,
     }
 }
@@ -166,6 +206,7 @@ fn allowed_get_passes_unchanged_and_uncopied() {
         o,
         Outcome {
             fate: Fate::Forward,
+            timestamps: None,
             release: None,
             refusal: None,
             held_ack: None,
@@ -371,29 +412,215 @@ fn out_of_order_segments_are_buffered_then_released_in_order() {
     let o = net.send(0, a);
     assert_eq!(o.release.unwrap().len, GET.len());
     assert_eq!(net.server, GET);
+}
 
-    // Out of order inside an allowed body: the in-order segment goes straight through,
-    // the buffered rest follows from the buffer.
+/// Regression (issue 26): a body held out of order is a body the server never sees, so
+/// it cannot answer a loss with SACK blocks or duplicate ACKs and the client waits for
+/// its retransmission timer at every loss. Opaque body bytes ahead of the stream
+/// position pass as they came, unheld; the position moves over them once the server
+/// acknowledges them, and the next head is decided as usual.
+#[test]
+fn out_of_order_body_bytes_pass_unheld() {
     let mut net = Net::new();
     let head = b"PUT /u HTTP/1.1\r\nHost: svc\r\nContent-Length: 30\r\n\r\n";
     net.send(0, head);
-    let body = [b'1'; 30];
+    let body: Vec<u8> = (0..30).map(|i| b'a' + i as u8 % 26).collect();
     let h = head.len();
+    assert_eq!(net.send(h + 20, &body[20..]).fate, Fate::Forward);
+    assert_eq!(net.send(h + 10, &body[10..20]).fate, Fate::Forward);
+    assert_eq!(net.flow.held(), 0, "nothing held");
+    assert_eq!(net.server.len(), h, "the server waits for the hole");
+    // The hole, in order: straight through; the server has the whole body.
+    assert_eq!(net.send(h, &body[..10]).fate, Fate::Forward);
+    assert_eq!(net.server, [&head[..], &body].concat());
+    // The server's acknowledgement moved the position over what passed ahead: the
+    // next request is decided in order and goes straight through.
+    let o = net.send(h + 30, GET);
+    assert_eq!(o.fate, Fate::Forward);
+    assert_eq!(net.decisions.len(), 2);
+    assert_eq!(net.server, [&head[..], &body, GET].concat());
+    let stats = net.flow.stats();
+    assert_eq!((stats.copied, stats.released), (0, 0), "{stats:?}");
+    // A retransmission of body bytes the server has is cut, as before.
+    let o = net.send(h + 10, &body[10..20]);
+    assert!(
+        matches!(o.fate, Fate::Trim { start, end, .. } if start == end),
+        "{o:?}"
+    );
+}
+
+/// The next head is never taken ahead of a hole, and bytes that reach past the body
+/// are held, not passed: only what cannot move a head passes out of order.
+#[test]
+fn only_opaque_bytes_pass_out_of_order() {
+    let mut net = Net::new();
+    let head = b"PUT /u HTTP/1.1\r\nHost: svc\r\nContent-Length: 30\r\n\r\n";
+    let h = head.len();
+    net.send(0, head);
+    let body = [b'x'; 30];
+    // Reaching past the body into the next head: held.
+    let tail = [&body[25..], GET].concat();
     assert_eq!(
-        net.send(h + 20, &body[20..]).fate,
+        net.send(h + 25, &tail).fate,
         Fate::Drop(DropReason::Buffered)
     );
+    assert_eq!(net.decisions.len(), 1, "not decided ahead of the hole");
+    // A FIN inside the body ahead of the hole is held too (it must follow the bytes).
+    let mut net2 = Net::new();
+    net2.send(0, head);
+    let o = net2.send_flags(h + 10, &body[10..], Flags::ACK | Flags::FIN);
+    assert_eq!(o.fate, Fate::Drop(DropReason::Buffered));
+    // The hole arrives: the body goes out from the buffer with what was held behind it,
+    // the head decided in order.
+    let o = net.send(h, &body[..25]);
+    assert_eq!(o.release.map(|r| r.len), Some(25 + tail.len()));
+    assert_eq!(net.decisions.len(), 2);
+    assert_eq!(net.server, [&head[..], &body, GET].concat());
+    // Chunked: a chunk's data passes out of order, its framing does not.
+    let mut net = Net::new();
+    let head = b"PUT /c HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let h = head.len();
+    net.send(0, head);
+    net.send(h, b"14\r\n");
+    let data = [b'd'; 20];
+    assert_eq!(net.send(h + 4 + 10, &data[10..]).fate, Fate::Forward);
+    let o = net.send(h + 4 + 20, b"\r\n0\r\n\r\n");
+    assert_eq!(o.fate, Fate::Drop(DropReason::Buffered), "framing waits");
+    net.send(h + 4, &data[..10]);
+    net.send(h + 4 + 20, b"\r\n0\r\n\r\n");
     assert_eq!(
-        net.send(h + 10, &body[10..20]).fate,
-        Fate::Drop(DropReason::Buffered)
+        net.server,
+        [&head[..], b"14\r\n", &data, b"\r\n0\r\n\r\n"].concat()
     );
+}
+
+/// Held bytes behind opaque bytes that reached the server out of order become
+/// contiguous when the server acknowledges them (not by a client segment): they are
+/// inspected at the next client segment, whatever it carries.
+#[test]
+fn a_head_held_behind_a_passed_body_is_decided_once_the_server_has_the_body() {
+    let mut net = Net::new();
+    let head = b"PUT /u HTTP/1.1\r\nHost: svc\r\nContent-Length: 30\r\n\r\n";
+    let h = head.len();
+    net.send(0, head);
+    let body = [b'y'; 30];
+    assert_eq!(net.send(h + 10, &body[10..]).fate, Fate::Forward);
+    assert_eq!(net.send(h + 30, GET).fate, Fate::Drop(DropReason::Buffered));
+    // The hole goes out from the buffer; the server then has the whole body and says so.
     let o = net.send(h, &body[..10]);
-    assert_eq!(
-        o.release.unwrap().len,
-        30,
-        "the whole body, from the buffer"
-    );
+    assert_eq!(o.release.map(|r| r.len), Some(10));
     assert_eq!(net.server.len(), h + 30);
+    assert_eq!(net.decisions.len(), 1);
+    // The client sends the held head again (nothing acknowledged it): now decided.
+    let o = net.send(h + 30, GET);
+    assert_eq!(o.release.map(|r| r.len), Some(GET.len()));
+    assert_eq!(net.decisions.len(), 2);
+    assert_eq!(net.server, [&head[..], &body, GET].concat());
+}
+
+/// Regression (issue 26): bytes released from the buffer went to the server without
+/// TCP timestamps; the server kept echoing the timestamp of the last segment before
+/// the hole, and the client's RTT estimate grew by the time meshd held the bytes.
+/// A release carries the timestamps of the client segment that completed it, and an
+/// acknowledgement of held bytes the server's TSval and the client's TSval echoed.
+#[test]
+fn released_bytes_and_held_acks_carry_timestamps() {
+    let mut net = Net::new();
+    // The server's TSval, from its segments.
+    let mut ack = seg(SeqNumber(SISN + 1), CISN + 1, Flags::ACK, b"");
+    ack.timestamps = Some(Timestamps { val: 500, ecr: 40 });
+    assert!(net.flow.on_server_segment(&ack, net.now));
+    let (a, b) = GET.split_at(12);
+    let mut first = seg(net.at(0), SISN + 1, Flags::ACK | Flags::PSH, a);
+    first.timestamps = Some(Timestamps { val: 41, ecr: 500 });
+    let o = net.flow.on_client_segment(&first, net.now, policy);
+    assert_eq!(o.fate, Fate::Drop(DropReason::Buffered));
+    assert_eq!(
+        o.held_ack.and_then(|h| h.timestamps),
+        Some(Timestamps { val: 500, ecr: 41 }),
+        "the server's clock, the client's value echoed"
+    );
+    let mut second = seg(net.at(12), SISN + 1, Flags::ACK | Flags::PSH, b);
+    second.timestamps = Some(Timestamps { val: 77, ecr: 501 });
+    let o = net.flow.on_client_segment(&second, net.now, policy);
+    let release = o.release.expect("released");
+    assert_eq!(release.len, GET.len());
+    assert_eq!(
+        release.timestamps,
+        Some(Timestamps { val: 77, ecr: 501 }),
+        "the segment that released the bytes, not the first one held"
+    );
+    // Out of order and then filled: the hole-filler's timestamps (RFC 7323 §4.3).
+    let mut net = Net::new();
+    let head = b"PUT /c HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n";
+    net.send(0, head);
+    let h = head.len();
+    let framing = b"3\r\nabc\r\n0\r\n\r\n";
+    let mut late = seg(net.at(h + 3), SISN + 1, Flags::ACK, &framing[3..]);
+    late.timestamps = Some(Timestamps { val: 90, ecr: 1 });
+    assert_eq!(
+        net.flow.on_client_segment(&late, net.now, policy).fate,
+        Fate::Drop(DropReason::Buffered)
+    );
+    let mut hole = seg(net.at(h), SISN + 1, Flags::ACK, &framing[..3]);
+    hole.timestamps = Some(Timestamps { val: 95, ecr: 1 });
+    let o = net.flow.on_client_segment(&hole, net.now, policy);
+    assert_eq!(
+        o.release.map(|r| (r.len, r.timestamps)),
+        Some((framing.len(), Some(Timestamps { val: 95, ecr: 1 })))
+    );
+    // No timestamps negotiated, none invented.
+    let mut net = Net::new();
+    net.send(0, a);
+    let o = net.send(12, b);
+    assert_eq!(o.release.map(|r| r.timestamps), Some(None));
+}
+
+/// Bytes held behind a hole in a body (chunk framing after a loss) wait while the client
+/// still sends: a retransmission lost again is no reason for a 408. A silent client, or
+/// one that never fills the hole, still ends in 408.
+#[test]
+fn a_hole_in_a_body_waits_while_the_client_sends() {
+    let timeout = Config::default().head_timeout;
+    let start = || {
+        let mut net = Net::new();
+        let head = b"PUT /c HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n";
+        net.send(0, head);
+        let h = head.len();
+        let o = net.send(h + 3, b"abc\r\n");
+        assert_eq!(o.fate, Fate::Drop(DropReason::Buffered));
+        (net, h)
+    };
+    // The client keeps sending (more data after the hole, or the same again).
+    let (mut net, h) = start();
+    for _ in 0..5 {
+        net.tick(timeout.as_millis() as u64 - 1000);
+        assert_eq!(net.flow.poll(net.now), None);
+        net.send(h + 3, b"abc\r\n");
+    }
+    net.send(h, b"3\r\n");
+    assert_eq!(net.flow.poll(net.now), None);
+    assert_eq!(net.flow.held(), 0);
+    // Silent for the head timeout: 408.
+    let (mut net, _) = start();
+    net.tick(timeout.as_millis() as u64);
+    assert_eq!(
+        net.flow.poll(net.now).map(|r| r.cause),
+        Some(RefuseCause::Timeout)
+    );
+    // Sending, but never the hole: 408 after BODY_HOLE_LIMIT.
+    let (mut net, h) = start();
+    let mut waited = 0;
+    let refusal = loop {
+        net.tick(1000);
+        waited += 1000;
+        if let Some(r) = net.flow.poll(net.now) {
+            break r;
+        }
+        net.send(h + 3, b"abc\r\n");
+    };
+    assert_eq!(refusal.cause, RefuseCause::Timeout);
+    assert_eq!(Duration::from_millis(waited), BODY_HOLE_LIMIT);
 }
 
 #[test]
@@ -866,6 +1093,7 @@ mod shuffled {
                 Config::default()
             };
             let mut net = Net::with(config, CISN);
+            net.strict = !forge;
             let send_true = |net: &mut Net, i: usize| {
                 let (off, n) = segs[i % segs.len()];
                 net.send(off, &stream[off..off + n]);
@@ -1139,6 +1367,7 @@ fn held_head_bytes_are_acknowledged_to_the_client() {
             seq: SeqNumber(SISN + 1),
             ack: net.at(head.len()),
             window: 65535,
+            timestamps: None,
         })
     );
     // A retransmission (our ACK was lost) is acknowledged again.
@@ -1243,4 +1472,115 @@ fn a_refused_client_that_resets_gets_no_answer() {
         net.flow.on_client_segment(&late, net.now, policy).answer,
         None
     );
+}
+
+/// Regression (issue 26): a sender in loss recovery resends in one burst bytes that meshd
+/// delivered (or just released from its buffer) before the server's acknowledgement of
+/// them came back, some twice (a duplicated datagram). That is not a loss on the way to
+/// the server, and must not end in 502. The same bytes resent at the sender's
+/// retransmission timer, the server's acknowledgement standing still, still are.
+#[test]
+fn a_burst_of_retransmissions_is_not_a_lost_delivery() {
+    let mut net = Net::new();
+    net.send(0, GET);
+    let n = GET.len();
+    // Three more requests go out; the server has not acknowledged them yet.
+    let three = [GET, GET, GET].concat();
+    let s = seg(net.at(n), SISN + 1, Flags::ACK | Flags::PSH, &three);
+    assert_eq!(
+        net.flow.on_client_segment(&s, net.now, policy).fate,
+        Fate::Forward
+    );
+    for (k, off) in [0, n, n, 2 * n, 2 * n].into_iter().enumerate() {
+        let again = seg(net.at(n + off), SISN + 1, Flags::ACK, GET);
+        let o = net.flow.on_client_segment(&again, net.now, policy);
+        assert_eq!(o.refusal, None, "retransmission {k} of the burst");
+    }
+    for k in 0..LOST_AFTER {
+        net.tick(200 << k);
+        let again = seg(net.at(n), SISN + 1, Flags::ACK, GET);
+        let o = net.flow.on_client_segment(&again, net.now, policy);
+        let cause = o.refusal.map(|r| r.cause);
+        if k + 1 < LOST_AFTER {
+            assert_eq!(cause, None, "retransmission {k} at the timer");
+        } else {
+            assert_eq!(cause, Some(RefuseCause::Undelivered));
+        }
+    }
+}
+
+/// Regression (issue 26): under reordering the server drops a late segment whose TSval
+/// is older than one it took since (PAWS, RFC 7323 §5) although meshd delivered it in
+/// order; the client's retransmission of those body bytes was then cut as a duplicate,
+/// the server never got them, and the upload ended in 502. Opaque body bytes behind the
+/// position go out again; head bytes never do.
+#[test]
+fn retransmitted_body_bytes_go_out_again() {
+    let mut net = Net::new();
+    let head = b"PUT /u HTTP/1.1\r\nHost: svc\r\nContent-Length: 30\r\n\r\n";
+    let h = head.len();
+    let body = [b'z'; 30];
+    let first = [&head[..], &body[..10]].concat();
+    net.send(0, &first);
+    net.send(h + 10, &body[10..20]);
+    // Body bytes again: out as they came.
+    assert_eq!(net.send(h + 10, &body[10..20]).fate, Fate::Forward);
+    // Old body bytes and new ones: the whole segment.
+    assert_eq!(net.send(h + 15, &body[15..25]).fate, Fate::Forward);
+    // Head bytes with body bytes: the head part is cut.
+    let o = net.send(0, &first);
+    assert!(
+        matches!(o.fate, Fate::Trim { start, end, .. } if start == end),
+        "{o:?}"
+    );
+    net.send(h + 25, &body[25..]);
+    assert_eq!(net.server, [&head[..], &body].concat());
+    // Once the next head is read, the body is behind it: its bytes are cut again.
+    net.send(h + 30, GET);
+    let o = net.send(h + 10, &body[10..20]);
+    assert!(
+        matches!(o.fate, Fate::Trim { start, end, .. } if start == end),
+        "{o:?}"
+    );
+    assert_eq!(net.decisions.len(), 2);
+}
+
+/// A hole-filler that comes late (reordered) carries an older TSval than segments sent
+/// after it; bytes released with it carry the newest, which the server (PAWS) accepts.
+#[test]
+fn released_bytes_carry_the_newest_timestamps() {
+    let mut net = Net::new();
+    let (a, b) = GET.split_at(12);
+    let mut late = seg(net.at(12), SISN + 1, Flags::ACK | Flags::PSH, b);
+    late.timestamps = Some(Timestamps { val: 80, ecr: 3 });
+    net.flow.on_client_segment(&late, net.now, policy);
+    let mut filler = seg(net.at(0), SISN + 1, Flags::ACK | Flags::PSH, a);
+    filler.timestamps = Some(Timestamps { val: 70, ecr: 2 });
+    let o = net.flow.on_client_segment(&filler, net.now, policy);
+    assert_eq!(
+        o.release.map(|r| r.timestamps),
+        Some(Some(Timestamps { val: 80, ecr: 3 }))
+    );
+}
+
+/// A segment of inspected bytes that arrives in order but later than a newer one (its
+/// TSval older than one the server may have taken) would be dropped by the server
+/// (PAWS), and meshd never sends inspected bytes twice: it goes with the client's
+/// newest timestamps.
+#[test]
+fn an_old_timestamp_on_inspected_bytes_is_raised() {
+    let mut net = Net::new();
+    let mut ack = seg(net.at(0), SISN + 1, Flags::ACK, b"");
+    ack.timestamps = Some(Timestamps { val: 60, ecr: 9 });
+    net.flow.on_client_segment(&ack, net.now, policy);
+    let mut late = seg(net.at(0), SISN + 1, Flags::ACK | Flags::PSH, GET);
+    late.timestamps = Some(Timestamps { val: 55, ecr: 8 });
+    let o = net.flow.on_client_segment(&late, net.now, policy);
+    assert_eq!(o.fate, Fate::Forward);
+    assert_eq!(o.timestamps, Some(Timestamps { val: 60, ecr: 9 }));
+    // Newest already: unchanged.
+    let mut next = seg(net.at(GET.len()), SISN + 1, Flags::ACK | Flags::PSH, GET);
+    next.timestamps = Some(Timestamps { val: 61, ecr: 9 });
+    let o = net.flow.on_client_segment(&next, net.now, policy);
+    assert_eq!((o.fate, o.timestamps), (Fate::Forward, None));
 }
