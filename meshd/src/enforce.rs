@@ -1664,16 +1664,15 @@ fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit, sender: Toward) 
     };
     emit.push_reset(to, from, seg.ack, sender);
     emit.push_reset(from, to, seg.seq, other);
-    if sender == Toward::Peer {
-        // The local end may have received more than the peer knows (its ACKs lost
-        // while meshd was down): then the RST at the segment's number is old and
-        // ignored. An empty segment just before it is unacceptable for the same
-        // reason, and a TCP answers an unacceptable segment with an ACK of what it
-        // expects (RFC 9293 §3.10.7.4; Linux at most twice a second); that ACK, a
-        // local packet of no flow, gets the exact reset above.
-        let probe = seg.seq - 1usize;
-        emit.push_segment(from, to, probe, Some(seg.ack), Flags::default(), other);
-    }
+    // The other end may have received more than the sender knows (its ACKs lost while
+    // meshd was down): then the RST at the segment's number is old and ignored, and
+    // that end waits on a connection whose sender was just reset (a download whose
+    // server's meshd restarted hung until the client's timeout). An empty segment just
+    // before it is unacceptable for the same reason, and a TCP answers an unacceptable
+    // segment with an ACK of what it expects (RFC 9293 §3.10.7.4; Linux at most twice
+    // a second); that ACK, a packet of no flow, gets the exact reset.
+    let probe = seg.seq - 1usize;
+    emit.push_segment(from, to, probe, Some(seg.ack), Flags::default(), other);
 }
 
 /// Refuses a SYN: RST+ACK to its sender, as a closed port answers (RFC 9293

@@ -1302,12 +1302,14 @@ fn only_an_opening_makes_a_flow_the_local_sides() {
             "{flags}"
         );
         // The local end is reset at the number it acknowledged, the peer at the
-        // segment's own.
+        // segment's own, and probed just before it (should that number be old, its
+        // ACK gets the exact reset).
         assert_eq!(
             segments(&emit),
             vec![
                 (Toward::Local, 40000, "R".to_string(), 1, 0, 0),
-                (Toward::Peer, 80, "R".to_string(), 7, 0, 0)
+                (Toward::Peer, 80, "R".to_string(), 7, 0, 0),
+                (Toward::Peer, 80, "A".to_string(), 6, 1, 0),
             ],
             "{flags}"
         );
@@ -2010,6 +2012,7 @@ fn a_refused_segment_of_an_unknown_connection_resets_both_ends() {
         vec![
             (Toward::Local, 8080, "R".to_string(), 12_000, 0, 0),
             (Toward::Peer, 50000, "R".to_string(), 1001, 0, 0),
+            (Toward::Peer, 50000, "A".to_string(), 1000, 12_000, 0),
         ]
     );
     // A SYN that policy refuses is not answered (a refused connection, not a reset
