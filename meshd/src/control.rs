@@ -428,9 +428,13 @@ impl Client<'_> {
                     handle(api, &line, unix_now())
                 }
             };
-            writeln!(out, "{}", reply.to_line())?;
+            // Waiting from its answer on, marked before the reply goes out: a client
+            // that has its answer and asks again, or a new client, must find the
+            // slots in the order the answers went (the test of the slots saw the last
+            // client answered still marked busy, and the one before it taken instead).
             waiting_since = instant_now();
             self.slots.set(self.id, Doing::Waiting, waiting_since);
+            writeln!(out, "{}", reply.to_line())?;
         }
     }
 }
