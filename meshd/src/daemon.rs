@@ -635,8 +635,13 @@ impl Daemon {
         );
         let node = Node::new();
         let locals: Vec<Arc<Local>> = workloads.iter().map(|w| w.local.clone()).collect();
-        let table =
-            build_table(&locals, &peers, &PeerTable::default(), 1).map_err(StartError::Peers)?;
+        // Sessions are numbered from a random slot: after a restart, a peer still
+        // sending under its old session's index most likely names no session at all
+        // (then its packets make this node handshake with it, `Inbound::RehandshakeAt`),
+        // rather than one with another peer that would only fail to decrypt them.
+        let first_slot = rand_core::RngCore::next_u32(&mut rand_core::OsRng);
+        let table = build_table(&locals, &peers, &PeerTable::default(), first_slot)
+            .map_err(StartError::Peers)?;
         let learned = restore_learned_endpoints(&config.node.state_dir, &peers, &table);
         let own_addrs = cert.addresses().to_vec();
         // The socket first: a port in use stops meshd before it touches any interface.

@@ -238,6 +238,13 @@ impl FromPeers {
                         send_on(udp, t.data, t.to);
                     }
                 }
+                Inbound::RehandshakeAt(from) => {
+                    for peer in table.stale_at(from) {
+                        if let Some(t) = peers::initiate(peer, aux) {
+                            send_on(udp, t.data, t.to);
+                        }
+                    }
+                }
                 Inbound::Drop(reason) => tracing::trace!(?reason, %from, "inbound drop"),
             }
             if !emit.is_empty() {

@@ -411,6 +411,14 @@ impl Peer {
         false
     }
 
+    /// Whether no WireGuard session is established (none made yet, or all expired).
+    pub fn lacks_session(&self) -> bool {
+        self.lock()
+            .tunn
+            .as_ref()
+            .is_none_or(|t| t.time_since_last_handshake().is_none())
+    }
+
     /// Drops every session (used when the certificate stops being valid).
     pub fn reset_sessions(&self) {
         self.lock().tunn = None;
@@ -515,6 +523,10 @@ pub enum Inbound<'a> {
     /// A data packet for a session this node does not have: call [`initiate`] for the
     /// peer and send what it returns.
     Rehandshake(Arc<Peer>),
+    /// A data packet from `from` under a receiver index no session of this node has
+    /// (it restarted, and numbered its sessions otherwise): call [`initiate`] for each
+    /// of [`PeerTable::stale_at`]`(from)` and send what it returns.
+    RehandshakeAt(SocketAddr),
     Drop(DropReason),
 }
 
@@ -771,7 +783,15 @@ pub fn inbound<'a>(
         },
         Packet::PacketData(p) => match table.by_receiver_index(p.receiver_idx) {
             Some(peer) => (peer, false),
-            None => return drop_in(node, DropReason::UnknownPeer),
+            None => {
+                // After a restart this node numbers its sessions anew, and a peer
+                // that kept its session sends under an index nobody has now: rather
+                // than wait for the peer's timers (15 s and more, while its
+                // connections stall), handshake with the peers at that endpoint that
+                // have no session (see the NoCurrentSession case below).
+                node.count(DropReason::UnknownPeer);
+                return Inbound::RehandshakeAt(from);
+            }
         },
     };
     let authenticates = !matches!(packet, Packet::PacketCookieReply(_));
@@ -803,7 +823,12 @@ pub fn inbound<'a>(
         // one initiation per REKEY_TIMEOUT, so this cannot be used for amplification.
         TunnResult::Err(WireGuardError::NoCurrentSession) if is_data => {
             node.count(DropReason::Crypto(CryptoError::NoSession));
-            Inbound::Rehandshake(peer.clone())
+            if peer.endpoint() == Some(from) {
+                Inbound::Rehandshake(peer.clone())
+            } else {
+                // The index is another session's now (numbered anew after a restart).
+                Inbound::RehandshakeAt(from)
+            }
         }
         TunnResult::Err(e) => drop_in(node, DropReason::Crypto((&e).into())),
         TunnResult::WriteToNetwork(data) => {

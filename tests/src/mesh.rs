@@ -101,10 +101,18 @@ pub struct Mesh {
     // Dropped after the hosts (see Drop).
     underlay: Option<Netns>,
     next_index: u32,
+    /// Keep the directory at the end, as after a failed test ([`Mesh::keep`]).
+    keep: bool,
     _slot: Slot,
 }
 
 impl Mesh {
+    /// Keeps the mesh's directory (logs, configurations, captures) when it is dropped,
+    /// as for a failed test: for a run that reports failure without panicking.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
     /// A fresh mesh for `test` (use [`crate::test_name!`]): checks that netns tests can
     /// run, finds the binaries, makes a CA for trust domain `t`, a temp dir and the
     /// underlay. Prefer [`crate::mesh!`], which also handles `MESH_SKIP_NETNS`.
@@ -150,6 +158,7 @@ impl Mesh {
             captures: Vec::new(),
             underlay: Some(underlay),
             next_index: 1,
+            keep: false,
             _slot: slot,
         })
     }
@@ -318,7 +327,7 @@ impl Drop for Mesh {
         // Namespaces go when the last handle to each host drops; the underlay now.
         self.hosts.clear();
         self.underlay.take();
-        if panicking || !died.is_empty() {
+        if panicking || self.keep || !died.is_empty() {
             eprintln!("mesh-tests: kept {} for inspection", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);

@@ -21,7 +21,8 @@
 //! Checks at the end (exit 1 if any fails, with the table):
 //! - no crash: every meshd runs and none logged a panic;
 //! - tracked flows and resident memory at the end (last samples under traffic) at most
-//!   10% above their warm-up level (first samples after the warm-up fifth), plus a
+//!   10% above their warm-up level (first samples after the warm-up: a fifth of a long
+//!   run, half of a short one, at most two minutes, as the memory fills), plus a
 //!   small absolute slack for flows (the count moves with the traffic's phase);
 //! - every allowed transfer intact (outside the restart window: every one succeeded;
 //!   anywhere: none returned other bytes), and UDP echoes answered (at least 99%: UDP
@@ -42,6 +43,8 @@ use mesh_tests::{wait, Host, Mesh, Validity};
 const HTTP: u16 = 8080;
 const BULK: u16 = 8081;
 const UDP: u16 = 7000;
+/// The UDP source port of every client's echoes.
+const UDP_CLIENT_PORT: u16 = 47000;
 const BULK_BYTES: usize = 1 << 20;
 const UPLOAD_BYTES: usize = 256 << 10;
 
@@ -349,7 +352,11 @@ impl Run {
     }
 
     fn udp(&self, c: &Host, srv: &Host) -> Result<(bool, bool, String)> {
-        let out = c.udp_echo_once(srv.overlay_v4(), UDP)?;
+        // From one source port per client, as a client that keeps its socket: one
+        // flow per client and server. From a new port each time, every echo would
+        // leave a flow for the datagram timeout (180 s, as conntrack's), longer than
+        // a short run, and the table could never come back to its warm-up level.
+        let out = c.udp_echo_from(srv.overlay_v4(), UDP, UDP_CLIENT_PORT)?;
         Ok((out.success(), false, format!("{out}")))
     }
 }
@@ -479,7 +486,14 @@ fn run(args: Args) -> Result<bool> {
         every,
         mesh.dir().display()
     );
-    let warmup_end = (duration / 5).max(Duration::from_secs(10));
+    // A meshd's memory fills for about a minute and a half under this traffic (batch
+    // buffers grow to the largest coalesced packets seen, the flow table's pages are
+    // touched, the decision log's ring fills), then stays flat (180 s run at 03:05 UTC
+    // 2026-12-08: 20.9 MiB at 90 s, 21.1 at 180 s). The warm-up level is taken once
+    // most of that is done: at a fifth of a long run, at half of a short one.
+    let warmup_end = (duration / 5)
+        .max((duration / 2).min(Duration::from_secs(120)))
+        .max(Duration::from_secs(10));
     let policy_every = (duration / 6).max(Duration::from_secs(8));
     let renew_at = duration / 3;
     let restart_at = duration / 2;
@@ -558,7 +572,7 @@ fn run(args: Args) -> Result<bool> {
         stuck = stuck_sockets(&clients)?;
     }
     samples.push(sample(&run, &hosts, &clients)?);
-    report(
+    let pass = report(
         &hosts,
         &samples,
         traffic_samples,
@@ -568,7 +582,11 @@ fn run(args: Args) -> Result<bool> {
         restart_window,
         &stuck,
         every,
-    )
+    );
+    if !matches!(pass, Ok(true)) {
+        mesh.keep();
+    }
+    pass
 }
 
 fn mean(v: impl Iterator<Item = u64>) -> f64 {
@@ -637,6 +655,21 @@ fn report(
             e.3 += 1;
         }
     }
+    // The slowest operations: a hang shows here even when it ended well.
+    let mut slow: Vec<&Op> = ops.iter().collect();
+    slow.sort_by_key(|o| std::cmp::Reverse(o.ended.saturating_sub(o.started)));
+    let _ = writeln!(out, "\nslowest operations:");
+    for o in slow.iter().take(3) {
+        let _ = writeln!(
+            out,
+            "- [{:.1} s, {:.1} s long, {}] {} {}",
+            o.started.as_secs_f64(),
+            o.ended.saturating_sub(o.started).as_secs_f64(),
+            if o.ok { "ok" } else { "failed" },
+            o.kind.name(),
+            o.detail.chars().take(300).collect::<String>()
+        );
+    }
     let _ = writeln!(
         out,
         "\n| traffic | operations | as expected | failed in the restart window | failed otherwise |"
@@ -661,19 +694,44 @@ fn report(
             format!("down or panicked: {}", crashed.join(", "))
         },
     ));
-    let warm: Vec<&Sample> = samples[..traffic_samples]
-        .iter()
-        .filter(|s| s.at >= warmup_end)
-        .take(3)
-        .collect();
     let end: Vec<&Sample> = samples[..traffic_samples].iter().rev().take(3).collect();
+    // A host's warm-up level: its first samples once it has run for the warm-up under
+    // traffic, before the end samples. The restarted meshd starts again from nothing:
+    // its warm-up counts from the restart, and in a run too short for that it is not
+    // measured (the full run measures it).
+    let before_end = &samples[..traffic_samples.saturating_sub(end.len())];
+    let warm_of = |h: &Host| -> Vec<&Sample> {
+        let started = match restart_window {
+            Some((_, up)) if h.name() == "srv2" => up,
+            _ => Duration::ZERO,
+        };
+        // Nor while the restart disturbs everyone's traffic (the clients' flows to
+        // srv2 are reset, their next ones wait for it).
+        let disturbed = |at: Duration| {
+            restart_window.is_some_and(|(a, b)| at >= a && at <= b + Duration::from_secs(10))
+        };
+        before_end
+            .iter()
+            .filter(|s| s.at >= started + warmup_end && !disturbed(s.at))
+            .take(3)
+            .collect()
+    };
     // Flows move with the traffic's phase (a bulk transfer holds one for a while):
     // the allowance is 10% or 3 per client, whichever is more.
     let flow_slack = 9.0;
     let mut flows_detail = Vec::new();
     let mut rss_detail = Vec::new();
-    let (mut flows_ok, mut rss_ok) = (!warm.is_empty(), !warm.is_empty());
+    let (mut flows_ok, mut rss_ok) = (true, true);
+    let mut measured = 0;
     for (i, h) in hosts.iter().enumerate() {
+        let warm = warm_of(h);
+        if warm.is_empty() {
+            let note = format!("{} n/a (restarted too late in this run)", h.name());
+            flows_detail.push(note.clone());
+            rss_detail.push(note);
+            continue;
+        }
+        measured += 1;
         let w_flows = mean(warm.iter().map(|s| s.hosts[i].flows));
         let e_flows = mean(end.iter().map(|s| s.hosts[i].flows));
         let w_rss = mean(warm.iter().map(|s| s.hosts[i].rss_kib));
@@ -697,6 +755,9 @@ fn report(
             if r_ok { "" } else { " ✗" }
         ));
     }
+    // Nothing measured is not a pass.
+    flows_ok &= measured > 0;
+    rss_ok &= measured > 0;
     checks.push((
         "tracked flows back to warm-up level (≤ +10%, or +9)".into(),
         flows_ok,
@@ -792,7 +853,7 @@ fn report(
     let pass = checks.iter().all(|c| c.1);
     let _ = writeln!(
         out,
-        "\nmesh-soak: {} (samples every {:?}; warm-up level: the first 3 samples after {:.0} s; end level: the last 3 under traffic)",
+        "\nmesh-soak: {} (samples every {:?}; warm-up level: the first 3 samples after {:.0} s of a meshd's run; end level: the last 3 under traffic)",
         if pass { "PASS" } else { "FAIL" },
         every,
         warmup_end.as_secs_f64()

@@ -1,7 +1,8 @@
 //! `mesh-testtool`: small traffic tools the netns tests run inside hosts.
 //!
 //! - `udp-echo <bind>`: echo every datagram back; prints `listening` once bound.
-//! - `udp-ping <addr:port> <tries>`: send a datagram, expect it back within 1 s per try;
+//! - `udp-ping <addr:port> <tries> [source port]`: send a datagram (from `source port`, else
+//!   an ephemeral one), expect it back within 1 s per try;
 //!   exit 0 on the first echo, 1 if none came.
 //! - `udp-garbage <addr:port> <count> <seed>`: send `count` random datagrams.
 //! - `udp-sink <bind>`: print `from <addr> <payload>` for every datagram; prints
@@ -27,7 +28,8 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
         ["udp-echo", bind] => udp_echo(bind),
-        ["udp-ping", target, tries] => udp_ping(target, tries),
+        ["udp-ping", target, tries] => udp_ping(target, tries, "0"),
+        ["udp-ping", target, tries, port] => udp_ping(target, tries, port),
         ["udp-garbage", target, count, seed] => udp_garbage(target, count, seed),
         ["udp-sink", bind] => udp_sink(bind),
         ["udp-send", source, target, payload] => udp_send(source, target, payload),
@@ -46,7 +48,7 @@ fn main() -> ExitCode {
             .and_then(|p| {
                 transfer::serve(p, std::path::Path::new(dir)).map_err(|e| format!("{e:#}"))
             }),
-        _ => Err("usage: mesh-testtool transfer-serve <port> <dir> | udp-echo <bind> | udp-ping <addr:port> <tries> | udp-garbage <addr:port> <count> <seed> | udp-sink <bind> | udp-send <source ip|any> <addr:port> <payload> | udp-empty <addr:port> <count> | relay <face_a> <a> <face_b> <b> <control> <seed> <impairment> | relay-ctl <control> <command>".to_string()),
+        _ => Err("usage: mesh-testtool transfer-serve <port> <dir> | udp-echo <bind> | udp-ping <addr:port> <tries> [source port] | udp-garbage <addr:port> <count> <seed> | udp-sink <bind> | udp-send <source ip|any> <addr:port> <payload> | udp-empty <addr:port> <count> | relay <face_a> <a> <face_b> <b> <control> <seed> <impairment> | relay-ctl <control> <command>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -157,13 +159,14 @@ fn udp_send(source: &str, target: &str, payload: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn udp_ping(target: &str, tries: &str) -> Result<(), String> {
+fn udp_ping(target: &str, tries: &str, port: &str) -> Result<(), String> {
     let target = parse_addr(target)?;
     let tries: u32 = tries.parse().map_err(|e| format!("bad tries: {e}"))?;
-    let bind: SocketAddr = if target.is_ipv6() {
-        "[::]:0".parse().map_err(|e| format!("{e}"))?
+    let port: u16 = port.parse().map_err(|e| format!("bad source port: {e}"))?;
+    let bind = if target.is_ipv6() {
+        SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port)
     } else {
-        "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?
+        SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port)
     };
     let sock = UdpSocket::bind(bind).map_err(|e| format!("bind: {e}"))?;
     sock.set_read_timeout(Some(Duration::from_secs(1)))

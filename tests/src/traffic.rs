@@ -173,10 +173,16 @@ impl Host {
 
     /// One UDP echo attempt (3 tries of 1 s), for checks that expect no answer.
     pub fn udp_echo_once(&self, addr: IpAddr, port: u16) -> Result<Output> {
+        self.udp_echo_from(addr, port, 0)
+    }
+
+    /// [`Host::udp_echo_once`] from UDP port `source` of this host (0: an ephemeral
+    /// one): one flow however often it is repeated, as a client that keeps its socket.
+    pub fn udp_echo_from(&self, addr: IpAddr, port: u16, source: u16) -> Result<Output> {
         let tool = self.bins_testtool();
         let tool_s = tool.to_str().context("path is not UTF-8")?;
         let target = SocketAddr::new(addr, port).to_string();
-        self.exec(tool_s, &["udp-ping", &target, "3"])
+        self.exec(tool_s, &["udp-ping", &target, "3", &source.to_string()])
     }
 
     /// Sends `count` random datagrams (seeded, 1–1400 bytes) to `to` from this host.

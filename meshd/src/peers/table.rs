@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -167,6 +168,15 @@ impl PeerTable {
     /// Every session.
     pub fn peers(&self) -> &[Arc<Peer>] {
         &self.peers
+    }
+
+    /// The sessions with a peer last seen at `endpoint` that have no WireGuard session
+    /// established: those a data packet from there under an unknown receiver index may
+    /// belong to ([`super::Inbound::RehandshakeAt`]). A linear scan: only for that.
+    pub fn stale_at(&self, endpoint: SocketAddr) -> impl Iterator<Item = &Arc<Peer>> + '_ {
+        self.peers
+            .iter()
+            .filter(move |p| p.endpoint() == Some(endpoint) && p.lacks_session())
     }
 
     /// The local workloads, in the order they were given.

@@ -106,6 +106,13 @@ fn run(hosts: &mut [&mut Host], link: &mut Link) -> Vec<DropReason> {
                     link.push_back((h.addr, t.to, t.data.to_vec()));
                 }
             }
+            Inbound::RehandshakeAt(from) => {
+                for peer in h.table.stale_at(from) {
+                    if let Some(t) = initiate(peer, &mut flushed) {
+                        link.push_back((h.addr, t.to, t.data.to_vec()));
+                    }
+                }
+            }
             Inbound::Drop(r) => drops.push(r),
         }
     }
@@ -557,6 +564,46 @@ fn restarted_responder_recovers_without_waiting_for_timers() {
     send_from_tun(&a, &p(b"after"), &mut link);
     run(&mut [&mut a, &mut b], &mut link);
     assert_eq!(b.delivered.last(), Some(&p(b"after")));
+}
+
+/// Regression (soak, 2026-12-08): a restarted node numbers its sessions anew (peers
+/// added at run time come back in another order), so the peer's packets on its old
+/// session name an index no session has, or another peer's. They were dropped as
+/// unknown until the peer's own timers started a handshake (15 s and more: in the
+/// soak, a client's connections to the restarted server stalled for 10-15 s).
+#[test]
+fn restarted_responder_with_other_slots_recovers_without_waiting_for_timers() {
+    let Pair { mut a, mut b, .. } = pair();
+    let mut link = Link::new();
+    let p = |s: &[u8]| build::udp(ip("100.64.0.1"), ip("100.64.0.2"), s);
+    send_from_tun(&a, &p(b"before"), &mut link);
+    run(&mut [&mut a, &mut b], &mut link);
+    assert_eq!(b.delivered.len(), 1);
+    let spec_a = b.table.peers()[0].spec.clone();
+    let endpoint = b.table.peers()[0].endpoint();
+    assert_eq!(endpoint, Some(a.addr), "B learned A's endpoint");
+    for slot in [77, 2] {
+        // B restarts with A's session in another slot; with slot 2, A's old index
+        // (slot 1) is not even free: it names a session of a third peer, elsewhere.
+        let third = spec("z", &PrivateKey::generate(), &["100.64.0.9/32"]);
+        let z = Arc::new(Peer::new(
+            &b.local,
+            third,
+            1,
+            Some("198.18.0.9:51820".parse().unwrap()),
+        ));
+        let a_again = Arc::new(Peer::new(&b.local, spec_a.clone(), slot, endpoint));
+        b.table = PeerTable::new(vec![z, a_again]).unwrap();
+        let before = b.delivered.len();
+        send_from_tun(&a, &p(b"lost"), &mut link);
+        run(&mut [&mut a, &mut b], &mut link);
+        send_from_tun(&a, &p(b"after"), &mut link);
+        run(&mut [&mut a, &mut b], &mut link);
+        assert_eq!(b.delivered.last(), Some(&p(b"after")), "slot {slot}");
+        assert_eq!(b.delivered.len(), before + 1, "slot {slot}");
+        // Nothing went to the third peer's endpoint.
+        assert!(b.table.peers()[0].lacks_session(), "slot {slot}");
+    }
 }
 
 #[test]
