@@ -27,7 +27,8 @@ use crate::batch::TunBatch;
 use crate::daemon::Daemon;
 use crate::device::{Tun, TUN_READ_LEN};
 use crate::enforce::{Emit, Toward};
-use crate::peers::{self, Inbound, Now, Outbound};
+use crate::node::{self, Inbound, Now, Outbound};
+use crate::peers;
 use crate::transport::{wait_readable, wait_readable2, GsoBatch, Udp, GRO_BUF_LEN, GSO_MAX_BYTES};
 
 /// Largest datagram or TUN packet handled.
@@ -141,7 +142,7 @@ impl ToPeers {
                 out.space(udp, want)
             };
             let start = space.as_ptr();
-            match peers::from_tun(&d.node, &table, &d.enforce, packet, space, now, emit) {
+            match node::from_tun(&d.node, &table, &d.enforce, packet, space, now, emit) {
                 Outbound::Send { to, data } if aside => send_on(udp, data, to),
                 Outbound::Send { to, data } => {
                     // `peers::from_tun` writes its datagram at the start of `dst`.
@@ -219,7 +220,7 @@ impl FromPeers {
             }
             // Decrypted in place into the batch: a delivered packet is not copied.
             let slot = batch.slot();
-            match peers::inbound(&d.node, &table, &d.enforce, from, datagram, slot, now, emit) {
+            match node::from_udp(&d.node, &table, &d.enforce, from, datagram, slot, now, emit) {
                 Inbound::Deliver(packet) => {
                     let len = packet.len();
                     batch.commit(len);
@@ -233,17 +234,8 @@ impl FromPeers {
                     }
                 }
                 Inbound::Done => {}
-                Inbound::Rehandshake(peer) => {
-                    if let Some(t) = peers::initiate(&peer, aux) {
-                        send_on(udp, t.data, t.to);
-                    }
-                }
-                Inbound::RehandshakeAt(from) => {
-                    for peer in table.stale_at(from) {
-                        if let Some(t) = peers::initiate(peer, aux) {
-                            send_on(udp, t.data, t.to);
-                        }
-                    }
+                again @ (Inbound::Rehandshake(_) | Inbound::RehandshakeAt(_)) => {
+                    node::rehandshake(&table, &again, aux, |t| send_on(udp, t.data, t.to));
                 }
                 Inbound::Drop(reason) => tracing::trace!(?reason, %from, "inbound drop"),
             }
@@ -433,15 +425,15 @@ pub fn send_emitted(d: &Daemon, emit: &Emit, aux: &mut [u8]) {
 /// Encrypts an enforcer-made packet for the peer that owns its destination.
 fn send_to_peer(d: &Daemon, table: &peers::PeerTable, packet: &[u8], aux: &mut [u8]) {
     match peers::outbound(&d.node, table, packet, aux, unix_now()) {
-        Outbound::Send { to, data } => send(d, data, to),
+        peers::Outbound::Send { to, data } => send(d, data, to),
         // Towards a workload of this host.
-        Outbound::Deliver(packet) => {
+        peers::Outbound::Deliver(packet) => {
             if let Err(e) = d.tun.send(packet) {
                 tracing::debug!("write to TUN failed: {e}");
             }
         }
-        Outbound::Queued | Outbound::Done => {}
-        Outbound::Drop(reason) => tracing::debug!(?reason, "injected packet dropped"),
+        peers::Outbound::Queued => {}
+        peers::Outbound::Drop(reason) => tracing::debug!(?reason, "injected packet dropped"),
     }
 }
 

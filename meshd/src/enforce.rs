@@ -95,30 +95,7 @@ use crate::flow::{Flags, Segment, SeqNumber, Timestamp, Timestamps};
 use crate::inject::{self, Endpoints, TcpSegment};
 use crate::l7::{self, L7Flow, Refusal, RefuseCause};
 
-/// The authenticated sender of inbound packets: the identity its key proved and its
-/// certificate's groups. Cloned into each flow it opens (reference counts only).
-#[derive(Clone, Debug)]
-pub struct Sender {
-    pub identity: Arc<str>,
-    pub groups: Arc<[String]>,
-}
-
-/// The local workload that policies select (its certificate): the receiver of inbound
-/// packets, `dst` in the decision log. Cloned into each flow (reference counts only).
-#[derive(Clone, Debug)]
-pub struct LocalWorkload {
-    pub identity: Option<Arc<str>>,
-    pub groups: Arc<[String]>,
-}
-
-impl Default for LocalWorkload {
-    fn default() -> Self {
-        LocalWorkload {
-            identity: None,
-            groups: Arc::from(Vec::new()),
-        }
-    }
-}
+pub use mesh_proto::policy::{LocalWorkload, Sender};
 
 /// Both ends of a flow being decided: who sent it, and the local workload receiving it.
 #[derive(Clone, Copy, Debug)]

@@ -23,6 +23,7 @@ pub mod hostfilter;
 pub mod http;
 pub mod inject;
 pub mod l7;
+pub mod node;
 pub mod overlap;
 pub mod peers;
 pub mod routing;

@@ -23,9 +23,9 @@
 //!
 //! Outbound, the source address of a packet from the TUN picks the local workload (a
 //! packet whose source no local certificate holds is dropped and counted), the
-//! destination picks the remote one. A packet between two local workloads is not
-//! encrypted: it goes through the enforcer as inbound traffic of its receiver and back
-//! to the TUN ([`from_tun`]).
+//! destination picks the remote one ([`place`], [`PeerTable::route_from`]). Policy is
+//! not this module's: the node core ([`crate::node`]) asks the enforcer between
+//! placing and encrypting a packet, and between decrypting and delivering one.
 //!
 //! Concurrency: the table is an immutable snapshot (swapped whole by the control
 //! plane, read without locks through `ArcSwap`); each peer's session sits behind its own
@@ -46,7 +46,7 @@ use mesh_proto::control::{NodeDrops, PeerDrops};
 use mesh_proto::identity::SpiffeId;
 use mesh_proto::time::UnixTime;
 
-use crate::enforce::{self, Emit, Enforcer, LocalWorkload, Sender, Verdict};
+use mesh_proto::policy::{LocalWorkload, Sender};
 
 mod table;
 use crate::wire::{IpPacket, WireError};
@@ -234,19 +234,11 @@ impl Node {
             DropReason::NoRoute | DropReason::NoEndpoint => &self.drops.no_route,
             DropReason::ForgedSource => &self.drops.forged_source,
             DropReason::Misdirected => &self.drops.misdirected,
-            // Counted on the peer / by the enforcer.
-            DropReason::SpoofedSource | DropReason::Policy(_) | DropReason::NotRoutable => return,
+            // Counted on the peer, or not worth a counter.
+            DropReason::SpoofedSource | DropReason::NotRoutable => return,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// The time of a packet: wall clock (certificates, logs) and the shell's monotonic
-/// clock (flow timeouts).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Now {
-    pub wall: UnixTime,
-    pub mono: std::time::Duration,
 }
 
 /// Peer slots are 24 bits (the top of a 32-bit receiver index).
@@ -450,8 +442,6 @@ pub enum DropReason {
     ForgedSource,
     /// A decrypted packet whose destination is not the session's local workload.
     Misdirected,
-    /// The enforcer refused the packet.
-    Policy(enforce::Drop),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -486,7 +476,7 @@ impl From<&WireGuardError> for CryptoError {
     }
 }
 
-/// What to do with a packet read from the TUN.
+/// What to do with a packet read from the TUN, once placed and encrypted.
 #[derive(Debug)]
 pub enum Outbound<'a> {
     /// Send `data` to `to` over UDP (an encrypted packet or a handshake initiation;
@@ -497,19 +487,21 @@ pub enum Outbound<'a> {
     },
     /// Queued while a handshake is in flight; nothing to send now.
     Queued,
-    /// Write `packet` back to the TUN: it goes from one local workload to another and
-    /// the enforcer let it through (never encrypted, never on the underlay).
+    /// Write `packet` back to the TUN: it goes from one local workload to another
+    /// (never encrypted, never on the underlay).
     Deliver(&'a [u8]),
-    /// The enforcer took the packet (layer-7 inspection); what replaces it is in the
-    /// [`Emit`].
-    Done,
     Drop(DropReason),
 }
 
 /// What to do with a datagram read from the UDP socket.
 pub enum Inbound<'a> {
-    /// Write `packet` to the TUN.
-    Deliver(&'a [u8]),
+    /// A packet of `peer`'s, decrypted in place, its source one of the peer's
+    /// certificate's addresses and its destination one of the session's local
+    /// workload's (secure naming): for the enforcer, then the TUN.
+    Decrypted {
+        packet: &'a [u8],
+        peer: &'a Peer,
+    },
     /// Send `data` to `to` (handshake response, keepalive, cookie reply). If `flush`
     /// is set, then call [`flush`] for that peer until it returns `None`: packets
     /// queued during the handshake can go now.
@@ -537,64 +529,9 @@ pub struct Transmit<'a> {
     pub data: &'a [u8],
 }
 
-/// TUN → underlay, with policy: the source address picks the local workload; a
-/// packet to another local workload (from a source a local workload holds; else it is
-/// dropped and counted) is decided by the enforcer as inbound traffic of its receiver and
-/// comes back as [`Outbound::Deliver`]; anything else passes the enforcer's outbound
-/// check and is encrypted for the session of that local workload with the peer that
-/// holds the destination.
-/// `dst` must hold `packet.len() + WG_OVERHEAD` and at least [`MIN_DST_LEN`] bytes.
-#[allow(clippy::too_many_arguments)] // state, input, output buffers and clock: all needed
-pub fn from_tun<'a>(
-    node: &Node,
-    table: &PeerTable,
-    enforce: &Enforcer,
-    packet: &'a [u8],
-    dst: &'a mut [u8],
-    now: Now,
-    emit: &mut Emit,
-) -> Outbound<'a> {
-    let Placed { ip, from, to } = match place(node, table, packet) {
-        Ok(placed) => placed,
-        Err(drop) => return drop,
-    };
-    if let Some(to) = to {
-        // Between two workloads of this host: policy decides as for a peer's packet,
-        // with the sender's identity; nothing is encrypted.
-        let Some(from) = from else {
-            return drop_out(node, DropReason::ForgedSource);
-        };
-        let (from, to) = (&table.locals()[from], &table.locals()[to]);
-        return match enforce.between_locals(
-            &from.sender,
-            &to.workload,
-            packet,
-            now.mono,
-            now.wall,
-            emit,
-        ) {
-            Verdict::Deliver => Outbound::Deliver(packet),
-            Verdict::Drop(r) => Outbound::Drop(DropReason::Policy(r)),
-            Verdict::Consumed => Outbound::Done,
-        };
-    }
-    let Some(peer) = table.route_from(from, ip.dst_addr()) else {
-        return drop_out(node, DropReason::NoRoute);
-    };
-    // Policy sees what local workloads send: replies on flows peers opened, and the
-    // flows the workloads open themselves (whose replies then come back in, from the
-    // identity they were sent to only).
-    match enforce.outbound(Some(&peer.sender.identity), packet, now.mono, emit) {
-        Verdict::Deliver => {}
-        Verdict::Drop(r) => return Outbound::Drop(DropReason::Policy(r)),
-        Verdict::Consumed => return Outbound::Done,
-    }
-    encrypt_for(node, peer, ip.as_bytes(), dst, now.wall)
-}
-
 /// TUN → underlay without policy (the enforcer's own packets: injected responses and
-/// resets): routed like [`from_tun`], a packet for a local workload comes back as
-/// [`Outbound::Deliver`].
+/// resets): placed and routed as the node core does for a workload's packet, a packet
+/// for a local workload comes back as [`Outbound::Deliver`].
 /// `dst` must hold `packet.len() + WG_OVERHEAD` and at least [`MIN_DST_LEN`] bytes.
 pub fn outbound<'a>(
     node: &Node,
@@ -618,14 +555,14 @@ pub fn outbound<'a>(
 
 /// A packet from the TUN, checked and placed: its local sender and its local receiver
 /// (indices into the table's local workloads), if any.
-struct Placed<'p> {
-    ip: IpPacket<&'p [u8]>,
-    from: Option<usize>,
-    to: Option<usize>,
+pub struct Placed<'p> {
+    pub ip: IpPacket<&'p [u8]>,
+    pub from: Option<usize>,
+    pub to: Option<usize>,
 }
 
 /// Checks and places a packet from the TUN, or says why it goes nowhere.
-fn place<'a, 'p>(
+pub fn place<'a, 'p>(
     node: &Node,
     table: &PeerTable,
     packet: &'p [u8],
@@ -665,7 +602,7 @@ fn encrypt<'a>(
 }
 
 /// Encrypts `packet` for the session with `peer`.
-fn encrypt_for<'a>(
+pub fn encrypt_for<'a>(
     node: &Node,
     peer: &Peer,
     packet: &[u8],
@@ -704,7 +641,8 @@ pub(crate) fn is_routable(dst: IpAddr) -> bool {
     }
 }
 
-fn drop_out(node: &Node, reason: DropReason) -> Outbound<'static> {
+/// Counts `reason` and says drop.
+pub fn drop_out(node: &Node, reason: DropReason) -> Outbound<'static> {
     node.count(reason);
     Outbound::Drop(reason)
 }
@@ -715,21 +653,17 @@ fn drop_in(node: &Node, reason: DropReason) -> Inbound<'static> {
 }
 
 /// Underlay → TUN: authenticate, find the session, decrypt, check the source address
-/// against the sender's certificate, ask the enforcer, deliver.
+/// against the sender's certificate and the destination against the session's local
+/// workload ([`Inbound::Decrypted`]; the node core asks the enforcer next).
 /// `dst` must be at least as long as `datagram` and [`MIN_DST_LEN`].
-#[allow(clippy::too_many_arguments)] // state, input, output buffers and clock: all needed
 pub fn inbound<'a>(
     node: &Node,
-    table: &PeerTable,
-    enforce: &Enforcer,
+    table: &'a PeerTable,
     from: SocketAddr,
     datagram: &[u8],
     dst: &'a mut [u8],
-    now: Now,
-    emit: &mut Emit,
+    now: UnixTime,
 ) -> Inbound<'a> {
-    let mono = now.mono;
-    let now = now.wall;
     let packet = match Tunn::parse_incoming_packet(datagram) {
         Ok(p) => p,
         Err(_) => return drop_in(node, DropReason::Malformed(Malformed::WireGuard)),
@@ -842,24 +776,8 @@ pub fn inbound<'a>(
                 flush: Some(peer.clone()),
             }
         }
-        TunnResult::WriteToTunnelV4(packet, src) => deliver(
-            node,
-            peer,
-            enforce,
-            IpAddr::V4(src),
-            packet,
-            Now { wall: now, mono },
-            emit,
-        ),
-        TunnResult::WriteToTunnelV6(packet, src) => deliver(
-            node,
-            peer,
-            enforce,
-            IpAddr::V6(src),
-            packet,
-            Now { wall: now, mono },
-            emit,
-        ),
+        TunnResult::WriteToTunnelV4(packet, src) => decrypted(node, peer, IpAddr::V4(src), packet),
+        TunnResult::WriteToTunnelV6(packet, src) => decrypted(node, peer, IpAddr::V6(src), packet),
     }
 }
 
@@ -901,19 +819,12 @@ fn cookie_reply<'a>(reply: &[u8], to: SocketAddr, dst: &'a mut [u8]) -> Inbound<
     }
 }
 
-fn deliver<'a>(
-    node: &Node,
-    peer: &Peer,
-    enforce: &Enforcer,
-    src: IpAddr,
-    packet: &'a mut [u8],
-    now: Now,
-    emit: &mut Emit,
-) -> Inbound<'a> {
+/// Secure naming for a decrypted packet of `peer`'s.
+fn decrypted<'a>(node: &Node, peer: &'a Peer, src: IpAddr, packet: &'a mut [u8]) -> Inbound<'a> {
     let packet: &'a [u8] = packet;
-    if IpPacket::new_checked(packet).is_err() {
+    let Ok(ip) = IpPacket::new_checked(packet) else {
         return drop_in(node, DropReason::Malformed(Malformed::WireGuard));
-    }
+    };
     // Secure naming (invariant 2): identity comes from the key, so the source address
     // must be one the key's certificate holds.
     if !peer.spec.owns_source(src) {
@@ -922,25 +833,12 @@ fn deliver<'a>(
     }
     // The session is with one local workload: it may only carry that workload's
     // traffic (policy decides with that workload's identity).
-    let to = IpPacket::new_checked(packet).map(|ip| ip.dst_addr());
-    if !to.is_ok_and(|a| peer.local.spec.owns_source(a)) {
+    if !peer.local.spec.owns_source(ip.dst_addr()) {
         return drop_in(node, DropReason::Misdirected);
     }
     peer.rx_bytes
         .fetch_add(packet.len() as u64, Ordering::Relaxed);
-    match enforce.inbound_to(
-        &peer.local.workload,
-        &peer.sender,
-        packet,
-        now.mono,
-        now.wall,
-        emit,
-    ) {
-        Verdict::Deliver => Inbound::Deliver(packet),
-        Verdict::Drop(r) => Inbound::Drop(DropReason::Policy(r)),
-        // The inspector took the packet; what replaces it is in `emit`.
-        Verdict::Consumed => Inbound::Done,
-    }
+    Inbound::Decrypted { packet, peer }
 }
 
 /// After a handshake: the next packet queued for `peer`, encrypted, if any.

@@ -35,6 +35,7 @@ mod explain;
 mod ident;
 mod model;
 mod parse;
+mod principal;
 mod request;
 mod validate;
 
@@ -53,6 +54,7 @@ pub use model::{
     Rule, Selector, Source,
 };
 pub use parse::{parse, Parsed, PolicyError};
+pub use principal::{LocalWorkload, Sender};
 pub use request::{parse_header, Header, HttpRequest, HttpSpec, Request, RequestSpec, SpecError};
 pub use validate::PolicyWarning;
 
