@@ -8,7 +8,7 @@
 //! Inbound (a datagram the UDP socket gave): authenticate and decrypt it, check secure
 //! naming ([`peers::inbound`]), decide it under the identity the key proved, deliver.
 //!
-//! Layers: the shell ([`crate::datapath`]) reads, batches and writes; this module
+//! Layers: the shell (`datapath`) reads, batches and writes; this module
 //! composes [`peers`] (sessions, WireGuard, cryptokey routing, secure naming) and
 //! [`crate::enforce`] (policy, flows, layer 7), which know nothing of each other.
 //! Time is an argument ([`Now`]); nothing here reads a clock or touches a socket.

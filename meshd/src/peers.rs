@@ -24,7 +24,7 @@
 //! Outbound, the source address of a packet from the TUN picks the local workload (a
 //! packet whose source no local certificate holds is dropped and counted), the
 //! destination picks the remote one ([`place`], [`PeerTable::route_from`]). Policy is
-//! not this module's: the node core ([`crate::node`]) asks the enforcer between
+//! not this module's: the node core (`node`) asks the enforcer between
 //! placing and encrypting a packet, and between decrypting and delivering one.
 //!
 //! Concurrency: the table is an immutable snapshot (swapped whole by the control
@@ -583,7 +583,7 @@ pub fn place<'a, 'p>(
 
 /// Encrypts `packet` for the session of `from` with the peer holding `to`. A source no
 /// local workload holds (`from` is `None`; only the host itself can send such a packet,
-/// pods are held to their own addresses by [`crate::attach`]) goes out under the
+/// pods are held to their own addresses by `attach`) goes out under the
 /// first local workload, the node's own identity, and the receiver drops and counts it
 /// (secure naming), as before there were workloads.
 fn encrypt<'a>(
