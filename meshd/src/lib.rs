@@ -25,6 +25,7 @@ pub mod l7;
 pub mod peers;
 pub mod routing;
 pub mod state;
+pub mod store;
 pub mod transport;
 pub mod wire;
 pub mod workloads;

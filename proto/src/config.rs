@@ -38,6 +38,7 @@
 //! prefix = "/meshd/example.org/"  # default /meshd/<trust domain>/
 //! policy_keys = ["policy.pub"]    # policy public keys whose documents are accepted
 //! lease_secs = 10            # default 10: a dead node's entries go after this long
+//! advertise = ["198.18.0.1:51820"]  # where peers reach this node; default node.listen
 //! tls_ca = "etcd-ca.pem"     # with https: the CA of etcd's server certificate
 //! tls_cert = "etcd.pem"      # optional client certificate (with tls_key)
 //! tls_key = "etcd-key.pem"
@@ -154,6 +155,9 @@ pub struct StoreConfig {
     pub policy_keys: Vec<PathBuf>,
     /// TTL of the lease the node's endpoint and status are written under.
     pub lease_secs: u32,
+    /// The endpoints this node publishes (`[store] advertise`, else `node.listen`,
+    /// which must then be a specific address); never empty.
+    pub advertise: Vec<SocketAddr>,
 }
 
 /// TLS settings for the etcd client (PEM files).
@@ -315,6 +319,7 @@ struct RawStore {
     tls_ca: Option<Spanned<String>>,
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
+    advertise: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -650,7 +655,7 @@ impl Validator<'_> {
 
         let store = match raw.store {
             None => None,
-            Some(st) => Some(self.store(st)?),
+            Some(st) => Some(self.store(st, listen)?),
         };
 
         Ok(Config {
@@ -676,7 +681,11 @@ impl Validator<'_> {
         })
     }
 
-    fn store(&mut self, st: Spanned<RawStore>) -> Result<StoreConfig, ConfigError> {
+    fn store(
+        &mut self,
+        st: Spanned<RawStore>,
+        listen: SocketAddr,
+    ) -> Result<StoreConfig, ConfigError> {
         let span = st.span();
         self.note("store", &span);
         let st = st.into_inner();
@@ -797,12 +806,43 @@ impl Validator<'_> {
                 return Err(self.err(&s, field, "TLS settings need https:// endpoints"));
             }
         };
+        let mut advertise = Vec::new();
+        for (i, a) in st.advertise.iter().flatten().enumerate() {
+            let field = format!("store.advertise[{i}]");
+            let addr = self.socket_addr(&field, a)?;
+            if addr.ip().is_unspecified() {
+                return Err(self.err(
+                    &a.span(),
+                    &field,
+                    format!("{addr} is not an address peers can reach"),
+                ));
+            }
+            advertise.push(addr);
+        }
+        if advertise.len() > crate::store::MAX_ENDPOINTS {
+            return Err(self.err(
+                &span,
+                "store.advertise",
+                format!("at most {} endpoints", crate::store::MAX_ENDPOINTS),
+            ));
+        }
+        if advertise.is_empty() {
+            if listen.ip().is_unspecified() {
+                return Err(self.err(
+                    &span,
+                    "store.advertise",
+                    format!("node.listen is {listen}: name the address and port peers reach this node at (advertise = [\"198.18.0.1:{}\"])", listen.port()),
+                ));
+            }
+            advertise.push(listen);
+        }
         Ok(StoreConfig {
             endpoints,
             prefix,
             tls,
             policy_keys,
             lease_secs,
+            advertise,
         })
     }
 }
@@ -1092,6 +1132,7 @@ cert = "/abs/c.crt"
         assert_eq!(s.prefix, None);
         assert_eq!(s.tls, None);
         assert_eq!(s.lease_secs, DEFAULT_LEASE_SECS);
+        assert_eq!(s.advertise, ["198.18.0.1:51820".parse().unwrap()]);
         assert_eq!(
             s.policy_keys,
             [
@@ -1106,8 +1147,15 @@ cert = "/abs/c.crt"
         let tls = format!(
             "{GOOD}\n[store]\nendpoints = [\"https://etcd.example.org:2379\"]\nprefix = \"/fleet/a/\"\nlease_secs = 3\ntls_ca = \"etcd-ca.pem\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n"
         );
-        let c = parse(&tls).unwrap();
+        let c = parse(&tls.replace("198.18.0.1:51820", "0.0.0.0:51820"));
+        let e = c.unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/mesh/meshd.toml:17: store.advertise: node.listen is 0.0.0.0:51820"),
+            "{e}"
+        );
+        let c = parse(&format!("{tls}advertise = [\"[fd00::1]:51820\"]\n")).unwrap();
         let s = c.store.unwrap();
+        assert_eq!(s.advertise, ["[fd00::1]:51820".parse().unwrap()]);
         assert_eq!(s.prefix_for(&td).as_str(), "/fleet/a/");
         assert_eq!(s.lease_secs, 3);
         assert_eq!(

@@ -32,6 +32,7 @@ use crate::identity::{IdError, SpiffeId, TrustDomain};
 use crate::signed::{PolicyDoc, SignedError, MAX_POLICY_DOC_LEN};
 use crate::time::UnixTime;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -425,6 +426,26 @@ fn json_error(e: &serde_json::Error) -> String {
         Some(i) => format!("not the expected JSON: {}", &m[..i]),
         None => format!("not the expected JSON: {m}"),
     }
+}
+
+/// A node's view of its store client, for `meshctl status` (`store` in its JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreClientStatus {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    /// Whether the client holds a working connection (listed and watching).
+    pub connected: bool,
+    /// Since when `connected` has been what it is.
+    pub since: UnixTime,
+    /// Why the store was last unreachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The last store revision seen (0: none yet).
+    pub revision: i64,
+    /// Full listings of the prefix: 1 at start, one more per resync.
+    pub snapshots: u64,
+    /// Entries ignored so far (each time one was read), by [`IgnoreReason`] name.
+    pub ignored: BTreeMap<String, u64>,
 }
 
 /// Encodes a value as it is stored (the inverse of [`decode`] for each kind).
