@@ -8,6 +8,7 @@ mod key;
 mod log;
 mod online;
 mod policy;
+mod store;
 mod workload;
 
 use clap::{Args, Parser, Subcommand};
@@ -25,7 +26,8 @@ use std::process::ExitCode;
   meshctl ca init --trust-domain example.org
   meshctl cert issue --identity spiffe://example.org/web --ip 100.64.0.1 --out web.crt
   meshctl cert verify --ca ca.crt web.crt
-  meshctl cert show --json web.crt"
+  meshctl cert show --json web.crt
+  meshctl --store http://198.18.0.9:2379 --trust-domain example.org fleet status"
 )]
 struct Cli {
     #[command(flatten)]
@@ -43,6 +45,8 @@ pub struct Global {
     /// Print results as JSON
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub store: store::StoreArgs,
 }
 
 #[derive(Subcommand)]
@@ -69,6 +73,9 @@ enum Command {
     /// Add, remove and list the running meshd's local workloads (pods)
     #[command(subcommand)]
     Workload(workload::Command),
+    /// The nodes of the fleet store: status and policy drift (--store)
+    #[command(subcommand)]
+    Fleet(store::FleetCommand),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +92,7 @@ fn main() -> ExitCode {
         Command::Log(a) => log::run(a, &cli.global),
         Command::Peer(c) => online::peer(c, &cli.global),
         Command::Workload(c) => workload::run(c, &cli.global),
+        Command::Fleet(c) => store::fleet_cmd(&cli.global.store, c, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
