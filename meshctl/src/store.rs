@@ -309,6 +309,11 @@ impl Store {
             return Ok(());
         }
         let now = match self.current() {
+            Ok(Some((d, rev))) if rev == base => bail!(
+                "{} exists although the current document is still version {}: it was written outside meshctl; nothing written. Remove it (etcdctl del) if it is not yours",
+                self.prefix.key(&StoreKey::PolicyHistory(doc.version())),
+                d.version()
+            ),
             Ok(Some((d, _))) => format!(
                 "version {} (signed by key {}, issued {})",
                 d.version(),

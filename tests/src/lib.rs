@@ -42,6 +42,7 @@
 pub mod bins;
 pub mod ca;
 pub mod capture;
+pub mod etcd;
 pub mod failure;
 pub mod host;
 pub mod http;
@@ -55,6 +56,7 @@ pub mod traffic;
 pub mod wait;
 
 pub use ca::{TestCa, Validity};
+pub use etcd::{Etcd, StoreNode, StoreNodeConfig};
 pub use failure::{Failed, Result};
 pub use host::{Host, Status};
 pub use http::{RecordingServer, Session};
