@@ -10,11 +10,12 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests run: command -> package. etcd and etcdctl: the fleet
 # store tests run a real etcd; protoc: the etcd-client crate's build compiles etcd's
-# .proto files (with the well-known types of libprotobuf-dev).
+# .proto files (with the well-known types of libprotobuf-dev); openssl: test certificates
+# for etcd over TLS.
 declare -A PKG=(
   [ip]=iproute2 [ping]=iputils-ping [curl]=curl [tcpdump]=tcpdump
   [python3]=python3 [sha256sum]=coreutils [nft]=nftables
-  [etcd]=etcd-server [etcdctl]=etcd-client [protoc]=protobuf-compiler
+  [etcd]=etcd-server [etcdctl]=etcd-client [protoc]=protobuf-compiler [openssl]=openssl
 )
 missing=()
 for cmd in "${!PKG[@]}"; do

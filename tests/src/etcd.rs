@@ -7,6 +7,10 @@
 //! (`etcdctl endpoint health`); it is stopped by PID when dropped. Peer traffic stays
 //! on the namespace's loopback: a single-member cluster.
 //!
+//! [`Mesh::etcd_tls`] does the same with TLS: a throwaway X.509 CA (openssl), a server
+//! certificate for etcd's address and a client certificate that etcd requires
+//! (`--client-cert-auth`); [`Etcd::tls`] names the files.
+//!
 //! [`StoreNode`] runs meshd's store client (`mesh-testtool store-node`) in a host and
 //! reads the events it prints, one JSON line each.
 
@@ -32,32 +36,154 @@ pub struct Etcd {
     data: PathBuf,
     log: PathBuf,
     process: Mutex<Option<Background>>,
+    tls: Option<EtcdTls>,
+}
+
+/// PEM files for TLS to etcd (in etcd's host directory).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// The CA of the server and client certificates.
+    pub ca: PathBuf,
+    /// A client certificate etcd accepts, and its key.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
 }
 
 impl Mesh {
     /// Starts an etcd in a new host named `etcd` and waits until it answers.
     pub fn etcd(&mut self) -> Result<Etcd> {
+        self.start_etcd(false)
+    }
+
+    /// As [`Mesh::etcd`], serving only TLS clients with a certificate.
+    pub fn etcd_tls(&mut self) -> Result<Etcd> {
+        self.start_etcd(true)
+    }
+
+    fn start_etcd(&mut self, tls: bool) -> Result<Etcd> {
         if !crate::mesh::in_path("etcd") || !crate::mesh::in_path("etcdctl") {
             bail!(
                 "etcd is missing: apt-get install etcd-server etcd-client (scripts/test.sh does)"
             );
         }
+        if tls && !crate::mesh::in_path("openssl") {
+            bail!("openssl is missing: apt-get install openssl");
+        }
         let host = self.host("etcd").without_meshd().up()?;
+        let tls = if tls { Some(make_tls(&host)?) } else { None };
         let etcd = Etcd {
             data: host.dir().join("data"),
             log: host.dir().join("etcd.log"),
             host,
             process: Mutex::new(None),
+            tls,
         };
         etcd.start()?;
         Ok(etcd)
     }
 }
 
+/// A throwaway CA, a server certificate for `host`'s underlay address and a client
+/// certificate, made with openssl (EC P-256) in the host's directory.
+fn make_tls(host: &Host) -> Result<EtcdTls> {
+    let dir = host.dir();
+    let openssl = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend_from_slice(&key);
+    ca.extend_from_slice(&[
+        "-keyout",
+        "tls-ca.key",
+        "-out",
+        "tls-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=etcd test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&ca)?;
+    let server_ext = format!(
+        "subjectAltName=IP:{}\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n",
+        host.underlay_v4()
+    );
+    let client_ext =
+        "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n".to_string();
+    for (name, ext) in [("server", server_ext), ("client", client_ext)] {
+        let (k, csr, pem, extfile) = (
+            format!("tls-{name}.key"),
+            format!("tls-{name}.csr"),
+            format!("tls-{name}.pem"),
+            format!("tls-{name}.ext"),
+        );
+        std::fs::write(dir.join(&extfile), ext)?;
+        let subj = format!("/CN={name}");
+        let mut req = vec!["req"];
+        req.extend_from_slice(&key);
+        req.extend_from_slice(&["-keyout", &k, "-out", &csr, "-subj", &subj]);
+        openssl(&req)?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "tls-ca.pem",
+            "-CAkey",
+            "tls-ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &extfile,
+        ])?;
+    }
+    Ok(EtcdTls {
+        ca: dir.join("tls-ca.pem"),
+        client_cert: dir.join("tls-client.pem"),
+        client_key: dir.join("tls-client.key"),
+        server_cert: dir.join("tls-server.pem"),
+        server_key: dir.join("tls-server.key"),
+    })
+}
+
 impl Etcd {
-    /// `http://<underlay address>:2379`.
+    /// `http://<underlay address>:2379` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}:{ETCD_PORT}", self.host.underlay_v4())
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{ETCD_PORT}", self.host.underlay_v4())
+    }
+
+    /// The TLS files, for an etcd from [`Mesh::etcd_tls`].
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
     }
 
     pub fn host(&self) -> &Host {
@@ -93,6 +219,15 @@ impl Etcd {
                 "stderr",
             ])
             .current_dir(self.host.dir());
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
         *slot = Some(Background::spawn_to(
             cmd,
             "etcd",
@@ -132,8 +267,24 @@ impl Etcd {
     /// `etcdctl --endpoints <url> <args>` in etcd's host.
     pub fn etcdctl(&self, args: &[&str]) -> Result<Output> {
         let url = self.url();
-        let mut all = vec!["--endpoints", url.as_str(), "--dial-timeout", "2s"];
-        all.extend_from_slice(args);
+        let mut all: Vec<String> = vec![
+            "--endpoints".into(),
+            url,
+            "--dial-timeout".into(),
+            "2s".into(),
+        ];
+        if let Some(t) = &self.tls {
+            for (flag, path) in [
+                ("--cacert", &t.ca),
+                ("--cert", &t.client_cert),
+                ("--key", &t.client_key),
+            ] {
+                all.push(flag.into());
+                all.push(path.display().to_string());
+            }
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
         self.host.exec("etcdctl", &all)
     }
 
@@ -217,6 +368,8 @@ pub struct StoreNodeConfig<'a> {
     pub lease_secs: u32,
     /// Reported as its applied policy version.
     pub applied_version: u64,
+    /// TLS to etcd: (CA, client certificate, client key).
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl StoreNode {
@@ -233,6 +386,11 @@ impl StoreNode {
         ])
         .current_dir(host.dir())
         .env("RUST_LOG", "debug");
+        if let Some((ca, cert, key)) = &c.tls {
+            cmd.env("MESH_STORE_TLS_CA", ca)
+                .env("MESH_STORE_TLS_CERT", cert)
+                .env("MESH_STORE_TLS_KEY", key);
+        }
         let bg = Background::spawn(cmd, host.dir(), label)?;
         Ok(StoreNode {
             host: host.clone(),

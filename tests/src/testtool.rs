@@ -6,7 +6,8 @@
 //! - `udp-garbage <addr:port> <count> <seed>`: send `count` random datagrams.
 //! - `store-node <etcd urls> <prefix> <identity> <advertise addr:port> <lease secs>
 //!   <applied policy version>`: run meshd's store client for that node and print
-//!   every event as one JSON line (with the client's status) until killed.
+//!   every event as one JSON line (with the client's status) until killed. TLS to
+//!   etcd from the PEM files in `MESH_STORE_TLS_CA`, `_CERT` and `_KEY`.
 
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
@@ -138,7 +139,7 @@ fn store_node(
 ) -> Result<(), String> {
     use mesh_proto::store::{Prefix, StoreValue};
     use meshd::store::{
-        NodeInfo, NodeReport, SnapshotReason, StoreClient, StoreEvent, StoreSettings,
+        NodeInfo, NodeReport, SnapshotReason, StoreClient, StoreEvent, StoreSettings, TlsPem,
     };
     use serde_json::json;
 
@@ -147,7 +148,25 @@ fn store_node(
         endpoints: endpoints.split(',').map(str::to_string).collect(),
         prefix: prefix.clone(),
         lease_secs: lease.parse().map_err(|e| format!("bad lease: {e}"))?,
-        tls: None,
+        tls: match std::env::var_os("MESH_STORE_TLS_CA") {
+            None => None,
+            Some(ca) => {
+                let read = |p: &std::ffi::OsStr| {
+                    std::fs::read(p).map_err(|e| format!("{}: {e}", p.to_string_lossy()))
+                };
+                let client = match (
+                    std::env::var_os("MESH_STORE_TLS_CERT"),
+                    std::env::var_os("MESH_STORE_TLS_KEY"),
+                ) {
+                    (Some(c), Some(k)) => Some((read(&c)?, read(&k)?)),
+                    _ => None,
+                };
+                Some(TlsPem {
+                    ca: read(&ca)?,
+                    client,
+                })
+            }
+        },
     };
     let node = NodeInfo {
         identity: mesh_proto::identity::SpiffeId::parse(identity).map_err(|e| e.to_string())?,

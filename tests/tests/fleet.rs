@@ -334,6 +334,7 @@ fn node_config<'a>(
         advertise,
         lease_secs: 2,
         applied_version: applied,
+        tls: None,
     }
 }
 
@@ -653,5 +654,62 @@ fn store_client_lists_again_after_a_compaction() -> mesh_tests::Result {
     assert!(k.contains(&format!("{PREFIX}certs/spiffe://t/c")), "{k:?}");
     assert!(!k.contains(&format!("{PREFIX}certs/spiffe://t/b")), "{k:?}");
     assert_eq!(snap["status"]["snapshots"], 2);
+    Ok(())
+}
+
+#[test]
+fn meshctl_and_the_store_client_over_tls() -> mesh_tests::Result {
+    let mut mesh = mesh_tests::mesh!();
+    let etcd = mesh.etcd_tls()?;
+    let tls = etcd.tls().context("TLS files")?.clone();
+    let op = operator(&mut mesh)?;
+    let a = mesh.ca().issue(
+        "spiffe://t/a",
+        &["100.64.0.1".parse::<IpAddr>()?],
+        &[],
+        None,
+        mesh_tests::Validity::Current,
+    )?;
+    write(&op, "a.crt", &a.cert_pem)?;
+    let url = etcd.url();
+    assert!(url.starts_with("https://"), "{url}");
+    let (ca, cert, key) = (
+        tls.ca.display().to_string(),
+        tls.client_cert.display().to_string(),
+        tls.client_key.display().to_string(),
+    );
+    let with_tls = |args: &[&str], client: bool| {
+        let mut all = vec!["--store-ca", ca.as_str()];
+        if client {
+            all.extend_from_slice(&["--store-cert", cert.as_str(), "--store-key", key.as_str()]);
+        }
+        all.extend_from_slice(args);
+        ctl(&op, &etcd, &all)
+    };
+    // etcd requires a client certificate: without one, nothing is written.
+    let out = with_tls(&["peer", "publish", "a.crt", "--ca", "ca.crt"], false)?;
+    assert!(
+        !out.success(),
+        "published without a client certificate: {out:?}"
+    );
+    with_tls(&["peer", "publish", "a.crt", "--ca", "ca.crt"], true)?.check()?;
+
+    let b = mesh.host("b").without_meshd().up()?;
+    let mut config = node_config(&url, "spiffe://t/b", "198.18.0.51:51820", 0);
+    config.tls = Some((
+        tls.ca.clone(),
+        tls.client_cert.clone(),
+        tls.client_key.clone(),
+    ));
+    let mut node = StoreNode::start(&b, "store-b", &config)?;
+    let (_, snap) = node.wait_event("the first listing over TLS", 0, EVENT, |e| {
+        e["event"] == "snapshot"
+    })?;
+    assert!(
+        keys(&snap).contains(&format!("{PREFIX}certs/spiffe://t/a")),
+        "{snap}"
+    );
+    let f = json(&with_tls(&["--json", "fleet", "status"], true)?.check()?)?;
+    assert_eq!(f["nodes"][0]["identity"], "spiffe://t/b", "{f}");
     Ok(())
 }
