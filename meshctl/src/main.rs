@@ -4,6 +4,7 @@
 
 mod ca;
 mod cert;
+mod fleet;
 mod key;
 mod log;
 mod online;
@@ -75,7 +76,7 @@ enum Command {
     Workload(workload::Command),
     /// The nodes of the fleet store: status and policy drift (--store)
     #[command(subcommand)]
-    Fleet(store::FleetCommand),
+    Fleet(fleet::FleetCommand),
 }
 
 fn main() -> ExitCode {
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
         Command::Log(a) => log::run(a, &cli.global),
         Command::Peer(c) => online::peer(c, &cli.global),
         Command::Workload(c) => workload::run(c, &cli.global),
-        Command::Fleet(c) => store::fleet_cmd(&cli.global.store, c, &cli.global),
+        Command::Fleet(c) => fleet::fleet_cmd(&cli.global.store, c, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
