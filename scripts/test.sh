@@ -8,15 +8,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests run: command -> package.
+# Debian packages the tests run: command -> package. etcd and etcdctl: the fleet
+# store tests run a real etcd; protoc: the etcd-client crate's build compiles etcd's
+# .proto files (with the well-known types of libprotobuf-dev); openssl: test certificates
+# for etcd over TLS.
 declare -A PKG=(
   [ip]=iproute2 [ping]=iputils-ping [curl]=curl [tcpdump]=tcpdump
   [python3]=python3 [sha256sum]=coreutils [nft]=nftables
+  [etcd]=etcd-server [etcdctl]=etcd-client [protoc]=protobuf-compiler [openssl]=openssl
 )
 missing=()
 for cmd in "${!PKG[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKG[$cmd]}")
 done
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || missing+=(libprotobuf-dev)
 if ((${#missing[@]})); then
   echo "test.sh: installing ${missing[*]}" >&2
   if [[ $(id -u) -ne 0 ]]; then

@@ -23,10 +23,12 @@ macro_rules! outln {
 
 mod ca;
 mod cert;
+mod fleet;
 mod key;
 mod log;
 mod online;
 mod policy;
+mod store;
 mod workload;
 
 use clap::{Args, Parser, Subcommand};
@@ -44,7 +46,8 @@ use std::process::ExitCode;
   meshctl ca init --trust-domain example.org
   meshctl cert issue --identity spiffe://example.org/web --ip 100.64.0.1 --out web.crt
   meshctl cert verify --ca ca.crt web.crt
-  meshctl cert show --json web.crt"
+  meshctl cert show --json web.crt
+  meshctl --store http://198.18.0.9:2379 --trust-domain example.org fleet status"
 )]
 struct Cli {
     #[command(flatten)]
@@ -62,6 +65,8 @@ pub struct Global {
     /// Print results as JSON
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub store: store::StoreArgs,
 }
 
 #[derive(Subcommand)]
@@ -88,6 +93,9 @@ enum Command {
     /// Add, remove and list the running meshd's local workloads (pods)
     #[command(subcommand)]
     Workload(workload::Command),
+    /// The nodes of the fleet store: status and policy drift (--store)
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +112,7 @@ fn main() -> ExitCode {
         Command::Log(a) => log::run(a, &cli.global),
         Command::Peer(c) => online::peer(c, &cli.global),
         Command::Workload(c) => workload::run(c, &cli.global),
+        Command::Fleet(c) => fleet::fleet_cmd(&cli.global.store, c, &cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -42,6 +42,17 @@ pub enum PeerCommand {
     },
     /// List the configured peers
     List,
+    /// Verify a certificate against the CA and write it to the fleet store, where
+    /// every meshd watching it takes it as a peer (--store)
+    #[command(after_help = "Example:
+  meshctl --store http://198.18.0.9:2379 peer publish web.crt --ca ca.crt")]
+    Publish {
+        #[arg(value_name = "CERT")]
+        cert: PathBuf,
+        /// The mesh CA certificate (also gives the trust domain)
+        #[arg(long, value_name = "CA")]
+        ca: PathBuf,
+    },
 }
 
 pub fn socket_path(g: &Global) -> PathBuf {
@@ -96,6 +107,9 @@ pub fn status(g: &Global) -> Result<()> {
 
 pub fn peer(cmd: PeerCommand, g: &Global) -> Result<()> {
     match cmd {
+        PeerCommand::Publish { cert, ca } => {
+            return crate::store::peer_publish(&g.store, &cert, &ca, g);
+        }
         PeerCommand::Add { cert, endpoint } => {
             let pem =
                 std::fs::read_to_string(&cert).with_context(|| format!("{}", cert.display()))?;

@@ -50,6 +50,58 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Policy signing keys for the fleet store
+    #[command(subcommand)]
+    Key(crate::store::KeyCommand),
+    /// Validate a policy file, run its [[test]] cases, sign it as the next version and
+    /// write it to the fleet store, unless someone else published meanwhile
+    #[command(after_help = "Examples:
+  meshctl --store http://198.18.0.9:2379 --trust-domain example.org \\
+      policy publish policy.toml --key policy.key
+  meshctl ... policy publish policy.toml --key policy.key --expect-version 6")]
+    Publish {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The policy signing key (meshctl policy key gen)
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// The mesh default the tests run under (meshd.toml `[policy] default`)
+        #[arg(long, value_enum, default_value_t = Default::Deny)]
+        default: Default,
+        /// Publish only if the version in force is still this one (the one reviewed)
+        #[arg(long, value_name = "N")]
+        expect_version: Option<u64>,
+    },
+    /// List the policy versions published to the fleet store, or print one
+    #[command(after_help = "Examples:
+  meshctl --store http://198.18.0.9:2379 --trust-domain example.org policy history
+  meshctl ... policy history 4 > v4.toml
+  meshctl ... policy history --trust policy.pub    # check every signature")]
+    History {
+        /// Print this version's policy text
+        #[arg(value_name = "VERSION")]
+        version: Option<u64>,
+        /// Check signatures against these policy public keys (repeatable)
+        #[arg(long = "trust", value_name = "PUB")]
+        trust: Vec<PathBuf>,
+    },
+    /// Publish the content of version N again, as a new version signed with KEY
+    #[command(after_help = "Examples:
+  meshctl --store http://198.18.0.9:2379 --trust-domain example.org \\
+      policy rollback 4 --key policy.key")]
+    Rollback {
+        #[arg(value_name = "N")]
+        version: u64,
+        /// The policy signing key
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// Other policy public keys that version N may be signed by (repeatable)
+        #[arg(long = "trust", value_name = "PUB")]
+        trust: Vec<PathBuf>,
+        /// The mesh default the tests run under
+        #[arg(long, value_enum, default_value_t = Default::Deny)]
+        default: Default,
+    },
 }
 
 /// The mesh default, as on the command line.
@@ -128,6 +180,20 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
         Command::Test { file, default } => test(&file, default.into(), g),
         Command::Explain(args) => explain(*args, g),
         Command::Apply { file } => apply(&file, g),
+        Command::Key(c) => crate::store::key(c, g),
+        Command::Publish {
+            file,
+            key,
+            default,
+            expect_version,
+        } => crate::store::publish(&g.store, &file, &key, default.into(), expect_version, g),
+        Command::History { version, trust } => crate::store::history(&g.store, version, &trust, g),
+        Command::Rollback {
+            version,
+            key,
+            trust,
+            default,
+        } => crate::store::rollback(&g.store, version, &key, &trust, default.into(), g),
     }
 }
 

@@ -3,7 +3,8 @@
 //! Sans-IO cores (`wire`, `routing`, `peers`, `enforce`, `flow`, `http`) take bytes,
 //! state and `now`, and return what the shell must do. The I/O shell (`datapath`,
 //! `device`, `transport`, `control`) is thin; `daemon` holds the control-plane state
-//! and `state` the persisted peer changes.
+//! and `state` the persisted peer changes. `store` is the fleet store client (etcd),
+//! on a thread and tokio runtime of its own; the daemon does not start it yet.
 
 pub mod attach;
 pub mod batch;
@@ -28,6 +29,7 @@ pub mod overlap;
 pub mod peers;
 pub mod routing;
 pub mod state;
+pub mod store;
 pub mod transport;
 pub mod wire;
 pub mod workloads;

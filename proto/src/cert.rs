@@ -31,7 +31,7 @@
 //! `meshctl`).
 
 mod ca;
-mod text;
+pub(crate) mod text;
 
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,16 @@
 //! cert = "web.crt"
 //! key = "web.key"
 //! veth = "p-web"             # optional: host end of the pod's veth
+//!
+//! [store]                    # optional: the fleet store (etcd), see mesh_proto::store
+//! endpoints = ["http://198.18.0.9:2379"]   # http:// or https://, host and port
+//! prefix = "/meshd/example.org/"  # default /meshd/<trust domain>/
+//! policy_keys = ["policy.pub"]    # policy public keys whose documents are accepted
+//! lease_secs = 10            # default 10: a dead node's entries go after this long
+//! advertise = ["198.18.0.1:51820"]  # where peers reach this node; default node.listen
+//! tls_ca = "etcd-ca.pem"     # with https: the CA of etcd's server certificate
+//! tls_cert = "etcd.pem"      # optional client certificate (with tls_key)
+//! tls_key = "etcd-key.pem"
 //! ```
 
 use std::collections::BTreeMap;
@@ -45,6 +55,9 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
+
+use crate::identity::TrustDomain;
+use crate::store::Prefix;
 
 /// Default TUN device name.
 pub const DEFAULT_TUN: &str = "mesh0";
@@ -66,6 +79,8 @@ pub struct Config {
     pub policy: Option<PolicyConfig>,
     pub peers: Vec<PeerConfig>,
     pub workloads: Vec<WorkloadConfig>,
+    /// `None` when the file has no `[store]` table: no fleet store, files only.
+    pub store: Option<StoreConfig>,
     /// Line of each field (`node.cert`, `peer[0].endpoint`, ...), for later errors.
     lines: BTreeMap<String, usize>,
 }
@@ -132,6 +147,89 @@ pub struct WorkloadConfig {
     /// namespace. `None`: the workload's addresses are routed into the TUN by the
     /// operator (processes of the host itself).
     pub veth: Option<String>,
+}
+
+/// `[store]`: the fleet store (etcd) this node watches and reports to. The store is
+/// not trusted for identity or policy: certificates from it are verified against
+/// `node.ca`, policy documents against `policy_keys` (see `mesh_proto::store`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// etcd client URLs (`http://host:port`, or all `https://` with `tls_ca`).
+    pub endpoints: Vec<String>,
+    /// `None`: [`Prefix::for_trust_domain`] of the node's CA.
+    pub prefix: Option<Prefix>,
+    /// TLS to etcd; `Some` exactly when the endpoints are `https://`.
+    pub tls: Option<StoreTls>,
+    /// Policy public key files (`meshctl policy key gen`); documents signed by other
+    /// keys are refused. Empty: no policy is taken from the store.
+    pub policy_keys: Vec<PathBuf>,
+    /// TTL of the lease the node's endpoint and status are written under.
+    pub lease_secs: u32,
+    /// The endpoints this node publishes (`[store] advertise`, else `node.listen`,
+    /// which must then be a specific address); never empty.
+    pub advertise: Vec<SocketAddr>,
+}
+
+/// TLS settings for the etcd client (PEM files).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreTls {
+    /// The CA that signed etcd's server certificate.
+    pub ca: PathBuf,
+    /// A client certificate and its key, for etcd's `--client-cert-auth`.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl StoreConfig {
+    /// The prefix in force: the configured one, else `/meshd/<trust domain>/`.
+    pub fn prefix_for(&self, trust_domain: &TrustDomain) -> Prefix {
+        self.prefix
+            .clone()
+            .unwrap_or_else(|| Prefix::for_trust_domain(trust_domain))
+    }
+}
+
+/// Default of `store.lease_secs`.
+pub const DEFAULT_LEASE_SECS: u32 = 10;
+/// etcd refuses leases shorter than about 1.5 election timeouts (2 s by default).
+pub const MIN_LEASE_SECS: u32 = 2;
+pub const MAX_LEASE_SECS: u32 = 3600;
+/// Most endpoints in `store.endpoints`.
+pub const MAX_STORE_ENDPOINTS: usize = 16;
+
+/// An etcd client URL: `http://` or `https://`, a host (name, IPv4 or `[IPv6]`) and a
+/// port, nothing else. Returns whether it is `https`.
+pub fn check_store_endpoint(url: &str) -> Result<bool, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return Err(format!(
+            "{url:?} must start with http:// or https:// (e.g. \"http://198.18.0.9:2379\")"
+        ));
+    };
+    let bad = || format!("{url:?} must be scheme://host:port with nothing after the port");
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("{url:?}: port {port} is out of range 1..=65535")),
+    }
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    };
+    if !host_ok {
+        return Err(format!("{url:?}: {host:?} is not a host name or address"));
+    }
+    Ok(tls)
 }
 
 /// The name the node's own identity goes by among the workloads.
@@ -217,6 +315,21 @@ struct RawConfig {
     peer: Vec<Spanned<RawPeer>>,
     #[serde(default)]
     workload: Vec<Spanned<RawWorkload>>,
+    store: Option<Spanned<RawStore>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    endpoints: Vec<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    policy_keys: Vec<Spanned<String>>,
+    lease_secs: Option<Spanned<i64>>,
+    tls_ca: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    advertise: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -566,6 +679,11 @@ impl Validator<'_> {
             });
         }
 
+        let store = match raw.store {
+            None => None,
+            Some(st) => Some(self.store(st, listen)?),
+        };
+
         Ok(Config {
             file: self.file.to_path_buf(),
             node: NodeConfig {
@@ -586,7 +704,173 @@ impl Validator<'_> {
             policy,
             peers,
             workloads,
+            store,
             lines: std::mem::take(&mut self.lines),
+        })
+    }
+
+    fn store(
+        &mut self,
+        st: Spanned<RawStore>,
+        listen: SocketAddr,
+    ) -> Result<StoreConfig, ConfigError> {
+        let span = st.span();
+        self.note("store", &span);
+        let st = st.into_inner();
+        if st.endpoints.is_empty() || st.endpoints.len() > MAX_STORE_ENDPOINTS {
+            return Err(self.err(
+                &span,
+                "store.endpoints",
+                format!("list 1 to {MAX_STORE_ENDPOINTS} etcd endpoints (e.g. [\"http://198.18.0.9:2379\"])"),
+            ));
+        }
+        let mut endpoints = Vec::with_capacity(st.endpoints.len());
+        let mut https = None;
+        for (i, e) in st.endpoints.iter().enumerate() {
+            let field = format!("store.endpoints[{i}]");
+            self.note(&field, &e.span());
+            let tls =
+                check_store_endpoint(e.get_ref()).map_err(|m| self.err(&e.span(), &field, m))?;
+            if https.is_some_and(|h| h != tls) {
+                return Err(self.err(&e.span(), &field, "mixes http:// and https:// endpoints"));
+            }
+            https = Some(tls);
+            endpoints.push(e.get_ref().clone());
+        }
+        let https = https == Some(true);
+        let prefix = match &st.prefix {
+            None => None,
+            Some(p) => {
+                self.note("store.prefix", &p.span());
+                Some(
+                    Prefix::parse(p.get_ref())
+                        .map_err(|m| self.err(&p.span(), "store.prefix", m))?,
+                )
+            }
+        };
+        let mut policy_keys = Vec::with_capacity(st.policy_keys.len());
+        for (i, k) in st.policy_keys.iter().enumerate() {
+            let field = format!("store.policy_keys[{i}]");
+            let path = self.path(&field, k)?;
+            if policy_keys.contains(&path) {
+                return Err(self.err(&k.span(), &field, "listed twice"));
+            }
+            policy_keys.push(path);
+        }
+        let lease_secs = match &st.lease_secs {
+            None => DEFAULT_LEASE_SECS,
+            Some(l) => {
+                self.note("store.lease_secs", &l.span());
+                let v = *l.get_ref();
+                if !(i64::from(MIN_LEASE_SECS)..=i64::from(MAX_LEASE_SECS)).contains(&v) {
+                    return Err(self.err(
+                        &l.span(),
+                        "store.lease_secs",
+                        format!(
+                            "{v} is out of range {MIN_LEASE_SECS}..={MAX_LEASE_SECS} (seconds)"
+                        ),
+                    ));
+                }
+                v as u32
+            }
+        };
+        let ca = st
+            .tls_ca
+            .as_ref()
+            .map(|c| self.path("store.tls_ca", c))
+            .transpose()?;
+        let cert = st
+            .tls_cert
+            .as_ref()
+            .map(|c| self.path("store.tls_cert", c))
+            .transpose()?;
+        let key = st
+            .tls_key
+            .as_ref()
+            .map(|c| self.path("store.tls_key", c))
+            .transpose()?;
+        let client = match (cert, key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((c, k)),
+            (Some(_), None) => {
+                let s = st
+                    .tls_cert
+                    .as_ref()
+                    .map(Spanned::span)
+                    .unwrap_or(span.clone());
+                return Err(self.err(&s, "store.tls_cert", "needs tls_key too"));
+            }
+            (None, Some(_)) => {
+                let s = st
+                    .tls_key
+                    .as_ref()
+                    .map(Spanned::span)
+                    .unwrap_or(span.clone());
+                return Err(self.err(&s, "store.tls_key", "needs tls_cert too"));
+            }
+        };
+        let tls = match (https, ca) {
+            (true, Some(ca)) => Some(StoreTls { ca, client }),
+            (true, None) => {
+                return Err(self.err(
+                    &span,
+                    "store.tls_ca",
+                    "https:// endpoints need tls_ca, the CA of etcd's server certificate",
+                ))
+            }
+            (false, None) if client.is_none() => None,
+            (false, _) => {
+                let field = if st.tls_ca.is_some() {
+                    "store.tls_ca"
+                } else {
+                    "store.tls_cert"
+                };
+                let s = st
+                    .tls_ca
+                    .as_ref()
+                    .or(st.tls_cert.as_ref())
+                    .map(Spanned::span)
+                    .unwrap_or(span.clone());
+                return Err(self.err(&s, field, "TLS settings need https:// endpoints"));
+            }
+        };
+        let mut advertise = Vec::new();
+        for (i, a) in st.advertise.iter().flatten().enumerate() {
+            let field = format!("store.advertise[{i}]");
+            let addr = self.socket_addr(&field, a)?;
+            if addr.ip().is_unspecified() {
+                return Err(self.err(
+                    &a.span(),
+                    &field,
+                    format!("{addr} is not an address peers can reach"),
+                ));
+            }
+            advertise.push(addr);
+        }
+        if advertise.len() > crate::store::MAX_ENDPOINTS {
+            return Err(self.err(
+                &span,
+                "store.advertise",
+                format!("at most {} endpoints", crate::store::MAX_ENDPOINTS),
+            ));
+        }
+        if advertise.is_empty() {
+            if listen.ip().is_unspecified() {
+                return Err(self.err(
+                    &span,
+                    "store.advertise",
+                    format!("node.listen is {listen}: name the address and port peers reach this node at (advertise = [\"198.18.0.1:{}\"])", listen.port()),
+                ));
+            }
+            advertise.push(listen);
+        }
+        Ok(StoreConfig {
+            endpoints,
+            prefix,
+            tls,
+            policy_keys,
+            lease_secs,
+            advertise,
         })
     }
 }
@@ -875,6 +1159,114 @@ cert = "/abs/c.crt"
             let bad = text.replacen(from, to, 1);
             let err = parse(&bad).expect_err(to).to_string();
             assert!(err.contains(want), "for {to:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn store_table() {
+        let text = format!(
+            "{GOOD}\n[store]\nendpoints = [\"http://198.18.0.9:2379\", \"http://[fd00::9]:2379\"]\npolicy_keys = [\"policy.pub\", \"/keys/old.pub\"]\n"
+        );
+        let c = parse(&text).unwrap();
+        let s = c.store.as_ref().unwrap();
+        assert_eq!(s.endpoints.len(), 2);
+        assert_eq!(s.prefix, None);
+        assert_eq!(s.tls, None);
+        assert_eq!(s.lease_secs, DEFAULT_LEASE_SECS);
+        assert_eq!(s.advertise, ["198.18.0.1:51820".parse().unwrap()]);
+        assert_eq!(
+            s.policy_keys,
+            [
+                PathBuf::from("/etc/mesh/policy.pub"),
+                PathBuf::from("/keys/old.pub")
+            ]
+        );
+        let td = TrustDomain::parse("example.org").unwrap();
+        assert_eq!(s.prefix_for(&td).as_str(), "/meshd/example.org/");
+        assert!(parse(GOOD).unwrap().store.is_none());
+
+        let tls = format!(
+            "{GOOD}\n[store]\nendpoints = [\"https://etcd.example.org:2379\"]\nprefix = \"/fleet/a/\"\nlease_secs = 3\ntls_ca = \"etcd-ca.pem\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n"
+        );
+        let c = parse(&tls.replace("198.18.0.1:51820", "0.0.0.0:51820"));
+        let e = c.unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/mesh/meshd.toml:17: store.advertise: node.listen is 0.0.0.0:51820"),
+            "{e}"
+        );
+        let c = parse(&format!("{tls}advertise = [\"[fd00::1]:51820\"]\n")).unwrap();
+        let s = c.store.unwrap();
+        assert_eq!(s.advertise, ["[fd00::1]:51820".parse().unwrap()]);
+        assert_eq!(s.prefix_for(&td).as_str(), "/fleet/a/");
+        assert_eq!(s.lease_secs, 3);
+        assert_eq!(
+            s.tls,
+            Some(StoreTls {
+                ca: PathBuf::from("/etc/mesh/etcd-ca.pem"),
+                client: Some((
+                    PathBuf::from("/etc/mesh/c.pem"),
+                    PathBuf::from("/etc/mesh/k.pem")
+                )),
+            })
+        );
+
+        // Line 17 is `[store]`, line 18 `endpoints`.
+        let base = format!("{GOOD}\n[store]\nendpoints = [\"http://198.18.0.9:2379\"]\n");
+        for (add, want) in [
+            ("", "OK"),
+            (
+                "prefix = \"meshd\"\n",
+                "meshd.toml:19: store.prefix: \"meshd\" must start and end with \"/\"",
+            ),
+            (
+                "lease_secs = 1\n",
+                "meshd.toml:19: store.lease_secs: 1 is out of range 2..=3600",
+            ),
+            (
+                "policy_keys = [\"a.pub\", \"a.pub\"]\n",
+                "meshd.toml:19: store.policy_keys[1]: listed twice",
+            ),
+            (
+                "policy_keys = [\"\"]\n",
+                "meshd.toml:19: store.policy_keys[0]: path may not be empty",
+            ),
+            (
+                "tls_ca = \"ca.pem\"\n",
+                "meshd.toml:19: store.tls_ca: TLS settings need https:// endpoints",
+            ),
+            (
+                "tls_cert = \"c.pem\"\n",
+                "meshd.toml:19: store.tls_cert: needs tls_key too",
+            ),
+            (
+                "endpont = 1\n",
+                "meshd.toml:19: store: unknown field `endpont`",
+            ),
+        ] {
+            let text = format!("{base}{add}");
+            match parse(&text) {
+                Ok(_) => assert_eq!(want, "OK", "{add:?} was accepted"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(e.starts_with(&format!("/etc/mesh/{want}")), "{add:?}: {e}");
+                }
+            }
+        }
+        for (endpoints, want) in [
+            ("[]", "meshd.toml:17: store.endpoints: list 1 to 16"),
+            ("[\"198.18.0.9:2379\"]", "meshd.toml:18: store.endpoints[0]: \"198.18.0.9:2379\" must start with http://"),
+            ("[\"http://198.18.0.9\"]", "meshd.toml:18: store.endpoints[0]: "),
+            ("[\"http://198.18.0.9:2379/v3\"]", "meshd.toml:18: store.endpoints[0]: "),
+            ("[\"http://198.18.0.9:0\"]", "meshd.toml:18: store.endpoints[0]: \"http://198.18.0.9:0\": port 0 is out of range"),
+            ("[\"http://a b:1\"]", "meshd.toml:18: store.endpoints[0]: "),
+            ("[\"http://[zz]:1\"]", "meshd.toml:18: store.endpoints[0]: "),
+            ("[\"http://a:1\", \"https://b:1\"]", "meshd.toml:18: store.endpoints[1]: mixes http:// and https://"),
+            ("[\"https://b:1\"]", "meshd.toml:17: store.tls_ca: https:// endpoints need tls_ca"),
+        ] {
+            let text = format!("{GOOD}\n[store]\nendpoints = {endpoints}\n");
+            let e = parse(&text).expect_err(endpoints).to_string();
+            assert!(e.starts_with(&format!("/etc/mesh/{want}")), "{endpoints}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
         }
     }
 

@@ -4,6 +4,7 @@
 
 use crate::cert::{Ca, CaSigningKey, CertError, Certificate, VerifyError};
 use crate::key::{KeyError, PrivateKey};
+use crate::signed::{PolicyPublicKey, PolicySigningKey, SignedError};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -37,6 +38,8 @@ pub enum FileError {
     Cert { path: PathBuf, source: CertError },
     #[error("{}: {source}", path.display())]
     Verify { path: PathBuf, source: VerifyError },
+    #[error("{}: {source}", path.display())]
+    Signed { path: PathBuf, source: SignedError },
 }
 
 impl FileError {
@@ -50,7 +53,8 @@ impl FileError {
             | FileError::NotText { path }
             | FileError::Key { path, .. }
             | FileError::Cert { path, .. }
-            | FileError::Verify { path, .. } => path,
+            | FileError::Verify { path, .. }
+            | FileError::Signed { path, .. } => path,
         }
     }
 }
@@ -161,6 +165,34 @@ pub fn read_ca_key(path: &Path) -> Result<CaSigningKey, FileError> {
 /// Writes a CA signing key, mode 0600, atomically.
 pub fn write_ca_key(path: &Path, key: &CaSigningKey) -> Result<(), FileError> {
     write_atomic(path, key.to_pem().as_bytes(), PRIVATE_MODE)
+}
+
+/// Reads a policy signing key. Refuses a file that group or others can access.
+pub fn read_policy_key(path: &Path) -> Result<PolicySigningKey, FileError> {
+    let text = read_text(path, true)?;
+    PolicySigningKey::from_pem(&text).map_err(|source| FileError::Signed {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes a policy signing key, mode 0600, atomically.
+pub fn write_policy_key(path: &Path, key: &PolicySigningKey) -> Result<(), FileError> {
+    write_atomic(path, key.to_pem().as_bytes(), PRIVATE_MODE)
+}
+
+/// Reads a policy public key (`[store] policy_keys`, `meshctl policy key gen`'s `.pub`).
+pub fn read_policy_public_key(path: &Path) -> Result<PolicyPublicKey, FileError> {
+    let text = read_text(path, false)?;
+    PolicyPublicKey::from_pem(&text).map_err(|source| FileError::Signed {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes a policy public key, mode 0644, atomically.
+pub fn write_policy_public_key(path: &Path, key: &PolicyPublicKey) -> Result<(), FileError> {
+    write_atomic(path, key.to_pem().as_bytes(), PUBLIC_MODE)
 }
 
 /// Replaces `path` with `data` so that readers see the old file or the new one, never
@@ -311,6 +343,31 @@ mod tests {
             read_ca_key(&kp),
             Err(FileError::Permissions { .. })
         ));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn policy_key_files() {
+        let d = tmpdir("policy-key");
+        let kp = d.join("policy.key");
+        let pp = d.join("policy.pub");
+        let key = PolicySigningKey::generate();
+        write_policy_key(&kp, &key).unwrap();
+        write_policy_public_key(&pp, &key.public_key()).unwrap();
+        assert_eq!((mode(&kp), mode(&pp)), (0o600, 0o644));
+        assert_eq!(read_policy_key(&kp).unwrap().public_key(), key.public_key());
+        assert_eq!(read_policy_public_key(&pp).unwrap(), key.public_key());
+        // The private key's mode is checked, and each file is only what it says.
+        fs::set_permissions(&kp, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            read_policy_key(&kp),
+            Err(FileError::Permissions { .. })
+        ));
+        let err = read_policy_public_key(&kp).unwrap_err().to_string();
+        assert!(
+            err.contains("policy.key") && err.contains("MESH POLICY PUBLIC KEY"),
+            "{err}"
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 }

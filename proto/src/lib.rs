@@ -15,6 +15,8 @@ pub mod http_path;
 pub mod identity;
 pub mod key;
 pub mod policy;
+pub mod signed;
+pub mod store;
 pub mod time;
 
 #[cfg(any(test, feature = "testing"))]

@@ -43,6 +43,7 @@ pub mod attack;
 pub mod bins;
 pub mod ca;
 pub mod capture;
+pub mod etcd;
 pub mod failure;
 pub mod faults;
 pub mod host;
@@ -59,6 +60,7 @@ pub mod transfer;
 pub mod wait;
 
 pub use ca::{TestCa, Validity};
+pub use etcd::{Etcd, StoreNode, StoreNodeConfig};
 pub use failure::{Failed, Result};
 pub use host::{Host, Status};
 pub use http::{RecordingServer, Session};

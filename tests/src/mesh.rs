@@ -693,7 +693,7 @@ fn check_tools() -> Result<()> {
     }
 }
 
-fn in_path(tool: &str) -> bool {
+pub(crate) fn in_path(tool: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }

@@ -15,6 +15,10 @@
 //! - `relay-ctl <control> <command>`: one command to a relay; prints its answer.
 //! - `transfer-serve <port> <dir>`: the bulk-transfer HTTP server
 //!   ([`mesh_tests::transfer`]); prints `listening` once bound.
+//! - `store-node <etcd urls> <prefix> <identity> <advertise addr:port> <lease secs>
+//!   <applied policy version>`: run meshd's store client for that node and print
+//!   every event as one JSON line (with the client's status) until killed. TLS to
+//!   etcd from the PEM files in `MESH_STORE_TLS_CA`, `_CERT` and `_KEY`.
 
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
@@ -48,7 +52,10 @@ fn main() -> ExitCode {
             .and_then(|p| {
                 transfer::serve(p, std::path::Path::new(dir)).map_err(|e| format!("{e:#}"))
             }),
-        _ => Err("usage: mesh-testtool transfer-serve <port> <dir> | udp-echo <bind> | udp-ping <addr:port> <tries> [source port] | udp-garbage <addr:port> <count> <seed> | udp-sink <bind> | udp-send <source ip|any> <addr:port> <payload> | udp-empty <addr:port> <count> | relay <face_a> <a> <face_b> <b> <control> <seed> <impairment> | relay-ctl <control> <command>".to_string()),
+        ["store-node", endpoints, prefix, identity, advertise, lease, applied] => {
+            store_node(endpoints, prefix, identity, advertise, lease, applied)
+        }
+        _ => Err("usage: mesh-testtool transfer-serve <port> <dir> | udp-echo <bind> | udp-ping <addr:port> <tries> [source port] | udp-garbage <addr:port> <count> <seed> | udp-sink <bind> | udp-send <source ip|any> <addr:port> <payload> | udp-empty <addr:port> <count> | relay <face_a> <a> <face_b> <b> <control> <seed> <impairment> | relay-ctl <control> <command> | store-node <urls> <prefix> <identity> <advertise> <lease secs> <applied version>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -241,4 +248,105 @@ fn udp_empty(target: &str, count: &str) -> Result<(), String> {
 #[allow(clippy::disallowed_methods)] // a traffic generator paces itself so the receiver's socket buffer does not overflow; not synchronisation.
 fn pace() {
     std::thread::sleep(Duration::from_millis(2));
+}
+
+fn store_node(
+    endpoints: &str,
+    prefix: &str,
+    identity: &str,
+    advertise: &str,
+    lease: &str,
+    applied: &str,
+) -> Result<(), String> {
+    use mesh_proto::store::{Prefix, StoreValue};
+    use meshd::store::{
+        NodeInfo, NodeReport, SnapshotReason, StoreClient, StoreEvent, StoreSettings, TlsPem,
+    };
+    use serde_json::json;
+
+    let prefix = Prefix::parse(prefix)?;
+    let settings = StoreSettings {
+        endpoints: endpoints.split(',').map(str::to_string).collect(),
+        prefix: prefix.clone(),
+        lease_secs: lease.parse().map_err(|e| format!("bad lease: {e}"))?,
+        tls: match std::env::var_os("MESH_STORE_TLS_CA") {
+            None => None,
+            Some(ca) => {
+                let read = |p: &std::ffi::OsStr| {
+                    std::fs::read(p).map_err(|e| format!("{}: {e}", p.to_string_lossy()))
+                };
+                let client = match (
+                    std::env::var_os("MESH_STORE_TLS_CERT"),
+                    std::env::var_os("MESH_STORE_TLS_KEY"),
+                ) {
+                    (Some(c), Some(k)) => Some((read(&c)?, read(&k)?)),
+                    _ => None,
+                };
+                Some(TlsPem {
+                    ca: read(&ca)?,
+                    client,
+                })
+            }
+        },
+    };
+    let node = NodeInfo {
+        identity: mesh_proto::identity::SpiffeId::parse(identity).map_err(|e| e.to_string())?,
+        endpoints: vec![parse_addr(advertise)?],
+        meshd_version: "test-0.1".into(),
+    };
+    let applied: u64 = applied.parse().map_err(|e| format!("bad version: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = StoreClient::start(settings, node, move |e| {
+        let _ = tx.send(e);
+    })
+    .map_err(|e| e.to_string())?;
+    handle.publish_status(NodeReport {
+        applied_policy_version: applied,
+        policy_digest: None,
+    });
+    let kind = |v: &StoreValue| match v {
+        StoreValue::Cert(_) => "cert",
+        StoreValue::Endpoint(_) => "endpoint",
+        StoreValue::Status(_) => "status",
+        StoreValue::Policy(_) => "policy",
+        StoreValue::Revocations(_) => "revocations",
+    };
+    for event in rx {
+        let mut line = match event {
+            StoreEvent::Connected { revision } => {
+                json!({"event": "connected", "revision": revision})
+            }
+            StoreEvent::Disconnected { error } => json!({"event": "disconnected", "error": error}),
+            StoreEvent::Snapshot(s) => json!({
+                "event": "snapshot",
+                "revision": s.revision,
+                "reason": match s.reason {
+                    SnapshotReason::Start => "start".to_string(),
+                    SnapshotReason::Compacted { .. } => "compacted".to_string(),
+                    SnapshotReason::Cancelled { reason } => format!("cancelled: {reason}"),
+                },
+                "keys": s.entries.iter().map(|e| prefix.key(&e.key)).collect::<Vec<_>>(),
+                "kinds": s.entries.iter().map(|e| kind(&e.value)).collect::<Vec<_>>(),
+                "ignored": s.ignored.iter().map(|i| json!({"key": i.key_text, "reason": i.reason})).collect::<Vec<_>>(),
+            }),
+            StoreEvent::Put { revision, entry } => json!({
+                "event": "put", "revision": revision, "key": prefix.key(&entry.key), "kind": kind(&entry.value),
+            }),
+            StoreEvent::Deleted { revision, key } => {
+                json!({"event": "deleted", "revision": revision, "key": prefix.key(&key)})
+            }
+            StoreEvent::Ignored { revision, error } => json!({
+                "event": "ignored", "revision": revision, "key": error.key_text,
+                "reason": error.reason, "detail": error.detail,
+            }),
+        };
+        line["status"] = serde_json::to_value(handle.status()).map_err(|e| e.to_string())?;
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
 }
