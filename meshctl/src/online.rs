@@ -228,6 +228,42 @@ fn render_host_filter(f: &HostFilterStatus, tun: &str) -> String {
     }
 }
 
+/// The fleet store's lines of `status`: connected or not since when, the revision,
+/// what was applied and what was refused (by key, with the reason).
+fn render_store(st: &mesh_proto::store::StoreStatus, now: UnixTime) -> String {
+    let c = &st.client;
+    let ago = span(now.0.saturating_sub(c.since.0));
+    let state = if c.connected {
+        format!("connected for {ago}, revision {}", c.revision)
+    } else {
+        format!(
+            "NOT CONNECTED for {ago} ({}); enforcing what was applied",
+            c.last_error.as_deref().unwrap_or("not yet reached")
+        )
+    };
+    let mut o = format!(
+        "  store: {} {} ({state})\n",
+        c.endpoints.join(","),
+        c.prefix
+    );
+    let policy = match st.applied.policy_version {
+        0 => "none from the store".to_string(),
+        v => format!("version {v}"),
+    };
+    o += &format!(
+        "    applied: policy {policy}, {} peers; listings {}\n",
+        st.applied.peers, c.snapshots
+    );
+    if !c.ignored.is_empty() {
+        let list: Vec<String> = c.ignored.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        o += &format!("    ignored (malformed): {}\n", list.join(", "));
+    }
+    for (key, reason) in &st.applied.refused {
+        o += &format!("    REFUSED {key}: {reason}\n");
+    }
+    o
+}
+
 /// `wg show`-like text for people.
 pub fn render_status(s: &Status, now: UnixTime) -> String {
     let mut o = String::new();
@@ -265,6 +301,9 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
     }
     if let Some(f) = &s.host_filter {
         o += &render_host_filter(f, &s.tun);
+    }
+    if let Some(st) = &s.store {
+        o += &render_store(st, now);
     }
     for w in s.workloads.iter().filter(|w| w.source != "node") {
         o += &format!("\nworkload: {} ({})\n", w.identity, w.name);
@@ -486,11 +525,33 @@ mod tests {
                 underlay_drops: 3,
                 pod_drops: 1,
             }),
+            store: Some(mesh_proto::store::StoreStatus {
+                client: mesh_proto::store::StoreClientStatus {
+                    endpoints: vec!["http://198.18.0.9:2379".into()],
+                    prefix: "/meshd/t/".into(),
+                    connected: false,
+                    since: UnixTime(100),
+                    last_error: Some("connecting: refused".into()),
+                    revision: 9,
+                    snapshots: 1,
+                    ignored: [("bad_value".to_string(), 2)].into(),
+                },
+                applied: mesh_proto::store::StoreApplied {
+                    policy_version: 4,
+                    peers: 2,
+                    refused: [("certs/spiffe://t/x".to_string(), "another CA".to_string())].into(),
+                    refusals: Default::default(),
+                },
+            }),
         };
         let t = render_status(&s, UnixTime(112));
         for want in [
             "identity: spiffe://t/a",
             "listening: 198.18.0.1:51820 (tun mesh0, ready)",
+            "store: http://198.18.0.9:2379 /meshd/t/ (NOT CONNECTED for 12 seconds (connecting: refused); enforcing what was applied)",
+            "applied: policy version 4, 2 peers; listings 1",
+            "ignored (malformed): bad_value 2",
+            "REFUSED certs/spiffe://t/x: another CA",
             "policy: p.toml (applied), 2 policies, default deny",
             "drops: no_allow_matched 7",
             "web/0: allow 5, deny 0, audit 0",

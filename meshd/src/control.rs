@@ -666,6 +666,7 @@ mod tests {
                 enforcement: None,
                 cpu_latency: None,
                 host_filter: None,
+                store: None,
             }
         }
         fn peer_list(&self) -> PeerList {

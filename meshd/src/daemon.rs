@@ -583,7 +583,13 @@ pub struct Daemon {
     /// The CPU wake-up latency request (`node.cpu_latency_us`), held while traffic
     /// flows: marked by the data-path threads, withdrawn by the timer thread.
     pub cpu_latency: CpuLatency,
+    /// Reads the fleet store input's state for `status` (set by `fleet` when the
+    /// config has a `[store]` table).
+    store_status: Mutex<Option<StoreStatusReader>>,
 }
+
+/// Reads the fleet store input's state.
+pub type StoreStatusReader = Box<dyn Fn() -> mesh_proto::store::StoreStatus + Send>;
 
 /// Why the daemon could not start (after the config checked out).
 #[derive(Debug, thiserror::Error)]
@@ -727,6 +733,7 @@ impl Daemon {
             quarantine: ArcSwap::from_pointee(None),
             expiry: Mutex::new(ExpiryWatch::default()),
             learned: Mutex::new((learned, false)),
+            store_status: Mutex::new(None),
         };
         d.attach_all(workloads).map_err(StartError::Peers)?;
         Ok(d)
@@ -780,7 +787,18 @@ impl Daemon {
             })),
             cpu_latency: self.cpu_latency.status(),
             host_filter: Some(self.host_filter_status()),
+            store: self
+                .store_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|read| read()),
         }
+    }
+
+    /// Where `status` reads the fleet store input's state from.
+    pub fn set_store_status(&self, read: StoreStatusReader) {
+        *self.store_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(read);
     }
 
     /// Logs each local certificate (the node's, the workloads') that has entered its
@@ -1459,6 +1477,7 @@ mod tests {
             enforcement: None,
             cpu_latency: None,
             host_filter: None,
+            store: None,
         };
         let listener = std::os::unix::net::UnixListener::bind(f.0.join("meshd.sock")).unwrap();
         // The running meshd's side of the test.

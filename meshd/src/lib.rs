@@ -4,7 +4,8 @@
 //! state and `now`, and return what the shell must do. The I/O shell (`datapath`,
 //! `device`, `transport`, `control`) is thin; `daemon` holds the control-plane state
 //! and `state` the persisted peer changes. `store` is the fleet store client (etcd),
-//! on a thread and tokio runtime of its own; the daemon does not start it yet.
+//! on a thread and tokio runtime of its own; `fleet` applies what it reads to the
+//! daemon (with a `[store]` table).
 
 pub mod attach;
 pub mod batch;
@@ -18,6 +19,7 @@ pub mod decisions;
 pub mod device;
 pub mod enforce;
 pub mod expiry;
+pub mod fleet;
 pub mod flow;
 pub mod gro;
 pub mod hostfilter;
@@ -50,6 +52,8 @@ pub enum RunError {
     Start(#[from] daemon::StartError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
     #[error("internal error: the {0} thread panicked (see the log)")]
@@ -93,6 +97,18 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
             }
         }
     }
+    // The store input goes after the data path, so that what it applies is in force
+    // at once; it never holds up the start (an unreachable store is retried).
+    let fleet = match fleet::Fleet::start(&d) {
+        Ok(f) => f,
+        Err(e) => {
+            shutdown.trigger();
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(RunError::Fleet(e));
+        }
+    };
     d.ready.store(true, Ordering::SeqCst);
     let names: Vec<&str> = threads.iter().filter_map(|t| t.thread().name()).collect();
     tracing::info!(
@@ -109,6 +125,9 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
         }
     }
     drop(sock);
+    if let Some(f) = fleet {
+        f.stop();
+    }
     d.save_learned_endpoints();
     // The host filter goes after the TUN, so the overlay addresses are never up
     // without it; a control client still holding the daemon (`log -f`) keeps the TUN

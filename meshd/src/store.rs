@@ -137,6 +137,10 @@ pub struct NodeInfo {
     pub endpoints: Vec<SocketAddr>,
     /// `meshd --version`.
     pub meshd_version: String,
+    /// The node's own certificate, written to `certs/<identity>` at each connection
+    /// when the store holds another value (not under the lease: a host that is down
+    /// stays a peer). Peers verify it against their CA like any certificate.
+    pub cert: Option<mesh_proto::cert::Certificate>,
 }
 
 /// What this node has applied, for its status entry ([`StoreHandle::publish_status`]).
@@ -264,7 +268,28 @@ impl StoreClient {
     }
 }
 
+/// Sends this node's status entry from elsewhere (the event sink).
+#[derive(Clone)]
+pub struct StatusPublisher(mpsc::UnboundedSender<Command>);
+
+impl StatusPublisher {
+    /// As [`StoreHandle::publish_status`].
+    pub fn publish(&self, report: NodeReport) {
+        let _ = self.0.send(Command::PublishStatus(report));
+    }
+}
+
 impl StoreHandle {
+    pub fn publisher(&self) -> StatusPublisher {
+        StatusPublisher(self.commands.clone())
+    }
+
+    /// Reads [`StoreHandle::status`] from elsewhere (the control socket).
+    pub fn status_reader(&self) -> impl Fn() -> StoreClientStatus + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || lock(&shared.status).clone()
+    }
+
     /// The client's state now: connected or not and since when, revision seen,
     /// entries ignored by reason.
     pub fn status(&self) -> StoreClientStatus {
@@ -456,6 +481,7 @@ impl Ctx {
             .await?
             .id();
         self.put_endpoint(client, lease).await?;
+        self.put_cert(client).await?;
         self.put_status(client, lease).await?;
         let (mut keeper, mut answers) =
             timed("keeping the lease alive", client.lease_keep_alive(lease)).await?;
@@ -661,6 +687,31 @@ impl Ctx {
         Ok(())
     }
 
+    async fn put_cert(&self, client: &mut Client) -> Result<(), End> {
+        let Some(cert) = &self.node.cert else {
+            return Ok(());
+        };
+        let key = self
+            .settings
+            .prefix
+            .key(&StoreKey::Cert(self.node.identity.clone()));
+        let value = encode(&StoreValue::Cert(cert.clone()));
+        let got = timed(
+            "reading the node's certificate",
+            client.get(key.clone(), None),
+        )
+        .await?;
+        if got.kvs().first().map(|kv| kv.value()) == Some(value.as_slice()) {
+            return Ok(());
+        }
+        timed(
+            "writing the node's certificate",
+            client.put(key, value, None),
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn put_status(&self, client: &mut Client, lease: i64) -> Result<(), End> {
         let key = self
             .settings
@@ -745,6 +796,7 @@ mod tests {
             identity: SpiffeId::parse("spiffe://t/a").unwrap(),
             endpoints: vec!["127.0.0.1:51820".parse().unwrap()],
             meshd_version: "test".into(),
+            cert: None,
         };
         let handle = StoreClient::start(settings, node, move |e| {
             let _ = tx.send(e);

@@ -166,6 +166,10 @@ pub struct Status {
     /// a daemon that predates it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_filter: Option<HostFilterStatus>,
+    /// The fleet store: connection, revision, what was applied and refused; `None`
+    /// without a `[store]` table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::store::StoreStatus>,
 }
 
 /// meshd's host filter: nothing reaches a mesh address except through meshd (the
@@ -491,6 +495,7 @@ mod tests {
                 underlay_drops: 4,
                 pod_drops: 1,
             }),
+            store: None,
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(

@@ -448,6 +448,27 @@ pub struct StoreClientStatus {
     pub ignored: BTreeMap<String, u64>,
 }
 
+/// What a node applied from the store and what it refused (the store is not trusted:
+/// certificates and policy documents are verified first).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreApplied {
+    /// The store policy document in force (0: none from the store).
+    pub policy_version: u64,
+    /// Peers in force that came from the store.
+    pub peers: usize,
+    /// Entries refused now, by key (`certs/<id>`, `policy/current`): the reason.
+    pub refused: BTreeMap<String, String>,
+    /// Refusals so far, by kind (`certificate`, `policy`); a value is counted once.
+    pub refusals: BTreeMap<String, u64>,
+}
+
+/// `store` in `meshctl status`: the client's connection and what was applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub client: StoreClientStatus,
+    pub applied: StoreApplied,
+}
+
 /// Encodes a value as it is stored (the inverse of [`decode`] for each kind).
 pub fn encode(value: &StoreValue) -> Vec<u8> {
     match value {

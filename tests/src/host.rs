@@ -87,6 +87,9 @@ pub struct Status {
     /// The host filter (nftables): state, what it protects, what it dropped.
     #[serde(default)]
     pub host_filter: Option<mesh_proto::control::HostFilterStatus>,
+    /// The fleet store: connection, what was applied and refused.
+    #[serde(default)]
+    pub store: Option<mesh_proto::store::StoreStatus>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

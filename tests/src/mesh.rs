@@ -194,6 +194,7 @@ impl Mesh {
             node_config: String::new(),
             ipv6_underlay: false,
             policy: None,
+            store: None,
             mesh: self,
         }
     }
@@ -216,6 +217,7 @@ impl Mesh {
                 node_config: String::new(),
                 ipv6_underlay: false,
                 policy: None,
+                store: None,
             })
             .collect();
         let out = self.bring_up(batch)?;
@@ -363,9 +365,17 @@ pub struct HostBuilder<'m> {
     node_config: String,
     ipv6_underlay: bool,
     policy: Option<(String, String)>,
+    store: Option<String>,
 }
 
 impl HostBuilder<'_> {
+    /// A `[store]` table: the keys in `toml` (`endpoints`, `policy_keys`, ...) plus
+    /// `advertise`, this host's own endpoint.
+    pub fn store(mut self, toml: &str) -> Self {
+        self.store = Some(toml.to_string());
+        self
+    }
+
     /// meshd listens on `[::]` and peers reach it at its IPv6 underlay address.
     pub fn ipv6_underlay(mut self) -> Self {
         self.ipv6_underlay = true;
@@ -446,6 +456,7 @@ impl HostBuilder<'_> {
             node_config,
             ipv6_underlay,
             policy,
+            store,
         } = self;
         let settings = HostSettings {
             ipv6_underlay,
@@ -459,6 +470,7 @@ impl HostBuilder<'_> {
             peers,
             extra_config,
             node_config,
+            store,
         };
         let mut hosts = mesh.bring_up(vec![settings])?;
         hosts.pop().context("internal: no host")
@@ -478,6 +490,7 @@ struct HostSettings {
     node_config: String,
     ipv6_underlay: bool,
     policy: Option<(String, String)>,
+    store: Option<String>,
 }
 
 impl HostSettings {
@@ -522,6 +535,12 @@ impl Mesh {
                 ));
             }
             extra.push_str(&settings.extra_config);
+            if let Some(store) = &settings.store {
+                extra.push_str(&format!(
+                    "\n[store]\n{store}\nadvertise = [\"{}\"]\n",
+                    host.endpoint()
+                ));
+            }
             host.write_config(&peers, &settings.node_config, &extra)?;
         }
         for (settings, host) in batch.iter().zip(&new) {

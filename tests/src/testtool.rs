@@ -293,6 +293,7 @@ fn store_node(
         identity: mesh_proto::identity::SpiffeId::parse(identity).map_err(|e| e.to_string())?,
         endpoints: vec![parse_addr(advertise)?],
         meshd_version: "test-0.1".into(),
+        cert: None,
     };
     let applied: u64 = applied.parse().map_err(|e| format!("bad version: {e}"))?;
     tracing_subscriber::fmt()
