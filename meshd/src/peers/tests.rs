@@ -670,7 +670,9 @@ fn handshake_flood_gets_cookie_replies() {
     let mut dst = vec![0u8; 2048];
     let mut cookies = 0;
     for _ in 0..(HANDSHAKE_RATE_LIMIT + 50) {
-        if let Inbound::Send { to, data, flush } = inbound(&b.node, &b.table, from, &init, &mut dst, NOW) {
+        if let Inbound::Send { to, data, flush } =
+            inbound(&b.node, &b.table, from, &init, &mut dst, NOW)
+        {
             if data.len() == COOKIE_REPLY_LEN {
                 assert_eq!(to, from);
                 assert!(flush.is_none());
