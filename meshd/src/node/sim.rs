@@ -41,6 +41,7 @@ use mesh_proto::policy::{self, CompiledPolicy, DefaultAction};
 use mesh_proto::testing::TestCa;
 use mesh_proto::time::UnixTime;
 
+use crate::daemon::{build_table, PeerEntry, Source};
 use crate::decisions::{DecisionLog, LogLimits};
 use crate::enforce::{self, Emit, Enforcer, Toward};
 use crate::node::{self, Inbound, Now, Outbound};
@@ -122,6 +123,12 @@ impl Clock {
             wall: self.wall_at_zero.saturating_add(self.mono.as_secs()),
             mono: self.mono,
         }
+    }
+
+    /// Moves the wall clock `secs` ahead of the monotonic one (as a long suspend, or
+    /// weeks of uptime in one step): certificates expire, flows do not.
+    pub fn jump_wall(&mut self, secs: u64) {
+        self.wall_at_zero = self.wall_at_zero.saturating_add(secs);
     }
 
     /// Moves the clock to `mono`; it never goes back.
@@ -718,44 +725,37 @@ impl Mesh {
 
     /// Renews host `h`'s certificate for the same key, with `groups` and a validity
     /// that starts now, and gives it to every host (its own file watch, the others'
-    /// `peer add`). Each table is rebuilt as the daemon rebuilds it: a session whose
-    /// two keys are unchanged carries on in its slot ([`Peer::succeed`]); then every
-    /// host re-decides its flows (`refresh_flows`). Returns the flows cut, per host.
+    /// `peer add`). Each table is rebuilt by the daemon's own [`build_table`]: a
+    /// session whose two keys are unchanged carries on in its slot; then every host
+    /// re-decides its flows (`refresh_flows`). Returns the flows cut, per host.
     pub fn renew(&mut self, h: usize, groups: &[&str]) -> Vec<usize> {
         let now = self.clock.now();
         let m = &self.members[h];
         let addrs: Vec<String> = m.cert.addresses().iter().map(|a| a.to_string()).collect();
         let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
         let cert = issue_at(&self.ca, &m.name, &addrs, groups, &m.key, now.wall);
-        let verified = self.ca.ca().verify(&cert, now.wall).expect("renewed cert");
-        let spec = spec_of(&verified);
+        self.ca.ca().verify(&cert, now.wall).expect("renewed cert");
         self.members[h].cert = cert;
-        for (i, host) in self.hosts.iter_mut().enumerate() {
-            let old = &host.table;
+        for i in 0..self.hosts.len() {
+            let old = &self.hosts[i].table;
             let local = if i == h {
-                let key = self.members[h].key.as_bytes();
-                Arc::new(Local::new(spec.clone(), *key))
+                let m = &self.members[h];
+                Arc::new(Local::new(spec_of(&m.cert), *m.key.as_bytes()))
             } else {
                 old.locals()[0].clone()
             };
-            let peers = old
-                .peers()
-                .iter()
-                .map(|p| {
-                    let remote = if p.spec.identity == spec.identity {
-                        spec.clone()
-                    } else {
-                        p.spec.clone()
-                    };
-                    if p.spec == remote && Arc::ptr_eq(&p.local, &local) {
-                        p.clone()
-                    } else {
-                        // The same two keys: the session carries on (build_table).
-                        Arc::new(Peer::succeed(p, &local, remote))
-                    }
+            let entries: Vec<PeerEntry> = (0..self.members.len())
+                .filter(|&j| j != i)
+                .map(|j| PeerEntry {
+                    cert: self.members[j].cert.clone(),
+                    spec: spec_of(&self.members[j].cert),
+                    endpoint: Some(underlay(j)),
+                    source: Source::Config,
                 })
                 .collect();
-            host.table = PeerTable::with_locals(vec![local], peers).expect("renewed table");
+            let hint = self.rng.next_u64() as u32;
+            let table = build_table(&[local], &entries, old, hint).expect("renewed table");
+            self.hosts[i].table = table;
         }
         self.hosts
             .iter_mut()
