@@ -10,9 +10,7 @@ use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{
-    HardwareAddress, IpAddress, IpCidr, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket,
-};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpProtocol, Ipv4Packet, TcpPacket};
 
 use super::Mesh;
 
@@ -219,7 +217,7 @@ impl World {
             Some(smoltcp::wire::IpEndpoint {
                 addr: IpAddress::Ipv4(a),
                 port,
-            }) => (Ipv4Address::from(a), port),
+            }) => (a, port),
             e => panic!("not an IPv4 connection: {e:?}"),
         };
         (v4(s.local_endpoint()), v4(s.remote_endpoint()))
