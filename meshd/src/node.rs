@@ -25,6 +25,9 @@ use mesh_proto::time::UnixTime;
 use crate::enforce::{self, Emit, Enforcer, Verdict};
 use crate::peers::{self, DropReason, Node, Peer, PeerTable, Transmit};
 
+#[cfg(any(test, feature = "testing"))]
+pub mod sim;
+
 /// The time of a packet: wall clock (certificates, logs) and the shell's monotonic
 /// clock (flow timeouts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
