@@ -46,7 +46,7 @@ pub enum RunError {
     #[error(transparent)]
     Start(#[from] daemon::StartError),
     #[error(transparent)]
-    Control(#[from] control::ControlError),
+    Control(#[from] control::SocketError),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
     #[error("internal error: the {0} thread panicked (see the log)")]
