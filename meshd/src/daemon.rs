@@ -1565,6 +1565,36 @@ mod tests {
         );
     }
 
+    /// Every enforcer counter reaches `status` under its own name.
+    #[test]
+    fn enforcement_counters_keep_every_field() {
+        let c = enforcement_counters(enforce::L4Counters {
+            delivered: 1,
+            flows: 2,
+            flows_cut: 3,
+            flows_evicted: 4,
+            drops: [("default_deny", 5)].into(),
+            rules: vec![enforce::RuleCount {
+                policy: "p".into(),
+                rule: "r".into(),
+                allow: 6,
+                deny: 7,
+                audit: 8,
+            }],
+            l7_flows: 9,
+            l7_held_bytes: 10,
+            http_requests: 11,
+            http_refused: 12,
+        });
+        assert_eq!(
+            serde_json::to_value(c).unwrap(),
+            serde_json::json!({"delivered": 1, "flows": 2, "flows_cut": 3, "flows_evicted": 4,
+                "drops": {"default_deny": 5},
+                "rules": [{"policy": "p", "rule": "r", "allow": 6, "deny": 7, "audit": 8}],
+                "l7_flows": 9, "l7_held_bytes": 10, "http_requests": 11, "http_refused": 12})
+        );
+    }
+
     #[test]
     fn rebuild_keeps_unchanged_peers() {
         let ca = TestCa::new("t");

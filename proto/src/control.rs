@@ -65,7 +65,7 @@ pub use self::status::{
     StatusRequest,
 };
 pub use self::workloads::{
-    Attach, WorkloadAddRequest, WorkloadInfo, WorkloadList, WorkloadListRequest,
+    Attach, BadAttach, WorkloadAddRequest, WorkloadInfo, WorkloadList, WorkloadListRequest,
     WorkloadRemoveRequest, WorkloadRemoved, WorkloadSource,
 };
 pub use crate::policy::{Explanation, RequestSpec};

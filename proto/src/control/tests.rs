@@ -590,9 +590,11 @@ fn attachments_are_text_on_the_wire() {
         assert_eq!(serde_json::from_value::<Attach>(json!(text)).unwrap(), a);
     }
     for bad in ["veth:", "veth", "wifi", ""] {
+        let e = serde_json::from_value::<Attach>(json!(bad)).expect_err(bad);
         assert!(
-            serde_json::from_value::<Attach>(json!(bad)).is_err(),
-            "{bad}"
+            e.to_string()
+                .contains("expected \"tun\" or \"veth:<interface>\""),
+            "{e}"
         );
     }
 }

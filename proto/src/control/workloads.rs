@@ -79,16 +79,19 @@ impl From<Attach> for String {
     }
 }
 
-impl TryFrom<String> for Attach {
-    type Error = String;
+/// An attachment that is neither `tun` nor `veth:<interface>`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("attach {0:?}: expected \"tun\" or \"veth:<interface>\"")]
+pub struct BadAttach(pub String);
 
-    fn try_from(s: String) -> Result<Attach, String> {
+impl TryFrom<String> for Attach {
+    type Error = BadAttach;
+
+    fn try_from(s: String) -> Result<Attach, BadAttach> {
         match s.strip_prefix("veth:") {
             Some(v) if !v.is_empty() => Ok(Attach::Veth(v.to_string())),
             _ if s == "tun" => Ok(Attach::Tun),
-            _ => Err(format!(
-                "attach {s:?}: expected \"tun\" or \"veth:<interface>\""
-            )),
+            _ => Err(BadAttach(s)),
         }
     }
 }
