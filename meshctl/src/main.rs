@@ -1,7 +1,13 @@
 //! meshctl: the meshd operator's tool. Nouns then verbs (`meshctl cert issue`).
 //! Results go to stdout, errors to stderr as one line naming the problem and the file.
-//! Exit codes: 0 ok, 1 error, 2 usage error; 141 when the reader of stdout went away
-//! (`meshctl … | head -1`), quietly, as a shell reports a C tool that SIGPIPE ended.
+//!
+//! Exit codes: 0 ok; 1 error (meshctl's own, or meshd refused the request as invalid:
+//! its reason follows `meshd: `); 2 usage error; and for meshd's other answers
+//! ([`mesh_proto::control::ControlError`]): 3 not found (no such peer or workload),
+//! 4 not allowed (the control socket refused this user), 5 busy (try again),
+//! 6 bad request (meshd did not understand meshctl: different versions?), 7 meshd
+//! failed (see its log); 141 when the reader of stdout went away (`meshctl … | head
+//! -1`), quietly, as a shell reports a C tool that SIGPIPE ended.
 
 /// Prints to stdout through [`out`]: `?` it; a reader that went away ends meshctl
 /// quietly.
@@ -23,6 +29,7 @@ macro_rules! outln {
 
 mod ca;
 mod cert;
+mod client;
 mod fleet;
 mod key;
 mod log;
@@ -119,7 +126,10 @@ fn main() -> ExitCode {
         Err(e) if e.is::<StdoutClosed>() => ExitCode::from(CLOSED_STDOUT),
         Err(e) => {
             warn_line(&format!("meshctl: {}", one_line(&e)));
-            ExitCode::from(1)
+            let code = e
+                .downcast_ref::<client::ClientError>()
+                .map_or(1, client::ClientError::exit_code);
+            ExitCode::from(code)
         }
     }
 }

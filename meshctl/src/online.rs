@@ -1,24 +1,19 @@
 //! Commands that talk to a running meshd over its control socket: `status`,
-//! `peer add|remove|list`. One JSON request line out, one reply line back
-//! (`mesh_proto::control`).
+//! `peer add|remove|list` (through [`Client`], in the contract's types).
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use mesh_proto::control::{
-    CpuLatencyState, HostFilterState, HostFilterStatus, NoArgs, PeerInfo, PeerList, PeerRemoved,
-    Request, Response, Status,
+    CpuLatencyState, Enforcement, HostFilterState, HostFilterStatus, PeerAddRequest, PeerList,
+    PeerListRequest, PeerRemoveRequest, Status, StatusRequest, WorkloadSource,
 };
 use mesh_proto::time::{span, Term, UnixTime};
 
+use crate::client::Client;
 use crate::Global;
-
-/// Where meshctl looks for meshd when neither --socket nor MESHD_SOCKET is given.
-pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
 
 #[derive(Subcommand, Debug)]
 pub enum PeerCommand {
@@ -55,57 +50,17 @@ pub enum PeerCommand {
     },
 }
 
-pub fn socket_path(g: &Global) -> PathBuf {
-    g.socket
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
-}
-
-/// Sends one request and returns the reply.
-pub fn call(socket: &Path, req: &Request) -> Result<Response> {
-    let mut s = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach meshd at {} (is it running? set --socket or MESHD_SOCKET)",
-            socket.display()
-        )
-    })?;
-    let mut line = req.to_line();
-    line.push('\n');
-    s.write_all(line.as_bytes())
-        .with_context(|| format!("{}: cannot send request", socket.display()))?;
-    let mut reply = String::new();
-    BufReader::new(&s)
-        .read_line(&mut reply)
-        .with_context(|| format!("{}: cannot read reply", socket.display()))?;
-    if reply.is_empty() {
-        return Err(anyhow!("{}: meshd closed the connection", socket.display()));
-    }
-    Response::parse(&reply).map_err(|e| anyhow!(e))
-}
-
-fn request<T: serde::de::DeserializeOwned>(g: &Global, req: &Request) -> Result<T> {
-    call(&socket_path(g), req)?
-        .into_result()
-        .map_err(|e| anyhow!(e))
-}
-
 pub fn status(g: &Global) -> Result<()> {
-    let sock = socket_path(g);
-    let reply = call(&sock, &Request::Status(NoArgs {}))?;
+    let s = Client::new(g).call(StatusRequest {})?;
     if g.json {
-        if !reply.ok {
-            return Err(anyhow!(reply.error.unwrap_or_default()));
-        }
-        // Exactly the daemon's status object.
-        outln!("{}", serde_json::to_string(&reply.result)?)?;
-        return Ok(());
+        crate::print_json(&s)
+    } else {
+        out!("{}", render_status(&s, crate::now()))
     }
-    let s: Status = reply.into_result().map_err(|e| anyhow!(e))?;
-    out!("{}", render_status(&s, crate::now()))?;
-    Ok(())
 }
 
 pub fn peer(cmd: PeerCommand, g: &Global) -> Result<()> {
+    let client = Client::new(g);
     match cmd {
         PeerCommand::Publish { cert, ca } => {
             return crate::store::peer_publish(&g.store, &cert, &ca, g);
@@ -113,13 +68,10 @@ pub fn peer(cmd: PeerCommand, g: &Global) -> Result<()> {
         PeerCommand::Add { cert, endpoint } => {
             let pem =
                 std::fs::read_to_string(&cert).with_context(|| format!("{}", cert.display()))?;
-            let info: PeerInfo = request(
-                g,
-                &Request::PeerAdd {
-                    cert: pem,
-                    endpoint,
-                },
-            )?;
+            let info = client.call(PeerAddRequest {
+                cert: pem,
+                endpoint,
+            })?;
             if g.json {
                 crate::print_json(&info)?;
             } else {
@@ -127,7 +79,7 @@ pub fn peer(cmd: PeerCommand, g: &Global) -> Result<()> {
             }
         }
         PeerCommand::Remove { identity } => {
-            let r: PeerRemoved = request(g, &Request::PeerRemove { identity })?;
+            let r = client.call(PeerRemoveRequest { identity })?;
             if g.json {
                 crate::print_json(&r)?;
             } else {
@@ -135,7 +87,7 @@ pub fn peer(cmd: PeerCommand, g: &Global) -> Result<()> {
             }
         }
         PeerCommand::List => {
-            let list: PeerList = request(g, &Request::PeerList(NoArgs {}))?;
+            let list = client.call(PeerListRequest {})?;
             if g.json {
                 crate::print_json(&list)?;
             } else {
@@ -272,7 +224,11 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
     o += &format!("  public key: {}\n", s.public_key);
     o += &format!("  listening: {} (tun {}, {ready})\n", s.listen, s.tun);
     o += &format!("  addresses: {}\n", join(&s.addresses));
-    if let Some(node) = s.workloads.iter().find(|w| w.source == "node") {
+    if let Some(node) = s
+        .workloads
+        .iter()
+        .find(|w| w.source == WorkloadSource::Node)
+    {
         o += &format!(
             "  certificate: {}\n",
             validity(node.not_before, node.not_after, now, "peers refuse it")
@@ -305,11 +261,15 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
     if let Some(st) = &s.store {
         o += &render_store(st, now);
     }
-    for w in s.workloads.iter().filter(|w| w.source != "node") {
+    for w in s
+        .workloads
+        .iter()
+        .filter(|w| w.source != WorkloadSource::Node)
+    {
         o += &format!("\nworkload: {} ({})\n", w.identity, w.name);
         o += &format!("  public key: {}\n", w.public_key);
         o += &format!("  addresses: {}\n", join(&w.addresses));
-        o += &format!("  attach: {} ({})\n", w.attach, w.source);
+        o += &format!("  attach: {} ({})\n", w.attach, w.source.as_str());
         o += &format!(
             "  certificate: {}\n",
             validity(w.not_before, w.not_after, now, "peers refuse it")
@@ -349,55 +309,44 @@ pub fn render_status(s: &Status, now: UnixTime) -> String {
     o
 }
 
-/// The policy in force and what enforcement did, from status' `enforcement` object.
-fn render_enforcement(e: &serde_json::Value) -> String {
-    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-    let p = &e["policy"];
-    let c = &e["counters"];
-    let default = p["default"].as_str().unwrap_or("?");
-    let mut o = match p["name"].as_str().filter(|s| !s.is_empty()) {
-        None => format!("\npolicy: none, default {default}\n"),
-        Some(name) => format!(
-            "\npolicy: {name} ({}), {} policies, default {default}\n",
-            p["origin"].as_str().unwrap_or("?"),
-            n(&p["policies"]),
-        ),
+/// The policy in force and what enforcement did (status' `enforcement`).
+fn render_enforcement(e: &Enforcement) -> String {
+    let (p, c) = (&e.policy, &e.counters);
+    let default = p.default.as_str();
+    let mut o = if p.name.is_empty() {
+        format!("\npolicy: none, default {default}\n")
+    } else {
+        format!(
+            "\npolicy: {} ({}), {} policies, default {default}\n",
+            p.name,
+            p.origin.as_str(),
+            p.policies,
+        )
     };
     o += &format!(
         "  flows: {} tracked ({} inspected at layer 7, {} bytes held), {} evicted\n",
-        n(&c["flows"]),
-        n(&c["l7_flows"]),
-        n(&c["l7_held_bytes"]),
-        n(&c["flows_evicted"])
+        c.flows, c.l7_flows, c.l7_held_bytes, c.flows_evicted
     );
     o += &format!(
         "  packets delivered: {}; http requests: {} decided, {} refused\n",
-        n(&c["delivered"]),
-        n(&c["http_requests"]),
-        n(&c["http_refused"])
+        c.delivered, c.http_requests, c.http_refused
     );
-    if let Some(drops) = c["drops"].as_object().filter(|d| !d.is_empty()) {
-        let list: Vec<String> = drops.iter().map(|(k, v)| format!("{k} {}", n(v))).collect();
+    if !c.drops.is_empty() {
+        let list: Vec<String> = c.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
         o += &format!("  drops: {}\n", list.join(", "));
     }
-    if let Some(rules) = c["rules"].as_array().filter(|r| !r.is_empty()) {
+    if !c.rules.is_empty() {
         o += "  rules:\n";
-        for r in rules {
+        for r in &c.rules {
             o += &format!(
                 "    {}/{}: allow {}, deny {}, audit {}\n",
-                r["policy"].as_str().unwrap_or("?"),
-                r["rule"].as_str().unwrap_or("?"),
-                n(&r["allow"]),
-                n(&r["deny"]),
-                n(&r["audit"])
+                r.policy, r.rule, r.allow, r.deny, r.audit
             );
         }
     }
-    let l = &e["decision_log"];
     o += &format!(
         "  decision log: {} written, {} suppressed\n",
-        n(&l["written"]),
-        n(&l["suppressed"])
+        e.decision_log.written, e.decision_log.suppressed
     );
     o
 }
@@ -412,7 +361,7 @@ pub fn render_peer_list(l: &PeerList) -> String {
                 p.endpoint.map_or("-".to_string(), |e| e.to_string()),
                 join(&p.addresses),
                 p.not_after.to_string(),
-                p.source.clone(),
+                p.source.as_str().to_string(),
             ]
         })
         .collect();
@@ -450,7 +399,11 @@ pub fn table<const N: usize>(head: [&str; N], rows: &[[String; N]]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_proto::control::{NodeDrops, PeerDrops, PeerStatus};
+    use mesh_proto::control::{
+        Attach, EnforcementCounters, LogCounters, NodeDrops, PeerDrops, PeerInfo, PeerSource,
+        PeerStatus, PolicyInfo, PolicyOrigin, RuleCount,
+    };
+    use mesh_proto::policy::DefaultAction;
 
     #[test]
     fn status_text_names_everything() {
@@ -492,8 +445,8 @@ mod tests {
                     groups: vec![],
                     not_before: UnixTime(0),
                     not_after: UnixTime(112 + 3 * 86_400 + 7200),
-                    attach: "tun".into(),
-                    source: "node".into(),
+                    attach: Attach::Tun,
+                    source: WorkloadSource::Node,
                 },
                 mesh_proto::control::WorkloadInfo {
                     name: "web".into(),
@@ -503,16 +456,38 @@ mod tests {
                     groups: vec![],
                     not_before: UnixTime(0),
                     not_after: UnixTime(120),
-                    attach: "veth:p-web".into(),
-                    source: "runtime".into(),
+                    attach: Attach::Veth("p-web".into()),
+                    source: WorkloadSource::Runtime,
                 },
             ],
-            enforcement: Some(serde_json::json!({
-                "policy": {"name": "p.toml", "origin": "applied", "policies": 2, "default": "deny"},
-                "counters": {"flows": 3, "l7_flows": 1, "drops": {"no_allow_matched": 7},
-                             "rules": [{"policy": "web", "rule": "0", "allow": 5, "deny": 0, "audit": 0}]},
-                "decision_log": {"written": 7, "suppressed": 0},
-            })),
+            enforcement: Some(Enforcement {
+                policy: PolicyInfo {
+                    name: "p.toml".into(),
+                    origin: PolicyOrigin::Applied,
+                    default: DefaultAction::Deny,
+                    policies: 2,
+                    tests: 0,
+                    source: String::new(),
+                },
+                counters: EnforcementCounters {
+                    flows: 3,
+                    l7_flows: 1,
+                    drops: [("no_allow_matched".to_string(), 7)].into(),
+                    rules: vec![RuleCount {
+                        policy: "web".into(),
+                        rule: "0".into(),
+                        allow: 5,
+                        deny: 0,
+                        audit: 0,
+                    }],
+                    ..EnforcementCounters::default()
+                },
+                decision_log: LogCounters {
+                    written: 7,
+                    suppressed: 0,
+                    follower_lost: 0,
+                },
+            }),
             cpu_latency: Some(mesh_proto::control::CpuLatencyStatus {
                 requested_us: 0,
                 state: CpuLatencyState::Held,
@@ -610,7 +585,7 @@ mod tests {
                 addresses: vec!["100.64.0.2/32".parse().unwrap()],
                 groups: vec![],
                 not_after: UnixTime(0),
-                source: "runtime".into(),
+                source: PeerSource::Runtime,
             }],
         };
         let t = render_peer_list(&l);

@@ -1,16 +1,15 @@
 //! `meshctl policy ...`: check, test and explain policy files offline; apply them to
 //! a running meshd and explain against its live policy over the control socket.
 
+use crate::client::Client;
 use crate::Global;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use mesh_proto::control::PolicyApplyRequest;
 use mesh_proto::policy::{
     self, parse_header, CompiledPolicy, DefaultAction, Explanation, HttpSpec, Protocol, RequestSpec,
 };
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -341,14 +340,7 @@ fn explain(args: ExplainArgs, g: &Global) -> Result<()> {
             let compiled = CompiledPolicy::compile(parsed.set, args.default.into());
             policy::explain(&compiled, &spec)
         }
-        None => {
-            let mut msg = serde_json::to_value(&spec)?;
-            if let Some(obj) = msg.as_object_mut() {
-                obj.insert("op".into(), "explain".into());
-            }
-            let result = call(g, &msg)?;
-            serde_json::from_value(result).context("bad explain reply from meshd")?
-        }
+        None => Client::new(g).call(spec)?,
     };
     if g.json {
         crate::print_json(&explanation)
@@ -361,61 +353,26 @@ fn explain(args: ExplainArgs, g: &Global) -> Result<()> {
 fn apply(file: &Path, g: &Global) -> Result<()> {
     // Validate here first so errors name the operator's file and line; meshd checks
     // again, runs the [[test]] cases under its own default, and refuses on failure.
-    let (source, parsed) = load(file, g.json)?;
+    let (source, _) = load(file, g.json)?;
     let name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| file.display().to_string());
-    let msg = serde_json::json!({"op": "policy_apply", "source": source, "name": name});
-    let result = call(g, &msg)?;
+    let applied = Client::new(g).call(PolicyApplyRequest {
+        source,
+        name: Some(name),
+    })?;
     if g.json {
-        crate::print_json(&result)
-    } else {
-        outln!(
-            "applied {}: {} policies, {} tests passed",
-            file.display(),
-            parsed.set.policies.len(),
-            parsed.set.tests.len()
-        )?;
-        Ok(())
+        return crate::print_json(&applied);
     }
-}
-
-/// One request to meshd's control socket: a JSON line out, a JSON line back.
-/// Returns `result` of `{"ok":true,...}`, or the daemon's one-line error.
-fn call(g: &Global, msg: &serde_json::Value) -> Result<serde_json::Value> {
-    let path = g
-        .socket
-        .as_ref()
-        .ok_or_else(|| anyhow!("no control socket: pass --socket PATH or set MESHD_SOCKET"))?;
-    let mut stream = UnixStream::connect(path)
-        .with_context(|| format!("cannot connect to meshd at {}", path.display()))?;
-    // A daemon that never answers must not hang the operator's shell.
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = serde_json::to_string(msg)?;
-    line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .with_context(|| format!("cannot write to meshd at {}", path.display()))?;
-    let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .with_context(|| format!("no reply from meshd at {}", path.display()))?;
-    if reply.trim().is_empty() {
-        bail!(
-            "meshd at {} closed the connection without a reply",
-            path.display()
-        );
+    out!(
+        "applied {}: {} policies, {} tests passed",
+        file.display(),
+        applied.policies,
+        applied.tests
+    )?;
+    if applied.cut_flows > 0 {
+        out!("; {} established flows it forbids cut", applied.cut_flows)?;
     }
-    let v: serde_json::Value =
-        serde_json::from_str(reply.trim_end()).context("bad reply from meshd")?;
-    if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
-        Ok(v.get("result").cloned().unwrap_or(serde_json::Value::Null))
-    } else {
-        let err = v
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("meshd: unknown error");
-        bail!("meshd: {err}")
-    }
+    outln!()
 }

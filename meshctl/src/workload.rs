@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
-use mesh_proto::control::{NoArgs, Request, WorkloadInfo, WorkloadList, WorkloadRemoved};
+use mesh_proto::control::{
+    WorkloadAddRequest, WorkloadList, WorkloadListRequest, WorkloadRemoveRequest,
+};
 
-use crate::online::{call, socket_path};
+use crate::client::Client;
 use crate::Global;
 
 #[derive(Subcommand, Debug)]
@@ -48,13 +50,8 @@ fn absolute(p: &Path) -> Result<String> {
         .ok_or_else(|| anyhow!("{}: path is not UTF-8", abs.display()))
 }
 
-fn request<T: serde::de::DeserializeOwned>(g: &Global, req: &Request) -> Result<T> {
-    call(&socket_path(g), req)?
-        .into_result()
-        .map_err(|e| anyhow!(e))
-}
-
 pub fn run(cmd: Command, g: &Global) -> Result<()> {
+    let client = Client::new(g);
     match cmd {
         Command::Add {
             name,
@@ -72,15 +69,12 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             mesh_proto::cert::Certificate::from_pem(&pem)
                 .with_context(|| format!("{}", cert.display()))?;
             mesh_proto::files::read_private_key(&key)?;
-            let info: WorkloadInfo = request(
-                g,
-                &Request::WorkloadAdd {
-                    name,
-                    cert: absolute(&cert)?,
-                    key: absolute(&key)?,
-                    veth,
-                },
-            )?;
+            let info = client.call(WorkloadAddRequest {
+                name,
+                cert: absolute(&cert)?,
+                key: absolute(&key)?,
+                veth,
+            })?;
             if g.json {
                 crate::print_json(&info)?;
             } else {
@@ -88,7 +82,7 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             }
         }
         Command::Remove { name } => {
-            let r: WorkloadRemoved = request(g, &Request::WorkloadRemove { name })?;
+            let r = client.call(WorkloadRemoveRequest { name })?;
             if g.json {
                 crate::print_json(&r)?;
             } else {
@@ -96,7 +90,7 @@ pub fn run(cmd: Command, g: &Global) -> Result<()> {
             }
         }
         Command::List => {
-            let list: WorkloadList = request(g, &Request::WorkloadList(NoArgs {}))?;
+            let list = client.call(WorkloadListRequest {})?;
             if g.json {
                 crate::print_json(&list)?;
             } else {
@@ -121,8 +115,8 @@ pub fn render_list(l: &WorkloadList) -> String {
                     .map(|a| a.to_string())
                     .collect::<Vec<_>>()
                     .join(","),
-                w.attach.clone(),
-                w.source.clone(),
+                w.attach.to_string(),
+                w.source.as_str().to_string(),
             ]
         })
         .collect();
@@ -133,6 +127,7 @@ pub fn render_list(l: &WorkloadList) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_proto::control::{Attach, WorkloadInfo, WorkloadSource};
     use mesh_proto::time::UnixTime;
 
     #[test]
@@ -147,8 +142,8 @@ mod tests {
                     groups: vec![],
                     not_before: UnixTime(0),
                     not_after: UnixTime(0),
-                    attach: "tun".into(),
-                    source: "node".into(),
+                    attach: Attach::Tun,
+                    source: WorkloadSource::Node,
                 },
                 WorkloadInfo {
                     name: "web".into(),
@@ -158,8 +153,8 @@ mod tests {
                     groups: vec![],
                     not_before: UnixTime(0),
                     not_after: UnixTime(0),
-                    attach: "veth:p-web".into(),
-                    source: "runtime".into(),
+                    attach: Attach::Veth("p-web".into()),
+                    source: WorkloadSource::Runtime,
                 },
             ],
         };

@@ -716,7 +716,12 @@ fn a_closed_stdout_ends_every_command_quietly() {
         ),
         (
             vec!["log"],
-            ok(serde_json::json!({"lines": [{"time": "t", "decision": "deny"}]})),
+            ok(
+                serde_json::json!({"lines": [{"time": "t", "src": "spiffe://t/a",
+                "src_addr": "100.64.0.1", "dst": null, "dst_addr": "100.64.0.2", "dst_port": 22,
+                "proto": "tcp", "decision": "deny", "reason": "default_deny",
+                "policy": null, "rule": null}]}),
+            ),
         ),
     ];
     let server = fake_meshd(
@@ -784,4 +789,109 @@ fn a_closed_stdout_ends_every_command_quietly() {
         assert!(stderr.is_empty(), "meshctl {args:?}: {stderr}");
     }
     server.join().unwrap();
+}
+
+/// meshd's answers reach the operator typed: each kind of error is one line naming
+/// meshd and its own exit code, a reply that is not of the contract is an error too,
+/// and `--json` prints the contract's fields (the keys scripts read).
+#[test]
+fn meshd_answers_map_to_lines_and_exit_codes() {
+    let d = Dir::new("answers");
+    let sock = d.path("meshd.sock");
+    let sock_arg = sock.to_str().unwrap();
+    let err = |kind: &str, msg: &str| {
+        format!(
+            "{}\n",
+            serde_json::json!({"ok": false, "kind": kind, "error": msg})
+        )
+    };
+    let status = serde_json::json!({
+        "ready": true, "identity": "spiffe://t/a", "public_key": "k", "listen": "198.18.0.1:51820",
+        "tun": "mesh0", "addresses": ["100.64.0.1/32"], "peers": [], "drops": {},
+        "workloads": [{"name": "node", "identity": "spiffe://t/a", "public_key": "k",
+            "addresses": ["100.64.0.1/32"], "not_after": 9, "attach": "tun", "source": "node"}],
+        "enforcement": {
+            "policy": {"name": "p.toml", "origin": "applied", "default": "deny",
+                "policies": 1, "tests": 0, "source": "S"},
+            "counters": {"flows": 2, "drops": {"default_deny": 3},
+                "rules": [{"policy": "api", "rule": "0", "allow": 1, "deny": 0, "audit": 0}]},
+            "decision_log": {"written": 3, "suppressed": 0, "follower_lost": 0}},
+    });
+    // (args, reply, exit code, stderr line)
+    let cases: Vec<(Vec<&str>, String, i32, &str)> = vec![
+        (
+            vec!["peer", "remove", "spiffe://t/b"],
+            err("not_found", "peer_remove: no peer spiffe://t/b"),
+            3,
+            "meshctl: meshd: peer_remove: no peer spiffe://t/b\n",
+        ),
+        (
+            vec!["status"],
+            err("not_allowed", "permission denied"),
+            4,
+            "meshctl: meshd: permission denied\n",
+        ),
+        (
+            vec!["peer", "list"],
+            err(
+                "busy",
+                "too many control clients, each serving a request: try again",
+            ),
+            5,
+            "meshctl: meshd: too many control clients, each serving a request: try again\n",
+        ),
+        (
+            vec!["workload", "list"],
+            err(
+                "bad_request",
+                "bad request: unknown variant `workload_list`",
+            ),
+            6,
+            "meshctl: meshd: bad request: unknown variant `workload_list`\n",
+        ),
+        (
+            vec!["workload", "remove", "web"],
+            err("internal", "workload_remove: cannot persist: disk full"),
+            7,
+            "meshctl: meshd: workload_remove: cannot persist: disk full\n",
+        ),
+        (
+            vec!["log"],
+            err("refused", "log: no"),
+            1,
+            "meshctl: meshd: log: no\n",
+        ),
+        (
+            vec!["peer", "list"],
+            "{\"ok\":true,\"result\":{\"peers\":\"none\"}}\n".into(),
+            1,
+            "meshctl: bad reply from meshd: ",
+        ),
+    ];
+    let mut replies: Vec<String> = cases.iter().map(|c| c.1.clone()).collect();
+    replies.push(format!(
+        "{}\n",
+        serde_json::json!({"ok": true, "result": status})
+    ));
+    let server = fake_meshd(&sock, replies);
+    for (args, _, code, line) in &cases {
+        let all = [&["--socket", sock_arg][..], args].concat();
+        let out = d.run(&all);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(*code), "meshctl {args:?}: {stderr}");
+        assert!(stderr.starts_with(line), "meshctl {args:?}: {stderr:?}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+        assert!(out.stdout.is_empty());
+    }
+    let v = json(&d.ok(&["--socket", sock_arg, "status", "--json"]));
+    server.join().unwrap();
+    assert_eq!(v["ready"], true);
+    assert_eq!(v["workloads"][0]["attach"], "tun");
+    let e = &v["enforcement"];
+    assert_eq!(e["policy"]["source"], "S");
+    assert_eq!(e["policy"]["origin"], "applied");
+    assert_eq!(e["counters"]["flows"], 2);
+    assert_eq!(e["counters"]["drops"]["default_deny"], 3);
+    assert_eq!(e["counters"]["rules"][0]["allow"], 1);
+    assert_eq!(e["decision_log"]["written"], 3);
 }

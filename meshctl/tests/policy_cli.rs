@@ -335,7 +335,10 @@ fn apply_and_online_explain_talk_the_control_protocol() {
     let sock = d.0.join("meshd.sock");
     let sock_arg = sock.to_str().unwrap();
 
-    let server = fake_meshd(&sock, "{\"ok\":true,\"result\":{}}\n");
+    let server = fake_meshd(
+        &sock,
+        "{\"ok\":true,\"result\":{\"name\":\"p.toml\",\"policies\":1,\"tests\":1,\"cut_flows\":0}}\n",
+    );
     let out = d.run(&["--socket", sock_arg, "policy", "apply", "p.toml"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let req: serde_json::Value = serde_json::from_str(&server.join().unwrap()).unwrap();

@@ -1,7 +1,9 @@
 //! The control socket (I/O shell): a Unix stream socket, mode 0600, that accepts only
 //! clients running as the daemon's user or root (SO_PEERCRED). One JSON request per
-//! line, one JSON reply per line (`mesh_proto::control`). A malformed request gets an
-//! error reply and changes nothing.
+//! line, one JSON reply per line, in the types of the contract `mesh_proto::control`:
+//! [`handle`] parses a [`Request`], asks the daemon through [`Api`] (whose methods
+//! return the contract's result types and [`ControlError`]s) and answers. A malformed
+//! request gets a [`ControlError::BadRequest`] and changes nothing.
 //!
 //! Clients are bounded ([`Limits`]) and none can hold a slot for long without using
 //! it: a request line must arrive within seconds of connecting (or of the previous
@@ -20,8 +22,11 @@ use std::time::{Duration, Instant};
 use std::net::SocketAddr;
 
 use mesh_proto::control::{
-    PeerInfo, PeerList, PeerRemoved, Request, Response, Status, WorkloadInfo, WorkloadList,
-    WorkloadRemoved, MAX_REQUEST_BYTES,
+    parse_reply, reply_line, ControlError, DecisionRecord, Explanation, LogRequest, LogTail,
+    PeerAddRequest, PeerInfo, PeerList, PeerRemoveRequest, PeerRemoved, PolicyApplied,
+    PolicyApplyRequest, PolicyInfo, Request, Response, Status, StatusRequest, WorkloadAddRequest,
+    WorkloadInfo, WorkloadList, WorkloadRemoveRequest, WorkloadRemoved, DEFAULT_LOG_LINES,
+    MAX_REQUEST_BYTES,
 };
 use mesh_proto::time::UnixTime;
 
@@ -55,8 +60,9 @@ impl Default for Limits {
     }
 }
 
+/// Why the control socket cannot be bound.
 #[derive(Debug, thiserror::Error)]
-pub enum ControlError {
+pub enum SocketError {
     #[error("control socket {}: another meshd is listening there", path.display())]
     InUse { path: PathBuf },
     #[error("control socket {}: {source}", path.display())]
@@ -69,13 +75,13 @@ pub fn ask_status(path: &Path) -> Option<Status> {
     let mut s = UnixStream::connect(path).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut line = Request::Status(mesh_proto::control::NoArgs {}).to_line();
+    let mut line = Request::from(StatusRequest {}).to_line();
     line.push('\n');
     s.write_all(line.as_bytes()).ok()?;
     let mut reader = LineReader { buf: Vec::new() };
     let deadline = instant_now() + Duration::from_secs(2);
     match reader.next(&s, deadline, instant_now).ok()? {
-        Line::Request(reply) => Response::parse(&reply).ok()?.into_result().ok(),
+        Line::Request(reply) => parse_reply::<StatusRequest>(&reply).ok()?.ok(),
         _ => None,
     }
 }
@@ -87,14 +93,14 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    pub fn bind(path: &Path) -> Result<ControlSocket, ControlError> {
-        let io_err = |source| ControlError::Io {
+    pub fn bind(path: &Path) -> Result<ControlSocket, SocketError> {
+        let io_err = |source| SocketError::Io {
             path: path.to_path_buf(),
             source,
         };
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse {
+                return Err(SocketError::InUse {
                     path: path.to_path_buf(),
                 });
             }
@@ -237,12 +243,10 @@ pub fn serve_with<A: Api + Send + Sync + 'static>(
         };
         let Some(id) = slots.admit(&stream, limits.clients, instant_now()) else {
             let mut s = stream;
-            let _ = writeln!(
-                s,
-                "{}",
-                Response::error("too many control clients, each serving a request: try again")
-                    .to_line()
+            let busy = ControlError::Busy(
+                "too many control clients, each serving a request: try again".into(),
             );
+            let _ = writeln!(s, "{}", reply_line::<()>(&Err(busy)));
             continue;
         };
         let api = api.clone();
@@ -390,7 +394,8 @@ impl Client<'_> {
         let me = unsafe { libc::geteuid() };
         if uid != me && uid != 0 {
             tracing::warn!(uid, "control client refused: not the daemon's user or root");
-            writeln!(out, "{}", Response::error("permission denied").to_line())?;
+            let denied = ControlError::NotAllowed("permission denied".into());
+            writeln!(out, "{}", reply_line::<()>(&Err(denied)))?;
             return Ok(());
         }
         let mut reader = LineReader { buf: Vec::new() };
@@ -404,22 +409,18 @@ impl Client<'_> {
                     return Ok(());
                 }
                 Line::TooLong => {
-                    writeln!(
-                        out,
-                        "{}",
-                        Response::error(format!(
-                            "bad request: longer than {MAX_REQUEST_BYTES} bytes"
-                        ))
-                        .to_line()
-                    )?;
+                    let long = ControlError::BadRequest(format!(
+                        "bad request: longer than {MAX_REQUEST_BYTES} bytes"
+                    ));
+                    writeln!(out, "{}", reply_line::<()>(&Err(long)))?;
                     return Ok(());
                 }
-                Line::NotUtf8 => Response::error("bad request: not UTF-8"),
+                Line::NotUtf8 => Err(ControlError::BadRequest("bad request: not UTF-8".into())),
                 Line::Request(line) => {
-                    if let Ok(Request::Log {
+                    if let Ok(Request::Log(LogRequest {
                         follow: true,
                         lines,
-                    }) = Request::parse(&line)
+                    })) = Request::parse(&line)
                     {
                         self.slots.set(self.id, Doing::Following, instant_now());
                         return follow_log(api, out, lines);
@@ -434,24 +435,23 @@ impl Client<'_> {
             // client answered still marked busy, and the one before it taken instead).
             waiting_since = instant_now();
             self.slots.set(self.id, Doing::Waiting, waiting_since);
-            writeln!(out, "{}", reply.to_line())?;
+            writeln!(out, "{}", reply_line(&reply))?;
         }
     }
 }
 
-/// `log -f`: the last lines as one reply, then every new decision as a line of its
-/// own, until the client goes away or the daemon stops.
+/// `log -f`: the last lines as one reply ([`LogTail`]), then every new decision as a
+/// line of its own (a [`DecisionRecord`] as the log wrote it), until the client goes
+/// away or the daemon stops.
 fn follow_log(d: &dyn Api, mut out: UnixStream, lines: Option<u32>) -> io::Result<()> {
     let rx = match d.log_follow() {
         Ok(rx) => rx,
         Err(e) => {
-            writeln!(out, "{}", Response::error(e).to_line())?;
+            writeln!(out, "{}", reply_line::<()>(&Err(e)))?;
             return Ok(());
         }
     };
-    let n = lines.map_or(LOG_LINES, |n| n as usize);
-    let first = Response::ok(serde_json::json!({ "lines": log_lines(&d.log_tail(n)) }));
-    writeln!(out, "{}", first.to_line())?;
+    writeln!(out, "{}", reply_line(&Ok(log_tail(d, lines))))?;
     while !d.stopping() {
         match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(line) => writeln!(out, "{line}")?,
@@ -468,8 +468,8 @@ fn follow_log(d: &dyn Api, mut out: UnixStream, lines: Option<u32>) -> io::Resul
 }
 
 /// What the control socket asks of the daemon; [`Daemon`] implements it, tests use a
-/// fake. Every method either applies its change completely or returns an error and
-/// changes nothing.
+/// fake. Results are the contract's types. Every method either applies its change
+/// completely or returns an error and changes nothing.
 pub trait Api {
     fn status(&self) -> Status;
     fn peer_list(&self) -> PeerList;
@@ -478,26 +478,27 @@ pub trait Api {
         pem: &str,
         endpoint: Option<SocketAddr>,
         now: UnixTime,
-    ) -> Result<PeerInfo, String>;
-    fn peer_remove(&self, identity: &str) -> Result<String, String>;
+    ) -> Result<PeerInfo, ControlError>;
+    fn peer_remove(&self, identity: &str) -> Result<PeerRemoved, ControlError>;
     /// Validates, tests, persists and swaps in a policy; cuts flows it forbids.
     fn policy_apply(
         &self,
         source: &str,
         name: &str,
         now: UnixTime,
-    ) -> Result<serde_json::Value, String>;
-    fn policy_get(&self) -> serde_json::Value;
-    fn explain(&self, spec: RequestSpec) -> serde_json::Value;
+    ) -> Result<PolicyApplied, ControlError>;
+    fn policy_get(&self) -> PolicyInfo;
+    fn explain(&self, spec: RequestSpec) -> Explanation;
     /// The last `n` decision-log lines, oldest first.
     fn log_tail(&self, n: usize) -> Vec<Arc<str>>;
     /// Every decision-log line from now on (`log -f`).
-    fn log_follow(&self) -> Result<Receiver<Arc<str>>, String>;
+    fn log_follow(&self) -> Result<Receiver<Arc<str>>, ControlError>;
     /// The daemon is shutting down (followers stop).
     fn stopping(&self) -> bool;
     fn workload_list(&self) -> WorkloadList;
-    fn workload_add(&self, spec: WorkloadSpec, now: UnixTime) -> Result<WorkloadInfo, String>;
-    fn workload_remove(&self, name: &str) -> Result<String, String>;
+    fn workload_add(&self, spec: WorkloadSpec, now: UnixTime)
+        -> Result<WorkloadInfo, ControlError>;
+    fn workload_remove(&self, name: &str) -> Result<WorkloadRemoved, ControlError>;
 }
 
 impl Api for Daemon {
@@ -512,33 +513,35 @@ impl Api for Daemon {
         pem: &str,
         endpoint: Option<SocketAddr>,
         now: UnixTime,
-    ) -> Result<PeerInfo, String> {
+    ) -> Result<PeerInfo, ControlError> {
         Daemon::peer_add(self, pem, endpoint, now)
     }
-    fn peer_remove(&self, identity: &str) -> Result<String, String> {
-        Daemon::peer_remove(self, identity)
+    fn peer_remove(&self, identity: &str) -> Result<PeerRemoved, ControlError> {
+        Daemon::peer_remove(self, identity).map(|removed| PeerRemoved { removed })
     }
     fn policy_apply(
         &self,
         source: &str,
         name: &str,
         now: UnixTime,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<PolicyApplied, ControlError> {
         let (result, cuts) = Daemon::policy_apply(self, source, name, now)?;
         self.cut_flows(&cuts);
         Ok(result)
     }
-    fn policy_get(&self) -> serde_json::Value {
+    fn policy_get(&self) -> PolicyInfo {
         Daemon::policy_get(self)
     }
-    fn explain(&self, spec: RequestSpec) -> serde_json::Value {
+    fn explain(&self, spec: RequestSpec) -> Explanation {
         Daemon::explain(self, spec)
     }
     fn log_tail(&self, n: usize) -> Vec<Arc<str>> {
         self.log.tail(n)
     }
-    fn log_follow(&self) -> Result<Receiver<Arc<str>>, String> {
-        self.log.follow().map_err(|e| e.to_string())
+    fn log_follow(&self) -> Result<Receiver<Arc<str>>, ControlError> {
+        self.log
+            .follow()
+            .map_err(|e| ControlError::Busy(e.to_string()))
     }
     fn stopping(&self) -> bool {
         self.shutdown.is_set()
@@ -546,88 +549,76 @@ impl Api for Daemon {
     fn workload_list(&self) -> WorkloadList {
         Daemon::workload_list(self)
     }
-    fn workload_add(&self, spec: WorkloadSpec, now: UnixTime) -> Result<WorkloadInfo, String> {
+    fn workload_add(
+        &self,
+        spec: WorkloadSpec,
+        now: UnixTime,
+    ) -> Result<WorkloadInfo, ControlError> {
         Daemon::workload_add(self, spec, now)
     }
-    fn workload_remove(&self, name: &str) -> Result<String, String> {
-        Daemon::workload_remove(self, name)
+    fn workload_remove(&self, name: &str) -> Result<WorkloadRemoved, ControlError> {
+        Daemon::workload_remove(self, name).map(|removed| WorkloadRemoved { removed })
     }
 }
 
-/// Default number of lines `log` returns.
-const LOG_LINES: usize = 50;
-
-/// The decision-log lines as JSON values (each line is a JSON object).
-fn log_lines(lines: &[Arc<str>]) -> Vec<serde_json::Value> {
-    lines
-        .iter()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+/// The last `lines` decisions ([`DEFAULT_LOG_LINES`] when not said), as records. A
+/// line that is not a record (none is: the log writes them) is left out.
+fn log_tail(d: &dyn Api, lines: Option<u32>) -> LogTail {
+    let n = lines.unwrap_or(DEFAULT_LOG_LINES) as usize;
+    LogTail {
+        lines: d
+            .log_tail(n)
+            .iter()
+            .filter_map(|l| serde_json::from_str::<DecisionRecord>(l).ok())
+            .collect(),
+    }
 }
 
 /// Serves one request line at `now`.
-pub fn handle(d: &dyn Api, line: &str, now: UnixTime) -> Response {
-    let req = match Request::parse(line) {
-        Ok(r) => r,
-        Err(e) => return Response::error(e),
-    };
-    match req {
-        Request::Status(_) => Response::ok(d.status()),
-        Request::PeerList(_) => Response::ok(d.peer_list()),
-        Request::PeerAdd { cert, endpoint } => match d.peer_add(&cert, endpoint, now) {
-            Ok(info) => Response::ok(info),
-            Err(e) => Response::error(e),
-        },
-        Request::PeerRemove { identity } => match d.peer_remove(&identity) {
-            Ok(removed) => Response::ok(PeerRemoved { removed }),
-            Err(e) => Response::error(e),
-        },
-        Request::PolicyApply { source, name } => {
+pub fn handle(d: &dyn Api, line: &str, now: UnixTime) -> Result<Response, ControlError> {
+    Ok(match Request::parse(line)? {
+        Request::Status(_) => Response::Status(Box::new(d.status())),
+        Request::PeerList(_) => Response::PeerList(d.peer_list()),
+        Request::PeerAdd(PeerAddRequest { cert, endpoint }) => {
+            Response::PeerInfo(d.peer_add(&cert, endpoint, now)?)
+        }
+        Request::PeerRemove(PeerRemoveRequest { identity }) => {
+            Response::PeerRemoved(d.peer_remove(&identity)?)
+        }
+        Request::PolicyApply(PolicyApplyRequest { source, name }) => {
             let name = name.unwrap_or_else(|| "policy.toml".into());
-            match d.policy_apply(&source, &name, now) {
-                Ok(r) => Response::ok(r),
-                Err(e) => Response::error(e),
-            }
+            Response::PolicyApplied(d.policy_apply(&source, &name, now)?)
         }
-        Request::PolicyGet(_) => Response::ok(d.policy_get()),
-        Request::Explain(map) => {
-            match serde_json::from_value::<RequestSpec>(serde_json::Value::Object(map)) {
-                Ok(spec) => Response::ok(d.explain(spec)),
-                Err(e) => Response::error(format!("bad request: explain: {e}")),
-            }
-        }
-        Request::Log { lines, .. } => {
-            let n = lines.map_or(LOG_LINES, |n| n as usize);
-            Response::ok(serde_json::json!({ "lines": log_lines(&d.log_tail(n)) }))
-        }
-        Request::WorkloadList(_) => Response::ok(d.workload_list()),
-        Request::WorkloadAdd {
+        Request::PolicyGet(_) => Response::PolicyInfo(d.policy_get()),
+        Request::Explain(spec) => Response::Explanation(Box::new(d.explain(spec))),
+        Request::Log(LogRequest { lines, .. }) => Response::LogTail(log_tail(d, lines)),
+        Request::WorkloadList(_) => Response::WorkloadList(d.workload_list()),
+        Request::WorkloadAdd(WorkloadAddRequest {
             name,
             cert,
             key,
             veth,
-        } => {
+        }) => {
             let spec = WorkloadSpec {
                 name,
                 cert: cert.into(),
                 key: key.into(),
                 veth,
             };
-            match d.workload_add(spec, now) {
-                Ok(info) => Response::ok(info),
-                Err(e) => Response::error(e),
-            }
+            Response::WorkloadInfo(d.workload_add(spec, now)?)
         }
-        Request::WorkloadRemove { name } => match d.workload_remove(&name) {
-            Ok(removed) => Response::ok(WorkloadRemoved { removed }),
-            Err(e) => Response::error(e),
-        },
-    }
+        Request::WorkloadRemove(WorkloadRemoveRequest { name }) => {
+            Response::WorkloadRemoved(d.workload_remove(&name)?)
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use mesh_proto::control::{NodeDrops, PeerInfo};
+    use mesh_proto::control::{
+        parse_reply_as, Attach, ErrorKind, NodeDrops, PeerInfo, PolicyOrigin, WorkloadSource,
+    };
+    use mesh_proto::policy::{DefaultAction, Protocol};
 
     use super::*;
 
@@ -678,43 +669,70 @@ mod tests {
             pem: &str,
             endpoint: Option<SocketAddr>,
             now: UnixTime,
-        ) -> Result<PeerInfo, String> {
+        ) -> Result<PeerInfo, ControlError> {
             self.calls
                 .borrow_mut()
                 .push(format!("add {pem} {endpoint:?} {}", now.secs()));
-            Err("peer_add: not a mesh certificate".into())
+            Err(ControlError::Refused(
+                "peer_add: not a mesh certificate".into(),
+            ))
         }
-        fn peer_remove(&self, identity: &str) -> Result<String, String> {
+        fn peer_remove(&self, identity: &str) -> Result<PeerRemoved, ControlError> {
             self.calls.borrow_mut().push(format!("remove {identity}"));
-            Ok(identity.into())
+            if identity == "spiffe://t/nobody" {
+                return Err(ControlError::NotFound(format!(
+                    "peer_remove: no peer {identity}"
+                )));
+            }
+            Ok(PeerRemoved {
+                removed: identity.into(),
+            })
         }
         fn policy_apply(
             &self,
             source: &str,
             name: &str,
             _now: UnixTime,
-        ) -> Result<serde_json::Value, String> {
+        ) -> Result<PolicyApplied, ControlError> {
             self.calls
                 .borrow_mut()
                 .push(format!("apply {name} {}", source.len()));
-            Err("policy_apply: test case 1 failed".into())
+            Err(ControlError::Refused(
+                "policy_apply: test case 1 failed".into(),
+            ))
         }
-        fn policy_get(&self) -> serde_json::Value {
+        fn policy_get(&self) -> PolicyInfo {
             self.calls.borrow_mut().push("policy_get".into());
-            serde_json::json!({"name": ""})
+            PolicyInfo {
+                name: String::new(),
+                origin: PolicyOrigin::None,
+                default: DefaultAction::Deny,
+                policies: 0,
+                tests: 0,
+                source: String::new(),
+            }
         }
-        fn explain(&self, spec: RequestSpec) -> serde_json::Value {
+        fn explain(&self, spec: RequestSpec) -> Explanation {
             self.calls
                 .borrow_mut()
                 .push(format!("explain {}", spec.to_port));
-            serde_json::json!({})
+            let empty = mesh_proto::policy::CompiledPolicy::empty(DefaultAction::Deny);
+            mesh_proto::policy::explain(&empty, &spec)
         }
         fn log_tail(&self, n: usize) -> Vec<Arc<str>> {
             self.calls.borrow_mut().push(format!("log {n}"));
-            vec![Arc::from("{\"decision\":\"deny\"}")]
+            vec![
+                Arc::from(
+                    "{\"time\":\"t\",\"src\":\"spiffe://t/a\",\"src_addr\":\"100.64.0.1\",\"dst\":null,\"dst_addr\":\"100.64.0.2\",\"dst_port\":22,\"proto\":\"tcp\",\"decision\":\"deny\",\"reason\":\"default_deny\",\"policy\":null,\"rule\":null}",
+                ),
+                // Not a record: left out, the others still answered.
+                Arc::from("{\"decision\":\"deny\"}"),
+            ]
         }
-        fn log_follow(&self) -> Result<Receiver<Arc<str>>, String> {
-            Err("no log here".into())
+        fn log_follow(&self) -> Result<Receiver<Arc<str>>, ControlError> {
+            Err(ControlError::Busy(
+                "too many log followers (at most 0)".into(),
+            ))
         }
         fn stopping(&self) -> bool {
             false
@@ -723,22 +741,45 @@ mod tests {
             self.calls.borrow_mut().push("workload_list".into());
             WorkloadList { workloads: vec![] }
         }
-        fn workload_add(&self, spec: WorkloadSpec, _now: UnixTime) -> Result<WorkloadInfo, String> {
+        fn workload_add(
+            &self,
+            spec: WorkloadSpec,
+            _now: UnixTime,
+        ) -> Result<WorkloadInfo, ControlError> {
             self.calls
                 .borrow_mut()
                 .push(format!("workload_add {} {:?}", spec.name, spec.veth));
-            Err("workload_add: web: no such file".into())
+            if spec.name == "web" {
+                return Err(ControlError::Refused(
+                    "workload_add: web: no such file".into(),
+                ));
+            }
+            Ok(WorkloadInfo {
+                name: spec.name,
+                identity: "spiffe://t/db".into(),
+                public_key: "k".into(),
+                addresses: vec![],
+                groups: vec![],
+                not_before: UnixTime(0),
+                not_after: UnixTime(1),
+                attach: Attach::Tun,
+                source: WorkloadSource::Runtime,
+            })
         }
-        fn workload_remove(&self, name: &str) -> Result<String, String> {
+        fn workload_remove(&self, name: &str) -> Result<WorkloadRemoved, ControlError> {
             self.calls
                 .borrow_mut()
                 .push(format!("workload_remove {name}"));
-            Ok(name.into())
+            Ok(WorkloadRemoved {
+                removed: name.into(),
+            })
         }
     }
 
+    /// An unknown op, a garbled line, an unknown or missing or ill-typed field: a
+    /// typed bad-request error, and the daemon is not asked anything.
     #[test]
-    fn malformed_requests_get_an_error_and_call_nothing() {
+    fn malformed_requests_get_a_bad_request_error_and_call_nothing() {
         let f = Fake::default();
         for bad in [
             "",
@@ -747,54 +788,111 @@ mod tests {
             "{\"op\":\"peer_add\",\"endpoint\":\"198.18.0.2:51820\"}",
             "{\"op\":\"peer_remove\"}",
             "{\"op\":\"shutdown\"}",
+            "{\"op\":\"explain\",\"to_port\":\"eighty\",\"proto\":\"tcp\"}",
+            "{\"op\":\"workload_add\",\"name\":\"web\"}",
             "\u{0}\u{1}binary",
         ] {
-            let r = handle(&f, bad, UnixTime(5));
-            assert!(!r.ok, "{bad:?}");
-            assert!(r.error.unwrap().starts_with("bad request"), "{bad:?}");
+            let e = handle(&f, bad, UnixTime(5)).expect_err(bad);
+            assert_eq!(e.kind(), ErrorKind::BadRequest, "{bad:?}: {e}");
+            assert!(e.message().starts_with("bad request"), "{bad:?}: {e}");
+            // On the wire: one line, the kind beside the message.
+            let line = reply_line::<()>(&Err(e));
+            assert!(
+                line.starts_with("{\"ok\":false,\"kind\":\"bad_request\",\"error\":\"bad request"),
+                "{line}"
+            );
         }
         assert!(f.calls.borrow().is_empty());
     }
 
     #[test]
-    fn requests_reach_the_daemon() {
+    fn requests_reach_the_daemon_and_get_its_typed_answer() {
         let f = Fake::default();
-        assert!(handle(&f, "{\"op\":\"status\"}\n", UnixTime(5)).ok);
-        assert!(handle(&f, "{\"op\":\"peer_list\"}", UnixTime(5)).ok);
+        let now = UnixTime(5);
+        match handle(&f, "{\"op\":\"status\"}\n", now) {
+            Ok(Response::Status(s)) => assert_eq!(s.identity, "spiffe://t/a"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            handle(&f, "{\"op\":\"peer_list\"}", now),
+            Ok(Response::PeerList(l)) if l.peers.is_empty()
+        ));
         let r = handle(
             &f,
             "{\"op\":\"peer_add\",\"cert\":\"x\",\"endpoint\":\"198.18.0.2:51820\"}",
-            UnixTime(5),
+            now,
         );
-        assert_eq!(r.error.as_deref(), Some("peer_add: not a mesh certificate"));
+        assert_eq!(
+            r,
+            Err(ControlError::Refused(
+                "peer_add: not a mesh certificate".into()
+            ))
+        );
         let r = handle(
             &f,
             "{\"op\":\"peer_remove\",\"identity\":\"spiffe://t/b\"}",
-            UnixTime(5),
+            now,
         );
-        assert_eq!(r.result.unwrap()["removed"], "spiffe://t/b");
-        let r = handle(&f, "{\"op\":\"policy_get\"}", UnixTime(5));
-        assert!(r.ok);
+        assert_eq!(
+            r,
+            Ok(Response::PeerRemoved(PeerRemoved {
+                removed: "spiffe://t/b".into()
+            }))
+        );
+        let r = handle(
+            &f,
+            "{\"op\":\"peer_remove\",\"identity\":\"spiffe://t/nobody\"}",
+            now,
+        );
+        assert_eq!(r.map_err(|e| e.kind()), Err(ErrorKind::NotFound));
+        assert!(matches!(
+            handle(&f, "{\"op\":\"policy_get\"}", now),
+            Ok(Response::PolicyInfo(p)) if p.origin == PolicyOrigin::None
+        ));
         let r = handle(
             &f,
             "{\"op\":\"policy_apply\",\"source\":\"x\",\"name\":\"p.toml\"}",
-            UnixTime(5),
+            now,
         );
-        assert_eq!(r.error.as_deref(), Some("policy_apply: test case 1 failed"));
-        let r = handle(&f, "{\"op\":\"log\",\"lines\":3}", UnixTime(5));
-        assert_eq!(r.result.unwrap()["lines"][0]["decision"], "deny");
-        let r = handle(
+        assert_eq!(
+            r,
+            Err(ControlError::Refused(
+                "policy_apply: test case 1 failed".into()
+            ))
+        );
+        match handle(&f, "{\"op\":\"log\",\"lines\":3}", now) {
+            Ok(Response::LogTail(t)) => {
+                assert_eq!(t.lines.len(), 1);
+                assert_eq!(t.lines[0].reason, "default_deny");
+                assert_eq!(t.lines[0].proto, Protocol::Tcp);
+            }
+            other => panic!("{other:?}"),
+        }
+        match handle(
             &f,
             "{\"op\":\"explain\",\"from\":\"spiffe://t/a\",\"to_port\":80,\"proto\":\"tcp\"}",
-            UnixTime(5),
-        );
-        assert!(r.ok, "{:?}", r.error);
+            now,
+        ) {
+            Ok(Response::Explanation(e)) => assert_eq!(e.decision.reason, "default_deny"),
+            other => panic!("{other:?}"),
+        }
         let r = handle(
             &f,
-            "{\"op\":\"explain\",\"to_port\":\"eighty\"}",
-            UnixTime(5),
+            "{\"op\":\"workload_add\",\"name\":\"db\",\"cert\":\"/d.crt\",\"key\":\"/d.key\"}",
+            now,
         );
-        assert!(r.error.unwrap().starts_with("bad request"));
+        assert!(
+            matches!(&r, Ok(Response::WorkloadInfo(w)) if w.name == "db"),
+            "{r:?}"
+        );
+        assert!(matches!(
+            handle(&f, "{\"op\":\"workload_remove\",\"name\":\"db\"}", now),
+            Ok(Response::WorkloadRemoved(r)) if r.removed == "db"
+        ));
+        assert!(matches!(
+            handle(&f, "{\"op\":\"workload_list\"}", now),
+            Ok(Response::WorkloadList(_))
+        ));
         assert_eq!(
             *f.calls.borrow(),
             vec![
@@ -802,10 +900,14 @@ mod tests {
                 "list".into(),
                 "add x Some(198.18.0.2:51820) 5".into(),
                 "remove spiffe://t/b".into(),
+                "remove spiffe://t/nobody".into(),
                 "policy_get".into(),
                 "apply p.toml 1".into(),
                 "log 3".into(),
                 "explain 80".into(),
+                "workload_add db None".into(),
+                "workload_remove db".into(),
+                "workload_list".into(),
             ]
         );
     }
@@ -944,6 +1046,34 @@ mod tests {
         assert!(ended(&silent));
         assert!(ended(&half));
         assert!(ended(&answered));
+    }
+
+    /// Errors cross the socket typed: a garbled request is a bad request, a follower
+    /// over the log's limit is told to try again, and the connection goes on.
+    #[test]
+    fn errors_cross_the_socket_with_their_kind() {
+        let served = Served::start("errors", Limits::default());
+        let s = served.connect();
+        for (line, kind) in [
+            ("{\"op\":\"no_such_op\"}\n", ErrorKind::BadRequest),
+            ("[1,2,3]\n", ErrorKind::BadRequest),
+            (
+                "{\"op\":\"peer_remove\",\"identity\":\"spiffe://t/nobody\"}\n",
+                ErrorKind::NotFound,
+            ),
+        ] {
+            let reply = served.ask(&s, line);
+            let e = parse_reply_as::<serde_json::Value>(&reply)
+                .unwrap()
+                .expect_err(&reply);
+            assert_eq!(e.kind(), kind, "{reply}");
+        }
+        let follower = served.connect();
+        let reply = served.ask(&follower, "{\"op\":\"log\",\"follow\":true}\n");
+        let e = parse_reply_as::<LogTail>(&reply)
+            .unwrap()
+            .expect_err(&reply);
+        assert_eq!(e.kind(), ErrorKind::Busy, "{reply}");
     }
 
     /// The request framing: pipelined lines each get a reply in order; bytes that are

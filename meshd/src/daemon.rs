@@ -13,7 +13,10 @@ use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use mesh_proto::cert::{Ca, Certificate, VerifiedCert, VerifyError};
 use mesh_proto::config::{Config, ConfigError};
-use mesh_proto::control::{NodeDrops, PeerInfo, PeerList, PeerStatus, Status};
+use mesh_proto::control::{
+    ControlError, Enforcement, EnforcementCounters, Explanation, NodeDrops, PeerInfo, PeerList,
+    PeerStatus, PolicyApplied, PolicyInfo, PolicyOrigin, RuleCount, Status,
+};
 use mesh_proto::files;
 use mesh_proto::identity::SpiffeId;
 use mesh_proto::key::{PrivateKey, PublicKey};
@@ -30,21 +33,8 @@ use crate::transport::Udp;
 use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
 
-/// Where a peer comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    Config,
-    Runtime,
-}
-
-impl Source {
-    fn as_str(self) -> &'static str {
-        match self {
-            Source::Config => "config",
-            Source::Runtime => "runtime",
-        }
-    }
-}
+/// Where a peer comes from (as `peer_list` reports it).
+pub use mesh_proto::control::PeerSource as Source;
 
 /// One peer of the effective set: a certificate the CA signed, and where to reach it.
 #[derive(Clone, Debug)]
@@ -83,17 +73,29 @@ pub struct LoadedPolicy {
 }
 
 /// Which policy is in force, for `policy_get` and status.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
 pub struct AppliedPolicy {
     /// File name it was applied or configured under; empty when there is none.
     pub name: String,
-    /// Where it came from: `none`, `config` or `applied`.
-    pub origin: &'static str,
+    pub origin: PolicyOrigin,
     pub default: DefaultAction,
     pub policies: usize,
     pub tests: usize,
-    #[serde(skip)]
     pub source: String,
+}
+
+impl AppliedPolicy {
+    /// As `policy_get` and `status` report it.
+    pub fn info(&self) -> PolicyInfo {
+        PolicyInfo {
+            name: self.name.clone(),
+            origin: self.origin,
+            default: self.default,
+            policies: self.policies as u64,
+            tests: self.tests as u64,
+            source: self.source.clone(),
+        }
+    }
 }
 
 /// The mesh default: deny or allow as configured; with no `[policy]` table at all,
@@ -111,7 +113,7 @@ pub fn compile_policy(
     name: &str,
     source: &str,
     default: DefaultAction,
-    origin: &'static str,
+    origin: PolicyOrigin,
 ) -> Result<LoadedPolicy, String> {
     let loaded = policy::load(name, source, default).map_err(|e| e.to_string())?;
     if !loaded.tests_passed() {
@@ -143,12 +145,13 @@ fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
         Err(e) => return Err(config.error("node.state_dir", one_line(&e))),
         Ok(Some(stored)) => {
             let path = state_dir.join(crate::state::POLICY_FILE);
-            return compile_policy(&stored.name, &stored.source, default, "applied").map_err(|e| {
-                config.error(
-                    "node.state_dir",
-                    format!("{}: applied policy: {e}", path.display()),
-                )
-            });
+            return compile_policy(&stored.name, &stored.source, default, PolicyOrigin::Applied)
+                .map_err(|e| {
+                    config.error(
+                        "node.state_dir",
+                        format!("{}: applied policy: {e}", path.display()),
+                    )
+                });
         }
         Ok(None) => {}
     }
@@ -156,7 +159,7 @@ fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
         return Ok(LoadedPolicy {
             applied: AppliedPolicy {
                 name: String::new(),
-                origin: "none",
+                origin: PolicyOrigin::None,
                 default,
                 policies: 0,
                 tests: 0,
@@ -167,8 +170,13 @@ fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
     };
     let source = std::fs::read_to_string(file)
         .map_err(|e| config.error("policy.file", format!("{}: {e}", file.display())))?;
-    compile_policy(&file.display().to_string(), &source, default, "config")
-        .map_err(|e| config.error("policy.file", e))
+    compile_policy(
+        &file.display().to_string(),
+        &source,
+        default,
+        PolicyOrigin::Config,
+    )
+    .map_err(|e| config.error("policy.file", e))
 }
 
 /// What a peer certificate's verification says about it.
@@ -635,7 +643,7 @@ impl Daemon {
         );
         tracing::info!(
             policy = %policy.applied.name,
-            origin = policy.applied.origin,
+            origin = policy.applied.origin.as_str(),
             default = ?policy.applied.default,
             "policy in force"
         );
@@ -780,11 +788,11 @@ impl Daemon {
                 ..self.node.drops()
             },
             workloads: self.workload_list().workloads,
-            enforcement: Some(serde_json::json!({
-                "policy": self.policy_get(),
-                "counters": self.enforce.counters(),
-                "decision_log": self.log.counters(),
-            })),
+            enforcement: Some(Enforcement {
+                policy: self.policy_get(),
+                counters: enforcement_counters(self.enforce.counters()),
+                decision_log: self.log.counters(),
+            }),
             cpu_latency: self.cpu_latency.status(),
             host_filter: Some(self.host_filter_status()),
             store: self
@@ -911,11 +919,11 @@ impl Daemon {
         }
     }
 
-    pub fn policy_get(&self) -> serde_json::Value {
-        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v = serde_json::to_value(&*applied).unwrap_or_default();
-        v["source"] = applied.source.clone().into();
-        v
+    pub fn policy_get(&self) -> PolicyInfo {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .info()
     }
 
     /// Validates, tests, persists and swaps in a policy; returns what it did and the
@@ -925,36 +933,35 @@ impl Daemon {
         source: &str,
         name: &str,
         now: UnixTime,
-    ) -> Result<(serde_json::Value, Vec<enforce::Cut>), String> {
+    ) -> Result<(PolicyApplied, Vec<enforce::Cut>), ControlError> {
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        let loaded = compile_policy(name, source, applied.default, "applied")
-            .map_err(|e| format!("policy_apply: {e}"))?;
+        let loaded = compile_policy(name, source, applied.default, PolicyOrigin::Applied)
+            .map_err(|e| ControlError::Refused(format!("policy_apply: {e}")))?;
         StoredPolicy::new(name, source)
             .save(&self.config.node.state_dir)
-            .map_err(|e| format!("policy_apply: cannot persist: {e}"))?;
+            .map_err(|e| ControlError::Internal(format!("policy_apply: cannot persist: {e}")))?;
         let cuts = self.enforce.set_policy(loaded.compiled, self.mono(), now);
         *applied = loaded.applied;
         tracing::info!(policy = %name, policies = applied.policies, cut = cuts.len(), "policy applied");
-        let result = serde_json::json!({
-            "name": name,
-            "policies": applied.policies,
-            "tests": applied.tests,
-            "cut_flows": cuts.len(),
-        });
+        let result = PolicyApplied {
+            name: name.to_string(),
+            policies: applied.policies as u64,
+            tests: applied.tests as u64,
+            cut_flows: cuts.len() as u64,
+        };
         Ok((result, cuts))
     }
 
     /// Explains a described request against the policy in force; the workload is
     /// this node unless the request names one.
-    pub fn explain(&self, mut spec: RequestSpec) -> serde_json::Value {
+    pub fn explain(&self, mut spec: RequestSpec) -> Explanation {
         if spec.workload.is_none() {
             let reg = self.lock_registry();
             let own = reg.node_cert();
             spec.workload = Some(own.identity().to_string());
             spec.workload_groups = own.groups().to_vec();
         }
-        let e = self.enforce.with_policy(|p| policy::explain(p, &spec));
-        serde_json::to_value(e).unwrap_or_default()
+        self.enforce.with_policy(|p| policy::explain(p, &spec))
     }
 
     pub fn peer_list(&self) -> PeerList {
@@ -985,20 +992,21 @@ impl Daemon {
         pem: &str,
         endpoint: Option<SocketAddr>,
         now: UnixTime,
-    ) -> Result<PeerInfo, String> {
-        let cert = Certificate::from_pem(pem).map_err(|e| format!("peer_add: {e}"))?;
+    ) -> Result<PeerInfo, ControlError> {
+        let refused = |e: String| ControlError::Refused(format!("peer_add: {e}"));
+        let cert = Certificate::from_pem(pem).map_err(|e| refused(e.to_string()))?;
         self.ca
             .verify(&cert, now)
-            .map_err(|e| format!("peer_add: {}: {e}", cert.identity()))?;
+            .map_err(|e| refused(format!("{}: {e}", cert.identity())))?;
         let mut reg = self.lock_registry();
         check_peer(&self.ca, reg.node_cert(), &cert, now)
-            .map_err(|e| format!("peer_add: {}: {e}", cert.identity()))?;
+            .map_err(|e| refused(format!("{}: {e}", cert.identity())))?;
         // Against the local workloads and the other peers (the same identity's
         // certificate is the one replaced).
         let locals: Vec<&PeerSpec> = reg.workloads.iter().map(|w| &w.local.spec).collect();
         let others = claims(locals, &reg.entries);
         if let Some(o) = crate::overlap::against((cert.identity(), cert.addresses()), others) {
-            return Err(format!("peer_add: {o}"));
+            return Err(refused(o.to_string()));
         }
         let entry = PeerEntry {
             spec: peer_spec(&cert),
@@ -1028,12 +1036,12 @@ impl Daemon {
     }
 
     /// Removes a peer (config or runtime); persisted before it takes effect.
-    pub fn peer_remove(&self, identity: &str) -> Result<String, String> {
-        let id =
-            SpiffeId::parse(identity).map_err(|e| format!("peer_remove: {identity:?}: {e}"))?;
+    pub fn peer_remove(&self, identity: &str) -> Result<String, ControlError> {
+        let id = SpiffeId::parse(identity)
+            .map_err(|e| ControlError::Refused(format!("peer_remove: {identity:?}: {e}")))?;
         let mut reg = self.lock_registry();
         let Some(pos) = reg.entries.iter().position(|e| e.spec.identity == id) else {
-            return Err(format!("peer_remove: no peer {id}"));
+            return Err(ControlError::NotFound(format!("peer_remove: no peer {id}")));
         };
         let mut entries = reg.entries.clone();
         entries.remove(pos);
@@ -1045,20 +1053,22 @@ impl Daemon {
         Ok(id.to_string())
     }
 
-    /// Builds the new table (validating it), persists the changes, then swaps the
-    /// snapshot and updates routes. Nothing changes if any step before the swap fails.
+    /// Builds the new table (validating it: a set it refuses is
+    /// [`ControlError::Refused`]), persists the changes, then swaps the snapshot and
+    /// updates routes. Nothing changes if any step before the swap fails.
     fn commit(
         &self,
         reg: &mut Registry,
         entries: Vec<PeerEntry>,
         changes: PeerChanges,
-    ) -> Result<(), String> {
+    ) -> Result<(), ControlError> {
         let old = self.table.load_full();
         let hint = self.next_index.load(Ordering::Relaxed);
-        let table = build_table(&reg.locals(), &entries, &old, hint)?;
+        let table =
+            build_table(&reg.locals(), &entries, &old, hint).map_err(ControlError::Refused)?;
         changes
             .save(&self.config.node.state_dir)
-            .map_err(|e| format!("cannot persist peers: {e}"))?;
+            .map_err(|e| ControlError::Internal(format!("cannot persist peers: {e}")))?;
         let max = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         self.next_index.fetch_max(max, Ordering::Relaxed);
         self.table.store(Arc::new(table));
@@ -1091,7 +1101,57 @@ fn info(e: &PeerEntry, endpoint: Option<SocketAddr>) -> PeerInfo {
         addresses: e.spec.addresses.clone(),
         groups: e.spec.groups.clone(),
         not_after: e.spec.not_after,
-        source: e.source.as_str().to_string(),
+        source: e.source,
+    }
+}
+
+/// The enforcer's counters as `status` reports them. Every field is named, so that a
+/// counter added to the enforcer does not compile until the contract carries it.
+fn enforcement_counters(c: enforce::L4Counters) -> EnforcementCounters {
+    let enforce::L4Counters {
+        delivered,
+        flows,
+        flows_cut,
+        flows_evicted,
+        drops,
+        rules,
+        l7_flows,
+        l7_held_bytes,
+        http_requests,
+        http_refused,
+    } = c;
+    EnforcementCounters {
+        delivered,
+        flows: flows as u64,
+        flows_cut: flows_cut as u64,
+        flows_evicted,
+        drops: drops
+            .into_iter()
+            .map(|(reason, n)| (reason.to_string(), n))
+            .collect(),
+        rules: rules
+            .into_iter()
+            .map(|r| {
+                let enforce::RuleCount {
+                    policy,
+                    rule,
+                    allow,
+                    deny,
+                    audit,
+                } = r;
+                RuleCount {
+                    policy,
+                    rule,
+                    allow,
+                    deny,
+                    audit,
+                }
+            })
+            .collect(),
+        l7_flows: l7_flows as u64,
+        l7_held_bytes: l7_held_bytes as u64,
+        http_requests,
+        http_refused,
     }
 }
 
@@ -1488,7 +1548,7 @@ mod tests {
             let mut line = String::new();
             std::io::BufReader::new(&s).read_line(&mut line).unwrap();
             assert!(line.contains("\"status\""), "{line}");
-            let reply = mesh_proto::control::Response::ok(status).to_line();
+            let reply = mesh_proto::control::reply_line(&Ok(status));
             (&s).write_all(format!("{reply}\n").as_bytes()).unwrap();
         });
         let c = f.config_listen(&format!("127.0.0.1:{port}"), "tun = \"lo\"\n");
@@ -1526,6 +1586,36 @@ mod tests {
                 "address 100.64.0.2/31 of spiffe://t/y overlaps 100.64.0.2/32 of spiffe://t/b"
             ),
             "{e}"
+        );
+    }
+
+    /// Every enforcer counter reaches `status` under its own name.
+    #[test]
+    fn enforcement_counters_keep_every_field() {
+        let c = enforcement_counters(enforce::L4Counters {
+            delivered: 1,
+            flows: 2,
+            flows_cut: 3,
+            flows_evicted: 4,
+            drops: [("default_deny", 5)].into(),
+            rules: vec![enforce::RuleCount {
+                policy: "p".into(),
+                rule: "r".into(),
+                allow: 6,
+                deny: 7,
+                audit: 8,
+            }],
+            l7_flows: 9,
+            l7_held_bytes: 10,
+            http_requests: 11,
+            http_refused: 12,
+        });
+        assert_eq!(
+            serde_json::to_value(c).unwrap(),
+            serde_json::json!({"delivered": 1, "flows": 2, "flows_cut": 3, "flows_evicted": 4,
+                "drops": {"default_deny": 5},
+                "rules": [{"policy": "p", "rule": "r", "allow": 6, "deny": 7, "audit": 8}],
+                "l7_flows": 9, "l7_held_bytes": 10, "http_requests": 11, "http_refused": 12})
         );
     }
 

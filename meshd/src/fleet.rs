@@ -391,17 +391,21 @@ impl Target for DaemonTarget {
         let d = self.daemon()?;
         d.peer_add(cert.as_pem(), endpoint, crate::datapath::unix_now())
             .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     fn remove_peer(&self, identity: &SpiffeId) -> Result<(), String> {
         self.daemon()?
             .peer_remove(&identity.to_string())
             .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     fn apply_policy(&self, name: &str, policy: &str) -> Result<(), String> {
         let d = self.daemon()?;
-        let (_, cuts) = d.policy_apply(policy, name, crate::datapath::unix_now())?;
+        let (_, cuts) = d
+            .policy_apply(policy, name, crate::datapath::unix_now())
+            .map_err(|e| e.to_string())?;
         d.cut_flows(&cuts);
         Ok(())
     }

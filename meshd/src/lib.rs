@@ -51,7 +51,7 @@ pub enum RunError {
     #[error(transparent)]
     Start(#[from] daemon::StartError),
     #[error(transparent)]
-    Control(#[from] control::ControlError),
+    Control(#[from] control::SocketError),
     #[error(transparent)]
     Fleet(#[from] fleet::FleetError),
     #[error("cannot start thread: {0}")]

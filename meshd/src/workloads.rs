@@ -23,7 +23,7 @@ use mesh_proto::cert::{Ca, Certificate, VerifiedCert};
 use mesh_proto::config::{
     check_interface_name, check_workload_name, Config, ConfigError, NODE_WORKLOAD,
 };
-use mesh_proto::control::{WorkloadInfo, WorkloadList};
+use mesh_proto::control::{Attach, ControlError, WorkloadInfo, WorkloadList};
 use mesh_proto::files;
 use mesh_proto::key::{PrivateKey, PublicKey};
 use mesh_proto::time::UnixTime;
@@ -39,24 +39,8 @@ use crate::transport::wait_readable;
 pub const STATE_FILE: &str = "workloads.json";
 use crate::state::STATE_VERSION;
 
-/// Where a workload comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
-    /// The node's own identity (`[node]`).
-    Node,
-    Config,
-    Runtime,
-}
-
-impl Origin {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::Node => "node",
-            Origin::Config => "config",
-            Origin::Runtime => "runtime",
-        }
-    }
-}
+/// Where a workload comes from (as `workload_list` reports it).
+pub use mesh_proto::control::WorkloadSource as Origin;
 
 /// What the operator asked for: a named certificate and key, and an attachment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,10 +87,10 @@ impl Workload {
             not_before: self.cert.not_before(),
             not_after: self.cert.not_after(),
             attach: match &self.spec.veth {
-                Some(v) => format!("veth:{v}"),
-                None => "tun".into(),
+                Some(v) => Attach::Veth(v.clone()),
+                None => Attach::Tun,
             },
-            source: self.origin.as_str().to_string(),
+            source: self.origin,
         }
     }
 }
@@ -496,9 +480,18 @@ impl Daemon {
     }
 
     /// Validates and adds (or replaces) a local workload; attached, then persisted,
-    /// then in force. Nothing changes if a step fails.
-    pub fn workload_add(&self, spec: WorkloadSpec, now: UnixTime) -> Result<WorkloadInfo, String> {
-        let fail = |e: String| format!("workload_add: {}: {e}", spec.name);
+    /// then in force. Nothing changes if a step fails. What the request asks for and
+    /// this host cannot take (a certificate, an overlap, a veth that is missing or
+    /// taken) is [`ControlError::Refused`]; the host filter and the state file failing
+    /// are [`ControlError::Internal`].
+    pub fn workload_add(
+        &self,
+        spec: WorkloadSpec,
+        now: UnixTime,
+    ) -> Result<WorkloadInfo, ControlError> {
+        let line = |e: String| format!("workload_add: {}: {e}", spec.name);
+        let fail = |e: String| ControlError::Refused(line(e));
+        let internal = |e: String| ControlError::Internal(line(e));
         spec.check().map_err(fail)?;
         let (cert, key) = read(&self.ca, &spec, now).map_err(fail)?;
         let w = Workload {
@@ -540,7 +533,7 @@ impl Daemon {
         let locals: Vec<Arc<Local>> = workloads.iter().map(|x| x.local.clone()).collect();
         let table = self.table_for(&reg, &locals).map_err(fail)?;
         // The host filter holds the pod to meshd before it is attached.
-        self.update_host_filter(&workloads).map_err(fail)?;
+        self.update_host_filter(&workloads).map_err(internal)?;
         // Re-attach: the old attachment goes, the new one comes (rolled back on error).
         let previous = old.map(|i| reg.workloads[i].clone());
         if let Some(p) = &previous {
@@ -575,7 +568,7 @@ impl Daemon {
             }
             restore(self, &mut reg);
             undo_filter(self, &reg);
-            return Err(fail(format!("cannot persist: {e}")));
+            return Err(internal(format!("cannot persist: {e}")));
         }
         self.install(table);
         reg.workloads = workloads;
@@ -586,26 +579,30 @@ impl Daemon {
 
     /// Removes a local workload (config or runtime; not the node's own); persisted
     /// before it takes effect.
-    pub fn workload_remove(&self, name: &str) -> Result<String, String> {
+    pub fn workload_remove(&self, name: &str) -> Result<String, ControlError> {
         if is_node(name) {
-            return Err("workload_remove: \"node\" is the node's own identity".into());
+            return Err(ControlError::Refused(
+                "workload_remove: \"node\" is the node's own identity".into(),
+            ));
         }
         let mut reg = self.lock_registry();
         let Some(i) = reg.workloads.iter().position(|w| w.spec.name == name) else {
-            return Err(format!("workload_remove: no workload {name:?}"));
+            return Err(ControlError::NotFound(format!(
+                "workload_remove: no workload {name:?}"
+            )));
         };
         let mut workloads = reg.workloads.clone();
         let gone = workloads.remove(i);
         let locals: Vec<Arc<Local>> = workloads.iter().map(|x| x.local.clone()).collect();
         let table = self
             .table_for(&reg, &locals)
-            .map_err(|e| format!("workload_remove: {e}"))?;
+            .map_err(|e| ControlError::Internal(format!("workload_remove: {e}")))?;
         let from_config = reg.config_workloads.iter().any(|w| w.name == name);
         let mut changes = reg.workload_changes.clone();
         changes.remove(name, from_config);
         changes
             .save(&self.config.node.state_dir)
-            .map_err(|e| format!("workload_remove: cannot persist: {e}"))?;
+            .map_err(|e| ControlError::Internal(format!("workload_remove: cannot persist: {e}")))?;
         self.install(table);
         if let Some(v) = &gone.spec.veth {
             self.detach(&mut reg, v, gone.cert.addresses());

@@ -821,24 +821,40 @@ fn malformed_control_requests_get_an_error_and_change_nothing() -> mesh_tests::R
         None,
         Validity::Current,
     )?;
-    let requests: Vec<Vec<u8>> = vec![
-        b"not json".to_vec(),
-        b"{}".to_vec(),
-        b"[1,2,3]".to_vec(),
-        b"{\"op\":\"no_such_op\"}".to_vec(),
-        b"{\"op\":\"status\",\"extra\":1}".to_vec(),
-        b"{\"op\":\"peer_add\",\"cert\":\"garbage\"}".to_vec(),
-        serde_json::json!({"op": "peer_add", "cert": foreign.cert_pem})
-            .to_string()
-            .into_bytes(),
-        serde_json::json!({"op": "peer_add", "cert": b.cert_pem(), "endpoint": "nowhere"})
-            .to_string()
-            .into_bytes(),
-        b"{\"op\":\"peer_remove\",\"identity\":\"not an id\"}".to_vec(),
-        b"{\"op\":\"peer_remove\",\"identity\":\"spiffe://t/nobody\"}".to_vec(),
-        vec![0xff, 0xfe, 0x00, 0x01],
+    // Each with the kind of error the contract gives it (mesh_proto::control).
+    let requests: Vec<(Vec<u8>, &str)> = vec![
+        (b"not json".to_vec(), "bad_request"),
+        (b"{}".to_vec(), "bad_request"),
+        (b"[1,2,3]".to_vec(), "bad_request"),
+        (b"{\"op\":\"no_such_op\"}".to_vec(), "bad_request"),
+        (b"{\"op\":\"status\",\"extra\":1}".to_vec(), "bad_request"),
+        (
+            b"{\"op\":\"peer_add\",\"cert\":\"garbage\"}".to_vec(),
+            "refused",
+        ),
+        (
+            serde_json::json!({"op": "peer_add", "cert": foreign.cert_pem})
+                .to_string()
+                .into_bytes(),
+            "refused",
+        ),
+        (
+            serde_json::json!({"op": "peer_add", "cert": b.cert_pem(), "endpoint": "nowhere"})
+                .to_string()
+                .into_bytes(),
+            "bad_request",
+        ),
+        (
+            b"{\"op\":\"peer_remove\",\"identity\":\"not an id\"}".to_vec(),
+            "refused",
+        ),
+        (
+            b"{\"op\":\"peer_remove\",\"identity\":\"spiffe://t/nobody\"}".to_vec(),
+            "not_found",
+        ),
+        (vec![0xff, 0xfe, 0x00, 0x01], "bad_request"),
     ];
-    for req in &requests {
+    for (req, kind) in &requests {
         let reply = a.control_raw(req)?;
         let v: serde_json::Value = serde_json::from_str(&reply).with_context(|| {
             format!(
@@ -855,6 +871,12 @@ fn malformed_control_requests_get_an_error_and_change_nothing() -> mesh_tests::R
         let err = v["error"].as_str().unwrap_or_default();
         assert!(
             !err.is_empty() && !err.contains('\n'),
+            "request {:?}: {reply}",
+            String::from_utf8_lossy(req)
+        );
+        assert_eq!(
+            v["kind"],
+            *kind,
             "request {:?}: {reply}",
             String::from_utf8_lossy(req)
         );

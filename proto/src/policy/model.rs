@@ -35,6 +35,16 @@ pub enum DefaultAction {
     Allow,
 }
 
+impl DefaultAction {
+    /// As in meshd.toml and on the wire: `deny` or `allow`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefaultAction::Deny => "deny",
+            DefaultAction::Allow => "allow",
+        }
+    }
+}
+
 /// Transport protocol of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

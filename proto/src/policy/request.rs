@@ -78,7 +78,7 @@ pub struct HttpSpec {
     pub headers: Vec<(String, String)>,
 }
 
-/// An owned, described request: the body of `{"op":"explain","request":{...}}` and
+/// An owned, described request: the fields of `{"op":"explain",...}` beside `op` and
 /// what a `[[test]]` case describes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
