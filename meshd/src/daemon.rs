@@ -145,6 +145,17 @@ fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
         Err(e) => return Err(config.error("node.state_dir", one_line(&e))),
         Ok(Some(stored)) => {
             let path = state_dir.join(crate::state::POLICY_FILE);
+            // The rule: the policy last applied at run time (meshctl policy apply, the
+            // fleet store) wins over the config's file until it is removed.
+            if let Some(file) = config.policy.as_ref().and_then(|p| p.file.as_ref()) {
+                tracing::warn!(
+                    applied = %stored.name,
+                    "policy in force: the one applied at run time ({}), not policy.file {} (apply the file, or remove {} while meshd is stopped, to go back to it)",
+                    path.display(),
+                    file.display(),
+                    path.display()
+                );
+            }
             return compile_policy(&stored.name, &stored.source, default, PolicyOrigin::Applied)
                 .map_err(|e| {
                     config.error(

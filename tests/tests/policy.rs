@@ -438,6 +438,11 @@ fn a_restart_keeps_the_applied_policy() -> mesh_tests::Result {
     // No clean shutdown: the policy was persisted when it was applied.
     c.kill_meshd()?;
     c.start()?;
+    // The log says which policy is in force and why the file is not.
+    assert!(
+        c.log().contains("policy in force: the one applied at run time"),
+        "no word on the applied policy shadowing policy.file"
+    );
     let after = policy_in_force(&c)?;
     assert_eq!(after["name"], applied["name"], "{after}");
     assert_eq!(after["origin"], "applied", "{after}");
