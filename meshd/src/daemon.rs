@@ -138,6 +138,15 @@ pub fn compile_policy(
     })
 }
 
+/// The enforcer's limits for this node: the segments it builds towards a local
+/// workload fit the TUN's MTU (`node.mtu`) less an IPv6 and a TCP header.
+pub fn enforcer_limits(config: &Config) -> enforce::Limits {
+    enforce::Limits {
+        mss: usize::from(config.node.mtu).saturating_sub(60),
+        ..enforce::Limits::default()
+    }
+}
+
 fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
     let default = default_action(config);
     let state_dir = &config.node.state_dir;
@@ -649,7 +658,7 @@ impl Daemon {
         let enforce = Enforcer::new(
             workloads[0].local.workload.clone(),
             policy.compiled,
-            enforce::Limits::default(),
+            enforcer_limits(&config),
             log.clone(),
         );
         tracing::info!(
@@ -1354,6 +1363,16 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    /// node.mtu reaches the enforcer: the segments it builds fit the TUN.
+    #[test]
+    fn the_enforcers_segments_follow_the_mtu() {
+        let ca = TestCa::new("t");
+        let f = Files::new("mss", &ca);
+        assert_eq!(enforcer_limits(&f.config("")).mss, 1360);
+        assert_eq!(enforcer_limits(&f.config("mtu = 1280\n")).mss, 1220);
+        assert_eq!(enforcer_limits(&f.config("mtu = 9000\n")).mss, 8940);
     }
 
     /// `[[peer]]` certificates outside their window: meshd starts (their handshakes
