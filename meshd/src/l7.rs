@@ -606,12 +606,14 @@ impl L7Flow {
 
     /// Bytes held waiting for a request head to complete time out `head_timeout` after
     /// the stream last moved on. Bytes held behind a hole in a body (the head is
-    /// decided) wait while the client still sends (its retransmissions fill the hole),
-    /// up to [`BODY_HOLE_LIMIT`] without progress.
+    /// decided; or the next head, after a body read ahead of the hole) wait while the
+    /// client still sends (its retransmissions fill the hole), up to
+    /// [`BODY_HOLE_LIMIT`] without progress.
     fn head_deadline(&self) -> Option<Timestamp> {
         let since = self.held_since?;
         let head = since.plus(self.config.head_timeout);
-        if self.http.at_head() {
+        // A head held because the body before it has a hole waits as the body does.
+        if self.http.at_head() && self.passed.is_none() {
             return Some(head);
         }
         let silent = self.client_seen.max(since).plus(self.config.head_timeout);

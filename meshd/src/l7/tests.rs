@@ -1696,9 +1696,10 @@ fn framing_sent_again_ahead_of_a_hole_must_agree_with_what_was_read() {
 
 /// The next head is read in order only: ahead of a hole the parser stops at the end of
 /// the chunked body (its trailers pass), and what follows waits, unacknowledged (an
-/// acknowledgement would cover the hole), until the server has everything before it;
-/// then a pipelined request is decided, and a denied one refused, as in order. A FIN
-/// behind held bytes is no truncated request while the hole may still be filled.
+/// acknowledgement would cover the hole), while the client sends, until the server has
+/// everything before it; then a pipelined request is decided, and a denied one
+/// refused, as in order. A FIN behind held bytes is no truncated request while the hole
+/// may still be filled.
 #[test]
 fn the_next_head_waits_for_a_hole_before_it() {
     let mut net = Net::new();
@@ -1721,7 +1722,21 @@ fn the_next_head_waits_for_a_hole_before_it() {
     );
     assert_eq!((o.refusal, o.held_ack), (None, None));
     assert_eq!(net.decisions.len(), 1, "no head decided ahead of the hole");
-    assert_eq!(net.flow.poll(net.now), None);
+    // The held heads wait as a body's hole does: while the client sends.
+    let timeout = Config::default().head_timeout.as_millis() as u64;
+    for _ in 0..3 {
+        net.tick(timeout - 1000);
+        assert_eq!(net.flow.poll(net.now), None);
+        let o = net.send_flags(h + 40, &tail, Flags::ACK | Flags::FIN);
+        assert_eq!(
+            o.fate,
+            Fate::Trim {
+                start: 0,
+                end: rest.len(),
+                fin: false
+            }
+        );
+    }
     // The hole: the server has the whole body and says so; the held bytes are read at
     // the next client segment (its retransmission).
     assert_eq!(net.send(h + 4, &body[4..40]).fate, Fate::Forward);
