@@ -9,6 +9,13 @@
 //! Body bytes are counted and their framing checked as they pass; they are never copied
 //! or kept, so a body of any size streams in constant memory.
 //!
+//! For a caller that receives the stream out of order ([`crate::l7`]): body content
+//! whose values decide nothing can be skipped unseen ([`RequestStream::opaque`],
+//! [`RequestStream::skip_opaque`]), and inside a chunked body the framing after a
+//! chunk's data can be read before that data has arrived, since its position is known
+//! ([`RequestStream::chunk_data`], [`RequestStream::framing`]). The next head is read
+//! only in stream order.
+//!
 //! # Refused shapes (request smuggling, RFC 9112 §6.3, §11.2)
 //!
 //! Every [`HttpError`] ends the connection with a 400 (431 for size limits). Refused:
@@ -222,6 +229,13 @@ enum Chunk {
     EndLf,
 }
 
+impl Chunk {
+    /// Framing (a size line, the CRLF after data, trailers), not a chunk's data.
+    fn is_framing(self) -> bool {
+        !matches!(self, Chunk::Data { .. })
+    }
+}
+
 /// One connection's request stream, client→server.
 #[derive(Clone, Debug)]
 pub struct RequestStream {
@@ -284,6 +298,19 @@ impl RequestStream {
         (ahead > 0).then(|| (self.run.saturating_sub(ahead), ahead))
     }
 
+    /// Inside a chunk's data: how many of its bytes are ahead (as
+    /// [`opaque`](Self::opaque)); `None` elsewhere, a Content-Length body included.
+    /// What follows them is chunk framing (the CRLF, then the next chunk-size line),
+    /// which [`framing`](Self::framing) reads after [`skip_opaque`](Self::skip_opaque)
+    /// jumped there: a caller may read the framing of a chunked body ahead of bytes
+    /// of chunk data it has not received yet.
+    pub fn chunk_data(&self) -> Option<u64> {
+        match self.state {
+            State::Chunked(Chunk::Data { remaining }) => Some(remaining),
+            _ => None,
+        }
+    }
+
     /// Consumes `n` opaque bytes without seeing them; `n` is clamped to
     /// [`opaque`](Self::opaque).
     pub fn skip_opaque(&mut self, n: u64) {
@@ -343,7 +370,25 @@ impl RequestStream {
                 };
                 Ok(len)
             }
-            State::Chunked(chunk) => self.parse_chunked(chunk, input),
+            State::Chunked(chunk) => self.parse_chunked(chunk, input, false),
+        };
+        if let Err(e) = result {
+            self.state = State::Failed(e);
+        }
+        result
+    }
+
+    /// Consumes the framing of a chunked body only, from the start of `input`: the CRLF
+    /// that ends a chunk's data, chunk-size lines (with extensions), and after the
+    /// last chunk the trailer section and its final CRLF; checked as by
+    /// [`body`](Self::body). Stops before a chunk's data, at the end of the message
+    /// (the next head is not framing) and at the end of `input`. 0 when the parser is
+    /// not in chunk framing.
+    pub fn framing(&mut self, input: &[u8]) -> Result<usize, HttpError> {
+        let result = match self.state {
+            State::Failed(e) => Err(e),
+            State::Chunked(chunk) if chunk.is_framing() => self.parse_chunked(chunk, input, true),
+            _ => Ok(0),
         };
         if let Err(e) = result {
             self.state = State::Failed(e);
@@ -414,13 +459,22 @@ impl RequestStream {
     }
 
     /// Walks chunked framing from `chunk` over `input`, stopping at the end of `input` or
-    /// of the message (so that a following head is parsed as a head).
-    fn parse_chunked(&mut self, mut chunk: Chunk, input: &[u8]) -> Result<usize, HttpError> {
+    /// of the message (so that a following head is parsed as a head), and with
+    /// `framing_only` where chunk framing ends (see [`framing`](Self::framing)).
+    fn parse_chunked(
+        &mut self,
+        mut chunk: Chunk,
+        input: &[u8],
+        framing_only: bool,
+    ) -> Result<usize, HttpError> {
         use Chunk::*;
         let max_line = self.limits.max_chunk_line;
         let max_trailers = self.limits.max_trailers;
         let mut i = 0;
         while i < input.len() {
+            if framing_only && !chunk.is_framing() {
+                break;
+            }
             if let Data { remaining } = chunk {
                 let take = usize::try_from(remaining)
                     .unwrap_or(usize::MAX)

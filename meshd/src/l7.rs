@@ -29,11 +29,14 @@
 //!   without meshd. Why: bytes meshd holds are bytes the server never sees, so it cannot
 //!   answer a loss with SACK blocks or duplicate ACKs (RFC 2018, RFC 5681 §3.2), and the
 //!   client must wait for its retransmission timer at every loss; through an inspected
-//!   port an upload under 0.5% loss then crawled and failed (issue 26).
+//!   port an upload under 0.5% loss then crawled and failed (issue 26). The framing of
+//!   a chunked body after such a hole is read ahead of it (next section) and passes
+//!   too; every byte of it the server may still lack is checked against meshd's copy.
 //! - **No copy unless held.** In-order segments of an allowed stream (a head completed
 //!   within the segment, a body of any size) are forwarded as they came, possibly cut,
 //!   and so are opaque body bytes out of order; only a head split across segments, or
-//!   other out-of-order data (a head, chunk framing), is copied.
+//!   other out-of-order data (a head, chunk framing), is copied; and ahead of a hole,
+//!   the framing of a chunked body (a few bytes per chunk, [`MAX_FRAMING_BYTES`]).
 //! - **The sender's options go along.** A segment forwarded or cut keeps its TCP
 //!   options; bytes released from the buffer carry the timestamps of the client segment
 //!   that released them, and acknowledgements of held bytes the server's ([`Release`],
@@ -48,8 +51,34 @@
 //!   client has closed ([`Answer`]): it is never left retransmitting its FIN.
 //! - **Bounded.** At most `Config::max_held` bytes are buffered per flow; a head larger
 //!   than `limits.max_head` is refused with 431, one incomplete for `head_timeout` with
-//!   408. Bytes held behind a hole in a body (chunk framing after a loss) wait while the
-//!   client still sends, at most [`BODY_HOLE_LIMIT`] without progress, then 408.
+//!   408. Bytes held behind a hole in a body (a head after a loss in the body before
+//!   it) wait while the client still sends, at most [`BODY_HOLE_LIMIT`] without
+//!   progress, then 408. The copy of framing read ahead of a hole is at most
+//!   [`MAX_FRAMING_BYTES`] in [`MAX_FRAMING_RUNS`] runs; beyond, the flow stops reading
+//!   ahead and holds the framing (a flood of tiny chunks costs that, no more).
+//!
+//! # Parsing ahead of a hole (chunked bodies)
+//!
+//! In a chunk's data, where the data ends (and the next chunk's framing starts) is
+//! known from its size line. When a segment beyond a hole carries that end, the parser
+//! jumps over the rest of the data, unread (it decides nothing), and reads the framing
+//! from the segment: size lines, extensions, and after the last chunk the trailers;
+//! then the next chunk's data again passes unread, and so on to the end of the body
+//! (`run_ahead`, [`RequestStream::chunk_data`], [`RequestStream::framing`]). The
+//! framing so read goes to the server with the segment, like the data, so the server
+//! sees everything after a loss and answers with SACK blocks: a chunked upload repairs
+//! a loss by fast retransmit, as one with a Content-Length does.
+//!
+//! What keeps invariants 3 and 4: the framing read ahead belongs to a request already
+//! allowed, and wrong framing is refused (400) at once, before it is sent; the flow
+//! keeps a copy of every framing byte from the hole up to its position, the stretch
+//! the server may still lack (`Passed`), and the client's retransmissions there go out
+//! again only if they agree with it (else dropped whole, as conflicts); chunk data
+//! there goes out again as it comes. The next request head is never read ahead of a
+//! hole: the parser stops at the end of the body, and what follows is held (not
+//! acknowledged to the client: that would cover the hole) until the server has
+//! acknowledged every byte before it; it is then read in order at the next client
+//! segment. The copy goes as the server acknowledges it.
 //!
 //! # Driving it (the shell)
 //!
@@ -95,11 +124,13 @@
 //!   yet (responses are not parsed), and ends the connection.
 //! - After `101 Switching Protocols` (WebSocket, h2c) the bytes are not HTTP/1.x and are
 //!   refused with 400; `CONNECT` is refused.
-//! - Only opaque bytes pass out of order. After a loss, chunk framing (and everything
-//!   after it) is held until the hole is filled, unseen by the server: a chunked upload
-//!   repairs such a loss at the client's retransmission timer, not by fast
-//!   retransmit. At most `max_held` bytes wait; the client sends the rest again.
+//! - A lost segment that carries a chunk-size line leaves the data after it without a
+//!   known end: everything after it is held until the hole is filled, unseen by the
+//!   server, which repairs such a loss at the client's retransmission timer, not by
+//!   fast retransmit. So do a head after a hole, and framing beyond the copy's bound.
+//!   At most `max_held` bytes wait; the client sends the rest again.
 
+mod passed;
 #[cfg(test)]
 mod tests;
 
@@ -112,6 +143,8 @@ use crate::flow::{
     Timestamp, Timestamps, Track,
 };
 use crate::http::{HttpError, Limits, RequestHead, RequestStream, Step, MAX_HEADERS};
+use passed::Passed;
+pub use passed::{MAX_FRAMING_BYTES, MAX_FRAMING_RUNS};
 
 /// Per-flow limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -469,6 +502,10 @@ pub struct L7Flow {
     /// The stream position moved over opaque bytes the server acknowledged, so held
     /// bytes may have become contiguous: inspect them at the next client segment.
     recheck: bool,
+    /// While the parser is ahead of a hole in a chunked body: what passed since the
+    /// hole, with a copy of its framing (see `run_ahead`). Boxed: rare, and every
+    /// tracked flow carries this field.
+    passed: Option<Box<Passed>>,
 }
 
 impl L7Flow {
@@ -492,6 +529,7 @@ impl L7Flow {
             span: None,
             client_seen: now,
             recheck: false,
+            passed: None,
         }
     }
 
@@ -516,9 +554,14 @@ impl L7Flow {
     /// and keeps the connection (RFC 5961 §3.2).
     pub fn server_expects(&self) -> Option<SeqNumber> {
         let start = self.tcp.client_stream_start()?;
-        Some(match &self.reasm {
-            Some(r) => r.base() + self.releasing,
-            None => start,
+        Some(match (&self.reasm, &self.passed) {
+            // Ahead of a hole: the first byte the server lacks, as far as meshd knows.
+            (Some(_), Some(p)) => match self.tcp.server.acked {
+                Some(acked) => p.from().max(acked),
+                None => p.from(),
+            },
+            (Some(r), None) => r.base() + self.releasing,
+            (None, _) => start,
         })
     }
 
@@ -528,14 +571,18 @@ impl L7Flow {
         self.refused.as_ref().map(|r| r.refusal)
     }
 
-    /// Bytes buffered now (for a total limit across flows).
+    /// Bytes buffered now (for a total limit across flows). The copy of framing read
+    /// ahead of a hole is not counted: it changes when the server acknowledges, and
+    /// is bounded per flow ([`MAX_FRAMING_BYTES`]).
     pub fn held(&self) -> usize {
         self.reasm.as_ref().map_or(0, Reassembler::buffered)
     }
 
     /// Memory the flow's buffer occupies.
     pub fn memory(&self) -> usize {
-        self.reasm.as_ref().map_or(0, Reassembler::memory) + self.path.capacity()
+        self.reasm.as_ref().map_or(0, Reassembler::memory)
+            + self.path.capacity()
+            + self.passed.as_ref().map_or(0, |p| p.memory())
     }
 
     /// The bytes of the last [`Outcome::release`].
@@ -559,12 +606,14 @@ impl L7Flow {
 
     /// Bytes held waiting for a request head to complete time out `head_timeout` after
     /// the stream last moved on. Bytes held behind a hole in a body (the head is
-    /// decided) wait while the client still sends (its retransmissions fill the hole),
-    /// up to [`BODY_HOLE_LIMIT`] without progress.
+    /// decided; or the next head, after a body read ahead of the hole) wait while the
+    /// client still sends (its retransmissions fill the hole), up to
+    /// [`BODY_HOLE_LIMIT`] without progress.
     fn head_deadline(&self) -> Option<Timestamp> {
         let since = self.held_since?;
         let head = since.plus(self.config.head_timeout);
-        if self.http.at_head() {
+        // A head held because the body before it has a hole waits as the body does.
+        if self.http.at_head() && self.passed.is_none() {
             return Some(head);
         }
         let silent = self.client_seen.max(since).plus(self.config.head_timeout);
@@ -649,6 +698,18 @@ impl L7Flow {
             // position is theirs to move first (the next call finishes the release).
             return;
         }
+        if let Some(passed) = self.passed.as_mut() {
+            if acked - reasm.base() >= 0 {
+                // The server has every byte up to the position: nothing is ahead of a
+                // hole any more. Held bytes (the next head, framing that did not fit
+                // the copy) are read in order from here.
+                self.passed = None;
+                self.recheck |= !reasm.contiguous().is_empty();
+            } else if passed.acked(acked) {
+                // Room in the copy again: held framing may be read ahead.
+                self.recheck |= !reasm.contiguous().is_empty();
+            }
+        }
         let ahead = acked - reasm.base();
         // Anything else the server acknowledges was delivered in order already; more
         // than the opaque bytes ahead is not possible and is not believed.
@@ -676,6 +737,75 @@ impl L7Flow {
             SeqNumber(pos.0.wrapping_sub(clamp(behind) as u32)),
             pos + clamp(ahead),
         ));
+    }
+
+    /// Parsing ahead of a hole (module docs): the parser is inside a chunk's data and
+    /// this segment, which starts beyond the stream position (after a hole), carries
+    /// the end of that data. The parser jumps there, where the chunk's framing starts,
+    /// and reads on from this segment; the bytes jumped over are chunk data, which
+    /// decides nothing, and whatever of them comes later passes ([`Passed`], `again`).
+    /// Not while the copy of framing is full: then the framing is held, as in order.
+    fn run_ahead(&mut self, seg: &Segment<'_>) {
+        let (Some(left), Some(reasm)) = (self.http.chunk_data(), self.reasm.as_mut()) else {
+            return;
+        };
+        let base = reasm.base();
+        // A chunk that ends beyond half the sequence space is beyond any segment.
+        let left = match usize::try_from(left) {
+            Ok(n) if n < 1 << 30 => n,
+            _ => return,
+        };
+        let end = base + left;
+        let seg_end = seg.seq + seg.payload.len();
+        if seg.seq - base <= 0 || seg.seq - end > 0 || seg_end - end <= 0 {
+            return;
+        }
+        if self.passed.as_ref().is_some_and(|p| p.room(end) == 0) {
+            return;
+        }
+        // The stretch starts at the run of chunk data the parser is in (its bytes
+        // behind the position went out unread, and may go again).
+        let from = match self.span {
+            Some((start, run_end)) if base - start >= 0 && run_end - base >= 0 => start,
+            _ => base,
+        };
+        self.passed
+            .get_or_insert_with(|| Box::new(Passed::new(from)));
+        // Held bytes of that data (none unless the copy was full when they came) are
+        // forgotten: never sent nor acknowledged, the client sends them again.
+        reasm.forget(left);
+        let moved = reasm.base() - base;
+        self.http.skip_opaque(moved as u64);
+        self.recheck |= !reasm.contiguous().is_empty();
+    }
+
+    /// How many of the segment's bytes just before the stream position `base` go out
+    /// again (at the end of the part behind it): bytes the server may have dropped
+    /// (PAWS, RFC 7323 §5, drops a reordered segment older than one it took) or never
+    /// had, which only the client can repair. Those are the opaque bytes of the last
+    /// run (`span`: they were never read), and anything ahead of a hole ([`Passed`]),
+    /// provided it agrees with the copy of the framing there; `Err` with the first
+    /// byte where it does not (the segment is dropped whole, invariant 4). Bytes
+    /// delivered in order before either are cut as before.
+    fn again(&self, seg: &Segment<'_>, base: SeqNumber) -> Result<usize, SeqNumber> {
+        let seg_end = seg.seq + seg.payload.len();
+        if seg.payload.is_empty() || seg.seq - base >= 0 {
+            return Ok(0);
+        }
+        let end = if seg_end - base < 0 { seg_end } else { base };
+        let in_span = self.span.is_some_and(|(start, run_end)| {
+            seg.seq - start >= 0 && run_end - seg_end >= 0 && run_end - base >= 0
+        });
+        let mut n = if in_span { (end - seg.seq) as usize } else { 0 };
+        if let Some(passed) = &self.passed {
+            let from = passed.from().max(seg.seq);
+            if end - from > 0 {
+                let (lo, hi) = ((from - seg.seq) as usize, (end - seg.seq) as usize);
+                passed.check(from, &seg.payload[lo..hi])?;
+                n = n.max(hi - lo);
+            }
+        }
+        Ok(n)
     }
 
     /// Processes one client→server segment; `decide` is called once per complete request
@@ -770,6 +900,7 @@ impl L7Flow {
                     let cap = self.config.max_held.max(self.config.limits.max_head + 1);
                     self.reasm = Some(Reassembler::new(start, cap));
                     self.http = RequestStream::new(self.config.limits);
+                    self.passed = None;
                 }
                 // Data on a SYN (TCP Fast Open) is not taken: without it acknowledged,
                 // the client sends it again after the handshake.
@@ -800,7 +931,9 @@ impl L7Flow {
         }
         self.update_held_since(now, progressed);
         self.note_span();
-        if let (Some(r), None) = (outcome.release, outcome.refusal) {
+        // Bytes released ahead of a hole were never acknowledged to the client (no
+        // `HeldAck` then): if they are lost, it sends them again.
+        if let (Some(r), None, None) = (outcome.release, outcome.refusal, &self.passed) {
             let since = self.unacked_release.map_or(now, |(_, since)| since);
             self.unacked_release = Some((r.seq + r.len, since));
         }
@@ -830,6 +963,9 @@ impl L7Flow {
             }
         }
 
+        // A hole in a chunk's data: read the framing after it (see `run_ahead`).
+        self.run_ahead(seg);
+        let reasm = self.reasm.as_ref().expect("checked above");
         let base = reasm.base();
         let behind = base - seg.seq;
         // Opaque body bytes ahead of the stream position (the rest of a Content-Length
@@ -839,30 +975,40 @@ impl L7Flow {
         // §3.2, RFC 6675) instead of waiting for its retransmission timer. Their
         // values change nothing meshd decides: where they end is fixed by position.
         // The stream position moves over them when the server acknowledges them
-        // (`catch_up`) or when they arrive in order. A retransmission of opaque bytes
-        // behind the position (in the last opaque run, `span`) goes out again too:
-        // the server may have dropped the first copy (PAWS, RFC 7323 §5, drops a
-        // reordered segment older than one it took), and only the client can repair
-        // that; its TCP drops what it has.
+        // (`catch_up`) or when they arrive in order. Bytes behind the position that the
+        // server may lack go out again (`again`).
         let seg_end = seg.seq + payload.len();
         let end_ahead = seg_end - base;
-        let in_span = self.span.is_some_and(|(start, end)| {
-            seg.seq - start >= 0 && end - seg_end >= 0 && end - base >= 0
-        });
+        let again = match self.again(seg, base) {
+            Ok(n) => n,
+            Err(seq) => {
+                self.stats.conflicts = self.stats.conflicts.saturating_add(1);
+                return Outcome::fate(Fate::Drop(DropReason::Conflict(seq)));
+            }
+        };
         let opaque_ahead = behind < 0 && end_ahead as u64 <= self.http.opaque();
-        let opaque_behind = in_span && end_ahead <= 0;
-        if !payload.is_empty() && !has_fin && (opaque_ahead || opaque_behind) {
+        let all_again = end_ahead <= 0 && again == payload.len();
+        if !payload.is_empty() && !has_fin && (opaque_ahead || all_again) {
             self.stats.forwarded += payload.len() as u64;
             return Outcome::fate(Fate::Forward);
         }
         let direct = reasm.is_empty() && behind >= 0 && (behind as usize) < payload.len();
         let recheck = std::mem::take(&mut self.recheck);
         let (fate, refusal) = if direct {
-            // Bytes behind the position in the opaque span go out again with the rest.
-            let resend = in_span && !has_fin;
-            self.on_direct(payload, behind as usize, resend, decide)
+            self.on_direct(payload, behind as usize, again, decide)
         } else {
-            match self.on_buffered(seg, recheck, now, decide) {
+            match self.on_buffered(seg, recheck, again, now, decide) {
+                Ok((fate, refusal)) if again > 0 && refusal.is_none() && !sends(fate) => {
+                    // Held or released from the buffer from the position on; the bytes
+                    // before it go out again from the segment.
+                    let end = payload.len().min(behind as usize);
+                    let fate = Fate::Trim {
+                        start: end - again,
+                        end,
+                        fin: false,
+                    };
+                    (fate, refusal)
+                }
                 Ok(r) => r,
                 Err(fate) => {
                     self.recheck |= recheck;
@@ -875,12 +1021,7 @@ impl L7Flow {
             refusal,
             ..Outcome::fate(fate)
         };
-        let sends_bytes = match fate {
-            Fate::Forward => true,
-            Fate::Trim { start, end, .. } => end > start,
-            Fate::Drop(_) => false,
-        };
-        if direct && sends_bytes {
+        if direct && sends(fate) {
             if let (Some(own), Some(newest)) = (seg.timestamps, self.client_ts) {
                 if (own.val.wrapping_sub(newest.val) as i32) < 0 {
                     outcome.timestamps = Some(newest);
@@ -915,7 +1056,9 @@ impl L7Flow {
     fn held_ack(&self, client: Option<Timestamps>) -> Option<HeldAck> {
         let reasm = self.reasm.as_ref()?;
         let in_order = reasm.contiguous().len();
-        if in_order <= self.releasing || self.phase == Phase::Refused {
+        // Ahead of a hole, "in order" is meshd's view only: an acknowledgement would
+        // cover the hole, and the client would never send it again.
+        if in_order <= self.releasing || self.phase == Phase::Refused || self.passed.is_some() {
             return None;
         }
         Some(HeldAck {
@@ -930,23 +1073,25 @@ impl L7Flow {
     }
 
     /// The segment starts at or before the stream position, nothing is buffered: inspect
-    /// `payload[skip..]` in place and forward the allowed part of it.
+    /// `payload[skip..]` in place and forward the allowed part of it, and the last
+    /// `again` bytes before it (see `again`).
     fn on_direct(
         &mut self,
         payload: &[u8],
         skip: usize,
-        resend: bool,
+        again: usize,
         decide: &mut impl FnMut(&Request<'_>) -> Verdict,
     ) -> (Fate, Option<Refusal>) {
         let data = &payload[skip..];
+        let reasm = self.reasm.as_mut().expect("caller checked");
         let (allowed, cause) = inspect(
             &mut self.http,
             &mut self.path,
             data,
+            self.passed.as_deref_mut().map(|p| (p, reasm.base())),
             decide,
             &mut self.stats,
         );
-        let reasm = self.reasm.as_mut().expect("caller checked");
         let skipped = reasm.skip(allowed);
         debug_assert!(skipped);
         self.stats.retransmitted += skip as u64;
@@ -959,8 +1104,7 @@ impl L7Flow {
                 _ => cause = Some(RefuseCause::HoldFull),
             }
         }
-        // `resend`: the skipped bytes are opaque body bytes; they go out again.
-        let start = if resend { 0 } else { skip };
+        let start = skip - again;
         let fate = if start == 0 && allowed == data.len() {
             Fate::Forward
         } else if allowed == 0 && skip == 0 {
@@ -982,11 +1126,13 @@ impl L7Flow {
     /// Everything else: buffer the segment's new bytes, then inspect what is contiguous
     /// and release the allowed part from the buffer. `recheck`: held bytes may have
     /// become contiguous without a segment (see `catch_up`); inspect them even if this
-    /// segment brings nothing new.
+    /// segment brings nothing new. `again`: how many of the bytes before the position
+    /// go out again (the caller sends them); they are not lost deliveries.
     fn on_buffered(
         &mut self,
         seg: &Segment<'_>,
         recheck: bool,
+        again: usize,
         now: Timestamp,
         decide: &mut impl FnMut(&Request<'_>) -> Verdict,
     ) -> Result<(Fate, Option<Refusal>), Fate> {
@@ -1015,7 +1161,7 @@ impl L7Flow {
         }
         let mut fate = Fate::Drop(DropReason::Buffered);
         if inserted.new == 0 {
-            if inserted.old > 0 && self.delivery_lost(seg, delivered_end, now) {
+            if inserted.old > again && self.delivery_lost(seg, delivered_end, now) {
                 return Ok((
                     Fate::Drop(DropReason::Refused),
                     Some(placeholder(RefuseCause::Undelivered)),
@@ -1042,6 +1188,7 @@ impl L7Flow {
             &mut self.http,
             &mut self.path,
             data,
+            self.passed.as_deref_mut().map(|p| (p, reasm.base())),
             decide,
             &mut self.stats,
         );
@@ -1105,9 +1252,10 @@ impl L7Flow {
         let sent_end = reasm.base() + self.releasing;
         let nothing_held = reasm.contiguous().len() == self.releasing;
         if sent_end != fin || !nothing_held {
-            if reasm.fin_in_order() {
+            if reasm.fin_in_order() && self.passed.is_none() {
                 // Everything up to the FIN arrived but part of it is an undecided head:
-                // the request can never complete.
+                // the request can never complete. (Ahead of a hole, held bytes wait for
+                // the hole to be filled, and are then read.)
                 outcome.refusal = Some(placeholder(RefuseCause::Truncated));
             }
             return;
@@ -1144,6 +1292,7 @@ impl L7Flow {
     fn finish_release(&mut self) {
         if self.phase == Phase::Refused {
             self.reasm = None;
+            self.passed = None;
         } else if let Some(reasm) = self.reasm.as_mut() {
             reasm.consume(self.releasing);
         }
@@ -1164,7 +1313,7 @@ impl L7Flow {
         // acknowledged (a reset at any other number only earns a challenge ACK).
         let server_seq = match (cause, self.tcp.server.acked) {
             (RefuseCause::Undelivered, Some(acked)) => acked,
-            _ => delivered,
+            _ => self.server_expects().unwrap_or(delivered),
         };
         let refusal = Refusal {
             cause,
@@ -1191,6 +1340,15 @@ struct Refused {
     refusal: Refusal,
     /// When the response last went to the client.
     answered_at: Timestamp,
+}
+
+/// The fate sends some of the segment's bytes.
+fn sends(fate: Fate) -> bool {
+    match fate {
+        Fate::Forward => true,
+        Fate::Trim { start, end, .. } => end > start,
+        Fate::Drop(_) => false,
+    }
 }
 
 /// The segment as it came if it carries no payload, else the same without it.
@@ -1220,14 +1378,20 @@ fn placeholder(cause: RefuseCause) -> Refusal {
 
 /// Parses `data` (stream bytes from the parser's position), deciding each complete head.
 /// Returns how many leading bytes are allowed, and the cause that refuses the stream, if
-/// any. Bytes after the allowed prefix are an incomplete head unless refused.
+/// any. Bytes after the allowed prefix are an incomplete head unless refused; with
+/// `ahead` (the flow is ahead of a hole; `data` starts at that sequence number), see
+/// [`read_ahead`].
 fn inspect(
     http: &mut RequestStream,
     path: &mut String,
     data: &[u8],
+    ahead: Option<(&mut Passed, SeqNumber)>,
     decide: &mut impl FnMut(&Request<'_>) -> Verdict,
     stats: &mut Stats,
 ) -> (usize, Option<RefuseCause>) {
+    if let Some((passed, seq)) = ahead {
+        return read_ahead(http, data, passed, seq);
+    }
     let mut pos = 0;
     loop {
         if !http.at_head() {
@@ -1261,4 +1425,40 @@ fn inspect(
             Err(e) => return (pos, Some(RefuseCause::Http(e))),
         }
     }
+}
+
+/// [`inspect`] ahead of a hole in a chunked body: passes chunk data unseen and reads
+/// the body's framing (size lines, trailers), copying it into `passed` (which checks
+/// what the client sends there again). Stops where the copy is full, and at the end of
+/// the body: the next head is read once the server has everything before it (no head
+/// is decided ahead of a hole). The bytes after the allowed prefix are held.
+fn read_ahead(
+    http: &mut RequestStream,
+    data: &[u8],
+    passed: &mut Passed,
+    seq: SeqNumber,
+) -> (usize, Option<RefuseCause>) {
+    let mut pos = 0;
+    while pos < data.len() {
+        let opaque = http.opaque();
+        if opaque > 0 {
+            let n = usize::try_from(opaque)
+                .unwrap_or(usize::MAX)
+                .min(data.len() - pos);
+            http.skip_opaque(n as u64);
+            pos += n;
+            continue;
+        }
+        let at = seq + pos;
+        let fits = passed.room(at).min(data.len() - pos);
+        match http.framing(&data[pos..pos + fits]) {
+            Ok(0) => break,
+            Ok(n) => {
+                passed.record(at, &data[pos..pos + n]);
+                pos += n;
+            }
+            Err(e) => return (pos, Some(RefuseCause::Http(e))),
+        }
+    }
+    (pos, None)
 }

@@ -544,3 +544,58 @@ fn opaque_body_bytes_can_be_skipped_unseen() {
     p2.skip_opaque(5);
     assert!(p2.at_head());
 }
+
+/// Inside a chunked body the framing after a chunk's data is read before the data: jump
+/// over it ([`RequestStream::chunk_data`], `skip_opaque`), then `framing` consumes the
+/// CRLF, the next size line, and after the last chunk the trailers — not a chunk's
+/// data, not the next head — checked as `body` checks them.
+#[test]
+fn chunk_framing_is_read_ahead_of_the_data() {
+    let post = b"POST /u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let start = || {
+        let mut p = RequestStream::default();
+        let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        assert!(matches!(p.parse(post, &mut hdrs), Ok(Step::Head { .. })));
+        p
+    };
+    let mut p = start();
+    assert_eq!(p.chunk_data(), None, "a size line is not data");
+    assert_eq!(p.framing(b"10;a=\"b\"\r\nxyz"), Ok(10), "up to the data");
+    assert_eq!(p.chunk_data(), Some(16));
+    assert_eq!(p.framing(b"xyz"), Ok(0), "data is not framing");
+    p.skip_opaque(16);
+    assert_eq!(p.chunk_data(), None);
+    // In pieces, as segments cut it.
+    assert_eq!(p.framing(b"\r"), Ok(1));
+    assert_eq!(p.framing(b"\n2"), Ok(2));
+    assert_eq!(p.framing(b"\r\nab\r\n"), Ok(2));
+    assert_eq!(p.chunk_data(), Some(2));
+    p.skip_opaque(2);
+    // The last chunk and its trailers are framing; the next head is not.
+    assert_eq!(p.framing(b"\r\n0\r\nT: 1\r\n"), Ok(11));
+    assert_eq!((p.opaque(), p.at_head()), (0, false));
+    assert_eq!(p.framing(b"\r\nGET / HTTP/1.1\r\n"), Ok(2));
+    assert!(p.at_head());
+    assert_eq!(p.framing(b"GET / HTTP/1.1\r\n"), Ok(0));
+    // Wrong framing is refused, and the parser stays failed.
+    let mut p = start();
+    assert_eq!(p.framing(b"3\r\n"), Ok(3));
+    p.skip_opaque(3);
+    assert_eq!(p.framing(b"\r\nzz\r\n"), Err(HttpError::InvalidChunkSize));
+    assert_eq!(p.body(b"\r\n0\r\n"), Err(HttpError::InvalidChunkSize));
+    let mut p = start();
+    assert_eq!(p.framing(b"3\r\n"), Ok(3));
+    p.skip_opaque(3);
+    assert_eq!(p.framing(b"x\r\n"), Err(HttpError::MissingChunkCrlf));
+    let mut p = start();
+    assert_eq!(p.framing(&[b'1'; 16]), Err(HttpError::ChunkSizeTooLarge));
+    let mut p = start();
+    assert_eq!(p.framing(b"0\r\n T: 1\r\n"), Err(HttpError::ObsFold));
+    // Content-Length data has no framing after it to read ahead: the next head.
+    let mut p = RequestStream::default();
+    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let put = b"PUT /u HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\n";
+    assert!(matches!(p.parse(put, &mut hdrs), Ok(Step::Head { .. })));
+    assert_eq!((p.opaque(), p.chunk_data()), (4, None));
+    assert_eq!(p.framing(b"abcd"), Ok(0));
+}

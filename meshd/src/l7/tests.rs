@@ -476,7 +476,8 @@ fn only_opaque_bytes_pass_out_of_order() {
     assert_eq!(o.release.map(|r| r.len), Some(25 + tail.len()));
     assert_eq!(net.decisions.len(), 2);
     assert_eq!(net.server, [&head[..], &body, GET].concat());
-    // Chunked: a chunk's data passes out of order, its framing does not.
+    // Chunked: a chunk's data passes out of order, and the framing after it is read
+    // ahead of the hole (see `chunk_framing_after_a_hole_is_read_ahead_of_it`).
     let mut net = Net::new();
     let head = b"PUT /c HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n";
     let h = head.len();
@@ -485,7 +486,7 @@ fn only_opaque_bytes_pass_out_of_order() {
     let data = [b'd'; 20];
     assert_eq!(net.send(h + 4 + 10, &data[10..]).fate, Fate::Forward);
     let o = net.send(h + 4 + 20, b"\r\n0\r\n\r\n");
-    assert_eq!(o.fate, Fate::Drop(DropReason::Buffered), "framing waits");
+    assert_eq!(o.fate, Fate::Forward, "framing read ahead of the hole");
     net.send(h + 4, &data[..10]);
     net.send(h + 4 + 20, b"\r\n0\r\n\r\n");
     assert_eq!(
@@ -1347,7 +1348,8 @@ fn urgent_data_is_refused() {
 fn a_flow_is_small_until_it_holds_bytes() {
     // 10,000 tracked flows must fit the memory budget (issue 6: under 50 MiB in all).
     let size = std::mem::size_of::<L7Flow>();
-    assert!(size <= 640, "L7Flow is {size} bytes");
+    // 640 until the pointer to what passed ahead of a hole (`Passed`, boxed).
+    assert!(size <= 648, "L7Flow is {size} bytes");
     let net = Net::new();
     assert_eq!(net.flow.memory(), 0);
 }
@@ -1583,4 +1585,240 @@ fn an_old_timestamp_on_inspected_bytes_is_raised() {
     next.timestamps = Some(Timestamps { val: 61, ecr: 9 });
     let o = net.flow.on_client_segment(&next, net.now, policy);
     assert_eq!((o.fate, o.timestamps), (Fate::Forward, None));
+}
+
+const CHUNKED_PUT: &[u8] = b"PUT /c HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+/// A chunked body of chunks of these sizes (data a pattern), the last chunk and an
+/// empty trailer section.
+fn chunked_body(sizes: &[usize]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (k, &n) in sizes.iter().enumerate() {
+        body.extend(format!("{n:x}\r\n").as_bytes());
+        body.extend((0..n).map(|i| b'a' + ((i + k) % 26) as u8));
+        body.extend(b"\r\n");
+    }
+    body.extend(b"0\r\n\r\n");
+    body
+}
+
+/// Regression (issue 26): after a loss in a chunk's data, the framing after that data
+/// and everything behind it were held until the hole was filled: the server saw nothing
+/// past the chunk, answered with no SACK blocks, and the client waited for its
+/// retransmission timer at every loss (a 50 MiB chunked upload under 0.5% loss took
+/// 5–8 s against 0.5 s with a Content-Length). Where a chunk's data ends is known, so
+/// the framing after a hole is read ahead of it and passes with the data, up to the
+/// end of the body; nothing is held.
+#[test]
+fn chunk_framing_after_a_hole_is_read_ahead_of_it() {
+    let mut net = Net::new();
+    let h = CHUNKED_PUT.len();
+    net.send(0, CHUNKED_PUT);
+    let body = chunked_body(&[3000, 2500, 4000]);
+    // The first size line in order, then segments of 700 bytes; the first is lost.
+    net.send(h, &body[..5]);
+    let segs: Vec<(usize, usize)> = (5..body.len())
+        .step_by(700)
+        .map(|o| (o, (o + 700).min(body.len())))
+        .collect();
+    for &(a, b) in &segs[1..] {
+        let o = net.send(h + a, &body[a..b]);
+        assert_eq!(o.fate, Fate::Forward, "bytes {a}..{b}");
+        assert_eq!(o.held_ack, None);
+        assert_eq!(net.flow.held(), 0);
+    }
+    assert_eq!(net.server.len(), h + 5, "the server waits for the hole");
+    // The hole: the server has the whole body.
+    let (a, b) = segs[0];
+    assert_eq!(net.send(h + a, &body[a..b]).fate, Fate::Forward);
+    assert_eq!(net.server, [CHUNKED_PUT, &body].concat());
+    // The next request is decided in order and goes straight through.
+    assert_eq!(net.send(h + body.len(), GET).fate, Fate::Forward);
+    assert_eq!(net.server, [CHUNKED_PUT, &body, GET].concat());
+    assert_eq!(net.decisions.len(), 2);
+    let stats = net.flow.stats();
+    assert_eq!((stats.copied, stats.released), (0, 0), "{stats:?}");
+}
+
+/// Framing read ahead of a hole was sent to the server out of order; the client may
+/// send its bytes again (the server dropped them, or a loss and a timer crossed). A
+/// retransmission that agrees with the copy meshd read goes out again (only the client
+/// can repair a drop); one whose framing differs is dropped whole, as a conflict with
+/// held bytes is, so that what the server reads as framing is what meshd read
+/// (invariant 4). Chunk data may differ: it decides nothing.
+#[test]
+fn framing_sent_again_ahead_of_a_hole_must_agree_with_what_was_read() {
+    let mut net = Net::new();
+    let h = CHUNKED_PUT.len();
+    net.send(0, CHUNKED_PUT);
+    let body = chunked_body(&[100, 100]);
+    // "64\r\n" + 100 bytes + "\r\n64\r\n" at 104..110 + 100 bytes + ...
+    net.send(h, &body[..4]);
+    let straddle = 90..130;
+    assert_eq!(
+        net.send(h + straddle.start, &body[straddle.clone()]).fate,
+        Fate::Forward
+    );
+    // The same bytes again, and data around the framing: out again.
+    assert_eq!(
+        net.send(h + straddle.start, &body[straddle.clone()]).fate,
+        Fate::Forward
+    );
+    assert_eq!(net.send(h + 100, &body[100..106]).fate, Fate::Forward);
+    let mut other_data = body[straddle.clone()].to_vec();
+    other_data[..14].fill(b'#');
+    other_data[20..].fill(b'#');
+    net.strict = false; // other data bytes at the server: its TCP's business
+    assert_eq!(net.send(h + 90, &other_data).fate, Fate::Forward);
+    net.strict = true;
+    // Other framing: a different size, or a CRLF moved.
+    for (at, forged) in [
+        (h + 106, &b"FF"[..]),
+        (h + 104, b"\n\r"),
+        (h + 100, b"xyzw\r\n7"),
+    ] {
+        let o = net.send(at, forged);
+        assert!(
+            matches!(o.fate, Fate::Drop(DropReason::Conflict(_))),
+            "{forged:?}: {o:?}"
+        );
+    }
+    assert_eq!(net.flow.stats().conflicts, 3);
+    // The hole, then the rest: the server reads the framing meshd read.
+    net.strict = false;
+    net.send(h + 4, &body[4..90]);
+    net.send(h + 130, &body[130..]);
+    net.send(h + body.len(), GET);
+    assert_eq!(&net.server[h + 104..h + 110], b"\r\n64\r\n");
+    assert_eq!(net.server.len(), h + body.len() + GET.len());
+    assert_eq!(net.decisions.len(), 2);
+}
+
+/// The next head is read in order only: ahead of a hole the parser stops at the end of
+/// the chunked body (its trailers pass), and what follows waits, unacknowledged (an
+/// acknowledgement would cover the hole), while the client sends, until the server has
+/// everything before it; then a pipelined request is decided, and a denied one
+/// refused, as in order. A FIN behind held bytes is no truncated request while the hole
+/// may still be filled.
+#[test]
+fn the_next_head_waits_for_a_hole_before_it() {
+    let mut net = Net::new();
+    let h = CHUNKED_PUT.len();
+    net.send(0, CHUNKED_PUT);
+    let body = chunked_body(&[50]);
+    let admin = b"GET /admin/x HTTP/1.1\r\nHost: svc\r\n\r\n";
+    let rest = [&body[40..body.len() - 2], b"T: 1\r\n\r\n"].concat();
+    let tail = [&rest[..], GET, admin].concat();
+    net.send(h, &body[..4]);
+    // From inside the chunk's data: the rest of the body, two more requests, the FIN.
+    let o = net.send_flags(h + 40, &tail, Flags::ACK | Flags::FIN);
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: rest.len(),
+            fin: false
+        }
+    );
+    assert_eq!((o.refusal, o.held_ack), (None, None));
+    assert_eq!(net.decisions.len(), 1, "no head decided ahead of the hole");
+    // The held heads wait as a body's hole does: while the client sends.
+    let timeout = Config::default().head_timeout.as_millis() as u64;
+    for _ in 0..3 {
+        net.tick(timeout - 1000);
+        assert_eq!(net.flow.poll(net.now), None);
+        let o = net.send_flags(h + 40, &tail, Flags::ACK | Flags::FIN);
+        assert_eq!(
+            o.fate,
+            Fate::Trim {
+                start: 0,
+                end: rest.len(),
+                fin: false
+            }
+        );
+    }
+    // The hole: the server has the whole body and says so; the held bytes are read at
+    // the next client segment (its retransmission).
+    assert_eq!(net.send(h + 4, &body[4..40]).fate, Fate::Forward);
+    assert_eq!(net.server, [CHUNKED_PUT, &body[..40], &rest].concat());
+    let o = net.send_flags(h + 40, &tail, Flags::ACK | Flags::FIN);
+    assert_eq!(net.decisions.len(), 3);
+    let r = o.refusal.expect("the pipelined /admin is refused");
+    assert_eq!(r.cause.status(), 403);
+    assert_eq!(r.server_seq, net.at(h + 40 + rest.len() + GET.len()));
+    assert_eq!(net.server, [CHUNKED_PUT, &body[..40], &rest, GET].concat());
+}
+
+/// A chunk whose framing read ahead of a hole is wrong is refused at once, 400, without
+/// waiting for the hole; the wrong bytes never reach the server, and its reset goes
+/// where it stopped (the hole), the only number it takes (RFC 5961 §3.2).
+#[test]
+fn bad_framing_ahead_of_a_hole_is_refused_at_once() {
+    let mut net = Net::new();
+    let h = CHUNKED_PUT.len();
+    net.send(0, CHUNKED_PUT);
+    net.send(h, b"a\r\n");
+    // Data 3..13, then a size line with a bad digit: the data goes, no framing.
+    let o = net.send(h + 8, b"fghij\r\n1z\r\n");
+    assert_eq!(
+        o.fate,
+        Fate::Trim {
+            start: 0,
+            end: 5,
+            fin: false
+        }
+    );
+    let r = o.refusal.expect("refused");
+    assert_eq!(r.cause, RefuseCause::Http(HttpError::InvalidChunkSize));
+    assert_eq!(r.cause.status(), 400);
+    assert_eq!(r.server_seq, net.at(h + 3), "where the server stopped");
+    assert!(net.flow.is_closed());
+    assert_eq!(net.server.len(), h + 3);
+    assert!(!net.ahead.values().any(|b| b.contains(&b'z')));
+}
+
+/// Invariant 6: a flood of tiny chunks after a hole cannot make the flow copy framing
+/// without bound. The copy stops at MAX_FRAMING_RUNS runs (or MAX_FRAMING_BYTES); the
+/// framing after that is held as before (the buffer's limit then drops what does not
+/// fit, for the client to send again); once the server has everything up to the
+/// position, the rest is read in order and the stream completes exactly.
+#[test]
+fn a_flood_of_tiny_chunks_ahead_of_a_hole_is_copied_up_to_a_bound() {
+    let mut net = Net::new();
+    let h = CHUNKED_PUT.len();
+    net.send(0, CHUNKED_PUT);
+    let chunks = MAX_FRAMING_RUNS * 3;
+    let body = chunked_body(&vec![1; chunks]);
+    // "1\r\n" in order; the one data byte of the first chunk is the hole.
+    net.send(h, &body[..3]);
+    let mut held_from = None;
+    for a in (4..body.len()).step_by(60) {
+        let b = (a + 60).min(body.len());
+        let o = net.send(h + a, &body[a..b]);
+        match (o.fate, held_from) {
+            (Fate::Forward, None) => {}
+            (Fate::Trim { start: 0, end, .. }, None) if end < b - a => held_from = Some(a + end),
+            (Fate::Drop(DropReason::Buffered | DropReason::OutOfWindow), Some(_)) => {}
+            other => panic!("bytes {a}..{b}: {other:?}"),
+        }
+        assert_eq!(o.held_ack, None);
+    }
+    // Each chunk's framing ("\r\n1\r\n") is one run: the copy ends with the run that
+    // fills it, and then only the chunk's data byte goes.
+    let held_from = held_from.expect("the copy filled");
+    assert_eq!(held_from, 4 + 6 * MAX_FRAMING_RUNS);
+    let bound = Config::default().max_held * 2 + MAX_FRAMING_BYTES + 16 * MAX_FRAMING_RUNS + 1024;
+    assert!(net.flow.memory() <= bound, "{}", net.flow.memory());
+    // The hole; then the client sends everything again, as its TCP does.
+    net.send(h + 3, &body[3..4]);
+    while net.server.len() < h + body.len() {
+        let before = net.server.len();
+        for a in (4..body.len()).step_by(60) {
+            net.send(h + a, &body[a..(a + 60).min(body.len())]);
+        }
+        assert!(net.server.len() > before, "stalled at {}", net.server.len());
+    }
+    assert_eq!(net.server, [CHUNKED_PUT, &body].concat());
+    net.send(h + body.len(), GET);
+    assert_eq!(net.decisions.len(), 2);
 }
