@@ -3,8 +3,11 @@
 use super::SeqNumber;
 
 /// Most disjoint filled ranges (so at most this many holes) a [`Reassembler`] tracks,
-/// like smoltcp's assembler: a fixed bound, and a typed error beyond it.
-pub const MAX_RANGES: usize = 8;
+/// like smoltcp's assembler: a fixed bound, and a typed error beyond it. 64: a client
+/// whose segments arrive reordered by a few milliseconds at gigabit rates leaves dozens
+/// of holes in a window (measured with `mesh-faultbench`, 25% reordering: 8 ranges made
+/// a chunked upload through an inspected port resend 37 of 50 MB; docs/benchmarks.md).
+pub const MAX_RANGES: usize = 64;
 
 /// A window of one direction's byte stream, starting at [`Reassembler::base`], the first
 /// byte not yet consumed.
@@ -24,7 +27,8 @@ pub const MAX_RANGES: usize = 8;
 ///   [`Inserted::old`] (they cannot be compared any more: the caller already delivered
 ///   its own copy, and delivers nothing of them again).
 /// - Nothing is allocated until bytes must be buffered; the buffer then grows to the
-///   span it needs (at most `cap`, at most twice that in capacity) and is reused.
+///   span it needs (at most `cap`, at most twice that in capacity) and is reused, and
+///   the range list takes room for [`MAX_RANGES`] at once, so neither grows per packet.
 ///
 /// [`contiguous`]: Reassembler::contiguous
 #[derive(Clone, Debug)]
@@ -33,9 +37,9 @@ pub struct Reassembler {
     /// `buf[head + i]` holds byte `base + i` where some range covers `i`.
     head: usize,
     buf: Vec<u8>,
-    /// Filled ranges as offsets from `base`: sorted, disjoint, not adjacent.
-    ranges: [(usize, usize); MAX_RANGES],
-    n_ranges: usize,
+    /// Filled ranges as offsets from `base`: sorted, disjoint, not adjacent; at most
+    /// [`MAX_RANGES`] (on the heap, so that a flow with nothing buffered stays small).
+    ranges: Vec<(usize, usize)>,
     cap: usize,
     fin: Option<SeqNumber>,
 }
@@ -77,8 +81,7 @@ impl Reassembler {
             base: start,
             head: 0,
             buf: Vec::new(),
-            ranges: [(0, 0); MAX_RANGES],
-            n_ranges: 0,
+            ranges: Vec::new(),
             cap,
             fin: None,
         }
@@ -100,7 +103,7 @@ impl Reassembler {
 
     /// Nothing buffered.
     pub fn is_empty(&self) -> bool {
-        self.n_ranges == 0
+        self.ranges.is_empty()
     }
 
     /// Bytes buffered (filled), contiguous or not.
@@ -127,7 +130,7 @@ impl Reassembler {
     }
 
     fn filled(&self) -> &[(usize, usize)] {
-        &self.ranges[..self.n_ranges]
+        &self.ranges
     }
 
     /// Buffers `data`, which starts at `seq`, by the rules in the type's docs.
@@ -195,20 +198,21 @@ impl Reassembler {
 
         // The new range absorbs every range it overlaps or touches.
         let first = self.filled().iter().position(|&(_, e)| e >= off);
-        let first = first.unwrap_or(self.n_ranges);
+        let n = self.ranges.len();
+        let first = first.unwrap_or(n);
         let last = self.filled()[first..]
             .iter()
             .position(|&(s, _)| s > end)
-            .map_or(self.n_ranges, |p| first + p);
+            .map_or(n, |p| first + p);
         let absorbed = last - first;
-        if self.n_ranges - absorbed + 1 > MAX_RANGES {
-            if last == self.n_ranges {
+        if n - absorbed + 1 > MAX_RANGES {
+            if last == n {
                 return Err(InsertError::TooManyHoles);
             }
             // Bytes nearer the stream position win: forget the farthest range (never
             // inspected nor delivered; the sender will send it again). Otherwise a
             // window full of holes could never fill from the front.
-            self.n_ranges -= 1;
+            self.ranges.pop();
         }
 
         self.make_room(end);
@@ -219,12 +223,12 @@ impl Reassembler {
             merged.0 = merged.0.min(self.ranges[first].0);
             merged.1 = merged.1.max(self.ranges[last - 1].1);
         }
-        // Replace ranges[first..last] by `merged`.
-        let tail = self.n_ranges - last;
-        let new_n = self.n_ranges - absorbed + 1;
-        self.ranges.copy_within(last..last + tail, first + 1);
-        self.ranges[first] = merged;
-        self.n_ranges = new_n;
+        // Replace ranges[first..last] by `merged` (within the room taken once).
+        if self.ranges.capacity() < MAX_RANGES {
+            self.ranges.reserve_exact(MAX_RANGES - self.ranges.len());
+        }
+        self.ranges.drain(first..last);
+        self.ranges.insert(first, merged);
 
         Ok(Inserted {
             old,
@@ -292,16 +296,15 @@ impl Reassembler {
 
     fn advance(&mut self, n: usize) {
         self.base = self.base + n;
-        let mut kept = 0;
-        for i in 0..self.n_ranges {
-            let (s, e) = self.ranges[i];
-            if e > n {
-                self.ranges[kept] = (s.saturating_sub(n), e - n);
-                kept += 1;
+        self.ranges.retain_mut(|(s, e)| {
+            if *e > n {
+                (*s, *e) = (s.saturating_sub(n), *e - n);
+                true
+            } else {
+                false
             }
-        }
-        self.n_ranges = kept;
-        if kept == 0 {
+        });
+        if self.ranges.is_empty() {
             self.head = 0;
             self.buf.clear();
         } else {

@@ -131,16 +131,18 @@ fn bounded_window_and_holes() {
     for i in 0..MAX_RANGES as u32 {
         r.insert(at(10 + i * 2), b"x").unwrap();
     }
+    let beyond = 20 + MAX_RANGES as u32 * 2;
     assert_eq!(
-        r.insert(at(100), b"y").unwrap_err(),
+        r.insert(at(beyond), b"y").unwrap_err(),
         InsertError::TooManyHoles
     );
     // Filling a hole between two ranges merges them, which is always allowed.
     r.insert(at(11), b"x").unwrap();
-    r.insert(at(100), b"y").unwrap();
+    r.insert(at(beyond), b"y").unwrap();
     // A segment covering several ranges merges them all.
-    r.insert(at(0), &[b'x'; 30]).unwrap();
-    assert_eq!(r.contiguous().len(), 30);
+    let all = vec![b'x'; 10 + MAX_RANGES * 2];
+    r.insert(at(0), &all).unwrap();
+    assert_eq!(r.contiguous().len(), all.len());
 }
 
 #[test]
@@ -351,10 +353,11 @@ fn bytes_at_the_front_evict_the_farthest_range() {
     for i in 0..MAX_RANGES as u32 {
         r.insert(at(10 + i * 2), b"x").unwrap();
     }
+    let beyond = 20 + MAX_RANGES as u32 * 2;
     let farthest = 10 + (MAX_RANGES as u32 - 1) * 2;
     // Beyond every range: refused.
     assert_eq!(
-        r.insert(at(100), b"y").unwrap_err(),
+        r.insert(at(beyond), b"y").unwrap_err(),
         InsertError::TooManyHoles
     );
     // In-order bytes are always taken: the farthest range goes.
