@@ -87,13 +87,16 @@ use serde::Serialize;
 
 use crate::checksum;
 use crate::conntrack::{
-    ConnTrack, Dir, FlowHash, FlowHasher, FlowKey, Observation, Origin, Seen, TcpFlags,
-    TcpSegmentInfo, Timeouts, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    ConnTrack, Dir, FlowHash, FlowHasher, Observation, Origin, Seen, TcpSegmentInfo, Timeouts,
 };
 use crate::decisions::{DecisionLog, DecisionRecord, HttpSummary};
 use crate::flow::{Flags, Segment, SeqNumber, Timestamp, Timestamps};
 use crate::inject::{self, Endpoints, TcpSegment};
 use crate::l7::{self, L7Flow, Refusal, RefuseCause};
+use crate::wire::{
+    self, FlowKey, IcmpPacket, IpPacket, TcpPacket, UdpPacket, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP,
+};
 
 pub use mesh_proto::policy::{LocalWorkload, Sender};
 
@@ -477,7 +480,7 @@ struct Parsed {
     /// The packet opens a flow of its own: a TCP SYN without ACK, a UDP datagram, an
     /// ICMP echo request. Nothing else makes a local workload the opener of a flow.
     opens: bool,
-    /// TCP: raw flags, window, and where the payload starts in the packet.
+    /// TCP: where its header and payload start in the packet.
     tcp_raw: Option<TcpRaw>,
     /// ICMP errors: the error's own addresses and what it quotes beyond the 5-tuple.
     quote: Option<Quote>,
@@ -494,12 +497,10 @@ struct Quote {
     seq: Option<u32>,
 }
 
+/// Where the TCP header and its payload start in the packet (`IpPacket::as_bytes`).
 #[derive(Clone, Copy, Debug)]
 struct TcpRaw {
-    flags: u8,
-    window: u16,
-    /// Where the TCP header's options start in the packet (they end at `payload_at`).
-    options_at: usize,
+    header_at: usize,
     payload_at: usize,
 }
 
@@ -580,9 +581,25 @@ impl Enforcer {
         self.inbound_to(&self.local, sender, packet, now, wall, emit)
     }
 
-    /// Decides a packet between two local workloads: the reply direction of a flow
-    /// the receiver opened passes as that flow's outbound traffic; anything else is
-    /// inbound traffic of `receiver` from `sender`, decided by policy.
+    /// [`Enforcer::inbound_to`] of the bytes of a packet (tests, fuzzing and
+    /// benchmarks; the packet path has a checked view and calls
+    /// [`Enforcer::inbound_ip`]).
+    pub fn inbound_to(
+        &self,
+        receiver: &LocalWorkload,
+        sender: &Sender,
+        packet: &[u8],
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        match IpPacket::new_checked(packet) {
+            Ok(ip) => self.inbound_ip(receiver, sender, &ip, now, wall, emit),
+            Err(_) => self.dropped(Drop::Malformed),
+        }
+    }
+
+    /// [`Enforcer::between_locals_ip`] of the bytes of a packet.
     pub fn between_locals(
         &self,
         sender: &Sender,
@@ -592,7 +609,40 @@ impl Enforcer {
         wall: UnixTime,
         emit: &mut Emit,
     ) -> Verdict {
-        let reply = match parse(packet) {
+        match IpPacket::new_checked(packet) {
+            Ok(ip) => self.between_locals_ip(sender, receiver, &ip, now, wall, emit),
+            Err(_) => self.dropped(Drop::Malformed),
+        }
+    }
+
+    /// [`Enforcer::outbound_ip`] of the bytes of a packet.
+    pub fn outbound(
+        &self,
+        to: Option<&Arc<str>>,
+        packet: &[u8],
+        now: Duration,
+        emit: &mut Emit,
+    ) -> Verdict {
+        match IpPacket::new_checked(packet) {
+            Ok(ip) => self.outbound_ip(to, &ip, now, emit),
+            Err(_) => self.dropped(Drop::Malformed),
+        }
+    }
+
+    /// Decides a packet between two local workloads: the reply direction of a flow
+    /// the receiver opened passes as that flow's outbound traffic; anything else is
+    /// inbound traffic of `receiver` from `sender`, decided by policy.
+    pub fn between_locals_ip(
+        &self,
+        sender: &Sender,
+        receiver: &LocalWorkload,
+        ip: &IpPacket<&[u8]>,
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        let parsed = parse_ip(ip);
+        let reply = match &parsed {
             Ok(p) if p.kind == Kind::Flow => {
                 let h = self.hasher.hash(&p.key);
                 let shard = self.shard(h);
@@ -603,26 +653,45 @@ impl Enforcer {
             }
             _ => false,
         };
+        let packet = ip.as_bytes();
         if reply {
             // The answer goes back to the flow's opener: the receiver.
-            self.outbound(receiver.identity.as_ref(), packet, now, emit)
+            self.outbound_parsed(receiver.identity.as_ref(), packet, parsed, now, emit)
         } else {
-            self.inbound_to(receiver, sender, packet, now, wall, emit)
+            self.inbound_parsed(receiver, sender, packet, parsed, now, wall, emit)
         }
     }
 
-    /// Decides an inbound packet from `sender` to the local workload `receiver`.
-    pub fn inbound_to(
+    /// Decides an inbound packet from `sender` to the local workload `receiver`: a
+    /// packet whose IP header `peers` checked (the view is parsed on, not again).
+    pub fn inbound_ip(
+        &self,
+        receiver: &LocalWorkload,
+        sender: &Sender,
+        ip: &IpPacket<&[u8]>,
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        let parsed = parse_ip(ip);
+        self.inbound_parsed(receiver, sender, ip.as_bytes(), parsed, now, wall, emit)
+    }
+
+    /// [`Enforcer::inbound_ip`] of a packet already parsed (`packet` is the bytes the
+    /// offsets in `parsed` point into).
+    #[allow(clippy::too_many_arguments)] // both ends, the packet, the clock: all needed
+    fn inbound_parsed(
         &self,
         receiver: &LocalWorkload,
         sender: &Sender,
         packet: &[u8],
+        parsed: Result<Parsed, ParseError>,
         now: Duration,
         wall: UnixTime,
         emit: &mut Emit,
     ) -> Verdict {
         let who = Who { sender, receiver };
-        let p = match parse(packet) {
+        let p = match parsed {
             Ok(p) => p,
             Err(e) => return self.dropped(parse_drop(e)),
         };
@@ -750,7 +819,7 @@ impl Enforcer {
         // UDP to a port inspected for this workload (HTTP/3 could pass the HTTP rules
         // there) is refused by policy itself (`not_http`, `CompiledPolicy::inspects`).
         let decision = self.decide(&active.policy, who, &p);
-        let rst = p.obs.tcp.is_some_and(|t| t.flags.rst);
+        let rst = p.obs.tcp.is_some_and(|t| t.flags.rst());
         if decision.is_allowed() && !rst {
             if tombstone {
                 shard.remove_hashed(h, &p.key);
@@ -780,14 +849,25 @@ impl Enforcer {
     /// opening (SYN, datagram, echo request) starts a flow of the local workload's own,
     /// whose replies then come in from `to` only. Anything else of no flow is dropped,
     /// and a TCP segment answered with resets to both ends (see the module docs).
-    pub fn outbound(
+    pub fn outbound_ip(
         &self,
         to: Option<&Arc<str>>,
-        packet: &[u8],
+        ip: &IpPacket<&[u8]>,
         now: Duration,
         emit: &mut Emit,
     ) -> Verdict {
-        let p = match parse(packet) {
+        self.outbound_parsed(to, ip.as_bytes(), parse_ip(ip), now, emit)
+    }
+
+    fn outbound_parsed(
+        &self,
+        to: Option<&Arc<str>>,
+        packet: &[u8],
+        parsed: Result<Parsed, ParseError>,
+        now: Duration,
+        emit: &mut Emit,
+    ) -> Verdict {
+        let p = match parsed {
             // A local workload's fragments and ICMP errors are its own business;
             // only what comes in is policed.
             Err(ParseError::Fragment | ParseError::StrayIcmp | ParseError::Protocol) => {
@@ -1723,8 +1803,8 @@ fn segment<'a>(p: &Parsed, packet: &'a [u8]) -> Option<Segment<'a>> {
     Some(Segment {
         seq: SeqNumber(tcp.seq),
         ack: SeqNumber(tcp.ack),
-        flags: Flags(raw.flags),
-        window: raw.window,
+        flags: tcp.flags,
+        window: tcp.window,
         timestamps: Timestamps::parse(tcp_options(p, packet)),
         payload: packet.get(raw.payload_at..end)?,
     })
@@ -1733,7 +1813,7 @@ fn segment<'a>(p: &Parsed, packet: &'a [u8]) -> Option<Segment<'a>> {
 /// The TCP options of a parsed TCP packet, as on the wire.
 fn tcp_options<'a>(p: &Parsed, packet: &'a [u8]) -> &'a [u8] {
     p.tcp_raw
-        .and_then(|raw| packet.get(raw.options_at..raw.payload_at))
+        .and_then(|raw| packet.get(raw.header_at + TcpPacket::MIN_HEADER_LEN..raw.payload_at))
         .unwrap_or_default()
 }
 
@@ -1743,9 +1823,7 @@ fn tcp_checksum_ok(packet: &[u8], p: &Parsed) -> bool {
     let (Some(raw), Some(tcp)) = (p.tcp_raw, p.obs.tcp) else {
         return false;
     };
-    let header_len = raw.payload_at - ip_header_len(packet, p);
-    let start = raw.payload_at - header_len;
-    let Some(segment) = packet.get(start..raw.payload_at + tcp.payload_len as usize) else {
+    let Some(segment) = packet.get(raw.header_at..raw.payload_at + tcp.payload_len as usize) else {
         return false;
     };
     // The pseudo-header: addresses, protocol and TCP length (end-around carries make
@@ -1761,19 +1839,6 @@ fn tcp_checksum_ok(packet: &[u8], p: &Parsed) -> bool {
         _ => return false,
     };
     checksum::fold(checksum::sum(segment, pseudo)) == 0xffff
-}
-
-/// Length of the IP header (with IPv6 extension headers) before the TCP header.
-fn ip_header_len(packet: &[u8], p: &Parsed) -> usize {
-    let off = match packet.first().map(|b| b >> 4) {
-        Some(4) => usize::from(packet[0] & 0x0f) * 4,
-        _ => {
-            packet.len()
-                - etherparse::IpSlice::from_slice(packet).map_or(0, |ip| ip.payload().payload.len())
-        }
-    };
-    let _ = p;
-    off
 }
 
 /// The reason a layer-7 refusal that policy did not make is logged with.
@@ -1821,28 +1886,24 @@ fn parsed_from_key(key: &FlowKey) -> Option<Parsed> {
     })
 }
 
-fn be16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
-}
-
-fn be32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes([
-        *b.get(at)?,
-        *b.get(at + 1)?,
-        *b.get(at + 2)?,
-        *b.get(at + 3)?,
-    ]))
-}
-
-/// Reads the 5-tuple and TCP facts of an IP packet.
+/// Reads the 5-tuple and TCP facts of the bytes of an IP packet (the enforcer's own
+/// packets in tests; the packet path hands over the view [`parse_ip`] takes).
+#[cfg(test)]
 fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
-    let ip = etherparse::IpSlice::from_slice(packet).map_err(|_| ParseError::Malformed)?;
-    if ip.is_fragmenting_payload() {
+    parse_ip(&IpPacket::new_checked(packet).map_err(|_| ParseError::Malformed)?)
+}
+
+/// Reads the 5-tuple and TCP facts of a checked IP packet: the extension chain and
+/// the transport header, through the [`crate::wire`] views; offsets are into
+/// `ip.as_bytes()`.
+fn parse_ip(ip: &IpPacket<&[u8]>) -> Result<Parsed, ParseError> {
+    let payload = ip.payload().map_err(|_| ParseError::Malformed)?;
+    if payload.fragment {
         return Err(ParseError::Fragment);
     }
-    let (src, dst) = (ip.source_addr(), ip.destination_addr());
-    let proto = ip.payload_ip_number().0;
-    let l4 = ip.payload().payload;
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let proto = payload.protocol;
+    let l4 = payload.data;
     let key = |src_port, dst_port| FlowKey {
         proto,
         src,
@@ -1852,51 +1913,37 @@ fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
     };
     match proto {
         PROTO_TCP => {
-            let off = usize::from(l4.get(12).ok_or(ParseError::Malformed)? >> 4) * 4;
-            if off < 20 || off > l4.len() {
-                return Err(ParseError::Malformed);
-            }
-            let flags = l4[13];
-            let syn = flags & 0x02 != 0;
-            let window = be16(l4, 14).unwrap_or(0);
+            let tcp = TcpPacket::new_checked(l4).map_err(|_| ParseError::Malformed)?;
+            let flags = tcp.flags();
             let info = TcpSegmentInfo {
-                flags: TcpFlags {
-                    fin: flags & 0x01 != 0,
-                    syn,
-                    rst: flags & 0x04 != 0,
-                    ack: flags & 0x10 != 0,
-                },
-                seq: be32(l4, 4).ok_or(ParseError::Malformed)?,
-                ack: be32(l4, 8).ok_or(ParseError::Malformed)?,
-                payload_len: (l4.len() - off) as u32,
-                window,
-                wscale: if syn {
-                    window_scale(&l4[20..off])
+                flags,
+                seq: tcp.seq_number(),
+                ack: tcp.ack_number(),
+                payload_len: tcp.payload().len() as u32,
+                window: tcp.window(),
+                wscale: if flags.syn() {
+                    tcp.window_scale()
                 } else {
                     None
                 },
             };
             Ok(Parsed {
-                key: key(be16(l4, 0).unwrap_or(0), be16(l4, 2).unwrap_or(0)),
+                key: key(tcp.src_port(), tcp.dst_port()),
                 obs: Observation { tcp: Some(info) },
                 protocol: Protocol::Tcp,
                 kind: Kind::Flow,
                 opens: info.opens(),
                 tcp_raw: Some(TcpRaw {
-                    flags,
-                    window,
-                    options_at: (packet.len() - l4.len()) + 20,
-                    payload_at: (packet.len() - l4.len()) + off,
+                    header_at: payload.offset,
+                    payload_at: payload.offset + tcp.header_len(),
                 }),
                 quote: None,
             })
         }
         PROTO_UDP => {
-            if l4.len() < 8 {
-                return Err(ParseError::Malformed);
-            }
+            let udp = UdpPacket::new_checked(l4).map_err(|_| ParseError::Malformed)?;
             Ok(Parsed {
-                key: key(be16(l4, 0).unwrap_or(0), be16(l4, 2).unwrap_or(0)),
+                key: key(udp.src_port(), udp.dst_port()),
                 obs: Observation { tcp: None },
                 protocol: Protocol::Udp,
                 kind: Kind::Flow,
@@ -1913,17 +1960,15 @@ fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
 /// ICMP echo (request and reply share the identifier, used as both ports) and the
 /// errors that quote a packet (RFC 792; RFC 4443 §3), whose flow is the quoted one.
 fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, ParseError> {
-    if l4.len() < 8 {
-        return Err(ParseError::Malformed);
-    }
-    let ty = l4[0];
+    let icmp = IcmpPacket::new_checked(l4).map_err(|_| ParseError::Malformed)?;
+    let ty = icmp.msg_type();
     let (echo, request, error) = if proto == PROTO_ICMP {
         (matches!(ty, 0 | 8), ty == 8, matches!(ty, 3 | 11 | 12))
     } else {
         (matches!(ty, 128 | 129), ty == 128, matches!(ty, 1..=4))
     };
     if echo {
-        let id = be16(l4, 4).unwrap_or(0);
+        let id = icmp.echo_ident();
         return Ok(Parsed {
             key: FlowKey {
                 proto,
@@ -1943,7 +1988,7 @@ fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, 
     if !error {
         return Err(ParseError::StrayIcmp);
     }
-    let (inner, seq) = quoted_key(&l4[8..]).ok_or(ParseError::StrayIcmp)?;
+    let (inner, seq) = wire::quoted_flow(icmp.data()).ok_or(ParseError::StrayIcmp)?;
     Ok(Parsed {
         key: inner,
         obs: Observation { tcp: None },
@@ -1953,63 +1998,6 @@ fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, 
         tcp_raw: None,
         quote: Some(Quote { src, dst, seq }),
     })
-}
-
-/// The window scale option of a SYN's TCP options (RFC 7323 §2.2), if present.
-fn window_scale(mut opts: &[u8]) -> Option<u8> {
-    while let Some(&kind) = opts.first() {
-        match kind {
-            0 => return None,
-            1 => opts = &opts[1..],
-            _ => {
-                let len = usize::from(*opts.get(1)?);
-                if len < 2 || len > opts.len() {
-                    return None;
-                }
-                if kind == 3 && len == 3 {
-                    return Some(opts[2]);
-                }
-                opts = &opts[len..];
-            }
-        }
-    }
-    None
-}
-
-/// The flow of the (truncated) packet an ICMP error quotes (its IP header and at
-/// least the first 8 bytes of its transport header), and for TCP its sequence number.
-fn quoted_key(q: &[u8]) -> Option<(FlowKey, Option<u32>)> {
-    let (proto, src, dst, l4): (u8, IpAddr, IpAddr, &[u8]) = match q.first()? >> 4 {
-        4 => {
-            let ihl = usize::from(q[0] & 0x0f) * 4;
-            let src: [u8; 4] = q.get(12..16)?.try_into().ok()?;
-            let dst: [u8; 4] = q.get(16..20)?.try_into().ok()?;
-            (*q.get(9)?, src.into(), dst.into(), q.get(ihl..)?)
-        }
-        6 => {
-            let src: [u8; 16] = q.get(8..24)?.try_into().ok()?;
-            let dst: [u8; 16] = q.get(24..40)?.try_into().ok()?;
-            (*q.get(6)?, src.into(), dst.into(), q.get(40..)?)
-        }
-        _ => return None,
-    };
-    let (sp, dp, seq) = match proto {
-        PROTO_TCP => (be16(l4, 0)?, be16(l4, 2)?, Some(be32(l4, 4)?)),
-        PROTO_UDP => (be16(l4, 0)?, be16(l4, 2)?, None),
-        PROTO_ICMP | PROTO_ICMPV6 => {
-            let id = be16(l4, 4)?;
-            (id, id, None)
-        }
-        _ => return None,
-    };
-    let key = FlowKey {
-        proto,
-        src,
-        dst,
-        src_port: sp,
-        dst_port: dp,
-    };
-    Some((key, seq))
 }
 
 #[cfg(test)]
