@@ -113,7 +113,7 @@ pub enum Verdict {
     /// Send it on unchanged.
     Deliver,
     /// Do not send it.
-    Drop(Drop),
+    Drop(DropReason),
     /// Do not send it as it is: the layer-7 inspector took it (held, trimmed,
     /// released); whatever goes out in its place is in the [`Emit`].
     Consumed,
@@ -202,7 +202,7 @@ impl Emit {
 
 /// Why a packet was not delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Drop {
+pub enum DropReason {
     /// Refused by policy or a limit; in the decision log.
     Denied(DenyReason),
     /// Not a well-formed IPv4/IPv6 packet with a complete transport header.
@@ -228,18 +228,18 @@ pub enum Drop {
     OutOfWindow,
 }
 
-impl Drop {
+impl DropReason {
     pub fn name(self) -> &'static str {
         match self {
-            Drop::Denied(r) => r.name(),
-            Drop::Malformed => "malformed",
-            Drop::Untracked => "untracked",
-            Drop::Protocol => "protocol",
-            Drop::Checksum => "checksum",
-            Drop::Inspection => "inspection",
-            Drop::StrayIcmp => "stray_icmp",
-            Drop::WrongPeer => "wrong_peer",
-            Drop::OutOfWindow => "out_of_window",
+            DropReason::Denied(r) => r.name(),
+            DropReason::Malformed => "malformed",
+            DropReason::Untracked => "untracked",
+            DropReason::Protocol => "protocol",
+            DropReason::Checksum => "checksum",
+            DropReason::Inspection => "inspection",
+            DropReason::StrayIcmp => "stray_icmp",
+            DropReason::WrongPeer => "wrong_peer",
+            DropReason::OutOfWindow => "out_of_window",
         }
     }
 }
@@ -595,7 +595,7 @@ impl Enforcer {
     ) -> Verdict {
         match IpPacket::new_checked(packet) {
             Ok(ip) => self.inbound_ip(receiver, sender, &ip, now, wall, emit),
-            Err(_) => self.dropped(Drop::Malformed),
+            Err(_) => self.dropped(DropReason::Malformed),
         }
     }
 
@@ -611,7 +611,7 @@ impl Enforcer {
     ) -> Verdict {
         match IpPacket::new_checked(packet) {
             Ok(ip) => self.between_locals_ip(sender, receiver, &ip, now, wall, emit),
-            Err(_) => self.dropped(Drop::Malformed),
+            Err(_) => self.dropped(DropReason::Malformed),
         }
     }
 
@@ -625,7 +625,7 @@ impl Enforcer {
     ) -> Verdict {
         match IpPacket::new_checked(packet) {
             Ok(ip) => self.outbound_ip(to, &ip, now, emit),
-            Err(_) => self.dropped(Drop::Malformed),
+            Err(_) => self.dropped(DropReason::Malformed),
         }
     }
 
@@ -706,7 +706,7 @@ impl Enforcer {
             return if icmp_error_admitted(&mut shard, h, &p, &sender.identity, hop, now) {
                 self.deliver()
             } else {
-                self.dropped(Drop::StrayIcmp)
+                self.dropped(DropReason::StrayIcmp)
             };
         }
         // The table holds a tombstone under this 5-tuple: a new flow replaces it, but
@@ -718,7 +718,7 @@ impl Enforcer {
                 // A reply to a flow a local workload opened: only from the peer it
                 // went to (the flow is bound to its far end, not to its addresses).
                 if !flow.value.far_end_is(Some(&sender.identity)) {
-                    return self.dropped(Drop::WrongPeer);
+                    return self.dropped(DropReason::WrongPeer);
                 }
                 return match flow.observe(Dir::Reply, &p.obs, now) {
                     Seen::Taken | Seen::Reset => self.deliver(),
@@ -738,7 +738,7 @@ impl Enforcer {
                     reopen = true;
                 } else {
                     if !flow.value.far_end_is(Some(&sender.identity)) {
-                        return self.dropped(Drop::WrongPeer);
+                        return self.dropped(DropReason::WrongPeer);
                     }
                     let seen = flow.observe(Dir::Original, &p.obs, now);
                     if !matches!(seen, Seen::Taken | Seen::Reset) {
@@ -758,7 +758,7 @@ impl Enforcer {
                         return if flow.value.allowed {
                             self.deliver()
                         } else {
-                            self.dropped(Drop::Denied(DenyReason::NoAllowMatched))
+                            self.dropped(DropReason::Denied(DenyReason::NoAllowMatched))
                         };
                     }
                     // Policy changed since this flow was decided: decide again.
@@ -773,7 +773,7 @@ impl Enforcer {
                     return self.after_decision(&active.policy, who, &p, &decision, now, wall);
                 }
             }
-            Some(_) => return self.dropped(Drop::Malformed),
+            Some(_) => return self.dropped(DropReason::Malformed),
             None => {}
         }
         if reopen {
@@ -786,7 +786,7 @@ impl Enforcer {
             if !p.opens {
                 drop(shard);
                 untracked_resets(&p, packet, emit, Toward::Peer);
-                return self.dropped(Drop::Untracked);
+                return self.dropped(DropReason::Untracked);
             }
             // A source that no rule could allow here, whatever its requests, is refused
             // at its SYN: a handshake would only carry refusals.
@@ -873,7 +873,7 @@ impl Enforcer {
             Err(ParseError::Fragment | ParseError::StrayIcmp | ParseError::Protocol) => {
                 return self.deliver()
             }
-            Err(ParseError::Malformed) => return self.dropped(Drop::Malformed),
+            Err(ParseError::Malformed) => return self.dropped(DropReason::Malformed),
             Ok(p) => p,
         };
         if p.kind == Kind::IcmpError {
@@ -887,10 +887,10 @@ impl Enforcer {
                     // The local side of a cut flow: its packets stay out (a UDP
                     // server's next datagram must not reopen the flow as its own).
                     flow.last_seen = now;
-                    return self.dropped(Drop::Denied(DenyReason::NoAllowMatched));
+                    return self.dropped(DropReason::Denied(DenyReason::NoAllowMatched));
                 }
                 if !flow.value.far_end_is(to) {
-                    return self.dropped(Drop::WrongPeer);
+                    return self.dropped(DropReason::WrongPeer);
                 }
                 let seen = flow.observe(Dir::Reply, &p.obs, now);
                 if !matches!(seen, Seen::Taken | Seen::Reset) {
@@ -899,7 +899,7 @@ impl Enforcer {
                 }
                 if let Some(l7) = flow.value.l7.as_deref_mut() {
                     let Some(seg) = segment(&p, packet) else {
-                        return self.dropped(Drop::Malformed);
+                        return self.dropped(DropReason::Malformed);
                     };
                     if l7.on_server_segment(&seg, stamp(now)) {
                         return self.deliver();
@@ -913,18 +913,18 @@ impl Enforcer {
                         let ends = endpoints(&p);
                         emit.push_reset(ends.client, ends.server, seg.ack, Toward::Local);
                     }
-                    return self.dropped(Drop::Inspection);
+                    return self.dropped(DropReason::Inspection);
                 }
                 return if flow.value.allowed {
                     self.deliver()
                 } else {
-                    self.dropped(Drop::Denied(DenyReason::NoAllowMatched))
+                    self.dropped(DropReason::Denied(DenyReason::NoAllowMatched))
                 };
             }
             Some((Dir::Original, flow)) if flow.origin == Origin::Local => {
                 if !(p.opens && flow.is_closing()) {
                     if !flow.value.far_end_is(to) {
-                        return self.dropped(Drop::WrongPeer);
+                        return self.dropped(DropReason::WrongPeer);
                     }
                     return match flow.observe(Dir::Original, &p.obs, now) {
                         Seen::Taken | Seen::Reset => self.deliver(),
@@ -949,11 +949,11 @@ impl Enforcer {
             // answered with resets to both ends.
             drop(shard);
             untracked_resets(&p, packet, emit, Toward::Local);
-            return self.dropped(Drop::Untracked);
+            return self.dropped(DropReason::Untracked);
         }
         match shard.insert_hashed(h, p.key, Origin::Local, FlowState::local(to), &p.obs, now) {
             Ok(_) => self.deliver(),
-            Err(_) => self.dropped(Drop::Denied(DenyReason::FlowTableFull)),
+            Err(_) => self.dropped(DropReason::Denied(DenyReason::FlowTableFull)),
         }
     }
 
@@ -975,7 +975,7 @@ impl Enforcer {
             let to = SocketAddr::new(p.key.src, p.key.src_port);
             emit.push_segment(from, to, seq, Some(ack), Flags::default(), toward);
         }
-        self.dropped(Drop::OutOfWindow)
+        self.dropped(DropReason::OutOfWindow)
     }
 
     /// Swaps in a new policy and re-decides every flow a peer opened; returns the
@@ -1222,7 +1222,7 @@ impl Enforcer {
                     now,
                     wall,
                 );
-                self.dropped(Drop::Denied(reason))
+                self.dropped(DropReason::Denied(reason))
             }
         }
     }
@@ -1241,10 +1241,10 @@ impl Enforcer {
         emit: &mut Emit,
     ) -> Verdict {
         if !tcp_checksum_ok(packet, p) {
-            return self.dropped(Drop::Checksum);
+            return self.dropped(DropReason::Checksum);
         }
         let Some(seg) = segment(p, packet) else {
-            return self.dropped(Drop::Malformed);
+            return self.dropped(DropReason::Malformed);
         };
         let held_before = flow.held();
         let outcome = flow.on_client_segment(&seg, stamp(now), |req| {
@@ -1297,7 +1297,8 @@ impl Enforcer {
                 PolicyVerdict::Allow(_) => l7::Verdict::Allow,
                 PolicyVerdict::Deny(reason) => {
                     self.http_refused.fetch_add(1, Ordering::Relaxed);
-                    self.drops[drop_slot(Drop::Denied(reason))].fetch_add(1, Ordering::Relaxed);
+                    self.drops[drop_slot(DropReason::Denied(reason))]
+                        .fetch_add(1, Ordering::Relaxed);
                     let status = reason.http_status();
                     self.write_log(
                         policy,
@@ -1363,8 +1364,10 @@ impl Enforcer {
                 Verdict::Consumed
             }
             (l7::Fate::Drop(l7::DropReason::Buffered), _) => Verdict::Consumed,
-            (l7::Fate::Drop(l7::DropReason::Untracked(_)), _) => self.dropped(Drop::Untracked),
-            (_, _) => self.dropped(Drop::Inspection),
+            (l7::Fate::Drop(l7::DropReason::Untracked(_)), _) => {
+                self.dropped(DropReason::Untracked)
+            }
+            (_, _) => self.dropped(DropReason::Inspection),
         };
         if let Some(r) = outcome.release {
             let seg = TcpSegment {
@@ -1503,7 +1506,7 @@ impl Enforcer {
         }
         self.http_refused.fetch_add(1, Ordering::Relaxed);
         let reason = refusal_reason(&refusal.cause);
-        self.drops[drop_slot(Drop::Denied(reason))].fetch_add(1, Ordering::Relaxed);
+        self.drops[drop_slot(DropReason::Denied(reason))].fetch_add(1, Ordering::Relaxed);
         let detail = refusal.cause.to_string();
         let summary = HttpSummary {
             method: "",
@@ -1645,23 +1648,23 @@ impl Enforcer {
         Verdict::Deliver
     }
 
-    fn dropped(&self, d: Drop) -> Verdict {
+    fn dropped(&self, d: DropReason) -> Verdict {
         self.drops[drop_slot(d)].fetch_add(1, Ordering::Relaxed);
         Verdict::Drop(d)
     }
 }
 
-fn drop_slot(d: Drop) -> usize {
+fn drop_slot(d: DropReason) -> usize {
     match d {
-        Drop::Malformed => 0,
-        Drop::Untracked => 1,
-        Drop::Protocol => 2,
-        Drop::StrayIcmp => 3,
-        Drop::WrongPeer => DROP_SLOTS - 4,
-        Drop::OutOfWindow => DROP_SLOTS - 3,
-        Drop::Checksum => DROP_SLOTS - 2,
-        Drop::Inspection => DROP_SLOTS - 1,
-        Drop::Denied(r) => {
+        DropReason::Malformed => 0,
+        DropReason::Untracked => 1,
+        DropReason::Protocol => 2,
+        DropReason::StrayIcmp => 3,
+        DropReason::WrongPeer => DROP_SLOTS - 4,
+        DropReason::OutOfWindow => DROP_SLOTS - 3,
+        DropReason::Checksum => DROP_SLOTS - 2,
+        DropReason::Inspection => DROP_SLOTS - 1,
+        DropReason::Denied(r) => {
             4 + match r {
                 DenyReason::ExplicitDeny(_) => 0,
                 other => {
@@ -1677,15 +1680,15 @@ fn drop_slot(d: Drop) -> usize {
 
 fn slot_name(slot: usize) -> &'static str {
     match slot {
-        0 => Drop::Malformed.name(),
-        1 => Drop::Untracked.name(),
-        2 => Drop::Protocol.name(),
-        3 => Drop::StrayIcmp.name(),
+        0 => DropReason::Malformed.name(),
+        1 => DropReason::Untracked.name(),
+        2 => DropReason::Protocol.name(),
+        3 => DropReason::StrayIcmp.name(),
         4 => "explicit_deny",
-        n if n == DROP_SLOTS - 4 => Drop::WrongPeer.name(),
-        n if n == DROP_SLOTS - 3 => Drop::OutOfWindow.name(),
-        n if n == DROP_SLOTS - 2 => Drop::Checksum.name(),
-        n if n == DROP_SLOTS - 1 => Drop::Inspection.name(),
+        n if n == DROP_SLOTS - 4 => DropReason::WrongPeer.name(),
+        n if n == DROP_SLOTS - 3 => DropReason::OutOfWindow.name(),
+        n if n == DROP_SLOTS - 2 => DropReason::Checksum.name(),
+        n if n == DROP_SLOTS - 1 => DropReason::Inspection.name(),
         n => DenyReason::PLAIN.get(n - 5).map_or("other", |r| r.name()),
     }
 }
@@ -1859,12 +1862,12 @@ fn refusal_reason(cause: &RefuseCause) -> DenyReason {
     }
 }
 
-fn parse_drop(e: ParseError) -> Drop {
+fn parse_drop(e: ParseError) -> DropReason {
     match e {
-        ParseError::Malformed => Drop::Malformed,
-        ParseError::Fragment => Drop::Denied(DenyReason::Fragment),
-        ParseError::Protocol => Drop::Protocol,
-        ParseError::StrayIcmp => Drop::StrayIcmp,
+        ParseError::Malformed => DropReason::Malformed,
+        ParseError::Fragment => DropReason::Denied(DenyReason::Fragment),
+        ParseError::Protocol => DropReason::Protocol,
+        ParseError::StrayIcmp => DropReason::StrayIcmp,
     }
 }
 

@@ -37,7 +37,7 @@ pub struct Now {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Drop {
     Peer(DropReason),
-    Policy(enforce::Drop),
+    Policy(enforce::DropReason),
 }
 
 /// What to do with a packet read from the TUN.
