@@ -65,6 +65,12 @@
 //! exactly what invariant 3 forbids. The price is one reconnect per connection per
 //! restart; the same resets answer a flow that expired or was evicted.
 //!
+//! Packets are read through [`crate::wire`]'s views, once: the node core hands over
+//! the IP view `peers` checked ([`Enforcer::inbound_ip`], [`Enforcer::outbound_ip`],
+//! [`Enforcer::between_locals_ip`]), and the enforcer walks its extension headers and
+//! reads its transport header into the facts it decides on (`Parsed`). A packet whose
+//! chain or transport header is malformed is dropped (`malformed`).
+//!
 //! IP fragments are dropped and counted (`fragment`): without ports they cannot be
 //! decided, and nothing in the overlay needs them (its MTU is set for the tunnel).
 //!

@@ -574,6 +574,76 @@ fn ipv6_flows_are_tracked() {
     assert_eq!(e.counters().flows, 1);
 }
 
+/// An IPv6 TCP SYN from A (port `sport`) to the local workload's port 8080 with the
+/// extension headers `chain` (each a next-header value and the header's bytes, whose
+/// first byte is overwritten with the next one) between the IPv6 and TCP headers.
+fn v6_syn_with(chain: &[(u8, Vec<u8>)], sport: u16) -> Vec<u8> {
+    let a6 = "fd00:6d65:7368::1".parse::<std::net::Ipv6Addr>().unwrap();
+    let c6 = "fd00:6d65:7368::3".parse::<std::net::Ipv6Addr>().unwrap();
+    let mut plain = Vec::new();
+    PacketBuilder::ipv6(a6.octets(), c6.octets(), 64)
+        .tcp(sport, 8080, 1, 1000)
+        .syn()
+        .write(&mut plain, b"")
+        .unwrap();
+    let (ip, tcp) = plain.split_at(40);
+    let mut exts = Vec::new();
+    for (i, (_, bytes)) in chain.iter().enumerate() {
+        let mut h = bytes.clone();
+        h[0] = chain.get(i + 1).map_or(PROTO_TCP, |(t, _)| *t);
+        exts.extend_from_slice(&h);
+    }
+    let mut p = ip.to_vec();
+    if let Some((first, _)) = chain.first() {
+        p[6] = *first;
+    }
+    let len = exts.len() + tcp.len();
+    (p[4], p[5]) = ((len >> 8) as u8, len as u8);
+    p.extend_from_slice(&exts);
+    p.extend_from_slice(tcp);
+    p
+}
+
+/// The extension chain is walked to the transport header (the flow is decided by its
+/// TCP ports); a fragment anywhere in it is refused as a fragment, a malformed chain as
+/// malformed (the checks etherparse made before the enforcer used `wire`).
+#[test]
+fn ipv6_extension_headers_are_walked_and_fragments_refused() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let opts = vec![0u8; 8];
+    let frag = |offset: u16, more: bool| {
+        let w = (offset << 3) | u16::from(more);
+        vec![0, 0, (w >> 8) as u8, w as u8, 0, 0, 0, 7]
+    };
+    let inbound = |p: &[u8]| e.inbound(&sender(A), p, t(0), WALL, &mut Emit::default());
+    let p = v6_syn_with(&[(0, opts.clone()), (60, opts.clone())], 40000);
+    assert_eq!(inbound(&p), Verdict::Deliver);
+    // An atomic fragment (offset 0, no more) is a whole packet (RFC 8200 §4.5).
+    assert_eq!(
+        inbound(&v6_syn_with(&[(44, frag(0, false))], 40001)),
+        Verdict::Deliver
+    );
+    for (offset, more) in [(0, true), (4, false), (100, true)] {
+        let p = v6_syn_with(&[(60, opts.clone()), (44, frag(offset, more))], 40002);
+        assert_eq!(inbound(&p), denied(DenyReason::Fragment), "{offset} {more}");
+    }
+    // Hop-by-hop after another header, and a header longer than the packet.
+    let mut long = opts.clone();
+    long[1] = 9;
+    for chain in [
+        vec![(60, opts.clone()), (0, opts.clone())],
+        vec![(60, long)],
+    ] {
+        assert_eq!(
+            inbound(&v6_syn_with(&chain, 40003)),
+            Verdict::Drop(DropReason::Malformed)
+        );
+    }
+    assert_eq!(e.counters().drops.get("fragment"), Some(&3));
+    assert_eq!(e.counters().drops.get("malformed"), Some(&2));
+    assert_eq!(e.counters().flows, 2);
+}
+
 const API_POLICY: &str = r#"
 [[policy]]
 name = "api"
