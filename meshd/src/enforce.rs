@@ -478,7 +478,7 @@ impl std::fmt::Debug for Enforcer {
 
 /// The transport facts of one packet.
 #[derive(Clone, Copy, Debug)]
-struct Parsed {
+struct Parsed<'a> {
     key: FlowKey,
     obs: Observation,
     protocol: Protocol,
@@ -486,8 +486,8 @@ struct Parsed {
     /// The packet opens a flow of its own: a TCP SYN without ACK, a UDP datagram, an
     /// ICMP echo request. Nothing else makes a local workload the opener of a flow.
     opens: bool,
-    /// TCP: where its header and payload start in the packet.
-    tcp_raw: Option<TcpRaw>,
+    /// TCP: the segment, header and payload, in the packet.
+    tcp: Option<TcpPacket<'a>>,
     /// ICMP errors: the error's own addresses and what it quotes beyond the 5-tuple.
     quote: Option<Quote>,
 }
@@ -501,13 +501,6 @@ struct Quote {
     /// TCP: the quoted segment's sequence number (in the first 8 bytes of its header,
     /// which every ICMP error carries).
     seq: Option<u32>,
-}
-
-/// Where the TCP header and its payload start in the packet (`IpPacket::as_bytes`).
-#[derive(Clone, Copy, Debug)]
-struct TcpRaw {
-    header_at: usize,
-    payload_at: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -659,12 +652,11 @@ impl Enforcer {
             }
             _ => false,
         };
-        let packet = ip.as_bytes();
         if reply {
             // The answer goes back to the flow's opener: the receiver.
-            self.outbound_parsed(receiver.identity.as_ref(), packet, parsed, now, emit)
+            self.outbound_parsed(receiver.identity.as_ref(), parsed, now, emit)
         } else {
-            self.inbound_parsed(receiver, sender, packet, parsed, now, wall, emit)
+            self.inbound_parsed(receiver, sender, parsed, now, wall, emit)
         }
     }
 
@@ -680,18 +672,16 @@ impl Enforcer {
         emit: &mut Emit,
     ) -> Verdict {
         let parsed = parse_ip(ip);
-        self.inbound_parsed(receiver, sender, ip.as_bytes(), parsed, now, wall, emit)
+        self.inbound_parsed(receiver, sender, parsed, now, wall, emit)
     }
 
-    /// [`Enforcer::inbound_ip`] of a packet already parsed (`packet` is the bytes the
-    /// offsets in `parsed` point into).
+    /// [`Enforcer::inbound_ip`] of a packet already parsed.
     #[allow(clippy::too_many_arguments)] // both ends, the packet, the clock: all needed
     fn inbound_parsed(
         &self,
         receiver: &LocalWorkload,
         sender: &Sender,
-        packet: &[u8],
-        parsed: Result<Parsed, ParseError>,
+        parsed: Result<Parsed<'_>, ParseError>,
         now: Duration,
         wall: UnixTime,
         emit: &mut Emit,
@@ -752,8 +742,7 @@ impl Enforcer {
                         return self.not_taken(seen, challenge, &p, Toward::Peer, emit);
                     }
                     if let Some(l7) = flow.value.l7.as_deref_mut() {
-                        let verdict =
-                            self.l7_client(&active.policy, who, &p, packet, l7, now, wall, emit);
+                        let verdict = self.l7_client(&active.policy, who, &p, l7, now, wall, emit);
                         if flow.value.l7.as_deref().is_some_and(L7Flow::is_closed) {
                             // Refused or reset: gone within the closing timeout.
                             flow.close();
@@ -791,7 +780,7 @@ impl Enforcer {
         if p.protocol == Protocol::Tcp && active.policy.inspects(&self.request(who, &p)) {
             if !p.opens {
                 drop(shard);
-                untracked_resets(&p, packet, emit, Toward::Peer);
+                untracked_resets(&p, emit, Toward::Peer);
                 return self.dropped(DropReason::Untracked);
             }
             // A source that no rule could allow here, whatever its requests, is refused
@@ -809,7 +798,7 @@ impl Enforcer {
             // Requests are decided one by one, with their HTTP attributes; the
             // connection itself is let through to carry them.
             let mut l7 = Box::new(L7Flow::new(self.limits.l7, stamp(now)));
-            let verdict = self.l7_client(&active.policy, who, &p, packet, &mut l7, now, wall, emit);
+            let verdict = self.l7_client(&active.policy, who, &p, &mut l7, now, wall, emit);
             let state = FlowState::remote(active.gen, who, Some(l7));
             if shard
                 .insert_hashed(h, p.key, Origin::Remote, state, &p.obs, now)
@@ -843,7 +832,7 @@ impl Enforcer {
             // A segment of a connection meshd does not know, refused: both ends are
             // reset, so that neither waits on a black hole (after a restart, the
             // local end of a download otherwise waits until the sender gives up).
-            untracked_resets(&p, packet, emit, Toward::Peer);
+            untracked_resets(&p, emit, Toward::Peer);
         }
         drop(shard);
         self.after_decision(&active.policy, who, &p, &decision, now, wall)
@@ -862,14 +851,13 @@ impl Enforcer {
         now: Duration,
         emit: &mut Emit,
     ) -> Verdict {
-        self.outbound_parsed(to, ip.as_bytes(), parse_ip(ip), now, emit)
+        self.outbound_parsed(to, parse_ip(ip), now, emit)
     }
 
     fn outbound_parsed(
         &self,
         to: Option<&Arc<str>>,
-        packet: &[u8],
-        parsed: Result<Parsed, ParseError>,
+        parsed: Result<Parsed<'_>, ParseError>,
         now: Duration,
         emit: &mut Emit,
     ) -> Verdict {
@@ -904,7 +892,7 @@ impl Enforcer {
                     return self.not_taken(seen, challenge, &p, Toward::Local, emit);
                 }
                 if let Some(l7) = flow.value.l7.as_deref_mut() {
-                    let Some(seg) = segment(&p, packet) else {
+                    let Some(seg) = segment(&p) else {
                         return self.dropped(DropReason::Malformed);
                     };
                     if l7.on_server_segment(&seg, stamp(now)) {
@@ -954,7 +942,7 @@ impl Enforcer {
             // (invariant 3). A TCP segment of a connection meshd does not know is
             // answered with resets to both ends.
             drop(shard);
-            untracked_resets(&p, packet, emit, Toward::Local);
+            untracked_resets(&p, emit, Toward::Local);
             return self.dropped(DropReason::Untracked);
         }
         match shard.insert_hashed(h, p.key, Origin::Local, FlowState::local(to), &p.obs, now) {
@@ -971,7 +959,7 @@ impl Enforcer {
         &self,
         seen: Seen,
         challenge: Option<(SeqNumber, SeqNumber)>,
-        p: &Parsed,
+        p: &Parsed<'_>,
         toward: Toward,
         emit: &mut Emit,
     ) -> Verdict {
@@ -1186,7 +1174,7 @@ impl Enforcer {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn decide(&self, policy: &CompiledPolicy, who: Who<'_>, p: &Parsed) -> Decision {
+    fn decide(&self, policy: &CompiledPolicy, who: Who<'_>, p: &Parsed<'_>) -> Decision {
         mesh_proto::policy::evaluate(policy, &self.request(who, p))
     }
 
@@ -1195,7 +1183,7 @@ impl Enforcer {
         &self,
         policy: &CompiledPolicy,
         who: Who<'_>,
-        p: &Parsed,
+        p: &Parsed<'_>,
         decision: &Decision,
         now: Duration,
         wall: UnixTime,
@@ -1239,17 +1227,16 @@ impl Enforcer {
         &self,
         policy: &CompiledPolicy,
         who: Who<'_>,
-        p: &Parsed,
-        packet: &[u8],
+        p: &Parsed<'_>,
         flow: &mut L7Flow,
         now: Duration,
         wall: UnixTime,
         emit: &mut Emit,
     ) -> Verdict {
-        if !tcp_checksum_ok(packet, p) {
+        if !tcp_checksum_ok(p) {
             return self.dropped(DropReason::Checksum);
         }
-        let Some(seg) = segment(p, packet) else {
+        let Some(seg) = segment(p) else {
             return self.dropped(DropReason::Malformed);
         };
         let held_before = flow.held();
@@ -1355,7 +1342,7 @@ impl Enforcer {
                 // The client's options go along (timestamps: RFC 7323 §3.2, every
                 // segment once negotiated; the server echoes them to time the path),
                 // with newer timestamps where the flow says so (l7::Outcome).
-                let own = tcp_options(p, packet);
+                let own = tcp_options(p);
                 let mut options = [0u8; 40];
                 let n = own.len().min(options.len());
                 options[..n].copy_from_slice(&own[..n]);
@@ -1459,7 +1446,7 @@ impl Enforcer {
         before: usize,
         policy: &CompiledPolicy,
         who: Who<'_>,
-        p: &Parsed,
+        p: &Parsed<'_>,
         now: Duration,
         wall: UnixTime,
         emit: &mut Emit,
@@ -1494,7 +1481,7 @@ impl Enforcer {
         &self,
         policy: &CompiledPolicy,
         who: Who<'_>,
-        p: &Parsed,
+        p: &Parsed<'_>,
         ends: &Endpoints,
         refusal: &Refusal,
         now: Duration,
@@ -1577,7 +1564,7 @@ impl Enforcer {
         removed
     }
 
-    fn request<'a>(&'a self, who: Who<'a>, p: &Parsed) -> Request<'a> {
+    fn request<'a>(&'a self, who: Who<'a>, p: &Parsed<'_>) -> Request<'a> {
         Request {
             src_identity: Some(&who.sender.identity),
             src_groups: &who.sender.groups,
@@ -1618,7 +1605,7 @@ impl Enforcer {
         &self,
         policy: &CompiledPolicy,
         who: Who<'_>,
-        p: &Parsed,
+        p: &Parsed<'_>,
         verdict: &str,
         reason: &str,
         rule: Option<RuleRef>,
@@ -1713,8 +1700,8 @@ fn stamp(now: Duration) -> Timestamp {
 /// acknowledgement number; to the other end, the segment's own sequence number. A RST
 /// is never answered, nor a segment without ACK. A peer is authenticated and its
 /// addresses are its own (secure naming), so it can only reset its own connections.
-fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit, sender: Toward) {
-    let Some(seg) = segment(p, packet) else {
+fn untracked_resets(p: &Parsed<'_>, emit: &mut Emit, sender: Toward) {
+    let Some(seg) = segment(p) else {
         return;
     };
     if seg.flags.contains(Flags::RST) || !seg.flags.contains(Flags::ACK) {
@@ -1743,7 +1730,7 @@ fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit, sender: Toward) 
 
 /// Refuses a SYN: RST+ACK to its sender, as a closed port answers (RFC 9293
 /// §3.10.7.1: sequence number zero, acknowledging the SYN).
-fn refuse_syn(p: &Parsed, emit: &mut Emit) {
+fn refuse_syn(p: &Parsed<'_>, emit: &mut Emit) {
     let Some(t) = p.obs.tcp else {
         return;
     };
@@ -1772,7 +1759,7 @@ fn refuse_syn(p: &Parsed, emit: &mut Emit) {
 fn icmp_error_admitted(
     shard: &mut ConnTrack<FlowState>,
     h: FlowHash,
-    p: &Parsed,
+    p: &Parsed<'_>,
     sender: &Arc<str>,
     hop: bool,
     now: Duration,
@@ -1797,42 +1784,35 @@ fn icmp_error_admitted(
         && q.seq.is_none_or(|seq| flow.sent_unacked(dir, seq))
 }
 
-fn endpoints(p: &Parsed) -> Endpoints {
+fn endpoints(p: &Parsed<'_>) -> Endpoints {
     Endpoints {
         client: SocketAddr::new(p.key.src, p.key.src_port),
         server: SocketAddr::new(p.key.dst, p.key.dst_port),
     }
 }
 
-/// The TCP segment of a parsed TCP packet.
-fn segment<'a>(p: &Parsed, packet: &'a [u8]) -> Option<Segment<'a>> {
-    let raw = p.tcp_raw?;
-    let tcp = p.obs.tcp?;
-    let end = raw.payload_at + tcp.payload_len as usize;
+/// The TCP segment of a parsed TCP packet, for flow tracking and layer 7.
+fn segment<'a>(p: &Parsed<'a>) -> Option<Segment<'a>> {
+    let tcp = p.tcp?;
     Some(Segment {
-        seq: SeqNumber(tcp.seq),
-        ack: SeqNumber(tcp.ack),
-        flags: tcp.flags,
-        window: tcp.window,
-        timestamps: Timestamps::parse(tcp_options(p, packet)),
-        payload: packet.get(raw.payload_at..end)?,
+        seq: SeqNumber(tcp.seq_number()),
+        ack: SeqNumber(tcp.ack_number()),
+        flags: tcp.flags(),
+        window: tcp.window(),
+        timestamps: Timestamps::parse(tcp.options()),
+        payload: tcp.payload(),
     })
 }
 
 /// The TCP options of a parsed TCP packet, as on the wire.
-fn tcp_options<'a>(p: &Parsed, packet: &'a [u8]) -> &'a [u8] {
-    p.tcp_raw
-        .and_then(|raw| packet.get(raw.header_at + TcpPacket::MIN_HEADER_LEN..raw.payload_at))
-        .unwrap_or_default()
+fn tcp_options<'a>(p: &Parsed<'a>) -> &'a [u8] {
+    p.tcp.map(|t| t.options()).unwrap_or_default()
 }
 
 /// Verifies the TCP checksum (RFC 9293 §3.1, with the RFC 8200 §8.1 pseudo-header for
 /// IPv6).
-fn tcp_checksum_ok(packet: &[u8], p: &Parsed) -> bool {
-    let (Some(raw), Some(tcp)) = (p.tcp_raw, p.obs.tcp) else {
-        return false;
-    };
-    let Some(segment) = packet.get(raw.header_at..raw.payload_at + tcp.payload_len as usize) else {
+fn tcp_checksum_ok(p: &Parsed<'_>) -> bool {
+    let Some(segment) = p.tcp.map(|t| t.as_bytes()) else {
         return false;
     };
     // The pseudo-header: addresses, protocol and TCP length (end-around carries make
@@ -1877,7 +1857,7 @@ fn parse_drop(e: ParseError) -> DropReason {
     }
 }
 
-fn parsed_from_key(key: &FlowKey) -> Option<Parsed> {
+fn parsed_from_key(key: &FlowKey) -> Option<Parsed<'static>> {
     let protocol = match key.proto {
         PROTO_TCP => Protocol::Tcp,
         PROTO_UDP => Protocol::Udp,
@@ -1890,7 +1870,7 @@ fn parsed_from_key(key: &FlowKey) -> Option<Parsed> {
         protocol,
         kind: Kind::Flow,
         opens: false,
-        tcp_raw: None,
+        tcp: None,
         quote: None,
     })
 }
@@ -1898,14 +1878,14 @@ fn parsed_from_key(key: &FlowKey) -> Option<Parsed> {
 /// Reads the 5-tuple and TCP facts of the bytes of an IP packet (the enforcer's own
 /// packets in tests; the packet path hands over the view [`parse_ip`] takes).
 #[cfg(test)]
-fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
+fn parse(packet: &[u8]) -> Result<Parsed<'_>, ParseError> {
     parse_ip(&IpPacket::new_checked(packet).map_err(|_| ParseError::Malformed)?)
 }
 
 /// Reads the 5-tuple and TCP facts of a checked IP packet: the extension chain and
-/// the transport header, through the [`crate::wire`] views; offsets are into
-/// `ip.as_bytes()`.
-fn parse_ip(ip: &IpPacket<&[u8]>) -> Result<Parsed, ParseError> {
+/// the transport header, through the [`crate::wire`] views (the TCP view borrows the
+/// packet: its segment is read from it as is, not copied).
+fn parse_ip<'a>(ip: &IpPacket<&'a [u8]>) -> Result<Parsed<'a>, ParseError> {
     let payload = ip.payload().map_err(|_| ParseError::Malformed)?;
     if payload.fragment {
         return Err(ParseError::Fragment);
@@ -1942,10 +1922,7 @@ fn parse_ip(ip: &IpPacket<&[u8]>) -> Result<Parsed, ParseError> {
                 protocol: Protocol::Tcp,
                 kind: Kind::Flow,
                 opens: info.opens(),
-                tcp_raw: Some(TcpRaw {
-                    header_at: payload.offset,
-                    payload_at: payload.offset + tcp.header_len(),
-                }),
+                tcp: Some(tcp),
                 quote: None,
             })
         }
@@ -1957,7 +1934,7 @@ fn parse_ip(ip: &IpPacket<&[u8]>) -> Result<Parsed, ParseError> {
                 protocol: Protocol::Udp,
                 kind: Kind::Flow,
                 opens: true,
-                tcp_raw: None,
+                tcp: None,
                 quote: None,
             })
         }
@@ -1968,7 +1945,7 @@ fn parse_ip(ip: &IpPacket<&[u8]>) -> Result<Parsed, ParseError> {
 
 /// ICMP echo (request and reply share the identifier, used as both ports) and the
 /// errors that quote a packet (RFC 792; RFC 4443 §3), whose flow is the quoted one.
-fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, ParseError> {
+fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed<'_>, ParseError> {
     let icmp = IcmpPacket::new_checked(l4).map_err(|_| ParseError::Malformed)?;
     let ty = icmp.msg_type();
     let (echo, request, error) = if proto == PROTO_ICMP {
@@ -1990,7 +1967,7 @@ fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, 
             protocol: Protocol::Icmp,
             kind: Kind::Flow,
             opens: request,
-            tcp_raw: None,
+            tcp: None,
             quote: None,
         });
     }
@@ -2004,7 +1981,7 @@ fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, 
         protocol: Protocol::Icmp,
         kind: Kind::IcmpError,
         opens: false,
-        tcp_raw: None,
+        tcp: None,
         quote: Some(Quote { src, dst, seq }),
     })
 }

@@ -25,7 +25,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::checksum::{fold, sum};
-use crate::wire::{FlowKey, TcpFlags, PROTO_TCP, PROTO_UDP};
+use crate::wire::{FlowKey, TcpFlags, TcpPacket, UdpPacket, PROTO_TCP, PROTO_UDP};
 
 /// Size of the virtio-net header (`struct virtio_net_hdr`, without `num_buffers`).
 pub const VNET_HDR_LEN: usize = 10;
@@ -36,13 +36,10 @@ const VNET_GSO_TCPV4: u8 = 1;
 const VNET_GSO_TCPV6: u8 = 4;
 const VNET_GSO_UDP_L4: u8 = 5;
 
-const TCP_ACK: u8 = TcpFlags::ACK.0;
 const TCP_PSH: u8 = TcpFlags::PSH.0;
 
 const IPV4_HDR: usize = 20;
 const IPV6_HDR: usize = 40;
-const UDP_HDR: usize = 8;
-const TCP_HDR_MIN: usize = 20;
 /// Where the checksum sits in the TCP and UDP headers (`csum_offset`).
 const TCP_CSUM_AT: usize = 16;
 const UDP_CSUM_AT: usize = 6;
@@ -423,42 +420,43 @@ fn classify(pkt: &[u8], udp_gso: bool) -> Class {
     }
     let l4 = &pkt[ip_len..];
     let seg = if key.proto == PROTO_TCP {
-        if l4.len() < TCP_HDR_MIN {
+        let Ok(tcp) = TcpPacket::new_checked(l4) else {
             return Class::Lone(key);
-        }
-        let doff = usize::from(l4[12] >> 4) * 4;
-        let flags = l4[13];
+        };
+        let flags = tcp.flags();
         // Only plain data segments: SYN, FIN, RST, URG, ECE and CWR each change what
         // segmentation would rebuild (or must reach the stack on their own).
         // A checksum field of 0xffff is the non-canonical form of 0, which
         // segmentation would write back as 0.
-        if doff < TCP_HDR_MIN
-            || doff >= l4.len()
-            || (flags != TCP_ACK && flags != TCP_ACK | TCP_PSH)
-            || be16(l4, TCP_CSUM_AT) == 0xffff
+        if tcp.payload().is_empty()
+            || (flags != TcpFlags::ACK && flags != TcpFlags::ACK | TcpFlags::PSH)
+            || tcp.checksum() == 0xffff
         {
             return Class::Lone(key);
         }
         Segment {
             ip_len,
-            l4_len: doff,
-            payload: l4.len() - doff,
-            seq: be32(l4, 4),
+            l4_len: tcp.header_len(),
+            payload: tcp.payload().len(),
+            seq: tcp.seq_number(),
             id,
-            psh: flags & TCP_PSH != 0,
+            psh: flags.contains(TcpFlags::PSH),
         }
     } else {
         // The UDP length must be the packet's, and a checksum present: segmentation
         // always computes one, so a datagram sent without (or with the 0 that IPv6
         // forbids) would not come back byte for byte.
-        if l4.len() <= UDP_HDR || usize::from(be16(l4, 4)) != l4.len() || be16(l4, UDP_CSUM_AT) == 0
+        let Ok(udp) = UdpPacket::new_checked(l4) else {
+            return Class::Lone(key);
+        };
+        if udp.payload().is_empty() || usize::from(udp.length()) != l4.len() || udp.checksum() == 0
         {
             return Class::Lone(key);
         }
         Segment {
             ip_len,
-            l4_len: UDP_HDR,
-            payload: l4.len() - UDP_HDR,
+            l4_len: UdpPacket::HEADER_LEN,
+            payload: udp.payload().len(),
             seq: 0,
             id,
             psh: false,

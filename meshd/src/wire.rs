@@ -155,14 +155,16 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
     pub fn as_bytes(&self) -> &[u8] {
         &self.buffer.as_ref()[..self.len]
     }
+}
 
+impl<'a> IpPacket<&'a [u8]> {
     /// The transport payload: past the IPv4 header and its authentication header
     /// (RFC 4302), or past the IPv6 extension headers (RFC 8200 §4: hop-by-hop first
     /// only, routing, fragment, destination options, AH); the walk stops at the
     /// first other next-header value, which is the transport protocol. Errors when a
     /// header of the chain does not fit or is malformed.
-    pub fn payload(&self) -> Result<IpPayload<'_>, WireError> {
-        let b = &self.buffer.as_ref()[..self.len];
+    pub fn payload(&self) -> Result<IpPayload<'a>, WireError> {
+        let b = &self.buffer[..self.len];
         if self.version == 4 {
             let ihl = usize::from(b[0] & 0x0f) * 4;
             let flags_offset = be16(&b[field::V4_FRAG]);
@@ -349,6 +351,10 @@ impl<'a> TcpPacket<'a> {
         be16(&self.buffer[14..16]) as u16
     }
 
+    pub fn checksum(&self) -> u16 {
+        be16(&self.buffer[16..18]) as u16
+    }
+
     /// Header length, options included.
     pub fn header_len(&self) -> usize {
         self.header_len
@@ -413,6 +419,20 @@ impl<'a> UdpPacket<'a> {
 
     pub fn dst_port(&self) -> u16 {
         be16(&self.buffer[2..4]) as u16
+    }
+
+    /// The length field: header and payload, as the sender wrote it.
+    pub fn length(&self) -> u16 {
+        be16(&self.buffer[4..6]) as u16
+    }
+
+    /// 0: sent without a checksum (IPv4 only; RFC 768, RFC 8200 §8.1).
+    pub fn checksum(&self) -> u16 {
+        be16(&self.buffer[6..8]) as u16
+    }
+
+    pub fn payload(&self) -> &'a [u8] {
+        &self.buffer[Self::HEADER_LEN..]
     }
 }
 
