@@ -423,12 +423,12 @@ fn classify(pkt: &[u8], udp_gso: bool) -> Class {
         let Ok(tcp) = TcpPacket::new_checked(l4) else {
             return Class::Lone(key);
         };
-        let flags = tcp.flags();
+        let (flags, payload) = (tcp.flags(), tcp.payload().len());
         // Only plain data segments: SYN, FIN, RST, URG, ECE and CWR each change what
         // segmentation would rebuild (or must reach the stack on their own).
         // A checksum field of 0xffff is the non-canonical form of 0, which
         // segmentation would write back as 0.
-        if tcp.payload().is_empty()
+        if payload == 0
             || (flags != TcpFlags::ACK && flags != TcpFlags::ACK | TcpFlags::PSH)
             || tcp.checksum() == 0xffff
         {
@@ -437,7 +437,7 @@ fn classify(pkt: &[u8], udp_gso: bool) -> Class {
         Segment {
             ip_len,
             l4_len: tcp.header_len(),
-            payload: tcp.payload().len(),
+            payload,
             seq: tcp.seq_number(),
             id,
             psh: flags.contains(TcpFlags::PSH),

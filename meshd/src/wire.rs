@@ -306,6 +306,8 @@ impl std::ops::BitOr for TcpFlags {
 #[derive(Clone, Copy, Debug)]
 pub struct TcpPacket<'a> {
     buffer: &'a [u8],
+    /// The fixed header, as an array: its fields are read without bounds checks.
+    fixed: &'a [u8; 20],
     header_len: usize,
 }
 
@@ -315,44 +317,45 @@ impl<'a> TcpPacket<'a> {
     /// Checks that the fixed header fits and that the data offset is at least 5 words
     /// and within `buffer`; the segment is all of `buffer`.
     pub fn new_checked(buffer: &'a [u8]) -> Result<Self, WireError> {
-        let off = buffer.get(12).ok_or(WireError::Truncated)?;
-        let header_len = usize::from(off >> 4) * 4;
-        if buffer.len() < Self::MIN_HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
+        let fixed: &[u8; 20] = buffer.first_chunk().ok_or(WireError::Truncated)?;
+        let header_len = usize::from(fixed[12] >> 4) * 4;
         if header_len < Self::MIN_HEADER_LEN || header_len > buffer.len() {
             return Err(WireError::BadHeaderLen);
         }
-        Ok(TcpPacket { buffer, header_len })
+        Ok(TcpPacket {
+            buffer,
+            fixed,
+            header_len,
+        })
     }
 
     pub fn src_port(&self) -> u16 {
-        be16(&self.buffer[0..2]) as u16
+        u16::from_be_bytes([self.fixed[0], self.fixed[1]])
     }
 
     pub fn dst_port(&self) -> u16 {
-        be16(&self.buffer[2..4]) as u16
+        u16::from_be_bytes([self.fixed[2], self.fixed[3]])
     }
 
     pub fn seq_number(&self) -> u32 {
-        be32(&self.buffer[4..8])
+        u32::from_be_bytes([self.fixed[4], self.fixed[5], self.fixed[6], self.fixed[7]])
     }
 
     pub fn ack_number(&self) -> u32 {
-        be32(&self.buffer[8..12])
+        u32::from_be_bytes([self.fixed[8], self.fixed[9], self.fixed[10], self.fixed[11]])
     }
 
     pub fn flags(&self) -> TcpFlags {
-        TcpFlags(self.buffer[13])
+        TcpFlags(self.fixed[13])
     }
 
     /// The advertised window, as on the wire (unscaled).
     pub fn window(&self) -> u16 {
-        be16(&self.buffer[14..16]) as u16
+        u16::from_be_bytes([self.fixed[14], self.fixed[15]])
     }
 
     pub fn checksum(&self) -> u16 {
-        be16(&self.buffer[16..18]) as u16
+        u16::from_be_bytes([self.fixed[16], self.fixed[17]])
     }
 
     /// Header length, options included.
@@ -401,34 +404,33 @@ impl<'a> TcpPacket<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct UdpPacket<'a> {
     buffer: &'a [u8],
+    fixed: &'a [u8; 8],
 }
 
 impl<'a> UdpPacket<'a> {
     pub const HEADER_LEN: usize = 8;
 
     pub fn new_checked(buffer: &'a [u8]) -> Result<Self, WireError> {
-        if buffer.len() < Self::HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
-        Ok(UdpPacket { buffer })
+        let fixed = buffer.first_chunk().ok_or(WireError::Truncated)?;
+        Ok(UdpPacket { buffer, fixed })
     }
 
     pub fn src_port(&self) -> u16 {
-        be16(&self.buffer[0..2]) as u16
+        u16::from_be_bytes([self.fixed[0], self.fixed[1]])
     }
 
     pub fn dst_port(&self) -> u16 {
-        be16(&self.buffer[2..4]) as u16
+        u16::from_be_bytes([self.fixed[2], self.fixed[3]])
     }
 
     /// The length field: header and payload, as the sender wrote it.
     pub fn length(&self) -> u16 {
-        be16(&self.buffer[4..6]) as u16
+        u16::from_be_bytes([self.fixed[4], self.fixed[5]])
     }
 
     /// 0: sent without a checksum (IPv4 only; RFC 768, RFC 8200 §8.1).
     pub fn checksum(&self) -> u16 {
-        be16(&self.buffer[6..8]) as u16
+        u16::from_be_bytes([self.fixed[6], self.fixed[7]])
     }
 
     pub fn payload(&self) -> &'a [u8] {
