@@ -580,9 +580,10 @@ impl Enforcer {
         self.inbound_to(&self.local, sender, packet, now, wall, emit)
     }
 
-    /// [`Enforcer::inbound_to`] of the bytes of a packet (tests, fuzzing and
-    /// benchmarks; the packet path has a checked view and calls
-    /// [`Enforcer::inbound_ip`]).
+    /// [`Enforcer::inbound_ip`] of the bytes of a packet, checked here (tests, fuzzing
+    /// and benchmarks; the packet path already has the checked view). A packet whose
+    /// IP header does not check is dropped as `malformed`, as by the other byte entry
+    /// points.
     pub fn inbound_to(
         &self,
         receiver: &LocalWorkload,
