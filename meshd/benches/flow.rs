@@ -41,12 +41,7 @@ fn key(i: usize) -> FlowKey {
 fn segment(syn: bool, seq: u32, payload_len: u32) -> Observation {
     Observation {
         tcp: Some(TcpSegmentInfo {
-            flags: TcpFlags {
-                syn,
-                ack: !syn,
-                fin: false,
-                rst: false,
-            },
+            flags: if syn { TcpFlags::SYN } else { TcpFlags::ACK },
             seq,
             ack: 1,
             payload_len,

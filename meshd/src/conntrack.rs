@@ -40,7 +40,6 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::net::IpAddr;
 use std::time::Duration;
 
 use hashbrown::hash_table::HashTable;
@@ -48,33 +47,7 @@ use slab::Slab;
 
 use crate::flow::SeqNumber;
 
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_ICMPV6: u8 = 58;
-
-/// A flow's 5-tuple in one direction. For ICMP echo, both ports hold the identifier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub proto: u8,
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub src_port: u16,
-    pub dst_port: u16,
-}
-
-impl FlowKey {
-    /// The same flow seen from the other end.
-    pub fn reversed(&self) -> FlowKey {
-        FlowKey {
-            proto: self.proto,
-            src: self.dst,
-            dst: self.src,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-        }
-    }
-}
+pub use crate::wire::{FlowKey, TcpFlags, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// A flow's hash, the same for both directions ([`FlowHasher::hash`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,15 +103,6 @@ impl Dir {
     }
 }
 
-/// TCP flags the tracker looks at.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TcpFlags {
-    pub syn: bool,
-    pub ack: bool,
-    pub fin: bool,
-    pub rst: bool,
-}
-
 /// What the tracker learns from one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Observation {
@@ -162,13 +126,13 @@ impl TcpSegmentInfo {
     /// A TCP opening: SYN without ACK (and without RST). Only such a segment going out
     /// makes a flow count as opened by the local side (DESIGN.md invariant 3).
     pub fn opens(&self) -> bool {
-        self.flags.syn && !self.flags.ack && !self.flags.rst
+        self.flags.syn() && !self.flags.ack() && !self.flags.rst()
     }
 
     /// Sequence space the segment occupies: payload, plus one each for SYN and FIN
     /// (RFC 9293 §3.4).
     fn seq_len(&self) -> usize {
-        self.payload_len as usize + usize::from(self.flags.syn) + usize::from(self.flags.fin)
+        self.payload_len as usize + usize::from(self.flags.syn()) + usize::from(self.flags.fin())
     }
 }
 
@@ -319,14 +283,14 @@ impl<V> Flow<V> {
     pub fn observe(&mut self, dir: Dir, obs: &Observation, now: Duration) -> Seen {
         let i = dir.index();
         let seen = match obs.tcp {
-            Some(t) if t.flags.rst => match self.rst_check(i, &t) {
+            Some(t) if t.flags.rst() => match self.rst_check(i, &t) {
                 Seen::Reset => {
                     self.closed = true;
                     Seen::Reset
                 }
                 other => return other,
             },
-            Some(t) if t.flags.fin && !self.fin_in_window(i, &t) => return Seen::OutOfWindow,
+            Some(t) if t.flags.fin() && !self.fin_in_window(i, &t) => return Seen::OutOfWindow,
             Some(t) => {
                 self.record(i, &t);
                 Seen::Taken
@@ -360,7 +324,7 @@ impl<V> Flow<V> {
             let r = &self.tcp[1 - i];
             r.seen.then_some((r.start, r.end))
         };
-        let scale = if t.flags.syn { 0 } else { self.scale(i) };
+        let scale = if t.flags.syn() { 0 } else { self.scale(i) };
         let s = &mut self.tcp[i];
         let seq = SeqNumber(t.seq);
         let end = seq + t.seq_len();
@@ -371,12 +335,12 @@ impl<V> Flow<V> {
         } else if end > s.end {
             s.end = end;
         }
-        if t.flags.syn {
+        if t.flags.syn() {
             s.syn = true;
             s.wscale = t.wscale;
         }
-        s.fin |= t.flags.fin;
-        if !t.flags.ack {
+        s.fin |= t.flags.fin();
+        if !t.flags.ack() {
             return;
         }
         let ack = SeqNumber(t.ack);
@@ -406,7 +370,7 @@ impl<V> Flow<V> {
     fn rst_check(&self, i: usize, t: &TcpSegmentInfo) -> Seen {
         let (s, r) = (&self.tcp[i], &self.tcp[1 - i]);
         if r.syn && !r.has_ack {
-            return if t.flags.ack && r.seen && SeqNumber(t.ack) == r.end {
+            return if t.flags.ack() && r.seen && SeqNumber(t.ack) == r.end {
                 Seen::Reset
             } else {
                 Seen::OutOfWindow
@@ -448,7 +412,7 @@ impl<V> Flow<V> {
         if !r.has_ack {
             return true;
         }
-        let fin = SeqNumber(t.seq) + (t.payload_len as usize + usize::from(t.flags.syn));
+        let fin = SeqNumber(t.seq) + (t.payload_len as usize + usize::from(t.flags.syn()));
         let slack = i64::from(r.max_window.max(u32::from(u16::MAX)));
         fin - r.right <= slack && fin - r.acked >= -slack
     }
@@ -719,7 +683,7 @@ mod tests {
     fn tcp(syn: bool, ack: bool, fin: bool, rst: bool, seq: u32, len: u32) -> Observation {
         Observation {
             tcp: Some(TcpSegmentInfo {
-                flags: TcpFlags { syn, ack, fin, rst },
+                flags: flags_of(syn, ack, fin, rst),
                 seq,
                 ack: 0,
                 payload_len: len,
@@ -729,6 +693,18 @@ mod tests {
     }
 
     const NONE: Observation = Observation { tcp: None };
+
+    fn flags_of(syn: bool, ack: bool, fin: bool, rst: bool) -> TcpFlags {
+        [
+            (syn, TcpFlags::SYN),
+            (ack, TcpFlags::ACK),
+            (fin, TcpFlags::FIN),
+            (rst, TcpFlags::RST),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .fold(TcpFlags::default(), |all, (_, f)| all | f)
+    }
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
@@ -810,12 +786,12 @@ mod tests {
     fn seg(flags: &str, seq: u32, ack: u32, len: u32, window: u16) -> Observation {
         Observation {
             tcp: Some(TcpSegmentInfo {
-                flags: TcpFlags {
-                    syn: flags.contains('S'),
-                    ack: flags.contains('A'),
-                    fin: flags.contains('F'),
-                    rst: flags.contains('R'),
-                },
+                flags: flags_of(
+                    flags.contains('S'),
+                    flags.contains('A'),
+                    flags.contains('F'),
+                    flags.contains('R'),
+                ),
                 seq,
                 ack,
                 payload_len: len,

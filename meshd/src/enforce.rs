@@ -65,6 +65,12 @@
 //! exactly what invariant 3 forbids. The price is one reconnect per connection per
 //! restart; the same resets answer a flow that expired or was evicted.
 //!
+//! Packets are read through [`crate::wire`]'s views, once: the node core hands over
+//! the IP view `peers` checked ([`Enforcer::inbound_ip`], [`Enforcer::outbound_ip`],
+//! [`Enforcer::between_locals_ip`]), and the enforcer walks its extension headers and
+//! reads its transport header into the facts it decides on (`Parsed`). A packet whose
+//! chain or transport header is malformed is dropped (`malformed`).
+//!
 //! IP fragments are dropped and counted (`fragment`): without ports they cannot be
 //! decided, and nothing in the overlay needs them (its MTU is set for the tunnel).
 //!
@@ -87,13 +93,16 @@ use serde::Serialize;
 
 use crate::checksum;
 use crate::conntrack::{
-    ConnTrack, Dir, FlowHash, FlowHasher, FlowKey, Observation, Origin, Seen, TcpFlags,
-    TcpSegmentInfo, Timeouts, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    ConnTrack, Dir, FlowHash, FlowHasher, Observation, Origin, Seen, TcpSegmentInfo, Timeouts,
 };
 use crate::decisions::{DecisionLog, DecisionRecord, HttpSummary};
 use crate::flow::{Flags, Segment, SeqNumber, Timestamp, Timestamps};
 use crate::inject::{self, Endpoints, TcpSegment};
 use crate::l7::{self, L7Flow, Refusal, RefuseCause};
+use crate::wire::{
+    self, FlowKey, IcmpPacket, IpPacket, TcpPacket, UdpPacket, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP,
+};
 
 pub use mesh_proto::policy::{LocalWorkload, Sender};
 
@@ -110,7 +119,7 @@ pub enum Verdict {
     /// Send it on unchanged.
     Deliver,
     /// Do not send it.
-    Drop(Drop),
+    Drop(DropReason),
     /// Do not send it as it is: the layer-7 inspector took it (held, trimmed,
     /// released); whatever goes out in its place is in the [`Emit`].
     Consumed,
@@ -199,7 +208,7 @@ impl Emit {
 
 /// Why a packet was not delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Drop {
+pub enum DropReason {
     /// Refused by policy or a limit; in the decision log.
     Denied(DenyReason),
     /// Not a well-formed IPv4/IPv6 packet with a complete transport header.
@@ -225,18 +234,18 @@ pub enum Drop {
     OutOfWindow,
 }
 
-impl Drop {
+impl DropReason {
     pub fn name(self) -> &'static str {
         match self {
-            Drop::Denied(r) => r.name(),
-            Drop::Malformed => "malformed",
-            Drop::Untracked => "untracked",
-            Drop::Protocol => "protocol",
-            Drop::Checksum => "checksum",
-            Drop::Inspection => "inspection",
-            Drop::StrayIcmp => "stray_icmp",
-            Drop::WrongPeer => "wrong_peer",
-            Drop::OutOfWindow => "out_of_window",
+            DropReason::Denied(r) => r.name(),
+            DropReason::Malformed => "malformed",
+            DropReason::Untracked => "untracked",
+            DropReason::Protocol => "protocol",
+            DropReason::Checksum => "checksum",
+            DropReason::Inspection => "inspection",
+            DropReason::StrayIcmp => "stray_icmp",
+            DropReason::WrongPeer => "wrong_peer",
+            DropReason::OutOfWindow => "out_of_window",
         }
     }
 }
@@ -469,7 +478,7 @@ impl std::fmt::Debug for Enforcer {
 
 /// The transport facts of one packet.
 #[derive(Clone, Copy, Debug)]
-struct Parsed {
+struct Parsed<'a> {
     key: FlowKey,
     obs: Observation,
     protocol: Protocol,
@@ -477,8 +486,8 @@ struct Parsed {
     /// The packet opens a flow of its own: a TCP SYN without ACK, a UDP datagram, an
     /// ICMP echo request. Nothing else makes a local workload the opener of a flow.
     opens: bool,
-    /// TCP: raw flags, window, and where the payload starts in the packet.
-    tcp_raw: Option<TcpRaw>,
+    /// TCP: the segment, header and payload, in the packet.
+    tcp: Option<TcpPacket<'a>>,
     /// ICMP errors: the error's own addresses and what it quotes beyond the 5-tuple.
     quote: Option<Quote>,
 }
@@ -492,15 +501,6 @@ struct Quote {
     /// TCP: the quoted segment's sequence number (in the first 8 bytes of its header,
     /// which every ICMP error carries).
     seq: Option<u32>,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct TcpRaw {
-    flags: u8,
-    window: u16,
-    /// Where the TCP header's options start in the packet (they end at `payload_at`).
-    options_at: usize,
-    payload_at: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -580,9 +580,26 @@ impl Enforcer {
         self.inbound_to(&self.local, sender, packet, now, wall, emit)
     }
 
-    /// Decides a packet between two local workloads: the reply direction of a flow
-    /// the receiver opened passes as that flow's outbound traffic; anything else is
-    /// inbound traffic of `receiver` from `sender`, decided by policy.
+    /// [`Enforcer::inbound_ip`] of the bytes of a packet, checked here (tests, fuzzing
+    /// and benchmarks; the packet path already has the checked view). A packet whose
+    /// IP header does not check is dropped as `malformed`, as by the other byte entry
+    /// points.
+    pub fn inbound_to(
+        &self,
+        receiver: &LocalWorkload,
+        sender: &Sender,
+        packet: &[u8],
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        match IpPacket::new_checked(packet) {
+            Ok(ip) => self.inbound_ip(receiver, sender, &ip, now, wall, emit),
+            Err(_) => self.dropped(DropReason::Malformed),
+        }
+    }
+
+    /// [`Enforcer::between_locals_ip`] of the bytes of a packet.
     pub fn between_locals(
         &self,
         sender: &Sender,
@@ -592,7 +609,40 @@ impl Enforcer {
         wall: UnixTime,
         emit: &mut Emit,
     ) -> Verdict {
-        let reply = match parse(packet) {
+        match IpPacket::new_checked(packet) {
+            Ok(ip) => self.between_locals_ip(sender, receiver, &ip, now, wall, emit),
+            Err(_) => self.dropped(DropReason::Malformed),
+        }
+    }
+
+    /// [`Enforcer::outbound_ip`] of the bytes of a packet.
+    pub fn outbound(
+        &self,
+        to: Option<&Arc<str>>,
+        packet: &[u8],
+        now: Duration,
+        emit: &mut Emit,
+    ) -> Verdict {
+        match IpPacket::new_checked(packet) {
+            Ok(ip) => self.outbound_ip(to, &ip, now, emit),
+            Err(_) => self.dropped(DropReason::Malformed),
+        }
+    }
+
+    /// Decides a packet between two local workloads: the reply direction of a flow
+    /// the receiver opened passes as that flow's outbound traffic; anything else is
+    /// inbound traffic of `receiver` from `sender`, decided by policy.
+    pub fn between_locals_ip(
+        &self,
+        sender: &Sender,
+        receiver: &LocalWorkload,
+        ip: &IpPacket<&[u8]>,
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        let parsed = parse_ip(ip);
+        let reply = match &parsed {
             Ok(p) if p.kind == Kind::Flow => {
                 let h = self.hasher.hash(&p.key);
                 let shard = self.shard(h);
@@ -605,24 +655,40 @@ impl Enforcer {
         };
         if reply {
             // The answer goes back to the flow's opener: the receiver.
-            self.outbound(receiver.identity.as_ref(), packet, now, emit)
+            self.outbound_parsed(receiver.identity.as_ref(), parsed, now, emit)
         } else {
-            self.inbound_to(receiver, sender, packet, now, wall, emit)
+            self.inbound_parsed(receiver, sender, parsed, now, wall, emit)
         }
     }
 
-    /// Decides an inbound packet from `sender` to the local workload `receiver`.
-    pub fn inbound_to(
+    /// Decides an inbound packet from `sender` to the local workload `receiver`: a
+    /// packet whose IP header `peers` checked (the view is parsed on, not again).
+    pub fn inbound_ip(
         &self,
         receiver: &LocalWorkload,
         sender: &Sender,
-        packet: &[u8],
+        ip: &IpPacket<&[u8]>,
+        now: Duration,
+        wall: UnixTime,
+        emit: &mut Emit,
+    ) -> Verdict {
+        let parsed = parse_ip(ip);
+        self.inbound_parsed(receiver, sender, parsed, now, wall, emit)
+    }
+
+    /// [`Enforcer::inbound_ip`] of a packet already parsed.
+    #[allow(clippy::too_many_arguments)] // both ends, the packet, the clock: all needed
+    fn inbound_parsed(
+        &self,
+        receiver: &LocalWorkload,
+        sender: &Sender,
+        parsed: Result<Parsed<'_>, ParseError>,
         now: Duration,
         wall: UnixTime,
         emit: &mut Emit,
     ) -> Verdict {
         let who = Who { sender, receiver };
-        let p = match parse(packet) {
+        let p = match parsed {
             Ok(p) => p,
             Err(e) => return self.dropped(parse_drop(e)),
         };
@@ -637,7 +703,7 @@ impl Enforcer {
             return if icmp_error_admitted(&mut shard, h, &p, &sender.identity, hop, now) {
                 self.deliver()
             } else {
-                self.dropped(Drop::StrayIcmp)
+                self.dropped(DropReason::StrayIcmp)
             };
         }
         // The table holds a tombstone under this 5-tuple: a new flow replaces it, but
@@ -649,7 +715,7 @@ impl Enforcer {
                 // A reply to a flow a local workload opened: only from the peer it
                 // went to (the flow is bound to its far end, not to its addresses).
                 if !flow.value.far_end_is(Some(&sender.identity)) {
-                    return self.dropped(Drop::WrongPeer);
+                    return self.dropped(DropReason::WrongPeer);
                 }
                 return match flow.observe(Dir::Reply, &p.obs, now) {
                     Seen::Taken | Seen::Reset => self.deliver(),
@@ -669,7 +735,7 @@ impl Enforcer {
                     reopen = true;
                 } else {
                     if !flow.value.far_end_is(Some(&sender.identity)) {
-                        return self.dropped(Drop::WrongPeer);
+                        return self.dropped(DropReason::WrongPeer);
                     }
                     let seen = flow.observe(Dir::Original, &p.obs, now);
                     if !matches!(seen, Seen::Taken | Seen::Reset) {
@@ -677,8 +743,7 @@ impl Enforcer {
                         return self.not_taken(seen, challenge, &p, Toward::Peer, emit);
                     }
                     if let Some(l7) = flow.value.l7.as_deref_mut() {
-                        let verdict =
-                            self.l7_client(&active.policy, who, &p, packet, l7, now, wall, emit);
+                        let verdict = self.l7_client(&active.policy, who, &p, l7, now, wall, emit);
                         if flow.value.l7.as_deref().is_some_and(L7Flow::is_closed) {
                             // Refused or reset: gone within the closing timeout.
                             flow.close();
@@ -689,7 +754,7 @@ impl Enforcer {
                         return if flow.value.allowed {
                             self.deliver()
                         } else {
-                            self.dropped(Drop::Denied(DenyReason::NoAllowMatched))
+                            self.dropped(DropReason::Denied(DenyReason::NoAllowMatched))
                         };
                     }
                     // Policy changed since this flow was decided: decide again.
@@ -704,7 +769,7 @@ impl Enforcer {
                     return self.after_decision(&active.policy, who, &p, &decision, now, wall);
                 }
             }
-            Some(_) => return self.dropped(Drop::Malformed),
+            Some(_) => return self.dropped(DropReason::Malformed),
             None => {}
         }
         if reopen {
@@ -716,8 +781,8 @@ impl Enforcer {
         if p.protocol == Protocol::Tcp && active.policy.inspects(&self.request(who, &p)) {
             if !p.opens {
                 drop(shard);
-                untracked_resets(&p, packet, emit, Toward::Peer);
-                return self.dropped(Drop::Untracked);
+                untracked_resets(&p, emit, Toward::Peer);
+                return self.dropped(DropReason::Untracked);
             }
             // A source that no rule could allow here, whatever its requests, is refused
             // at its SYN: a handshake would only carry refusals.
@@ -734,7 +799,7 @@ impl Enforcer {
             // Requests are decided one by one, with their HTTP attributes; the
             // connection itself is let through to carry them.
             let mut l7 = Box::new(L7Flow::new(self.limits.l7, stamp(now)));
-            let verdict = self.l7_client(&active.policy, who, &p, packet, &mut l7, now, wall, emit);
+            let verdict = self.l7_client(&active.policy, who, &p, &mut l7, now, wall, emit);
             let state = FlowState::remote(active.gen, who, Some(l7));
             if shard
                 .insert_hashed(h, p.key, Origin::Remote, state, &p.obs, now)
@@ -750,7 +815,7 @@ impl Enforcer {
         // UDP to a port inspected for this workload (HTTP/3 could pass the HTTP rules
         // there) is refused by policy itself (`not_http`, `CompiledPolicy::inspects`).
         let decision = self.decide(&active.policy, who, &p);
-        let rst = p.obs.tcp.is_some_and(|t| t.flags.rst);
+        let rst = p.obs.tcp.is_some_and(|t| t.flags.rst());
         if decision.is_allowed() && !rst {
             if tombstone {
                 shard.remove_hashed(h, &p.key);
@@ -768,7 +833,7 @@ impl Enforcer {
             // A segment of a connection meshd does not know, refused: both ends are
             // reset, so that neither waits on a black hole (after a restart, the
             // local end of a download otherwise waits until the sender gives up).
-            untracked_resets(&p, packet, emit, Toward::Peer);
+            untracked_resets(&p, emit, Toward::Peer);
         }
         drop(shard);
         self.after_decision(&active.policy, who, &p, &decision, now, wall)
@@ -780,20 +845,30 @@ impl Enforcer {
     /// opening (SYN, datagram, echo request) starts a flow of the local workload's own,
     /// whose replies then come in from `to` only. Anything else of no flow is dropped,
     /// and a TCP segment answered with resets to both ends (see the module docs).
-    pub fn outbound(
+    pub fn outbound_ip(
         &self,
         to: Option<&Arc<str>>,
-        packet: &[u8],
+        ip: &IpPacket<&[u8]>,
         now: Duration,
         emit: &mut Emit,
     ) -> Verdict {
-        let p = match parse(packet) {
+        self.outbound_parsed(to, parse_ip(ip), now, emit)
+    }
+
+    fn outbound_parsed(
+        &self,
+        to: Option<&Arc<str>>,
+        parsed: Result<Parsed<'_>, ParseError>,
+        now: Duration,
+        emit: &mut Emit,
+    ) -> Verdict {
+        let p = match parsed {
             // A local workload's fragments and ICMP errors are its own business;
             // only what comes in is policed.
             Err(ParseError::Fragment | ParseError::StrayIcmp | ParseError::Protocol) => {
                 return self.deliver()
             }
-            Err(ParseError::Malformed) => return self.dropped(Drop::Malformed),
+            Err(ParseError::Malformed) => return self.dropped(DropReason::Malformed),
             Ok(p) => p,
         };
         if p.kind == Kind::IcmpError {
@@ -807,10 +882,10 @@ impl Enforcer {
                     // The local side of a cut flow: its packets stay out (a UDP
                     // server's next datagram must not reopen the flow as its own).
                     flow.last_seen = now;
-                    return self.dropped(Drop::Denied(DenyReason::NoAllowMatched));
+                    return self.dropped(DropReason::Denied(DenyReason::NoAllowMatched));
                 }
                 if !flow.value.far_end_is(to) {
-                    return self.dropped(Drop::WrongPeer);
+                    return self.dropped(DropReason::WrongPeer);
                 }
                 let seen = flow.observe(Dir::Reply, &p.obs, now);
                 if !matches!(seen, Seen::Taken | Seen::Reset) {
@@ -818,8 +893,8 @@ impl Enforcer {
                     return self.not_taken(seen, challenge, &p, Toward::Local, emit);
                 }
                 if let Some(l7) = flow.value.l7.as_deref_mut() {
-                    let Some(seg) = segment(&p, packet) else {
-                        return self.dropped(Drop::Malformed);
+                    let Some(seg) = segment(&p) else {
+                        return self.dropped(DropReason::Malformed);
                     };
                     if l7.on_server_segment(&seg, stamp(now)) {
                         return self.deliver();
@@ -833,18 +908,18 @@ impl Enforcer {
                         let ends = endpoints(&p);
                         emit.push_reset(ends.client, ends.server, seg.ack, Toward::Local);
                     }
-                    return self.dropped(Drop::Inspection);
+                    return self.dropped(DropReason::Inspection);
                 }
                 return if flow.value.allowed {
                     self.deliver()
                 } else {
-                    self.dropped(Drop::Denied(DenyReason::NoAllowMatched))
+                    self.dropped(DropReason::Denied(DenyReason::NoAllowMatched))
                 };
             }
             Some((Dir::Original, flow)) if flow.origin == Origin::Local => {
                 if !(p.opens && flow.is_closing()) {
                     if !flow.value.far_end_is(to) {
-                        return self.dropped(Drop::WrongPeer);
+                        return self.dropped(DropReason::WrongPeer);
                     }
                     return match flow.observe(Dir::Original, &p.obs, now) {
                         Seen::Taken | Seen::Reset => self.deliver(),
@@ -868,12 +943,12 @@ impl Enforcer {
             // (invariant 3). A TCP segment of a connection meshd does not know is
             // answered with resets to both ends.
             drop(shard);
-            untracked_resets(&p, packet, emit, Toward::Local);
-            return self.dropped(Drop::Untracked);
+            untracked_resets(&p, emit, Toward::Local);
+            return self.dropped(DropReason::Untracked);
         }
         match shard.insert_hashed(h, p.key, Origin::Local, FlowState::local(to), &p.obs, now) {
             Ok(_) => self.deliver(),
-            Err(_) => self.dropped(Drop::Denied(DenyReason::FlowTableFull)),
+            Err(_) => self.dropped(DropReason::Denied(DenyReason::FlowTableFull)),
         }
     }
 
@@ -885,7 +960,7 @@ impl Enforcer {
         &self,
         seen: Seen,
         challenge: Option<(SeqNumber, SeqNumber)>,
-        p: &Parsed,
+        p: &Parsed<'_>,
         toward: Toward,
         emit: &mut Emit,
     ) -> Verdict {
@@ -895,7 +970,7 @@ impl Enforcer {
             let to = SocketAddr::new(p.key.src, p.key.src_port);
             emit.push_segment(from, to, seq, Some(ack), Flags::default(), toward);
         }
-        self.dropped(Drop::OutOfWindow)
+        self.dropped(DropReason::OutOfWindow)
     }
 
     /// Swaps in a new policy and re-decides every flow a peer opened; returns the
@@ -1100,7 +1175,7 @@ impl Enforcer {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn decide(&self, policy: &CompiledPolicy, who: Who<'_>, p: &Parsed) -> Decision {
+    fn decide(&self, policy: &CompiledPolicy, who: Who<'_>, p: &Parsed<'_>) -> Decision {
         mesh_proto::policy::evaluate(policy, &self.request(who, p))
     }
 
@@ -1109,7 +1184,7 @@ impl Enforcer {
         &self,
         policy: &CompiledPolicy,
         who: Who<'_>,
-        p: &Parsed,
+        p: &Parsed<'_>,
         decision: &Decision,
         now: Duration,
         wall: UnixTime,
@@ -1142,7 +1217,7 @@ impl Enforcer {
                     now,
                     wall,
                 );
-                self.dropped(Drop::Denied(reason))
+                self.dropped(DropReason::Denied(reason))
             }
         }
     }
@@ -1153,18 +1228,17 @@ impl Enforcer {
         &self,
         policy: &CompiledPolicy,
         who: Who<'_>,
-        p: &Parsed,
-        packet: &[u8],
+        p: &Parsed<'_>,
         flow: &mut L7Flow,
         now: Duration,
         wall: UnixTime,
         emit: &mut Emit,
     ) -> Verdict {
-        if !tcp_checksum_ok(packet, p) {
-            return self.dropped(Drop::Checksum);
+        if !tcp_checksum_ok(p) {
+            return self.dropped(DropReason::Checksum);
         }
-        let Some(seg) = segment(p, packet) else {
-            return self.dropped(Drop::Malformed);
+        let Some(seg) = segment(p) else {
+            return self.dropped(DropReason::Malformed);
         };
         let held_before = flow.held();
         let outcome = flow.on_client_segment(&seg, stamp(now), |req| {
@@ -1217,7 +1291,8 @@ impl Enforcer {
                 PolicyVerdict::Allow(_) => l7::Verdict::Allow,
                 PolicyVerdict::Deny(reason) => {
                     self.http_refused.fetch_add(1, Ordering::Relaxed);
-                    self.drops[drop_slot(Drop::Denied(reason))].fetch_add(1, Ordering::Relaxed);
+                    self.drops[drop_slot(DropReason::Denied(reason))]
+                        .fetch_add(1, Ordering::Relaxed);
                     let status = reason.http_status();
                     self.write_log(
                         policy,
@@ -1268,7 +1343,7 @@ impl Enforcer {
                 // The client's options go along (timestamps: RFC 7323 §3.2, every
                 // segment once negotiated; the server echoes them to time the path),
                 // with newer timestamps where the flow says so (l7::Outcome).
-                let own = tcp_options(p, packet);
+                let own = tcp_options(p);
                 let mut options = [0u8; 40];
                 let n = own.len().min(options.len());
                 options[..n].copy_from_slice(&own[..n]);
@@ -1283,8 +1358,10 @@ impl Enforcer {
                 Verdict::Consumed
             }
             (l7::Fate::Drop(l7::DropReason::Buffered), _) => Verdict::Consumed,
-            (l7::Fate::Drop(l7::DropReason::Untracked(_)), _) => self.dropped(Drop::Untracked),
-            (_, _) => self.dropped(Drop::Inspection),
+            (l7::Fate::Drop(l7::DropReason::Untracked(_)), _) => {
+                self.dropped(DropReason::Untracked)
+            }
+            (_, _) => self.dropped(DropReason::Inspection),
         };
         if let Some(r) = outcome.release {
             let seg = TcpSegment {
@@ -1370,7 +1447,7 @@ impl Enforcer {
         before: usize,
         policy: &CompiledPolicy,
         who: Who<'_>,
-        p: &Parsed,
+        p: &Parsed<'_>,
         now: Duration,
         wall: UnixTime,
         emit: &mut Emit,
@@ -1405,7 +1482,7 @@ impl Enforcer {
         &self,
         policy: &CompiledPolicy,
         who: Who<'_>,
-        p: &Parsed,
+        p: &Parsed<'_>,
         ends: &Endpoints,
         refusal: &Refusal,
         now: Duration,
@@ -1423,7 +1500,7 @@ impl Enforcer {
         }
         self.http_refused.fetch_add(1, Ordering::Relaxed);
         let reason = refusal_reason(&refusal.cause);
-        self.drops[drop_slot(Drop::Denied(reason))].fetch_add(1, Ordering::Relaxed);
+        self.drops[drop_slot(DropReason::Denied(reason))].fetch_add(1, Ordering::Relaxed);
         let detail = refusal.cause.to_string();
         let summary = HttpSummary {
             method: "",
@@ -1488,7 +1565,7 @@ impl Enforcer {
         removed
     }
 
-    fn request<'a>(&'a self, who: Who<'a>, p: &Parsed) -> Request<'a> {
+    fn request<'a>(&'a self, who: Who<'a>, p: &Parsed<'_>) -> Request<'a> {
         Request {
             src_identity: Some(&who.sender.identity),
             src_groups: &who.sender.groups,
@@ -1529,7 +1606,7 @@ impl Enforcer {
         &self,
         policy: &CompiledPolicy,
         who: Who<'_>,
-        p: &Parsed,
+        p: &Parsed<'_>,
         verdict: &str,
         reason: &str,
         rule: Option<RuleRef>,
@@ -1565,23 +1642,23 @@ impl Enforcer {
         Verdict::Deliver
     }
 
-    fn dropped(&self, d: Drop) -> Verdict {
+    fn dropped(&self, d: DropReason) -> Verdict {
         self.drops[drop_slot(d)].fetch_add(1, Ordering::Relaxed);
         Verdict::Drop(d)
     }
 }
 
-fn drop_slot(d: Drop) -> usize {
+fn drop_slot(d: DropReason) -> usize {
     match d {
-        Drop::Malformed => 0,
-        Drop::Untracked => 1,
-        Drop::Protocol => 2,
-        Drop::StrayIcmp => 3,
-        Drop::WrongPeer => DROP_SLOTS - 4,
-        Drop::OutOfWindow => DROP_SLOTS - 3,
-        Drop::Checksum => DROP_SLOTS - 2,
-        Drop::Inspection => DROP_SLOTS - 1,
-        Drop::Denied(r) => {
+        DropReason::Malformed => 0,
+        DropReason::Untracked => 1,
+        DropReason::Protocol => 2,
+        DropReason::StrayIcmp => 3,
+        DropReason::WrongPeer => DROP_SLOTS - 4,
+        DropReason::OutOfWindow => DROP_SLOTS - 3,
+        DropReason::Checksum => DROP_SLOTS - 2,
+        DropReason::Inspection => DROP_SLOTS - 1,
+        DropReason::Denied(r) => {
             4 + match r {
                 DenyReason::ExplicitDeny(_) => 0,
                 other => {
@@ -1597,15 +1674,15 @@ fn drop_slot(d: Drop) -> usize {
 
 fn slot_name(slot: usize) -> &'static str {
     match slot {
-        0 => Drop::Malformed.name(),
-        1 => Drop::Untracked.name(),
-        2 => Drop::Protocol.name(),
-        3 => Drop::StrayIcmp.name(),
+        0 => DropReason::Malformed.name(),
+        1 => DropReason::Untracked.name(),
+        2 => DropReason::Protocol.name(),
+        3 => DropReason::StrayIcmp.name(),
         4 => "explicit_deny",
-        n if n == DROP_SLOTS - 4 => Drop::WrongPeer.name(),
-        n if n == DROP_SLOTS - 3 => Drop::OutOfWindow.name(),
-        n if n == DROP_SLOTS - 2 => Drop::Checksum.name(),
-        n if n == DROP_SLOTS - 1 => Drop::Inspection.name(),
+        n if n == DROP_SLOTS - 4 => DropReason::WrongPeer.name(),
+        n if n == DROP_SLOTS - 3 => DropReason::OutOfWindow.name(),
+        n if n == DROP_SLOTS - 2 => DropReason::Checksum.name(),
+        n if n == DROP_SLOTS - 1 => DropReason::Inspection.name(),
         n => DenyReason::PLAIN.get(n - 5).map_or("other", |r| r.name()),
     }
 }
@@ -1624,8 +1701,8 @@ fn stamp(now: Duration) -> Timestamp {
 /// acknowledgement number; to the other end, the segment's own sequence number. A RST
 /// is never answered, nor a segment without ACK. A peer is authenticated and its
 /// addresses are its own (secure naming), so it can only reset its own connections.
-fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit, sender: Toward) {
-    let Some(seg) = segment(p, packet) else {
+fn untracked_resets(p: &Parsed<'_>, emit: &mut Emit, sender: Toward) {
+    let Some(seg) = segment(p) else {
         return;
     };
     if seg.flags.contains(Flags::RST) || !seg.flags.contains(Flags::ACK) {
@@ -1654,7 +1731,7 @@ fn untracked_resets(p: &Parsed, packet: &[u8], emit: &mut Emit, sender: Toward) 
 
 /// Refuses a SYN: RST+ACK to its sender, as a closed port answers (RFC 9293
 /// §3.10.7.1: sequence number zero, acknowledging the SYN).
-fn refuse_syn(p: &Parsed, emit: &mut Emit) {
+fn refuse_syn(p: &Parsed<'_>, emit: &mut Emit) {
     let Some(t) = p.obs.tcp else {
         return;
     };
@@ -1683,7 +1760,7 @@ fn refuse_syn(p: &Parsed, emit: &mut Emit) {
 fn icmp_error_admitted(
     shard: &mut ConnTrack<FlowState>,
     h: FlowHash,
-    p: &Parsed,
+    p: &Parsed<'_>,
     sender: &Arc<str>,
     hop: bool,
     now: Duration,
@@ -1708,44 +1785,35 @@ fn icmp_error_admitted(
         && q.seq.is_none_or(|seq| flow.sent_unacked(dir, seq))
 }
 
-fn endpoints(p: &Parsed) -> Endpoints {
+fn endpoints(p: &Parsed<'_>) -> Endpoints {
     Endpoints {
         client: SocketAddr::new(p.key.src, p.key.src_port),
         server: SocketAddr::new(p.key.dst, p.key.dst_port),
     }
 }
 
-/// The TCP segment of a parsed TCP packet.
-fn segment<'a>(p: &Parsed, packet: &'a [u8]) -> Option<Segment<'a>> {
-    let raw = p.tcp_raw?;
-    let tcp = p.obs.tcp?;
-    let end = raw.payload_at + tcp.payload_len as usize;
+/// The TCP segment of a parsed TCP packet, for flow tracking and layer 7.
+fn segment<'a>(p: &Parsed<'a>) -> Option<Segment<'a>> {
+    let tcp = p.tcp?;
     Some(Segment {
-        seq: SeqNumber(tcp.seq),
-        ack: SeqNumber(tcp.ack),
-        flags: Flags(raw.flags),
-        window: raw.window,
-        timestamps: Timestamps::parse(tcp_options(p, packet)),
-        payload: packet.get(raw.payload_at..end)?,
+        seq: SeqNumber(tcp.seq_number()),
+        ack: SeqNumber(tcp.ack_number()),
+        flags: tcp.flags(),
+        window: tcp.window(),
+        timestamps: Timestamps::parse(tcp.options()),
+        payload: tcp.payload(),
     })
 }
 
 /// The TCP options of a parsed TCP packet, as on the wire.
-fn tcp_options<'a>(p: &Parsed, packet: &'a [u8]) -> &'a [u8] {
-    p.tcp_raw
-        .and_then(|raw| packet.get(raw.options_at..raw.payload_at))
-        .unwrap_or_default()
+fn tcp_options<'a>(p: &Parsed<'a>) -> &'a [u8] {
+    p.tcp.map(|t| t.options()).unwrap_or_default()
 }
 
 /// Verifies the TCP checksum (RFC 9293 §3.1, with the RFC 8200 §8.1 pseudo-header for
 /// IPv6).
-fn tcp_checksum_ok(packet: &[u8], p: &Parsed) -> bool {
-    let (Some(raw), Some(tcp)) = (p.tcp_raw, p.obs.tcp) else {
-        return false;
-    };
-    let header_len = raw.payload_at - ip_header_len(packet, p);
-    let start = raw.payload_at - header_len;
-    let Some(segment) = packet.get(start..raw.payload_at + tcp.payload_len as usize) else {
+fn tcp_checksum_ok(p: &Parsed<'_>) -> bool {
+    let Some(segment) = p.tcp.map(|t| t.as_bytes()) else {
         return false;
     };
     // The pseudo-header: addresses, protocol and TCP length (end-around carries make
@@ -1761,19 +1829,6 @@ fn tcp_checksum_ok(packet: &[u8], p: &Parsed) -> bool {
         _ => return false,
     };
     checksum::fold(checksum::sum(segment, pseudo)) == 0xffff
-}
-
-/// Length of the IP header (with IPv6 extension headers) before the TCP header.
-fn ip_header_len(packet: &[u8], p: &Parsed) -> usize {
-    let off = match packet.first().map(|b| b >> 4) {
-        Some(4) => usize::from(packet[0] & 0x0f) * 4,
-        _ => {
-            packet.len()
-                - etherparse::IpSlice::from_slice(packet).map_or(0, |ip| ip.payload().payload.len())
-        }
-    };
-    let _ = p;
-    off
 }
 
 /// The reason a layer-7 refusal that policy did not make is logged with.
@@ -1794,16 +1849,16 @@ fn refusal_reason(cause: &RefuseCause) -> DenyReason {
     }
 }
 
-fn parse_drop(e: ParseError) -> Drop {
+fn parse_drop(e: ParseError) -> DropReason {
     match e {
-        ParseError::Malformed => Drop::Malformed,
-        ParseError::Fragment => Drop::Denied(DenyReason::Fragment),
-        ParseError::Protocol => Drop::Protocol,
-        ParseError::StrayIcmp => Drop::StrayIcmp,
+        ParseError::Malformed => DropReason::Malformed,
+        ParseError::Fragment => DropReason::Denied(DenyReason::Fragment),
+        ParseError::Protocol => DropReason::Protocol,
+        ParseError::StrayIcmp => DropReason::StrayIcmp,
     }
 }
 
-fn parsed_from_key(key: &FlowKey) -> Option<Parsed> {
+fn parsed_from_key(key: &FlowKey) -> Option<Parsed<'static>> {
     let protocol = match key.proto {
         PROTO_TCP => Protocol::Tcp,
         PROTO_UDP => Protocol::Udp,
@@ -1816,33 +1871,29 @@ fn parsed_from_key(key: &FlowKey) -> Option<Parsed> {
         protocol,
         kind: Kind::Flow,
         opens: false,
-        tcp_raw: None,
+        tcp: None,
         quote: None,
     })
 }
 
-fn be16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+/// Reads the 5-tuple and TCP facts of the bytes of an IP packet (the enforcer's own
+/// packets in tests; the packet path hands over the view [`parse_ip`] takes).
+#[cfg(test)]
+fn parse(packet: &[u8]) -> Result<Parsed<'_>, ParseError> {
+    parse_ip(&IpPacket::new_checked(packet).map_err(|_| ParseError::Malformed)?)
 }
 
-fn be32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes([
-        *b.get(at)?,
-        *b.get(at + 1)?,
-        *b.get(at + 2)?,
-        *b.get(at + 3)?,
-    ]))
-}
-
-/// Reads the 5-tuple and TCP facts of an IP packet.
-fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
-    let ip = etherparse::IpSlice::from_slice(packet).map_err(|_| ParseError::Malformed)?;
-    if ip.is_fragmenting_payload() {
+/// Reads the 5-tuple and TCP facts of a checked IP packet: the extension chain and
+/// the transport header, through the [`crate::wire`] views (the TCP view borrows the
+/// packet: its segment is read from it as is, not copied).
+fn parse_ip<'a>(ip: &IpPacket<&'a [u8]>) -> Result<Parsed<'a>, ParseError> {
+    let payload = ip.payload().map_err(|_| ParseError::Malformed)?;
+    if payload.fragment {
         return Err(ParseError::Fragment);
     }
-    let (src, dst) = (ip.source_addr(), ip.destination_addr());
-    let proto = ip.payload_ip_number().0;
-    let l4 = ip.payload().payload;
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let proto = payload.protocol;
+    let l4 = payload.data;
     let key = |src_port, dst_port| FlowKey {
         proto,
         src,
@@ -1852,56 +1903,39 @@ fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
     };
     match proto {
         PROTO_TCP => {
-            let off = usize::from(l4.get(12).ok_or(ParseError::Malformed)? >> 4) * 4;
-            if off < 20 || off > l4.len() {
-                return Err(ParseError::Malformed);
-            }
-            let flags = l4[13];
-            let syn = flags & 0x02 != 0;
-            let window = be16(l4, 14).unwrap_or(0);
+            let tcp = TcpPacket::new_checked(l4).map_err(|_| ParseError::Malformed)?;
+            let flags = tcp.flags();
             let info = TcpSegmentInfo {
-                flags: TcpFlags {
-                    fin: flags & 0x01 != 0,
-                    syn,
-                    rst: flags & 0x04 != 0,
-                    ack: flags & 0x10 != 0,
-                },
-                seq: be32(l4, 4).ok_or(ParseError::Malformed)?,
-                ack: be32(l4, 8).ok_or(ParseError::Malformed)?,
-                payload_len: (l4.len() - off) as u32,
-                window,
-                wscale: if syn {
-                    window_scale(&l4[20..off])
+                flags,
+                seq: tcp.seq_number(),
+                ack: tcp.ack_number(),
+                payload_len: tcp.payload().len() as u32,
+                window: tcp.window(),
+                wscale: if flags.syn() {
+                    tcp.window_scale()
                 } else {
                     None
                 },
             };
             Ok(Parsed {
-                key: key(be16(l4, 0).unwrap_or(0), be16(l4, 2).unwrap_or(0)),
+                key: key(tcp.src_port(), tcp.dst_port()),
                 obs: Observation { tcp: Some(info) },
                 protocol: Protocol::Tcp,
                 kind: Kind::Flow,
                 opens: info.opens(),
-                tcp_raw: Some(TcpRaw {
-                    flags,
-                    window,
-                    options_at: (packet.len() - l4.len()) + 20,
-                    payload_at: (packet.len() - l4.len()) + off,
-                }),
+                tcp: Some(tcp),
                 quote: None,
             })
         }
         PROTO_UDP => {
-            if l4.len() < 8 {
-                return Err(ParseError::Malformed);
-            }
+            let udp = UdpPacket::new_checked(l4).map_err(|_| ParseError::Malformed)?;
             Ok(Parsed {
-                key: key(be16(l4, 0).unwrap_or(0), be16(l4, 2).unwrap_or(0)),
+                key: key(udp.src_port(), udp.dst_port()),
                 obs: Observation { tcp: None },
                 protocol: Protocol::Udp,
                 kind: Kind::Flow,
                 opens: true,
-                tcp_raw: None,
+                tcp: None,
                 quote: None,
             })
         }
@@ -1912,18 +1946,16 @@ fn parse(packet: &[u8]) -> Result<Parsed, ParseError> {
 
 /// ICMP echo (request and reply share the identifier, used as both ports) and the
 /// errors that quote a packet (RFC 792; RFC 4443 §3), whose flow is the quoted one.
-fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, ParseError> {
-    if l4.len() < 8 {
-        return Err(ParseError::Malformed);
-    }
-    let ty = l4[0];
+fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed<'_>, ParseError> {
+    let icmp = IcmpPacket::new_checked(l4).map_err(|_| ParseError::Malformed)?;
+    let ty = icmp.msg_type();
     let (echo, request, error) = if proto == PROTO_ICMP {
         (matches!(ty, 0 | 8), ty == 8, matches!(ty, 3 | 11 | 12))
     } else {
         (matches!(ty, 128 | 129), ty == 128, matches!(ty, 1..=4))
     };
     if echo {
-        let id = be16(l4, 4).unwrap_or(0);
+        let id = icmp.echo_ident();
         return Ok(Parsed {
             key: FlowKey {
                 proto,
@@ -1936,80 +1968,23 @@ fn parse_icmp(proto: u8, src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<Parsed, 
             protocol: Protocol::Icmp,
             kind: Kind::Flow,
             opens: request,
-            tcp_raw: None,
+            tcp: None,
             quote: None,
         });
     }
     if !error {
         return Err(ParseError::StrayIcmp);
     }
-    let (inner, seq) = quoted_key(&l4[8..]).ok_or(ParseError::StrayIcmp)?;
+    let (inner, seq) = wire::quoted_flow(icmp.data()).ok_or(ParseError::StrayIcmp)?;
     Ok(Parsed {
         key: inner,
         obs: Observation { tcp: None },
         protocol: Protocol::Icmp,
         kind: Kind::IcmpError,
         opens: false,
-        tcp_raw: None,
+        tcp: None,
         quote: Some(Quote { src, dst, seq }),
     })
-}
-
-/// The window scale option of a SYN's TCP options (RFC 7323 §2.2), if present.
-fn window_scale(mut opts: &[u8]) -> Option<u8> {
-    while let Some(&kind) = opts.first() {
-        match kind {
-            0 => return None,
-            1 => opts = &opts[1..],
-            _ => {
-                let len = usize::from(*opts.get(1)?);
-                if len < 2 || len > opts.len() {
-                    return None;
-                }
-                if kind == 3 && len == 3 {
-                    return Some(opts[2]);
-                }
-                opts = &opts[len..];
-            }
-        }
-    }
-    None
-}
-
-/// The flow of the (truncated) packet an ICMP error quotes (its IP header and at
-/// least the first 8 bytes of its transport header), and for TCP its sequence number.
-fn quoted_key(q: &[u8]) -> Option<(FlowKey, Option<u32>)> {
-    let (proto, src, dst, l4): (u8, IpAddr, IpAddr, &[u8]) = match q.first()? >> 4 {
-        4 => {
-            let ihl = usize::from(q[0] & 0x0f) * 4;
-            let src: [u8; 4] = q.get(12..16)?.try_into().ok()?;
-            let dst: [u8; 4] = q.get(16..20)?.try_into().ok()?;
-            (*q.get(9)?, src.into(), dst.into(), q.get(ihl..)?)
-        }
-        6 => {
-            let src: [u8; 16] = q.get(8..24)?.try_into().ok()?;
-            let dst: [u8; 16] = q.get(24..40)?.try_into().ok()?;
-            (*q.get(6)?, src.into(), dst.into(), q.get(40..)?)
-        }
-        _ => return None,
-    };
-    let (sp, dp, seq) = match proto {
-        PROTO_TCP => (be16(l4, 0)?, be16(l4, 2)?, Some(be32(l4, 4)?)),
-        PROTO_UDP => (be16(l4, 0)?, be16(l4, 2)?, None),
-        PROTO_ICMP | PROTO_ICMPV6 => {
-            let id = be16(l4, 4)?;
-            (id, id, None)
-        }
-        _ => return None,
-    };
-    let key = FlowKey {
-        proto,
-        src,
-        dst,
-        src_port: sp,
-        dst_port: dp,
-    };
-    Some((key, seq))
 }
 
 #[cfg(test)]

@@ -48,38 +48,8 @@ impl Timestamp {
     }
 }
 
-/// TCP header flags, with the wire bit values (RFC 9293 §3.1), so the shell can pass the
-/// flags byte of the header unchanged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Flags(pub u8);
-
-impl Flags {
-    pub const FIN: Flags = Flags(0x01);
-    pub const SYN: Flags = Flags(0x02);
-    pub const RST: Flags = Flags(0x04);
-    pub const PSH: Flags = Flags(0x08);
-    pub const ACK: Flags = Flags(0x10);
-    pub const URG: Flags = Flags(0x20);
-
-    pub const fn contains(self, other: Flags) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    pub const fn union(self, other: Flags) -> Flags {
-        Flags(self.0 | other.0)
-    }
-
-    pub const fn without(self, other: Flags) -> Flags {
-        Flags(self.0 & !other.0)
-    }
-}
-
-impl std::ops::BitOr for Flags {
-    type Output = Flags;
-    fn bitor(self, rhs: Flags) -> Flags {
-        self.union(rhs)
-    }
-}
+/// The TCP flags of a [`Segment`]: the packet path's one flags type.
+pub use crate::wire::TcpFlags as Flags;
 
 /// The parts of a TCP segment that flow tracking reads. `payload` borrows the shell's
 /// packet buffer; nothing here keeps it beyond the call unless it says so.

@@ -22,7 +22,10 @@
 //!
 //! Memory: all state is allocated in [`Coalescer::new`]; a call allocates nothing.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 use crate::checksum::{fold, sum};
+use crate::wire::{FlowKey, TcpFlags, TcpPacket, UdpPacket, PROTO_TCP, PROTO_UDP};
 
 /// Size of the virtio-net header (`struct virtio_net_hdr`, without `num_buffers`).
 pub const VNET_HDR_LEN: usize = 10;
@@ -33,16 +36,10 @@ const VNET_GSO_TCPV4: u8 = 1;
 const VNET_GSO_TCPV6: u8 = 4;
 const VNET_GSO_UDP_L4: u8 = 5;
 
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-
-const TCP_ACK: u8 = 0x10;
-const TCP_PSH: u8 = 0x08;
+const TCP_PSH: u8 = TcpFlags::PSH.0;
 
 const IPV4_HDR: usize = 20;
 const IPV6_HDR: usize = 40;
-const UDP_HDR: usize = 8;
-const TCP_HDR_MIN: usize = 20;
 /// Where the checksum sits in the TCP and UDP headers (`csum_offset`).
 const TCP_CSUM_AT: usize = 16;
 const UDP_CSUM_AT: usize = 6;
@@ -59,34 +56,22 @@ pub trait Resizable {
     fn set_len(&mut self, len: usize);
 }
 
-/// The 5-tuple (and IP version) of a TCP or UDP packet.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct FlowKey {
-    src: [u8; 16],
-    dst: [u8; 16],
-    /// Source port in the high half, destination port in the low one.
-    ports: u32,
-    proto: u8,
-    v6: bool,
-}
-
-impl FlowKey {
-    fn hash(&self) -> u32 {
-        // Flows in one batch are few and not adversarial (they came through
-        // authenticated sessions and policy): one multiply over the XOR of the
-        // fields spreads them well enough for a half-empty table.
-        let word = |a: &[u8; 16], at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&a[at..at + 8]);
-            u64::from_le_bytes(b)
-        };
-        let addrs = word(&self.src, 0)
-            ^ word(&self.src, 8)
-            ^ (word(&self.dst, 0) ^ word(&self.dst, 8)).rotate_left(32);
-        let h = (addrs ^ u64::from(self.ports) << 16 ^ u64::from(self.proto))
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        (h >> 32) as u32
-    }
+/// The slot hash of a run's flow (its 5-tuple, [`FlowKey`]). Flows in one batch are
+/// few and not adversarial (they came through authenticated sessions and policy):
+/// one multiply over the XOR of the fields spreads them well enough for a half-empty
+/// table.
+fn run_hash(key: &FlowKey) -> u32 {
+    let word = |a: IpAddr| match a {
+        IpAddr::V4(a) => u64::from(u32::from(a)),
+        IpAddr::V6(a) => {
+            let v = u128::from(a);
+            v as u64 ^ (v >> 64) as u64
+        }
+    };
+    let addrs = word(key.src) ^ word(key.dst).rotate_left(32);
+    let ports = u64::from(key.src_port) << 16 | u64::from(key.dst_port);
+    let h = (addrs ^ ports << 16 ^ u64::from(key.proto)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> 32) as u32
 }
 
 /// The mergeable shape of one segment, read from its headers.
@@ -244,7 +229,7 @@ impl Coalescer {
             }
         }
         let mask = self.slots.len() - 1;
-        let mut s = key.hash() as usize & mask;
+        let mut s = run_hash(key) as usize & mask;
         loop {
             match self.slots[s] {
                 0 => break,
@@ -384,15 +369,14 @@ fn classify(pkt: &[u8], udp_gso: bool) -> Class {
             if pkt.len() < ihl + 4 {
                 return Class::Barrier;
             }
-            let mut key = FlowKey {
-                src: [0; 16],
-                dst: [0; 16],
-                ports: be32(pkt, ihl),
+            let addr = |at: usize| Ipv4Addr::new(pkt[at], pkt[at + 1], pkt[at + 2], pkt[at + 3]);
+            let key = FlowKey {
                 proto,
-                v6: false,
+                src: IpAddr::V4(addr(12)),
+                dst: IpAddr::V4(addr(16)),
+                src_port: be16(pkt, ihl),
+                dst_port: be16(pkt, ihl + 2),
             };
-            key.src[..4].copy_from_slice(&pkt[12..16]);
-            key.dst[..4].copy_from_slice(&pkt[16..20]);
             // Options, more fragments to come, or a length that disagrees with the
             // buffer: the kernel gets the packet as it is.
             let plain =
@@ -410,15 +394,18 @@ fn classify(pkt: &[u8], udp_gso: bool) -> Class {
             if (nh != PROTO_TCP && nh != PROTO_UDP) || pkt.len() < IPV6_HDR + 4 {
                 return Class::Other;
             }
-            let mut key = FlowKey {
-                src: [0; 16],
-                dst: [0; 16],
-                ports: be32(pkt, IPV6_HDR),
-                proto: nh,
-                v6: true,
+            let addr = |at: usize| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&pkt[at..at + 16]);
+                Ipv6Addr::from(a)
             };
-            key.src.copy_from_slice(&pkt[8..24]);
-            key.dst.copy_from_slice(&pkt[24..40]);
+            let key = FlowKey {
+                proto: nh,
+                src: IpAddr::V6(addr(8)),
+                dst: IpAddr::V6(addr(24)),
+                src_port: be16(pkt, IPV6_HDR),
+                dst_port: be16(pkt, IPV6_HDR + 2),
+            };
             let plain = usize::from(be16(pkt, 4)) == pkt.len() - IPV6_HDR;
             (key, IPV6_HDR, 0, plain)
         }
@@ -433,42 +420,43 @@ fn classify(pkt: &[u8], udp_gso: bool) -> Class {
     }
     let l4 = &pkt[ip_len..];
     let seg = if key.proto == PROTO_TCP {
-        if l4.len() < TCP_HDR_MIN {
+        let Ok(tcp) = TcpPacket::new_checked(l4) else {
             return Class::Lone(key);
-        }
-        let doff = usize::from(l4[12] >> 4) * 4;
-        let flags = l4[13];
+        };
+        let (flags, payload) = (tcp.flags(), tcp.payload().len());
         // Only plain data segments: SYN, FIN, RST, URG, ECE and CWR each change what
         // segmentation would rebuild (or must reach the stack on their own).
         // A checksum field of 0xffff is the non-canonical form of 0, which
         // segmentation would write back as 0.
-        if doff < TCP_HDR_MIN
-            || doff >= l4.len()
-            || (flags != TCP_ACK && flags != TCP_ACK | TCP_PSH)
-            || be16(l4, TCP_CSUM_AT) == 0xffff
+        if payload == 0
+            || (flags != TcpFlags::ACK && flags != TcpFlags::ACK | TcpFlags::PSH)
+            || tcp.checksum() == 0xffff
         {
             return Class::Lone(key);
         }
         Segment {
             ip_len,
-            l4_len: doff,
-            payload: l4.len() - doff,
-            seq: be32(l4, 4),
+            l4_len: tcp.header_len(),
+            payload,
+            seq: tcp.seq_number(),
             id,
-            psh: flags & TCP_PSH != 0,
+            psh: flags.contains(TcpFlags::PSH),
         }
     } else {
         // The UDP length must be the packet's, and a checksum present: segmentation
         // always computes one, so a datagram sent without (or with the 0 that IPv6
         // forbids) would not come back byte for byte.
-        if l4.len() <= UDP_HDR || usize::from(be16(l4, 4)) != l4.len() || be16(l4, UDP_CSUM_AT) == 0
+        let Ok(udp) = UdpPacket::new_checked(l4) else {
+            return Class::Lone(key);
+        };
+        if udp.payload().is_empty() || usize::from(udp.length()) != l4.len() || udp.checksum() == 0
         {
             return Class::Lone(key);
         }
         Segment {
             ip_len,
-            l4_len: UDP_HDR,
-            payload: l4.len() - UDP_HDR,
+            l4_len: UdpPacket::HEADER_LEN,
+            payload: udp.payload().len(),
             seq: 0,
             id,
             psh: false,
@@ -480,7 +468,7 @@ fn classify(pkt: &[u8], udp_gso: bool) -> Class {
 /// Whether `pkt` continues `run` (whose head is `head`) exactly as segmentation would
 /// rebuild it: same header bytes except those the kernel rewrites per segment.
 fn same_headers(head: &[u8], pkt: &[u8], run: &Run, seg: &Segment) -> bool {
-    let ip_ok = if run.key.v6 {
+    let ip_ok = if run.key.src.is_ipv6() {
         // Version, traffic class, flow label; then next header, hop limit, addresses.
         head[0..4] == pkt[0..4] && head[6..40] == pkt[6..40]
     } else {
@@ -532,7 +520,7 @@ fn finish(buf: &mut [u8], run: &Run, offset: usize) {
     let (hdr, pkt) = buf[offset - VNET_HDR_LEN..].split_at_mut(VNET_HDR_LEN);
     let pkt = &mut pkt[..run.len];
     let l4_len = run.len - run.ip_len;
-    if run.key.v6 {
+    if run.key.src.is_ipv6() {
         pkt[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
     } else {
         pkt[2..4].copy_from_slice(&(run.len as u16).to_be_bytes());
@@ -540,7 +528,7 @@ fn finish(buf: &mut [u8], run: &Run, offset: usize) {
         let c = !fold(sum(&pkt[..run.ip_len], 0));
         pkt[10..12].copy_from_slice(&c.to_be_bytes());
     }
-    let (gso_type, csum_at) = match (run.key.proto, run.key.v6) {
+    let (gso_type, csum_at) = match (run.key.proto, run.key.src.is_ipv6()) {
         (PROTO_TCP, false) => (VNET_GSO_TCPV4, TCP_CSUM_AT),
         (PROTO_TCP, true) => (VNET_GSO_TCPV6, TCP_CSUM_AT),
         _ => (VNET_GSO_UDP_L4, UDP_CSUM_AT),
@@ -555,7 +543,12 @@ fn finish(buf: &mut [u8], run: &Run, offset: usize) {
     }
     // CHECKSUM_PARTIAL: the field holds the folded, non-inverted pseudo-header sum;
     // the kernel adds the rest from csum_start and inverts.
-    let partial = fold(pseudo_header(pkt, run.key.v6, run.key.proto, l4_len));
+    let partial = fold(pseudo_header(
+        pkt,
+        run.key.src.is_ipv6(),
+        run.key.proto,
+        l4_len,
+    ));
     pkt[l4_at + csum_at..l4_at + csum_at + 2].copy_from_slice(&partial.to_be_bytes());
 
     // struct virtio_net_hdr, little-endian: the TUN device's byte order on the

@@ -40,7 +40,7 @@ pub struct Now {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Drop {
     Peer(DropReason),
-    Policy(enforce::Drop),
+    Policy(enforce::DropReason),
 }
 
 /// What to do with a packet read from the TUN.
@@ -116,8 +116,14 @@ pub fn from_tun<'a>(
             return from_peers(peers::drop_out(node, DropReason::ForgedSource));
         };
         let (from, to) = (&table.locals()[from], &table.locals()[to]);
-        let verdict =
-            enforce.between_locals(&from.sender, &to.workload, packet, now.mono, now.wall, emit);
+        let verdict = enforce.between_locals_ip(
+            &from.sender,
+            &to.workload,
+            &placed.ip,
+            now.mono,
+            now.wall,
+            emit,
+        );
         return match verdict {
             Verdict::Deliver => Outbound::Deliver(packet),
             Verdict::Drop(r) => Outbound::Drop(Drop::Policy(r)),
@@ -130,7 +136,7 @@ pub fn from_tun<'a>(
     // Policy sees what local workloads send: replies on flows peers opened, and the
     // flows the workloads open themselves (whose replies then come back in, from the
     // identity they were sent to only).
-    match enforce.outbound(Some(&peer.sender.identity), packet, now.mono, emit) {
+    match enforce.outbound_ip(Some(&peer.sender.identity), &placed.ip, now.mono, emit) {
         Verdict::Deliver => {}
         Verdict::Drop(r) => return Outbound::Drop(Drop::Policy(r)),
         Verdict::Consumed => return Outbound::Done,
@@ -160,11 +166,11 @@ pub fn from_udp<'a>(
     emit: &mut Emit,
 ) -> Inbound<'a> {
     match peers::inbound(node, table, from, datagram, dst, now.wall) {
-        peers::Inbound::Decrypted { packet, peer } => {
-            let verdict = enforce.inbound_to(
+        peers::Inbound::Decrypted { packet, ip, peer } => {
+            let verdict = enforce.inbound_ip(
                 &peer.local.workload,
                 &peer.sender,
-                packet,
+                &ip,
                 now.mono,
                 now.wall,
                 emit,

@@ -500,6 +500,8 @@ pub enum Inbound<'a> {
     /// workload's (secure naming): for the enforcer, then the TUN.
     Decrypted {
         packet: &'a [u8],
+        /// `packet`'s checked IP header, for the enforcer (parsed once).
+        ip: IpPacket<&'a [u8]>,
         peer: &'a Peer,
     },
     /// Send `data` to `to` (handshake response, keepalive, cookie reply). If `flush`
@@ -838,7 +840,7 @@ fn decrypted<'a>(node: &Node, peer: &'a Peer, src: IpAddr, packet: &'a mut [u8])
     }
     peer.rx_bytes
         .fetch_add(packet.len() as u64, Ordering::Relaxed);
-    Inbound::Decrypted { packet, peer }
+    Inbound::Decrypted { packet, ip, peer }
 }
 
 /// After a handshake: the next packet queued for `peer`, encrypted, if any.

@@ -1,10 +1,31 @@
-//! Typed views over IP packets (sans-IO).
+//! Typed views over IP packets (sans-IO): the one parser of the packet path.
 //!
-//! Contract (as in smoltcp's `wire`): [`IpPacket::new_checked`] validates the version,
-//! the header length and the total length against the buffer; after it succeeds no
-//! accessor panics, whatever the bytes.
+//! Contract (as in smoltcp's `wire`): each view's `new_checked` validates what its
+//! accessors read (version, header and length fields against the buffer); after it
+//! succeeds no accessor panics, whatever the bytes. The views copy nothing: they
+//! borrow the packet buffer.
+//!
+//! A packet is parsed once per path: `peers` checks the IP header
+//! ([`IpPacket::new_checked`]) when it places a packet from the TUN or decrypts one
+//! from a peer, and the node core hands that view on; the enforcer walks the IPv4
+//! authentication header or IPv6 extension chain ([`IpPacket::payload`]) and reads
+//! the transport header ([`TcpPacket`], [`UdpPacket`], [`IcmpPacket`]) from it.
+//! What a flow is keyed by ([`FlowKey`]) and the TCP flags ([`TcpFlags`]) are
+//! defined here too, for conntrack, flow tracking and GRO alike.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+// IPv6 extension headers the walk follows (RFC 8200 §4; AH, RFC 4302, also in IPv4).
+const EXT_HOP_BY_HOP: u8 = 0;
+const EXT_ROUTING: u8 = 43;
+const EXT_FRAGMENT: u8 = 44;
+const EXT_AUTH: u8 = 51;
+const EXT_DEST_OPTS: u8 = 60;
 
 /// Why bytes are not an IP packet. Small and `Copy`: it names the drop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,12 +39,16 @@ pub enum WireError {
     /// The length field disagrees with the buffer (larger than the bytes received, or
     /// smaller than the header).
     BadTotalLen,
+    /// An IPv4 authentication header or IPv6 extension header that is truncated or
+    /// malformed, or a hop-by-hop header that is not the first (RFC 8200 §4.1).
+    BadExtension,
 }
 
 mod field {
     use std::ops::Range;
     pub const V4_HEADER_LEN: usize = 20;
     pub const V4_TOTAL_LEN: Range<usize> = 2..4;
+    pub const V4_FRAG: Range<usize> = 6..8;
     pub const V4_PROTOCOL: usize = 9;
     pub const V4_SRC: Range<usize> = 12..16;
     pub const V4_DST: Range<usize> = 16..20;
@@ -130,6 +155,391 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
     pub fn as_bytes(&self) -> &[u8] {
         &self.buffer.as_ref()[..self.len]
     }
+}
+
+impl<'a> IpPacket<&'a [u8]> {
+    /// The transport payload: past the IPv4 header and its authentication header
+    /// (RFC 4302), or past the IPv6 extension headers (RFC 8200 §4: hop-by-hop first
+    /// only, routing, fragment, destination options, AH); the walk stops at the
+    /// first other next-header value, which is the transport protocol. Errors when a
+    /// header of the chain does not fit or is malformed.
+    pub fn payload(&self) -> Result<IpPayload<'a>, WireError> {
+        let b = &self.buffer[..self.len];
+        if self.version == 4 {
+            let ihl = usize::from(b[0] & 0x0f) * 4;
+            let flags_offset = be16(&b[field::V4_FRAG]);
+            // More fragments, or a fragment offset (RFC 791 §3.1).
+            let fragment = flags_offset & 0x3fff != 0;
+            let mut protocol = b[field::V4_PROTOCOL];
+            let mut offset = ihl;
+            if protocol == EXT_AUTH {
+                let len = auth_header_len(&b[offset..])?;
+                protocol = b[offset];
+                offset += len;
+            }
+            return Ok(IpPayload {
+                protocol,
+                offset,
+                fragment,
+                data: &b[offset..],
+            });
+        }
+        let mut protocol = b[field::V6_NEXT_HEADER];
+        let mut offset = field::V6_HEADER_LEN;
+        let mut fragment = false;
+        let mut first = true;
+        loop {
+            let rest = &b[offset..];
+            let len = match protocol {
+                EXT_HOP_BY_HOP if !first => return Err(WireError::BadExtension),
+                EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS => {
+                    let len = rest
+                        .get(1)
+                        .map(|l| (usize::from(*l) + 1) * 8)
+                        .ok_or(WireError::BadExtension)?;
+                    if rest.len() < len {
+                        return Err(WireError::BadExtension);
+                    }
+                    len
+                }
+                EXT_FRAGMENT => {
+                    // Fragment offset (13 bits) and M, the last bit (RFC 8200 §4.5).
+                    let word = rest.get(2..4).ok_or(WireError::BadExtension)?;
+                    if rest.len() < 8 {
+                        return Err(WireError::BadExtension);
+                    }
+                    fragment |= be16(word) & 0xfff9 != 0;
+                    8
+                }
+                EXT_AUTH => auth_header_len(rest)?,
+                _ => break,
+            };
+            protocol = rest[0];
+            offset += len;
+            first = false;
+        }
+        Ok(IpPayload {
+            protocol,
+            offset,
+            fragment,
+            data: &b[offset..],
+        })
+    }
+}
+
+/// The transport part of an IP packet ([`IpPacket::payload`]).
+#[derive(Clone, Copy, Debug)]
+pub struct IpPayload<'a> {
+    /// The transport protocol (IPv4 protocol, or the IPv6 chain's last next header).
+    pub protocol: u8,
+    /// Where `data` starts in the packet.
+    pub offset: usize,
+    /// The packet is a fragment (first or later): its transport header may be
+    /// incomplete or absent.
+    pub fragment: bool,
+    pub data: &'a [u8],
+}
+
+/// Length of an authentication header (RFC 4302 §2.2: its length field counts 32-bit
+/// words minus two); at least its fixed 12 bytes, within `b`.
+fn auth_header_len(b: &[u8]) -> Result<usize, WireError> {
+    if b.len() < 12 || b[1] == 0 {
+        return Err(WireError::BadExtension);
+    }
+    let len = (usize::from(b[1]) + 2) * 4;
+    if b.len() < len {
+        return Err(WireError::BadExtension);
+    }
+    Ok(len)
+}
+
+/// TCP header flags, with the wire bit values (RFC 9293 §3.1), so the flags byte of a
+/// header passes unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpFlags(pub u8);
+
+impl TcpFlags {
+    pub const FIN: TcpFlags = TcpFlags(0x01);
+    pub const SYN: TcpFlags = TcpFlags(0x02);
+    pub const RST: TcpFlags = TcpFlags(0x04);
+    pub const PSH: TcpFlags = TcpFlags(0x08);
+    pub const ACK: TcpFlags = TcpFlags(0x10);
+    pub const URG: TcpFlags = TcpFlags(0x20);
+
+    pub const fn contains(self, other: TcpFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub const fn union(self, other: TcpFlags) -> TcpFlags {
+        TcpFlags(self.0 | other.0)
+    }
+
+    pub const fn without(self, other: TcpFlags) -> TcpFlags {
+        TcpFlags(self.0 & !other.0)
+    }
+
+    pub const fn syn(self) -> bool {
+        self.contains(TcpFlags::SYN)
+    }
+
+    pub const fn ack(self) -> bool {
+        self.contains(TcpFlags::ACK)
+    }
+
+    pub const fn fin(self) -> bool {
+        self.contains(TcpFlags::FIN)
+    }
+
+    pub const fn rst(self) -> bool {
+        self.contains(TcpFlags::RST)
+    }
+}
+
+impl std::ops::BitOr for TcpFlags {
+    type Output = TcpFlags;
+    fn bitor(self, rhs: TcpFlags) -> TcpFlags {
+        self.union(rhs)
+    }
+}
+
+/// A TCP segment whose header length has been checked (RFC 9293 §3.1).
+#[derive(Clone, Copy, Debug)]
+pub struct TcpPacket<'a> {
+    buffer: &'a [u8],
+    /// The fixed header, as an array: its fields are read without bounds checks.
+    fixed: &'a [u8; 20],
+    header_len: usize,
+}
+
+impl<'a> TcpPacket<'a> {
+    pub const MIN_HEADER_LEN: usize = 20;
+
+    /// Checks that the fixed header fits and that the data offset is at least 5 words
+    /// and within `buffer`; the segment is all of `buffer`.
+    pub fn new_checked(buffer: &'a [u8]) -> Result<Self, WireError> {
+        let fixed: &[u8; 20] = buffer.first_chunk().ok_or(WireError::Truncated)?;
+        let header_len = usize::from(fixed[12] >> 4) * 4;
+        if header_len < Self::MIN_HEADER_LEN || header_len > buffer.len() {
+            return Err(WireError::BadHeaderLen);
+        }
+        Ok(TcpPacket {
+            buffer,
+            fixed,
+            header_len,
+        })
+    }
+
+    pub fn src_port(&self) -> u16 {
+        u16::from_be_bytes([self.fixed[0], self.fixed[1]])
+    }
+
+    pub fn dst_port(&self) -> u16 {
+        u16::from_be_bytes([self.fixed[2], self.fixed[3]])
+    }
+
+    pub fn seq_number(&self) -> u32 {
+        u32::from_be_bytes([self.fixed[4], self.fixed[5], self.fixed[6], self.fixed[7]])
+    }
+
+    pub fn ack_number(&self) -> u32 {
+        u32::from_be_bytes([self.fixed[8], self.fixed[9], self.fixed[10], self.fixed[11]])
+    }
+
+    pub fn flags(&self) -> TcpFlags {
+        TcpFlags(self.fixed[13])
+    }
+
+    /// The advertised window, as on the wire (unscaled).
+    pub fn window(&self) -> u16 {
+        u16::from_be_bytes([self.fixed[14], self.fixed[15]])
+    }
+
+    pub fn checksum(&self) -> u16 {
+        u16::from_be_bytes([self.fixed[16], self.fixed[17]])
+    }
+
+    /// Header length, options included.
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
+    /// The options, as on the wire.
+    pub fn options(&self) -> &'a [u8] {
+        &self.buffer[Self::MIN_HEADER_LEN..self.header_len]
+    }
+
+    pub fn payload(&self) -> &'a [u8] {
+        &self.buffer[self.header_len..]
+    }
+
+    /// The segment: header and payload.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.buffer
+    }
+
+    /// The window scale option (RFC 7323 §2.2), if present and well-formed.
+    pub fn window_scale(&self) -> Option<u8> {
+        let mut opts = self.options();
+        while let Some(&kind) = opts.first() {
+            match kind {
+                0 => return None,
+                1 => opts = &opts[1..],
+                _ => {
+                    let len = usize::from(*opts.get(1)?);
+                    if len < 2 || len > opts.len() {
+                        return None;
+                    }
+                    if kind == 3 && len == 3 {
+                        return Some(opts[2]);
+                    }
+                    opts = &opts[len..];
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A UDP datagram whose fixed header fits (RFC 768).
+#[derive(Clone, Copy, Debug)]
+pub struct UdpPacket<'a> {
+    buffer: &'a [u8],
+    fixed: &'a [u8; 8],
+}
+
+impl<'a> UdpPacket<'a> {
+    pub const HEADER_LEN: usize = 8;
+
+    pub fn new_checked(buffer: &'a [u8]) -> Result<Self, WireError> {
+        let fixed = buffer.first_chunk().ok_or(WireError::Truncated)?;
+        Ok(UdpPacket { buffer, fixed })
+    }
+
+    pub fn src_port(&self) -> u16 {
+        u16::from_be_bytes([self.fixed[0], self.fixed[1]])
+    }
+
+    pub fn dst_port(&self) -> u16 {
+        u16::from_be_bytes([self.fixed[2], self.fixed[3]])
+    }
+
+    /// The length field: header and payload, as the sender wrote it.
+    pub fn length(&self) -> u16 {
+        u16::from_be_bytes([self.fixed[4], self.fixed[5]])
+    }
+
+    /// 0: sent without a checksum (IPv4 only; RFC 768, RFC 8200 §8.1).
+    pub fn checksum(&self) -> u16 {
+        u16::from_be_bytes([self.fixed[6], self.fixed[7]])
+    }
+
+    pub fn payload(&self) -> &'a [u8] {
+        &self.buffer[Self::HEADER_LEN..]
+    }
+}
+
+/// An ICMP or ICMPv6 message whose fixed 8-byte header fits (RFC 792; RFC 4443 §2.1).
+#[derive(Clone, Copy, Debug)]
+pub struct IcmpPacket<'a> {
+    buffer: &'a [u8],
+}
+
+impl<'a> IcmpPacket<'a> {
+    pub const HEADER_LEN: usize = 8;
+
+    pub fn new_checked(buffer: &'a [u8]) -> Result<Self, WireError> {
+        if buffer.len() < Self::HEADER_LEN {
+            return Err(WireError::Truncated);
+        }
+        Ok(IcmpPacket { buffer })
+    }
+
+    pub fn msg_type(&self) -> u8 {
+        self.buffer[0]
+    }
+
+    /// Echo request and reply: the identifier (bytes 4..6 of the header).
+    pub fn echo_ident(&self) -> u16 {
+        be16(&self.buffer[4..6]) as u16
+    }
+
+    /// What follows the fixed header: for an error, as much of the offending packet
+    /// as fits (its IP header and at least 8 bytes of its transport header).
+    pub fn data(&self) -> &'a [u8] {
+        &self.buffer[Self::HEADER_LEN..]
+    }
+}
+
+/// The flow of the (truncated) packet an ICMP error quotes (its IP header and at
+/// least the first 8 bytes of its transport header, RFC 792, RFC 4443 §3), and for
+/// TCP its sequence number. `None` when it is too short or of another protocol. Not
+/// an [`IpPacket`]: the quote is cut short, so its length fields cannot hold.
+pub fn quoted_flow(q: &[u8]) -> Option<(FlowKey, Option<u32>)> {
+    let get16 = |b: &[u8], at: usize| b.get(at..at + 2).map(|w| be16(w) as u16);
+    let (proto, src, dst, l4): (u8, IpAddr, IpAddr, &[u8]) = match q.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(q[0] & 0x0f) * 4;
+            let src: [u8; 4] = q.get(field::V4_SRC)?.try_into().ok()?;
+            let dst: [u8; 4] = q.get(field::V4_DST)?.try_into().ok()?;
+            (
+                *q.get(field::V4_PROTOCOL)?,
+                src.into(),
+                dst.into(),
+                q.get(ihl..)?,
+            )
+        }
+        6 => {
+            let src: [u8; 16] = q.get(field::V6_SRC)?.try_into().ok()?;
+            let dst: [u8; 16] = q.get(field::V6_DST)?.try_into().ok()?;
+            let l4 = q.get(field::V6_HEADER_LEN..)?;
+            (*q.get(field::V6_NEXT_HEADER)?, src.into(), dst.into(), l4)
+        }
+        _ => return None,
+    };
+    let (src_port, dst_port, seq) = match proto {
+        PROTO_TCP => (get16(l4, 0)?, get16(l4, 2)?, Some(be32(l4.get(4..8)?))),
+        PROTO_UDP => (get16(l4, 0)?, get16(l4, 2)?, None),
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let id = get16(l4, 4)?;
+            (id, id, None)
+        }
+        _ => return None,
+    };
+    let key = FlowKey {
+        proto,
+        src,
+        dst,
+        src_port,
+        dst_port,
+    };
+    Some((key, seq))
+}
+
+/// A flow's 5-tuple in one direction. For ICMP echo, both ports hold the identifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl FlowKey {
+    /// The same flow seen from the other end.
+    pub fn reversed(&self) -> FlowKey {
+        FlowKey {
+            proto: self.proto,
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+        }
+    }
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
 fn be16(b: &[u8]) -> usize {
@@ -302,12 +712,253 @@ mod tests {
         }
     }
 
+    /// An IPv6 packet from fd00::1 to fd00::2 whose chain is `chain` (each header as
+    /// (its own type, its bytes)), then `l4` of protocol `proto`.
+    fn v6_chain(chain: &[(u8, Vec<u8>)], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (i, (_, bytes)) in chain.iter().enumerate() {
+            let mut h = bytes.clone();
+            h[0] = chain.get(i + 1).map_or(proto, |(t, _)| *t);
+            body.extend_from_slice(&h);
+        }
+        body.extend_from_slice(l4);
+        let first = chain.first().map_or(proto, |(t, _)| *t);
+        let mut p = vec![
+            0x60,
+            0,
+            0,
+            0,
+            (body.len() >> 8) as u8,
+            body.len() as u8,
+            first,
+            64,
+        ];
+        p.extend_from_slice(&"fd00::1".parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(&body);
+        p
+    }
+
+    fn tcp_header(flags: u8, options: &[u8]) -> Vec<u8> {
+        let len = 20 + options.len();
+        let mut t = vec![0x30, 0x39, 0, 80, 0, 0, 0, 7, 0, 0, 0, 9];
+        t.extend_from_slice(&[((len / 4) << 4) as u8, flags, 0xff, 0xfe, 0, 0, 0, 0]);
+        t.extend_from_slice(options);
+        t
+    }
+
+    fn walk(p: &[u8]) -> Result<(u8, usize, bool), WireError> {
+        let ip = IpPacket::new_checked(p)?;
+        ip.payload().map(|x| (x.protocol, x.offset, x.fragment))
+    }
+
+    const HOP: u8 = 0;
+    const DEST: u8 = 60;
+    const FRAG: u8 = 44;
+    const AUTH: u8 = 51;
+
+    fn frag(offset: u16, more: bool) -> Vec<u8> {
+        let w = (offset << 3) | u16::from(more);
+        vec![0, 0, (w >> 8) as u8, w as u8, 0, 0, 0, 1]
+    }
+
+    #[test]
+    fn ipv6_extension_chain_is_walked_to_the_transport() {
+        let t = tcp_header(0x02, &[]);
+        let opts = |n: u8| {
+            let mut h = vec![0u8; (usize::from(n) + 1) * 8];
+            h[1] = n;
+            h
+        };
+        let auth = {
+            let mut h = vec![0u8; 16];
+            h[1] = 2; // (2 + 2) * 4 bytes
+            h
+        };
+        let p = v6_chain(
+            &[(HOP, opts(0)), (DEST, opts(1)), (AUTH, auth)],
+            PROTO_TCP,
+            &t,
+        );
+        assert_eq!(walk(&p), Ok((PROTO_TCP, 40 + 8 + 16 + 16, false)));
+        // An atomic fragment (offset 0, no more fragments) is a whole packet.
+        let p = v6_chain(&[(FRAG, frag(0, false))], PROTO_UDP, &[0; 8]);
+        assert_eq!(walk(&p), Ok((PROTO_UDP, 48, false)));
+        // A protocol that is not an extension header ends the walk (59: no next header).
+        let p = v6_chain(&[(DEST, opts(0))], 59, &[]);
+        assert_eq!(walk(&p), Ok((59, 48, false)));
+    }
+
+    #[test]
+    fn ipv6_fragments_are_seen_at_any_offset() {
+        for (offset, more) in [(0, true), (1, true), (4, false), (8, false), (12, false)] {
+            let p = v6_chain(&[(FRAG, frag(offset, more))], PROTO_TCP, &[0; 20]);
+            assert_eq!(walk(&p), Ok((PROTO_TCP, 48, true)), "offset {offset}");
+        }
+    }
+
+    #[test]
+    fn malformed_extension_chains_are_refused() {
+        let mut short_opts = vec![0u8; 8];
+        short_opts[1] = 4; // claims 40 bytes
+        let cases = [
+            // Hop-by-hop only first (RFC 8200 §4.1).
+            v6_chain(
+                &[(DEST, vec![0; 8]), (HOP, vec![0; 8])],
+                PROTO_TCP,
+                &[0; 20],
+            ),
+            v6_chain(&[(DEST, short_opts)], PROTO_TCP, &[]),
+            v6_chain(&[(FRAG, vec![0; 4])], PROTO_TCP, &[]),
+            // An authentication header of length 0, and one longer than the packet.
+            v6_chain(&[(AUTH, vec![0; 12])], PROTO_TCP, &[0; 20]),
+            v6_chain(
+                &[(AUTH, vec![0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])],
+                PROTO_TCP,
+                &[],
+            ),
+        ];
+        for p in cases {
+            assert_eq!(walk(&p), Err(WireError::BadExtension), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn ipv4_fragments_and_authentication_header() {
+        let base = build::udp(
+            "100.64.0.1".parse().unwrap(),
+            "100.64.0.2".parse().unwrap(),
+            b"hi",
+        );
+        assert_eq!(walk(&base), Ok((PROTO_UDP, 20, false)));
+        for (b6, b7) in [(0x20, 0), (0, 1), (0x1f, 0xff), (0x40 | 0x20, 0)] {
+            let mut p = base.clone();
+            (p[6], p[7]) = (b6, b7);
+            assert_eq!(walk(&p), Ok((PROTO_UDP, 20, true)), "{b6:#x} {b7:#x}");
+        }
+        // Don't-fragment alone is no fragment.
+        let mut p = base.clone();
+        p[6] = 0x40;
+        assert_eq!(walk(&p), Ok((PROTO_UDP, 20, false)));
+        // AH between the IPv4 header and UDP.
+        let mut p = base[..20].to_vec();
+        p[9] = AUTH;
+        p.extend_from_slice(&[PROTO_UDP, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        p.extend_from_slice(&base[20..]);
+        p[3] = p.len() as u8;
+        assert_eq!(walk(&p), Ok((PROTO_UDP, 32, false)));
+        p[21] = 0;
+        assert_eq!(walk(&p), Err(WireError::BadExtension));
+    }
+
+    #[test]
+    fn tcp_view_reads_header_and_options() {
+        // MSS, NOP, window scale 7, then EOL padding.
+        let mut seg = tcp_header(0x12, &[2, 4, 5, 0xb4, 1, 3, 3, 7]);
+        seg.extend_from_slice(b"data");
+        let t = TcpPacket::new_checked(&seg).unwrap();
+        assert_eq!((t.src_port(), t.dst_port()), (12345, 80));
+        assert_eq!((t.seq_number(), t.ack_number()), (7, 9));
+        assert_eq!(t.flags(), TcpFlags::SYN | TcpFlags::ACK);
+        assert!(t.flags().syn() && t.flags().ack() && !t.flags().rst());
+        assert_eq!((t.window(), t.header_len()), (0xfffe, 28));
+        assert_eq!(t.window_scale(), Some(7));
+        assert_eq!(t.payload(), b"data");
+        assert_eq!(
+            TcpPacket::new_checked(&seg[..19]).map(|_| ()),
+            Err(WireError::Truncated)
+        );
+        let mut bad = seg.clone();
+        bad[12] = 0x40; // 16 bytes
+        assert_eq!(
+            TcpPacket::new_checked(&bad).map(|_| ()),
+            Err(WireError::BadHeaderLen)
+        );
+        bad[12] = 0xf0; // 60 bytes, past the segment
+        assert_eq!(
+            TcpPacket::new_checked(&bad).map(|_| ()),
+            Err(WireError::BadHeaderLen)
+        );
+    }
+
+    #[test]
+    fn quoted_flow_of_an_icmp_error() {
+        let inner = build::udp(
+            "100.64.0.1".parse().unwrap(),
+            "100.64.0.2".parse().unwrap(),
+            b"longer than the quote",
+        );
+        let (key, seq) = quoted_flow(&inner[..28]).unwrap();
+        assert_eq!(
+            (key.proto, key.src_port, key.dst_port, seq),
+            (PROTO_UDP, 12345, 12345, None)
+        );
+        assert_eq!(key.src, "100.64.0.1".parse::<IpAddr>().unwrap());
+        assert!(quoted_flow(&inner[..23]).is_none());
+    }
+
+    /// The walk agrees with etherparse (the parser it replaced) on what is a packet
+    /// and where its transport starts, except where etherparse is wrong: it reads the
+    /// IPv6 fragment header's M flag from the wrong bit, and takes a payload length
+    /// of 0 as "the rest of the buffer" (a jumbogram without its option).
+    #[test]
+    fn agrees_with_etherparse() {
+        use proptest::prelude::*;
+        let header = prop_oneof![
+            Just((HOP, 8usize)),
+            Just((DEST, 16)),
+            Just((43u8, 8)),
+            Just((FRAG, 8)),
+            Just((AUTH, 12)),
+        ];
+        let chain = proptest::collection::vec((header, any::<u8>()), 0..4);
+        let l4 = proptest::collection::vec(any::<u8>(), 0..40);
+        proptest!(|(chain in chain, l4 in l4, proto in prop_oneof![Just(6u8), Just(17), Just(58)], cut in 0usize..8)| {
+            let chain: Vec<(u8, Vec<u8>)> = chain
+                .into_iter()
+                .map(|((t, len), fill)| {
+                    let mut h = vec![fill; len];
+                    match t {
+                        AUTH => h[1] = (len / 4 - 2) as u8,
+                        FRAG => { h[2] = 0; h[3] = 0; }
+                        _ => h[1] = (len / 8 - 1) as u8,
+                    }
+                    (t, h)
+                })
+                .collect();
+            let mut p = v6_chain(&chain, proto, &l4);
+            // Cut the chain short (a truncated extension header) by lowering the length.
+            let pl = (p.len() - 40).saturating_sub(cut * 3);
+            prop_assume!(pl > 0);
+            p.truncate(40 + pl);
+            (p[4], p[5]) = ((pl >> 8) as u8, pl as u8);
+            let ours = walk(&p);
+            let theirs = etherparse::IpSlice::from_slice(&p);
+            match (ours, theirs) {
+                (Ok((proto, offset, _)), Ok(ip)) => {
+                    prop_assert_eq!(proto, ip.payload_ip_number().0);
+                    prop_assert_eq!(offset, p.len() - ip.payload().payload.len());
+                }
+                (Err(_), Err(_)) => {}
+                (ours, theirs) => prop_assert!(false, "{:?} vs {:?}", ours, theirs.map(|_| ())),
+            }
+        });
+    }
+
     #[test]
     fn never_panics_on_arbitrary_bytes() {
         use proptest::prelude::*;
         proptest!(|(bytes in proptest::collection::vec(any::<u8>(), 0..80))| {
             if let Ok(v) = IpPacket::new_checked(&bytes[..]) {
                 let _ = (v.src_addr(), v.dst_addr(), v.protocol(), v.as_bytes().len());
+                if let Ok(p) = v.payload() {
+                    if let Ok(t) = TcpPacket::new_checked(p.data) {
+                        let _ = (t.flags(), t.window_scale(), t.payload().len(), t.options());
+                    }
+                    if let Ok(i) = IcmpPacket::new_checked(p.data) {
+                        let _ = (i.msg_type(), i.echo_ident(), quoted_flow(i.data()));
+                    }
+                }
             }
         });
     }

@@ -21,7 +21,7 @@ use etherparse::PacketBuilder;
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, Protocol, TestCase};
 use mesh_proto::time::UnixTime;
 use meshd::decisions::DecisionLog;
-use meshd::enforce::{Drop, Emit, Enforcer, Limits, LocalWorkload, Sender, Toward, Verdict};
+use meshd::enforce::{DropReason, Emit, Enforcer, Limits, LocalWorkload, Sender, Toward, Verdict};
 
 const WALL: UnixTime = UnixTime(1_795_673_877);
 const CLIENT_PORT: u16 = 40_000;
@@ -330,7 +330,7 @@ fn enforced(policy: CompiledPolicy, case: &TestCase) -> Outcome {
             // Refused: the packet is not delivered, or the client is answered.
             let answered = emit.packets().any(|(toward, _)| toward == Toward::Peer);
             assert!(
-                matches!(verdict, Verdict::Drop(Drop::Denied(_))) || answered,
+                matches!(verdict, Verdict::Drop(DropReason::Denied(_))) || answered,
                 "{}: logged as refused, but {verdict:?} and no answer",
                 case.name
             );

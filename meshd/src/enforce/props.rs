@@ -321,7 +321,7 @@ impl Run {
         prop_assert_ne!(v, Verdict::Deliver, "X's packet delivered: {:?}", what);
         for (toward, out) in self.emit.packets() {
             let p = parse(out).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
-            let syn = p.obs.tcp.is_some_and(|t| t.flags.syn);
+            let syn = p.obs.tcp.is_some_and(|t| t.flags.syn());
             prop_assert!(
                 toward != Toward::Local || (!syn && p.obs.tcp.is_none_or(|t| t.payload_len == 0)),
                 "a segment with bytes or a SYN emitted to the local workload for X's {what:?}"

@@ -95,7 +95,7 @@ fn outbound(e: &Enforcer, packet: &[u8], now: Duration) -> Verdict {
 }
 
 fn denied(r: DenyReason) -> Verdict {
-    Verdict::Drop(Drop::Denied(r))
+    Verdict::Drop(DropReason::Denied(r))
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn deny_overrides_allow_and_is_logged_with_its_rule() {
     );
     assert!(matches!(
         v,
-        Verdict::Drop(Drop::Denied(DenyReason::ExplicitDeny(_)))
+        Verdict::Drop(DropReason::Denied(DenyReason::ExplicitDeny(_)))
     ));
     let line = log.tail(1).pop().expect("deny logged");
     let rec: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -394,7 +394,7 @@ fn icmp_errors_pass_only_for_tracked_flows() {
             WALL,
             &mut Emit::default()
         ),
-        Verdict::Drop(Drop::StrayIcmp)
+        Verdict::Drop(DropReason::StrayIcmp)
     );
     outbound(&e, &sent, t(1));
     assert_eq!(
@@ -507,7 +507,7 @@ to = [{ ports = [9000] }]
             WALL,
             &mut Emit::default()
         ),
-        Verdict::Drop(Drop::Untracked)
+        Verdict::Drop(DropReason::Untracked)
     );
     // A layer-4 port picks the flow up mid-stream (e.g. after a restart).
     assert_eq!(
@@ -528,7 +528,7 @@ fn malformed_packets_are_counted() {
     for bad in [&[][..], &[0x45, 0, 0], &[0x60; 10], &[0xff; 40]] {
         assert_eq!(
             e.inbound(&sender(A), bad, t(0), WALL, &mut Emit::default()),
-            Verdict::Drop(Drop::Malformed)
+            Verdict::Drop(DropReason::Malformed)
         );
     }
     // A TCP header cut short.
@@ -572,6 +572,76 @@ fn ipv6_flows_are_tracked() {
         .unwrap();
     assert_eq!(outbound(&e, &synack, t(1)), Verdict::Deliver);
     assert_eq!(e.counters().flows, 1);
+}
+
+/// An IPv6 TCP SYN from A (port `sport`) to the local workload's port 8080 with the
+/// extension headers `chain` (each a next-header value and the header's bytes, whose
+/// first byte is overwritten with the next one) between the IPv6 and TCP headers.
+fn v6_syn_with(chain: &[(u8, Vec<u8>)], sport: u16) -> Vec<u8> {
+    let a6 = "fd00:6d65:7368::1".parse::<std::net::Ipv6Addr>().unwrap();
+    let c6 = "fd00:6d65:7368::3".parse::<std::net::Ipv6Addr>().unwrap();
+    let mut plain = Vec::new();
+    PacketBuilder::ipv6(a6.octets(), c6.octets(), 64)
+        .tcp(sport, 8080, 1, 1000)
+        .syn()
+        .write(&mut plain, b"")
+        .unwrap();
+    let (ip, tcp) = plain.split_at(40);
+    let mut exts = Vec::new();
+    for (i, (_, bytes)) in chain.iter().enumerate() {
+        let mut h = bytes.clone();
+        h[0] = chain.get(i + 1).map_or(PROTO_TCP, |(t, _)| *t);
+        exts.extend_from_slice(&h);
+    }
+    let mut p = ip.to_vec();
+    if let Some((first, _)) = chain.first() {
+        p[6] = *first;
+    }
+    let len = exts.len() + tcp.len();
+    (p[4], p[5]) = ((len >> 8) as u8, len as u8);
+    p.extend_from_slice(&exts);
+    p.extend_from_slice(tcp);
+    p
+}
+
+/// The extension chain is walked to the transport header (the flow is decided by its
+/// TCP ports); a fragment anywhere in it is refused as a fragment, a malformed chain as
+/// malformed (the checks etherparse made before the enforcer used `wire`).
+#[test]
+fn ipv6_extension_headers_are_walked_and_fragments_refused() {
+    let (e, _) = enforcer(ALLOW_A_8080, 1024);
+    let opts = vec![0u8; 8];
+    let frag = |offset: u16, more: bool| {
+        let w = (offset << 3) | u16::from(more);
+        vec![0, 0, (w >> 8) as u8, w as u8, 0, 0, 0, 7]
+    };
+    let inbound = |p: &[u8]| e.inbound(&sender(A), p, t(0), WALL, &mut Emit::default());
+    let p = v6_syn_with(&[(0, opts.clone()), (60, opts.clone())], 40000);
+    assert_eq!(inbound(&p), Verdict::Deliver);
+    // An atomic fragment (offset 0, no more) is a whole packet (RFC 8200 §4.5).
+    assert_eq!(
+        inbound(&v6_syn_with(&[(44, frag(0, false))], 40001)),
+        Verdict::Deliver
+    );
+    for (offset, more) in [(0, true), (4, false), (100, true)] {
+        let p = v6_syn_with(&[(60, opts.clone()), (44, frag(offset, more))], 40002);
+        assert_eq!(inbound(&p), denied(DenyReason::Fragment), "{offset} {more}");
+    }
+    // Hop-by-hop after another header, and a header longer than the packet.
+    let mut long = opts.clone();
+    long[1] = 9;
+    for chain in [
+        vec![(60, opts.clone()), (0, opts.clone())],
+        vec![(60, long)],
+    ] {
+        assert_eq!(
+            inbound(&v6_syn_with(&chain, 40003)),
+            Verdict::Drop(DropReason::Malformed)
+        );
+    }
+    assert_eq!(e.counters().drops.get("fragment"), Some(&3));
+    assert_eq!(e.counters().drops.get("malformed"), Some(&2));
+    assert_eq!(e.counters().flows, 2);
 }
 
 const API_POLICY: &str = r#"
@@ -940,7 +1010,7 @@ fn l7_segment_with_bad_checksum_is_dropped() {
     let last = pkt.len() - 1;
     pkt[last] ^= 0x20;
     let v = e.inbound(&sender(A), &pkt, t(10), WALL, &mut Emit::default());
-    assert_eq!(v, Verdict::Drop(Drop::Checksum));
+    assert_eq!(v, Verdict::Drop(DropReason::Checksum));
 }
 
 #[test]
@@ -955,7 +1025,7 @@ fn l7_mid_stream_without_handshake_fails_closed() {
     let pkt = c.client("A", b"GET /api/items HTTP/1.1\r\nHost: c\r\n\r\n");
     let mut emit = Emit::default();
     let v = e.inbound(&sender(A), &pkt, t(0), WALL, &mut emit);
-    assert_eq!(v, Verdict::Drop(Drop::Untracked));
+    assert_eq!(v, Verdict::Drop(DropReason::Untracked));
     // Both ends are reset so that they reconnect at once (a flow from before a restart
     // would otherwise hang until its timeouts): each RST at the number its receiver
     // expects; nothing of the segment is delivered. The local end also gets an empty
@@ -1177,7 +1247,7 @@ fn rst_outside_the_window_is_not_taken() {
     let bogus = c.client_at("R", c.cseq.wrapping_add(1 << 30), b"");
     assert_eq!(
         e.inbound(&sender(A), &bogus, t(1), WALL, &mut emit),
-        Verdict::Drop(Drop::OutOfWindow)
+        Verdict::Drop(DropReason::OutOfWindow)
     );
     assert!(emit.is_empty(), "nothing answers a RST outside the window");
     // The flow is still there and still inspected.
@@ -1208,7 +1278,7 @@ fn rst_in_the_window_gets_a_challenge_ack_and_only_an_exact_one_ends_the_flow() 
     let mut emit = Emit::default();
     assert_eq!(
         e.inbound(&sender(A), &near, t(11), WALL, &mut emit),
-        Verdict::Drop(Drop::OutOfWindow)
+        Verdict::Drop(DropReason::OutOfWindow)
     );
     assert_eq!(
         segments(&emit),
@@ -1251,12 +1321,12 @@ fn server_resets_are_checked_too() {
     // Without ACK, or acknowledging something else: not taken.
     assert_eq!(
         outbound(&e, &c.server_at("R", 0, b""), t(1)),
-        Verdict::Drop(Drop::OutOfWindow)
+        Verdict::Drop(DropReason::OutOfWindow)
     );
     let wrong = Conn { cseq: 5, ..c };
     assert_eq!(
         outbound(&e, &wrong.server_at("RA", 0, b""), t(1)),
-        Verdict::Drop(Drop::OutOfWindow)
+        Verdict::Drop(DropReason::OutOfWindow)
     );
     // RST+ACK of the SYN (a closed port): taken.
     assert_eq!(
@@ -1274,7 +1344,7 @@ fn fin_outside_the_window_is_not_taken() {
     let far = c.client_at("FA", c.cseq.wrapping_add(1 << 30), b"");
     assert_eq!(
         e.inbound(&sender(A), &far, t(1), WALL, &mut Emit::default()),
-        Verdict::Drop(Drop::OutOfWindow)
+        Verdict::Drop(DropReason::OutOfWindow)
     );
     let fin = c.client("FA", b"");
     assert_eq!(
@@ -1298,7 +1368,7 @@ fn only_an_opening_makes_a_flow_the_local_sides() {
         let pkt = tcp(LOCAL, PEER_A, 80, 40000, flags, 7, payload);
         assert_eq!(
             e.outbound(Some(&A.into()), &pkt, t(0), &mut emit),
-            Verdict::Drop(Drop::Untracked),
+            Verdict::Drop(DropReason::Untracked),
             "{flags}"
         );
         // The local end is reset at the number it acknowledged, the peer at the
@@ -1344,7 +1414,7 @@ fn only_an_opening_makes_a_flow_the_local_sides() {
     };
     assert_eq!(
         outbound(&e, &echo(false, LOCAL, PEER_A), t(2)),
-        Verdict::Drop(Drop::Untracked)
+        Verdict::Drop(DropReason::Untracked)
     );
     assert_eq!(
         e.inbound(
@@ -1381,13 +1451,13 @@ fn an_expired_inspected_flow_is_not_reopened_by_the_server() {
     let mut emit = Emit::default();
     assert_eq!(
         e.outbound(Some(&A.into()), &c.server("A", b"late"), later, &mut emit),
-        Verdict::Drop(Drop::Untracked)
+        Verdict::Drop(DropReason::Untracked)
     );
     let mut emit = Emit::default();
     let admin = c.client("A", GET_ADMIN);
     assert_eq!(
         e.inbound(&sender(A), &admin, later, WALL, &mut emit),
-        Verdict::Drop(Drop::Untracked)
+        Verdict::Drop(DropReason::Untracked)
     );
     assert!(nothing_delivered(&emit));
 }
@@ -1411,12 +1481,12 @@ fn after_a_restart_a_server_speaking_first_opens_nothing() {
             t(0),
             &mut emit
         ),
-        Verdict::Drop(Drop::Untracked)
+        Verdict::Drop(DropReason::Untracked)
     );
     let mut emit = Emit::default();
     assert_eq!(
         e.inbound(&sender(A), &c.client("A", GET_ADMIN), t(1), WALL, &mut emit),
-        Verdict::Drop(Drop::Untracked)
+        Verdict::Drop(DropReason::Untracked)
     );
     assert!(nothing_delivered(&emit));
     assert_eq!(e.counters().flows, 0);
@@ -1564,12 +1634,12 @@ fn a_flow_a_peer_opened_takes_packets_from_that_identity_only() {
     let pkt = c.client("A", b"injected");
     assert_eq!(
         e.inbound(&intruder, &pkt, t(1), WALL, &mut emit),
-        Verdict::Drop(Drop::WrongPeer)
+        Verdict::Drop(DropReason::WrongPeer)
     );
     let rst = c.client("R", b"");
     assert_eq!(
         e.inbound(&intruder, &rst, t(1), WALL, &mut emit),
-        Verdict::Drop(Drop::WrongPeer)
+        Verdict::Drop(DropReason::WrongPeer)
     );
     assert!(emit.is_empty());
     // Its own connection is decided as its own: refused.
@@ -1586,7 +1656,7 @@ fn a_flow_a_peer_opened_takes_packets_from_that_identity_only() {
     let answer = c.server("A", b"answer");
     assert_eq!(
         e.outbound(Some(&B.into()), &answer, t(2), &mut emit),
-        Verdict::Drop(Drop::WrongPeer)
+        Verdict::Drop(DropReason::WrongPeer)
     );
     assert_eq!(outbound(&e, &answer, t(2)), Verdict::Deliver);
 }
@@ -1600,7 +1670,7 @@ fn a_flow_the_local_side_opened_takes_replies_from_its_peer_only() {
     let syn_ack = tcp(PEER_A, LOCAL, 443, 50000, "SA", 1, b"");
     assert_eq!(
         e.inbound(&sender(B), &syn_ack, t(1), WALL, &mut Emit::default()),
-        Verdict::Drop(Drop::WrongPeer)
+        Verdict::Drop(DropReason::WrongPeer)
     );
     assert_eq!(
         e.inbound(&sender(A), &syn_ack, t(1), WALL, &mut Emit::default()),
@@ -1610,7 +1680,7 @@ fn a_flow_the_local_side_opened_takes_replies_from_its_peer_only() {
     let ack = tcp(LOCAL, PEER_A, 50000, 443, "A", 2, b"");
     assert_eq!(
         e.outbound(Some(&B.into()), &ack, t(2), &mut Emit::default()),
-        Verdict::Drop(Drop::WrongPeer)
+        Verdict::Drop(DropReason::WrongPeer)
     );
     assert_eq!(outbound(&e, &ack, t(2)), Verdict::Deliver);
 }
@@ -1639,7 +1709,7 @@ fn frag_needed(src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
 #[test]
 fn icmp_errors_pass_only_from_the_far_end_of_the_flow_they_quote() {
     let (e, _) = enforcer(NO_POLICIES, 1024);
-    let stray = Verdict::Drop(Drop::StrayIcmp);
+    let stray = Verdict::Drop(DropReason::StrayIcmp);
     // The local workload's connection to A: SYN, SYN-ACK, 100 bytes not acknowledged.
     let syn = tcp(LOCAL, PEER_A, 50000, 443, "S", 1000, b"");
     assert_eq!(outbound(&e, &syn, t(0)), Verdict::Deliver);
@@ -1731,7 +1801,7 @@ fn the_node_is_its_pods_first_hop_for_icmp_errors() {
             &mut Emit::default(),
         )
     };
-    let stray = Verdict::Drop(Drop::StrayIcmp);
+    let stray = Verdict::Drop(DropReason::StrayIcmp);
     // From another workload of the host (with the node's address it would be a
     // forged source, dropped before the enforcer; its identity is what counts here).
     assert_eq!(icmp("spiffe://t/other-pod", &data), stray);
@@ -1758,10 +1828,10 @@ fn icmp_errors_about_a_peers_flow_come_from_that_peer_and_stop_with_a_cut() {
             &mut Emit::default(),
         )
     };
-    assert_eq!(icmp(B, PEER_A), Verdict::Drop(Drop::StrayIcmp));
+    assert_eq!(icmp(B, PEER_A), Verdict::Drop(DropReason::StrayIcmp));
     assert_eq!(icmp(A, PEER_A), Verdict::Deliver);
     e.set_policy(compiled(NO_POLICIES, DefaultAction::Deny), t(3), WALL);
-    assert_eq!(icmp(A, PEER_A), Verdict::Drop(Drop::StrayIcmp));
+    assert_eq!(icmp(A, PEER_A), Verdict::Drop(DropReason::StrayIcmp));
 }
 
 // ---- Connections refused before they can carry anything (issue 18.7) -----------------
@@ -1801,7 +1871,7 @@ fn a_syn_no_rule_could_allow_is_refused_on_an_inspected_port() {
     let mut emit = Emit::default();
     assert!(matches!(
         e.inbound(&sender(A), &syn, t(0), WALL, &mut emit),
-        Verdict::Drop(Drop::Denied(DenyReason::ExplicitDeny(_)))
+        Verdict::Drop(DropReason::Denied(DenyReason::ExplicitDeny(_)))
     ));
     assert_eq!(emit.packets().count(), 1);
     assert!(
@@ -2005,7 +2075,7 @@ fn a_refused_segment_of_an_unknown_connection_resets_both_ends() {
     let mut emit = Emit::default();
     assert_eq!(
         e.outbound(Some(&A.into()), &answer, t(1), &mut emit),
-        Verdict::Drop(Drop::Untracked)
+        Verdict::Drop(DropReason::Untracked)
     );
     assert_eq!(
         segments(&emit),

@@ -4,6 +4,8 @@
 
 use super::*;
 
+const TCP_ACK: u8 = TcpFlags::ACK.0;
+
 const OFF: usize = VNET_HDR_LEN;
 const BIG: usize = OFF + 65_535 + OFF;
 
