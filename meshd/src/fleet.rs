@@ -146,8 +146,14 @@ impl<T: Target> Applier<T> {
             StoreEvent::Connected { .. } | StoreEvent::Disconnected { .. } => {}
             StoreEvent::Ignored { .. } => {} // logged and counted by the client
             StoreEvent::Snapshot(s) => {
-                self.certs.clear();
-                self.endpoints.clear();
+                // An entry whose value does not decode keeps its last good value:
+                // garbage written over a good certificate or endpoint changes nothing.
+                let keep: BTreeSet<StoreKey> =
+                    s.ignored.iter().filter_map(|e| e.key.clone()).collect();
+                self.certs
+                    .retain(|id, _| keep.contains(&StoreKey::Cert(id.clone())));
+                self.endpoints
+                    .retain(|id, _| keep.contains(&StoreKey::NodeEndpoint(id.clone())));
                 let mut policy = None;
                 for e in s.entries {
                     match self.remember(e) {

@@ -440,7 +440,8 @@ fn a_restart_keeps_the_applied_policy() -> mesh_tests::Result {
     c.start()?;
     // The log says which policy is in force and why the file is not.
     assert!(
-        c.log().contains("policy in force: the one applied at run time"),
+        c.log()
+            .contains("policy in force: the one applied at run time"),
         "no word on the applied policy shadowing policy.file"
     );
     let after = policy_in_force(&c)?;

@@ -345,3 +345,44 @@ fn without_policy_keys_no_policy_is_taken_from_the_store() {
     assert!(fake.policies.borrow().is_empty());
     assert!(a.applied().refused["policy/current"].contains("policy_keys"));
 }
+
+#[test]
+fn garbage_over_a_good_certificate_in_a_resync_changes_nothing() {
+    let w = World::new();
+    let fake = w.fake();
+    let mut a = w.applier(&fake);
+    a.apply(snapshot(vec![
+        w.cert("a", "100.64.0.1/32"),
+        w.endpoint("a", "198.18.0.1:51820"),
+    ]));
+    let calls = fake.calls.borrow().len();
+    // A resync where a's certificate and endpoint no longer decode.
+    let garbage = |key: StoreKey| mesh_proto::store::DecodeError {
+        key_text: String::new(),
+        key: Some(key),
+        reason: mesh_proto::store::IgnoreReason::BadCertificate,
+        detail: "not a certificate".into(),
+    };
+    a.apply(StoreEvent::Snapshot(crate::store::Snapshot {
+        revision: 2,
+        entries: vec![],
+        ignored: vec![
+            garbage(StoreKey::Cert(id("a"))),
+            garbage(StoreKey::NodeEndpoint(id("a"))),
+        ],
+        reason: crate::store::SnapshotReason::Compacted {
+            compact_revision: 2,
+        },
+    }));
+    assert_eq!(
+        fake.calls.borrow().len(),
+        calls,
+        "{:?}",
+        fake.calls.borrow()
+    );
+    assert_eq!(
+        fake.peers.borrow()[&id("a")].1,
+        Some("198.18.0.1:51820".parse().unwrap())
+    );
+    assert_eq!(a.applied().peers, 1);
+}
