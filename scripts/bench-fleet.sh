@@ -52,8 +52,6 @@ done
 [[ $HOSTS_N =~ ^[0-9]+$ ]] && ((HOSTS_N >= 2 && HOSTS_N <= 1000)) || die "--hosts: 2..1000"
 [[ $PUBLISHES =~ ^[0-9]+$ ]] && ((PUBLISHES >= 1)) || die "--publishes: 1 or more"
 [[ $EXTRA =~ ^[0-9]+$ ]] && ((EXTRA <= 60000)) || die "--certs: 0..60000"
-# Keep the options for the re-run inside the namespaces.
-export BENCH_HOSTS_N=$HOSTS_N BENCH_PUBLISHES=$PUBLISHES BENCH_EXTRA=$EXTRA
 
 # ---------------------------------------------------------------- outside: prepare
 if [[ -z "${MESH_BENCH_FLEET_INNER:-}" ]]; then
@@ -74,7 +72,9 @@ if [[ -z "${MESH_BENCH_FLEET_INNER:-}" ]]; then
         say "building meshd and meshctl (release)"
         (cd "$ROOT" && cargo build --release -p meshd -p meshctl)
     fi
-    export MESH_BENCH_FLEET_INNER=1 MESHD MESHCTL
+    # The options, for the re-run inside the namespaces.
+    export MESH_BENCH_FLEET_INNER=1 MESHD MESHCTL \
+        BENCH_HOSTS_N=$HOSTS_N BENCH_PUBLISHES=$PUBLISHES BENCH_EXTRA=$EXTRA
     exec unshare --net --mount --propagation private -- "$0"
 fi
 
@@ -112,7 +112,7 @@ underlay() { echo "198.18.$((($1 - 1) / 250 + 1)).$((($1 - 1) % 250 + 1))"; }
 overlay() { echo "100.64.$((($1 - 1) / 250)).$((($1 - 1) % 250 + 1))"; }
 in_ns() { local n=$1; shift; ip netns exec "fb-$n" "$@"; }
 in_ns_bg() { local n=$1; shift; ip netns exec "fb-$n" setpriv --pdeathsig KILL -- "$@"; }
-ctl() { "$MESHCTL" --socket "$WORK/$1/meshd.sock" "$@"; }
+ctl() { local h=$1; shift; "$MESHCTL" --socket "$WORK/$h/meshd.sock" "$@"; }
 fleetctl() { in_ns etcd "$MESHCTL" --store "$STORE" --trust-domain "$TD" "$@"; }
 js() { ctl "$1" status --json | python3 -c "import json, sys; s = json.load(sys.stdin); print($2)"; }
 now() { date +%s.%N; }
@@ -120,8 +120,8 @@ now() { date +%s.%N; }
 wait_for() {
     local what=$1 secs=$2; shift 2
     local deadline=$((SECONDS + secs))
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || die "timed out after ${secs}s waiting for $what"
+    until "$@" >"$WORK/wait.out" 2>&1; do
+        ((SECONDS < deadline)) || die "timed out after ${secs}s waiting for $what ($(tail -n 3 "$WORK/wait.out"))"
         sleep 0.1
     done
 }
@@ -232,7 +232,11 @@ start_meshd() {
     MESHD_PID[$h]=$!
 }
 # peers_in_force HOST N: HOST holds N peers from the store.
-peers_in_force() { [[ $(js "$1" "s['store']['applied']['peers']") == "$2" ]]; }
+peers_in_force() {
+    local n
+    n=$(js "$1" "s['store']['applied']['peers']")
+    [[ $n == "$2" ]] || { echo "$1 holds $n peers from the store"; return 1; }
+}
 
 HOSTS=()
 for k in $(seq 1 "$ALL"); do
@@ -246,9 +250,16 @@ t_start=$SECONDS
 for h in "${HOSTS[@]}"; do
     wait_for "$h to hold $((HOSTS_N - 1)) peers from the store" 120 peers_in_force "$h" $((HOSTS_N - 1))
 done
-echo "  $HOSTS_N meshd hosts up, each holding the $((HOSTS_N - 1)) others as peers from the store (${SECONDS}s after start: $((SECONDS - t_start))s)"
+echo "  $HOSTS_N meshd hosts up, each holding the $((HOSTS_N - 1)) others as peers from the store ($((SECONDS - t_start)) s after the meshds started)"
 FIRST=${HOSTS[0]}
-[[ $(cat "/proc/${MESHD_PID[$FIRST]}/comm") == meshd ]] || die "PID ${MESHD_PID[$FIRST]} is not meshd"
+# meshd's own PID on FIRST (below `ip netns exec`, which may fork): the process named
+# meshd whose command line names FIRST's config.
+MESHD_REAL=
+for d in /proc/[0-9]*; do
+    [[ $(cat "$d/comm" 2>/dev/null) == meshd ]] || continue
+    tr '\0' ' ' <"$d/cmdline" 2>/dev/null | grep -qF -- "$WORK/$FIRST/meshd.toml" && MESHD_REAL=${d#/proc/}
+done
+[[ -n $MESHD_REAL ]] || die "no meshd process for $FIRST"
 
 logs=()
 for h in "${HOSTS[@]}"; do logs+=("$WORK/$h/meshd.log"); done
@@ -291,15 +302,16 @@ t0=$(now)
 start_meshd "$NEW"
 wait_for "every host to take $NEW as a peer" 60 all_logged "store: peer in force peer=spiffe://$TD/$NEW " "${HOSTS[@]}"
 times=$(log_times "store: peer in force peer=spiffe://$TD/$NEW " "$t0" "${logs[@]}")
+t_ready=$(log_times "meshd: ready" "$t0" "$WORK/$NEW/meshd.log")
 t_conn=$(log_times "store connected" "$t0" "$WORK/$NEW/meshd.log")
-B_LINE=$(printf '  %s joined: the others hold it as a peer: %s (its meshd connected to the store after %.0f ms)' \
-    "$NEW" "$(stats <<<"$times")" "$(python3 -c "print($t_conn * 1e3)")")
+B_LINE=$(printf '  %s joined: the others hold it as a peer: %s (its meshd ready after %.0f ms; its store client listed and watching after %.0f ms)' \
+    "$NEW" "$(stats <<<"$times")" "$(python3 -c "print($t_ready * 1e3)")" "$(python3 -c "print($t_conn * 1e3)")")
 echo "$B_LINE"
 wait_for "$NEW to hold its $HOSTS_N peers" 60 peers_in_force "$NEW" "$HOSTS_N"
 HOSTS+=("$NEW")
 
 say "(c) memory: meshd on $FIRST before and after $EXTRA more certificates in the store"
-rss() { awk '/^VmRSS/ {print $2}' "/proc/${MESHD_PID[$FIRST]}/status"; }
+rss() { awk '/^VmRSS/ {print $2}' "/proc/$MESHD_REAL/status"; }
 rss_before=$(rss)
 peers_before=$(js "$FIRST" "s['store']['applied']['peers']")
 echo "  before: VmRSS $((rss_before / 1024)) MiB ($rss_before kB), $peers_before peers from the store"
