@@ -16,7 +16,8 @@
 #       with `meshctl peer publish`), once that host holds them all as peers.
 #
 # Usage: scripts/bench-fleet.sh [--hosts N] [--publishes K] [--certs M]
-#        (defaults 30, 5, 1000). BUILD=1 rebuilds; MESHD=/MESHCTL= other binaries.
+#        (defaults 30, 5, 1000). BUILD=1 rebuilds; MESHD=/MESHCTL= other binaries;
+#        KEEP=1 keeps the hosts' logs and state (the directory is printed).
 #
 # Needs root. Installs etcd-server/etcd-client if missing, builds meshd and meshctl
 # (release) when missing, then re-runs itself inside private network and mount
@@ -97,7 +98,7 @@ cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     for ns in "${NSES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-    if ((ok)); then
+    if ((ok)) && [[ -z ${KEEP:-} ]]; then
         rm -rf "$WORK"
     else
         echo "bench-fleet failed (exit $rc); logs kept in $WORK" >&2
@@ -351,3 +352,4 @@ fi
 say "summary ($HOSTS_N hosts, $(date -u +%Y-%m-%dT%H:%MZ))"
 printf '%s\n' "${A_LINES[@]}" "$B_LINE" "${C_LINE:-}"
 ok=1
+[[ -z ${KEEP:-} ]] || echo "logs and state kept in $WORK"
