@@ -98,8 +98,8 @@ cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     for ns in "${NSES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-    if ((ok)) && [[ -z ${KEEP:-} ]]; then
-        rm -rf "$WORK"
+    if ((ok)); then
+        [[ -n ${KEEP:-} ]] || rm -rf "$WORK"
     else
         echo "bench-fleet failed (exit $rc); logs kept in $WORK" >&2
     fi
