@@ -4,13 +4,20 @@
 #   web  serves HTTP (a real python3 http.server) on its overlay address, under
 #        default-deny policy;
 #   app  and ops reach it with curl across the encrypted overlay;
-#   then a layer-7 policy lets only app GET pages: app's GET passes, its POST and
-#        ops's GET get 403 before web sees them, and web's decision log shows why;
+#   then a layer-7 policy lets only app GET pages: app's GET passes, its POST gets 403
+#        and ops (whom no rule could allow) is refused when it connects, before web
+#        sees a byte, and web's decision log shows why;
 #   then pods: shop and cron behind app, pay behind web, each with its own identity
 #   and key in its own network namespace; pay takes requests from shop only;
 #   then app's certificate is renewed in place (`meshctl cert renew`) and taken by the
 #        running meshds without a restart or a new handshake;
 #   then every host's `meshctl status` is printed.
+#
+# With --fleet, the same story on the fleet store (issue 20): an etcd on the underlay,
+# hosts configured with a [store] table and no [[peer]] at all (each meshd publishes its
+# own certificate and endpoint, and takes the others' from the store), the policies
+# published once, signed, to every host (`meshctl policy publish`), and the renewed
+# certificate published once (`meshctl peer publish`).
 #
 # Needs root (network namespaces, TUN). Installs its Debian packages if missing, builds
 # the workspace, then re-runs itself inside private network and mount namespaces, so
@@ -24,9 +31,23 @@ PORT=51820
 HTTP_PORT=8080
 HOSTS=(web app ops)
 PODS=()
+FLEET=0
+ETCD_IP=198.18.0.9
+STORE="http://$ETCD_IP:2379"
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
+
+for arg in "$@"; do
+    case $arg in
+        --fleet) FLEET=1 ;;
+        -h | --help)
+            echo "usage: $0 [--fleet]   (--fleet: the same story on the fleet store, etcd)"
+            exit 0
+            ;;
+        *) die "unknown argument $arg (usage: $0 [--fleet])" ;;
+    esac
+done
 
 # ---------------------------------------------------------------- outside: prepare
 if [[ -z "${MESH_DEMO_INNER:-}" ]]; then
@@ -35,9 +56,14 @@ if [[ -z "${MESH_DEMO_INNER:-}" ]]; then
 
     need=()
     for pair in ip:iproute2 ss:iproute2 curl:curl tcpdump:tcpdump python3:python3 \
-                ping:iputils-ping unshare:util-linux nft:nftables; do
+                ping:iputils-ping unshare:util-linux nft:nftables protoc:protobuf-compiler; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
     done
+    if ((FLEET)); then
+        for pair in etcd:etcd-server etcdctl:etcd-client; do
+            command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
+        done
+    fi
     if ((${#need[@]})); then
         say "installing ${need[*]}"
         export DEBIAN_FRONTEND=noninteractive
@@ -71,7 +97,7 @@ cleanup() {
     local rc=$?
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    for h in "${HOSTS[@]}" "${PODS[@]}" ul; do ip netns del "demo-$h" 2>/dev/null || true; done
+    for h in "${HOSTS[@]}" "${PODS[@]}" etcd ul; do ip netns del "demo-$h" 2>/dev/null || true; done
     if ((ok)); then
         rm -rf "$WORK"
         say "done: everything cleaned up"
@@ -80,6 +106,7 @@ cleanup() {
         for h in "${HOSTS[@]}"; do
             [[ -f $WORK/$h/meshd.log ]] && { echo "--- $h/meshd.log" >&2; tail -n 20 "$WORK/$h/meshd.log" >&2; }
         done
+        [[ -f $WORK/etcd/etcd.log ]] && { echo "--- etcd/etcd.log" >&2; tail -n 10 "$WORK/etcd/etcd.log" >&2; }
     fi
 }
 trap cleanup EXIT
@@ -89,6 +116,10 @@ in_ns() { local h=$1; shift; ip netns exec "demo-$h" "$@"; }
 # Background processes die with this script, even if it is killed (-9).
 in_ns_bg() { local h=$1; shift; ip netns exec "demo-$h" setpriv --pdeathsig KILL -- "$@"; }
 ctl() { local h=$1; shift; "$MESHCTL" --socket "$WORK/$h/meshd.sock" "$@"; }
+# The operator's meshctl against the fleet store (from etcd's namespace, on the underlay).
+fleetctl() { in_ns etcd "$MESHCTL" --store "$STORE" --trust-domain demo.mesh "$@"; }
+# js HOST EXPR: EXPR (Python) over HOST's `meshctl status --json`, bound to `s`.
+js() { ctl "$1" status --json | python3 -c "import json, sys; s = json.load(sys.stdin); print($2)"; }
 
 # wait_for DESCRIPTION SECONDS COMMAND...: poll COMMAND until it succeeds.
 wait_for() {
@@ -114,6 +145,11 @@ for h in "${HOSTS[@]}"; do
     cp ca.crt "$h/ca.crt"
 done
 "$MESHCTL" cert show web/host.crt
+if ((FLEET)); then
+    echo "  and a policy signing key: the hosts accept only documents it signed"
+    "$MESHCTL" policy key gen --out policy.key | sed 's/^/  /'
+    for h in "${HOSTS[@]}"; do cp policy.pub "$h/policy.pub"; done
+fi
 
 say "2. three hosts on one underlay (network namespaces, veth pairs, a bridge)"
 ip netns add demo-ul
@@ -131,8 +167,31 @@ for h in "${HOSTS[@]}"; do
     ip -n "demo-$h" link set eth0 up
     echo "  $h: underlay 198.18.0.$i, overlay 100.64.0.$i and fd00:6d65:7368::$i"
 done
+if ((FLEET)); then
+    # etcd (Debian's etcd-server, no systemd): one member, its own namespace on the
+    # bridge, its peer port on that namespace's loopback.
+    mkdir -p etcd
+    ip netns add demo-etcd
+    ip -n demo-etcd link set lo up
+    ip -n demo-ul link add h-etcd type veth peer name eth0 netns demo-etcd
+    ip -n demo-ul link set h-etcd master br0 up
+    ip -n demo-etcd addr add "$ETCD_IP/15" dev eth0
+    ip -n demo-etcd link set eth0 up
+    in_ns_bg etcd etcd --name etcd --data-dir "$WORK/etcd/data" \
+        --listen-client-urls "$STORE" --advertise-client-urls "$STORE" \
+        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+        --initial-cluster etcd=http://127.0.0.1:2380 \
+        --logger zap --log-outputs stderr >etcd/etcd.log 2>&1 &
+    PIDS+=($!)
+    wait_for "etcd" 20 in_ns etcd etcdctl --endpoints "$STORE" --dial-timeout 2s endpoint health
+    echo "  etcd: underlay $ETCD_IP, the fleet store at $STORE (prefix /meshd/demo.mesh/)"
+fi
 
-say "3. meshd on every host, each knowing the others as peers"
+if ((FLEET)); then
+    say "3. meshd on every host, knowing only its own certificate, the CA and the store"
+else
+    say "3. meshd on every host, each knowing the others as peers"
+fi
 cat >web/policy.toml <<EOF
 [[policy]]
 name = "web-clients"
@@ -164,12 +223,18 @@ for h in "${HOSTS[@]}"; do
         if [[ $h == web ]]; then
             printf '\n[policy]\ndefault = "deny"\nfile = "policy.toml"\n'
         fi
-        j=0
-        for p in "${HOSTS[@]}"; do
-            j=$((j + 1))
-            [[ $p == "$h" ]] && continue
-            printf '\n[[peer]]\ncert = "../%s/host.crt"\nendpoint = "198.18.0.%s:%s"\n' "$p" "$j" "$PORT"
-        done
+        # In the fleet, no [[peer]]: meshd publishes its certificate and endpoint
+        # (node.listen) and takes the others' from the store.
+        if ((FLEET)); then
+            printf '\n[store]\nendpoints = ["%s"]\npolicy_keys = ["policy.pub"]\n' "$STORE"
+        else
+            j=0
+            for p in "${HOSTS[@]}"; do
+                j=$((j + 1))
+                [[ $p == "$h" ]] && continue
+                printf '\n[[peer]]\ncert = "../%s/host.crt"\nendpoint = "198.18.0.%s:%s"\n' "$p" "$j" "$PORT"
+            done
+        fi
     } >"$h/meshd.toml"
     in_ns_bg "$h" "$MESHD" --config "$WORK/$h/meshd.toml" >"$h/meshd.log" 2>&1 &
     PIDS+=($!)
@@ -188,6 +253,16 @@ for h in "${HOSTS[@]}"; do
     done
     echo "  meshd on $h is ready"
 done
+if ((FLEET)); then
+    # two_store_peers HOST: HOST took both other hosts from the store.
+    two_store_peers() { [[ $(js "$1" "s['store']['applied']['peers']") == 2 ]]; }
+    for h in "${HOSTS[@]}"; do
+        wait_for "$h to take its two peers from the store" 20 two_store_peers "$h"
+        echo "  $h took its peers from the store: $(js "$h" "', '.join(sorted({p['identity'] for p in s['peers']}))")"
+    done
+    echo "  \$ meshctl --store $STORE fleet status"
+    fleetctl fleet status | sed 's/^/  /'
+fi
 
 say "4. a real HTTP server on web (python3 -m http.server, port $HTTP_PORT)"
 echo "hello from web, over the mesh" >web/www/index.html
@@ -258,25 +333,61 @@ EOF
 sed 's/^/  | /' web/policy-l7.toml
 echo "  \$ meshctl policy test web/policy-l7.toml"
 "$MESHCTL" policy test web/policy-l7.toml | sed 's/^/  /'
-echo "  \$ meshctl policy apply web/policy-l7.toml     (meshd runs the tests again, then swaps)"
-ctl web policy apply web/policy-l7.toml | sed 's/^/  /'
+# applied HOST VERSION: HOST enforces store policy VERSION.
+applied() { [[ $(js "$1" "s['store']['applied']['policy_version']") == "$2" ]]; }
+# publish FILE: `meshctl policy publish` (signed, one write to the store), then wait
+# until every host applied that version.
+publish() {
+    local out version h
+    out=$(fleetctl policy publish "$1" --key policy.key) || die "policy publish $1: $out"
+    echo "  $out"
+    version=$(sed -n 's/^published policy version \([0-9]*\) .*/\1/p' <<<"$out")
+    [[ -n $version ]] || die "policy publish $1: no version in \"$out\""
+    for h in "${HOSTS[@]}"; do
+        wait_for "$h to apply policy version $version" 10 applied "$h" "$version"
+        printf '  %s: %s\n' "$h" "$(grep -F "store: policy document applied" "$h/meshd.log" | tail -n 1 | sed 's/\x1b\[[0-9;]*m//g')"
+    done
+}
+if ((FLEET)); then
+    echo "  \$ meshctl --store $STORE policy publish web/policy-l7.toml --key policy.key"
+    echo "  (tests run, signed as the next version, one write; every meshd checks the signature,"
+    echo "   runs the tests again and swaps: the policy is in force on every host, not only web)"
+    publish web/policy-l7.toml
+else
+    echo "  \$ meshctl policy apply web/policy-l7.toml     (meshd runs the tests again, then swaps)"
+    ctl web policy apply web/policy-l7.toml | sed 's/^/  /'
+fi
 
-# expect_status HOST WANT METHOD: one curl to web's page; its status must be WANT.
+# expect_status HOST WANT METHOD: one curl to web's page; its status must be WANT
+# (000: no HTTP answer, the connection refused).
 expect_status() {
     local h=$1 want=$2 method=$3 got
     got=$(in_ns "$h" curl -s -o /dev/null -w '%{http_code}' --max-time 10 -X "$method" \
         "http://100.64.0.1:$HTTP_PORT/") || true
-    printf '  %-3s %-4s http://100.64.0.1:%s/  ->  %s\n' "$h" "$method" "$HTTP_PORT" "$got"
+    [[ $got == 000 ]] && shown="refused when it connects" || shown=$got
+    printf '  %-3s %-4s http://100.64.0.1:%s/  ->  %s\n' "$h" "$method" "$HTTP_PORT" "$shown"
     [[ $got == "$want" ]] || die "$h $method: expected HTTP $want, got $got"
 }
 expect_status app 200 GET
 expect_status app 403 POST
-expect_status ops 403 GET
+# No rule could allow ops on this port, whatever it asks: refused at its SYN
+# (docs/policy.md), not let in to be answered 403.
+expect_status ops 000 GET
 echo "  the last requests in web's server log: app's GET; the refused ones never reached it"
 grep -E '"(GET|POST|HEAD|PUT|DELETE) ' web/http.log | tail -n 2 | sed 's/^/  | /'
 
 echo "  \$ meshctl policy explain --from spiffe://demo.mesh/ops --to-port $HTTP_PORT --method GET --path /   (asks web's meshd)"
 ctl web policy explain --from spiffe://demo.mesh/ops --to-port "$HTTP_PORT" --method GET --path / | sed 's/^/  /'
+
+if ((FLEET)); then
+    echo "  \$ meshctl policy explain ... (the same question, asked app's meshd: the same answer)"
+    ctl app policy explain --from spiffe://demo.mesh/ops --to-port "$HTTP_PORT" --method GET --path / | sed 's/^/  /'
+    echo "  \$ meshctl --store $STORE fleet status"
+    fleetctl fleet status | sed 's/^/  /'
+    echo "  \$ meshctl --store $STORE fleet diff   (nodes not on the published version; exit 1 if any)"
+    wait_for "every node to report the published version" 10 fleetctl fleet diff
+    fleetctl fleet diff | sed 's/^/  /'
+fi
 
 echo "  \$ meshctl log   (on web: every deny, who, what and why)"
 echo "  (lines without a request: connections tracked under the old policy, cut when it was"
@@ -302,6 +413,7 @@ pod() {
     ip -n "demo-$pod" route add 100.64.0.0/10 dev eth0
     in_ns "$host" sh -c "echo 1 >/proc/sys/net/ipv4/ip_forward; echo 1 >/proc/sys/net/ipv4/conf/p-$pod/proxy_arp"
     ctl "$host" workload add "$pod" --cert "$host/$pod.crt" --key "$host/$pod.key" --veth "p-$pod"
+    # (In the fleet too: the store has endpoints only for nodes, which publish their own.)
     local j=0 other
     for other in "${HOSTS[@]}"; do
         j=$((j + 1))
@@ -309,6 +421,9 @@ pod() {
         ctl "$other" peer add "$host/$pod.crt" --endpoint "198.18.0.$hi:$PORT" >/dev/null
     done
 }
+if ((FLEET)); then
+    echo "  (pods join by hand, meshctl peer add --endpoint on the other hosts: the store holds only nodes' endpoints)"
+fi
 pod app 2 shop 100.65.2.1
 pod app 2 cron 100.65.2.2
 pod web 1 pay 100.65.1.1
@@ -328,7 +443,12 @@ selector = { identities = ["spiffe://demo.mesh/pay"] }
 from = [{ identities = ["spiffe://demo.mesh/shop"] }]
 to = [{ ports = [8080] }]
 POLICY
-ctl web policy apply pay.toml
+if ((FLEET)); then
+    echo "  \$ meshctl --store $STORE policy publish pay.toml --key policy.key"
+    publish pay.toml
+else
+    ctl web policy apply pay.toml
+fi
 printf '  shop -> pay (allowed):  '
 in_ns shop curl -sS --retry 5 --retry-connrefused --retry-delay 1 --max-time 10 "http://100.65.1.1:$HTTP_PORT/"
 printf '  cron -> pay (refused):  '
@@ -341,8 +461,6 @@ ctl web log -n 50 | grep -F -- "-> spiffe://demo.mesh/pay" | tail -n 2 | sed 's/
     || die "cron's refused request is missing from web's decision log"
 
 say "9. certificate renewal: app's, in place, taken by the running meshds"
-# js HOST EXPR: EXPR (Python) over HOST's `meshctl status --json`, bound to `s`.
-js() { ctl "$1" status --json | python3 -c "import json, sys; s = json.load(sys.stdin); print($2)"; }
 handshake_with_app() { js web "[p['latest_handshake'] for p in s['peers'] if p['identity'] == 'spiffe://demo.mesh/app'][0]"; }
 before=$(handshake_with_app)
 echo "  \$ meshctl cert renew app/host.crt --validity 90d"
@@ -351,10 +469,21 @@ end=$("$MESHCTL" cert show --json app/host.crt | python3 -c 'import json, sys; p
 app_took_it() { [[ $(js app "s['workloads'][0]['not_after']") == "$end" ]]; }
 wait_for "app's meshd to take its renewed certificate" 10 app_took_it
 grep -F "node certificate renewed" app/meshd.log | tail -n 1 | sed 's/^/  | /'
-for h in web ops; do
-    ctl "$h" peer add app/host.crt --endpoint "198.18.0.2:$PORT" >/dev/null
-done
-echo "  web and ops hold the renewed certificate too (meshctl peer add app/host.crt)"
+if ((FLEET)); then
+    echo "  \$ meshctl --store $STORE peer publish app/host.crt --ca ca.crt"
+    fleetctl peer publish app/host.crt --ca ca.crt | sed 's/^/  /'
+    # peer_took_it HOST: HOST holds app's renewed certificate.
+    peer_took_it() {
+        [[ $(js "$1" "[p['not_after'] for p in s['peers'] if p['identity'] == 'spiffe://demo.mesh/app'][0]") == "$end" ]]
+    }
+    for h in web ops; do wait_for "$h to take app's renewed certificate from the store" 10 peer_took_it "$h"; done
+    echo "  web and ops hold the renewed certificate too (from the store)"
+else
+    for h in web ops; do
+        ctl "$h" peer add app/host.crt --endpoint "198.18.0.2:$PORT" >/dev/null
+    done
+    echo "  web and ops hold the renewed certificate too (meshctl peer add app/host.crt)"
+fi
 # (web's policy now guards pay only, under default deny; app takes anything.)
 pinged=$(in_ns web ping -n -q -c 3 -i 0.2 -W 2 100.64.0.2) || die "web cannot reach app after the renewal"
 grep -F "packets transmitted" <<<"$pinged" | sed 's/^/  web -> app: /'
