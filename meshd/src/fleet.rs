@@ -117,6 +117,9 @@ pub struct Applier<T> {
     refusals: BTreeMap<String, u64>,
     /// Set when what the node applied changed: the status entry to publish.
     report_due: bool,
+    /// Set when `state` changed: written once at the end of the event (a listing of
+    /// 1,000 certificates writes it once, not 1,000 times).
+    dirty: bool,
 }
 
 impl<T: Target> Applier<T> {
@@ -132,6 +135,7 @@ impl<T: Target> Applier<T> {
             refused: BTreeMap::new(),
             refusals: BTreeMap::new(),
             report_due: true,
+            dirty: false,
         }
     }
 
@@ -202,6 +206,9 @@ impl<T: Target> Applier<T> {
                 _ => {}
             },
         }
+        if std::mem::take(&mut self.dirty) {
+            self.save();
+        }
         if std::mem::take(&mut self.report_due) {
             Some(NodeReport {
                 applied_policy_version: self.state.policy_version,
@@ -260,7 +267,7 @@ impl<T: Target> Applier<T> {
                     Err(e) => tracing::info!(peer = %id, "store: peer not removed: {e}"),
                 }
                 self.state.peers.remove(&key);
-                self.save();
+                self.dirty = true;
             }
             return;
         };
@@ -286,7 +293,7 @@ impl<T: Target> Applier<T> {
                 tracing::info!(peer = %id, endpoint = ?endpoint, "store: peer in force");
                 self.refused.remove(&cert_key(id));
                 self.state.peers.insert(key, want);
-                self.save();
+                self.dirty = true;
             }
             Err(e) => self.refuse(cert_key(id), "certificate", cert.fingerprint(), e),
         }
@@ -331,7 +338,7 @@ impl<T: Target> Applier<T> {
                 self.state.policy_version = version;
                 self.state.policy_digest = Some(policy_digest);
                 self.report_due = true;
-                self.save();
+                self.dirty = true;
             }
             Err(e) => self.refuse(key, "policy", digest, e),
         }
@@ -474,7 +481,10 @@ impl Fleet {
             identity: own.identity().clone(),
             endpoints: store.advertise.clone(),
             meshd_version: env!("CARGO_PKG_VERSION").to_string(),
-            cert: Some(own.clone()),
+            cert: Some(crate::store::OwnCert({
+                let d = Arc::downgrade(d);
+                Arc::new(move || d.upgrade().map(|d| d.lock_registry().node_cert().clone()))
+            })),
         };
         let first = NodeReport {
             applied_policy_version: state.policy_version,

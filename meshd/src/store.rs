@@ -40,7 +40,7 @@ use std::time::Duration;
 use etcd_client::{
     Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchStream,
 };
-use mesh_proto::cert::Fingerprint;
+use mesh_proto::cert::{Certificate, Fingerprint};
 use mesh_proto::config::StoreConfig;
 use mesh_proto::identity::{SpiffeId, TrustDomain};
 use mesh_proto::store::{
@@ -137,10 +137,21 @@ pub struct NodeInfo {
     pub endpoints: Vec<SocketAddr>,
     /// `meshd --version`.
     pub meshd_version: String,
-    /// The node's own certificate, written to `certs/<identity>` at each connection
-    /// when the store holds another value (not under the lease: a host that is down
-    /// stays a peer). Peers verify it against their CA like any certificate.
-    pub cert: Option<mesh_proto::cert::Certificate>,
+    /// The node's own certificate as it is now (it changes with an in-place renewal),
+    /// written to `certs/<identity>` whenever it differs from what this client last
+    /// wrote or the store holds (not under the lease: a host that is down stays a
+    /// peer). Peers verify it against their CA like any certificate.
+    pub cert: Option<OwnCert>,
+}
+
+/// Reads the node's certificate now; `None` once the node is going away.
+#[derive(Clone)]
+pub struct OwnCert(pub Arc<dyn Fn() -> Option<Certificate> + Send + Sync>);
+
+impl std::fmt::Debug for OwnCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OwnCert(..)")
+    }
 }
 
 /// What this node has applied, for its status entry ([`StoreHandle::publish_status`]).
@@ -254,6 +265,7 @@ impl StoreClient {
             seen: None,
             report: NodeReport::default(),
             lost: None,
+            cert_published: None,
         };
         #[allow(clippy::disallowed_methods)] // I/O shell: the store client's own thread
         let thread = std::thread::Builder::new()
@@ -370,6 +382,8 @@ struct Ctx {
     report: NodeReport,
     /// `Some(error)` while the store is unreachable (logged once per change).
     lost: Option<String>,
+    /// The node's certificate this session wrote or found in the store.
+    cert_published: Option<Fingerprint>,
 }
 
 impl Ctx {
@@ -481,6 +495,7 @@ impl Ctx {
             .await?
             .id();
         self.put_endpoint(client, lease).await?;
+        self.cert_published = None;
         self.put_cert(client).await?;
         self.put_status(client, lease).await?;
         let (mut keeper, mut answers) =
@@ -522,6 +537,8 @@ impl Ctx {
                             )));
                         }
                         timed("keeping the lease alive", keeper.keep_alive()).await?;
+                        // A renewed certificate goes out within a tick.
+                        self.put_cert(client).await?;
                     }
                     answer = answers.message() => {
                         match answer.map_err(lost("keeping the lease alive"))? {
@@ -687,10 +704,14 @@ impl Ctx {
         Ok(())
     }
 
-    async fn put_cert(&self, client: &mut Client) -> Result<(), End> {
-        let Some(cert) = &self.node.cert else {
+    async fn put_cert(&mut self, client: &mut Client) -> Result<(), End> {
+        let Some(cert) = self.node.cert.as_ref().and_then(|c| (c.0)()) else {
             return Ok(());
         };
+        let fingerprint = cert.fingerprint();
+        if self.cert_published == Some(fingerprint) {
+            return Ok(());
+        }
         let key = self
             .settings
             .prefix
@@ -701,14 +722,15 @@ impl Ctx {
             client.get(key.clone(), None),
         )
         .await?;
-        if got.kvs().first().map(|kv| kv.value()) == Some(value.as_slice()) {
-            return Ok(());
+        if got.kvs().first().map(|kv| kv.value()) != Some(value.as_slice()) {
+            timed(
+                "writing the node's certificate",
+                client.put(key, value, None),
+            )
+            .await?;
+            tracing::info!(%fingerprint, "store: this node's certificate published");
         }
-        timed(
-            "writing the node's certificate",
-            client.put(key, value, None),
-        )
-        .await?;
+        self.cert_published = Some(fingerprint);
         Ok(())
     }
 

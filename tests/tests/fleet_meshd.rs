@@ -144,6 +144,27 @@ fn hosts_join_through_the_store_and_policy_published_once_is_enforced_everywhere
     reaches(b, c)?;
     reaches(c, a)?;
 
+    // a's certificate renewed in place (same key, a new end): its meshd publishes it,
+    // and every other host takes it, session kept.
+    let key = format!("{PREFIX}certs/spiffe://t/a");
+    let old = etcd.get(&key)?;
+    let end = a.renew_cert(&["renewed"], mesh_tests::Validity::EndsIn(600))?;
+    mesh_tests::wait::until("a's renewal in the store", CONVERGE, || {
+        Ok((etcd.get(&key)? != old).then_some(()))
+    })?;
+    for h in [b, c] {
+        mesh_tests::wait::until(
+            &format!("{} to take a's renewal", h.name()),
+            CONVERGE,
+            || {
+                let st = h.status()?;
+                let got = st.peer("spiffe://t/a").map(|p| p.not_after);
+                Ok((got == Some(end.0)).then_some(()))
+            },
+        )?;
+    }
+    reaches(a, c)?;
+
     // What the store cannot vouch for: a certificate of another CA written by hand,
     // a document signed by a key no host accepts. Logged, shown, nothing changes.
     let other = mesh.other_ca("t")?;
