@@ -30,9 +30,9 @@ use mesh_proto::control::{
 };
 use mesh_proto::time::UnixTime;
 
+use crate::clock::unix_now;
 use crate::daemon::{Daemon, Shutdown};
-use crate::datapath::unix_now;
-use crate::transport::wait_readable;
+use crate::poll::wait_readable;
 use crate::workloads::WorkloadSpec;
 use mesh_proto::policy::RequestSpec;
 

@@ -906,7 +906,7 @@ impl Daemon {
                 groups.insert(id, l.workload.groups.clone());
             }
         }
-        let now = crate::datapath::unix_now();
+        let now = crate::clock::unix_now();
         let cuts = self
             .enforce
             .refresh_identities(|id| groups.get(id).cloned(), self.mono(), now);

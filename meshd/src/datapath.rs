@@ -21,15 +21,15 @@
 use std::io;
 use std::time::Duration;
 
-use mesh_proto::time::UnixTime;
-
 use crate::batch::TunBatch;
+use crate::clock::unix_now;
 use crate::daemon::Daemon;
 use crate::device::{Tun, TUN_READ_LEN};
 use crate::enforce::{Emit, Toward};
 use crate::node::{self, Inbound, Now, Outbound};
 use crate::peers;
-use crate::transport::{wait_readable, wait_readable2, GsoBatch, Udp, GRO_BUF_LEN, GSO_MAX_BYTES};
+use crate::poll::{wait_readable, wait_readable2};
+use crate::transport::{GsoBatch, Udp, GRO_BUF_LEN, GSO_MAX_BYTES};
 
 /// Largest datagram or TUN packet handled.
 const BUF_LEN: usize = 65_536;
@@ -45,16 +45,6 @@ const SPLIT_MAX: usize = 128;
 const TUN_BATCH: usize = 32;
 /// Packets between two workloads of this host written back to the TUN in one batch.
 const LOCAL_BATCH: usize = 8;
-
-/// Wall-clock seconds. The I/O shell is where the clock is read.
-#[allow(clippy::disallowed_methods)] // I/O shell: the one place `now` comes from
-pub fn unix_now() -> UnixTime {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    UnixTime(secs)
-}
 
 /// What one read did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

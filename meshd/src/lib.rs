@@ -10,6 +10,7 @@
 pub mod attach;
 pub mod batch;
 pub mod checksum;
+pub mod clock;
 pub mod conntrack;
 pub mod control;
 pub mod cpu_latency;
@@ -26,9 +27,11 @@ pub mod hostfilter;
 pub mod http;
 pub mod inject;
 pub mod l7;
+pub mod netlink;
 pub mod node;
 pub mod overlap;
 pub mod peers;
+pub mod poll;
 pub mod routing;
 pub mod state;
 pub mod store;
@@ -64,7 +67,7 @@ pub enum RunError {
 /// until `shutdown` is triggered. Returns after every thread stopped, the control
 /// socket is removed and the TUN closed (which removes it and its routes).
 pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
-    let loaded = load(config, datapath::unix_now())?;
+    let loaded = load(config, clock::unix_now())?;
     let socket_path = loaded.config.node.control_socket.clone();
     // First, so that a second meshd on the same socket stops before touching anything.
     let sock = control::ControlSocket::bind(&socket_path)?;

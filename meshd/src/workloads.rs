@@ -33,8 +33,8 @@ use crate::attach::{if_index, Attacher};
 use crate::daemon::{build_table, one_line, peer_spec, Daemon, Registry};
 use crate::device::Tun;
 use crate::peers::{is_routable, Local, PeerTable};
+use crate::poll::wait_readable;
 use crate::state::StateError;
-use crate::transport::wait_readable;
 
 pub const STATE_FILE: &str = "workloads.json";
 use crate::state::STATE_VERSION;
