@@ -31,8 +31,9 @@ use mesh_proto::control::{
 use mesh_proto::time::UnixTime;
 
 use crate::clock::unix_now;
-use crate::daemon::{Daemon, Shutdown};
+use crate::daemon::Daemon;
 use crate::poll::wait_readable;
+use crate::shutdown::Shutdown;
 use crate::workloads::WorkloadSpec;
 use mesh_proto::policy::RequestSpec;
 
@@ -216,7 +217,7 @@ fn instant_now() -> Instant {
 
 /// Accepts clients until shutdown; each client is served on its own thread.
 pub fn serve(sock: &ControlSocket, d: Arc<Daemon>) {
-    let shutdown = d.shutdown.clone();
+    let shutdown = d.plane.shutdown.clone();
     serve_with(sock, d, &shutdown, Limits::default());
 }
 
@@ -536,15 +537,16 @@ impl Api for Daemon {
         Daemon::explain(self, spec)
     }
     fn log_tail(&self, n: usize) -> Vec<Arc<str>> {
-        self.log.tail(n)
+        self.plane.log.tail(n)
     }
     fn log_follow(&self) -> Result<Receiver<Arc<str>>, ControlError> {
-        self.log
+        self.plane
+            .log
             .follow()
             .map_err(|e| ControlError::Busy(e.to_string()))
     }
     fn stopping(&self) -> bool {
-        self.shutdown.is_set()
+        self.plane.shutdown.is_set()
     }
     fn workload_list(&self) -> WorkloadList {
         Daemon::workload_list(self)

@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -23,11 +23,13 @@ use mesh_proto::key::{PrivateKey, PublicKey};
 use mesh_proto::time::{span, Term, UnixTime};
 
 use crate::cpu_latency::CpuLatency;
+use crate::datapath::Plane;
 use crate::decisions::{DecisionLog, LogLimits};
 use crate::device::{route_needed, Tun};
 use crate::enforce::{self, Enforcer};
 use crate::expiry::ExpiryWatch;
 use crate::peers::{Local, Node, OutsideWindow, Peer, PeerSpec, PeerTable};
+use crate::shutdown::Shutdown;
 use crate::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
 use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
@@ -490,40 +492,6 @@ pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
     e.to_string().replace('\n', " ")
 }
 
-/// A shutdown flag the loops poll and the timer thread waits on.
-#[derive(Default)]
-pub struct Shutdown {
-    flag: AtomicBool,
-    lock: Mutex<()>,
-    cv: Condvar,
-}
-
-impl Shutdown {
-    pub fn new() -> Arc<Shutdown> {
-        Arc::new(Shutdown::default())
-    }
-
-    pub fn trigger(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        let _g = self.lock.lock();
-        self.cv.notify_all();
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    /// Waits up to `d`; true if shutdown was triggered.
-    pub fn wait_timeout(&self, d: Duration) -> bool {
-        let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.is_set() {
-            return true;
-        }
-        let _ = self.cv.wait_timeout(g, d);
-        self.is_set()
-    }
-}
-
 /// The control plane's view of the peers and local workloads: entries plus the
 /// persisted changes.
 pub(crate) struct Registry {
@@ -551,21 +519,15 @@ impl Registry {
     }
 }
 
-/// The running daemon, shared by the I/O threads.
+/// The running daemon: the control plane's state, and the data path's it changes.
 pub struct Daemon {
-    pub node: Node,
-    pub table: ArcSwap<PeerTable>,
-    pub enforce: Enforcer,
-    pub log: Arc<DecisionLog>,
-    /// The shell's monotonic clock starts here.
-    pub epoch: std::time::Instant,
+    /// What the data path owns and reads (the peer table snapshot, the enforcer, the
+    /// TUN and socket). Declared before `host_filter`: the TUN goes first.
+    pub plane: Plane,
     applied: Mutex<AppliedPolicy>,
-    pub tun: Tun,
-    pub udp: Udp,
     /// The nftables table that keeps the mesh addresses to meshd; `None` when
     /// `node.host_filter = false`. Dropped (deleted) after the TUN.
     pub(crate) host_filter: Option<crate::hostfilter::HostFilter>,
-    pub shutdown: Arc<Shutdown>,
     pub ready: AtomicBool,
     pub(crate) config: Config,
     pub(crate) ca: Ca,
@@ -588,9 +550,6 @@ pub struct Daemon {
     /// The learned endpoints last written to the state directory, and whether the
     /// last attempt to write them failed (logged once until a write succeeds).
     learned: Mutex<(LearnedEndpoints, bool)>,
-    /// The CPU wake-up latency request (`node.cpu_latency_us`), held while traffic
-    /// flows: marked by the data-path threads, withdrawn by the timer thread.
-    pub cpu_latency: CpuLatency,
     /// Reads the fleet store input's state for `status` (set by `fleet` when the
     /// config has a `[store]` table).
     store_status: Mutex<Option<StoreStatusReader>>,
@@ -708,18 +667,21 @@ impl Daemon {
         }
         let next = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         let d = Daemon {
-            cpu_latency: CpuLatency::new(config.node.cpu_latency_us),
-            node,
-            table: ArcSwap::from_pointee(table),
-            enforce,
-            log,
-            #[allow(clippy::disallowed_methods)] // I/O shell: the monotonic clock's origin
-            epoch: std::time::Instant::now(),
+            plane: Plane {
+                cpu_latency: CpuLatency::new(config.node.cpu_latency_us),
+                node,
+                table: ArcSwap::from_pointee(table),
+                enforce,
+                log,
+                #[allow(clippy::disallowed_methods)] // I/O shell: the monotonic clock's origin
+                epoch: std::time::Instant::now(),
+                tun,
+                udp,
+                shutdown,
+                seg_len: Plane::segment_len(config.node.mtu),
+            },
             applied: Mutex::new(policy.applied),
-            tun,
-            udp,
             host_filter,
-            shutdown,
             ready: AtomicBool::new(false),
             config,
             ca,
@@ -752,7 +714,7 @@ impl Daemon {
     }
 
     pub fn status(&self) -> Status {
-        let table = self.table.load();
+        let table = self.plane.table.load();
         let peers = table
             .peers()
             .iter()
@@ -778,22 +740,22 @@ impl Daemon {
             ready: self.ready.load(Ordering::SeqCst),
             identity: own.identity().to_string(),
             public_key: PublicKey::from(*own.public_key()).to_base64(),
-            listen: self.udp.local_addr(),
-            tun: self.tun.name().to_string(),
+            listen: self.plane.udp.local_addr(),
+            tun: self.plane.tun.name().to_string(),
             addresses: own.addresses().to_vec(),
             peers,
             drops: NodeDrops {
-                tun_write: self.tun.write_failures(),
-                udp_send: self.udp.send_failures(),
-                ..self.node.drops()
+                tun_write: self.plane.tun.write_failures(),
+                udp_send: self.plane.udp.send_failures(),
+                ..self.plane.node.drops()
             },
             workloads: self.workload_list().workloads,
             enforcement: Some(Enforcement {
                 policy: self.policy_get(),
-                counters: enforcement_counters(self.enforce.counters()),
-                decision_log: self.log.counters(),
+                counters: enforcement_counters(self.plane.enforce.counters()),
+                decision_log: self.plane.log.counters(),
             }),
-            cpu_latency: self.cpu_latency.status(),
+            cpu_latency: self.plane.cpu_latency.status(),
             host_filter: Some(self.host_filter_status()),
             store: self
                 .store_status
@@ -846,7 +808,7 @@ impl Daemon {
         let current = {
             let reg = self.lock_registry();
             let configured = configured_endpoints(&reg.entries);
-            let table = self.table.load();
+            let table = self.plane.table.load();
             LearnedEndpoints::from_peers(table.peers().iter().filter_map(|p| {
                 let configured = configured.get(&p.spec.identity).copied().flatten();
                 let current = p.endpoint();
@@ -873,11 +835,6 @@ impl Daemon {
         }
     }
 
-    /// The monotonic time of the shell.
-    pub fn mono(&self) -> Duration {
-        self.epoch.elapsed()
-    }
-
     /// Resets both ends of each cut TCP flow (the enforcer removed them already).
     pub fn cut_flows(&self, cuts: &[enforce::Cut]) {
         if cuts.is_empty() {
@@ -888,7 +845,7 @@ impl Daemon {
             cut.resets(&mut emit);
         }
         let mut buf = vec![0u8; 2048];
-        crate::datapath::send_emitted(self, &emit, &mut buf);
+        crate::datapath::send_emitted(&self.plane, &emit, &mut buf);
     }
 
     /// After the peer table changed: flows opened by an identity no longer in it
@@ -896,7 +853,7 @@ impl Daemon {
     /// renewed certificate (kept session) no longer names are decided again under
     /// the policy in force and cut if it now forbids them, as after a policy change.
     pub(crate) fn refresh_flows(&self) {
-        let table = self.table.load();
+        let table = self.plane.table.load();
         let mut groups: HashMap<&str, Arc<[String]>> = HashMap::new();
         for p in table.peers() {
             groups.insert(&p.sender.identity, p.sender.groups.clone());
@@ -907,9 +864,11 @@ impl Daemon {
             }
         }
         let now = crate::clock::unix_now();
-        let cuts = self
-            .enforce
-            .refresh_identities(|id| groups.get(id).cloned(), self.mono(), now);
+        let cuts = self.plane.enforce.refresh_identities(
+            |id| groups.get(id).cloned(),
+            self.plane.mono(),
+            now,
+        );
         if !cuts.is_empty() {
             tracing::info!(
                 cut = cuts.len(),
@@ -940,7 +899,10 @@ impl Daemon {
         StoredPolicy::new(name, source)
             .save(&self.config.node.state_dir)
             .map_err(|e| ControlError::Internal(format!("policy_apply: cannot persist: {e}")))?;
-        let cuts = self.enforce.set_policy(loaded.compiled, self.mono(), now);
+        let cuts = self
+            .plane
+            .enforce
+            .set_policy(loaded.compiled, self.plane.mono(), now);
         *applied = loaded.applied;
         tracing::info!(policy = %name, policies = applied.policies, cut = cuts.len(), "policy applied");
         let result = PolicyApplied {
@@ -961,12 +923,14 @@ impl Daemon {
             spec.workload = Some(own.identity().to_string());
             spec.workload_groups = own.groups().to_vec();
         }
-        self.enforce.with_policy(|p| policy::explain(p, &spec))
+        self.plane
+            .enforce
+            .with_policy(|p| policy::explain(p, &spec))
     }
 
     pub fn peer_list(&self) -> PeerList {
         let reg = self.lock_registry();
-        let table = self.table.load();
+        let table = self.plane.table.load();
         PeerList {
             peers: reg
                 .entries
@@ -1027,7 +991,7 @@ impl Daemon {
         self.commit(&mut reg, entries, changes)?;
         if let Some(ep) = endpoint {
             // An unchanged peer keeps its session; the operator's endpoint still wins.
-            for p in self.table.load().sessions_of(&entry.spec.identity) {
+            for p in self.plane.table.load().sessions_of(&entry.spec.identity) {
                 p.set_endpoint(Some(ep));
             }
         }
@@ -1062,7 +1026,7 @@ impl Daemon {
         entries: Vec<PeerEntry>,
         changes: PeerChanges,
     ) -> Result<(), ControlError> {
-        let old = self.table.load_full();
+        let old = self.plane.table.load_full();
         let hint = self.next_index.load(Ordering::Relaxed);
         let table =
             build_table(&reg.locals(), &entries, &old, hint).map_err(ControlError::Refused)?;
@@ -1071,17 +1035,17 @@ impl Daemon {
             .map_err(|e| ControlError::Internal(format!("cannot persist peers: {e}")))?;
         let max = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         self.next_index.fetch_max(max, Ordering::Relaxed);
-        self.table.store(Arc::new(table));
+        self.plane.table.store(Arc::new(table));
         self.refresh_flows();
         if self.dynamic_routes {
             let want = peer_route_set(&entries, reg.node_cert().addresses());
             for r in want.difference(&reg.peer_routes) {
-                if let Err(e) = self.tun.add_route(*r) {
+                if let Err(e) = self.plane.tun.add_route(*r) {
                     tracing::error!("{e}");
                 }
             }
             for r in reg.peer_routes.difference(&want) {
-                if let Err(e) = self.tun.remove_route(*r) {
+                if let Err(e) = self.plane.tun.remove_route(*r) {
                     tracing::warn!("{e}");
                 }
             }
@@ -1090,6 +1054,28 @@ impl Daemon {
         reg.entries = entries;
         reg.changes = changes;
         Ok(())
+    }
+}
+
+/// The control plane's chores tick at this interval.
+const CHORES_TICK: Duration = Duration::from_secs(1);
+/// Learned peer endpoints are saved (when changed) every this many ticks: 10 s.
+const SAVE_ENDPOINTS_TICKS: u64 = 10;
+
+/// The control plane's timed chores, on a thread of their own so that the data path's
+/// timer never calls into the daemon: every second, renewed certificate files are
+/// taken and certificates near their end are warned of; every ten, the peers' learned
+/// endpoints are saved.
+pub fn chores_loop(d: &Daemon) {
+    let mut ticks = 0u64;
+    while !d.plane.shutdown.wait_timeout(CHORES_TICK) {
+        ticks += 1;
+        let now = crate::clock::unix_now();
+        d.check_cert_files(now);
+        d.check_certificates(now);
+        if ticks.is_multiple_of(SAVE_ENDPOINTS_TICKS) {
+            d.save_learned_endpoints();
+        }
     }
 }
 

@@ -285,7 +285,7 @@ impl Daemon {
         let Some(f) = &self.host_filter else {
             return Ok(());
         };
-        f.update(ruleset(self.tun.name(), workloads))
+        f.update(ruleset(self.plane.tun.name(), workloads))
             .map_err(|e| format!("host filter: {e}"))
     }
 

@@ -33,6 +33,7 @@ pub mod overlap;
 pub mod peers;
 pub mod poll;
 pub mod routing;
+pub mod shutdown;
 pub mod state;
 pub mod store;
 pub mod transport;
@@ -44,7 +45,8 @@ use std::sync::Arc;
 
 use mesh_proto::config::{Config, ConfigError};
 
-pub use daemon::{load, Daemon, Loaded, Shutdown};
+pub use daemon::{load, Daemon, Loaded};
+pub use shutdown::Shutdown;
 
 /// Why `run` failed; Display is one line.
 #[derive(Debug, thiserror::Error)]
@@ -74,19 +76,27 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
     let d = Arc::new(Daemon::start(loaded, shutdown.clone())?);
 
     let mut threads = Vec::new();
-    let spawn = |name: &str, f: Box<dyn FnOnce(&Daemon) + Send>, d: Arc<Daemon>| {
-        #[allow(clippy::disallowed_methods)] // I/O shell: the data-path threads
+    let spawn = |name: &str, f: Body, d: Arc<Daemon>| {
+        #[allow(clippy::disallowed_methods)] // I/O shell: the data-path and control threads
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                // A data-path thread that panics takes the daemon down with it (and
-                // `run` reports it) rather than leaving a half-working node.
-                let _guard = StopOnPanic(d.shutdown.clone());
+                // A thread that panics takes the daemon down with it (and `run`
+                // reports it) rather than leaving a half-working node.
+                let _guard = StopOnPanic(d.plane.shutdown.clone());
                 f(&d)
             })
             .map_err(RunError::Thread)
     };
-    let mut list = datapath::threads();
+    // The data path's threads get its plane only; the control plane's the daemon.
+    let mut list: Vec<(String, Body)> = datapath::threads()
+        .into_iter()
+        .map(|(name, f)| {
+            let f: Body = Box::new(move |d: &Daemon| f(&d.plane));
+            (name, f)
+        })
+        .collect();
+    list.push(("chores".into(), Box::new(daemon::chores_loop)));
     list.push(("quarantine".into(), Box::new(workloads::quarantine_loop)));
     for (name, f) in list {
         match spawn(&name, f, d.clone()) {
@@ -145,6 +155,9 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// A thread's body: it gets the daemon (the data path's only its plane).
+type Body = Box<dyn FnOnce(&Daemon) + Send>;
 
 struct StopOnPanic(Arc<Shutdown>);
 

@@ -286,15 +286,19 @@ impl Daemon {
     fn attach(&self, reg: &mut Registry, veth: &str, addresses: &[IpNet]) -> Result<(), String> {
         if reg.pods.is_none() {
             let n = &self.config.node;
-            let qname = quarantine_name(self.tun.name());
+            let qname = quarantine_name(self.plane.tun.name());
             let q = Arc::new(Tun::create(&qname, n.mtu, &[]).map_err(|e| e.to_string())?);
             // The host's own traffic to its pods comes from its certificate's addresses.
             let host: Vec<std::net::IpAddr> = reg.workloads.first().map_or_else(Vec::new, |w| {
                 w.cert.addresses().iter().map(|a| a.addr()).collect()
             });
-            let attacher =
-                Attacher::new(self.tun.name(), &host, Some(q.name()), &self.static_routes)
-                    .map_err(|e| e.to_string())?;
+            let attacher = Attacher::new(
+                self.plane.tun.name(),
+                &host,
+                Some(q.name()),
+                &self.static_routes,
+            )
+            .map_err(|e| e.to_string())?;
             self.quarantine.store(Arc::new(Some(q.clone())));
             reg.pods = Some(Pods {
                 attacher,
@@ -310,7 +314,7 @@ impl Daemon {
         pods.attached.insert(veth.to_string(), index);
         // Packets to the pod from the host and from other pods enter the TUN too.
         for a in addresses.iter().filter(|a| !self.covered(a)) {
-            if let Err(e) = self.tun.add_route(a.trunc()) {
+            if let Err(e) = self.plane.tun.add_route(a.trunc()) {
                 tracing::error!("{e}");
             }
         }
@@ -323,7 +327,7 @@ impl Daemon {
             pods.attached.remove(veth);
         }
         for a in addresses.iter().filter(|a| !self.covered(a)) {
-            if let Err(e) = self.tun.remove_route(a.trunc()) {
+            if let Err(e) = self.plane.tun.remove_route(a.trunc()) {
                 tracing::warn!("{e}");
             }
         }
@@ -618,7 +622,7 @@ impl Daemon {
 
     /// A table of the current peers with `locals`, keeping unchanged sessions.
     fn table_for(&self, reg: &Registry, locals: &[Arc<Local>]) -> Result<PeerTable, String> {
-        let old = self.table.load_full();
+        let old = self.plane.table.load_full();
         let hint = self.next_index.load(Ordering::Relaxed);
         build_table(locals, &reg.entries, &old, hint)
     }
@@ -626,7 +630,7 @@ impl Daemon {
     fn install(&self, table: PeerTable) {
         let max = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         self.next_index.fetch_max(max, Ordering::Relaxed);
-        self.table.store(Arc::new(table));
+        self.plane.table.store(Arc::new(table));
         self.refresh_flows();
     }
 }
@@ -689,15 +693,16 @@ fn veth_workloads(reg: &Registry) -> Vec<(String, String, Vec<IpNet>)> {
 /// Also re-attaches workloads whose veth (re)appeared, about once a second.
 pub fn quarantine_loop(d: &Daemon) {
     let mut buf = vec![0u8; 65_536];
-    let mut reconciled = d.mono();
-    while !d.shutdown.is_set() {
-        if d.mono().saturating_sub(reconciled) >= std::time::Duration::from_secs(1) {
+    let mut reconciled = d.plane.mono();
+    while !d.plane.shutdown.is_set() {
+        if d.plane.mono().saturating_sub(reconciled) >= std::time::Duration::from_secs(1) {
             d.reconcile_attachments();
-            reconciled = d.mono();
+            reconciled = d.plane.mono();
         }
         let q = d.quarantine.load();
         let Some(tun) = q.as_ref().as_ref() else {
-            if d.shutdown
+            if d.plane
+                .shutdown
                 .wait_timeout(std::time::Duration::from_millis(200))
             {
                 break;
@@ -709,11 +714,11 @@ pub fn quarantine_loop(d: &Daemon) {
                 // The device's own link-local chatter (router solicitations) is not a
                 // pod's doing.
                 let Ok(ip) = crate::wire::IpPacket::new_checked(&buf[..n]) else {
-                    d.node.count_forged();
+                    d.plane.node.count_forged();
                     continue;
                 };
                 if is_routable(ip.dst_addr()) && is_routable(ip.src_addr()) {
-                    d.node.count_forged();
+                    d.plane.node.count_forged();
                     tracing::debug!(src = %ip.src_addr(), dst = %ip.dst_addr(), "forged source dropped");
                 }
             }
@@ -723,7 +728,8 @@ pub fn quarantine_loop(d: &Daemon) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::error!("read from quarantine device failed: {e}");
-                if d.shutdown
+                if d.plane
+                    .shutdown
                     .wait_timeout(std::time::Duration::from_millis(500))
                 {
                     break;
