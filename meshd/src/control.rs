@@ -22,11 +22,10 @@ use std::time::{Duration, Instant};
 use std::net::SocketAddr;
 
 use mesh_proto::control::{
-    parse_reply, reply_line, ControlError, DecisionRecord, Explanation, LogRequest, LogTail,
-    PeerAddRequest, PeerInfo, PeerList, PeerRemoveRequest, PeerRemoved, PolicyApplied,
-    PolicyApplyRequest, PolicyInfo, Request, Response, Status, StatusRequest, WorkloadAddRequest,
-    WorkloadInfo, WorkloadList, WorkloadRemoveRequest, WorkloadRemoved, DEFAULT_LOG_LINES,
-    MAX_REQUEST_BYTES,
+    reply_line, ControlError, DecisionRecord, Explanation, LogRequest, LogTail, PeerAddRequest,
+    PeerInfo, PeerList, PeerRemoveRequest, PeerRemoved, PolicyApplied, PolicyApplyRequest,
+    PolicyInfo, Request, Response, Status, WorkloadAddRequest, WorkloadInfo, WorkloadList,
+    WorkloadRemoveRequest, WorkloadRemoved, DEFAULT_LOG_LINES, MAX_REQUEST_BYTES,
 };
 use mesh_proto::time::UnixTime;
 
@@ -68,23 +67,6 @@ pub enum SocketError {
     InUse { path: PathBuf },
     #[error("control socket {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
-}
-
-/// The status of the meshd listening on `path`, if one answers within a second or
-/// two (`meshd check-config` asks, to tell its port and device from a stranger's).
-pub fn ask_status(path: &Path) -> Option<Status> {
-    let mut s = UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut line = Request::from(StatusRequest {}).to_line();
-    line.push('\n');
-    s.write_all(line.as_bytes()).ok()?;
-    let mut reader = LineReader { buf: Vec::new() };
-    let deadline = instant_now() + Duration::from_secs(2);
-    match reader.next(&s, deadline, instant_now).ok()? {
-        Line::Request(reply) => parse_reply::<StatusRequest>(&reply).ok()?.ok(),
-        _ => None,
-    }
 }
 
 /// The bound socket; removes its file on drop.

@@ -14,8 +14,8 @@ use ipnet::IpNet;
 use mesh_proto::cert::{Ca, Certificate, VerifiedCert, VerifyError};
 use mesh_proto::config::{Config, ConfigError};
 use mesh_proto::control::{
-    ControlError, Enforcement, EnforcementCounters, Explanation, NodeDrops, PeerInfo, PeerList,
-    PeerStatus, PolicyApplied, PolicyInfo, PolicyOrigin, RuleCount, Status,
+    ControlError, Enforcement, EnforcementCounters, Explanation, HostFilterStatus, NodeDrops,
+    PeerInfo, PeerList, PeerStatus, PolicyApplied, PolicyInfo, PolicyOrigin, RuleCount, Status,
 };
 use mesh_proto::files;
 use mesh_proto::identity::SpiffeId;
@@ -456,7 +456,7 @@ fn claims<'a>(
 /// the configuration of a running node before a restart is no error.
 pub fn check_host(config: &Config) -> Vec<ConfigError> {
     let n = &config.node;
-    let running = crate::control::ask_status(&n.control_socket);
+    let running = crate::client::ask_status(&n.control_socket);
     let ours = |s: &Status| s.listen.port() == n.listen.port() && s.tun == n.tun;
     let running = running.filter(ours);
     let mut problems = Vec::new();
@@ -621,7 +621,21 @@ impl Daemon {
         let udp = Udp::bind(config.node.listen, config.node.udp_offload)
             .map_err(|e| config.error("node.listen", listen_error(&e)))?;
         // Before the overlay addresses exist.
-        let host_filter = crate::hostfilter::start(&config, &workloads)?;
+        let ruleset = crate::workloads::host_filter_ruleset(&config.node.tun, &workloads);
+        let host_filter =
+            crate::hostfilter::start(config.node.host_filter, ruleset).map_err(|e| {
+                StartError::HostFilter(
+                    config
+                        .error(
+                            "node.host_filter",
+                            format!(
+                                "cannot install the host filter (nftables table inet {}): {e}; meshd does not run without it: fix that, or set host_filter = false in [node] to run unprotected",
+                                crate::hostfilter::table_name(&config.node.tun)
+                            ),
+                        )
+                        .to_string(),
+                )
+            })?;
         let tun =
             Tun::create(&config.node.tun, config.node.mtu, &own_addrs).map_err(|e| match e {
                 crate::device::DeviceError::Exists { .. } => {
@@ -1076,6 +1090,42 @@ pub fn chores_loop(d: &Daemon) {
         if ticks.is_multiple_of(SAVE_ENDPOINTS_TICKS) {
             d.save_learned_endpoints();
         }
+    }
+}
+
+impl Daemon {
+    /// Replaces the host filter's table for the workloads `workloads` (the node's
+    /// first); the table in force stays if nft refuses.
+    pub(crate) fn update_host_filter(&self, workloads: &[Workload]) -> Result<(), String> {
+        let Some(f) = &self.host_filter else {
+            return Ok(());
+        };
+        f.update(crate::workloads::host_filter_ruleset(
+            self.plane.tun.name(),
+            workloads,
+        ))
+        .map_err(|e| format!("host filter: {e}"))
+    }
+
+    /// Deletes the host filter's table (at stop, when the daemon itself outlives `run`).
+    pub fn remove_host_filter(&self) {
+        if let Some(f) = &self.host_filter {
+            f.remove();
+        }
+    }
+
+    pub(crate) fn host_filter_status(&self) -> HostFilterStatus {
+        self.host_filter.as_ref().map_or_else(
+            HostFilterStatus::disabled,
+            crate::hostfilter::HostFilter::status,
+        )
+    }
+}
+
+impl Loaded {
+    /// The host filter's table for what was loaded (`meshd check-config` checks it).
+    pub fn host_filter_ruleset(&self) -> crate::hostfilter::Ruleset {
+        crate::workloads::host_filter_ruleset(&self.config.node.tun, &self.workloads)
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod attach;
 pub mod batch;
 pub mod checksum;
+pub mod client;
 pub mod clock;
 pub mod conntrack;
 pub mod control;

@@ -83,7 +83,7 @@ fn check(config: Config) -> ExitCode {
         error_line(&format!("meshd: {e}"));
     }
     if l.config.node.host_filter {
-        if let Err(e) = meshd::hostfilter::check(&l) {
+        if let Err(e) = meshd::hostfilter::check(&l.host_filter_ruleset()) {
             error_line(&format!(
                 "meshd: {}",
                 l.config.error(

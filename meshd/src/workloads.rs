@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::attach::{if_index, Attacher};
 use crate::daemon::{build_table, one_line, peer_spec, Daemon, Registry};
 use crate::device::Tun;
+use crate::hostfilter::{PodLink, Ruleset};
 use crate::peers::{is_routable, Local, PeerTable};
 use crate::poll::wait_readable;
 use crate::state::StateError;
@@ -253,6 +254,31 @@ pub struct Pods {
     attached: HashMap<String, u32>,
     /// Kept open for the routes through it; read by [`quarantine_loop`].
     _quarantine: Arc<Tun>,
+}
+
+/// The table for the node's state: its own overlay addresses (the first workload's,
+/// each a host address on the TUN) and every workload behind a veth, attached or not
+/// yet (a pod is held to meshd from the moment its veth may appear). The routed mesh
+/// prefixes are not in it: they may cover the underlay (a more specific route keeps
+/// the endpoints there), and the interface rules keep whatever they route to the TUN.
+pub(crate) fn host_filter_ruleset(tun: &str, workloads: &[Workload]) -> Ruleset {
+    let mesh: Vec<IpNet> = workloads.first().map_or_else(Vec::new, |node| {
+        node.cert
+            .addresses()
+            .iter()
+            .map(|a| IpNet::from(a.addr()))
+            .collect()
+    });
+    let pods = workloads
+        .iter()
+        .filter_map(|w| {
+            Some(PodLink {
+                veth: w.spec.veth.clone()?,
+                addresses: w.cert.addresses().to_vec(),
+            })
+        })
+        .collect();
+    Ruleset::new(tun, &quarantine_name(tun), &mesh, pods)
 }
 
 /// The quarantine device's name: the TUN's, plus `q` (within 15 bytes).
