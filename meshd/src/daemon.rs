@@ -28,24 +28,14 @@ use crate::decisions::{DecisionLog, LogLimits};
 use crate::device::{route_needed, Tun};
 use crate::enforce::{self, Enforcer};
 use crate::expiry::ExpiryWatch;
-use crate::peers::{Local, Node, OutsideWindow, Peer, PeerSpec, PeerTable};
+use crate::peers::{
+    build_table, claims, Local, Node, OutsideWindow, PeerEntry, PeerSpec, PeerTable, Source,
+};
 use crate::shutdown::Shutdown;
 use crate::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
 use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
-
-/// Where a peer comes from (as `peer_list` reports it).
-pub use mesh_proto::control::PeerSource as Source;
-
-/// One peer of the effective set: a certificate the CA signed, and where to reach it.
-#[derive(Clone, Debug)]
-pub struct PeerEntry {
-    pub cert: Certificate,
-    pub spec: PeerSpec,
-    pub endpoint: Option<SocketAddr>,
-    pub source: Source,
-}
 
 /// Everything the configuration names, read and verified. Producing this touches no
 /// network state; `meshd check-config` stops here.
@@ -434,19 +424,6 @@ fn admit_addresses(
         }
     }
     Ok((workloads, peers))
-}
-
-/// The identities of `locals` and `entries` with their addresses, for
-/// [`crate::overlap`].
-fn claims<'a>(
-    locals: impl IntoIterator<Item = &'a PeerSpec>,
-    entries: &'a [PeerEntry],
-) -> Vec<crate::overlap::Claim<'a>> {
-    locals
-        .into_iter()
-        .chain(entries.iter().map(|e| &e.spec))
-        .map(|s| (&s.identity, &s.addresses[..]))
-        .collect()
 }
 
 /// What `meshd check-config` checks on the host beyond the files, so that it fails
@@ -1244,68 +1221,6 @@ fn configured_endpoints(entries: &[PeerEntry]) -> HashMap<&SpiffeId, Option<Sock
         .iter()
         .map(|e| (&e.spec.identity, e.endpoint))
         .collect()
-}
-
-/// Builds a table of one session per (local workload, peer), keeping the session (and
-/// counters) of every pair whose two static keys are unchanged, so a change elsewhere,
-/// or a certificate renewed for the same key, does not interrupt traffic.
-pub fn build_table(
-    locals: &[Arc<Local>],
-    entries: &[PeerEntry],
-    old: &PeerTable,
-    mut hint: u32,
-) -> Result<PeerTable, String> {
-    // Every way an identity enters checks this first with a message of its own; here,
-    // no table with overlapping addresses is ever built.
-    if let Some(o) = crate::overlap::first(&claims(locals.iter().map(|l| &l.spec), entries)) {
-        return Err(o.to_string());
-    }
-    let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(entries.len() * locals.len());
-    let mut fresh: Vec<(usize, usize, usize)> = Vec::new();
-    for (ei, e) in entries.iter().enumerate() {
-        for (li, local) in locals.iter().enumerate() {
-            match old.by_keys(&local.spec.public_key, &e.spec.public_key) {
-                Some(p) => {
-                    let kept = if p.spec == e.spec && Arc::ptr_eq(&p.local, local) {
-                        p.clone()
-                    } else {
-                        // The same two keys under a renewed certificate (either
-                        // side's): the session carries on, in its slot.
-                        Arc::new(Peer::succeed(p, local, e.spec.clone()))
-                    };
-                    if let Some(ep) = e.endpoint {
-                        if kept.endpoint().is_none() {
-                            kept.set_endpoint(Some(ep));
-                        }
-                    }
-                    peers.push(kept)
-                }
-                None => {
-                    fresh.push((peers.len(), ei, li));
-                    peers.push(Arc::new(Peer::new(local, e.spec.clone(), 0, e.endpoint)));
-                }
-            }
-        }
-    }
-    // Give new sessions slots unused by both the old and the kept sessions.
-    let fresh_at: BTreeSet<usize> = fresh.iter().map(|f| f.0).collect();
-    let used: BTreeSet<u32> = peers
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !fresh_at.contains(i))
-        .map(|(_, p)| p.index)
-        .chain(old.peers().iter().map(|p| p.index))
-        .collect();
-    for (i, ei, li) in fresh {
-        hint &= crate::peers::INDEX_MASK;
-        while hint == 0 || used.contains(&hint) {
-            hint = (hint + 1) & crate::peers::INDEX_MASK;
-        }
-        let e = &entries[ei];
-        peers[i] = Arc::new(Peer::new(&locals[li], e.spec.clone(), hint, e.endpoint));
-        hint += 1;
-    }
-    PeerTable::with_locals(locals.to_vec(), peers).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

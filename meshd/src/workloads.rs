@@ -30,10 +30,10 @@ use mesh_proto::time::UnixTime;
 use serde::{Deserialize, Serialize};
 
 use crate::attach::{if_index, Attacher};
-use crate::daemon::{build_table, one_line, peer_spec, Daemon, Registry};
+use crate::daemon::{one_line, peer_spec, Daemon, Registry};
 use crate::device::Tun;
 use crate::hostfilter::{PodLink, Ruleset};
-use crate::peers::{is_routable, Local, PeerTable};
+use crate::peers::{build_table, is_routable, Local, PeerTable};
 use crate::poll::wait_readable;
 use crate::state::StateError;
 
