@@ -29,13 +29,17 @@ use crate::device::{route_needed, Tun};
 use crate::enforce::{self, Enforcer};
 use crate::expiry::ExpiryWatch;
 use crate::peers::{
-    build_table, claims, Local, Node, OutsideWindow, PeerEntry, PeerSpec, PeerTable, Source,
+    build_table, claims, peer_spec, Local, Node, OutsideWindow, PeerEntry, PeerSpec, PeerTable,
+    Source,
 };
 use crate::shutdown::Shutdown;
 use crate::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
 use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
+
+mod workload_ops;
+pub use workload_ops::quarantine_loop;
 
 /// Everything the configuration names, read and verified. Producing this touches no
 /// network state; `meshd check-config` stops here.
@@ -169,18 +173,6 @@ fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
         PolicyOrigin::Config,
     )
     .map_err(|e| config.error("policy.file", e))
-}
-
-/// What a peer certificate's verification says about it.
-pub fn peer_spec(cert: &Certificate) -> PeerSpec {
-    PeerSpec {
-        identity: cert.identity().clone(),
-        public_key: *cert.public_key(),
-        addresses: cert.addresses().to_vec(),
-        groups: cert.groups().to_vec(),
-        not_before: cert.not_before(),
-        not_after: cert.not_after(),
-    }
 }
 
 /// Verifies a peer certificate (its addresses are checked against the other

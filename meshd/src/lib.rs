@@ -98,7 +98,7 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
         })
         .collect();
     list.push(("chores".into(), Box::new(daemon::chores_loop)));
-    list.push(("quarantine".into(), Box::new(workloads::quarantine_loop)));
+    list.push(("quarantine".into(), Box::new(daemon::quarantine_loop)));
     for (name, f) in list {
         match spawn(&name, f, d.clone()) {
             Ok(t) => threads.push(t),

@@ -51,7 +51,7 @@ use mesh_proto::policy::{LocalWorkload, Sender};
 mod build;
 mod table;
 use crate::wire::{IpPacket, WireError};
-pub use build::{build_table, claims, PeerEntry, Source};
+pub use build::{build_table, claims, peer_spec, PeerEntry, Source};
 pub use table::{PeerTable, TableError};
 
 /// Handshake initiations and responses per second above which the node answers with

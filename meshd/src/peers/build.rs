@@ -37,6 +37,18 @@ pub fn claims<'a>(
         .collect()
 }
 
+/// What a peer certificate's verification says about it.
+pub fn peer_spec(cert: &Certificate) -> PeerSpec {
+    PeerSpec {
+        identity: cert.identity().clone(),
+        public_key: *cert.public_key(),
+        addresses: cert.addresses().to_vec(),
+        groups: cert.groups().to_vec(),
+        not_before: cert.not_before(),
+        not_after: cert.not_after(),
+    }
+}
+
 /// Builds a table of one session per (local workload, peer), keeping the session (and
 /// counters) of every pair whose two static keys are unchanged, so a change elsewhere,
 /// or a certificate renewed for the same key, does not interrupt traffic.
