@@ -6,6 +6,15 @@
 //! and `state` the persisted peer changes. `store` is the fleet store client (etcd),
 //! on a thread and tokio runtime of its own; `fleet` applies what it reads to the
 //! daemon (with a `[store]` table).
+//!
+//! Layers, bottom to top; no module imports one above it, and no modules import each
+//! other in a circle (but `inject` and `l7`, left for later): small system helpers (`clock`, `poll`, `netlink`,
+//! `shutdown`) → the sans-IO cores (`wire`, `peers`, `enforce` and what it uses) →
+//! `node`, the sans-IO node core → the data path's I/O shell (`datapath` with its
+//! [`datapath::Plane`], `device`, `batch`, `transport`, `gro`) → the control plane
+//! (`daemon`, `workloads`, `control`, `client`, `attach`, `hostfilter`, `fleet`,
+//! `store`, `state`). The daemon holds the data path's `Plane` and changes what it
+//! reads (the table snapshot, the policy); the data path never calls the daemon.
 
 pub mod attach;
 pub mod batch;
