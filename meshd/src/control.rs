@@ -22,17 +22,17 @@ use std::time::{Duration, Instant};
 use std::net::SocketAddr;
 
 use mesh_proto::control::{
-    parse_reply, reply_line, ControlError, DecisionRecord, Explanation, LogRequest, LogTail,
-    PeerAddRequest, PeerInfo, PeerList, PeerRemoveRequest, PeerRemoved, PolicyApplied,
-    PolicyApplyRequest, PolicyInfo, Request, Response, Status, StatusRequest, WorkloadAddRequest,
-    WorkloadInfo, WorkloadList, WorkloadRemoveRequest, WorkloadRemoved, DEFAULT_LOG_LINES,
-    MAX_REQUEST_BYTES,
+    reply_line, ControlError, DecisionRecord, Explanation, LogRequest, LogTail, PeerAddRequest,
+    PeerInfo, PeerList, PeerRemoveRequest, PeerRemoved, PolicyApplied, PolicyApplyRequest,
+    PolicyInfo, Request, Response, Status, WorkloadAddRequest, WorkloadInfo, WorkloadList,
+    WorkloadRemoveRequest, WorkloadRemoved, DEFAULT_LOG_LINES, MAX_REQUEST_BYTES,
 };
 use mesh_proto::time::UnixTime;
 
-use crate::daemon::{Daemon, Shutdown};
-use crate::datapath::unix_now;
-use crate::transport::wait_readable;
+use crate::clock::unix_now;
+use crate::daemon::Daemon;
+use crate::poll::wait_readable;
+use crate::shutdown::Shutdown;
 use crate::workloads::WorkloadSpec;
 use mesh_proto::policy::RequestSpec;
 
@@ -67,23 +67,6 @@ pub enum SocketError {
     InUse { path: PathBuf },
     #[error("control socket {}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
-}
-
-/// The status of the meshd listening on `path`, if one answers within a second or
-/// two (`meshd check-config` asks, to tell its port and device from a stranger's).
-pub fn ask_status(path: &Path) -> Option<Status> {
-    let mut s = UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut line = Request::from(StatusRequest {}).to_line();
-    line.push('\n');
-    s.write_all(line.as_bytes()).ok()?;
-    let mut reader = LineReader { buf: Vec::new() };
-    let deadline = instant_now() + Duration::from_secs(2);
-    match reader.next(&s, deadline, instant_now).ok()? {
-        Line::Request(reply) => parse_reply::<StatusRequest>(&reply).ok()?.ok(),
-        _ => None,
-    }
 }
 
 /// The bound socket; removes its file on drop.
@@ -216,7 +199,7 @@ fn instant_now() -> Instant {
 
 /// Accepts clients until shutdown; each client is served on its own thread.
 pub fn serve(sock: &ControlSocket, d: Arc<Daemon>) {
-    let shutdown = d.shutdown.clone();
+    let shutdown = d.plane.shutdown.clone();
     serve_with(sock, d, &shutdown, Limits::default());
 }
 
@@ -536,15 +519,16 @@ impl Api for Daemon {
         Daemon::explain(self, spec)
     }
     fn log_tail(&self, n: usize) -> Vec<Arc<str>> {
-        self.log.tail(n)
+        self.plane.log.tail(n)
     }
     fn log_follow(&self) -> Result<Receiver<Arc<str>>, ControlError> {
-        self.log
+        self.plane
+            .log
             .follow()
             .map_err(|e| ControlError::Busy(e.to_string()))
     }
     fn stopping(&self) -> bool {
-        self.shutdown.is_set()
+        self.plane.shutdown.is_set()
     }
     fn workload_list(&self) -> WorkloadList {
         Daemon::workload_list(self)

@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -14,8 +14,8 @@ use ipnet::IpNet;
 use mesh_proto::cert::{Ca, Certificate, VerifiedCert, VerifyError};
 use mesh_proto::config::{Config, ConfigError};
 use mesh_proto::control::{
-    ControlError, Enforcement, EnforcementCounters, Explanation, NodeDrops, PeerInfo, PeerList,
-    PeerStatus, PolicyApplied, PolicyInfo, PolicyOrigin, RuleCount, Status,
+    ControlError, Enforcement, EnforcementCounters, Explanation, HostFilterStatus, NodeDrops,
+    PeerInfo, PeerList, PeerStatus, PolicyApplied, PolicyInfo, PolicyOrigin, RuleCount, Status,
 };
 use mesh_proto::files;
 use mesh_proto::identity::SpiffeId;
@@ -23,27 +23,23 @@ use mesh_proto::key::{PrivateKey, PublicKey};
 use mesh_proto::time::{span, Term, UnixTime};
 
 use crate::cpu_latency::CpuLatency;
+use crate::datapath::Plane;
 use crate::decisions::{DecisionLog, LogLimits};
 use crate::device::{route_needed, Tun};
 use crate::enforce::{self, Enforcer};
 use crate::expiry::ExpiryWatch;
-use crate::peers::{Local, Node, OutsideWindow, Peer, PeerSpec, PeerTable};
+use crate::peers::{
+    build_table, claims, peer_spec, Local, Node, OutsideWindow, PeerEntry, PeerSpec, PeerTable,
+    Source,
+};
+use crate::shutdown::Shutdown;
 use crate::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
 use crate::transport::Udp;
 use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
 
-/// Where a peer comes from (as `peer_list` reports it).
-pub use mesh_proto::control::PeerSource as Source;
-
-/// One peer of the effective set: a certificate the CA signed, and where to reach it.
-#[derive(Clone, Debug)]
-pub struct PeerEntry {
-    pub cert: Certificate,
-    pub spec: PeerSpec,
-    pub endpoint: Option<SocketAddr>,
-    pub source: Source,
-}
+mod workload_ops;
+pub use workload_ops::quarantine_loop;
 
 /// Everything the configuration names, read and verified. Producing this touches no
 /// network state; `meshd check-config` stops here.
@@ -197,18 +193,6 @@ fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
         PolicyOrigin::Config,
     )
     .map_err(|e| config.error("policy.file", e))
-}
-
-/// What a peer certificate's verification says about it.
-pub fn peer_spec(cert: &Certificate) -> PeerSpec {
-    PeerSpec {
-        identity: cert.identity().clone(),
-        public_key: *cert.public_key(),
-        addresses: cert.addresses().to_vec(),
-        groups: cert.groups().to_vec(),
-        not_before: cert.not_before(),
-        not_after: cert.not_after(),
-    }
 }
 
 /// Verifies a peer certificate (its addresses are checked against the other
@@ -454,19 +438,6 @@ fn admit_addresses(
     Ok((workloads, peers))
 }
 
-/// The identities of `locals` and `entries` with their addresses, for
-/// [`crate::overlap`].
-fn claims<'a>(
-    locals: impl IntoIterator<Item = &'a PeerSpec>,
-    entries: &'a [PeerEntry],
-) -> Vec<crate::overlap::Claim<'a>> {
-    locals
-        .into_iter()
-        .chain(entries.iter().map(|e| &e.spec))
-        .map(|s| (&s.identity, &s.addresses[..]))
-        .collect()
-}
-
 /// What `meshd check-config` checks on the host beyond the files, so that it fails
 /// where the start would: the UDP port can be bound (bound and let go at once) and
 /// the TUN's name is free. Both are expected taken by a meshd that runs with this
@@ -474,7 +445,7 @@ fn claims<'a>(
 /// the configuration of a running node before a restart is no error.
 pub fn check_host(config: &Config) -> Vec<ConfigError> {
     let n = &config.node;
-    let running = crate::control::ask_status(&n.control_socket);
+    let running = crate::client::ask_status(&n.control_socket);
     let ours = |s: &Status| s.listen.port() == n.listen.port() && s.tun == n.tun;
     let running = running.filter(ours);
     let mut problems = Vec::new();
@@ -510,40 +481,6 @@ pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
     e.to_string().replace('\n', " ")
 }
 
-/// A shutdown flag the loops poll and the timer thread waits on.
-#[derive(Default)]
-pub struct Shutdown {
-    flag: AtomicBool,
-    lock: Mutex<()>,
-    cv: Condvar,
-}
-
-impl Shutdown {
-    pub fn new() -> Arc<Shutdown> {
-        Arc::new(Shutdown::default())
-    }
-
-    pub fn trigger(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        let _g = self.lock.lock();
-        self.cv.notify_all();
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    /// Waits up to `d`; true if shutdown was triggered.
-    pub fn wait_timeout(&self, d: Duration) -> bool {
-        let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.is_set() {
-            return true;
-        }
-        let _ = self.cv.wait_timeout(g, d);
-        self.is_set()
-    }
-}
-
 /// The control plane's view of the peers and local workloads: entries plus the
 /// persisted changes.
 pub(crate) struct Registry {
@@ -571,21 +508,15 @@ impl Registry {
     }
 }
 
-/// The running daemon, shared by the I/O threads.
+/// The running daemon: the control plane's state, and the data path's it changes.
 pub struct Daemon {
-    pub node: Node,
-    pub table: ArcSwap<PeerTable>,
-    pub enforce: Enforcer,
-    pub log: Arc<DecisionLog>,
-    /// The shell's monotonic clock starts here.
-    pub epoch: std::time::Instant,
+    /// What the data path owns and reads (the peer table snapshot, the enforcer, the
+    /// TUN and socket). Declared before `host_filter`: the TUN goes first.
+    pub plane: Plane,
     applied: Mutex<AppliedPolicy>,
-    pub tun: Tun,
-    pub udp: Udp,
     /// The nftables table that keeps the mesh addresses to meshd; `None` when
     /// `node.host_filter = false`. Dropped (deleted) after the TUN.
     pub(crate) host_filter: Option<crate::hostfilter::HostFilter>,
-    pub shutdown: Arc<Shutdown>,
     pub ready: AtomicBool,
     pub(crate) config: Config,
     pub(crate) ca: Ca,
@@ -608,9 +539,6 @@ pub struct Daemon {
     /// The learned endpoints last written to the state directory, and whether the
     /// last attempt to write them failed (logged once until a write succeeds).
     learned: Mutex<(LearnedEndpoints, bool)>,
-    /// The CPU wake-up latency request (`node.cpu_latency_us`), held while traffic
-    /// flows: marked by the data-path threads, withdrawn by the timer thread.
-    pub cpu_latency: CpuLatency,
     /// Reads the fleet store input's state for `status` (set by `fleet` when the
     /// config has a `[store]` table).
     store_status: Mutex<Option<StoreStatusReader>>,
@@ -682,7 +610,21 @@ impl Daemon {
         let udp = Udp::bind(config.node.listen, config.node.udp_offload)
             .map_err(|e| config.error("node.listen", listen_error(&e)))?;
         // Before the overlay addresses exist.
-        let host_filter = crate::hostfilter::start(&config, &workloads)?;
+        let ruleset = crate::workloads::host_filter_ruleset(&config.node.tun, &workloads);
+        let host_filter =
+            crate::hostfilter::start(config.node.host_filter, ruleset).map_err(|e| {
+                StartError::HostFilter(
+                    config
+                        .error(
+                            "node.host_filter",
+                            format!(
+                                "cannot install the host filter (nftables table inet {}): {e}; meshd does not run without it: fix that, or set host_filter = false in [node] to run unprotected",
+                                crate::hostfilter::table_name(&config.node.tun)
+                            ),
+                        )
+                        .to_string(),
+                )
+            })?;
         let tun =
             Tun::create(&config.node.tun, config.node.mtu, &own_addrs).map_err(|e| match e {
                 crate::device::DeviceError::Exists { .. } => {
@@ -728,18 +670,21 @@ impl Daemon {
         }
         let next = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         let d = Daemon {
-            cpu_latency: CpuLatency::new(config.node.cpu_latency_us),
-            node,
-            table: ArcSwap::from_pointee(table),
-            enforce,
-            log,
-            #[allow(clippy::disallowed_methods)] // I/O shell: the monotonic clock's origin
-            epoch: std::time::Instant::now(),
+            plane: Plane {
+                cpu_latency: CpuLatency::new(config.node.cpu_latency_us),
+                node,
+                table: ArcSwap::from_pointee(table),
+                enforce,
+                log,
+                #[allow(clippy::disallowed_methods)] // I/O shell: the monotonic clock's origin
+                epoch: std::time::Instant::now(),
+                tun,
+                udp,
+                shutdown,
+                seg_len: Plane::segment_len(config.node.mtu),
+            },
             applied: Mutex::new(policy.applied),
-            tun,
-            udp,
             host_filter,
-            shutdown,
             ready: AtomicBool::new(false),
             config,
             ca,
@@ -772,7 +717,7 @@ impl Daemon {
     }
 
     pub fn status(&self) -> Status {
-        let table = self.table.load();
+        let table = self.plane.table.load();
         let peers = table
             .peers()
             .iter()
@@ -798,22 +743,22 @@ impl Daemon {
             ready: self.ready.load(Ordering::SeqCst),
             identity: own.identity().to_string(),
             public_key: PublicKey::from(*own.public_key()).to_base64(),
-            listen: self.udp.local_addr(),
-            tun: self.tun.name().to_string(),
+            listen: self.plane.udp.local_addr(),
+            tun: self.plane.tun.name().to_string(),
             addresses: own.addresses().to_vec(),
             peers,
             drops: NodeDrops {
-                tun_write: self.tun.write_failures(),
-                udp_send: self.udp.send_failures(),
-                ..self.node.drops()
+                tun_write: self.plane.tun.write_failures(),
+                udp_send: self.plane.udp.send_failures(),
+                ..self.plane.node.drops()
             },
             workloads: self.workload_list().workloads,
             enforcement: Some(Enforcement {
                 policy: self.policy_get(),
-                counters: enforcement_counters(self.enforce.counters()),
-                decision_log: self.log.counters(),
+                counters: enforcement_counters(self.plane.enforce.counters()),
+                decision_log: self.plane.log.counters(),
             }),
-            cpu_latency: self.cpu_latency.status(),
+            cpu_latency: self.plane.cpu_latency.status(),
             host_filter: Some(self.host_filter_status()),
             store: self
                 .store_status
@@ -866,7 +811,7 @@ impl Daemon {
         let current = {
             let reg = self.lock_registry();
             let configured = configured_endpoints(&reg.entries);
-            let table = self.table.load();
+            let table = self.plane.table.load();
             LearnedEndpoints::from_peers(table.peers().iter().filter_map(|p| {
                 let configured = configured.get(&p.spec.identity).copied().flatten();
                 let current = p.endpoint();
@@ -893,11 +838,6 @@ impl Daemon {
         }
     }
 
-    /// The monotonic time of the shell.
-    pub fn mono(&self) -> Duration {
-        self.epoch.elapsed()
-    }
-
     /// Resets both ends of each cut TCP flow (the enforcer removed them already).
     pub fn cut_flows(&self, cuts: &[enforce::Cut]) {
         if cuts.is_empty() {
@@ -908,7 +848,7 @@ impl Daemon {
             cut.resets(&mut emit);
         }
         let mut buf = vec![0u8; 2048];
-        crate::datapath::send_emitted(self, &emit, &mut buf);
+        crate::datapath::send_emitted(&self.plane, &emit, &mut buf);
     }
 
     /// After the peer table changed: flows opened by an identity no longer in it
@@ -916,7 +856,7 @@ impl Daemon {
     /// renewed certificate (kept session) no longer names are decided again under
     /// the policy in force and cut if it now forbids them, as after a policy change.
     pub(crate) fn refresh_flows(&self) {
-        let table = self.table.load();
+        let table = self.plane.table.load();
         let mut groups: HashMap<&str, Arc<[String]>> = HashMap::new();
         for p in table.peers() {
             groups.insert(&p.sender.identity, p.sender.groups.clone());
@@ -926,10 +866,12 @@ impl Daemon {
                 groups.insert(id, l.workload.groups.clone());
             }
         }
-        let now = crate::datapath::unix_now();
-        let cuts = self
-            .enforce
-            .refresh_identities(|id| groups.get(id).cloned(), self.mono(), now);
+        let now = crate::clock::unix_now();
+        let cuts = self.plane.enforce.refresh_identities(
+            |id| groups.get(id).cloned(),
+            self.plane.mono(),
+            now,
+        );
         if !cuts.is_empty() {
             tracing::info!(
                 cut = cuts.len(),
@@ -960,7 +902,10 @@ impl Daemon {
         StoredPolicy::new(name, source)
             .save(&self.config.node.state_dir)
             .map_err(|e| ControlError::Internal(format!("policy_apply: cannot persist: {e}")))?;
-        let cuts = self.enforce.set_policy(loaded.compiled, self.mono(), now);
+        let cuts = self
+            .plane
+            .enforce
+            .set_policy(loaded.compiled, self.plane.mono(), now);
         *applied = loaded.applied;
         tracing::info!(policy = %name, policies = applied.policies, cut = cuts.len(), "policy applied");
         let result = PolicyApplied {
@@ -981,12 +926,14 @@ impl Daemon {
             spec.workload = Some(own.identity().to_string());
             spec.workload_groups = own.groups().to_vec();
         }
-        self.enforce.with_policy(|p| policy::explain(p, &spec))
+        self.plane
+            .enforce
+            .with_policy(|p| policy::explain(p, &spec))
     }
 
     pub fn peer_list(&self) -> PeerList {
         let reg = self.lock_registry();
-        let table = self.table.load();
+        let table = self.plane.table.load();
         PeerList {
             peers: reg
                 .entries
@@ -1047,7 +994,7 @@ impl Daemon {
         self.commit(&mut reg, entries, changes)?;
         if let Some(ep) = endpoint {
             // An unchanged peer keeps its session; the operator's endpoint still wins.
-            for p in self.table.load().sessions_of(&entry.spec.identity) {
+            for p in self.plane.table.load().sessions_of(&entry.spec.identity) {
                 p.set_endpoint(Some(ep));
             }
         }
@@ -1082,7 +1029,7 @@ impl Daemon {
         entries: Vec<PeerEntry>,
         changes: PeerChanges,
     ) -> Result<(), ControlError> {
-        let old = self.table.load_full();
+        let old = self.plane.table.load_full();
         let hint = self.next_index.load(Ordering::Relaxed);
         let table =
             build_table(&reg.locals(), &entries, &old, hint).map_err(ControlError::Refused)?;
@@ -1091,17 +1038,17 @@ impl Daemon {
             .map_err(|e| ControlError::Internal(format!("cannot persist peers: {e}")))?;
         let max = table.peers().iter().map(|p| p.index + 1).max().unwrap_or(1);
         self.next_index.fetch_max(max, Ordering::Relaxed);
-        self.table.store(Arc::new(table));
+        self.plane.table.store(Arc::new(table));
         self.refresh_flows();
         if self.dynamic_routes {
             let want = peer_route_set(&entries, reg.node_cert().addresses());
             for r in want.difference(&reg.peer_routes) {
-                if let Err(e) = self.tun.add_route(*r) {
+                if let Err(e) = self.plane.tun.add_route(*r) {
                     tracing::error!("{e}");
                 }
             }
             for r in reg.peer_routes.difference(&want) {
-                if let Err(e) = self.tun.remove_route(*r) {
+                if let Err(e) = self.plane.tun.remove_route(*r) {
                     tracing::warn!("{e}");
                 }
             }
@@ -1110,6 +1057,64 @@ impl Daemon {
         reg.entries = entries;
         reg.changes = changes;
         Ok(())
+    }
+}
+
+/// The control plane's chores tick at this interval.
+const CHORES_TICK: Duration = Duration::from_secs(1);
+/// Learned peer endpoints are saved (when changed) every this many ticks: 10 s.
+const SAVE_ENDPOINTS_TICKS: u64 = 10;
+
+/// The control plane's timed chores, on a thread of their own so that the data path's
+/// timer never calls into the daemon: every second, renewed certificate files are
+/// taken and certificates near their end are warned of; every ten, the peers' learned
+/// endpoints are saved.
+pub fn chores_loop(d: &Daemon) {
+    let mut ticks = 0u64;
+    while !d.plane.shutdown.wait_timeout(CHORES_TICK) {
+        ticks += 1;
+        let now = crate::clock::unix_now();
+        d.check_cert_files(now);
+        d.check_certificates(now);
+        if ticks.is_multiple_of(SAVE_ENDPOINTS_TICKS) {
+            d.save_learned_endpoints();
+        }
+    }
+}
+
+impl Daemon {
+    /// Replaces the host filter's table for the workloads `workloads` (the node's
+    /// first); the table in force stays if nft refuses.
+    pub(crate) fn update_host_filter(&self, workloads: &[Workload]) -> Result<(), String> {
+        let Some(f) = &self.host_filter else {
+            return Ok(());
+        };
+        f.update(crate::workloads::host_filter_ruleset(
+            self.plane.tun.name(),
+            workloads,
+        ))
+        .map_err(|e| format!("host filter: {e}"))
+    }
+
+    /// Deletes the host filter's table (at stop, when the daemon itself outlives `run`).
+    pub fn remove_host_filter(&self) {
+        if let Some(f) = &self.host_filter {
+            f.remove();
+        }
+    }
+
+    pub(crate) fn host_filter_status(&self) -> HostFilterStatus {
+        self.host_filter.as_ref().map_or_else(
+            HostFilterStatus::disabled,
+            crate::hostfilter::HostFilter::status,
+        )
+    }
+}
+
+impl Loaded {
+    /// The host filter's table for what was loaded (`meshd check-config` checks it).
+    pub fn host_filter_ruleset(&self) -> crate::hostfilter::Ruleset {
+        crate::workloads::host_filter_ruleset(&self.config.node.tun, &self.workloads)
     }
 }
 
@@ -1228,68 +1233,6 @@ fn configured_endpoints(entries: &[PeerEntry]) -> HashMap<&SpiffeId, Option<Sock
         .iter()
         .map(|e| (&e.spec.identity, e.endpoint))
         .collect()
-}
-
-/// Builds a table of one session per (local workload, peer), keeping the session (and
-/// counters) of every pair whose two static keys are unchanged, so a change elsewhere,
-/// or a certificate renewed for the same key, does not interrupt traffic.
-pub fn build_table(
-    locals: &[Arc<Local>],
-    entries: &[PeerEntry],
-    old: &PeerTable,
-    mut hint: u32,
-) -> Result<PeerTable, String> {
-    // Every way an identity enters checks this first with a message of its own; here,
-    // no table with overlapping addresses is ever built.
-    if let Some(o) = crate::overlap::first(&claims(locals.iter().map(|l| &l.spec), entries)) {
-        return Err(o.to_string());
-    }
-    let mut peers: Vec<Arc<Peer>> = Vec::with_capacity(entries.len() * locals.len());
-    let mut fresh: Vec<(usize, usize, usize)> = Vec::new();
-    for (ei, e) in entries.iter().enumerate() {
-        for (li, local) in locals.iter().enumerate() {
-            match old.by_keys(&local.spec.public_key, &e.spec.public_key) {
-                Some(p) => {
-                    let kept = if p.spec == e.spec && Arc::ptr_eq(&p.local, local) {
-                        p.clone()
-                    } else {
-                        // The same two keys under a renewed certificate (either
-                        // side's): the session carries on, in its slot.
-                        Arc::new(Peer::succeed(p, local, e.spec.clone()))
-                    };
-                    if let Some(ep) = e.endpoint {
-                        if kept.endpoint().is_none() {
-                            kept.set_endpoint(Some(ep));
-                        }
-                    }
-                    peers.push(kept)
-                }
-                None => {
-                    fresh.push((peers.len(), ei, li));
-                    peers.push(Arc::new(Peer::new(local, e.spec.clone(), 0, e.endpoint)));
-                }
-            }
-        }
-    }
-    // Give new sessions slots unused by both the old and the kept sessions.
-    let fresh_at: BTreeSet<usize> = fresh.iter().map(|f| f.0).collect();
-    let used: BTreeSet<u32> = peers
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !fresh_at.contains(i))
-        .map(|(_, p)| p.index)
-        .chain(old.peers().iter().map(|p| p.index))
-        .collect();
-    for (i, ei, li) in fresh {
-        hint &= crate::peers::INDEX_MASK;
-        while hint == 0 || used.contains(&hint) {
-            hint = (hint + 1) & crate::peers::INDEX_MASK;
-        }
-        let e = &entries[ei];
-        peers[i] = Arc::new(Peer::new(&locals[li], e.spec.clone(), hint, e.endpoint));
-        hint += 1;
-    }
-    PeerTable::with_locals(locals.to_vec(), peers).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

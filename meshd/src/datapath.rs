@@ -19,17 +19,22 @@
 //! the senders.
 
 use std::io;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use mesh_proto::time::UnixTime;
+use arc_swap::ArcSwap;
 
 use crate::batch::TunBatch;
-use crate::daemon::Daemon;
+use crate::clock::unix_now;
+use crate::cpu_latency::CpuLatency;
+use crate::decisions::DecisionLog;
 use crate::device::{Tun, TUN_READ_LEN};
-use crate::enforce::{Emit, Toward};
+use crate::enforce::{Emit, Enforcer, Toward};
 use crate::node::{self, Inbound, Now, Outbound};
-use crate::peers;
-use crate::transport::{wait_readable, wait_readable2, GsoBatch, Udp, GRO_BUF_LEN, GSO_MAX_BYTES};
+use crate::peers::{self, Node, PeerTable};
+use crate::poll::{wait_readable, wait_readable2};
+use crate::shutdown::Shutdown;
+use crate::transport::{GsoBatch, Udp, GRO_BUF_LEN, GSO_MAX_BYTES};
 
 /// Largest datagram or TUN packet handled.
 const BUF_LEN: usize = 65_536;
@@ -46,14 +51,39 @@ const TUN_BATCH: usize = 32;
 /// Packets between two workloads of this host written back to the TUN in one batch.
 const LOCAL_BATCH: usize = 8;
 
-/// Wall-clock seconds. The I/O shell is where the clock is read.
-#[allow(clippy::disallowed_methods)] // I/O shell: the one place `now` comes from
-pub fn unix_now() -> UnixTime {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    UnixTime(secs)
+/// What the packet path owns, shared by its threads: the node core's state (its
+/// counters, the peer table snapshot, the enforcer), the TUN and the socket, and the
+/// flags it heeds. The daemon (the control layer) holds it and changes what the data
+/// path reads through these same handles (it stores a new table snapshot, sets the
+/// enforcer's policy); the data path never calls up into the daemon.
+pub struct Plane {
+    pub node: Node,
+    pub table: ArcSwap<PeerTable>,
+    pub enforce: Enforcer,
+    pub log: Arc<DecisionLog>,
+    /// The shell's monotonic clock starts here.
+    pub epoch: Instant,
+    pub tun: Tun,
+    pub udp: Udp,
+    pub shutdown: Arc<Shutdown>,
+    /// The CPU wake-up latency request (`node.cpu_latency_us`), held while traffic
+    /// flows: marked by the data-path threads, withdrawn by the timer thread.
+    pub cpu_latency: CpuLatency,
+    /// The length of each segment buffer after the first: one MTU-sized packet
+    /// (`node.mtu`, at least IPv6's 1280) and room to spare ([`Plane::segment_len`]).
+    pub seg_len: usize,
+}
+
+impl Plane {
+    /// The monotonic time of the shell.
+    pub fn mono(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// The segment buffer length for TUN MTU `mtu`.
+    pub fn segment_len(mtu: u16) -> usize {
+        usize::from(mtu).max(1280) + 64
+    }
 }
 
 /// What one read did.
@@ -81,9 +111,9 @@ struct ToPeers {
 }
 
 impl ToPeers {
-    fn new(d: &Daemon) -> ToPeers {
+    fn new(d: &Plane) -> ToPeers {
         // The first buffer takes a whole unsegmented packet; the others one MTU each.
-        let seg_len = usize::from(d.config().node.mtu).max(1280) + 64;
+        let seg_len = d.seg_len;
         ToPeers {
             raw: vec![0u8; TUN_READ_LEN],
             segs: (0..SPLIT_MAX)
@@ -100,7 +130,7 @@ impl ToPeers {
 
     /// Reads one packet or TSO segment from the TUN and queues its packets, encrypted,
     /// for their peers.
-    fn step(&mut self, d: &Daemon, tun: &Tun, udp: &Udp) -> Step {
+    fn step(&mut self, d: &Plane, tun: &Tun, udp: &Udp) -> Step {
         let n = match tun.recv_segments(&mut self.raw, &mut self.segs, &mut self.sizes) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Drained,
@@ -196,7 +226,7 @@ impl FromPeers {
 
     /// Reads one datagram or GRO run from the socket; delivered packets join the TUN
     /// batch (written when it is full).
-    fn step(&mut self, d: &Daemon, tun: &Tun, udp: &Udp) -> Step {
+    fn step(&mut self, d: &Plane, tun: &Tun, udp: &Udp) -> Step {
         let r = match udp.recv_batch(&mut self.raw) {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Drained,
@@ -259,7 +289,7 @@ impl FromPeers {
 }
 
 /// TUN → UDP, one thread (the per-direction layout).
-pub fn tun_loop(d: &Daemon) {
+pub fn tun_loop(d: &Plane) {
     let mut s = ToPeers::new(d);
     while !d.shutdown.is_set() {
         match s.step(d, &d.tun, &d.udp) {
@@ -281,7 +311,7 @@ pub fn tun_loop(d: &Daemon) {
 }
 
 /// UDP → TUN, one thread (the per-direction layout).
-pub fn udp_loop(d: &Daemon) {
+pub fn udp_loop(d: &Plane) {
     let mut s = FromPeers::new();
     while !d.shutdown.is_set() {
         match s.step(d, &d.tun, &d.udp) {
@@ -304,7 +334,7 @@ const WORKER_ROUND: usize = 8;
 /// peer's datagrams on one socket, so no flow is reordered between workers. A
 /// request answered locally (a ping, a small HTTP exchange) is read back by the
 /// thread that delivered it, without waking another one.
-pub fn worker_loop(d: &Daemon, index: usize) {
+pub fn worker_loop(d: &Plane, index: usize) {
     let (own_tun, own_udp) = if index == 0 {
         (None, None)
     } else {
@@ -385,7 +415,7 @@ pub fn workers() -> usize {
 pub const DEFAULT_WORKERS: usize = 2;
 
 /// A data-path thread: its name and body.
-pub type Thread = (String, Box<dyn FnOnce(&Daemon) + Send>);
+pub type Thread = (String, Box<dyn FnOnce(&Plane) + Send>);
 
 /// The data-path threads to start, and the timer thread.
 pub fn threads() -> Vec<Thread> {
@@ -408,7 +438,7 @@ pub fn threads() -> Vec<Thread> {
 /// Sends what the enforcer emitted: to local workloads through the TUN, to peers
 /// encrypted through their sessions (routed by destination, without policy: these
 /// are the enforcer's own answers).
-pub fn send_emitted(d: &Daemon, emit: &Emit, aux: &mut [u8]) {
+pub fn send_emitted(d: &Plane, emit: &Emit, aux: &mut [u8]) {
     let table = d.table.load();
     for (toward, packet) in emit.packets() {
         match toward {
@@ -423,7 +453,7 @@ pub fn send_emitted(d: &Daemon, emit: &Emit, aux: &mut [u8]) {
 }
 
 /// Encrypts an enforcer-made packet for the peer that owns its destination.
-fn send_to_peer(d: &Daemon, table: &peers::PeerTable, packet: &[u8], aux: &mut [u8]) {
+fn send_to_peer(d: &Plane, table: &peers::PeerTable, packet: &[u8], aux: &mut [u8]) {
     match peers::outbound(&d.node, table, packet, aux, unix_now()) {
         peers::Outbound::Send { to, data } => send(d, data, to),
         // Towards a workload of this host.
@@ -437,11 +467,10 @@ fn send_to_peer(d: &Daemon, table: &peers::PeerTable, packet: &[u8], aux: &mut [
     }
 }
 
-/// Learned peer endpoints are saved (when changed) every this many ticks: 10 s.
-const SAVE_ENDPOINTS_TICKS: u64 = 40;
-
-/// WireGuard timers for every peer, and the handshake rate limiter's reset.
-pub fn timer_loop(d: &Daemon) {
+/// WireGuard timers for every peer, the handshake rate limiter's reset, and the
+/// enforcer's timeouts. The control plane's chores run on a thread of their own
+/// (`daemon::chores_loop`).
+pub fn timer_loop(d: &Plane) {
     let mut dst = vec![0u8; BUF_LEN];
     let mut emit = Emit::default();
     let mut ticks = 0u64;
@@ -451,11 +480,6 @@ pub fn timer_loop(d: &Daemon) {
         let now = unix_now();
         if ticks.is_multiple_of(4) {
             d.table.load().reset_rate_limiters();
-            d.check_cert_files(now);
-            d.check_certificates(now);
-        }
-        if ticks.is_multiple_of(SAVE_ENDPOINTS_TICKS) {
-            d.save_learned_endpoints();
         }
         // Overdue request heads (408) and expired flows.
         d.enforce.poll(d.mono(), now, &mut emit);
@@ -472,7 +496,7 @@ pub fn timer_loop(d: &Daemon) {
     }
 }
 
-fn send(d: &Daemon, data: &[u8], to: std::net::SocketAddr) {
+fn send(d: &Plane, data: &[u8], to: std::net::SocketAddr) {
     send_on(&d.udp, data, to);
 }
 

@@ -376,12 +376,12 @@ mod netlink {
 
     /// The request bytes for RTM_NEWROUTE / RTM_DELROUTE (main table, link scope).
     pub(super) fn message(add: bool, net: IpNet, oif: u32) -> Vec<u8> {
-        crate::attach::route_message(add, net, oif, None, None)
+        crate::netlink::route_message(add, net, oif, None, None)
     }
 
     /// Adds or deletes one route through the shared netlink request in `attach`.
     pub(super) fn route(add: bool, net: IpNet, oif: u32) -> io::Result<()> {
-        match crate::attach::request(&message(add, net, oif)) {
+        match crate::netlink::request(&message(add, net, oif)) {
             // Deleting a route the kernel already removed is fine.
             Err(e) if !add && e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             r => r,
@@ -408,7 +408,7 @@ mod netlink {
             assert_eq!(m6.len(), 16 + 12 + 20 + 8);
             assert_eq!(m6[17], 48);
             // Another table: unspecified in rtmsg, named by RTA_TABLE (4+4 more).
-            let t = crate::attach::route_message(
+            let t = crate::netlink::route_message(
                 true,
                 "100.64.0.0/10".parse().unwrap(),
                 7,

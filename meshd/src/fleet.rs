@@ -402,7 +402,7 @@ impl DaemonTarget {
 impl Target for DaemonTarget {
     fn add_peer(&self, cert: &Certificate, endpoint: Option<SocketAddr>) -> Result<(), String> {
         let d = self.daemon()?;
-        d.peer_add(cert.as_pem(), endpoint, crate::datapath::unix_now())
+        d.peer_add(cert.as_pem(), endpoint, crate::clock::unix_now())
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
@@ -417,7 +417,7 @@ impl Target for DaemonTarget {
     fn apply_policy(&self, name: &str, policy: &str) -> Result<(), String> {
         let d = self.daemon()?;
         let (_, cuts) = d
-            .policy_apply(policy, name, crate::datapath::unix_now())
+            .policy_apply(policy, name, crate::clock::unix_now())
             .map_err(|e| e.to_string())?;
         d.cut_flows(&cuts);
         Ok(())
@@ -440,7 +440,7 @@ impl Target for DaemonTarget {
     }
 
     fn now(&self) -> UnixTime {
-        crate::datapath::unix_now()
+        crate::clock::unix_now()
     }
 }
 

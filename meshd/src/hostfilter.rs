@@ -27,7 +27,7 @@
 //! chain's policy is accept and only drops are final, so the table closes what meshd
 //! owns and opens nothing another ruleset closes. Packets through meshd are untouched:
 //! what the TUN delivers was decided by policy, and a pod's packets reach the TUN only
-//! from its own addresses (the routing in [`crate::attach`] sends them there; this
+//! from its own addresses (the routing of `attach` sends them there; this
 //! table holds them to it even before the pod is attached, or if that routing is
 //! changed). The routed mesh prefixes are not in the sets: they may cover the underlay
 //! (a more specific route keeps the endpoints there), and what is routed into the TUN
@@ -50,11 +50,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use ipnet::IpNet;
-use mesh_proto::config::Config;
 use mesh_proto::control::{HostFilterState, HostFilterStatus};
-
-use crate::daemon::{Daemon, Loaded, StartError};
-use crate::workloads::{quarantine_name, Workload};
 
 /// The nftables table of the meshd whose TUN is `tun`.
 pub fn table_name(tun: &str) -> String {
@@ -222,85 +218,17 @@ fn quoted_set<'a>(names: impl Iterator<Item = &'a str>) -> String {
     format!("{{ {} }}", items.join(", "))
 }
 
-/// The table for the node's state: its own overlay addresses (the first workload's,
-/// each a host address on the TUN) and every workload behind a veth, attached or not
-/// yet (a pod is held to meshd from the moment its veth may appear). The routed mesh
-/// prefixes are not in it: they may cover the underlay (a more specific route keeps
-/// the endpoints there), and the interface rules keep whatever they route to the TUN.
-pub(crate) fn ruleset(tun: &str, workloads: &[Workload]) -> Ruleset {
-    let mesh: Vec<IpNet> = workloads.first().map_or_else(Vec::new, |node| {
-        node.cert
-            .addresses()
-            .iter()
-            .map(|a| IpNet::from(a.addr()))
-            .collect()
-    });
-    let pods = workloads
-        .iter()
-        .filter_map(|w| {
-            Some(PodLink {
-                veth: w.spec.veth.clone()?,
-                addresses: w.cert.addresses().to_vec(),
-            })
-        })
-        .collect();
-    Ruleset::new(tun, &quarantine_name(tun), &mesh, pods)
-}
-
-/// At start, before the TUN exists: installs the filter, or says loudly that there is
-/// none (`node.host_filter = false`). A filter that cannot be installed stops the
-/// start.
-pub(crate) fn start(
-    config: &Config,
-    workloads: &[Workload],
-) -> Result<Option<HostFilter>, StartError> {
-    let tun = &config.node.tun;
-    if !config.node.host_filter {
+/// At start, before the TUN exists: installs the filter for `ruleset`, or, when
+/// `enabled` is false (`node.host_filter = false`), says loudly that there is none.
+/// A filter that cannot be installed stops the start (the caller says which setting).
+pub fn start(enabled: bool, ruleset: Ruleset) -> Result<Option<HostFilter>, FilterError> {
+    if !enabled {
         tracing::warn!(
             "host filter DISABLED (node.host_filter = false): plaintext from the underlay reaches this node's overlay addresses and its pods', and pods reach this host around meshd; every service listening on them is open to anyone on the underlay"
         );
         return Ok(None);
     }
-    HostFilter::install(ruleset(tun, workloads))
-        .map(Some)
-        .map_err(|e| {
-            StartError::HostFilter(
-                config
-                    .error(
-                        "node.host_filter",
-                        format!(
-                            "cannot install the host filter (nftables table inet {}): {e}; meshd does not run without it: fix that, or set host_filter = false in [node] to run unprotected",
-                            table_name(tun)
-                        ),
-                    )
-                    .to_string(),
-            )
-        })
-}
-
-impl Daemon {
-    /// Replaces the filter's table for the workloads `workloads` (the node's first);
-    /// the table in force stays if nft refuses.
-    pub(crate) fn update_host_filter(&self, workloads: &[Workload]) -> Result<(), String> {
-        let Some(f) = &self.host_filter else {
-            return Ok(());
-        };
-        f.update(ruleset(self.tun.name(), workloads))
-            .map_err(|e| format!("host filter: {e}"))
-    }
-
-    /// Deletes the filter's table (at stop, when the daemon itself outlives `run`).
-    pub fn remove_host_filter(&self) {
-        if let Some(f) = &self.host_filter {
-            f.remove();
-        }
-    }
-
-    pub(crate) fn host_filter_status(&self) -> HostFilterStatus {
-        self.host_filter
-            .as_ref()
-            .map_or_else(HostFilterStatus::disabled, HostFilter::status)
-    }
+    HostFilter::install(ruleset).map(Some)
 }
 
 /// Why nft could not do what meshd asked.
@@ -340,11 +268,10 @@ fn nft(args: &[&str], input: &str, what: &'static str) -> Result<String, FilterE
     Err(FilterError::Refused { what, message })
 }
 
-/// `meshd check-config`: whether nft would install the table meshd installs at start
-/// (`nft -c`: checked by the kernel, nothing changed).
-pub fn check(loaded: &Loaded) -> Result<(), FilterError> {
-    let r = ruleset(&loaded.config.node.tun, &loaded.workloads);
-    nft(&["-c", "-f", "-"], &r.script(), "take the table").map(|_| ())
+/// `meshd check-config`: whether nft would install `ruleset`, the table meshd
+/// installs at start (`nft -c`: checked by the kernel, nothing changed).
+pub fn check(ruleset: &Ruleset) -> Result<(), FilterError> {
+    nft(&["-c", "-f", "-"], &ruleset.script(), "take the table").map(|_| ())
 }
 
 /// The installed table: replaced when the pods change, deleted on [`HostFilter::remove`]

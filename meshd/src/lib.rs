@@ -6,10 +6,21 @@
 //! and `state` the persisted peer changes. `store` is the fleet store client (etcd),
 //! on a thread and tokio runtime of its own; `fleet` applies what it reads to the
 //! daemon (with a `[store]` table).
+//!
+//! Layers, bottom to top; no module imports one above it, and no modules import each
+//! other in a circle (but `inject` and `l7`, left for later): small system helpers (`clock`, `poll`, `netlink`,
+//! `shutdown`) → the sans-IO cores (`wire`, `peers`, `enforce` and what it uses) →
+//! `node`, the sans-IO node core → the data path's I/O shell (`datapath` with its
+//! [`datapath::Plane`], `device`, `batch`, `transport`, `gro`) → the control plane
+//! (`daemon`, `workloads`, `control`, `client`, `attach`, `hostfilter`, `fleet`,
+//! `store`, `state`). The daemon holds the data path's `Plane` and changes what it
+//! reads (the table snapshot, the policy); the data path never calls the daemon.
 
 pub mod attach;
 pub mod batch;
 pub mod checksum;
+pub mod client;
+pub mod clock;
 pub mod conntrack;
 pub mod control;
 pub mod cpu_latency;
@@ -26,10 +37,13 @@ pub mod hostfilter;
 pub mod http;
 pub mod inject;
 pub mod l7;
+pub mod netlink;
 pub mod node;
 pub mod overlap;
 pub mod peers;
+pub mod poll;
 pub mod routing;
+pub mod shutdown;
 pub mod state;
 pub mod store;
 pub mod transport;
@@ -41,7 +55,8 @@ use std::sync::Arc;
 
 use mesh_proto::config::{Config, ConfigError};
 
-pub use daemon::{load, Daemon, Loaded, Shutdown};
+pub use daemon::{load, Daemon, Loaded};
+pub use shutdown::Shutdown;
 
 /// Why `run` failed; Display is one line.
 #[derive(Debug, thiserror::Error)]
@@ -64,27 +79,35 @@ pub enum RunError {
 /// until `shutdown` is triggered. Returns after every thread stopped, the control
 /// socket is removed and the TUN closed (which removes it and its routes).
 pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
-    let loaded = load(config, datapath::unix_now())?;
+    let loaded = load(config, clock::unix_now())?;
     let socket_path = loaded.config.node.control_socket.clone();
     // First, so that a second meshd on the same socket stops before touching anything.
     let sock = control::ControlSocket::bind(&socket_path)?;
     let d = Arc::new(Daemon::start(loaded, shutdown.clone())?);
 
     let mut threads = Vec::new();
-    let spawn = |name: &str, f: Box<dyn FnOnce(&Daemon) + Send>, d: Arc<Daemon>| {
-        #[allow(clippy::disallowed_methods)] // I/O shell: the data-path threads
+    let spawn = |name: &str, f: Body, d: Arc<Daemon>| {
+        #[allow(clippy::disallowed_methods)] // I/O shell: the data-path and control threads
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                // A data-path thread that panics takes the daemon down with it (and
-                // `run` reports it) rather than leaving a half-working node.
-                let _guard = StopOnPanic(d.shutdown.clone());
+                // A thread that panics takes the daemon down with it (and `run`
+                // reports it) rather than leaving a half-working node.
+                let _guard = StopOnPanic(d.plane.shutdown.clone());
                 f(&d)
             })
             .map_err(RunError::Thread)
     };
-    let mut list = datapath::threads();
-    list.push(("quarantine".into(), Box::new(workloads::quarantine_loop)));
+    // The data path's threads get its plane only; the control plane's the daemon.
+    let mut list: Vec<(String, Body)> = datapath::threads()
+        .into_iter()
+        .map(|(name, f)| {
+            let f: Body = Box::new(move |d: &Daemon| f(&d.plane));
+            (name, f)
+        })
+        .collect();
+    list.push(("chores".into(), Box::new(daemon::chores_loop)));
+    list.push(("quarantine".into(), Box::new(daemon::quarantine_loop)));
     for (name, f) in list {
         match spawn(&name, f, d.clone()) {
             Ok(t) => threads.push(t),
@@ -142,6 +165,9 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// A thread's body: it gets the daemon (the data path's only its plane).
+type Body = Box<dyn FnOnce(&Daemon) + Send>;
 
 struct StopOnPanic(Arc<Shutdown>);
 

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
 /// `meshd check-config`: exit 0 if meshd would start with everything the
 /// configuration names in force; otherwise one line per problem on stderr, exit 1.
 fn check(config: Config) -> ExitCode {
-    let l = match meshd::load(config, meshd::datapath::unix_now()) {
+    let l = match meshd::load(config, meshd::clock::unix_now()) {
         Ok(l) => l,
         Err(e) => {
             error_line(&format!("meshd: {e}"));
@@ -83,7 +83,7 @@ fn check(config: Config) -> ExitCode {
         error_line(&format!("meshd: {e}"));
     }
     if l.config.node.host_filter {
-        if let Err(e) = meshd::hostfilter::check(&l) {
+        if let Err(e) = meshd::hostfilter::check(&l.host_filter_ruleset()) {
             error_line(&format!(
                 "meshd: {}",
                 l.config.error(

@@ -48,8 +48,10 @@ use mesh_proto::time::UnixTime;
 
 use mesh_proto::policy::{LocalWorkload, Sender};
 
+mod build;
 mod table;
 use crate::wire::{IpPacket, WireError};
+pub use build::{build_table, claims, peer_spec, PeerEntry, Source};
 pub use table::{PeerTable, TableError};
 
 /// Handshake initiations and responses per second above which the node answers with

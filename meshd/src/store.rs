@@ -47,8 +47,9 @@ use mesh_proto::store::{
     decode, encode, DecodeError, NodeEndpoint, NodeStatus, Prefix, StoreClientStatus, StoreEntry,
     StoreKey, StoreValue,
 };
-use mesh_proto::time::UnixTime;
 use tokio::sync::mpsc;
+
+use crate::clock::unix_now;
 
 /// Every request's time limit (a balanced gRPC channel waits, rather than fails, while
 /// no endpoint is reachable).
@@ -333,16 +334,6 @@ impl Drop for StoreHandle {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// The wall clock, for `since` and the status entry's `updated_at`.
-#[allow(clippy::disallowed_methods)] // I/O shell: the store client reports wall-clock times
-fn unix_now() -> UnixTime {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    UnixTime(secs)
 }
 
 /// Why a session ended.

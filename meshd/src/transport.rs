@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use crate::poll::wait_writable;
+
 /// Socket buffer size requested. As root `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` go past
 /// net.core.[rw]mem_max; otherwise the kernel caps the plain request at that maximum.
 /// A burst of 64 KiB TSO segments from the TUN arrives faster than one thread
@@ -552,74 +554,10 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Waits until `fd` is readable or `timeout_ms` passes (the loops re-check the
-/// shutdown flag between waits).
-pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `p` is one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    Ok(r > 0)
-}
-
-/// Waits until `fd` is writable or `timeout_ms` passes.
-fn wait_writable(fd: RawFd, timeout_ms: i32) -> io::Result<()> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: `p` is one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-/// Waits until either descriptor is readable or `timeout_ms` passes; says which
-/// are (an error or hang-up counts, so that the next read reports it). Interrupted:
-/// both `false`.
-pub fn wait_readable2(a: RawFd, b: RawFd, timeout_ms: i32) -> io::Result<(bool, bool)> {
-    let mut p = [
-        libc::pollfd {
-            fd: a,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `p` is two valid pollfds for the duration of the call.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    Ok((p[0].revents != 0, p[1].revents != 0))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::poll::{wait_readable, wait_readable2};
 
     #[test]
     fn mapped_addresses_become_ipv4() {

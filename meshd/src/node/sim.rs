@@ -41,11 +41,13 @@ use mesh_proto::policy::{self, CompiledPolicy, DefaultAction};
 use mesh_proto::testing::TestCa;
 use mesh_proto::time::UnixTime;
 
-use crate::daemon::{build_table, PeerEntry, Source};
 use crate::decisions::{DecisionLog, LogLimits};
 use crate::enforce::{self, Emit, Enforcer, Toward};
 use crate::node::{self, Inbound, Now, Outbound};
-use crate::peers::{self, Local, Node, Peer, PeerSpec, PeerTable, INDEX_MASK, WG_OVERHEAD};
+use crate::peers::{
+    self, build_table, Local, Node, Peer, PeerEntry, PeerSpec, PeerTable, Source, INDEX_MASK,
+    WG_OVERHEAD,
+};
 
 /// The environment variable that fixes a run's seed.
 pub const SEED_VAR: &str = "MESHD_SIM_SEED";
