@@ -6,7 +6,7 @@
 //! [`L7Flow::poll`] at [`L7Flow::poll_at`]. For each client segment it answers with an
 //! [`Outcome`]: what to do with the segment itself ([`Fate`]), bytes to send to the server
 //! from its own reassembled view ([`Release`], read with [`L7Flow::release_data`]), and
-//! whether the flow is refused ([`Refusal`]; build the packets with [`crate::inject`]).
+//! whether the flow is refused ([`Refusal`]; the enforcer's `inject` builds the packets).
 //!
 //! # Guarantees (DESIGN.md invariants 3 and 4)
 //!
@@ -131,6 +131,7 @@
 //!   At most `max_held` bytes wait; the client sends the rest again.
 
 mod passed;
+pub mod response;
 #[cfg(test)]
 mod tests;
 
@@ -1326,7 +1327,7 @@ impl L7Flow {
             server_seq,
             server_ack: server_next,
             // The response and its FIN.
-            response_end: server_next + (crate::inject::response_len(&cause) + 1),
+            response_end: server_next + (response::response_len(&cause) + 1),
         };
         self.refused = Some(Box::new(Refused {
             refusal,

@@ -242,7 +242,7 @@ fn denied_post_is_refused_before_any_byte_is_released() {
             client_ack: net.at(POST.len()),
             server_seq: net.at(0),
             server_ack: SeqNumber(SISN + 1),
-            response_end: SeqNumber(SISN + 1) + (crate::inject::response_len(&r.cause) + 1),
+            response_end: SeqNumber(SISN + 1) + (crate::l7::response::response_len(&r.cause) + 1),
         }
     );
     assert_eq!(r.cause.status(), 403);
@@ -1403,7 +1403,7 @@ fn a_refused_client_is_answered_until_it_has_closed() {
     let r = net.send(0, POST).refusal.expect("refused");
     assert_eq!(
         r.response_end,
-        r.client_seq + (crate::inject::response_len(&r.cause) + 1)
+        r.client_seq + (crate::l7::response::response_len(&r.cause) + 1)
     );
     let end = net.at(POST.len());
     let client = |net: &mut Net, seq: SeqNumber, ack: SeqNumber, flags: Flags, data: &[u8]| {
