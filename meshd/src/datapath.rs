@@ -398,29 +398,15 @@ pub fn worker_loop(d: &Plane, index: usize) {
     }
 }
 
-/// Data-path workers: `MESHD_WORKERS` (0 = one thread per direction; N = N workers
-/// doing both directions), default [`DEFAULT_WORKERS`].
-pub fn workers() -> usize {
-    std::env::var("MESHD_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_WORKERS)
-        .min(16)
-}
-
-/// The default layout. Measured with scripts/bench.sh on 2 shared cores (layer-4
-/// row, 3 runs each, medians): two workers and one thread per direction carry the
-/// same bulk throughput (5.2 vs 5.1 Gbit/s, one stream), but two workers answer
-/// small exchanges with fewer thread wake-ups: 55.9k vs 47.8k HTTP requests/s.
-pub const DEFAULT_WORKERS: usize = 2;
-
 /// A data-path thread: its name and body.
 pub type Thread = (String, Box<dyn FnOnce(&Plane) + Send>);
 
-/// The data-path threads to start, and the timer thread.
-pub fn threads() -> Vec<Thread> {
+/// The data-path threads to start (`node.workers`: 0 = one thread per direction; N =
+/// N workers doing both directions, each with its own TUN queue and socket), and the
+/// timer thread.
+pub fn threads(workers: u8) -> Vec<Thread> {
     let mut t: Vec<Thread> = Vec::new();
-    match workers() {
+    match usize::from(workers) {
         0 => {
             t.push(("tun".into(), Box::new(tun_loop)));
             t.push(("udp".into(), Box::new(udp_loop)));

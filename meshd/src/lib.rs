@@ -99,7 +99,7 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
             .map_err(RunError::Thread)
     };
     // The data path's threads get its plane only; the control plane's the daemon.
-    let mut list: Vec<(String, Body)> = datapath::threads()
+    let mut list: Vec<(String, Body)> = datapath::threads(d.config().node.workers)
         .into_iter()
         .map(|(name, f)| {
             let f: Body = Box::new(move |d: &Daemon| f(&d.plane));
