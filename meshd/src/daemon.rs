@@ -29,8 +29,7 @@ use crate::device::{route_needed, Tun};
 use crate::enforce::{self, Enforcer};
 use crate::expiry::ExpiryWatch;
 use crate::peers::{
-    build_table, claims, peer_spec, Local, Node, OutsideWindow, PeerEntry, PeerSpec, PeerTable,
-    Source,
+    build_table, claims, peer_spec, Local, Node, OutsideWindow, PeerEntry, PeerTable, Source,
 };
 use crate::shutdown::Shutdown;
 use crate::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
@@ -962,44 +961,88 @@ impl Daemon {
     ) -> Result<PeerInfo, ControlError> {
         let refused = |e: String| ControlError::Refused(format!("peer_add: {e}"));
         let cert = Certificate::from_pem(pem).map_err(|e| refused(e.to_string()))?;
-        self.ca
-            .verify(&cert, now)
-            .map_err(|e| refused(format!("{}: {e}", cert.identity())))?;
+        let id = cert.identity().clone();
+        self.peer_add_many(&[(cert, endpoint)], now)
+            .pop()
+            .unwrap_or_else(|| Err(ControlError::Internal("peer_add: no result".into())))?;
+        let reg = self.lock_registry();
+        let entry = reg
+            .entries
+            .iter()
+            .find(|e| e.spec.identity == id)
+            .ok_or_else(|| ControlError::Internal(format!("peer_add: {id} not in force")))?;
+        Ok(info(entry, endpoint))
+    }
+
+    /// Validates and adds (or replaces) peers in one commit: one table build, one
+    /// write of the state file, whatever their number (a fleet store's listing of
+    /// a thousand certificates). Each is checked as `peer add` checks it, against the
+    /// peers before it in `list` too; one refused does not hold up the others. The
+    /// results are in `list`'s order; persisted before any takes effect.
+    pub fn peer_add_many(
+        &self,
+        list: &[(Certificate, Option<SocketAddr>)],
+        now: UnixTime,
+    ) -> Vec<Result<(), ControlError>> {
+        let refused = |e: String| ControlError::Refused(format!("peer_add: {e}"));
         let mut reg = self.lock_registry();
-        check_peer(&self.ca, reg.node_cert(), &cert, now)
-            .map_err(|e| refused(format!("{}: {e}", cert.identity())))?;
-        // Against the local workloads and the other peers (the same identity's
-        // certificate is the one replaced).
-        let locals: Vec<&PeerSpec> = reg.workloads.iter().map(|w| &w.local.spec).collect();
-        let others = claims(locals, &reg.entries);
-        if let Some(o) = crate::overlap::against((cert.identity(), cert.addresses()), others) {
-            return Err(refused(o.to_string()));
-        }
-        let entry = PeerEntry {
-            spec: peer_spec(&cert),
-            cert,
-            endpoint,
-            source: Source::Runtime,
-        };
-        let id = entry.spec.identity.to_string();
         let mut entries = reg.entries.clone();
-        entries.retain(|e| e.spec.identity != entry.spec.identity);
-        entries.push(entry.clone());
         let mut changes = reg.changes.clone();
-        changes.add(StoredPeer {
-            identity: id.clone(),
-            cert: entry.cert.to_pem(),
-            endpoint,
-        });
-        self.commit(&mut reg, entries, changes)?;
-        if let Some(ep) = endpoint {
-            // An unchanged peer keeps its session; the operator's endpoint still wins.
-            for p in self.plane.table.load().sessions_of(&entry.spec.identity) {
-                p.set_endpoint(Some(ep));
+        let mut results = Vec::with_capacity(list.len());
+        let mut added = Vec::new();
+        for (cert, endpoint) in list {
+            let check = || -> Result<(), ControlError> {
+                self.ca
+                    .verify(cert, now)
+                    .map_err(|e| refused(format!("{}: {e}", cert.identity())))?;
+                check_peer(&self.ca, reg.node_cert(), cert, now)
+                    .map_err(|e| refused(format!("{}: {e}", cert.identity())))?;
+                // Against the local workloads and the other peers (the same
+                // identity's certificate is the one replaced).
+                let locals = reg.workloads.iter().map(|w| &w.local.spec);
+                let others = claims(locals, &entries);
+                match crate::overlap::against((cert.identity(), cert.addresses()), others) {
+                    Some(o) => Err(refused(o.to_string())),
+                    None => Ok(()),
+                }
+            };
+            let result = check();
+            if result.is_ok() {
+                let entry = PeerEntry {
+                    spec: peer_spec(cert),
+                    cert: cert.clone(),
+                    endpoint: *endpoint,
+                    source: Source::Runtime,
+                };
+                entries.retain(|e| e.spec.identity != entry.spec.identity);
+                changes.add(StoredPeer {
+                    identity: entry.spec.identity.to_string(),
+                    cert: entry.cert.to_pem(),
+                    endpoint: *endpoint,
+                });
+                added.push((entry.spec.identity.clone(), *endpoint));
+                entries.push(entry);
             }
+            results.push(result);
         }
-        tracing::info!(peer = %id, "peer added");
-        Ok(info(&entry, endpoint))
+        if added.is_empty() {
+            return results;
+        }
+        if let Err(e) = self.commit(&mut reg, entries, changes) {
+            return results.into_iter().map(|r| r.and(Err(e.clone()))).collect();
+        }
+        let table = self.plane.table.load();
+        for (id, endpoint) in &added {
+            if let Some(ep) = endpoint {
+                // An unchanged peer keeps its session; the operator's endpoint still
+                // wins.
+                for p in table.sessions_of(id) {
+                    p.set_endpoint(Some(*ep));
+                }
+            }
+            tracing::info!(peer = %id, "peer added");
+        }
+        results
     }
 
     /// Removes a peer (config or runtime); persisted before it takes effect.

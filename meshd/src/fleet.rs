@@ -50,6 +50,11 @@ use crate::store::{NodeReport, StatusPublisher, StoreEvent, StoreHandle};
 pub trait Target {
     /// `meshctl peer add`: verified, persisted, then in force; `Err` is one line.
     fn add_peer(&self, cert: &Certificate, endpoint: Option<SocketAddr>) -> Result<(), String>;
+    /// As [`Target::add_peer`] for each, in one commit where the target can; the
+    /// results in order.
+    fn add_peers(&self, list: &[(Certificate, Option<SocketAddr>)]) -> Vec<Result<(), String>> {
+        list.iter().map(|(c, e)| self.add_peer(c, *e)).collect()
+    }
     /// `meshctl peer remove`.
     fn remove_peer(&self, identity: &SpiffeId) -> Result<(), String>;
     /// `meshctl policy apply` of a verified document's policy; established flows the
@@ -248,13 +253,47 @@ impl<T: Target> Applier<T> {
                     .filter_map(|s| SpiffeId::parse(s).ok()),
             )
             .collect();
-        for id in ids {
-            self.reconcile(&id);
-        }
+        // Removals at once, additions in one batch (one commit for a whole listing).
+        let adds: Vec<(Certificate, Option<SocketAddr>)> =
+            ids.iter().filter_map(|id| self.plan(id)).collect();
+        self.add(adds);
     }
 
     /// Brings one identity's peer in line with the store's view.
     fn reconcile(&mut self, id: &SpiffeId) {
+        if let Some(add) = self.plan(id) {
+            self.add(vec![add]);
+        }
+    }
+
+    /// Adds these peers (one commit) and records what took and what was refused.
+    fn add(&mut self, adds: Vec<(Certificate, Option<SocketAddr>)>) {
+        if adds.is_empty() {
+            return;
+        }
+        let results = self.target.add_peers(&adds);
+        for ((cert, endpoint), result) in adds.into_iter().zip(results) {
+            let id = cert.identity();
+            match result {
+                Ok(()) => {
+                    tracing::info!(peer = %id, endpoint = ?endpoint, "store: peer in force");
+                    self.refused.remove(&cert_key(id));
+                    let want = AppliedPeer {
+                        fingerprint: cert.fingerprint(),
+                        endpoint,
+                    };
+                    self.state.peers.insert(id.to_string(), want);
+                    self.dirty = true;
+                }
+                Err(e) => self.refuse(cert_key(id), "certificate", cert.fingerprint(), e),
+            }
+        }
+    }
+
+    /// For one identity: removes its peer if its certificate left the store, or
+    /// returns the peer to add when the store's certificate or endpoint differs from
+    /// what is in force.
+    fn plan(&mut self, id: &SpiffeId) -> Option<(Certificate, Option<SocketAddr>)> {
         let key = id.to_string();
         let applied = self.state.peers.get(&key).cloned();
         let Some(cert) = self.certs.get(id).cloned() else {
@@ -269,10 +308,10 @@ impl<T: Target> Applier<T> {
                 self.state.peers.remove(&key);
                 self.dirty = true;
             }
-            return;
+            return None;
         };
         if self.target.is_local(id) {
-            return;
+            return None;
         }
         let endpoint = self.endpoints.get(id).copied();
         let want = AppliedPeer {
@@ -280,23 +319,15 @@ impl<T: Target> Applier<T> {
             endpoint,
         };
         if applied.as_ref() == Some(&want) {
-            return;
+            return None;
         }
         // An endpoint gone from the store keeps the one in force.
         if let (Some(a), None) = (&applied, endpoint) {
             if a.fingerprint == want.fingerprint {
-                return;
+                return None;
             }
         }
-        match self.target.add_peer(&cert, endpoint) {
-            Ok(()) => {
-                tracing::info!(peer = %id, endpoint = ?endpoint, "store: peer in force");
-                self.refused.remove(&cert_key(id));
-                self.state.peers.insert(key, want);
-                self.dirty = true;
-            }
-            Err(e) => self.refuse(cert_key(id), "certificate", cert.fingerprint(), e),
-        }
+        Some((cert, endpoint))
     }
 
     fn policy(&mut self, doc: &mesh_proto::signed::PolicyDoc) {
@@ -405,6 +436,17 @@ impl Target for DaemonTarget {
         d.peer_add(cert.as_pem(), endpoint, crate::clock::unix_now())
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    fn add_peers(&self, list: &[(Certificate, Option<SocketAddr>)]) -> Vec<Result<(), String>> {
+        match self.daemon() {
+            Ok(d) => d
+                .peer_add_many(list, crate::clock::unix_now())
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect(),
+            Err(e) => list.iter().map(|_| Err(e.clone())).collect(),
+        }
     }
 
     fn remove_peer(&self, identity: &SpiffeId) -> Result<(), String> {

@@ -8,7 +8,7 @@
 //! daemon (with a `[store]` table).
 //!
 //! Layers, bottom to top; no module imports one above it, and no modules import each
-//! other in a circle (but `inject` and `l7`, left for later): small system helpers (`clock`, `poll`, `netlink`,
+//! other in a circle (README "Layout"): small system helpers (`clock`, `poll`, `netlink`,
 //! `shutdown`) → the sans-IO cores (`wire`, `peers`, `enforce` and what it uses) →
 //! `node`, the sans-IO node core → the data path's I/O shell (`datapath` with its
 //! [`datapath::Plane`], `device`, `batch`, `transport`, `gro`) → the control plane

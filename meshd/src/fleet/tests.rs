@@ -13,6 +13,7 @@ struct Fake {
     peers: RefCell<BTreeMap<SpiffeId, (Fingerprint, Option<SocketAddr>)>>,
     policies: RefCell<Vec<String>>,
     calls: RefCell<Vec<String>>,
+    batches: RefCell<Vec<usize>>,
 }
 
 impl Target for &Fake {
@@ -27,6 +28,10 @@ impl Target for &Fake {
             .borrow_mut()
             .insert(cert.identity().clone(), (cert.fingerprint(), endpoint));
         Ok(())
+    }
+    fn add_peers(&self, list: &[(Certificate, Option<SocketAddr>)]) -> Vec<Result<(), String>> {
+        self.batches.borrow_mut().push(list.len());
+        list.iter().map(|(c, e)| self.add_peer(c, *e)).collect()
     }
     fn remove_peer(&self, identity: &SpiffeId) -> Result<(), String> {
         self.calls.borrow_mut().push(format!("remove {identity}"));
@@ -385,4 +390,32 @@ fn garbage_over_a_good_certificate_in_a_resync_changes_nothing() {
         Some("198.18.0.1:51820".parse().unwrap())
     );
     assert_eq!(a.applied().peers, 1);
+}
+
+#[test]
+fn a_listing_is_applied_in_one_batch_and_a_change_alone() {
+    let w = World::new();
+    let fake = w.fake();
+    fake.refuse_certs.borrow_mut().insert(id("x"));
+    let mut a = w.applier(&fake);
+    let cert_a = w.cert("a", "100.64.0.1/32");
+    a.apply(snapshot(vec![
+        cert_a.clone(),
+        w.cert("b", "100.64.0.2/32"),
+        w.cert("x", "100.64.0.5/32"),
+        w.cert("self", "100.64.0.9/32"),
+    ]));
+    // One batch of the three that are not the node's own; x refused within it.
+    assert_eq!(fake.batches.borrow().as_slice(), [3]);
+    assert_eq!(fake.peers.borrow().len(), 2);
+    assert_eq!(a.applied().refusals.get("certificate"), Some(&1));
+    a.apply(put(w.cert("c", "100.64.0.3/32")));
+    assert_eq!(fake.batches.borrow().as_slice(), [3, 1]);
+    // A resync with only a, unchanged: b and c go, nothing is added.
+    a.apply(snapshot(vec![cert_a]));
+    assert_eq!(fake.batches.borrow().len(), 2);
+    assert_eq!(
+        fake.peers.borrow().keys().collect::<Vec<_>>(),
+        vec![&id("a")]
+    );
 }
