@@ -15,8 +15,8 @@ use etherparse::PacketBuilder;
 use libfuzzer_sys::fuzz_target;
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, PolicySet};
 use mesh_proto::time::UnixTime;
-use meshd::conntrack::Timeouts;
-use meshd::decisions::{DecisionLog, LogLimits};
+use meshd::enforce::conntrack::Timeouts;
+use meshd::enforce::decisions::{DecisionLog, LogLimits};
 use meshd::enforce::{self, Emit, Enforcer, Limits, LocalWorkload, Sender, Toward};
 
 const POLICY: &str = r#"

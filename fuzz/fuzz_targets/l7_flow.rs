@@ -17,9 +17,9 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use meshd::flow::{Flags, Segment, SeqNumber, Timestamp};
-use meshd::http::{RequestStream, Step, MAX_HEADERS};
-use meshd::l7::{Config, Fate, L7Flow, Request, Verdict};
+use meshd::enforce::flow::{Flags, Segment, SeqNumber, Timestamp};
+use meshd::enforce::http::{RequestStream, Step, MAX_HEADERS};
+use meshd::enforce::l7::{Config, Fate, L7Flow, Request, Verdict};
 
 const CISN: u32 = 4_294_960_000; // wraps within the first few KiB
 const SISN: u32 = 90_000;

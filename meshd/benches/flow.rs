@@ -17,10 +17,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use etherparse::PacketBuilder;
 use mesh_proto::policy::{parse, CompiledPolicy, DefaultAction};
 use mesh_proto::time::UnixTime;
-use meshd::conntrack::{
+use meshd::enforce::conntrack::{
     ConnTrack, FlowKey, Observation, Origin, TcpFlags, TcpSegmentInfo, Timeouts, PROTO_TCP,
 };
-use meshd::decisions::DecisionLog;
+use meshd::enforce::decisions::DecisionLog;
 use meshd::enforce::{Emit, Enforcer, Limits, LocalWorkload, Sender, Verdict};
 
 const CLIENT: [u8; 4] = [100, 64, 0, 1];

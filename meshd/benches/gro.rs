@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use etherparse::{IpHeaders, Ipv4Header, PacketBuilder};
-use meshd::batch::PacketBuf;
-use meshd::gro::Coalescer;
+use meshd::datapath::batch::PacketBuf;
+use meshd::datapath::gro::Coalescer;
 use tun_rs::GROTable;
 
 const BATCH: usize = 64;

@@ -24,11 +24,11 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use etherparse::PacketBuilder;
 use mesh_proto::policy::{parse, CompiledPolicy, DefaultAction};
 use mesh_proto::time::UnixTime;
-use meshd::decisions::DecisionLog;
+use meshd::enforce::decisions::DecisionLog;
+use meshd::enforce::flow::{Flags, Reassembler, Segment, SeqNumber, Timestamp};
+use meshd::enforce::http::{RequestStream, Step, MAX_HEADERS};
+use meshd::enforce::l7::{Config, Fate, L7Flow, Request, Verdict};
 use meshd::enforce::{self, Emit, Enforcer, LocalWorkload, Sender};
-use meshd::flow::{Flags, Reassembler, Segment, SeqNumber, Timestamp};
-use meshd::http::{RequestStream, Step, MAX_HEADERS};
-use meshd::l7::{Config, Fate, L7Flow, Request, Verdict};
 
 const SEGMENT: usize = 1400;
 

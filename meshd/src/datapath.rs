@@ -18,23 +18,29 @@
 //! written before more is read, and the kernel's socket and TUN queues push back on
 //! the senders.
 
+pub mod batch;
+pub mod cpu_latency;
+pub mod device;
+pub mod gro;
+pub mod transport;
+
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-use crate::batch::TunBatch;
-use crate::clock::unix_now;
-use crate::cpu_latency::CpuLatency;
-use crate::decisions::DecisionLog;
-use crate::device::{Tun, TUN_READ_LEN};
+use crate::datapath::batch::TunBatch;
+use crate::datapath::cpu_latency::CpuLatency;
+use crate::datapath::device::{Tun, TUN_READ_LEN};
+use crate::datapath::transport::{GsoBatch, Udp, GRO_BUF_LEN, GSO_MAX_BYTES};
+use crate::enforce::decisions::DecisionLog;
 use crate::enforce::{Emit, Enforcer, Toward};
 use crate::node::{self, Inbound, Now, Outbound};
 use crate::peers::{self, Node, PeerTable};
-use crate::poll::{wait_readable, wait_readable2};
-use crate::shutdown::Shutdown;
-use crate::transport::{GsoBatch, Udp, GRO_BUF_LEN, GSO_MAX_BYTES};
+use crate::sys::clock::unix_now;
+use crate::sys::poll::{wait_readable, wait_readable2};
+use crate::sys::shutdown::Shutdown;
 
 /// Largest datagram or TUN packet handled.
 const BUF_LEN: usize = 65_536;

@@ -2,7 +2,7 @@
 //!
 //! Every packet between a peer and a local workload passes here: inbound after
 //! decryption and the secure-naming check, outbound before encryption. Flows are
-//! tracked ([`crate::conntrack`]):
+//! tracked ([`crate::enforce::conntrack`]):
 //! - a flow a peer opens is decided by policy once, from the identity its key proved;
 //!   the decision is cached with the policy generation and re-evaluated when the
 //!   policy changes ([`Enforcer::set_policy`] cuts flows the new policy forbids);
@@ -19,7 +19,7 @@
 //!   packets only from that identity, one a local workload opened takes replies only
 //!   from the peer it was sent to;
 //! - RSTs are taken only at the sequence number their receiver expects and FINs only
-//!   inside its window ([`crate::conntrack::Flow::observe`], RFC 5961); a RST inside
+//!   inside its window ([`crate::enforce::conntrack::Flow::observe`], RFC 5961); a RST inside
 //!   the window but not exact is answered with a challenge ACK on its receiver's
 //!   behalf and goes no further;
 //! - a flow a new policy forbids is cut: resets to both ends, and a tombstone that
@@ -30,7 +30,7 @@
 //!   acknowledged, RFC 5927 §4.1);
 //! - denied flows are not tracked, so a flood of refused packets cannot fill the table;
 //! - on a port with HTTP rules (`CompiledPolicy::inspects`), a TCP flow is inspected at
-//!   layer 7 ([`crate::l7`]): each request head is decided with its method, normalised
+//!   layer 7 ([`crate::enforce::l7`]): each request head is decided with its method, normalised
 //!   path, host and headers; what is delivered, trimmed, released or refused comes back
 //!   as the verdict plus packets in an [`Emit`] (an injected 4xx towards the peer and a
 //!   reset towards the local server on refusal). A segment of such a flow must carry
@@ -78,6 +78,13 @@
 //! that is the same for both directions of a flow, and the policy is an `ArcSwap`
 //! snapshot.
 
+pub mod conntrack;
+pub mod decisions;
+pub mod flow;
+pub mod http;
+pub mod inject;
+pub mod l7;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -91,18 +98,18 @@ use mesh_proto::policy::{
 use mesh_proto::time::UnixTime;
 use serde::Serialize;
 
-use crate::checksum;
-use crate::conntrack::{
+use crate::enforce::conntrack::{
     ConnTrack, Dir, FlowHash, FlowHasher, Observation, Origin, Seen, TcpSegmentInfo, Timeouts,
 };
-use crate::decisions::{DecisionLog, DecisionRecord, HttpSummary};
-use crate::flow::{Flags, Segment, SeqNumber, Timestamp, Timestamps};
-use crate::inject::{self, Endpoints, TcpSegment};
-use crate::l7::{self, L7Flow, Refusal, RefuseCause};
+use crate::enforce::decisions::{DecisionLog, DecisionRecord, HttpSummary};
+use crate::enforce::flow::{Flags, Segment, SeqNumber, Timestamp, Timestamps};
+use crate::wire::checksum;
 use crate::wire::{
     self, FlowKey, IcmpPacket, IpPacket, TcpPacket, UdpPacket, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
     PROTO_UDP,
 };
+use inject::{Endpoints, TcpSegment};
+use l7::{L7Flow, Refusal, RefuseCause};
 
 pub use mesh_proto::policy::{LocalWorkload, Sender};
 
@@ -1246,7 +1253,7 @@ impl Enforcer {
             let mut headers = [mesh_proto::policy::Header {
                 name: "",
                 value: b"",
-            }; crate::http::MAX_HEADERS];
+            }; crate::enforce::http::MAX_HEADERS];
             let n = req.head.headers.len().min(headers.len());
             for (h, src) in headers.iter_mut().zip(req.head.headers.iter()) {
                 *h = mesh_proto::policy::Header {
@@ -1835,9 +1842,10 @@ fn tcp_checksum_ok(p: &Parsed<'_>) -> bool {
 fn refusal_reason(cause: &RefuseCause) -> DenyReason {
     match cause {
         RefuseCause::Policy { .. } => DenyReason::NoAllowMatched,
-        RefuseCause::Http(crate::http::HttpError::Malformed(_)) => DenyReason::NotHttp,
+        RefuseCause::Http(crate::enforce::http::HttpError::Malformed(_)) => DenyReason::NotHttp,
         RefuseCause::Http(
-            crate::http::HttpError::HeadTooLarge | crate::http::HttpError::TooManyHeaders,
+            crate::enforce::http::HttpError::HeadTooLarge
+            | crate::enforce::http::HttpError::TooManyHeaders,
         ) => DenyReason::HeadTooLarge,
         RefuseCause::Http(_)
         | RefuseCause::Path(_)

@@ -1,62 +1,43 @@
 //! meshd: the daemon. `run(config)` is shared by `main` and the tests.
 //!
-//! Sans-IO cores (`wire`, `routing`, `peers`, `enforce`, `flow`, `http`) take bytes,
-//! state and `now`, and return what the shell must do. The I/O shell (`datapath`,
-//! `device`, `transport`, `control`) is thin; `daemon` holds the control-plane state
-//! and `state` the persisted peer changes. `store` is the fleet store client (etcd),
-//! on a thread and tokio runtime of its own; `fleet` applies what it reads to the
-//! daemon (with a `[store]` table).
+//! Its modules are folders by concern, in layers, bottom to top; none imports one
+//! above it and none form a circle (README "Layout";
+//! `python3 ../shared/tools/module-graph.py meshd/src` checks it):
 //!
-//! Layers, bottom to top; no module imports one above it, and no modules import each
-//! other in a circle (README "Layout"): small system helpers (`clock`, `poll`, `netlink`,
-//! `shutdown`) → the sans-IO cores (`wire`, `peers`, `enforce` and what it uses) →
-//! `node`, the sans-IO node core → the data path's I/O shell (`datapath` with its
-//! [`datapath::Plane`], `device`, `batch`, `transport`, `gro`) → the control plane
-//! (`daemon`, `workloads`, `control`, `client`, `attach`, `hostfilter`, `fleet`,
-//! `store`, `state`). The daemon holds the data path's `Plane` and changes what it
-//! reads (the table snapshot, the policy); the data path never calls the daemon.
+//! - [`sys`]: the wall clock, waiting on descriptors, netlink requests, the stop flag;
+//! - [`wire`]: checked views of packets (IP with IPv6 extensions, TCP, UDP, ICMP, the
+//!   flow key) and checksums;
+//! - [`enforce`]: the enforcer and what it uses (connection tracking, TCP flow state
+//!   and reassembly, the HTTP parser, the layer-7 flow, its own packets, the decision
+//!   log); sans-IO;
+//! - [`peers`]: sessions, crypto, secure naming, the peer table and how it is built,
+//!   routing, address overlap; sans-IO;
+//! - [`node`]: the sans-IO node core that composes the two (place → enforce → encrypt;
+//!   decrypt → secure naming → enforce), `now` passed in; `node::sim` runs whole nodes
+//!   in memory;
+//! - [`datapath`]: the packet path's I/O shell (its `Plane`, the TUN device, the UDP
+//!   transport, batching, TUN-write coalescing, the CPU latency request): reads, hands
+//!   bytes to the node core, writes what it returns; never calls the control plane;
+//! - [`control`]: the control plane: the daemon's state, the control socket and its
+//!   client, workloads, the host filter, state files, expiry warnings, the fleet store
+//!   (etcd) and the store as an input. It holds the data path's `Plane` and swaps
+//!   what it reads (the table snapshot, the policy).
 
-pub mod attach;
-pub mod batch;
-pub mod checksum;
-pub mod client;
-pub mod clock;
-pub mod conntrack;
 pub mod control;
-pub mod cpu_latency;
-pub mod daemon;
 pub mod datapath;
-pub mod decisions;
-pub mod device;
 pub mod enforce;
-pub mod expiry;
-pub mod fleet;
-pub mod flow;
-pub mod gro;
-pub mod hostfilter;
-pub mod http;
-pub mod inject;
-pub mod l7;
-pub mod netlink;
 pub mod node;
-pub mod overlap;
 pub mod peers;
-pub mod poll;
-pub mod routing;
-pub mod shutdown;
-pub mod state;
-pub mod store;
-pub mod transport;
+pub mod sys;
 pub mod wire;
-pub mod workloads;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use mesh_proto::config::{Config, ConfigError};
 
-pub use daemon::{load, Daemon, Loaded};
-pub use shutdown::Shutdown;
+pub use control::daemon::{load, Daemon, Loaded};
+pub use sys::shutdown::Shutdown;
 
 /// Why `run` failed; Display is one line.
 #[derive(Debug, thiserror::Error)]
@@ -64,11 +45,11 @@ pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Start(#[from] daemon::StartError),
+    Start(#[from] control::daemon::StartError),
     #[error(transparent)]
-    Control(#[from] control::SocketError),
+    Control(#[from] control::socket::SocketError),
     #[error(transparent)]
-    Fleet(#[from] fleet::FleetError),
+    Fleet(#[from] control::fleet::FleetError),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
     #[error("internal error: the {0} thread panicked (see the log)")]
@@ -79,10 +60,10 @@ pub enum RunError {
 /// until `shutdown` is triggered. Returns after every thread stopped, the control
 /// socket is removed and the TUN closed (which removes it and its routes).
 pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
-    let loaded = load(config, clock::unix_now())?;
+    let loaded = load(config, sys::clock::unix_now())?;
     let socket_path = loaded.config.node.control_socket.clone();
     // First, so that a second meshd on the same socket stops before touching anything.
-    let sock = control::ControlSocket::bind(&socket_path)?;
+    let sock = control::socket::ControlSocket::bind(&socket_path)?;
     let d = Arc::new(Daemon::start(loaded, shutdown.clone())?);
 
     let mut threads = Vec::new();
@@ -106,8 +87,11 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
             (name, f)
         })
         .collect();
-    list.push(("chores".into(), Box::new(daemon::chores_loop)));
-    list.push(("quarantine".into(), Box::new(daemon::quarantine_loop)));
+    list.push(("chores".into(), Box::new(control::daemon::chores_loop)));
+    list.push((
+        "quarantine".into(),
+        Box::new(control::daemon::quarantine_loop),
+    ));
     for (name, f) in list {
         match spawn(&name, f, d.clone()) {
             Ok(t) => threads.push(t),
@@ -122,7 +106,7 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
     }
     // The store input goes after the data path, so that what it applies is in force
     // at once; it never holds up the start (an unreachable store is retried).
-    let fleet = match fleet::Fleet::start(&d) {
+    let fleet = match control::fleet::Fleet::start(&d) {
         Ok(f) => f,
         Err(e) => {
             shutdown.trigger();
@@ -139,7 +123,7 @@ pub fn run(config: Config, shutdown: Arc<Shutdown>) -> Result<(), RunError> {
         threads = %names.join(","),
         "ready"
     );
-    control::serve(&sock, d.clone());
+    control::socket::serve(&sock, d.clone());
     let mut panicked = None;
     for t in threads {
         let name = t.thread().name().unwrap_or("?").to_string();

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
 /// `meshd check-config`: exit 0 if meshd would start with everything the
 /// configuration names in force; otherwise one line per problem on stderr, exit 1.
 fn check(config: Config) -> ExitCode {
-    let l = match meshd::load(config, meshd::clock::unix_now()) {
+    let l = match meshd::load(config, meshd::sys::clock::unix_now()) {
         Ok(l) => l,
         Err(e) => {
             error_line(&format!("meshd: {e}"));
@@ -76,14 +76,14 @@ fn check(config: Config) -> ExitCode {
         .refused
         .iter()
         .cloned()
-        .chain(meshd::daemon::check_host(&l.config))
+        .chain(meshd::control::daemon::check_host(&l.config))
         .collect();
     let mut failed = !problems.is_empty();
     for e in &problems {
         error_line(&format!("meshd: {e}"));
     }
     if l.config.node.host_filter {
-        if let Err(e) = meshd::hostfilter::check(&l.host_filter_ruleset()) {
+        if let Err(e) = meshd::control::hostfilter::check(&l.host_filter_ruleset()) {
             error_line(&format!(
                 "meshd: {}",
                 l.config.error(
@@ -108,10 +108,10 @@ fn check(config: Config) -> ExitCode {
         say("warning: node.host_filter = false: meshd would run without its host filter; the underlay would reach the overlay addresses in plaintext");
     }
     if let Some(us) = l.config.node.cpu_latency_us {
-        if let Err(e) = meshd::cpu_latency::probe() {
+        if let Err(e) = meshd::datapath::cpu_latency::probe() {
             say(&format!(
                 "warning: node.cpu_latency_us = {us}: cannot open {} ({e}); meshd would run without the request",
-                meshd::cpu_latency::DEVICE
+                meshd::datapath::cpu_latency::DEVICE
             ));
         }
     }

@@ -31,6 +31,9 @@
 //! plane, read without locks through `ArcSwap`); each peer's session sits behind its own
 //! `Mutex`, so two peers never contend and there is no global lock per packet.
 
+pub mod overlap;
+pub mod routing;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

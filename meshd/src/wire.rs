@@ -13,6 +13,8 @@
 //! What a flow is keyed by ([`FlowKey`]) and the TCP flags ([`TcpFlags`]) are
 //! defined here too, for conntrack, flow tracking and GRO alike.
 
+pub mod checksum;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const PROTO_ICMP: u8 = 1;

@@ -20,7 +20,7 @@ use std::time::Duration;
 use etherparse::PacketBuilder;
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, Protocol, TestCase};
 use mesh_proto::time::UnixTime;
-use meshd::decisions::DecisionLog;
+use meshd::enforce::decisions::DecisionLog;
 use meshd::enforce::{DropReason, Emit, Enforcer, Limits, LocalWorkload, Sender, Toward, Verdict};
 
 const WALL: UnixTime = UnixTime(1_795_673_877);

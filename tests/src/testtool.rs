@@ -259,7 +259,7 @@ fn store_node(
     applied: &str,
 ) -> Result<(), String> {
     use mesh_proto::store::{Prefix, StoreValue};
-    use meshd::store::{
+    use meshd::control::store::{
         NodeInfo, NodeReport, SnapshotReason, StoreClient, StoreEvent, StoreSettings, TlsPem,
     };
     use serde_json::json;

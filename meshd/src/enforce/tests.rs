@@ -958,7 +958,7 @@ fn l7_request_lost_before_the_server_ends_in_502_not_a_stall() {
     assert_eq!(outbound(&e, &c.server("A", b""), t(10)), Verdict::Deliver);
     let lost_at = c.cseq;
     assert_eq!(c.send(&e, get, &mut emit), Verdict::Deliver);
-    for k in 1..=crate::l7::LOST_AFTER {
+    for k in 1..=crate::enforce::l7::LOST_AFTER {
         c.cseq = lost_at;
         emit.clear();
         // At the client's retransmission timer: a burst would be one event.
@@ -970,7 +970,7 @@ fn l7_request_lost_before_the_server_ends_in_502_not_a_stall() {
             WALL,
             &mut emit,
         );
-        if k < crate::l7::LOST_AFTER {
+        if k < crate::enforce::l7::LOST_AFTER {
             assert_eq!(v, Verdict::Consumed, "retransmission {k}: cut to an ACK");
             let to_server = tcp_payloads(&emit, Toward::Local);
             assert_eq!(to_server, vec![(vec![], false)], "retransmission {k}");

@@ -41,7 +41,7 @@ use mesh_proto::policy::{self, CompiledPolicy, DefaultAction};
 use mesh_proto::testing::TestCa;
 use mesh_proto::time::UnixTime;
 
-use crate::decisions::{DecisionLog, LogLimits};
+use crate::enforce::decisions::{DecisionLog, LogLimits};
 use crate::enforce::{self, Emit, Enforcer, Toward};
 use crate::node::{self, Inbound, Now, Outbound};
 use crate::peers::{

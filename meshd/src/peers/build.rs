@@ -10,7 +10,7 @@ use std::sync::Arc;
 use mesh_proto::cert::Certificate;
 
 use super::{Local, Peer, PeerSpec, PeerTable, INDEX_MASK};
-use crate::overlap;
+use crate::peers::overlap;
 
 /// Where a peer comes from (as `peer_list` reports it).
 pub use mesh_proto::control::PeerSource as Source;
@@ -25,7 +25,7 @@ pub struct PeerEntry {
 }
 
 /// The identities of `locals` and `entries` with their addresses, for
-/// [`crate::overlap`].
+/// [`crate::peers::overlap`].
 pub fn claims<'a>(
     locals: impl IntoIterator<Item = &'a PeerSpec>,
     entries: &'a [PeerEntry],

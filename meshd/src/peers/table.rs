@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use mesh_proto::identity::SpiffeId;
 
 use super::{Local, Peer, PeerSpec, INDEX_MASK};
-use crate::routing::PrefixTable;
+use crate::peers::routing::PrefixTable;
 
 /// An immutable snapshot of the local workloads and the sessions, indexed for the
 /// packet path: sessions by (local key, peer key), by slot, by (local, destination);

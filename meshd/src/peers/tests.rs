@@ -343,7 +343,9 @@ fn local_to_local_goes_through_policy_unencrypted() {
         LocalWorkload::default(),
         mesh_proto::policy::CompiledPolicy::empty(mesh_proto::policy::DefaultAction::Deny),
         crate::enforce::Limits::default(),
-        Arc::new(crate::decisions::DecisionLog::new(Default::default())),
+        Arc::new(crate::enforce::decisions::DecisionLog::new(
+            Default::default(),
+        )),
     );
     assert!(matches!(
         crate::node::from_tun(

@@ -6,8 +6,8 @@
 //! Buffers are allocated once, at the 64 KiB a coalesced packet can reach; memory the
 //! kernel never touched stays unbacked, so the footprint follows the traffic.
 
-use crate::device::{Tun, TUN_OFFSET};
-use crate::gro::{Coalescer, Resizable};
+use crate::datapath::device::{Tun, TUN_OFFSET};
+use crate::datapath::gro::{Coalescer, Resizable};
 
 /// Room for one coalesced packet: 64 KiB behind the virtio-net header.
 const COALESCED_LEN: usize = 65_535 + 2 * TUN_OFFSET;
@@ -152,7 +152,7 @@ mod tests {
 
     #[test]
     fn a_full_batch_of_segments_merges_into_one_buffer() {
-        use crate::gro::tests::{bulk, resegment};
+        use crate::datapath::gro::tests::{bulk, resegment};
         let segments = bulk(false, &[1400; 32]);
         let mut t = TunBatch::new(32);
         for s in &segments {

@@ -45,7 +45,7 @@ use std::time::Duration;
 use hashbrown::hash_table::HashTable;
 use slab::Slab;
 
-use crate::flow::SeqNumber;
+use crate::enforce::flow::SeqNumber;
 
 pub use crate::wire::{FlowKey, TcpFlags, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 

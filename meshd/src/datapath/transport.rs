@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::poll::wait_writable;
+use crate::sys::poll::wait_writable;
 
 /// Socket buffer size requested. As root `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` go past
 /// net.core.[rw]mem_max; otherwise the kernel caps the plain request at that maximum.
@@ -557,7 +557,7 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::poll::{wait_readable, wait_readable2};
+    use crate::sys::poll::{wait_readable, wait_readable2};
 
     #[test]
     fn mapped_addresses_become_ipv4() {

@@ -2,7 +2,7 @@
 //! RST that tells the server the connection is gone, and segments that carry bytes from
 //! the enforcer's reassembled view (sans-IO: bytes out, the shell writes them).
 //!
-//! A refusal ([`crate::l7::Refusal`]) becomes two packets:
+//! A refusal ([`crate::enforce::l7::Refusal`]) becomes two packets:
 //! - [`response`] to the client, as if from the server: an HTTP/1.1 response with the
 //!   refusal's status, a one-line text body and `connection: close`, in one segment with
 //!   ACK, PSH and FIN, at the sequence number the client expects from the server and
@@ -21,10 +21,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::flow::{Flags, SeqNumber};
-use crate::l7::response::write_response;
-pub use crate::l7::response::{http_response, reason_phrase, response_len};
-use crate::l7::Refusal;
+use crate::enforce::flow::{Flags, SeqNumber};
+use crate::enforce::l7::response::write_response;
+pub use crate::enforce::l7::response::{http_response, reason_phrase, response_len};
+use crate::enforce::l7::Refusal;
 
 const TTL: u8 = 64;
 
@@ -187,8 +187,8 @@ pub fn reset(ends: &Endpoints, refusal: &Refusal, out: &mut Vec<u8>) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::Timestamps;
-    use crate::l7::RefuseCause;
+    use crate::enforce::flow::Timestamps;
+    use crate::enforce::l7::RefuseCause;
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
     fn refusal(cause: RefuseCause) -> Refusal {

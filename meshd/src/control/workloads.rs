@@ -9,7 +9,7 @@
 //!
 //! Each workload is a [`Local`] of the session table: its own static key, one session
 //! with every peer (`crate::peers`). How a workload's traffic reaches meshd (its
-//! attachment) is set up by [`crate::attach`]; the `quarantine` thread counts what
+//! attachment) is set up by [`crate::control::attach`]; the `quarantine` thread counts what
 //! pods send with sources they do not own and re-attaches pods whose veth (re)appears.
 //!
 //! This module holds the workloads' types, their loading and their persisted changes;
@@ -31,14 +31,14 @@ use mesh_proto::key::{PrivateKey, PublicKey};
 use mesh_proto::time::UnixTime;
 use serde::{Deserialize, Serialize};
 
-use crate::attach::Attacher;
-use crate::device::Tun;
-use crate::hostfilter::{PodLink, Ruleset};
+use crate::control::attach::Attacher;
+use crate::control::hostfilter::{PodLink, Ruleset};
+use crate::control::state::StateError;
+use crate::datapath::device::Tun;
 use crate::peers::{peer_spec, Local};
-use crate::state::StateError;
 
 pub const STATE_FILE: &str = "workloads.json";
-use crate::state::STATE_VERSION;
+use crate::control::state::STATE_VERSION;
 
 /// Where a workload comes from (as `workload_list` reports it).
 pub use mesh_proto::control::WorkloadSource as Origin;
@@ -129,7 +129,7 @@ pub struct WorkloadChanges {
     pub removed: Vec<String>,
 }
 
-impl crate::state::StateFile for WorkloadChanges {
+impl crate::control::state::StateFile for WorkloadChanges {
     const FILE: &'static str = STATE_FILE;
     const HOLDS: (&'static str, &'static str) = (
         "the workloads added and removed at run time",
@@ -143,15 +143,17 @@ impl crate::state::StateFile for WorkloadChanges {
 impl WorkloadChanges {
     /// Reads the state file; a missing file means "no changes".
     pub fn load(state_dir: &Path) -> Result<WorkloadChanges, StateError> {
-        Ok(crate::state::read(state_dir)?.unwrap_or(WorkloadChanges {
-            version: STATE_VERSION,
-            ..WorkloadChanges::default()
-        }))
+        Ok(
+            crate::control::state::read(state_dir)?.unwrap_or(WorkloadChanges {
+                version: STATE_VERSION,
+                ..WorkloadChanges::default()
+            }),
+        )
     }
 
     /// Writes atomically (temp file, fsync, rename), mode 0600.
     pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
-        crate::state::write(state_dir, self)
+        crate::control::state::write(state_dir, self)
     }
 
     /// Records an added (or replaced) workload.
@@ -224,7 +226,7 @@ pub(crate) fn load(
     let changes = WorkloadChanges::load(&n.state_dir)
         .map_err(|e| config.error("node.state_dir", e.to_string().replace('\n', " ")))?;
     for (spec, origin) in changes.apply(&config_workloads) {
-        match crate::workloads::read(ca, &spec, now) {
+        match crate::control::workloads::read(ca, &spec, now) {
             Ok((c, k)) => workloads.push(Workload {
                 local: Arc::new(Local::new(peer_spec(&c), *k.as_bytes())),
                 cert: c.into_inner(),
@@ -245,7 +247,7 @@ pub(crate) fn load(
 }
 
 /// The pod plumbing of a running daemon: the routing rules and the quarantine device
-/// (see [`crate::attach`]). Made when the first workload behind a veth arrives, so a
+/// (see [`crate::control::attach`]). Made when the first workload behind a veth arrives, so a
 /// host without pods changes nothing in the kernel's routing.
 pub struct Pods {
     pub(crate) attacher: Attacher,

@@ -22,19 +22,19 @@ use mesh_proto::identity::SpiffeId;
 use mesh_proto::key::{PrivateKey, PublicKey};
 use mesh_proto::time::{span, Term, UnixTime};
 
-use crate::cpu_latency::CpuLatency;
+use crate::control::expiry::ExpiryWatch;
+use crate::control::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
+use crate::control::workloads::{Workload, WorkloadChanges, WorkloadSpec};
+use crate::datapath::cpu_latency::CpuLatency;
+use crate::datapath::device::{route_needed, Tun};
+use crate::datapath::transport::Udp;
 use crate::datapath::Plane;
-use crate::decisions::{DecisionLog, LogLimits};
-use crate::device::{route_needed, Tun};
+use crate::enforce::decisions::{DecisionLog, LogLimits};
 use crate::enforce::{self, Enforcer};
-use crate::expiry::ExpiryWatch;
 use crate::peers::{
     build_table, claims, peer_spec, Local, Node, OutsideWindow, PeerEntry, PeerTable, Source,
 };
-use crate::shutdown::Shutdown;
-use crate::state::{LearnedEndpoints, PeerChanges, StoredPeer, StoredPolicy};
-use crate::transport::Udp;
-use crate::workloads::{Workload, WorkloadChanges, WorkloadSpec};
+use crate::sys::shutdown::Shutdown;
 use mesh_proto::policy::{self, CompiledPolicy, DefaultAction, RequestSpec};
 
 mod workload_ops;
@@ -148,7 +148,7 @@ fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
     match StoredPolicy::load(state_dir) {
         Err(e) => return Err(config.error("node.state_dir", one_line(&e))),
         Ok(Some(stored)) => {
-            let path = state_dir.join(crate::state::POLICY_FILE);
+            let path = state_dir.join(crate::control::state::POLICY_FILE);
             // The rule: the policy last applied at run time (meshctl policy apply, the
             // fleet store) wins over the config's file until it is removed.
             if let Some(file) = config.policy.as_ref().and_then(|p| p.file.as_ref()) {
@@ -195,7 +195,7 @@ fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
 }
 
 /// Verifies a peer certificate (its addresses are checked against the other
-/// identities by [`crate::overlap`]). One outside its validity window at `now` that
+/// identities by [`crate::peers::overlap`]). One outside its validity window at `now` that
 /// is otherwise sound is accepted into the registry with `Ok(Some(why))`: it stays
 /// listed (a renewal may replace it) and the data path refuses its handshakes, for
 /// the same reason ([`PeerSpec::outside_window`]). Anything else is an error.
@@ -317,7 +317,7 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
     }
     let policy = load_policy(&config)?;
     let (workloads, config_workloads, workload_changes) =
-        crate::workloads::load(&config, &ca, &cert, &key, now)?;
+        crate::control::workloads::load(&config, &ca, &cert, &key, now)?;
     let (workloads, peers) =
         admit_addresses(&config, &config_workloads, &config_peers, workloads, peers)?;
     Ok(Loaded {
@@ -337,7 +337,7 @@ pub fn load(config: Config, now: UnixTime) -> Result<Loaded, ConfigError> {
 }
 
 /// Admits the loaded identities only where their addresses overlap no other's
-/// ([`crate::overlap`]). First the configuration on its own — the node, the config's
+/// ([`crate::peers::overlap`]). First the configuration on its own — the node, the config's
 /// workloads and every `[[peer]]` as written (also one a stored renewal replaces):
 /// an overlap there is a config error naming the later entry's field. Then the
 /// effective set, one by one against those admitted before: the config's entries in
@@ -351,15 +351,15 @@ fn admit_addresses(
     workloads: Vec<Workload>,
     peers: Vec<PeerEntry>,
 ) -> Result<(Vec<Workload>, Vec<PeerEntry>), ConfigError> {
-    use crate::workloads::Origin;
+    use crate::control::workloads::Origin;
     let from_config: Vec<&Workload> = workloads
         .iter()
         .filter(|w| w.origin != Origin::Runtime)
         .collect();
-    let mut seen: Vec<crate::overlap::Claim<'_>> = Vec::new();
+    let mut seen: Vec<crate::peers::overlap::Claim<'_>> = Vec::new();
     for w in &from_config {
         let claim = (w.cert.identity(), w.cert.addresses());
-        if let Some(o) = crate::overlap::against(claim, seen.iter().copied()) {
+        if let Some(o) = crate::peers::overlap::against(claim, seen.iter().copied()) {
             let i = config_workloads
                 .iter()
                 .position(|c| c.name == w.spec.name)
@@ -373,7 +373,7 @@ fn admit_addresses(
     }
     for (i, p) in config_peers.iter().enumerate() {
         let claim = (&p.spec.identity, &p.spec.addresses[..]);
-        if let Some(o) = crate::overlap::against(claim, seen.iter().copied()) {
+        if let Some(o) = crate::peers::overlap::against(claim, seen.iter().copied()) {
             let path = config.peers.get(i).map(|c| c.cert.display().to_string());
             return Err(config.error(
                 &format!("peer[{i}].cert"),
@@ -415,7 +415,7 @@ fn admit_addresses(
             Who::Peer(p) => (p.spec.identity.clone(), p.spec.addresses.clone()),
         };
         let others = admitted.iter().map(|(i, a)| (i, &a[..]));
-        if let Some(o) = crate::overlap::against((&identity, &addresses), others) {
+        if let Some(o) = crate::peers::overlap::against((&identity, &addresses), others) {
             // The configuration alone overlaps nowhere (checked above): this one
             // comes from the state directory.
             match who {
@@ -444,7 +444,7 @@ fn admit_addresses(
 /// the configuration of a running node before a restart is no error.
 pub fn check_host(config: &Config) -> Vec<ConfigError> {
     let n = &config.node;
-    let running = crate::client::ask_status(&n.control_socket);
+    let running = crate::control::client::ask_status(&n.control_socket);
     let ours = |s: &Status| s.listen.port() == n.listen.port() && s.tun == n.tun;
     let running = running.filter(ours);
     let mut problems = Vec::new();
@@ -456,8 +456,8 @@ pub fn check_host(config: &Config) -> Vec<ConfigError> {
             problems.push(config.error("node.listen", listen_error(&e)));
         }
     }
-    if running.is_none() && crate::device::if_exists(&n.tun) {
-        let e = crate::device::DeviceError::Exists {
+    if running.is_none() && crate::datapath::device::if_exists(&n.tun) {
+        let e = crate::datapath::device::DeviceError::Exists {
             name: n.tun.clone(),
         };
         problems.push(config.error("node.tun", e));
@@ -466,7 +466,7 @@ pub fn check_host(config: &Config) -> Vec<ConfigError> {
 }
 
 /// What the host said about binding `node.listen`, in words an operator can act on.
-pub fn listen_error(e: &crate::transport::BindError) -> String {
+pub fn listen_error(e: &crate::datapath::transport::BindError) -> String {
     let hint = match e.source.raw_os_error() {
         Some(libc::EADDRINUSE) => "; another process holds this port (another meshd?)",
         Some(libc::EADDRNOTAVAIL) => "; the address is not on this host",
@@ -493,7 +493,7 @@ pub(crate) struct Registry {
     pub(crate) config_workloads: Vec<WorkloadSpec>,
     pub(crate) workload_changes: WorkloadChanges,
     /// Pod plumbing, made when the first workload behind a veth arrives.
-    pub(crate) pods: Option<crate::workloads::Pods>,
+    pub(crate) pods: Option<crate::control::workloads::Pods>,
 }
 
 impl Registry {
@@ -515,14 +515,14 @@ pub struct Daemon {
     applied: Mutex<AppliedPolicy>,
     /// The nftables table that keeps the mesh addresses to meshd; `None` when
     /// `node.host_filter = false`. Dropped (deleted) after the TUN.
-    pub(crate) host_filter: Option<crate::hostfilter::HostFilter>,
+    pub(crate) host_filter: Option<crate::control::hostfilter::HostFilter>,
     pub ready: AtomicBool,
     pub(crate) config: Config,
     pub(crate) ca: Ca,
     /// When to try each local workload's certificate and key files again, by name
     /// (timer thread); they are told apart by a keyed digest, so no copy of a key is
     /// kept.
-    pub(crate) cert_files: Mutex<HashMap<String, crate::workloads::CertFileWatch>>,
+    pub(crate) cert_files: Mutex<HashMap<String, crate::control::workloads::CertFileWatch>>,
     pub(crate) cert_files_hasher: std::hash::RandomState,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) next_index: AtomicU32,
@@ -554,9 +554,9 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Device(#[from] crate::device::DeviceError),
+    Device(#[from] crate::datapath::device::DeviceError),
     #[error(transparent)]
-    Bind(#[from] crate::transport::BindError),
+    Bind(#[from] crate::datapath::transport::BindError),
     #[error("{0}")]
     Peers(String),
     #[error("{0}")]
@@ -609,16 +609,16 @@ impl Daemon {
         let udp = Udp::bind(config.node.listen, config.node.udp_offload)
             .map_err(|e| config.error("node.listen", listen_error(&e)))?;
         // Before the overlay addresses exist.
-        let ruleset = crate::workloads::host_filter_ruleset(&config.node.tun, &workloads);
+        let ruleset = crate::control::workloads::host_filter_ruleset(&config.node.tun, &workloads);
         let host_filter =
-            crate::hostfilter::start(config.node.host_filter, ruleset).map_err(|e| {
+            crate::control::hostfilter::start(config.node.host_filter, ruleset).map_err(|e| {
                 StartError::HostFilter(
                     config
                         .error(
                             "node.host_filter",
                             format!(
                                 "cannot install the host filter (nftables table inet {}): {e}; meshd does not run without it: fix that, or set host_filter = false in [node] to run unprotected",
-                                crate::hostfilter::table_name(&config.node.tun)
+                                crate::control::hostfilter::table_name(&config.node.tun)
                             ),
                         )
                         .to_string(),
@@ -626,7 +626,7 @@ impl Daemon {
             })?;
         let tun =
             Tun::create(&config.node.tun, config.node.mtu, &own_addrs).map_err(|e| match e {
-                crate::device::DeviceError::Exists { .. } => {
+                crate::datapath::device::DeviceError::Exists { .. } => {
                     StartError::Config(config.error("node.tun", e))
                 }
                 e => StartError::Device(e),
@@ -823,7 +823,7 @@ impl Daemon {
         if *last == current {
             return;
         }
-        match crate::state::write(&self.config.node.state_dir, &current) {
+        match crate::control::state::write(&self.config.node.state_dir, &current) {
             Ok(()) => {
                 *last = current;
                 *failing = false;
@@ -865,7 +865,7 @@ impl Daemon {
                 groups.insert(id, l.workload.groups.clone());
             }
         }
-        let now = crate::clock::unix_now();
+        let now = crate::sys::clock::unix_now();
         let cuts = self.plane.enforce.refresh_identities(
             |id| groups.get(id).cloned(),
             self.plane.mono(),
@@ -1001,7 +1001,7 @@ impl Daemon {
                 // identity's certificate is the one replaced).
                 let locals = reg.workloads.iter().map(|w| &w.local.spec);
                 let others = claims(locals, &entries);
-                match crate::overlap::against((cert.identity(), cert.addresses()), others) {
+                match crate::peers::overlap::against((cert.identity(), cert.addresses()), others) {
                     Some(o) => Err(refused(o.to_string())),
                     None => Ok(()),
                 }
@@ -1116,7 +1116,7 @@ pub fn chores_loop(d: &Daemon) {
     let mut ticks = 0u64;
     while !d.plane.shutdown.wait_timeout(CHORES_TICK) {
         ticks += 1;
-        let now = crate::clock::unix_now();
+        let now = crate::sys::clock::unix_now();
         d.check_cert_files(now);
         d.check_certificates(now);
         if ticks.is_multiple_of(SAVE_ENDPOINTS_TICKS) {
@@ -1132,7 +1132,7 @@ impl Daemon {
         let Some(f) = &self.host_filter else {
             return Ok(());
         };
-        f.update(crate::workloads::host_filter_ruleset(
+        f.update(crate::control::workloads::host_filter_ruleset(
             self.plane.tun.name(),
             workloads,
         ))
@@ -1149,15 +1149,15 @@ impl Daemon {
     pub(crate) fn host_filter_status(&self) -> HostFilterStatus {
         self.host_filter.as_ref().map_or_else(
             HostFilterStatus::disabled,
-            crate::hostfilter::HostFilter::status,
+            crate::control::hostfilter::HostFilter::status,
         )
     }
 }
 
 impl Loaded {
     /// The host filter's table for what was loaded (`meshd check-config` checks it).
-    pub fn host_filter_ruleset(&self) -> crate::hostfilter::Ruleset {
-        crate::workloads::host_filter_ruleset(&self.config.node.tun, &self.workloads)
+    pub fn host_filter_ruleset(&self) -> crate::control::hostfilter::Ruleset {
+        crate::control::workloads::host_filter_ruleset(&self.config.node.tun, &self.workloads)
     }
 }
 
@@ -1240,7 +1240,7 @@ fn restore_learned_endpoints(
     entries: &[PeerEntry],
     table: &PeerTable,
 ) -> LearnedEndpoints {
-    let learned = match crate::state::read::<LearnedEndpoints>(state_dir) {
+    let learned = match crate::control::state::read::<LearnedEndpoints>(state_dir) {
         Ok(l) => l.unwrap_or_else(LearnedEndpoints::empty),
         Err(e) => {
             tracing::warn!(
@@ -1308,7 +1308,7 @@ mod tests {
         assert!(check_peer(&ca.ca(), &own, &own, now)
             .unwrap_err()
             .contains("own identity"));
-        // Addresses are the overlap check's business (crate::overlap).
+        // Addresses are the overlap check's business (crate::peers::overlap).
         assert_eq!(check_peer(&ca.ca(), &own, &clash, now), Ok(None));
     }
 
@@ -1455,7 +1455,7 @@ mod tests {
         );
         // Stored by an earlier meshd: skipped (logged), the rest starts.
         let mut changes = PeerChanges::load(&f.0.join("state")).unwrap();
-        changes.add(crate::state::StoredPeer {
+        changes.add(crate::control::state::StoredPeer {
             identity: "spiffe://t/x".into(),
             cert: x.to_pem(),
             endpoint: None,
@@ -1471,7 +1471,7 @@ mod tests {
         // A renewal (the same identity and addresses, stored over the config's)
         // overlaps nothing.
         let (b2, _) = ca.leaf("spiffe://t/b", &["100.64.0.2/32"]);
-        changes.add(crate::state::StoredPeer {
+        changes.add(crate::control::state::StoredPeer {
             identity: "spiffe://t/b".into(),
             cert: b2.to_pem(),
             endpoint: None,

@@ -242,7 +242,8 @@ fn denied_post_is_refused_before_any_byte_is_released() {
             client_ack: net.at(POST.len()),
             server_seq: net.at(0),
             server_ack: SeqNumber(SISN + 1),
-            response_end: SeqNumber(SISN + 1) + (crate::l7::response::response_len(&r.cause) + 1),
+            response_end: SeqNumber(SISN + 1)
+                + (crate::enforce::l7::response::response_len(&r.cause) + 1),
         }
     );
     assert_eq!(r.cause.status(), 403);
@@ -784,7 +785,10 @@ fn rst_ends_the_flow_and_held_bytes_are_never_delivered() {
         Fate::Drop(DropReason::Refused)
     );
     assert!(net.server.is_empty());
-    assert_eq!(net.flow.tcp().state(), crate::flow::TcpState::Closed);
+    assert_eq!(
+        net.flow.tcp().state(),
+        crate::enforce::flow::TcpState::Closed
+    );
 }
 
 /// Found by the l7_flow fuzz target: a client RST carrying payload went out whole.
@@ -941,7 +945,10 @@ fn close_sequence_passes() {
     let fin_ack = CISN + 2 + GET.len() as u32;
     let s = seg(SeqNumber(SISN + 1), fin_ack, Flags::ACK | Flags::FIN, resp);
     assert!(net.flow.on_server_segment(&s, net.now));
-    assert_eq!(net.flow.tcp().state(), crate::flow::TcpState::Closing);
+    assert_eq!(
+        net.flow.tcp().state(),
+        crate::enforce::flow::TcpState::Closing
+    );
     // The client's last ACK, one past its FIN.
     let o = net.send_flags(GET.len() + 1, b"", Flags::ACK);
     assert!(matches!(o.fate, ACK_ONLY | Fate::Forward));
@@ -1284,7 +1291,7 @@ fn retransmitted_syn_keeps_the_stream() {
 
 #[test]
 fn refusal_packets_fit_the_connection() {
-    use crate::inject;
+    use crate::enforce::inject;
     use etherparse::{SlicedPacket, TransportSlice};
 
     let mut net = Net::new();
@@ -1403,7 +1410,7 @@ fn a_refused_client_is_answered_until_it_has_closed() {
     let r = net.send(0, POST).refusal.expect("refused");
     assert_eq!(
         r.response_end,
-        r.client_seq + (crate::l7::response::response_len(&r.cause) + 1)
+        r.client_seq + (crate::enforce::l7::response::response_len(&r.cause) + 1)
     );
     let end = net.at(POST.len());
     let client = |net: &mut Net, seq: SeqNumber, ack: SeqNumber, flags: Flags, data: &[u8]| {

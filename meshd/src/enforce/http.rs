@@ -9,7 +9,7 @@
 //! Body bytes are counted and their framing checked as they pass; they are never copied
 //! or kept, so a body of any size streams in constant memory.
 //!
-//! For a caller that receives the stream out of order ([`crate::l7`]): body content
+//! For a caller that receives the stream out of order ([`crate::enforce::l7`]): body content
 //! whose values decide nothing can be skipped unseen ([`RequestStream::opaque`],
 //! [`RequestStream::skip_opaque`]), and inside a chunked body the framing after a
 //! chunk's data can be read before that data has arrived, since its position is known

@@ -39,7 +39,7 @@
 //! (where it could pass as its neighbour's): it lands on the quarantine device, where
 //! meshd counts it as `forged_source`, or is refused outright. Neighbour discovery
 //! (link-local and multicast ICMPv6) still reaches the host directly; ARP is not
-//! routed. The host filter ([`crate::hostfilter`]) drops anything else a pod sends
+//! routed. The host filter ([`crate::control::hostfilter`]) drops anything else a pod sends
 //! anywhere but into the TUN, so a route the pod adds (to the underlay, to the host's
 //! underlay address) leads nowhere.
 //!
@@ -54,7 +54,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::netlink::{finish, header, push_attr, request, route_message};
+use crate::sys::netlink::{finish, header, push_attr, request, route_message};
 
 /// Routing table of the pods' veths, consulted for packets leaving the TUN.
 pub const PODS_TABLE: u32 = 51820;

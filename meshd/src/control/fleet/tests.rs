@@ -156,11 +156,11 @@ fn put(entry: StoreEntry) -> StoreEvent {
 }
 
 fn snapshot(entries: Vec<StoreEntry>) -> StoreEvent {
-    StoreEvent::Snapshot(crate::store::Snapshot {
+    StoreEvent::Snapshot(crate::control::store::Snapshot {
         revision: 1,
         entries,
         ignored: vec![],
-        reason: crate::store::SnapshotReason::Start,
+        reason: crate::control::store::SnapshotReason::Start,
     })
 }
 
@@ -368,14 +368,14 @@ fn garbage_over_a_good_certificate_in_a_resync_changes_nothing() {
         reason: mesh_proto::store::IgnoreReason::BadCertificate,
         detail: "not a certificate".into(),
     };
-    a.apply(StoreEvent::Snapshot(crate::store::Snapshot {
+    a.apply(StoreEvent::Snapshot(crate::control::store::Snapshot {
         revision: 2,
         entries: vec![],
         ignored: vec![
             garbage(StoreKey::Cert(id("a"))),
             garbage(StoreKey::NodeEndpoint(id("a"))),
         ],
-        reason: crate::store::SnapshotReason::Compacted {
+        reason: crate::control::store::SnapshotReason::Compacted {
             compact_revision: 2,
         },
     }));

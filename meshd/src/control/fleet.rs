@@ -1,5 +1,5 @@
 //! The fleet store as one more input of the daemon, beside the files and the control
-//! socket: what the store client ([`crate::store`]) reads is verified and applied
+//! socket: what the store client ([`crate::control::store`]) reads is verified and applied
 //! through the same paths as `meshctl peer add`, `peer remove` and `policy apply`.
 //!
 //! # Trust
@@ -42,9 +42,9 @@ use mesh_proto::store::{StoreApplied, StoreEntry, StoreKey, StoreStatus, StoreVa
 use mesh_proto::time::UnixTime;
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::Daemon;
-use crate::state::{StateError, StateFile};
-use crate::store::{NodeReport, StatusPublisher, StoreEvent, StoreHandle};
+use crate::control::daemon::Daemon;
+use crate::control::state::{StateError, StateFile};
+use crate::control::store::{NodeReport, StatusPublisher, StoreEvent, StoreHandle};
 
 /// The daemon operations the store drives (implemented by `Daemon`).
 pub trait Target {
@@ -100,10 +100,12 @@ impl StateFile for FleetState {
 
 impl FleetState {
     pub fn load(state_dir: &Path) -> Result<FleetState, StateError> {
-        Ok(crate::state::read(state_dir)?.unwrap_or(FleetState {
-            version: crate::state::STATE_VERSION,
-            ..FleetState::default()
-        }))
+        Ok(
+            crate::control::state::read(state_dir)?.unwrap_or(FleetState {
+                version: crate::control::state::STATE_VERSION,
+                ..FleetState::default()
+            }),
+        )
     }
 }
 
@@ -384,7 +386,7 @@ impl<T: Target> Applier<T> {
     }
 
     fn save(&self) {
-        if let Err(e) = crate::state::write(&self.state_dir, &self.state) {
+        if let Err(e) = crate::control::state::write(&self.state_dir, &self.state) {
             tracing::error!("store: {e}");
         }
     }
@@ -433,7 +435,7 @@ impl DaemonTarget {
 impl Target for DaemonTarget {
     fn add_peer(&self, cert: &Certificate, endpoint: Option<SocketAddr>) -> Result<(), String> {
         let d = self.daemon()?;
-        d.peer_add(cert.as_pem(), endpoint, crate::clock::unix_now())
+        d.peer_add(cert.as_pem(), endpoint, crate::sys::clock::unix_now())
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
@@ -441,7 +443,7 @@ impl Target for DaemonTarget {
     fn add_peers(&self, list: &[(Certificate, Option<SocketAddr>)]) -> Vec<Result<(), String>> {
         match self.daemon() {
             Ok(d) => d
-                .peer_add_many(list, crate::clock::unix_now())
+                .peer_add_many(list, crate::sys::clock::unix_now())
                 .into_iter()
                 .map(|r| r.map_err(|e| e.to_string()))
                 .collect(),
@@ -459,7 +461,7 @@ impl Target for DaemonTarget {
     fn apply_policy(&self, name: &str, policy: &str) -> Result<(), String> {
         let d = self.daemon()?;
         let (_, cuts) = d
-            .policy_apply(policy, name, crate::clock::unix_now())
+            .policy_apply(policy, name, crate::sys::clock::unix_now())
             .map_err(|e| e.to_string())?;
         d.cut_flows(&cuts);
         Ok(())
@@ -477,12 +479,12 @@ impl Target for DaemonTarget {
     fn default_action(&self) -> DefaultAction {
         self.0
             .upgrade()
-            .map(|d| crate::daemon::default_action(d.config()))
+            .map(|d| crate::control::daemon::default_action(d.config()))
             .unwrap_or(DefaultAction::Deny)
     }
 
     fn now(&self) -> UnixTime {
-        crate::clock::unix_now()
+        crate::sys::clock::unix_now()
     }
 }
 
@@ -494,7 +496,7 @@ pub enum FleetError {
     #[error("{0}")]
     State(#[from] StateError),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::control::store::StoreError),
 }
 
 /// The running store input of a daemon: its client, applying events on the client's
@@ -518,12 +520,12 @@ impl Fleet {
             keys,
         });
         let state = FleetState::load(&config.node.state_dir)?;
-        let settings = crate::store::StoreSettings::load(store, trust_domain)?;
-        let node = crate::store::NodeInfo {
+        let settings = crate::control::store::StoreSettings::load(store, trust_domain)?;
+        let node = crate::control::store::NodeInfo {
             identity: own.identity().clone(),
             endpoints: store.advertise.clone(),
             meshd_version: env!("CARGO_PKG_VERSION").to_string(),
-            cert: Some(crate::store::OwnCert({
+            cert: Some(crate::control::store::OwnCert({
                 let d = Arc::downgrade(d);
                 Arc::new(move || d.upgrade().map(|d| d.lock_registry().node_cert().clone()))
             })),
@@ -540,7 +542,7 @@ impl Fleet {
         )));
         let publisher: Arc<OnceLock<StatusPublisher>> = Arc::new(OnceLock::new());
         let (a, p) = (applier.clone(), publisher.clone());
-        let handle = crate::store::StoreClient::start(settings, node, move |event| {
+        let handle = crate::control::store::StoreClient::start(settings, node, move |event| {
             let report = lock(&a).apply(event);
             if let (Some(r), Some(p)) = (report, p.get()) {
                 p.publish(r);

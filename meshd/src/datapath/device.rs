@@ -24,7 +24,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-use crate::gro::{Coalescer, Resizable, VNET_HDR_LEN};
+use crate::datapath::gro::{Coalescer, Resizable, VNET_HDR_LEN};
 
 /// Bytes reserved in front of every packet written with [`Tun::send_batch`]: the
 /// virtio-net header when offload is on (`struct virtio_net_hdr`, 10 bytes: the TUN
@@ -376,12 +376,12 @@ mod netlink {
 
     /// The request bytes for RTM_NEWROUTE / RTM_DELROUTE (main table, link scope).
     pub(super) fn message(add: bool, net: IpNet, oif: u32) -> Vec<u8> {
-        crate::netlink::route_message(add, net, oif, None, None)
+        crate::sys::netlink::route_message(add, net, oif, None, None)
     }
 
     /// Adds or deletes one route through the shared netlink request in `attach`.
     pub(super) fn route(add: bool, net: IpNet, oif: u32) -> io::Result<()> {
-        match crate::netlink::request(&message(add, net, oif)) {
+        match crate::sys::netlink::request(&message(add, net, oif)) {
             // Deleting a route the kernel already removed is fine.
             Err(e) if !add && e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             r => r,
@@ -408,7 +408,7 @@ mod netlink {
             assert_eq!(m6.len(), 16 + 12 + 20 + 8);
             assert_eq!(m6[17], 48);
             // Another table: unspecified in rtmsg, named by RTA_TABLE (4+4 more).
-            let t = crate::netlink::route_message(
+            let t = crate::sys::netlink::route_message(
                 true,
                 "100.64.0.0/10".parse().unwrap(),
                 7,

@@ -24,7 +24,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::checksum::{fold, sum};
+use crate::wire::checksum::{fold, sum};
 use crate::wire::{FlowKey, TcpFlags, TcpPacket, UdpPacket, PROTO_TCP, PROTO_UDP};
 
 /// Size of the virtio-net header (`struct virtio_net_hdr`, without `num_buffers`).

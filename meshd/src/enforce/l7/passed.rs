@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use crate::flow::SeqNumber;
+use crate::enforce::flow::SeqNumber;
 
 /// Most bytes of chunk framing (size lines, trailers) a flow copies while it parses
 /// ahead of a hole. A chunk's framing is about 8 bytes (CRLF, size, CRLF); curl sends

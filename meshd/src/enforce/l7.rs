@@ -139,11 +139,11 @@ use std::time::Duration;
 
 use mesh_proto::http_path::{self, PathError};
 
-use crate::flow::{
+use crate::enforce::flow::{
     Direction, Flags, InsertError, InvalidSegment, Reassembler, Segment, SeqNumber, TcpFlow,
     Timestamp, Timestamps, Track,
 };
-use crate::http::{HttpError, Limits, RequestHead, RequestStream, Step, MAX_HEADERS};
+use crate::enforce::http::{HttpError, Limits, RequestHead, RequestStream, Step, MAX_HEADERS};
 use passed::Passed;
 pub use passed::{MAX_FRAMING_BYTES, MAX_FRAMING_RUNS};
 

@@ -49,7 +49,7 @@ use mesh_proto::store::{
 };
 use tokio::sync::mpsc;
 
-use crate::clock::unix_now;
+use crate::sys::clock::unix_now;
 
 /// Every request's time limit (a balanced gRPC channel waits, rather than fails, while
 /// no endpoint is reachable).

@@ -1,7 +1,7 @@
 //! The daemon's operations on its local workloads: list, add, remove, renew in
 //! place from their files, and the pods' attachment (routing rules, the quarantine
 //! device) kept in step with their veths. The workload types, their loading and
-//! their persisted changes are in `crate::workloads`; this is where the daemon's
+//! their persisted changes are in `crate::control::workloads`; this is where the daemon's
 //! registry, peer table and host filter change with them.
 
 use std::collections::HashMap;
@@ -15,11 +15,13 @@ use mesh_proto::control::{ControlError, WorkloadInfo, WorkloadList};
 use mesh_proto::time::UnixTime;
 
 use super::{Daemon, Registry};
-use crate::attach::{if_index, Attacher};
-use crate::device::Tun;
+use crate::control::attach::{if_index, Attacher};
+use crate::control::workloads::{
+    is_node, quarantine_name, read, Origin, Pods, Workload, WorkloadSpec,
+};
+use crate::datapath::device::Tun;
 use crate::peers::{build_table, is_routable, peer_spec, Local, PeerTable};
-use crate::poll::wait_readable;
-use crate::workloads::{is_node, quarantine_name, read, Origin, Pods, Workload, WorkloadSpec};
+use crate::sys::poll::wait_readable;
 
 impl Daemon {
     /// The local workloads (the node's own first).
@@ -132,7 +134,7 @@ impl Daemon {
     /// ([`Daemon::renew_local`]), logging what happened: a refused one leaves the
     /// certificate in force as it was, and is tried again every minute while the files
     /// stay as they are (a certificate not yet valid may be by then; see
-    /// [`crate::workloads::CertFileWatch`]).
+    /// [`crate::control::workloads::CertFileWatch`]).
     pub fn check_cert_files(&self, now: UnixTime) {
         use std::hash::BuildHasher;
         let specs: Vec<WorkloadSpec> = {
@@ -278,7 +280,9 @@ impl Daemon {
                     .iter()
                     .map(|e| (&e.spec.identity, &e.spec.addresses[..])),
             );
-        if let Some(o) = crate::overlap::against((w.cert.identity(), w.cert.addresses()), others) {
+        if let Some(o) =
+            crate::peers::overlap::against((w.cert.identity(), w.cert.addresses()), others)
+        {
             return Err(fail(o.to_string()));
         }
         if let Some(v) = &spec.veth {
