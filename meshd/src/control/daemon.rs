@@ -198,7 +198,7 @@ fn load_policy(config: &Config) -> Result<LoadedPolicy, ConfigError> {
 /// identities by [`crate::peers::overlap`]). One outside its validity window at `now` that
 /// is otherwise sound is accepted into the registry with `Ok(Some(why))`: it stays
 /// listed (a renewal may replace it) and the data path refuses its handshakes, for
-/// the same reason ([`PeerSpec::outside_window`]). Anything else is an error.
+/// the same reason ([`crate::peers::PeerSpec::outside_window`]). Anything else is an error.
 pub fn check_peer(
     ca: &Ca,
     own: &Certificate,
