@@ -48,13 +48,9 @@ use crate::control::store::{NodeReport, StatusPublisher, StoreEvent, StoreHandle
 
 /// The daemon operations the store drives (implemented by `Daemon`).
 pub trait Target {
-    /// `meshctl peer add`: verified, persisted, then in force; `Err` is one line.
-    fn add_peer(&self, cert: &Certificate, endpoint: Option<SocketAddr>) -> Result<(), String>;
-    /// As [`Target::add_peer`] for each, in one commit where the target can; the
-    /// results in order.
-    fn add_peers(&self, list: &[(Certificate, Option<SocketAddr>)]) -> Vec<Result<(), String>> {
-        list.iter().map(|(c, e)| self.add_peer(c, *e)).collect()
-    }
+    /// `meshctl peer add` of each, in one commit: verified, persisted, then in force;
+    /// the results in order, each `Err` one line.
+    fn add_peers(&self, list: &[(Certificate, Option<SocketAddr>)]) -> Vec<Result<(), String>>;
     /// `meshctl peer remove`.
     fn remove_peer(&self, identity: &SpiffeId) -> Result<(), String>;
     /// `meshctl policy apply` of a verified document's policy; established flows the
@@ -433,13 +429,6 @@ impl DaemonTarget {
 }
 
 impl Target for DaemonTarget {
-    fn add_peer(&self, cert: &Certificate, endpoint: Option<SocketAddr>) -> Result<(), String> {
-        let d = self.daemon()?;
-        d.peer_add(cert.as_pem(), endpoint, crate::sys::clock::unix_now())
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-
     fn add_peers(&self, list: &[(Certificate, Option<SocketAddr>)]) -> Vec<Result<(), String>> {
         match self.daemon() {
             Ok(d) => d

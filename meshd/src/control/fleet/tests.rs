@@ -16,8 +16,8 @@ struct Fake {
     batches: RefCell<Vec<usize>>,
 }
 
-impl Target for &Fake {
-    fn add_peer(&self, cert: &Certificate, endpoint: Option<SocketAddr>) -> Result<(), String> {
+impl Fake {
+    fn add_one(&self, cert: &Certificate, endpoint: Option<SocketAddr>) -> Result<(), String> {
         self.calls
             .borrow_mut()
             .push(format!("add {}", cert.identity()));
@@ -29,9 +29,12 @@ impl Target for &Fake {
             .insert(cert.identity().clone(), (cert.fingerprint(), endpoint));
         Ok(())
     }
+}
+
+impl Target for &Fake {
     fn add_peers(&self, list: &[(Certificate, Option<SocketAddr>)]) -> Vec<Result<(), String>> {
         self.batches.borrow_mut().push(list.len());
-        list.iter().map(|(c, e)| self.add_peer(c, *e)).collect()
+        list.iter().map(|(c, e)| self.add_one(c, *e)).collect()
     }
     fn remove_peer(&self, identity: &SpiffeId) -> Result<(), String> {
         self.calls.borrow_mut().push(format!("remove {identity}"));

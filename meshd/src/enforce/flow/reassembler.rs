@@ -9,6 +9,12 @@ use super::SeqNumber;
 /// a chunked upload through an inspected port resend 37 of 50 MB; docs/benchmarks.md).
 pub const MAX_RANGES: usize = 64;
 
+/// Buffer bytes an emptied window keeps for the next hole (the reassembly window's
+/// size before it grew to 1 MiB); a burst beyond it is given back when it drains.
+pub const RETAINED: usize = 64 * 1024;
+/// Range entries an emptied window keeps.
+const RETAINED_RANGES: usize = 8;
+
 /// A window of one direction's byte stream, starting at [`Reassembler::base`], the first
 /// byte not yet consumed.
 ///
@@ -27,8 +33,11 @@ pub const MAX_RANGES: usize = 64;
 ///   [`Inserted::old`] (they cannot be compared any more: the caller already delivered
 ///   its own copy, and delivers nothing of them again).
 /// - Nothing is allocated until bytes must be buffered; the buffer then grows to the
-///   span it needs (at most `cap`, at most twice that in capacity) and is reused, and
-///   the range list takes room for [`MAX_RANGES`] at once, so neither grows per packet.
+///   span it needs (at most `cap`, at most twice that in capacity) and is reused. Once
+///   everything buffered is consumed, a buffer or range list larger than [`RETAINED`]
+///   bytes (or entries) is given back: a flow that held a burst keeps no more than
+///   that between bursts (what it holds is charged to a global limit, what it keeps
+///   is not).
 ///
 /// [`contiguous`]: Reassembler::contiguous
 #[derive(Clone, Debug)]
@@ -223,10 +232,7 @@ impl Reassembler {
             merged.0 = merged.0.min(self.ranges[first].0);
             merged.1 = merged.1.max(self.ranges[last - 1].1);
         }
-        // Replace ranges[first..last] by `merged` (within the room taken once).
-        if self.ranges.capacity() < MAX_RANGES {
-            self.ranges.reserve_exact(MAX_RANGES - self.ranges.len());
-        }
+        // Replace ranges[first..last] by `merged`.
         self.ranges.drain(first..last);
         self.ranges.insert(first, merged);
 
@@ -307,6 +313,8 @@ impl Reassembler {
         if self.ranges.is_empty() {
             self.head = 0;
             self.buf.clear();
+            self.buf.shrink_to(RETAINED);
+            self.ranges.shrink_to(RETAINED_RANGES);
         } else {
             self.head += n;
         }

@@ -408,3 +408,23 @@ fn timestamps_absent_or_malformed_is_none() {
         assert_eq!(Timestamps::parse(options), None, "{options:?}");
     }
 }
+
+#[test]
+fn a_drained_burst_gives_its_memory_back() {
+    let mut r = reasm(1 << 20);
+    // A hole at the front, then most of a megabyte behind it in many ranges.
+    for i in 0..40u32 {
+        r.insert(at(1000 + i * 20_000), &[7; 10_000]).unwrap();
+    }
+    assert!(r.memory() > 512 * 1024, "{}", r.memory());
+    // The hole fills; the rest arrives; everything is consumed.
+    let mut off = 0u32;
+    while off < 1000 + 40 * 20_000 {
+        let _ = r.insert(at(off), &[7; 1000]);
+        off += 1000;
+        let n = r.contiguous().len();
+        r.consume(n);
+    }
+    assert!(r.is_empty());
+    assert!(r.memory() <= super::reassembler::RETAINED, "{}", r.memory());
+}
